@@ -1,0 +1,1 @@
+"""Evaluation metrics: retrieval, zero-shot classification, multi-label recognition, captioning."""

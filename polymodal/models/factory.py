@@ -1,0 +1,102 @@
+"""`create_model`: a model from a named config, a config dict or a config dataclass."""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..config import ConfigError, from_dict, set_dotted
+
+
+def _families() -> dict:
+    """model_type -> (config class, model class). Imported lazily so one family's deps stay its own."""
+    from .clip import CLIP, CLIPConfig
+    families = {"clip": (CLIPConfig, CLIP)}
+    try:
+        from .multiway import M2Config, M2Encoder
+        families["m2"] = (M2Config, M2Encoder)
+    except ImportError:
+        pass
+    try:
+        from .coca import CoCaConfig, CoCa
+        families["coca"] = (CoCaConfig, CoCa)
+    except ImportError:
+        pass
+    return families
+
+
+def list_configs() -> list[str]:
+    """Names of the bundled model configs (`polymodal/models/configs/*.json`)."""
+    root = resources.files(__package__) / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def named_config(name: str) -> dict:
+    """The dict of bundled config `name` (error listing the names when unknown)."""
+    path = resources.files(__package__) / "configs" / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown model config {name!r}; bundled configs: {', '.join(list_configs())}")
+    return json.loads(path.read_text())
+
+
+def build_config(spec: str | dict, overrides: dict | None = None, where: str = "model"):
+    """Turn a name or dict (+ dotted overrides like {"text.context_length": 128}) into a config dataclass."""
+    data = copy.deepcopy(named_config(spec) if isinstance(spec, str) else spec)
+    data.pop("polymodal_version", None)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    model_type = data.get("model_type", "clip")
+    families = _families()
+    if model_type not in families:
+        raise ConfigError(f"{where}: unknown model_type {model_type!r}; known: {', '.join(families)}")
+    return from_dict(families[model_type][0], data, where)
+
+
+def create_model(spec, overrides: dict | None = None, tokenizer=None, image_transform=None):
+    """Build a randomly initialised model.
+
+    Args:
+        spec: a bundled config name (`tiny`, `small`, `vit-b-32`, ...), a config dict or a config dataclass.
+        overrides: dotted-key overrides, e.g. {"text.num_readout_tokens": 2}.
+        tokenizer: a `polymodal.data.text.Tokenizer`; when given, the text vocabulary size and the
+            special token ids are taken from it.
+        image_transform: preprocessing; default: an `ImageTransform` at the config's image size.
+    Returns:
+        The model, with `.tokenizer` and `.image_transform` attached.
+    """
+    if not isinstance(spec, (str, dict)):
+        cfg = copy.deepcopy(spec)
+        if overrides:
+            cfg = build_config(cfg.to_dict(), overrides)
+    else:
+        cfg = build_config(spec, overrides)
+    if tokenizer is not None:
+        sync_text_config(cfg, tokenizer)
+    model = _families()[cfg.model_type][1](cfg)
+    attach_processors(model, tokenizer, image_transform)
+    return model
+
+
+def sync_text_config(cfg, tokenizer) -> None:
+    """Make the text tower(s) of `cfg` agree with `tokenizer` (vocabulary size and special ids)."""
+    text = cfg.text
+    text.vocab_size = tokenizer.vocab_size
+    text.pad_token_id = tokenizer.pad_id
+    text.eot_token_id = tokenizer.eos_id
+    if getattr(tokenizer, "style", "clip") == "bert":
+        text.pool = "cls"
+    elif text.pool == "cls":
+        text.pool = "eot"
+
+
+def attach_processors(model, tokenizer=None, image_transform=None) -> None:
+    """Attach a tokenizer bound to the tower's token budget and an image transform."""
+    if image_transform is None:
+        from ..data.images import ImageTransform
+        image_transform = ImageTransform(model.config.vision.image_size)
+    model.image_transform = image_transform
+    if tokenizer is not None:
+        budget = model.config.text.context_length - getattr(model.config.text, "num_readout_tokens", 0)
+        tokenizer.context_length = budget
+    model.tokenizer = tokenizer
