@@ -132,10 +132,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         return DistInfo(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
     if not is_dist():
         rk, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            _env_int(key) if key == "MASTER_PORT" else None
-            if key not in os.environ:
-                raise RuntimeError(f"environment variable {key} is not set; launch with torchrun")
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("environment variable MASTER_ADDR is not set; launch with torchrun")
+        _env_int("MASTER_PORT")
         backend = backend or ("nccl" if cuda else "gloo")
         if backend == "nccl":
             # Bind the GPU before creating the group so NCCL does not default everyone to cuda:0.

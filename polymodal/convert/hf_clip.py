@@ -1,0 +1,260 @@
+"""Hugging Face transformers `CLIPModel` directories -> polymodal `CLIP`.
+
+A directory written by `CLIPModel.save_pretrained` holds `config.json` (model_type "clip", with
+`text_config` and `vision_config`) and `model.safetensors` (or `pytorch_model.bin`, or shards with an
+index). The architecture is the same as ours; the differences are names and three details:
+
+* HF keeps separate q/k/v projections; ours is one fused `qkv` Linear (rows q | k | v).
+* HF applies `post_layernorm` to the CLS state only; ours normalises every token. The pooled CLS
+  feature is identical.
+* HF pools text at `argmax(ids)` when `eos_token_id == 2` (configs older than transformers PR
+  #24773) and at the first `eos_token_id` otherwise: our `pool="argmax"` / `pool="eot"`.
+
+The HF text tower also takes a padding `attention_mask`; with causal attention and pads after EOT it
+does not change the EOT state, so our causal tower needs no mask.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..hub import CheckpointError, load_state_strict, read_state_dict
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+# HF `hidden_act` -> our activation name.
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+# Non-persistent buffers that older checkpoints still contain; they carry no information.
+IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+
+# Per-layer renames (HF suffix -> ours); q/k/v are fused separately.
+_LAYER_RENAMES = {
+    "layer_norm1": "norm1",
+    "layer_norm2": "norm2",
+    "self_attn.out_proj": "attn.out",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+# Whole-key renames outside the encoder layers.
+_RENAMES = {
+    "vision_model.embeddings.class_embedding": "visual.cls",
+    "vision_model.embeddings.patch_embedding.weight": "visual.patch_embed.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.pos",
+    "vision_model.pre_layrnorm.weight": "visual.norm_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.norm_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.norm.weight",
+    "vision_model.post_layernorm.bias": "visual.norm.bias",
+    "text_model.embeddings.token_embedding.weight": "text.token_embed.weight",
+    "text_model.embeddings.position_embedding.weight": "text.pos",
+    "text_model.final_layer_norm.weight": "text.norm.weight",
+    "text_model.final_layer_norm.bias": "text.norm.bias",
+    "visual_projection.weight": "visual_proj.weight",
+    "text_projection.weight": "text_proj.weight",
+    "logit_scale": "logit_scale",
+}
+
+_LAYER_KEY = re.compile(r"^(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _read_config(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _weights_present(path: Path) -> bool:
+    return any((path / f).is_file() for f in WEIGHT_FILES + INDEX_FILES)
+
+
+def detect(path) -> bool:
+    """True for a directory with an HF CLIP `config.json` and `model.safetensors`/`pytorch_model.bin`."""
+    path = Path(path)
+    if not path.is_dir() or not _weights_present(path):
+        return False
+    config = _read_config(path)
+    if not isinstance(config, dict):
+        return False
+    return config.get("model_type") == "clip" or ("text_config" in config and "vision_config" in config)
+
+
+def _activation(name: str, where: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"{where}: hidden_act {name!r} is not supported; known: {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def _mlp_ratio(hidden: int, intermediate: int) -> float:
+    """A ratio with int(hidden * ratio) == intermediate (our MLP's width rule), also for odd sizes."""
+    ratio = intermediate / hidden
+    if int(hidden * ratio) != intermediate:
+        ratio = (intermediate + 0.5) / hidden
+    return ratio
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> dict:
+    """Translate an HF `CLIPConfig` dict into our CLIP config dict (the `config.json` schema).
+
+    Args:
+        hf: the parsed HF config.json.
+        where: a label for error messages.
+    Returns:
+        A dict for `polymodal.models.factory.build_config`.
+    """
+    v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    # HF fills unspecified sub-config values with CLIPVisionConfig / CLIPTextConfig defaults.
+    v_hidden, t_hidden = v.get("hidden_size", 768), t.get("hidden_size", 512)
+    if v.get("num_channels", 3) != 3:
+        raise ValueError(f"{where}: vision_config.num_channels={v['num_channels']} is not supported (RGB only)")
+    eos = t.get("eos_token_id", 49407)
+    vision = {
+        "image_size": v.get("image_size", 224),
+        "patch_size": v.get("patch_size", 32),
+        "width": v_hidden,
+        "layers": v.get("num_hidden_layers", 12),
+        "heads": v.get("num_attention_heads", 12),
+        "mlp_ratio": _mlp_ratio(v_hidden, v.get("intermediate_size", 3072)),
+        "act": _activation(v.get("hidden_act", "quick_gelu"), f"{where} vision_config"),
+        "patch_bias": False,
+        "ln_pre": True,
+        "norm_eps": float(v.get("layer_norm_eps", 1e-5)),
+        "pool": "cls",
+    }
+    text = {
+        "vocab_size": t.get("vocab_size", 49408),
+        "context_length": t.get("max_position_embeddings", 77),
+        "width": t_hidden,
+        "layers": t.get("num_hidden_layers", 12),
+        "heads": t.get("num_attention_heads", 8),
+        "mlp_ratio": _mlp_ratio(t_hidden, t.get("intermediate_size", 2048)),
+        "act": _activation(t.get("hidden_act", "quick_gelu"), f"{where} text_config"),
+        "causal": True,
+        "norm_eps": float(t.get("layer_norm_eps", 1e-5)),
+        # eos_token_id == 2 is HF's marker for the legacy argmax pooling (see module docstring).
+        "pool": "argmax" if eos == 2 else "eot",
+        "eot_token_id": eos,
+        "pad_token_id": t.get("pad_token_id", 1),
+    }
+    return {"model_type": "clip", "embed_dim": hf.get("projection_dim", 512), "vision": vision, "text": text}
+
+
+def convert_state_dict(hf_state: dict) -> dict:
+    """Rename HF CLIPModel weights to ours, fusing q/k/v into `qkv`.
+
+    Keys that match no rule are kept under their HF name, so strict loading reports them as
+    unexpected; a q/k/v triple with a member missing is also left unfused and reported.
+    """
+    ours: dict = {}
+    qkv: dict = {}
+    for key, value in hf_state.items():
+        if key in IGNORED_KEYS:
+            continue
+        if key in _RENAMES:
+            ours[_RENAMES[key]] = value
+            continue
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            ours[key] = value
+            continue
+        tower, layer, name, kind = m.groups()
+        prefix = f"{'visual' if tower == 'vision' else 'text'}.transformer.blocks.{layer}"
+        if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            qkv.setdefault((prefix, kind), {})[name.split(".")[1][0]] = (key, value)  # "q" | "k" | "v"
+        elif name in _LAYER_RENAMES:
+            ours[f"{prefix}.{_LAYER_RENAMES[name]}.{kind}"] = value
+        else:
+            ours[key] = value
+    for (prefix, kind), parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:
+            ours[f"{prefix}.attn.qkv.{kind}"] = torch.cat([parts[c][1] for c in "qkv"], dim=0)
+        else:
+            ours.update({k: v for k, v in parts.values()})
+    return ours
+
+
+def to_hf_state_dict(model) -> dict:
+    """The inverse of `convert_state_dict` for a plain CLIP (no read-out tokens): HF CLIPModel keys."""
+    inverse = {ours: hf for hf, ours in _RENAMES.items()}
+    layer_inverse = {ours: hf for hf, ours in _LAYER_RENAMES.items()}
+    out = {}
+    for key, value in model.state_dict().items():
+        if key in inverse:
+            out[inverse[key]] = value
+            continue
+        m = re.match(r"^(visual|text)\.transformer\.blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if m is None:
+            raise ValueError(f"{key}: no HF CLIPModel equivalent")
+        tower, layer, name, kind = m.groups()
+        prefix = f"{'vision' if tower == 'visual' else 'text'}_model.encoder.layers.{layer}"
+        if name == "attn.qkv":
+            for c, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.self_attn.{c}_proj.{kind}"] = part
+        elif name in layer_inverse:
+            out[f"{prefix}.{layer_inverse[name]}.{kind}"] = value
+        else:
+            raise ValueError(f"{key}: no HF CLIPModel equivalent")
+    return out
+
+
+def _read_weights(path: Path) -> tuple[dict, str]:
+    """(state dict, source label) from single-file or sharded HF weights."""
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return read_state_dict(path / name), str(path / name)
+    for name in INDEX_FILES:
+        index = path / name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            state: dict = {}
+            for shard in shards:
+                state.update(read_state_dict(path / shard))
+            return state, str(index)
+    raise FileNotFoundError(f"{path}: no {' / '.join(WEIGHT_FILES + INDEX_FILES)}")
+
+
+def load(path, **kwargs):
+    """Load an HF CLIPModel directory as a polymodal CLIP.
+
+    Args:
+        path: the directory (config.json + weights; tokenizer and preprocessor_config.json optional).
+        **kwargs: none are used; an unexpected one is an error.
+    Returns:
+        The CLIP model (eval mode) with `.tokenizer` (None when the directory has no tokenizer
+        files) and `.image_transform` (from preprocessor_config.json, else the default).
+    Raises:
+        CheckpointError: an HF weight was not consumed or one of ours was not filled.
+    """
+    if kwargs:
+        raise TypeError(f"HF CLIP loading takes no options, got {sorted(kwargs)}")
+    from ..models.clip import CLIP
+    from ..models.factory import attach_processors, build_config
+
+    path = Path(path)
+    hf_config = _read_config(path)
+    if hf_config is None:
+        raise ValueError(f"{path / 'config.json'}: missing or not valid JSON")
+    cfg = build_config(config_from_hf(hf_config, str(path / "config.json")), where=str(path / "config.json"))
+    model = CLIP(cfg)
+    state, source = _read_weights(path)
+    load_state_strict(model, convert_state_dict(state), f"{source} (HF CLIP, converted)")
+
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        from ..data.text import Tokenizer
+        tokenizer = Tokenizer.from_dir(path)
+    transform = None
+    if (path / "preprocessor_config.json").is_file():
+        from ..data.images import from_hf_preprocessor_config
+        transform = from_hf_preprocessor_config(path / "preprocessor_config.json")
+    attach_processors(model, tokenizer, transform)
+    return model.eval()
+
+
+__all__ = ["detect", "load", "config_from_hf", "convert_state_dict", "to_hf_state_dict", "CheckpointError"]

@@ -1,0 +1,371 @@
+"""OpenCLIP checkpoints (ViT image tower + CLIP text transformer) -> polymodal `CLIP`.
+
+An OpenCLIP checkpoint is a state dict (.safetensors, .bin, .pt or .pth; training checkpoints nest it
+under "state_dict" and DDP adds "module." prefixes) plus a model config: either the `model_cfg` of an
+`open_clip_config.json` or a plain model config such as OpenCLIP's `model_configs/ViT-B-32.json`
+(`embed_dim`, `vision_cfg`, `text_cfg`, `quick_gelu`). Hub-style directories hold
+`open_clip_model.safetensors` / `open_clip_pytorch_model.bin` next to `open_clip_config.json`.
+
+Layout facts this converter relies on (OpenCLIP's `VisionTransformer`, `TextTransformer`, `CLIP`):
+
+* image: `visual.conv1` (no bias), `visual.class_embedding`, `visual.positional_embedding`,
+  `visual.ln_pre`, pre-LN blocks `visual.transformer.resblocks.N.{ln_1, attn.in_proj_weight/bias,
+  attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `visual.ln_post` on all tokens, then the CLS token
+  (`pool_type="tok"`) times `visual.proj` (width x embed: `x @ proj`, so our Linear weight is proj.T);
+* text: `token_embedding`, `positional_embedding`, causal blocks `transformer.resblocks.N...`,
+  `ln_final`, pooled at `argmax(ids)` (the EOT token has the largest id in the CLIP vocabulary),
+  times `text_projection` (width x embed, `x @ text_projection`; an `nn.Linear` when `proj_bias`);
+* `in_proj_weight` stacks q | k | v rows, the same order as our fused `qkv`;
+* `logit_scale` (a scalar, or shape (1,) with `nonscalar_logit_scale`).
+
+`CustomTextCLIP` checkpoints keep the text tower under a `text.` prefix; it is stripped.
+Options without an equivalent here (layer scale, attentional pooling, timm or HF towers, SigLIP's
+logit bias, bidirectional text) are refused with an error naming the option.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..hub import load_state_strict, read_state_dict
+
+SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Entries of OpenAI's original state dicts that are plain numbers, not weights.
+IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+_PREFIXES = ("module.", "_orig_mod.")
+
+_BLOCK_RENAMES = {
+    "ln_1": "norm1",
+    "ln_2": "norm2",
+    "attn.out_proj": "attn.out",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_RENAMES = {
+    "visual.conv1.weight": "visual.patch_embed.weight",
+    "visual.class_embedding": "visual.cls",
+    "visual.positional_embedding": "visual.pos",
+    "visual.ln_pre.weight": "visual.norm_pre.weight",
+    "visual.ln_pre.bias": "visual.norm_pre.bias",
+    "visual.ln_post.weight": "visual.norm.weight",
+    "visual.ln_post.bias": "visual.norm.bias",
+    "token_embedding.weight": "text.token_embed.weight",
+    "positional_embedding": "text.pos",
+    "ln_final.weight": "text.norm.weight",
+    "ln_final.bias": "text.norm.bias",
+    "text_projection.weight": "text_proj.weight",
+    "text_projection.bias": "text_proj.bias",
+}
+_BLOCK_KEY = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
+
+
+class OpenCLIPConfigError(ValueError):
+    """The OpenCLIP model config is missing or uses an option polymodal cannot reproduce."""
+
+
+# ------------------------------------------------------------------ detection and files
+
+def _strip_prefixes(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def _weights_file(path: Path) -> Path | None:
+    """The weights file for `path` (a file itself, or an OpenCLIP hub-style directory)."""
+    if path.is_dir():
+        return next((path / f for f in DIR_WEIGHTS if (path / f).is_file()), None)
+    return path if path.is_file() and path.suffix in SUFFIXES else None
+
+
+def _keys(weights: Path) -> list[str]:
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(weights), framework="pt") as f:
+            return list(f.keys())
+    return list(read_state_dict(weights))
+
+
+def detect(path) -> bool:
+    """True for an OpenCLIP ViT checkpoint file (its keys hold `visual.conv1.weight`, possibly under
+    "module."), or a directory with `open_clip_model.safetensors` / `open_clip_pytorch_model.bin`."""
+    path = Path(path)
+    if path.is_dir():
+        return _weights_file(path) is not None
+    weights = _weights_file(path)
+    if weights is None:
+        return False
+    try:
+        keys = _keys(weights)
+    except Exception:  # not a state dict we can read (a full pickle, a corrupt file): not ours to take
+        return False
+    return any(k.endswith("visual.conv1.weight") for k in keys)
+
+
+def _parse_config(data, where: str) -> tuple[dict, dict] | None:
+    """(model_cfg, preprocess_cfg) from an open_clip_config.json or plain model config; None if neither."""
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("model_cfg"), dict):
+        return data["model_cfg"], data.get("preprocess_cfg") or {}
+    if "vision_cfg" in data and "text_cfg" in data:
+        return data, {}
+    return None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise OpenCLIPConfigError(f"{path}: invalid JSON ({e})") from None
+
+
+def find_config(weights: Path, config=None) -> tuple[dict, dict, str]:
+    """Locate and read the OpenCLIP model config for `weights`.
+
+    Args:
+        weights: the checkpoint file (or hub-style directory).
+        config: a path to a config JSON, or an already-parsed dict; None = look beside the weights
+            for open_clip_config.json, config.json and <stem>.json.
+    Returns:
+        (model_cfg, preprocess_cfg, source label).
+    Raises:
+        FileNotFoundError / OpenCLIPConfigError: no usable config (the message lists where it looked).
+    """
+    if isinstance(config, dict):
+        parsed = _parse_config(config, "config=")
+        if parsed is None:
+            raise OpenCLIPConfigError("config= dict is not an OpenCLIP model config (needs embed_dim, vision_cfg, "
+                                      "text_cfg, or a model_cfg holding them)")
+        return (*parsed, "config= dict")
+    if config is not None:
+        cpath = Path(config)
+        if not cpath.is_file():
+            raise FileNotFoundError(f"OpenCLIP config {cpath} does not exist")
+        parsed = _parse_config(_read_json(cpath), str(cpath))
+        if parsed is None:
+            raise OpenCLIPConfigError(f"{cpath}: not an OpenCLIP model config (needs embed_dim, vision_cfg, "
+                                      f"text_cfg, or a model_cfg holding them)")
+        return (*parsed, str(cpath))
+    folder = weights if weights.is_dir() else weights.parent
+    candidates = [folder / "open_clip_config.json", folder / "config.json"]
+    if not weights.is_dir():
+        candidates.append(folder / f"{weights.stem}.json")
+    for cand in candidates:
+        if cand.is_file():
+            parsed = _parse_config(_read_json(cand), str(cand))
+            if parsed is not None:
+                return (*parsed, str(cand))
+    raise FileNotFoundError(
+        f"{weights}: no OpenCLIP model config found; looked for {', '.join(str(c) for c in candidates)} "
+        f"(an open_clip_config.json or a model config with embed_dim/vision_cfg/text_cfg). "
+        f"Pass config=<path to the model config JSON>, e.g. OpenCLIP's model_configs/ViT-B-32.json")
+
+
+# ------------------------------------------------------------------ config translation
+
+def _eps(cfg: dict) -> float:
+    return float((cfg.get("norm_kwargs") or {}).get("eps", 1e-5))
+
+
+def _refuse(where: str, option: str, value) -> None:
+    raise OpenCLIPConfigError(f"{where}: {option}={value!r} is not supported by polymodal's CLIP "
+                              f"(no equivalent layer); this checkpoint cannot be converted exactly")
+
+
+def config_from_openclip(model_cfg: dict, where: str = "OpenCLIP config") -> dict:
+    """Translate an OpenCLIP model config into our CLIP config dict.
+
+    Args:
+        model_cfg: dict with embed_dim, vision_cfg, text_cfg and optionally quick_gelu.
+        where: a label for error messages.
+    Returns:
+        A dict for `polymodal.models.factory.build_config`.
+    Raises:
+        OpenCLIPConfigError: an option without an exact equivalent here.
+    """
+    v, t = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    # option -> value that we support (anything else is refused); absent options take OpenCLIP defaults.
+    must = {
+        "vision_cfg": (v, {"timm_model_name": None, "ls_init_value": None, "attentional_pool": False,
+                           "act_kwargs": None, "qk_norm": False, "scaled_cosine_attn": False,
+                           "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+                           "scale_fc": False}),
+        "text_cfg": (t, {"hf_model_name": None, "ls_init_value": None, "embed_cls": False,
+                         "no_causal_mask": False, "proj_type": "linear", "act_kwargs": None,
+                         "text_arch": "clip", "qk_norm": False, "scaled_cosine_attn": False,
+                         "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+                         "scale_fc": False}),
+    }
+    for section, (cfg, allowed) in must.items():
+        for option, ok in allowed.items():
+            if cfg.get(option, ok) not in (ok, None) or (ok is None and cfg.get(option)):
+                _refuse(f"{where} {section}", option, cfg.get(option))
+    if model_cfg.get("init_logit_bias") is not None:
+        _refuse(where, "init_logit_bias", model_cfg["init_logit_bias"])
+    layers = v.get("layers", 12)
+    if not isinstance(layers, int):
+        _refuse(f"{where} vision_cfg", "layers", layers)  # a tuple means ModifiedResNet
+    image_size, patch_size = v.get("image_size", 224), v.get("patch_size", 16)
+    for name, value in (("image_size", image_size), ("patch_size", patch_size)):
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                _refuse(f"{where} vision_cfg", name, value)
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+    pool_type = v.get("pool_type", "tok")
+    if pool_type not in ("tok", "avg"):
+        _refuse(f"{where} vision_cfg", "pool_type", pool_type)
+    if pool_type == "avg" and v.get("final_ln_after_pool"):
+        # ln_post after averaging differs from averaging normalised tokens (for "tok" it is the same).
+        _refuse(f"{where} vision_cfg", "final_ln_after_pool", True)
+    width = v.get("width", 768)
+    act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    vision = {
+        "image_size": int(image_size),
+        "patch_size": int(patch_size),
+        "width": width,
+        "layers": layers,
+        "heads": width // v.get("head_width", 64),
+        "mlp_ratio": float(v.get("mlp_ratio", 4.0)),
+        "act": act,
+        "patch_bias": False,
+        "ln_pre": not v.get("no_ln_pre", False),
+        "norm_eps": _eps(v),
+        "pool": "cls" if pool_type == "tok" else "mean",
+        "patch_dropout": float(v.get("patch_dropout", 0.0)),
+    }
+    text_pool = t.get("pool_type", "argmax")
+    if text_pool not in ("argmax", "eos", "first"):
+        _refuse(f"{where} text_cfg", "pool_type", text_pool)
+    if text_pool == "eos" and t.get("eos_id") is None:
+        raise OpenCLIPConfigError(f"{where} text_cfg: pool_type='eos' needs eos_id")
+    vocab = t.get("vocab_size", 49408)
+    text = {
+        "vocab_size": vocab,
+        "context_length": t.get("context_length", 77),
+        "width": t.get("width", 512),
+        "layers": t.get("layers", 12),
+        "heads": t.get("heads", 8),
+        "mlp_ratio": float(t.get("mlp_ratio", 4.0)),
+        "act": act,
+        "causal": True,
+        "norm_eps": _eps(t),
+        "pool": {"argmax": "argmax", "eos": "eot", "first": "cls"}[text_pool],
+        # With argmax pooling the CLIP tokenizer's EOT is the last vocabulary entry.
+        "eot_token_id": t["eos_id"] if text_pool == "eos" else vocab - 1,
+        "pad_token_id": t.get("pad_id", 0),
+    }
+    return {"model_type": "clip", "embed_dim": model_cfg.get("embed_dim", 512), "vision": vision, "text": text,
+            "proj_bias": bool(t.get("proj_bias", False))}
+
+
+# ------------------------------------------------------------------ weights
+
+def convert_state_dict(state: dict, proj_bias: bool = False) -> dict:
+    """Rename an OpenCLIP CLIP state dict to ours.
+
+    Args:
+        state: the OpenCLIP weights ("module." / "_orig_mod." prefixes already stripped or not).
+        proj_bias: our model has projection biases (OpenCLIP `text_cfg.proj_bias`); the image
+            projection, which has none in OpenCLIP, gets a zero bias.
+    Returns:
+        Our state dict; keys matching no rule keep their OpenCLIP names (strict loading reports them).
+    """
+    state = _strip_prefixes(state)
+    if any(k.startswith("text.") for k in state):  # CustomTextCLIP keeps the text tower under "text."
+        state = {k[5:] if k.startswith("text.") else k: v for k, v in state.items()}
+    ours = {}
+    for key, value in state.items():
+        if key in IGNORED_KEYS:
+            continue
+        if key in _RENAMES:
+            ours[_RENAMES[key]] = value
+        elif key == "visual.proj":
+            ours["visual_proj.weight"] = value.t().contiguous()              # (E, W): x @ proj == x @ W.T
+            if proj_bias:
+                ours["visual_proj.bias"] = value.new_zeros(value.shape[1])
+        elif key == "text_projection":
+            ours["text_proj.weight"] = value.t().contiguous()
+        elif key == "logit_scale":
+            ours["logit_scale"] = value.reshape(())
+        elif (m := _BLOCK_KEY.match(key)) is not None:
+            tower = "visual" if m.group(1) else "text"
+            prefix, name = f"{tower}.transformer.blocks.{m.group(2)}", m.group(3)
+            if name == "attn.in_proj_weight":
+                ours[f"{prefix}.attn.qkv.weight"] = value                      # rows q | k | v, as ours
+            elif name == "attn.in_proj_bias":
+                ours[f"{prefix}.attn.qkv.bias"] = value
+            else:
+                base, _, kind = name.rpartition(".")
+                ours[f"{prefix}.{_BLOCK_RENAMES[base]}.{kind}" if base in _BLOCK_RENAMES else key] = value
+        else:
+            ours[key] = value
+    return ours
+
+
+def _image_transform(preprocess: dict, image_size: int):
+    from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
+    mode = preprocess.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash"):
+        warnings.warn(f"OpenCLIP resize_mode={mode!r} has no equivalent; using 'shortest' + centre crop",
+                      stacklevel=3)
+        mode = "shortest"
+    size = preprocess.get("size", image_size)
+    return ImageTransform(size, mean=preprocess.get("mean", OPENAI_CLIP_MEAN), std=preprocess.get("std", OPENAI_CLIP_STD),
+                          resize=mode, interpolation=preprocess.get("interpolation", "bicubic"))
+
+
+def load(path, config=None, **kwargs):
+    """Load an OpenCLIP checkpoint as a polymodal CLIP.
+
+    Args:
+        path: the weights file (.safetensors/.bin/.pt/.pth) or an OpenCLIP hub-style directory.
+        config: the model config JSON path (or dict); default: found beside the weights.
+        **kwargs: none others are used; an unexpected one is an error.
+    Returns:
+        The CLIP model (eval mode), `.tokenizer` from tokenizer files beside the weights (else None),
+        `.image_transform` from the config's preprocess_cfg (else OpenAI CLIP preprocessing).
+    Raises:
+        FileNotFoundError: no model config found (the message lists where it looked).
+        OpenCLIPConfigError: the config uses an option polymodal cannot reproduce.
+        CheckpointError: a weight was not consumed or one of ours was not filled.
+    """
+    if kwargs:
+        raise TypeError(f"OpenCLIP loading takes only config=, got {sorted(kwargs)}")
+    from ..models.clip import CLIP
+    from ..models.factory import attach_processors, build_config
+
+    path = Path(path)
+    weights = _weights_file(path)
+    if weights is None:
+        raise FileNotFoundError(f"{path}: no OpenCLIP weights ({' / '.join(DIR_WEIGHTS)} or a "
+                                f"{'/'.join(SUFFIXES)} file)")
+    model_cfg, preprocess, source = find_config(path, config)
+    ours_cfg = config_from_openclip(model_cfg, source)
+    model = CLIP(build_config(ours_cfg, where=source))
+    state = convert_state_dict(read_state_dict(weights), proj_bias=ours_cfg["proj_bias"])
+    load_state_strict(model, state, f"{weights} (OpenCLIP, converted with {source})")
+
+    folder = path if path.is_dir() else path.parent
+    tokenizer = None
+    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        from ..data.text import Tokenizer
+        tokenizer = Tokenizer.from_dir(folder)
+    attach_processors(model, tokenizer, _image_transform(preprocess, ours_cfg["vision"]["image_size"]))
+    return model.eval()
+
+
+__all__ = ["detect", "load", "find_config", "config_from_openclip", "convert_state_dict", "OpenCLIPConfigError"]

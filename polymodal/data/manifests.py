@@ -1,0 +1,354 @@
+"""Image-text manifests: JSONL or CSV files that list images and their captions.
+
+A manifest record is one JSON object per line (JSONL) or one CSV row with a header:
+
+- ``image``: path to the image file, relative to the manifest's folder or absolute.
+- ``caption`` (string) or ``captions`` (list of strings): the short caption(s).
+- optional ``long_caption`` (string), ``label`` (int), ``labels`` (list of ints or strings),
+  ``lang`` (e.g. ``"en"``, ``"zh"``).
+- any other field is kept as is and passed through to the record dict.
+
+CSV specifics: the first row names the columns; an empty cell means "field absent";
+``label`` must be an integer; ``captions`` and ``labels`` are either a JSON array
+(``["a cat", "a dog"]``) or a ``|``-separated string (``a cat|a dog``; use the JSON form when a
+caption contains ``|``); items of ``labels`` that look like integers become ints. Other columns
+stay strings. ``.tsv`` files are read the same way with a tab delimiter. Every other suffix is
+read as JSONL.
+
+Bad records (malformed line, missing required key, empty caption, wrong field type, missing
+image file) either raise :class:`ManifestError` naming the file, line and reason
+(``on_bad_record="error"``) or are skipped and counted by reason (``"skip"``); nothing is
+dropped silently. Whether an image *decodes* is checked lazily by the datasets, not here.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+__all__ = ["ManifestError", "Manifest", "read_manifest", "write_manifest", "BAD_RECORD_POLICIES"]
+
+BAD_RECORD_POLICIES = ("error", "skip")
+MAX_EXAMPLES_PER_REASON = 3     # how many "file:line" examples a skipped reason keeps for the report
+SKIP_HINT = "use data.on_bad_record=skip to skip and count such records"
+
+# Reasons a record can be rejected for (the keys of Manifest.skipped).
+MALFORMED = "malformed_line"
+MISSING_KEY = "missing_key"
+EMPTY_CAPTION = "empty_caption"
+BAD_FIELD = "bad_field"
+MISSING_IMAGE = "missing_image"
+
+
+class ManifestError(ValueError):
+    """A manifest (or a record or image it points to) cannot be used; the message names the place."""
+
+
+class _BadRecord(Exception):
+    """Internal: one record is bad for `reason`; `detail` says how."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Manifest:
+    """The good records of a manifest plus what was skipped.
+
+    Attributes:
+        path: the manifest file (absolute).
+        records: one dict per good record; ``image`` is an absolute path, ``_line`` the 1-based
+            line number in the file (where the record starts), other fields as read.
+        skipped: count of skipped records by reason (empty under ``on_bad_record="error"``).
+        skipped_examples: per reason, the first few ``"file:line: detail"`` strings.
+    """
+
+    path: str
+    records: list[dict] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.records[i]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records)
+
+    def captions_of(self, i: int, key: str = "caption") -> list[str]:
+        """All captions of record `i` under `key` (``"caption"`` also gathers ``captions``)."""
+        return captions_of_record(self.records[i], key)
+
+    def where(self, i: int) -> str:
+        """``"file:line"`` of record `i`, for error messages."""
+        return f"{self.path}:{self.records[i].get('_line', '?')}"
+
+    def report(self) -> str:
+        """One line per skip reason with its count and examples; "" when nothing was skipped."""
+        lines = []
+        for reason, n in sorted(self.skipped.items()):
+            examples = "; ".join(self.skipped_examples.get(reason, []))
+            lines.append(f"skipped {n} record(s) of {self.path}: {reason} (e.g. {examples})")
+        return "\n".join(lines)
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write the records to `path` (see :func:`write_manifest`)."""
+        write_manifest(self.records, path)
+
+
+def captions_of_record(record: dict, key: str = "caption") -> list[str]:
+    """The list of captions of a record.
+
+    Args:
+        record: a manifest record.
+        key: ``"caption"`` returns ``captions`` if present, else ``[caption]``; any other key
+            returns the field itself as a list (a string becomes a one-element list).
+
+    Returns:
+        list of strings (empty if the record has none).
+    """
+    if key == "caption" and "captions" in record:
+        value = record["captions"]
+    else:
+        value = record.get(key)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    on_bad_record: str = "error",
+    check_images: bool = True,
+    required: Sequence[str] = ("image", "caption"),
+) -> Manifest:
+    """Read a JSONL or CSV manifest.
+
+    Args:
+        path: the manifest file (``.csv``/``.tsv`` read as CSV/TSV, anything else as JSONL).
+        on_bad_record: ``"error"`` raises :class:`ManifestError` at the first bad record;
+            ``"skip"`` drops bad records and counts them in ``Manifest.skipped``.
+        check_images: check that each image file exists (decoding is checked later, lazily).
+        required: keys every record must have; ``"caption"`` is satisfied by ``captions`` too.
+
+    Returns:
+        a :class:`Manifest` with image paths resolved to absolute paths.
+
+    Raises:
+        FileNotFoundError: the manifest file does not exist.
+        ManifestError: a bad record under ``on_bad_record="error"``.
+    """
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest file not found: {path}")
+    root = os.path.dirname(path)
+    manifest = Manifest(path=path)
+    suffix = os.path.splitext(path)[1].lower()
+    rows = _csv_rows(path, "\t" if suffix == ".tsv" else ",") if suffix in (".csv", ".tsv") else _jsonl_rows(path)
+    for line, raw in rows:
+        try:
+            if isinstance(raw, _BadRecord):
+                raise raw
+            record = _validate(raw, root, required, check_images)
+        except _BadRecord as bad:
+            where = f"{path}:{line}"
+            if on_bad_record == "error":
+                raise ManifestError(f"{path} line {line}: {bad.detail} [{bad.reason}]; {SKIP_HINT}") from None
+            manifest.skipped[bad.reason] += 1
+            examples = manifest.skipped_examples.setdefault(bad.reason, [])
+            if len(examples) < MAX_EXAMPLES_PER_REASON:
+                examples.append(f"{where}: {bad.detail}")
+            continue
+        record["_line"] = line
+        manifest.records.append(record)
+    return manifest
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object or _BadRecord) for each non-empty line."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line_no, _BadRecord(MALFORMED, f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                yield line_no, _BadRecord(MALFORMED, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield line_no, obj
+
+
+def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[int, Any]]:
+    """Yield (line number where the row starts, dict or _BadRecord) for each non-empty CSV row."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = None
+        prev_end = 0                          # reader.line_num after the previous row
+        for row in reader:
+            start, prev_end = prev_end + 1, reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if header is None:
+                header = [c.strip() for c in row]
+                continue
+            if len(row) != len(header):
+                yield start, _BadRecord(MALFORMED, f"{len(row)} fields where the header has {len(header)}")
+                continue
+            try:
+                yield start, _parse_csv_row(dict(zip(header, row)))
+            except _BadRecord as bad:
+                yield start, bad
+
+
+def _parse_csv_row(row: dict[str, str]) -> dict:
+    """Turn CSV strings into the same types as JSONL (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if value == "":
+            continue                          # empty cell = absent field
+        if key == "label":
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise _BadRecord(BAD_FIELD, f"'label' must be an integer, got {value!r}") from None
+        elif key in ("captions", "labels"):
+            out[key] = _parse_list_cell(key, value)
+            if key == "labels":
+                out[key] = [_maybe_int(v) for v in out[key]]
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_list_cell(key: str, value: str) -> list:
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _BadRecord(MALFORMED, f"'{key}' is not a valid JSON array ({e.msg})") from None
+        if not isinstance(items, list):
+            raise _BadRecord(BAD_FIELD, f"'{key}' must be a JSON array")
+        return items
+    return [v.strip() for v in value.split("|")]
+
+
+def _maybe_int(v: Any) -> Any:
+    if isinstance(v, str):
+        s = v.strip()
+        if s.lstrip("-").isdigit():
+            return int(s)
+        return s
+    return v
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate(record: dict, root: str, required: Sequence[str], check_images: bool) -> dict:
+    """Check one record's keys and types; resolve its image path. Raises _BadRecord."""
+    for key in required:
+        present = ("caption" in record or "captions" in record) if key == "caption" else key in record
+        if not present:
+            wanted = "'caption' or 'captions'" if key == "caption" else repr(key)
+            raise _BadRecord(MISSING_KEY, f"missing key {wanted}")
+    if "caption" in record:
+        if not isinstance(record["caption"], str):
+            raise _BadRecord(BAD_FIELD, f"'caption' must be a string, got {type(record['caption']).__name__}")
+        if not record["caption"].strip():
+            raise _BadRecord(EMPTY_CAPTION, "empty 'caption'")
+    if "captions" in record:
+        caps = record["captions"]
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise _BadRecord(BAD_FIELD, "'captions' must be a list of strings")
+        if not caps or any(not c.strip() for c in caps):
+            raise _BadRecord(EMPTY_CAPTION, "empty 'captions' list or an empty caption in it")
+    if "long_caption" in record and not isinstance(record["long_caption"], str):
+        raise _BadRecord(BAD_FIELD, "'long_caption' must be a string")
+    if "label" in record and not _is_int(record["label"]):
+        raise _BadRecord(BAD_FIELD, f"'label' must be an integer, got {record['label']!r}")
+    if "labels" in record:
+        labels = record["labels"]
+        if not isinstance(labels, list) or not all(_is_int(v) or isinstance(v, str) for v in labels):
+            raise _BadRecord(BAD_FIELD, "'labels' must be a list of integers or strings")
+    if "image" in record:
+        image = record["image"]
+        if not isinstance(image, str) or not image.strip():
+            raise _BadRecord(BAD_FIELD, f"'image' must be a non-empty path string, got {image!r}")
+        resolved = os.path.normpath(os.path.join(root, os.path.expanduser(image)))
+        if check_images and not os.path.isfile(resolved):
+            raise _BadRecord(MISSING_IMAGE, f"image '{image}' not found (looked for {resolved})")
+        record = {**record, "image": resolved}
+    return record
+
+
+def write_manifest(records: Iterable[dict], path: str | os.PathLike) -> None:
+    """Write records as a manifest, atomically (temporary file + rename).
+
+    Image paths are written relative to the new manifest's folder (absolute if that is
+    impossible, e.g. another drive); relative input paths are taken relative to the current
+    directory. Keys starting with ``_`` (such as ``_line``) are internal and not written.
+
+    Args:
+        records: record dicts as in :attr:`Manifest.records`.
+        path: destination; ``.csv``/``.tsv`` writes CSV/TSV (lists as JSON arrays), else JSONL.
+    """
+    path = os.path.abspath(os.fspath(path))
+    root = os.path.dirname(path)
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    for record in records:
+        row = {k: v for k, v in record.items() if not k.startswith("_")}
+        if "image" in row:
+            image = os.path.abspath(row["image"])
+            try:
+                row["image"] = os.path.relpath(image, root)
+            except ValueError:
+                row["image"] = image
+        rows.append(row)
+    suffix = os.path.splitext(path)[1].lower()
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            if suffix in (".csv", ".tsv"):
+                _write_csv(rows, f, "\t" if suffix == ".tsv" else ",")
+            else:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_csv(rows: list[dict], f, delimiter: str) -> None:
+    header: list[str] = []
+    for row in rows:
+        header.extend(k for k in row if k not in header)
+    writer = csv.writer(f, delimiter=delimiter)
+    writer.writerow(header)
+    for row in rows:
+        cells = []
+        for key in header:
+            value = row.get(key)
+            if value is None:
+                cells.append("")
+            elif isinstance(value, (list, dict)):
+                cells.append(json.dumps(value, ensure_ascii=False))
+            else:
+                cells.append(str(value))
+        writer.writerow(cells)

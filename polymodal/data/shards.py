@@ -1,0 +1,427 @@
+"""WebDataset-style tar shards: write them from a manifest, read them as an IterableDataset.
+
+Layout of a shard directory::
+
+    shard-000000.tar  shard-000001.tar ...  shards.json
+
+Each sample in a shard is two tar members sharing a key (the record's index in the manifest,
+zero-padded to 9 digits): ``{key}.{ext}`` holds the original bytes of the image file as-is
+(``ext`` is the file's suffix, ``jpeg`` written as ``jpg``) and ``{key}.json`` the record without
+its ``image`` path (``_line`` is kept, so errors can name the manifest line). This is the
+WebDataset convention (key = member name up to the first dot), so the shards also open with
+the ``webdataset`` package. We read and write them with the standard ``tarfile`` module:
+fewer moving parts, exact control of which (rank, worker) reads which sample, and
+deterministic bytes (mtime 0, uid 0) so rewriting the same manifest gives identical shards.
+``shards.json`` lists shard names and sample counts.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections import Counter
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from polymodal.data.datasets import UNREADABLE_IMAGE, SampleBuilder, _SampleError
+from polymodal.data.manifests import (
+    BAD_RECORD_POLICIES,
+    MAX_EXAMPLES_PER_REASON,
+    SKIP_HINT,
+    ManifestError,
+    read_manifest,
+)
+
+__all__ = ["write_shards", "resolve_shards", "ShardDataset", "add_shard_arguments", "shard_main", "INDEX_NAME"]
+
+INDEX_NAME = "shards.json"
+SHARD_PATTERN = "shard-%06d.tar"
+INCOMPLETE_SAMPLE = "incomplete_sample"
+UNREADABLE_SHARD = "unreadable_shard"
+_TAR_BLOCK = 512
+
+
+def _image_ext(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    ext = {"jpeg": "jpg"}.get(ext, ext)
+    return ext if ext and "." not in ext else "img"
+
+
+def _member_size(nbytes: int) -> int:
+    """Bytes a member takes in a tar: one header block plus the data rounded up to blocks."""
+    return _TAR_BLOCK + -(-nbytes // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    manifest_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    max_count: int = 1000,
+    max_size: int = 1 << 30,
+    on_bad_record: str = "error",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """Write a manifest's samples into tar shards plus a ``shards.json`` index.
+
+    A shard is closed when it holds `max_count` samples or when the next sample would push it
+    past `max_size` bytes (a single larger sample still gets its own shard). Each shard is
+    written to a temporary file and renamed, so a crash never leaves a partial shard.
+
+    Args:
+        manifest_path: the JSONL/CSV manifest.
+        out_dir: the shard directory (created if needed).
+        max_count: samples per shard at most.
+        max_size: bytes per shard at most (tar headers included).
+        on_bad_record: policy for bad manifest records (see ``read_manifest``); skipped counts
+            are recorded in the index.
+        overwrite: replace existing shards in `out_dir` (otherwise FileExistsError).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        the paths of the shards written, in order.
+    """
+    from tqdm import tqdm
+
+    if max_count < 1:
+        raise ValueError(f"max_count must be >= 1, got {max_count}")
+    manifest = read_manifest(manifest_path, on_bad_record=on_bad_record)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    old = sorted(glob.glob(os.path.join(out_dir, "shard-*.tar")))
+    if (old or os.path.exists(os.path.join(out_dir, INDEX_NAME))) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds shards; pass overwrite=True (--overwrite) to replace them")
+
+    written: list[str] = []
+    counts: list[int] = []
+    state: dict[str, Any] = {"tar": None, "tmp": None, "count": 0, "size": 0}
+
+    def close() -> None:
+        if state["tar"] is None:
+            return
+        state["tar"].close()
+        final = os.path.join(out_dir, SHARD_PATTERN % len(written))
+        os.replace(state["tmp"], final)
+        written.append(final)
+        counts.append(state["count"])
+        state.update(tar=None, tmp=None, count=0, size=0)
+
+    try:
+        for i, record in enumerate(tqdm(manifest.records, desc="shards", unit="sample", disable=not progress)):
+            key = f"{i:09d}"
+            with open(record["image"], "rb") as f:
+                image_bytes = f.read()
+            meta = json.dumps({k: v for k, v in record.items() if k != "image"}, ensure_ascii=False).encode()
+            size = _member_size(len(image_bytes)) + _member_size(len(meta))
+            if state["tar"] is not None and (state["count"] >= max_count or state["size"] + size > max_size):
+                close()
+            if state["tar"] is None:
+                state["tmp"] = os.path.join(out_dir, "." + SHARD_PATTERN % len(written) + ".tmp")
+                state["tar"] = tarfile.open(state["tmp"], "w", format=tarfile.PAX_FORMAT)
+            _add_member(state["tar"], f"{key}.{_image_ext(record['image'])}", image_bytes)
+            _add_member(state["tar"], f"{key}.json", meta)
+            state["count"] += 1
+            state["size"] += size
+        close()
+    except BaseException:
+        if state["tar"] is not None:
+            state["tar"].close()
+            os.unlink(state["tmp"])
+        raise
+
+    for path in old:                                 # stale shards of an earlier, longer run
+        if path not in written:
+            os.unlink(path)
+    index = {
+        "manifest": manifest.path,
+        "num_samples": sum(counts),
+        "shards": [{"name": os.path.basename(p), "count": c} for p, c in zip(written, counts)],
+        "skipped": dict(manifest.skipped),
+        "skipped_examples": manifest.skipped_examples,
+    }
+    tmp = os.path.join(out_dir, "." + INDEX_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
+    return written
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..012}`` numeric ranges (WebDataset style), zero-padded like the first bound."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+    out = []
+    for n in range(lo, hi + 1):
+        out.extend(_expand_braces(pattern[:m.start()] + str(n).zfill(width) + pattern[m.end():]))
+    return out
+
+
+def resolve_shards(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], dict[str, int] | None]:
+    """Shard paths (and per-shard counts when an index exists) from a directory, pattern or list.
+
+    Args:
+        source: a shard directory (uses ``shards.json`` if present, else ``shard-*.tar``),
+            a glob pattern, a brace range (``shard-{000000..000009}.tar``), one file, or a list.
+
+    Returns:
+        (paths, counts by path or None).
+    """
+    counts = None
+    if isinstance(source, (list, tuple)):
+        paths = [os.fspath(p) for p in source]
+    else:
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            index_path = os.path.join(source, INDEX_NAME)
+            if os.path.isfile(index_path):
+                with open(index_path, encoding="utf-8") as f:
+                    index = json.load(f)
+                paths = [os.path.join(source, s["name"]) for s in index["shards"]]
+                counts = {p: s["count"] for p, s in zip(paths, index["shards"])}
+            else:
+                paths = sorted(glob.glob(os.path.join(source, "shard-*.tar")))
+            if not paths:
+                raise FileNotFoundError(f"no shards in {source} (expected {INDEX_NAME} or shard-*.tar)")
+        elif "{" in source:
+            paths = _expand_braces(source)
+        elif any(c in source for c in "*?["):
+            paths = sorted(glob.glob(source))
+            if not paths:
+                raise FileNotFoundError(f"no shard matches {source}")
+        else:
+            paths = [source]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"shard not found: {p}")
+    return paths, counts
+
+
+def _read_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) per sample; members of a sample are consecutive."""
+    key, files = None, {}
+    with tarfile.open(path, "r|*") as tar:            # streaming: one pass, no seeking
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = os.path.split(member.name)
+            stem, _, ext = base.partition(".")
+            member_key = f"{folder}/{stem}" if folder else stem
+            data = tar.extractfile(member).read()
+            if member_key != key:
+                if files:
+                    yield key, files
+                key, files = member_key, {}
+            files[ext] = data
+    if files:
+        yield key, files
+
+
+def _decode_image(data: bytes) -> Any:
+    """Bytes -> PIL RGB image, EXIF orientation applied; raises on a broken file."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle a stream with a buffer of `size` items (WebDataset-style); deterministic given rng."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardDataset(IterableDataset):
+    """Iterate over tar shards, yielding the same sample dicts as ``ImageTextDataset``.
+
+    Splitting: the shard list (shuffled per epoch with (seed, epoch), the same order on every
+    rank) is dealt out over ``world_size * num_workers`` splits, split ``rank * num_workers +
+    worker``. With fewer shards than splits it warns and falls back to per-sample splitting:
+    every split reads all shards and keeps every ``num_splits``-th sample. Either way the
+    splits are disjoint and together cover the data once per epoch. With whole shards per
+    split, ranks can see different numbers of samples; a DDP trainer should bound the steps
+    per epoch (the index's ``num_samples`` / world size / batch size, rounded down).
+
+    Shuffling: shard order plus a buffer of `shuffle_buffer` samples seeded by (seed, epoch,
+    split). ``index`` of a sample is its record index in the source manifest (the key).
+
+    Args:
+        source: shard directory, pattern or list (see :func:`resolve_shards`).
+        transform, tokenizer, caption_key, on_bad_record, long_caption_key, num_subcaptions,
+        subcaption_sentences, seed, num_classes, class_names, context_length: as in
+            ``ImageTextDataset``.
+        shuffle: shuffle shard order and samples each epoch.
+        shuffle_buffer: samples held in the shuffle buffer (0 or 1: no sample shuffle).
+        rank, world_size: this process's place in the distributed job.
+        image_decoder: callable bytes -> PIL RGB image (default: Pillow with EXIF rotation).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Sequence[str],
+        transform: Callable,
+        tokenizer: Callable | None = None,
+        caption_key: str = "caption",
+        on_bad_record: str = "error",
+        long_caption_key: str | None = None,
+        num_subcaptions: int = 0,
+        subcaption_sentences: tuple[int, int] = (1, 3),
+        seed: int = 0,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+        context_length: int | None = None,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world_size: int = 1,
+        image_decoder: Callable[[bytes], Any] | None = None,
+    ):
+        if on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.shards, counts = resolve_shards(source)
+        self.num_samples = sum(counts.values()) if counts is not None else None
+        self.builder = SampleBuilder(transform, tokenizer, caption_key, long_caption_key, num_subcaptions,
+                                     subcaption_sentences, seed, num_classes, class_names, context_length)
+        self.on_bad_record = on_bad_record
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.image_decoder = image_decoder or _decode_image
+        self.epoch = 0
+        self.bad_counts: Counter = Counter()
+        self.bad_examples: list[str] = []
+
+    @property
+    def tokenizer(self) -> Callable | None:
+        return self.builder.tokenizer
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shard order, shuffle buffer, caption choice)."""
+        self.epoch = epoch
+
+    def _split(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _raw(self, shards: list[str], split: int, num_splits: int, per_sample: bool) -> Iterator[tuple]:
+        """Yield (shard, key, files) of this split, or a bad marker for an unreadable shard."""
+        position = 0
+        for shard in shards:
+            try:
+                for key, files in _read_tar(shard):
+                    if not per_sample or position % num_splits == split:
+                        yield shard, key, files
+                    position += 1
+            except (tarfile.TarError, OSError, EOFError) as e:
+                if not per_sample or split == 0:     # report a broken shard once, not once per split
+                    yield shard, None, e
+
+    def __iter__(self) -> Iterator[dict]:
+        split, num_splits = self._split()
+        order = list(self.shards)
+        if self.shuffle:
+            np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).shuffle(order)
+        per_sample = len(order) < num_splits
+        if per_sample:
+            warnings.warn(f"{len(order)} shards for {num_splits} (rank x worker) splits: every split reads "
+                          f"all shards and keeps every {num_splits}-th sample; write more shards for speed")
+        mine = order if per_sample else order[split::num_splits]
+        stream = self._raw(mine, split, num_splits, per_sample)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, split, 2])
+            stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
+        for shard, key, files in stream:
+            yield self._sample(shard, key, files)
+
+    def _sample(self, shard: str, key: str | None, files: Any) -> dict:
+        if key is None:                               # the shard itself could not be read
+            return self._bad(-1, UNREADABLE_SHARD, f"shard {shard} cannot be read ({type(files).__name__}: {files})", files)
+        index = int(os.path.basename(key)) if os.path.basename(key).isdigit() else -1
+        where = f"shard {shard} key {key}"
+        image_ext = next((ext for ext in files if ext not in ("json", "txt", "cls")), None)
+        if "json" not in files or image_ext is None:
+            return self._bad(index, INCOMPLETE_SAMPLE, f"{where}: needs an image and a .json member, has {sorted(files)}", None)
+        try:
+            record = json.loads(files["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._bad(index, "malformed_line", f"{where}: .json member is not valid JSON ({e})", e)
+        if "_line" in record:
+            where += f" (manifest line {record['_line']})"
+        try:
+            image = self.image_decoder(files[image_ext])
+        except Exception as e:  # decoders raise many types (OSError, SyntaxError, ValueError ...)
+            return self._bad(index, UNREADABLE_IMAGE,
+                             f"{where}: image '{key}.{image_ext}' cannot be read ({type(e).__name__}: {e})", e)
+        try:
+            return self.builder.build(record, index, self.epoch, image)
+        except _SampleError as e:
+            return self._bad(index, e.reason, f"{where}: {e.detail}", e)
+
+    def _bad(self, index: int, reason: str, message: str, cause: BaseException | None) -> dict:
+        if self.on_bad_record == "error":
+            raise ManifestError(f"{message}; {SKIP_HINT}") from cause
+        self.bad_counts[reason] += 1
+        if len(self.bad_examples) < MAX_EXAMPLES_PER_REASON:
+            self.bad_examples.append(message)
+        return {"_bad": reason, "index": index}
+
+
+def _parse_size(text: str) -> int:
+    """'500M', '1G', '2.5e8' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(float(text))
+
+
+def add_shard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``polymodal data shard MANIFEST --out DIR`` to `parser`."""
+    parser.add_argument("manifest", help="JSONL or CSV manifest to shard")
+    parser.add_argument("--out", required=True, help="output directory for shard-*.tar and shards.json")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
+    parser.add_argument("--max-size", type=_parse_size, default=1 << 30,
+                        help="bytes per shard at most, e.g. 500M or 1G (default 1G)")
+    parser.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="error",
+                        help="error: stop at the first bad record; skip: skip and count them")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def shard_main(args: argparse.Namespace) -> int:
+    """Run ``polymodal data shard``; prints a one-line summary. Returns the exit code."""
+    paths = write_shards(args.manifest, args.out, max_count=args.max_count, max_size=args.max_size,
+                         on_bad_record=args.on_bad_record, overwrite=args.overwrite, progress=not args.no_progress)
+    with open(os.path.join(args.out, INDEX_NAME), encoding="utf-8") as f:
+        index = json.load(f)
+    skipped = f", skipped {index['skipped']}" if index["skipped"] else ""
+    print(f"wrote {index['num_samples']} samples in {len(paths)} shards to {os.path.abspath(args.out)}{skipped}")
+    return 0

@@ -1,0 +1,214 @@
+"""Image-text contrastive losses: symmetric InfoNCE (CLIP) in every gather mode, and SigLIP.
+
+Gather modes (how features of other ranks enter the logits):
+- "local": no communication; each rank contrasts its own B pairs.
+- "global": all-gather without gradient; this rank's own slice keeps its gradient.
+- "global_with_grad": all-gather with gradient (backward sums gradients over ranks).
+- "grouped": M2-Encoder grouped aggregation. The W ranks form groups of G contiguous
+  ranks (`group_size`, -1 = all); features are gathered with gradient only inside the
+  group, so logits are B x (G*B) and the collective can stay inside a machine. With
+  G = W this is exactly "global_with_grad".
+
+`local_loss=True` contrasts only this rank's rows against everything gathered: logits are
+B x (n*B) with labels `arange(B) + B*index` (n = ranks gathered, index = this rank's
+position among them). `local_loss=False` builds the full (n*B) x (n*B) logits on every rank.
+
+Gradient scaling under DDP (parameter gradients averaged over W ranks), with L the plain
+loss on the concatenated global batch:
+- global_with_grad, either local_loss: mean over ranks of the loss is L and the averaged
+  gradient is exactly dL/dtheta (the backward all-reduce SUM supplies the cross-rank terms).
+- grouped: the loss and averaged gradient are those of the mean over groups of the plain
+  loss on each group's concatenated batch.
+- global (no grad): each rank's loss is differentiated only through its own features.
+  With local_loss=False the averaged projection gradients are dL/dtheta / W (parameters
+  outside the gather, such as the logit scale, get dL/dtheta); with local_loss=True the
+  cross-rank negative terms are missing, so there is no simple relation to dL/dtheta.
+In a single process every mode is the plain loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.train.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    is_dist,
+    make_contiguous_groups,
+)
+
+__all__ = ["GATHER_MODES", "clip_loss", "siglip_loss", "ContrastiveLoss", "SigLipLoss"]
+
+GATHER_MODES = ("local", "global", "global_with_grad", "grouped")
+
+
+def _check_gather(gather: str, where: str) -> None:
+    if gather not in GATHER_MODES:
+        raise ValueError(f"{where}: unknown gather mode {gather!r}; expected one of {', '.join(GATHER_MODES)}")
+
+
+def _check_scalar(value: Tensor, name: str, where: str) -> None:
+    if not torch.is_tensor(value) or value.numel() != 1:
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f"{where}: {name} must be a scalar tensor, got {shape}")
+
+
+def _check_features(image_features: Tensor, text_features: Tensor, where: str) -> None:
+    if image_features.dim() != 2 or text_features.dim() != 2:
+        raise ValueError(
+            f"{where}: features must be 2-D (B, D); got image {tuple(image_features.shape)} "
+            f"and text {tuple(text_features.shape)}"
+        )
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"{where}: image features {tuple(image_features.shape)} and text features "
+            f"{tuple(text_features.shape)} must have the same shape (B, D): one caption per image"
+        )
+
+
+def _gather(x: Tensor, gather: str, group_size: int) -> tuple[Tensor, int, int]:
+    """Gather `x` (B, D) in the given mode.
+
+    Returns:
+        (gathered (n*B, D), n = ranks gathered, index of this rank among them).
+    """
+    if gather == "grouped":
+        # Validates group_size even in a single process (only 1 or -1 make sense there).
+        group, index, ranks = make_contiguous_groups(group_size)
+        if not is_dist():
+            return x, 1, 0
+        return all_gather_with_grad(x, group), len(ranks), index
+    if gather == "local" or not is_dist():
+        return x, 1, 0
+    n, index = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if gather == "global":
+        return all_gather_no_grad(x), n, index
+    return all_gather_with_grad(x), n, index
+
+
+def clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    gather: str = "local",
+    local_loss: bool = False,
+    group_size: int = -1,
+) -> Tensor:
+    """Symmetric InfoNCE: (CE(image->text) + CE(text->image)) / 2, in any gather mode.
+
+    Args:
+        image_features: (B, D), normally L2-normalised; row i pairs with text row i.
+        text_features: (B, D).
+        logit_scale: scalar tensor, already exponentiated (e.g. 1/0.07).
+        gather: "local" | "global" | "global_with_grad" | "grouped" (see the module docstring).
+        local_loss: logits B x (n*B) of this rank's rows against all gathered rows
+            instead of the full (n*B) x (n*B) logits.
+        group_size: G for gather="grouped" (-1 = all ranks); ignored otherwise.
+
+    Returns:
+        Scalar loss (mean over the rows this rank contrasts).
+    """
+    where = "clip_loss"
+    _check_gather(gather, where)
+    _check_features(image_features, text_features, where)
+    _check_scalar(logit_scale, "logit_scale", where)
+
+    all_image, n, index = _gather(image_features, gather, group_size)  # (n*B, D)
+    all_text, _, _ = _gather(text_features, gather, group_size)  # (n*B, D)
+    b = image_features.shape[0]
+    if local_loss:
+        logits_per_image = logit_scale * image_features @ all_text.T  # (B, n*B)
+        logits_per_text = logit_scale * text_features @ all_image.T  # (B, n*B)
+        labels = torch.arange(b, device=image_features.device) + b * index
+    else:
+        logits_per_image = logit_scale * all_image @ all_text.T  # (n*B, n*B)
+        logits_per_text = logits_per_image.T
+        labels = torch.arange(n * b, device=image_features.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    gather: str = "local",
+    group_size: int = -1,
+) -> Tensor:
+    """Pairwise sigmoid loss (SigLIP), normalised by the number of images on this rank.
+
+    loss = -sum_{i, j} log sigmoid(z_ij * (scale * <img_i, txt_j> + bias)) / B, with
+    z_ij = +1 for the matching pair and -1 otherwise.
+
+    With several ranks, the texts of every rank are gathered (with gradient for
+    "global_with_grad" and "grouped") and each rank scores its B images against all of
+    them: the simple all-gather variant, not the paper's ring exchange of text chunks. The
+    mean over ranks of this loss equals the single-process loss on the global batch.
+
+    Args:
+        image_features: (B, D), normally L2-normalised.
+        text_features: (B, D).
+        logit_scale: scalar tensor, already exponentiated.
+        logit_bias: scalar tensor.
+        gather: "local" | "global" | "global_with_grad" | "grouped".
+        group_size: G for gather="grouped" (-1 = all ranks).
+
+    Returns:
+        Scalar loss.
+    """
+    where = "siglip_loss"
+    _check_gather(gather, where)
+    _check_features(image_features, text_features, where)
+    _check_scalar(logit_scale, "logit_scale", where)
+    _check_scalar(logit_bias, "logit_bias", where)
+
+    all_text, _, index = _gather(text_features, gather, group_size)  # (n*B, D)
+    b = image_features.shape[0]
+    logits = logit_scale * image_features @ all_text.T + logit_bias  # (B, n*B)
+    signs = -torch.ones_like(logits)
+    rows = torch.arange(b, device=logits.device)
+    signs[rows, rows + b * index] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / b
+
+
+class ContrastiveLoss(nn.Module):
+    """Module form of `clip_loss` with the gather settings fixed at construction.
+
+    Args:
+        gather: "local" | "global" | "global_with_grad" | "grouped".
+        local_loss: see `clip_loss`.
+        group_size: G for gather="grouped" (-1 = all ranks).
+    """
+
+    def __init__(self, gather: str = "local", local_loss: bool = False, group_size: int = -1):
+        super().__init__()
+        _check_gather(gather, "ContrastiveLoss")
+        self.gather, self.local_loss, self.group_size = gather, local_loss, group_size
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+        return clip_loss(image_features, text_features, logit_scale, self.gather, self.local_loss, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"gather={self.gather!r}, local_loss={self.local_loss}, group_size={self.group_size}"
+
+
+class SigLipLoss(nn.Module):
+    """Module form of `siglip_loss`.
+
+    Args:
+        gather: "local" | "global" | "global_with_grad" | "grouped".
+        group_size: G for gather="grouped" (-1 = all ranks).
+    """
+
+    def __init__(self, gather: str = "local", group_size: int = -1):
+        super().__init__()
+        _check_gather(gather, "SigLipLoss")
+        self.gather, self.group_size = gather, group_size
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias, self.gather, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"gather={self.gather!r}, group_size={self.group_size}"

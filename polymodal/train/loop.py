@@ -1,0 +1,278 @@
+"""One training loop for every method.
+
+A *task* (nn.Module) maps a batch to a dict of losses whose "loss" entry is back-propagated. The same
+code runs in one process or under `torchrun` (DDP; gloo on CPU, nccl on GPU). Runs resume exactly:
+the model, optimizer, RNG states and the position in the data order are all in the checkpoint, and
+the learning rate is a pure function of the step.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .checkpoint import (atomic_torch_save, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state,
+                         set_rng_state)
+from .schedule import lr_at
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    schedule: str = "cosine"        # "cosine" | "constant"
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 1.0          # max global grad norm; 0 disables
+    accum_steps: int = 1            # micro-batches per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000               # optimizer steps in the whole run
+    seed: int = 0
+    precision: str = "fp32"         # "fp32" | "bf16" (autocast)
+    log_every: int = 10
+    eval_every: int = 0             # 0 = only at the end
+    ckpt_every: int = 200
+    keep_last: int = 2
+    resume: str = "auto"            # "auto" (latest checkpoint in out_dir if any) | "never" | a checkpoint path
+    stop_after: int = 0             # stop (as if killed) after this many steps; 0 = run to the end
+    progress: bool = True
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# Parameters that should not be decayed: biases, norms, embeddings, tokens, scales.
+_NO_DECAY_HINTS = ("embed", "pos", "cls", "readout", "logit_scale", "logit_bias", "mask_token", "query")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms (1-D tensors), embeddings and learned tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.split(".")[-1]
+        if p.ndim < 2 or leaf == "bias" or any(h in name for h in _NO_DECAY_HINTS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainState:
+    step: int = 0                   # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0         # micro-batches of this epoch already consumed
+    bad_records: Counter = field(default_factory=Counter)
+
+
+class Trainer:
+    """Train `task` on the batches produced by `make_loader`.
+
+    Args:
+        task: nn.Module; `task(batch)` returns a dict with a scalar "loss" (and other scalars to log).
+        make_loader: `make_loader(epoch, skip_batches) -> iterable of batches` for this rank. It must
+            give the same batches for the same epoch (so a resumed run sees the same data), skipping
+            the first `skip_batches`.
+        optim: optimizer settings.
+        train: loop settings.
+        out_dir: where checkpoints (`checkpoints/step_N.pt`) and `metrics.jsonl` go.
+        evaluate: optional `evaluate(task, step) -> dict` run on rank 0 every `eval_every` steps and at
+            the end; its numbers are logged with an "eval/" prefix.
+    """
+
+    def __init__(self, task: nn.Module, make_loader: Callable[[int, int], Iterable[dict]], optim: OptimConfig,
+                 train: TrainConfig, out_dir: str | Path, evaluate: Callable | None = None):
+        self.task = task
+        self.make_loader = make_loader
+        self.ocfg, self.tcfg = optim, train
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.evaluate = evaluate
+        self.dist = dist_utils.init_distributed()
+        self.is_main = self.dist.rank == 0
+        if train.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {train.precision!r}")
+        self.device = self.dist.device
+        self.task.to(self.device)
+        self.module = self.task
+        if self.dist.world_size > 1:
+            self.module = nn.parallel.DistributedDataParallel(
+                self.task, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(param_groups(self.task, optim.weight_decay), lr=optim.lr,
+                                           betas=tuple(optim.betas), eps=optim.eps)
+        self.state = TrainState()
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        path = self.ckpt_dir / f"step_{self.state.step:08d}.pt"
+        atomic_torch_save({
+            "task": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
+            "bad_records": dict(self.state.bad_records), "rng": rng_state(),
+        }, path)
+        prune_checkpoints(self.ckpt_dir, self.tcfg.keep_last)
+        return path
+
+    def maybe_resume(self) -> None:
+        resume = self.tcfg.resume
+        if resume == "never":
+            return
+        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        if not path.is_file():
+            raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
+        ckpt = load_checkpoint(path)
+        self.task.load_state_dict(ckpt["task"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], Counter(ckpt["bad_records"]))
+        set_rng_state(ckpt["rng"])
+        self._truncate_metrics(self.state.step)
+        self.log({"event": "resumed", "checkpoint": str(path), "step": self.state.step})
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after `step` by the run that died, so the curve has no duplicates."""
+        if not self.is_main or not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    # -- logging -----------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _batches(self):
+        """Endless stream of (epoch, batch), resuming inside an epoch when needed."""
+        while True:
+            skip = self.state.batch_in_epoch
+            for batch in self.make_loader(self.state.epoch, skip):
+                self.state.batch_in_epoch += 1
+                yield batch
+            if self.state.batch_in_epoch == 0:
+                raise RuntimeError("the training data is empty (no batch in an epoch); check the manifest "
+                                   "and that batch_size <= number of records per rank")
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def fit(self) -> dict:
+        """Run until `train.steps` optimizer steps are done (or `stop_after`). Returns the last logged numbers."""
+        torch.manual_seed(self.tcfg.seed)
+        self.maybe_resume()
+        o, t = self.ocfg, self.tcfg
+        stop_at = t.steps if t.stop_after <= 0 else min(t.steps, self.state.step + t.stop_after)
+        bar = None
+        if self.is_main and t.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=t.steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+        batches = self._batches()
+        last: dict = {}
+        window_samples, window_start = 0, time.perf_counter()
+        self.task.train()
+        while self.state.step < stop_at:
+            lr = lr_at(self.state.step, o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            sums: dict[str, float] = {}
+            for micro in range(o.accum_steps):
+                batch = self._to_device(next(batches))
+                self.state.bad_records.update(batch.get("bad_reasons") or {})
+                sync = micro == o.accum_steps - 1 or not isinstance(self.module, nn.parallel.DistributedDataParallel)
+                ctx = self.module.no_sync() if not sync else nullcontext()
+                with ctx:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                        losses = self.module(batch)
+                    (losses["loss"] / o.accum_steps).backward()
+                for k, v in losses.items():
+                    if torch.is_tensor(v) and v.numel() == 1:
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / o.accum_steps
+                window_samples += _batch_size(batch) * self.dist.world_size
+            if self.dist.world_size > 1:   # log (and check) the mean over ranks, as one vector
+                names = sorted(sums)
+                means = dist_utils.all_reduce_mean(torch.tensor([sums[k] for k in names], device=self.device))
+                sums = dict(zip(names, means.tolist()))
+            if not math.isfinite(sums["loss"]):
+                kept = latest_checkpoint(self.ckpt_dir)
+                raise TrainingDiverged(
+                    f"loss became {sums['loss']} at step {self.state.step + 1}; stopping. "
+                    f"Last good checkpoint: {kept or 'none written yet'}. Lower optim.lr or enable "
+                    f"optim.clip_grad, then resume with train.resume=auto.")
+            grad_norm = None
+            if o.clip_grad > 0:
+                grad_norm = float(nn.utils.clip_grad_norm_(self.task.parameters(), o.clip_grad))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            step = self.state.step
+            if step % t.log_every == 0 or step == stop_at:
+                elapsed = time.perf_counter() - window_start
+                last = {"step": step, "epoch": self.state.epoch, "lr": lr, **sums,
+                        "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                if grad_norm is not None:
+                    last["grad_norm"] = grad_norm
+                self.log(last)
+                window_samples, window_start = 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}",
+                                    sps=f"{last['samples_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                self.run_eval()
+            if t.ckpt_every and (step % t.ckpt_every == 0 or step == stop_at):
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.state.bad_records:
+            self.log({"step": self.state.step, "bad_records": dict(self.state.bad_records)})
+        if self.state.step >= t.steps:
+            last.update(self.run_eval())
+        return last
+
+    def run_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        results = {}
+        if self.is_main:
+            self.task.eval()
+            with torch.no_grad():
+                results = {f"eval/{k}": v for k, v in self.evaluate(self.task, self.state.step).items()}
+            self.task.train()
+            self.log({"step": self.state.step, **results})
+        dist_utils.barrier()
+        return results
+
+
+def _batch_size(batch: dict) -> int:
+    for v in batch.values():
+        if torch.is_tensor(v) and v.ndim > 0:
+            return len(v)
+    return 0

@@ -1,0 +1,150 @@
+"""Retrieval metrics against a plain loop/argsort reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from polymodal.eval.retrieval import embed_and_score, retrieval_metrics
+
+KEYS = {"image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
+        "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10",
+        "text_to_image_median_rank", "text_to_image_mean_rank", "mean_recall"}
+
+
+def reference(sim: np.ndarray, t2i: list[int], ks=(1, 5, 10)) -> dict:
+    """Written independently: full argsort per query (no ties in random float data)."""
+    n_img, n_txt = sim.shape
+    out = {}
+    i2t_rank = []
+    for i in range(n_img):
+        order = list(np.argsort(-sim[i]))                 # texts, best first
+        own = [j for j in range(n_txt) if t2i[j] == i]
+        i2t_rank.append(min(order.index(j) for j in own) + 1)
+    t2i_rank = []
+    for j in range(n_txt):
+        order = list(np.argsort(-sim[:, j]))
+        t2i_rank.append(order.index(t2i[j]) + 1)
+    for k in ks:
+        out[f"image_to_text_R@{k}"] = 100 * sum(r <= k for r in i2t_rank) / n_img
+    for k in ks:
+        out[f"text_to_image_R@{k}"] = 100 * sum(r <= k for r in t2i_rank) / n_txt
+    out["mean_recall"] = sum(out.values()) / (2 * len(ks))
+    out["text_to_image_median_rank"] = float(np.median(t2i_rank))
+    out["text_to_image_mean_rank"] = float(np.mean(t2i_rank))
+    return out
+
+
+def noisy_case(n_img: int, t2i: list[int], seed: int, noise: float = 1.5):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(n_img, 16, generator=g, dtype=torch.float64)
+    txt = img[torch.tensor(t2i)] + noise * torch.randn(len(t2i), 16, generator=g, dtype=torch.float64)
+    return img, txt
+
+
+def assert_close(got: dict, want: dict):
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-9), k
+
+
+def test_five_texts_per_image_matches_reference():
+    t2i = [i for i in range(40) for _ in range(5)]
+    img, txt = noisy_case(40, t2i, seed=0)
+    sim = img @ txt.T
+    got = retrieval_metrics(sim, t2i)
+    assert set(got) == KEYS
+    assert_close(got, reference(sim.numpy(), t2i))
+    # Not a trivial case: the recalls are strictly between 0 and 100.
+    assert 0 < got["text_to_image_R@1"] < 100 and 0 < got["image_to_text_R@1"] < 100
+
+
+def test_uneven_text_counts_match_reference():
+    rng = np.random.default_rng(1)
+    counts = rng.integers(1, 6, size=30)
+    t2i = [i for i, c in enumerate(counts) for _ in range(c)]
+    t2i = [t2i[p] for p in rng.permutation(len(t2i))]      # texts need not be grouped by image
+    img, txt = noisy_case(30, t2i, seed=1)
+    sim = img @ txt.T
+    assert_close(retrieval_metrics(sim, torch.tensor(t2i)), reference(sim.numpy(), t2i))
+
+
+def test_even_number_of_texts_median_is_mean_of_middle_two():
+    t2i = [0, 1, 2, 3]
+    # Column j: the correct image j scores 5 (or 9) and exactly j other images score higher,
+    # so the text->image ranks are 1, 2, 3, 4.
+    sim = torch.tensor([[9., 9., 9., 9.],
+                        [1., 5., 8., 8.],
+                        [1., 1., 5., 7.],
+                        [1., 1., 1., 5.]])
+    got = retrieval_metrics(sim, t2i)
+    assert got["text_to_image_median_rank"] == 2.5
+    assert got["text_to_image_mean_rank"] == 2.5
+    assert got["text_to_image_R@1"] == 25.0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 100_000])
+def test_chunk_size_does_not_change_results(chunk_size):
+    t2i = [i for i in range(23) for _ in range(3)] + [5, 9]
+    img, txt = noisy_case(23, t2i, seed=2)
+    sim = img @ txt.T
+    want = reference(sim.numpy(), t2i)
+    assert_close(retrieval_metrics(sim, t2i, chunk_size=chunk_size), want)
+    assert_close(embed_and_score(img, txt, t2i, chunk_size=chunk_size), want)
+    assert_close(retrieval_metrics(None, t2i, chunk_size=chunk_size, image_embeds=img, text_embeds=txt), want)
+
+
+def test_perfect_diagonal_gives_100():
+    sim = torch.eye(12) + 0.01 * torch.rand(12, 12)
+    sim.fill_diagonal_(2.0)
+    got = retrieval_metrics(sim, list(range(12)))
+    for k in KEYS - {"text_to_image_median_rank", "text_to_image_mean_rank"}:
+        assert got[k] == 100.0, k
+    assert got["text_to_image_median_rank"] == 1.0 and got["text_to_image_mean_rank"] == 1.0
+
+
+def test_image_hit_when_any_of_its_texts_is_in_top_k():
+    # Image 0 owns texts 0 and 1; text 1 is its best, ranked 2nd behind text 2 (image 1's).
+    sim = torch.tensor([[0.1, 0.8, 0.9, 0.2],
+                        [0.3, 0.1, 0.9, 0.8]])
+    got = retrieval_metrics(sim, [0, 0, 1, 1], ks=(1, 2))
+    assert got["image_to_text_R@1"] == 50.0    # image 1 hits at 1, image 0 does not
+    assert got["image_to_text_R@2"] == 100.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_similarity_matches_float32_of_the_same_values(dtype):
+    t2i = [i for i in range(15) for _ in range(2)]
+    img, txt = noisy_case(15, t2i, seed=3)
+    sim = (img @ txt.T).to(dtype)                 # rounding creates exact ties
+    want = retrieval_metrics(sim.float(), t2i)
+    assert retrieval_metrics(sim, t2i, chunk_size=4) == want
+
+
+def test_ties_pessimistic_by_default_and_optimistic_on_request():
+    sim = torch.zeros(4, 8)                    # a collapsed model: every score equal
+    t2i = [i // 2 for i in range(8)]
+    pess = retrieval_metrics(sim, t2i)
+    # Pessimistic: all 3 other images rank ahead; for image->text the 6 foreign texts do.
+    assert pess["text_to_image_mean_rank"] == 4.0 and pess["text_to_image_R@1"] == 0.0
+    assert pess["image_to_text_R@5"] == 0.0 and pess["image_to_text_R@10"] == 100.0
+    opt = retrieval_metrics(sim, t2i, ties="optimistic")
+    assert opt["text_to_image_mean_rank"] == 1.0 and opt["mean_recall"] == 100.0
+
+
+def test_bad_inputs_raise_clear_errors():
+    sim = torch.rand(3, 4)
+    with pytest.raises(ValueError, match=r"text_to_image has 3 entries but there are 4 texts"):
+        retrieval_metrics(sim, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"similarity must be 2-D"):
+        retrieval_metrics(torch.rand(3), [0, 1, 2])
+    with pytest.raises(ValueError, match=r"text_to_image\[3\] = 3 is not an image index in \[0, 3\)"):
+        retrieval_metrics(sim, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"1 image\(s\) have no text.*\[2\]"):
+        retrieval_metrics(sim, [0, 1, 1, 0])
+    with pytest.raises(ValueError, match=r"same E"):
+        embed_and_score(torch.rand(3, 5), torch.rand(4, 6), [0, 1, 2, 2])
+    sim[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"similarity contains NaN or inf \(first in row 1\)"):
+        retrieval_metrics(sim, [0, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"text_embeds contains NaN"):
+        embed_and_score(torch.rand(3, 5), torch.full((4, 5), float("nan")), [0, 1, 2, 2])
