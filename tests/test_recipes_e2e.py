@@ -95,3 +95,21 @@ def test_bad_records_in_training_data_name_the_line_or_are_counted(shapes, tmp_p
     manifest_errors = [r["manifest_skipped"] for r in records if "manifest_skipped" in r]
     assert manifest_errors == [{"malformed_line": 1}]
     assert image_errors and sum(image_errors[-1].values()) >= 1
+
+
+def test_training_streams_webdataset_shards_and_resumes(shapes, tmp_path):
+    from polymodal.cli import main
+    main(["data", "shard", f"{shapes}/train.jsonl", "--out", str(tmp_path / "shards"), "--max-count", "100"])
+    base = [f"out_dir={tmp_path}/run", "model.name=tiny", f"data.shards={tmp_path}/shards", "data.batch_size=32",
+            f"tokenizer.path={tmp_path}/tok", "train.steps=16", "train.log_every=1", "train.ckpt_every=3",
+            "train.progress=false"]
+    from polymodal.data.manifests import read_manifest
+    from polymodal.data.text import train_tokenizer
+    captions = [r["caption"] for r in read_manifest(f"{shapes}/train.jsonl").records]
+    train_tokenizer(captions, kind="bpe", vocab_size=300).save(tmp_path / "tok")
+    run_recipe(load_recipe(None, base + ["train.stop_after=7"]))      # 400 samples / 32 = 12 batches an epoch
+    run_recipe(load_recipe(None, base))
+    run_recipe(load_recipe(None, base[1:] + [f"out_dir={tmp_path}/straight"]))
+    read = lambda p: [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
+    resumed, straight = read(tmp_path / "run" / "metrics.jsonl"), read(tmp_path / "straight" / "metrics.jsonl")
+    assert len(straight) == 16 and resumed == straight

@@ -30,7 +30,6 @@ explicit rules (`DROPPED`); any other key, or any missing one, is an error that 
 from __future__ import annotations
 
 import json
-import math
 import re
 import zipfile
 from pathlib import Path
@@ -110,7 +109,8 @@ def read_checkpoint(path, trust_pickle: bool = False) -> dict:
         from safetensors.torch import load_file
         return _unwrap(load_file(str(path)))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        # mmap: the zip format can be mapped instead of read, which matters for the 1B/10B files.
+        state = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and the fix
         if trust_pickle:
             raise
@@ -146,7 +146,7 @@ def detect(path) -> bool:
             files = _weights_files(path)
             return len(files) == 1 and _peek_has_marker(files[0])
         return path.is_file() and path.suffix in WEIGHT_SUFFIXES and _peek_has_marker(path)
-    except (OSError, ValueError, RuntimeError):
+    except Exception:  # noqa: BLE001 - detection never fails: an unreadable file is simply not ours
         return False
 
 
@@ -234,6 +234,10 @@ def build_m2_config(state: dict, config: dict | None = None, **overrides) -> tup
     for key, value in overrides.items():
         sizes[aliases.get(key, key)] = value
     sizes.setdefault("heads", HEADS_BY_WIDTH.get(sizes["width"], max(1, sizes["width"] // 64)))
+    text_rows = state.get("backbone.encoder.embed_positions.B.weight")
+    if "text.context_length" not in sizes and text_rows is not None:
+        # The released default (52), unless the table is too short for it.
+        sizes["text.context_length"] = min(M2TextConfig.context_length, text_rows.shape[0] - POSITION_OFFSET)
     vision = {k.split(".", 1)[1]: v for k, v in sizes.items() if k.startswith("vision.")}
     text = {k.split(".", 1)[1]: v for k, v in sizes.items() if k.startswith("text.")}
     top = {k: v for k, v in sizes.items() if "." not in k}

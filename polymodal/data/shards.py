@@ -233,13 +233,19 @@ def _read_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _decode_image(data: bytes) -> Any:
-    """Bytes -> PIL RGB image, EXIF orientation applied; raises on a broken file."""
+    """Bytes -> upright PIL RGB image, converted like ``images.load_image`` (alpha over white,
+    16-bit scaled) so shards and manifests give the same pixels; raises on a broken file."""
     from PIL import Image, ImageOps
 
+    from polymodal.data.images import to_rgb  # lazy: keeps this module light to import
+
     with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+        im.load()                                     # decode now: truncation only fails here
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:  # a broken EXIF block: the pixels are still fine, keep them as stored
+            pass
+        return to_rgb(im)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

@@ -39,7 +39,9 @@ CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{
 CJK_CLASS = ("\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff"
              "\U00020000-\U0002a6df\U0002a700-\U0002b73f\U0002b740-\U0002b81f"
              "\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f")
-_CJK_GAP = re.compile(f"(?<=[{CJK_CLASS}]) +(?=[{CJK_CLASS}])")
+# Ideographs plus CJK punctuation and full-width forms: decode drops spaces between two of these.
+_CJK_TEXT = CJK_CLASS + "\u3000-\u303f\uff00-\uffef"
+_CJK_GAP = re.compile(f"(?<=[{_CJK_TEXT}]) +(?=[{_CJK_TEXT}])")
 
 
 @dataclass
@@ -476,7 +478,8 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4
     gives back the normalised text exactly), with each CJK ideograph split off as its own word
     first: merges then build whole characters out of their UTF-8 bytes instead of gluing runs
     of Chinese text into one long word. No input is ever unknown. "wordpiece" is BERT's
-    pipeline (`bert_wordpiece_backend`); every character seen in the corpus is in the alphabet.
+    pipeline (`bert_wordpiece_backend`) with pieces learned as in `_train_wordpiece`; every
+    character seen in the corpus (and printable ASCII) is in the alphabet.
 
     Args:
         texts: the corpus, an iterable of strings (read once).
@@ -508,19 +511,11 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        backend.train_from_iterator((t for t in texts), trainer=trainer)
     else:
-        backend = bert_wordpiece_backend({BERT_UNK: 0} if style == "bert" else {"[UNK]": 0}, lowercase=lowercase)
-        backend = _Backend(models.WordPiece(unk_token=BERT_UNK, max_input_chars_per_word=100))
-        backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                        strip_accents=None, lowercase=lowercase)
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece(prefix="##")
         if BERT_UNK not in specials:
             specials = [*specials, BERT_UNK]
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=specials, continuing_subword_prefix="##",
-                                            show_progress=False)
-    backend.train_from_iterator((t for t in texts), trainer=trainer)
+        backend = _train_wordpiece(texts, vocab_size, specials, lowercase, min_frequency)
     ids = {t: backend.token_to_id(t) for t in specials}
     if style == "clip":
         cfg = TokenizerConfig(style="clip", bos_id=ids[CLIP_SOT], eos_id=ids[CLIP_EOT], pad_id=ids[CLIP_PAD],
@@ -530,3 +525,45 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4
                               context_length=context_length, lowercase=lowercase, unk_id=ids[BERT_UNK],
                               mask_id=ids[BERT_MASK])
     return Tokenizer(backend, cfg)
+
+
+_WORD_START = "\u2581"  # marks word-initial symbols while learning WordPiece pieces with BPE
+
+
+def _train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str], lowercase: bool,
+                     min_frequency: int) -> _Backend:
+    """Learn a WordPiece vocabulary deterministically.
+
+    tokenizers' WordPieceTrainer numbers its "##x" symbols in hash-map order, so ties between
+    equally frequent merges (common on small corpora) change from run to run. Instead we learn
+    BPE merges on words marked with a leading "\u2581" (all starting symbols are then alphabet
+    characters, which the trainer numbers in sorted order), and read each learned symbol as a
+    WordPiece piece: "\u2581abc" -> "abc" (word start), "abc" -> "##abc" (inside a word). Every
+    character of the corpus and printable ASCII is kept in both forms (even beyond `vocab_size`),
+    so nothing seen in training becomes [UNK]; the most frequent merges fill the rest.
+    """
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                            lowercase=lowercase)
+    learner = _Backend(models.BPE())
+    learner.normalizer = normalizer
+    learner.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.BertPreTokenizer(),
+        pre_tokenizers.Metaspace(replacement=_WORD_START, prepend_scheme="always", split=False),
+    ])
+    # Printable ASCII is always in the alphabet, so unseen English punctuation is not [UNK].
+    ascii_chars = sorted({(c.lower() if lowercase else c) for c in map(chr, range(33, 127))})
+    learner.train_from_iterator((t for t in texts), trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, initial_alphabet=ascii_chars, show_progress=False))
+    symbols = [t for t, _ in sorted(learner.get_vocab().items(), key=lambda kv: kv[1])]
+    chars = [t for t in symbols if len(t) == 1 and t != _WORD_START]
+    base = list(dict.fromkeys([*specials, *(p for c in chars for p in (c, "##" + c))]))
+    merged = []
+    for t in symbols:
+        if len(t) > 1:
+            piece = t[1:] if t.startswith(_WORD_START) else "##" + t
+            if len(piece) > 1 and piece not in base:
+                merged.append(piece)
+    pieces = base + list(dict.fromkeys(merged))[: max(0, vocab_size - len(base))]
+    backend = bert_wordpiece_backend({p: i for i, p in enumerate(pieces)}, lowercase=lowercase)
+    backend.add_special_tokens(specials)
+    return backend

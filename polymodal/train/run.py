@@ -3,6 +3,7 @@ the tokenizer, model, data, task and evaluation, trains, and writes the final mo
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,12 +168,20 @@ def build_loader_factory(cfg: RunConfig, model):
     d = cfg.data
     budget = model.tokenizer.context_length
     langs = list(d.langs)
+    per_epoch = None
     if d.shards:
-        from ..data.shards import ShardDataset
+        from ..data.shards import ShardDataset, resolve_shards
         dataset = ShardDataset(d.shards, model.image_transform, tokenizer=model.tokenizer,
-                               caption_key=d.caption_key, num_subcaptions=d.num_subcaptions,
-                               seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                               on_bad_record=d.on_bad_record)
+                               caption_key=d.caption_key, on_bad_record=d.on_bad_record,
+                               long_caption_key="long_caption" if d.num_subcaptions else None,
+                               num_subcaptions=d.num_subcaptions, subcaption_sentences=tuple(d.subcaption_sentences),
+                               seed=cfg.train.seed, context_length=budget, rank=info.rank,
+                               world_size=info.world_size)
+        # Whole shards per rank give ranks different sample counts; DDP needs equal step counts,
+        # so every rank stops an epoch after the same number of batches.
+        _, counts = resolve_shards(d.shards)
+        if counts:
+            per_epoch = sum(counts.values()) // (info.world_size * d.batch_size)
     else:
         if not d.train:
             raise ConfigError("data.train (a manifest) or data.shards must be set")
@@ -196,11 +205,12 @@ def build_loader_factory(cfg: RunConfig, model):
 
     def make_loader(epoch: int, skip_batches: int):
         set_loader_epoch(loader, epoch)
-        if skip_batches:
-            if not hasattr(loader.sampler, "skip"):
-                raise RuntimeError("resuming inside an epoch needs a map-style dataset (data.train), not shards")
-            loader.sampler.skip(skip_batches)
-        return loader
+        if not d.shards:
+            if skip_batches:
+                loader.sampler.skip(skip_batches)
+            return loader
+        # Streams cannot seek: replay the epoch (same order for the same epoch) and drop what was done.
+        return itertools.islice(loader, skip_batches, per_epoch)
 
     make_loader.manifest_skipped = skipped
     return make_loader
