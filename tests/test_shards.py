@@ -24,6 +24,11 @@ def transform(img):
     return torch.from_numpy(np.asarray(img.resize((SIZE, SIZE)), dtype=np.float32)).permute(2, 0, 1) / 255
 
 
+def zeros_tokenizer(texts, context_length=None):
+    """Stand-in tokenizer for tests that do not look at the ids."""
+    return torch.zeros(len(texts), context_length or 4, dtype=torch.long)
+
+
 def pil_loader(path):
     with Image.open(path) as im:
         return im.convert("RGB")
@@ -73,12 +78,20 @@ def test_write_shards_layout_bytes_and_index(tmp_path):
 def test_max_size_splits_shards_and_rewrite_is_deterministic(tmp_path):
     path = make_manifest(tmp_path, 6)
     out = tmp_path / "s"
-    paths = write_shards(path, out, max_count=100, max_size=4 * 1024, progress=False)
-    assert len(paths) > 1 and all(os.path.getsize(p) <= 4 * 1024 + 2048 for p in paths)  # + tar end blocks
+    # a PNG sample takes 2048 member bytes, a JPEG one 2560: PNG + JPEG fits 5 KiB, a third does not
+    paths = write_shards(path, out, max_count=100, max_size=5 * 1024, progress=False)
+    assert len(paths) == 3
+    for p in paths:                                   # member bytes (headers + data blocks) within the limit
+        with tarfile.open(p) as tar:
+            members = tar.getmembers()
+        used = sum(512 + -(-m.size // 512) * 512 for m in members)
+        assert used <= 5 * 1024 and len(members) == 4
+    counts = json.loads((out / "shards.json").read_text())["shards"]
+    assert sum(s["count"] for s in counts) == 6
     first = [open(p, "rb").read() for p in paths]
     with pytest.raises(FileExistsError, match="overwrite"):
         write_shards(path, out, progress=False)
-    again = write_shards(path, out, max_count=100, max_size=4 * 1024, overwrite=True, progress=False)
+    again = write_shards(path, out, max_count=100, max_size=5 * 1024, overwrite=True, progress=False)
     assert again == paths and [open(p, "rb").read() for p in again] == first
     fewer = write_shards(path, out, max_count=100, overwrite=True, progress=False)
     assert len(fewer) == 1 and sorted(os.listdir(out)) == ["shard-000000.tar", "shards.json"]  # stale ones gone
@@ -104,13 +117,14 @@ def test_webdataset_package_reads_our_shards(tmp_path):
     wds = pytest.importorskip("webdataset")
     path = make_manifest(tmp_path, 4)
     shard = write_shards(path, tmp_path / "s", progress=False)[0]
-    keys = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in wds.WebDataset(shard, shardshuffle=False)]
+    samples = wds.WebDataset(shard, shardshuffle=False)
+    keys = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples]
     assert keys == [(f"{i:09d}", sorted(["json", "png" if i % 2 == 0 else "jpg"])) for i in range(4)]
 
 
 def _indices(rank, world, workers, source, **kw):
     ds = ShardDataset(source, transform, rank=rank, world_size=world, seed=5, shuffle_buffer=4, **kw)
-    loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=ImageTextCollate(lambda t, context_length=None: torch.zeros(len(t), 4, dtype=torch.long)))
+    loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=ImageTextCollate(zeros_tokenizer))
     return [i for b in loader for i in b["index"].tolist()]
 
 
@@ -160,7 +174,7 @@ def test_corrupt_image_in_shard_under_both_policies(tmp_path):
     samples = list(ds)
     assert samples[2] == {"_bad": "unreadable_image", "index": 2}
     assert ds.bad_counts == Counter(unreadable_image=1)
-    batch = ImageTextCollate(lambda t, context_length=None: torch.zeros(len(t), 4, dtype=torch.long))(samples)
+    batch = ImageTextCollate(zeros_tokenizer)(samples)
     assert batch["index"].tolist() == [0, 1, 3, 4] and batch["num_bad"] == 1
 
 
@@ -185,7 +199,7 @@ def test_resolve_shards_patterns(tmp_path):
     assert resolve_shards(tmp_path / "s")[0] == paths
     assert resolve_shards(str(tmp_path / "s" / "shard-*.tar"))[0] == paths
     assert resolve_shards(str(tmp_path / "s" / "shard-{000000..000002}.tar"))[0] == paths
-    with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
+    with pytest.raises(FileNotFoundError, match="shard-000008.tar"):
         resolve_shards(str(tmp_path / "s" / "shard-{000008..000009}.tar"))
     with pytest.raises(FileNotFoundError, match="no shards"):
         resolve_shards(tmp_path)
@@ -194,7 +208,8 @@ def test_resolve_shards_patterns(tmp_path):
 def test_cli_helpers(tmp_path, capsys):
     path = make_manifest(tmp_path, 5)
     parser = add_shard_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([path, "--out", str(tmp_path / "cli"), "--max-count", "2", "--max-size", "1M", "--no-progress"])
+    args = parser.parse_args([path, "--out", str(tmp_path / "cli"), "--max-count", "2", "--max-size", "1M",
+                              "--no-progress"])
     assert args.max_size == 1 << 20
     assert shard_main(args) == 0
     assert "wrote 5 samples in 3 shards" in capsys.readouterr().out

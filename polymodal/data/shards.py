@@ -86,7 +86,8 @@ def write_shards(
         manifest_path: the JSONL/CSV manifest.
         out_dir: the shard directory (created if needed).
         max_count: samples per shard at most.
-        max_size: bytes per shard at most (tar headers included).
+        max_size: bytes of tar members per shard at most (headers and block padding included;
+            the file can be up to 10 KiB larger: tar pads its end to a 10 KiB record).
         on_bad_record: policy for bad manifest records (see ``read_manifest``); skipped counts
             are recorded in the index.
         overwrite: replace existing shards in `out_dir` (otherwise FileExistsError).
@@ -368,12 +369,14 @@ class ShardDataset(IterableDataset):
 
     def _sample(self, shard: str, key: str | None, files: Any) -> dict:
         if key is None:                               # the shard itself could not be read
-            return self._bad(-1, UNREADABLE_SHARD, f"shard {shard} cannot be read ({type(files).__name__}: {files})", files)
+            message = f"shard {shard} cannot be read ({type(files).__name__}: {files})"
+            return self._bad(-1, UNREADABLE_SHARD, message, files)
         index = int(os.path.basename(key)) if os.path.basename(key).isdigit() else -1
         where = f"shard {shard} key {key}"
         image_ext = next((ext for ext in files if ext not in ("json", "txt", "cls")), None)
         if "json" not in files or image_ext is None:
-            return self._bad(index, INCOMPLETE_SAMPLE, f"{where}: needs an image and a .json member, has {sorted(files)}", None)
+            message = f"{where}: needs an image and a .json member, has {sorted(files)}"
+            return self._bad(index, INCOMPLETE_SAMPLE, message, None)
         try:
             record = json.loads(files["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

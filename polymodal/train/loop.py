@@ -180,6 +180,14 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
+    def _next_usable(self, batches) -> dict:
+        """The next batch on the device; batches whose every record was bad (skip policy) are counted and passed."""
+        while True:
+            batch = next(batches)
+            self.state.bad_records.update(batch.get("bad_reasons") or {})
+            if "index" not in batch or batch["index"].numel() > 0:
+                return self._to_device(batch)
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -203,8 +211,7 @@ class Trainer:
                 g["lr"] = lr
             sums: dict[str, float] = {}
             for micro in range(o.accum_steps):
-                batch = self._to_device(next(batches))
-                self.state.bad_records.update(batch.get("bad_reasons") or {})
+                batch = self._next_usable(batches)
                 sync = micro == o.accum_steps - 1 or not isinstance(self.module, nn.parallel.DistributedDataParallel)
                 ctx = self.module.no_sync() if not sync else nullcontext()
                 with ctx:
