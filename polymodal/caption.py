@@ -1,6 +1,9 @@
-"""`polymodal caption MODEL IMAGES...`: caption image files or the images of a manifest with a captioner.
+"""Captioning from the command line and captioning evaluation.
 
-Writes one JSON object per image, {"image": path, "caption": text}, to `--out` (JSONL) or stdout.
+* `polymodal caption MODEL IMAGES...`: caption image files or the images of a manifest; writes one
+  JSON object per image, {"image": path, "caption": text}, to `--out` (JSONL) or stdout.
+* `captioning_eval_manifest` (`polymodal eval MODEL --task captioning --data MANIFEST`): caption each
+  distinct image of a manifest and score against its reference captions (BLEU-1..4, CIDEr-D).
 """
 from __future__ import annotations
 
@@ -94,3 +97,38 @@ def caption_main(args: argparse.Namespace) -> list[dict]:
         if args.out:
             out.close()
     return records
+
+
+def captioning_eval_manifest(model, manifest, limit: int = 0, method: str = "beam", num_beams: int = 3,
+                             max_len: int | None = None, length_penalty: float = 0.0, batch_size: int = 32,
+                             progress: bool = True, num_examples: int = 5) -> dict:
+    """Caption the images of a manifest and score them against the references.
+
+    Records naming the same image file are merged: all their captions are that image's references.
+
+    Args:
+        model: a CoCa with `.tokenizer` and `.image_transform`.
+        manifest: JSONL/CSV manifest with `image` and `caption`/`captions`.
+        limit: evaluate the first `limit` distinct images only (0 = all).
+        method, num_beams, max_len, length_penalty: decoding (see `CoCa.generate`).
+        num_examples: how many (image, caption, references) triples to include in the result.
+    Returns:
+        {"BLEU-1".."BLEU-4", "CIDEr-D", "num_images", "method", "examples": [...]}.
+    """
+    from .data.manifests import read_manifest
+    from .eval.captioning import caption_metrics
+    references: dict[str, list[str]] = {}
+    for record in read_manifest(manifest):
+        caps = record.get("captions") or [record["caption"]]
+        references.setdefault(record["image"], []).extend([caps] if isinstance(caps, str) else caps)
+    paths = list(references)[: limit or None]
+    references = {p: references[p] for p in paths}
+    model.eval()
+    candidates = {r["image"]: r["caption"] for r in caption_images(
+        model, paths, method=method, max_len=max_len, num_beams=num_beams, length_penalty=length_penalty,
+        batch_size=batch_size, progress=progress)}
+    metrics = caption_metrics(candidates, references)
+    metrics.update(num_images=len(paths), method=method,
+                   examples=[{"image": p, "caption": candidates[p], "references": references[p]}
+                             for p in paths[:num_examples]])
+    return metrics

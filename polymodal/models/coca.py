@@ -238,6 +238,10 @@ class CoCa(nn.Module):
         max_len = limit if max_len is None else max_len
         if not 2 <= max_len <= limit:
             raise ValueError(f"generate: max_len must be in [2, {limit}] (the text context length), got {max_len}")
+        vocab = self.config.text.vocab_size
+        if not 0 <= self.bos_id < vocab:
+            raise ValueError(f"generate: bos_token_id {self.bos_id} is outside the vocabulary ({vocab} tokens); "
+                             f"set the config's bos_token_id to the tokenizer's bos_id")
         context = self.image_context(self.visual(pixels).tokens)           # (B, N, Wt)
 
         def step(ids: Tensor, rows: Tensor) -> Tensor:
@@ -354,8 +358,7 @@ def nucleus_sample(step: StepFn, batch_size: int, bos_id: int, eos_id: int, pad_
         probs = F.softmax(logits.float() / temperature, dim=-1)            # (N, V)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(dim=-1) - sorted_p                         # mass of strictly more likely tokens
-        keep = before < top_p
-        keep[:, 0] = True
+        keep = before < top_p                                               # the top token always (before = 0)
         sorted_p = sorted_p * keep
         choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)  # (N, 1)
         return order.gather(1, choice).squeeze(1)
@@ -407,9 +410,8 @@ def beam_search(step: StepFn, batch_size: int, bos_id: int, eos_id: int, pad_id:
         V = logits.shape[-1]
         logp = torch.full((B, K, V), float("-inf"), device=device)
         logp[flat[:, 0], flat[:, 1]] = F.log_softmax(logits.float() / temperature, dim=-1)
-        # Finished hypotheses continue only with a pad at no cost.
+        # Finished hypotheses (rows not computed above, so all -inf) continue only with a pad at no cost.
         frozen = done & torch.isfinite(scores)
-        logp[frozen] = float("-inf")
         logp[frozen.nonzero(as_tuple=True) + (torch.full((int(frozen.sum()),), pad_id, device=device),)] = 0.0
         cand = (scores[..., None] + logp).view(B, K * V)                  # (B, K*V)
         top, idx = cand.topk(K, dim=1)                                    # (B, K)

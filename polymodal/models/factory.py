@@ -84,6 +84,8 @@ def sync_text_config(cfg, tokenizer) -> None:
     text.vocab_size = tokenizer.vocab_size
     text.pad_token_id = tokenizer.pad_id
     text.eot_token_id = tokenizer.eos_id
+    if hasattr(cfg, "bos_token_id"):        # captioning models start generation here
+        cfg.bos_token_id = tokenizer.bos_id
     if getattr(tokenizer, "style", "clip") == "bert":
         text.pool = "cls"
     elif text.pool == "cls":

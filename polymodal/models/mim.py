@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Transformer, init_transformer_
