@@ -283,7 +283,7 @@ def test_cli_helpers(tmp_path, capsys):
                               "--image-size", "32", "--workers", "1"])
     result = sw.main_from_args(args)
     assert result["counts"] == {"train": 3, "val": 1, "test": 4, "hard": 4}
-    assert json.loads(capsys.readouterr().out.strip().split("\n", 0)[0])["counts"]["hard"] == 4
+    assert json.loads(capsys.readouterr().out)["counts"]["hard"] == 4
     with Image.open(tmp_path / "images" / "train_000002.png") as im:
         assert im.size == (32, 32)
 

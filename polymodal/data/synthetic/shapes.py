@@ -93,8 +93,6 @@ BACKGROUNDS_ZH = {
 }
 DEFAULT_BACKGROUND = "light gray"  # used when backgrounds are switched off
 
-ROWS_EN = ["top", "middle", "bottom"]
-COLS_EN = ["left", "center", "right"]
 POSITIONS_EN = {
     (0, 0): "the top left corner", (0, 1): "the top middle", (0, 2): "the top right corner",
     (1, 0): "the middle left", (1, 1): "the center", (1, 2): "the middle right",
@@ -570,7 +568,7 @@ def describe_long(scene: Scene, lang: str = "en") -> str:
             s = LONG_OBJECT_EN[t].format(pos=POSITIONS_EN[o.cell], desc=o.describe("en"))
             out.append(s[0].upper() + s[1:])
         if n == 1:
-            out.append(f"It is the only object in the picture, so it is also the largest one.")
+            out.append("It is the only object in the picture, so it is also the largest one.")
             return " ".join(out)
         out.append(LONG_SALIENT_EN[t].format(desc=sal.describe("en"), pos=POSITIONS_EN[sal.cell]))
         for i, o in enumerate(objs):
