@@ -211,7 +211,7 @@ def config_from_openclip(model_cfg: dict, where: str = "OpenCLIP config") -> dic
     }
     for section, (cfg, allowed) in must.items():
         for option, ok in allowed.items():
-            if cfg.get(option, ok) not in (ok, None) or (ok is None and cfg.get(option)):
+            if cfg.get(option, ok) not in (ok, None):
                 _refuse(f"{where} {section}", option, cfg.get(option))
     if model_cfg.get("init_logit_bias") is not None:
         _refuse(where, "init_logit_bias", model_cfg["init_logit_bias"])

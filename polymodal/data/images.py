@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +138,6 @@ def _pair(size, name: str) -> tuple[int, int]:
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
         return int(size[0]), int(size[1])
     raise ValueError(f"{name} must be an int or an (height, width) pair of ints, got {size!r}")
-
-
-@dataclass
-class _Sizes:
-    resize: tuple[int, int] | None  # target of the resize step: (short, short) for "shortest", (H, W) for squash
-    crop: tuple[int, int] | None    # (H, W) of the centre crop, None = no crop
 
 
 class ImageTransform:

@@ -57,18 +57,18 @@ class CLIP(nn.Module):
 
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, E)."""
-        x = self.visual_proj(self.visual(pixels).pooled)
+        x = self.visual_proj(self.visual(pixels, pooled_only=True).pooled)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
         """(B, L) token ids -> (B, E); uses only the CLS/EOT feature (never the corner tokens)."""
-        x = self.text_proj(self.text(ids, attention_mask).pooled)
+        x = self.text_proj(self.text(ids, attention_mask, pooled_only=True).pooled)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text_readouts(self, ids: Tensor, normalize: bool = True,
                              attention_mask: Tensor | None = None) -> Tensor:
         """(B, L) -> (B, 1+K, E): the CLS/EOT feature followed by the K corner features."""
-        out: TextOutput = self.text(ids, attention_mask)
+        out: TextOutput = self.text(ids, attention_mask, pooled_only=True)
         feats = out.pooled[:, None] if out.readouts is None else torch.cat([out.pooled[:, None], out.readouts], 1)
         x = self.text_proj(feats)                                      # (B, 1+K, E)
         return F.normalize(x, dim=-1) if normalize else x

@@ -52,7 +52,8 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                query_at: Tensor | None = None) -> Tensor:
         """Self-attention over `x`, or cross-attention to `context` when it is given.
 
         Args:
@@ -61,11 +62,30 @@ class Attention(nn.Module):
             is_causal: use a causal mask (only when attn_mask is None).
             context: (B, S, D) keys/values for cross-attention (then the qkv weights split into q | kv).
             context_mask: (B, S) bool, True = real token, for cross-attention.
+            query_at: (B, Q) positions; self-attention then computes only these Q query rows
+                (keys/values still come from all of `x`), e.g. a last block whose only use is a
+                pooled token. The masks keep their meaning for those rows.
         Returns:
-            (B, L, D)
+            (B, L, D), or (B, Q, D) with `query_at`.
         """
         B, L, D = x.shape
         H = self.heads
+        if query_at is not None and context is None:
+            Q = query_at.shape[1]
+            w_q, w_kv = self.qkv.weight.split([D, 2 * D])
+            b_q, b_kv = self.qkv.bias.split([D, 2 * D]) if self.qkv.bias is not None else (None, None)
+            q = F.linear(_rows(x, query_at), w_q, b_q).view(B, Q, H, D // H).transpose(1, 2)  # (B, H, Q, Dh)
+            k, v = F.linear(x, w_kv, b_kv).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)      # (B, H, L, Dh)
+            if attn_mask is not None and attn_mask.shape[-2] != 1:
+                # A per-query mask: keep the rows of the chosen queries.
+                m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+                m = m.expand(B, m.shape[1], L, m.shape[-1])                                   # (B, h, L, L)
+                attn_mask = torch.gather(m, 2, query_at[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[-1]))
+            elif attn_mask is None and is_causal:
+                keys = torch.arange(L, device=x.device)
+                attn_mask = (keys[None, None, :] <= query_at[:, :, None])[:, None]       # (B, 1, Q, L)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)            # (B, H, Q, Dh)
+            return self.out(y.transpose(1, 2).reshape(B, Q, D))
         if context is None:
             q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
         else:
@@ -113,17 +133,25 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                query_at: Tensor | None = None) -> Tensor:
+        """x: (B, L, D) -> (B, L, D); with `query_at` (B, Q) only those rows: (B, Q, D)."""
         if self.norm_first:
-            x = x + self.attn(self.norm1(x), attn_mask, is_causal)
+            h = self.attn(self.norm1(x), attn_mask, is_causal, query_at=query_at)
+            x = (x if query_at is None else _rows(x, query_at)) + h
             if self.cross is not None:
                 x = x + self.cross(self.norm_cross(x), context=context, context_mask=context_mask)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, attn_mask, is_causal))
+        h = self.attn(x, attn_mask, is_causal, query_at=query_at)
+        x = self.norm1((x if query_at is None else _rows(x, query_at)) + h)
         if self.cross is not None:
             x = self.norm_cross(x + self.cross(x, context=context, context_mask=context_mask))
         return self.norm2(x + self.mlp(x))
+
+
+def _rows(x: Tensor, at: Tensor) -> Tensor:
+    """x (B, L, D), at (B, Q) -> (B, Q, D): the rows of x at positions `at`."""
+    return torch.gather(x, 1, at[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class Transformer(nn.Module):
@@ -137,13 +165,18 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
-        for block in self.blocks:
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                query_at: Tensor | None = None) -> Tensor:
+        """x: (B, L, D) -> (B, L, D). With `query_at` (B, Q) the last block computes only those
+        rows -> (B, Q, D): for callers that need nothing but pooled/read-out tokens."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            rows = query_at if i == last else None
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, context, context_mask,
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, context, context_mask, rows,
                                                       use_reentrant=False)
             else:
-                x = block(x, attn_mask, is_causal, context, context_mask)
+                x = block(x, attn_mask, is_causal, context, context_mask, rows)
         return x
 
 

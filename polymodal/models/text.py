@@ -90,13 +90,17 @@ class TextTower(nn.Module):
         # No EOT (a truncated sequence from a foreign tokenizer): fall back to the last position.
         return torch.where(is_eot.any(dim=-1), first, torch.full_like(first, ids.shape[1] - 1))
 
-    def forward(self, ids: Tensor, attention_mask: Tensor | None = None) -> TextOutput:
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, pooled_only: bool = False) -> TextOutput:
         """Encode token ids.
 
         Args:
             ids: (B, L) token ids, L <= context_length - num_readout_tokens.
             attention_mask: (B, L) True/1 = real token. Default: causal towers need none (pads come
                 after EOT and are never seen); bidirectional towers use `ids != pad_token_id`.
+            pooled_only: the caller needs only `pooled` and `readouts`, so work that cannot change
+                them is skipped: a causal tower stops at the last pooled position of the batch, and
+                the last block computes only the pooled and read-out rows. `tokens` (B, 1+K, W) then
+                holds just those states (pooled first, before the pooler) and `mask` is all True.
         Returns:
             TextOutput (see its docstring).
         """
@@ -121,8 +125,22 @@ class TextTower(nn.Module):
         else:
             x, real, readout_at, mask = self._insert_bidirectional(x, real)
             pool_at = torch.zeros_like(pool_at)
+        if pooled_only and cfg.causal:
+            # Positions after the last pooled one (usually padding to the context length) cannot
+            # reach the pooled or read-out states through causal attention: skip their compute.
+            n = int(pool_at.max()) + 1
+            if n < x.shape[1]:
+                x = x[:, :n]
+                mask = None if mask is None else mask[..., :n, :n]
         Lp = x.shape[1]
         x = self.embed_norm(x + self.pos[:Lp])                             # (B, L', W)
+        if pooled_only:
+            query_at = pool_at[:, None] if readout_at is None else torch.cat([pool_at[:, None], readout_at], 1)
+            x = self.transformer(x, attn_mask=mask, is_causal=cfg.causal and mask is None, query_at=query_at)
+            x = self.norm(x)                                               # (B, 1+K, W)
+            readouts = None if readout_at is None else self.pooler(x[:, 1:])
+            return TextOutput(pooled=self.pooler(x[:, 0]), readouts=readouts, tokens=x,
+                              mask=torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         x = self.transformer(x, attn_mask=mask, is_causal=cfg.causal and mask is None)
         x = self.norm(x)                                                   # (B, L', W)
         batch = torch.arange(B, device=ids.device)

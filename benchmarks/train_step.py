@@ -1,0 +1,248 @@
+"""Our CLIP vs transformers' CLIPModel: forward and training-step time, and our model FLOPs utilisation.
+
+Both models have the ViT-B/32 architecture and identical weights (a random HF CLIPModel converted
+into ours in memory with `polymodal.convert.hf_clip`). Per step: encode images (B, 3, 224, 224) and
+texts (B, 77), L2-normalise, symmetric InfoNCE (`polymodal.losses.contrastive.clip_loss`), backward,
+AdamW step. Runs alternate ours / HF so that slow drifts of the machine hit both equally; medians are
+reported. HF gets no padding attention_mask (its fastest causal path).
+
+Two text scenarios: "captions" (EOT at positions 8-24, zero padding to 77, as a CLIP tokenizer
+gives for ordinary captions) and "full" (all 77 positions used). Our encoders skip work that cannot
+change the pooled features (text positions after the batch's last EOT; non-pooled rows of the
+last block); HF computes everything.
+
+MFU: analytic FLOPs our training step executes (matmuls only: 2 * weight-size FLOPs per token for
+every linear layer and the patch embedding, plus 2 * L^2 * W for each of QK^T and AV per layer,
+counted over the full L x L even for causal text; backward = 2x forward) divided by the step time
+and by the peak fp32 matmul rate measured in the same run (a 2048^3 matmul).
+
+    python benchmarks/train_step.py [--steps 5] [--batch 8] [--threads N] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from polymodal.convert.hf_clip import config_from_hf, convert_state_dict  # noqa: E402
+from polymodal.hub import load_state_strict  # noqa: E402
+from polymodal.losses.contrastive import clip_loss  # noqa: E402
+from polymodal.models.clip import CLIP  # noqa: E402
+from polymodal.models.factory import build_config  # noqa: E402
+
+
+def _features(out):
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def build_models(seed: int = 0):
+    """(ours, hf): ViT-B/32 CLIPs with identical weights."""
+    import transformers
+    torch.manual_seed(seed)
+    hf = transformers.CLIPModel(transformers.CLIPConfig())      # defaults are ViT-B/32, quick_gelu
+    cfg = build_config(config_from_hf(hf.config.to_dict()))
+    ours = CLIP(cfg)
+    load_state_strict(ours, convert_state_dict(hf.state_dict()), "in-memory HF CLIPModel")
+    return ours, hf
+
+
+def ours_embed(model, pixels, ids):
+    img = model.encode_image(pixels)
+    txt = model.encode_text(ids)
+    return img, txt, model.scale()
+
+
+def hf_embed(model, pixels, ids):
+    img = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+    txt = F.normalize(_features(model.get_text_features(input_ids=ids)), dim=-1)
+    return img, txt, model.logit_scale.exp().clamp(max=100)
+
+
+def make_step(model, embed, pixels, ids, optimizer: str = "fused"):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, **{optimizer: True})
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        img, txt, scale = embed(model, pixels, ids)
+        loss = clip_loss(img, txt, scale)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def make_forward(model, embed, pixels, ids):
+    def forward():
+        with torch.no_grad():
+            img, txt, _ = embed(model, pixels, ids)
+        return img.sum().item() + txt.sum().item()
+    return forward
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(fn_a, fn_b, runs: int, warmup: int = 2) -> tuple[list[float], list[float]]:
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    a, b = [], []
+    for _ in range(runs):
+        a.append(timed(fn_a))
+        b.append(timed(fn_b))
+    return a, b
+
+
+def matmul_peak(n: int = 2048, runs: int = 5) -> float:
+    """Best measured fp32 matmul rate in FLOP/s."""
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(x, y)
+    best = min(timed(lambda: torch.mm(x, y)) for _ in range(runs))
+    return 2 * n ** 3 / best
+
+
+def clip_forward_flops(cfg, batch: int, text_len: int) -> dict:
+    """Matmul FLOPs of one forward pass of our CLIP's encoders over `batch` image-text pairs.
+
+    Counts what our encoders execute: all blocks but the last over every token; in the last block
+    keys/values for every token but queries, output projection and MLP for the pooled row only.
+    """
+    v, t, E = cfg.vision, cfg.text, cfg.embed_dim
+
+    def tower(width, layers, mlp_ratio, tokens):
+        hidden = int(width * mlp_ratio)
+        block = 2 * (4 * width * width + 2 * width * hidden)             # per token: qkv, out, fc1, fc2
+        attention = 2 * (2 * tokens * tokens * width)                    # QK^T and AV over L x L
+        full = (layers - 1) * (tokens * block + attention)
+        last = tokens * 2 * (2 * width * width) + block - 2 * (2 * width * width) + 2 * (2 * tokens * width)
+        return batch * (full + last)
+
+    patches = (v.image_size // v.patch_size) ** 2
+    vision = tower(v.width, v.layers, v.mlp_ratio, patches + 1)
+    vision += batch * patches * 2 * (3 * v.patch_size ** 2) * v.width  # patch embedding
+    text = tower(t.width, t.layers, t.mlp_ratio, text_len)
+    heads = batch * 2 * (v.width + t.width) * E + 2 * batch * batch * E  # projections + logits
+    return {"vision": vision, "text": text, "heads": heads, "total": vision + text + heads}
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process (glibc) so each step does not page-fault its activations back in.
+
+    A step allocates and frees hundreds of MB; by default glibc returns such blocks to the OS and
+    every step pays ~10^5 page faults (0.3-1 s of system time here). The setting is process-wide,
+    so ours and HF gain alike. Returns False where glibc's mallopt is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 31))
+
+
+def text_batch(batch: int, scenario: str, g: torch.Generator) -> torch.Tensor:
+    """(B, 77) CLIP-tokenizer-like ids: SOT, tokens, EOT, zero padding to 77.
+
+    "captions": EOT at positions 8..24 (typical captions are ~10-20 BPE tokens; COCO averages ~12);
+    "full": every row uses all 77 positions (EOT last), the case where skipping pads cannot help.
+    """
+    ids = torch.randint(1, 49405, (batch, 77), generator=g)
+    ids[:, 0] = 49406
+    eot = torch.randint(8, 25, (batch,), generator=g) if scenario == "captions" else torch.full((batch,), 76)
+    ids[torch.arange(batch), eot] = 49407
+    ids[torch.arange(77)[None, :] > eot[:, None]] = 0
+    return ids
+
+
+def run_scenario(ours, hf, pixels, ids, args) -> dict:
+    with torch.no_grad():  # same weights -> same features (a guard against comparing different work)
+        a, b = ours_embed(ours, pixels, ids), hf_embed(hf, pixels, ids)
+    max_diff = max((a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
+    fwd_ours, fwd_hf = alternate(make_forward(ours, ours_embed, pixels, ids),
+                                 make_forward(hf, hf_embed, pixels, ids), args.forward_runs)
+    step_ours, step_hf = alternate(make_step(ours, ours_embed, pixels, ids, args.optimizer),
+                                   make_step(hf, hf_embed, pixels, ids, args.optimizer), args.steps)
+    # FLOPs our model executes: a causal text tower stops at the last EOT of the batch.
+    text_len = int((ids == ours.config.text.eot_token_id).int().argmax(dim=1).max()) + 1
+    flops = clip_forward_flops(ours.config, len(ids), text_len)
+    med = statistics.median
+    return {
+        "text_positions_run_by_ours": text_len, "max_abs_feature_diff": max_diff,
+        "forward_s": {"ours": med(fwd_ours), "hf": med(fwd_hf), "ours_runs": fwd_ours, "hf_runs": fwd_hf},
+        "train_step_s": {"ours": med(step_ours), "hf": med(step_hf), "ours_runs": step_ours, "hf_runs": step_hf},
+        "forward_ratio_ours_over_hf": med(fwd_ours) / med(fwd_hf),
+        "train_step_ratio_ours_over_hf": med(step_ours) / med(step_hf),
+        "train_step_speedup": med(step_hf) / med(step_ours),
+        "forward_flops": flops, "train_step_flops": 3 * flops["total"],
+        "achieved_flops": 3 * flops["total"] / med(step_ours),
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per model and scenario (median)")
+    ap.add_argument("--forward-runs", type=int, default=5, help="timed forward passes per model and scenario")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
+                    help="AdamW implementation, the same for both models")
+    ap.add_argument("--no-allocator-tuning", action="store_true", help="leave glibc malloc at its defaults")
+    ap.add_argument("--scenarios", default="captions,full")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tuned = False if args.no_allocator_tuning else tune_allocator()
+
+    t_start = time.perf_counter()
+    ours, hf = build_models()
+    ours.train(), hf.train()
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(args.batch, 3, 224, 224, generator=g)
+    results = {}
+    for scenario in args.scenarios.split(","):
+        results[scenario] = run_scenario(ours, hf, pixels, text_batch(args.batch, scenario, g), args)
+    peak = matmul_peak()
+    for r in results.values():
+        r["mfu"] = r["achieved_flops"] / peak
+        r["forward_mfu"] = r["forward_flops"]["total"] / r["forward_s"]["ours"] / peak
+    res = {
+        "config": "ViT-B/32 (image 224, text 77)", "batch": args.batch, "dtype": "float32", "device": "cpu",
+        "threads": args.threads, "optimizer": f"AdamW ({args.optimizer})", "allocator_tuned": tuned,
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "cpu": platform.processor() or platform.machine(), "matmul_peak_flops": peak,
+        "scenarios": results,
+    }
+    res["wall_s"] = time.perf_counter() - t_start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+
+    print(f"ViT-B/32 CLIP, batch {args.batch}, fp32, CPU x{args.threads} threads, AdamW {args.optimizer}, "
+          f"allocator tuned: {tuned} (torch {torch.__version__}, transformers {res['transformers']})")
+    print(f"{'scenario':10}{'':12}{'ours (s)':>9}{'HF (s)':>9}{'ours/HF':>9}{'speedup':>9}{'MFU':>7}  text pos")
+    for name, r in results.items():
+        for what, key, mfu in (("forward", "forward_s", r["forward_mfu"]), ("train step", "train_step_s", r["mfu"])):
+            o, h = r[key]["ours"], r[key]["hf"]
+            print(f"{name:10}{what:12}{o:9.3f}{h:9.3f}{o / h:9.2f}{h / o:8.2f}x{mfu:7.1%}  "
+                  f"{r['text_positions_run_by_ours']}/77 (|diff| {r['max_abs_feature_diff']:.0e})")
+    print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; train-step FLOPs (ours): "
+          + ", ".join(f"{n} {r['train_step_flops'] / 1e9:.0f} G" for n, r in results.items())
+          + f"; wrote {out} ({res['wall_s']:.0f} s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()

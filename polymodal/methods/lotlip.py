@@ -1,0 +1,141 @@
+"""LoTLIP (arXiv 2410.05249): long-text language-image pre-training with corner tokens.
+
+The text tower (`polymodal.models.text.TextTower` with `num_readout_tokens = K`) inserts K corner
+tokens; `CLIP.encode_text_readouts` returns the CLS/EOT feature followed by the K corner features.
+
+Objective for a batch of B images, their short captions and M sub-captions of each long caption
+(`batch["long_input_ids"]`, (B, M, L)), every term a symmetric InfoNCE (`clip_loss`, the loss
+config's gather mode) of the images against one (B, E) set of text features:
+
+* L_short: the short caption's CLS/EOT feature (never its corners);
+* L_{m,r}: sub-caption m, read-out r, for r over all K+1 read-outs (`long_features="all"`, as the
+  authors' code) or the CLS/EOT feature only (`long_features="cls"`).
+
+With n = M*(K+1) (or M) long terms,
+
+* `normalize="count"` (the authors' released ClipLoss):
+  loss = (w_clip * L_short + w_long * sum_{m,r} L_{m,r}) / (1 + n),
+  i.e. with unit weights the plain mean over all 1 + n text features;
+* `normalize="mean"`: loss = w_clip * L_short + w_long * mean_{m,r} L_{m,r}.
+
+M = 0 (no `long_input_ids`, or M = 0 columns) gives plain CLIP: loss = w_clip * L_short.
+K = 0 with M > 0 is "short + long captions without corners". At inference only the CLS/EOT
+feature is used (`CLIP.encode_text`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..losses.contrastive import clip_loss
+from .clip import LossConfig, trim_padding
+
+LONG_FEATURES = ("all", "cls")
+NORMALIZE = ("count", "mean")
+
+
+@dataclass
+class LoTLIPConfig:
+    num_corners: int = 2            # K corner tokens (sets text.num_readout_tokens); 0 = none
+    w_clip: float = 1.0             # weight of the short caption's InfoNCE
+    w_long: float = 1.0             # weight of each long-text read-out's InfoNCE
+    long_features: str = "all"      # "all": CLS + K corners of every sub-caption (authors) | "cls"
+    normalize: str = "count"        # "count": weighted sum / (1 + n) (authors) | "mean" (see module doc)
+
+    def __post_init__(self):
+        if int(self.num_corners) != self.num_corners or self.num_corners < 0:
+            raise ValueError(f"lotlip.num_corners must be an integer >= 0, got {self.num_corners!r}")
+        if self.long_features not in LONG_FEATURES:
+            raise ValueError(f"lotlip.long_features must be one of {LONG_FEATURES}, got {self.long_features!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"lotlip.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def combine_losses(short: Tensor, long: list[Tensor], w_clip: float, w_long: float, normalize: str) -> Tensor:
+    """The LoTLIP total from the short-caption loss and the n long-text losses (see the module doc).
+
+    Args:
+        short: scalar InfoNCE of the short captions.
+        long: n scalar InfoNCE losses, one per (sub-caption, read-out); may be empty.
+        w_clip, w_long: the weights.
+        normalize: "count" (divide the weighted sum by 1 + n) or "mean" (average the long terms).
+    Returns:
+        Scalar loss.
+    """
+    if not long:
+        return w_clip * short
+    total_long = torch.stack(long).sum()
+    if normalize == "count":
+        return (w_clip * short + w_long * total_long) / (1 + len(long))
+    return w_clip * short + w_long * total_long / len(long)
+
+
+class LoTLIPTask(nn.Module):
+    """A dual encoder with corner tokens and the LoTLIP objective.
+
+    `forward(batch) -> {"loss", "short", "long", "logit_scale"}`; "short" and "long" (the mean of the
+    long-text terms, 0 when there are none) are detached, for logging.
+
+    Args:
+        model: a `CLIP` whose text tower has `num_readout_tokens == cfg.num_corners`.
+        cfg: `LoTLIPConfig` (or a dict of its fields).
+        loss_cfg: gather mode; only `kind="infonce"` is supported.
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoTLIPConfig | dict | None = None, loss_cfg: LossConfig | None = None):
+        super().__init__()
+        cfg = LoTLIPConfig(**cfg) if isinstance(cfg, dict) else (cfg or LoTLIPConfig())
+        loss_cfg = loss_cfg or LossConfig()
+        if loss_cfg.kind != "infonce":
+            raise ValueError(f"LoTLIP uses InfoNCE; loss.kind={loss_cfg.kind!r} is not supported")
+        have = getattr(model.config.text, "num_readout_tokens", 0)
+        if have != cfg.num_corners:
+            raise ValueError(f"lotlip.num_corners={cfg.num_corners} but the model's text tower has "
+                             f"num_readout_tokens={have}; set them equal (a recipe sets the tower from "
+                             f"lotlip.num_corners unless model.path loads a saved model)")
+        self.model, self.cfg, self.loss_cfg = model, cfg, loss_cfg
+        self.group_size = loss_cfg.group_size
+        if loss_cfg.gather == "grouped" and loss_cfg.aggregate_nodes > 0:
+            from ..train import distributed as dist_utils
+            self.group_size = dist_utils.group_size_from_nodes(loss_cfg.aggregate_nodes)
+
+    def contrastive(self, image: Tensor, text: Tensor) -> Tensor:
+        """Symmetric InfoNCE of (B, E) image and text features in the configured gather mode."""
+        c = self.loss_cfg
+        return clip_loss(image, text, self.model.scale(), gather=c.gather, local_loss=c.local_loss,
+                         group_size=self.group_size)
+
+    def long_features(self, long_ids: Tensor) -> Tensor:
+        """(B, M, L) sub-caption ids -> (B, M, R, E) normalised read-out features (R = K+1 or 1)."""
+        B, M, _ = long_ids.shape
+        ids = trim_padding(long_ids, self.model.config.text.pad_token_id).reshape(B * M, -1)
+        feats = self.model.encode_text_readouts(ids)                   # (B*M, 1+K, E)
+        if self.cfg.long_features == "cls":
+            feats = feats[:, :1]
+        return feats.reshape(B, M, feats.shape[1], feats.shape[2])
+
+    def forward(self, batch: dict) -> dict:
+        pad = self.model.config.text.pad_token_id
+        image = self.model.encode_image(batch["pixels"])                        # (B, E)
+        short_txt = self.model.encode_text(trim_padding(batch["input_ids"], pad))  # (B, E): CLS/EOT only
+        short = self.contrastive(image, short_txt)
+        long_losses: list[Tensor] = []
+        long_ids = batch.get("long_input_ids")
+        if long_ids is not None and long_ids.ndim == 3 and long_ids.shape[1] > 0:
+            feats = self.long_features(long_ids)                                 # (B, M, R, E)
+            for m in range(feats.shape[1]):
+                for r in range(feats.shape[2]):
+                    long_losses.append(self.contrastive(image, feats[:, m, r]))
+        c = self.cfg
+        loss = combine_losses(short, long_losses, c.w_clip, c.w_long, c.normalize)
+        long_mean = torch.stack(long_losses).mean().detach() if long_losses else short.new_zeros(())
+        return {"loss": loss, "short": short.detach(), "long": long_mean,
+                "logit_scale": self.model.scale().detach()}
+
+
+__all__ = ["LoTLIPConfig", "LoTLIPTask", "combine_losses"]
