@@ -189,3 +189,11 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     ddp_state = torch.load(tmp_path / "ddp" / "final.pt")
     for k, v in single.task.state_dict().items():
         torch.testing.assert_close(v, ddp_state[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = run(tmp_path, steps=6, precision="bf16")
+    assert trainer.state.step == 6
+    assert all(math.isfinite(x) for x in losses(tmp_path / "metrics.jsonl"))
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(NoisyRegression(), make_loader, OptimConfig(), TrainConfig(precision="fp16"), tmp_path / "x")
