@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,14 +44,7 @@ def save_pretrained(model, directory) -> None:
         model.tokenizer.save(tmp)
     if model.image_transform is not None:
         (tmp / PREPROCESSOR_FILE).write_text(json.dumps(model.image_transform.to_dict(), indent=2))
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-        os.replace(directory, old / "x")
-        os.replace(tmp, directory)
-        import shutil
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
+    replace_dir(tmp, directory)
 
 
 def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -84,6 +78,34 @@ def read_state_dict(path) -> dict:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return state
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(state: dict, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict:
+    """Remove wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`, nested) from every key."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def replace_dir(tmp: Path, directory: Path) -> None:
+    """Move the finished folder `tmp` to `directory`, replacing an older one only once `tmp` is complete."""
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+        os.replace(directory, old / "x")
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
 
 
 def is_polymodal_dir(path: Path) -> bool:

@@ -39,13 +39,12 @@ from pathlib import Path
 
 import torch
 
-from ..hub import load_state_strict, read_state_dict
+from ..hub import load_state_strict, read_state_dict, strip_prefixes
 
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 DIR_WEIGHTS = ("model.pt", "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
                "pytorch_model.bin", "model.bin", "epoch_latest.pt")
 BERT_BASE_VOCAB = 30522            # bert-base-uncased, the text tower of every released LoTLIP model
-_PREFIXES = ("module.", "_orig_mod.")
 # Buffers some transformers versions saved; they carry no information (arange / zeros).
 IGNORED_KEYS = ("text.transformer.embeddings.position_ids", "text.transformer.embeddings.token_type_ids")
 _TEXT_MARK = "text.transformer.embeddings.word_embeddings.weight"
@@ -84,19 +83,6 @@ class LoTLIPConfigError(ValueError):
 
 # ------------------------------------------------------------------ files and detection
 
-def _strip_prefixes(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out[key] = value
-    return out
-
-
 def _keys(weights: Path) -> list[str]:
     """Key names without reading the tensors (safetensors header / memory-mapped zip pickle)."""
     if weights.suffix == ".safetensors":
@@ -113,7 +99,7 @@ def _keys(weights: Path) -> list[str]:
 
 
 def _is_lotlip_keys(keys) -> bool:
-    names = set(_strip_prefixes(dict.fromkeys(keys)))
+    names = set(strip_prefixes(dict.fromkeys(keys)))
     return _TEXT_MARK in names and _VISION_MARK in names
 
 
@@ -388,7 +374,7 @@ def load(path, config=None, num_corners: int | None = None, context_length: int 
     if weights is None:
         raise FileNotFoundError(f"{path}: no LoTLIP weights ({'/'.join(SUFFIXES)} file, or a folder with one of "
                                 f"{', '.join(DIR_WEIGHTS)})")
-    state = _strip_prefixes(read_state_dict(weights))
+    state = strip_prefixes(read_state_dict(weights))
     if not _is_lotlip_keys(state):
         raise LoTLIPConfigError(f"{weights}: not a LoTLIP checkpoint (needs {_TEXT_MARK} and {_VISION_MARK})")
     model_cfg = find_model_config(weights, config)

@@ -29,15 +29,13 @@ import re
 import warnings
 from pathlib import Path
 
-import torch
 
-from ..hub import load_state_strict, read_state_dict
+from ..hub import load_state_strict, read_state_dict, strip_prefixes
 
 SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # Entries of OpenAI's original state dicts that are plain numbers, not weights.
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
-_PREFIXES = ("module.", "_orig_mod.")
 
 _BLOCK_RENAMES = {
     "ln_1": "norm1",
@@ -69,19 +67,6 @@ class OpenCLIPConfigError(ValueError):
 
 
 # ------------------------------------------------------------------ detection and files
-
-def _strip_prefixes(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out[key] = value
-    return out
-
 
 def _weights_file(path: Path) -> Path | None:
     """The weights file for `path` (a file itself, or an OpenCLIP hub-style directory)."""
@@ -284,7 +269,7 @@ def convert_state_dict(state: dict, proj_bias: bool = False) -> dict:
     Returns:
         Our state dict; keys matching no rule keep their OpenCLIP names (strict loading reports them).
     """
-    state = _strip_prefixes(state)
+    state = strip_prefixes(state)
     if any(k.startswith("text.") for k in state):  # CustomTextCLIP keeps the text tower under "text."
         state = {k[5:] if k.startswith("text.") else k: v for k, v in state.items()}
     ours = {}

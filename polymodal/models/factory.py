@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 from importlib import resources
-from pathlib import Path
 
 from ..config import ConfigError, from_dict, set_dotted
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -144,13 +143,8 @@ def save_adapter(adapter: MultiLabelAdapter, directory: str | os.PathLike) -> No
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-        os.replace(directory, old / "x")
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
+    from ..hub import replace_dir
+    replace_dir(tmp, directory)
 
 
 def load_adapter(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> MultiLabelAdapter:
