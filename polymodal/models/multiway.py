@@ -208,17 +208,18 @@ class M2Encoder(nn.Module):
         self.image_transform = None
 
     def _init_weights(self) -> None:
-        """BEiT-style: normal(0.02) weights, zero biases; residual outputs scaled down with depth."""
-        depth = self.config.layers + self.config.vl_layers
+        """Linear weights normal(fan_in^-0.5) (CLIP-style), embeddings normal(0.02), zero biases; residual
+        outputs not scaled (sub-LN already normalises them). BEiT's flat std 0.02 left small models (width 32-128) stuck at
+        chance on ShapesWorld: the features barely depended on the image; see docs/methods.md."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+            elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=(m.in_channels * m.kernel_size[0] * m.kernel_size[1]) ** -0.5)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, Branch):
-                m.out.weight.data.div_(math.sqrt(2.0 * depth))
-                m.fc2.weight.data.div_(math.sqrt(2.0 * depth))
         nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.vision_pos, std=0.02)
         nn.init.normal_(self.text_pos, std=0.02)
