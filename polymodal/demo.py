@@ -5,7 +5,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 
 def ensure_shapes(data_dir: Path, n_train: int, n_test: int, n_val: int, n_hard: int, seed: int) -> Path:
@@ -21,7 +20,7 @@ def ensure_shapes(data_dir: Path, n_train: int, n_test: int, n_val: int, n_hard:
     return data_dir
 
 
-def chance_levels(metrics: dict, num_test: int, num_hard: int, num_classes: int, hard_group: int) -> dict:
+def chance_levels(metrics: dict, num_test: int, num_hard: int, num_classes: int) -> dict:
     """Chance value of each metric (random embeddings), for the report."""
     out = {}
     for k in metrics:
@@ -43,7 +42,6 @@ def run_demo(args) -> Path:
     from .hub import load_model
     from .train.run import load_recipe, run_recipe
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     t0 = time.time()
     data = ensure_shapes(out / "data", args.n_train, n_test=500, n_val=200, n_hard=400, seed=args.seed)
@@ -68,7 +66,7 @@ def run_demo(args) -> Path:
     keep = {k: v for k, v in final.items() if not k.endswith("num_images") and not k.endswith("num_texts")
             and not k.endswith("num_classes")}
     classes = json.loads((data / "classes.json").read_text())["classes"]
-    chance = chance_levels(keep, final["retrieval/num_images"], final["longtext/num_images"], len(classes), 4)
+    chance = chance_levels(keep, final["retrieval/num_images"], final["longtext/num_images"], len(classes))
     run_dir = Path(cfg.out_dir)
     curves = run_dir / "curves.png"
     plot_curves(read_metrics(run_dir / "metrics.jsonl"), curves)

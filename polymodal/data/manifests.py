@@ -25,10 +25,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
+
+from ..fileio import atomic_open
 
 __all__ = ["ManifestError", "Manifest", "read_manifest", "write_manifest", "BAD_RECORD_POLICIES"]
 
@@ -320,19 +321,12 @@ def write_manifest(records: Iterable[dict], path: str | os.PathLike) -> None:
                 row["image"] = image
         rows.append(row)
     suffix = os.path.splitext(path)[1].lower()
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            if suffix in (".csv", ".tsv"):
-                _write_csv(rows, f, "\t" if suffix == ".tsv" else ",")
-            else:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        if suffix in (".csv", ".tsv"):
+            _write_csv(rows, f, "\t" if suffix == ".tsv" else ",")
+        else:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _write_csv(rows: list[dict], f, delimiter: str) -> None:

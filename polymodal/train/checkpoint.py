@@ -5,33 +5,22 @@ complete files because a checkpoint appears under its final name in one rename.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..fileio import atomic_open
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save `obj` to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:

@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
+from ...fileio import atomic_open
+
 GENERATOR_VERSION = "1.0"
 
 # ----------------------------------------------------------------------------------------
@@ -657,9 +659,8 @@ def _make_one(task: tuple[str, int]) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def generate_shapes(

@@ -1,0 +1,34 @@
+"""Atomic file writes: readers see the old file or the complete new one, never a partial file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success flush, fsync and rename it to `path`.
+
+    Args:
+        path: destination; parent folders are created.
+        mode: "w" (text) or "wb" (binary).
+        **kwargs: passed to the file object (encoding, newline).
+    Yields:
+        The open temporary file. On an exception it is deleted and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
