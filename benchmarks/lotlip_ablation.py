@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -84,8 +83,8 @@ def _train(recipe: Path, out_dir: Path, data: Path, args, context_length: int) -
     Returns:
         (model directory, training seconds, whether the run was reused).
     """
-    from polymodal.config import to_dict
-    from polymodal.train.run import load_recipe, run_recipe
+    from polymodal.train.reuse import train_or_reuse
+    from polymodal.train.run import load_recipe
 
     overrides = [f"out_dir={out_dir}", f"data.train={data / 'train.jsonl'}", f"data.batch_size={args.batch_size}",
                  f"train.steps={args.steps}", f"train.seed={args.seed}", f"train.ckpt_every={args.steps}",
@@ -98,20 +97,7 @@ def _train(recipe: Path, out_dir: Path, data: Path, args, context_length: int) -
     if args.num_subcaptions and cfg.data.num_subcaptions:
         cfg.data.num_subcaptions = args.num_subcaptions
     cfg.model.overrides = dict(cfg.model.overrides, **{"text.context_length": context_length})
-    want = json.loads(json.dumps(to_dict(cfg)))
-    done = out_dir / "final_metrics.json"
-    if out_dir.exists():
-        saved = out_dir / "config.json"
-        same = saved.is_file() and json.loads(saved.read_text()) == want
-        if done.is_file() and same and not args.fresh:
-            return out_dir / "model", float(json.loads(done.read_text()).get("train_seconds", 0.0)), True
-        shutil.rmtree(out_dir)                       # other settings (or unfinished): start clean
-    t0 = time.time()
-    run_recipe(cfg)
-    seconds = time.time() - t0
-    final = json.loads(done.read_text())
-    done.write_text(json.dumps(dict(final, train_seconds=seconds), indent=2))
-    return out_dir / "model", seconds, False
+    return train_or_reuse(cfg, fresh=args.fresh)
 
 
 def _evaluate(model, data: Path) -> dict:

@@ -122,7 +122,8 @@ def _write_scene_manifest(data: Path, split: str, adjective_prob: float) -> Path
 
 
 def _train_clip(args, data: Path, runs: Path) -> tuple[Path, float]:
-    from polymodal.train.run import load_recipe, run_recipe
+    from polymodal.train.reuse import train_or_reuse
+    from polymodal.train.run import load_recipe
     # The scene captions are not in the recipe, so their setting goes into the run's name.
     out_dir = runs / (f"clip_scene_p{args.adjective_prob:g}" if args.captions == "scene" else "clip_short")
     key = args.captions + "_caption" if args.captions == "scene" else "caption"
@@ -135,19 +136,8 @@ def _train_clip(args, data: Path, runs: Path) -> tuple[Path, float]:
         f"train.log_every={max(1, args.steps // 20)}", "train.ckpt_every=0", "train.eval_every=0",
         f"train.progress={'false' if args.quiet else 'true'}",
     ]
-    cfg = load_recipe(None, overrides)
-    done = out_dir / "final_metrics.json"
-    if done.is_file() and not args.fresh and (out_dir / "model").is_dir():
-        saved = json.loads((out_dir / "config.json").read_text())
-        from polymodal.config import to_dict
-        if saved == json.loads(json.dumps(to_dict(cfg))):
-            return out_dir / "model", 0.0
-    if out_dir.exists():                               # a stale tokenizer or checkpoint must not be reused
-        import shutil
-        shutil.rmtree(out_dir)
-    start = time.perf_counter()
-    run_recipe(cfg)
-    return out_dir / "model", time.perf_counter() - start
+    model_dir, seconds, _ = train_or_reuse(load_recipe(None, overrides), fresh=args.fresh)
+    return model_dir, seconds                          # as recorded when the run was made
 
 
 # ----------------------------------------------------------------------------- experiment

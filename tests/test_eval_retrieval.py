@@ -148,3 +148,38 @@ def test_bad_inputs_raise_clear_errors():
         retrieval_metrics(sim, [0, 1, 2, 2])
     with pytest.raises(ValueError, match=r"text_embeds contains NaN"):
         embed_and_score(torch.rand(3, 5), torch.full((4, 5), float("nan")), [0, 1, 2, 2])
+
+
+def test_manifest_retrieval_uses_every_caption_of_each_language(tmp_path):
+    """`captions` / `captions_zh` lists are used when present; the scores match encoding by hand."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from polymodal.data.text import train_tokenizer
+    from polymodal.eval.suite import encode_images, encode_texts, retrieval_eval
+    from polymodal.models.factory import create_model
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        records.append({"image": str(path), "caption": f"shape {i}", "captions": [f"shape {i}", f"a thing {i}"],
+                        "caption_zh": f"形状 {i}", "captions_zh": [f"形状 {i}", f"东西 {i}", f"图 {i}"][: i + 1]})
+    records[0].pop("captions_zh")                      # falls back to the single caption_zh
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    texts = [t for r in records for t in r["captions"] + r.get("captions_zh", [r["caption_zh"]])]
+    torch.manual_seed(0)
+    model = create_model("tiny", tokenizer=train_tokenizer(texts * 4, kind="bpe", vocab_size=200)).eval()
+
+    en = retrieval_eval(model, manifest)
+    zh = retrieval_eval(model, manifest, caption_key="caption_zh")
+    assert (en["num_texts"], zh["num_texts"]) == (6, 1 + 2 + 3)
+    zh_texts = [t for r in records for t in r.get("captions_zh", [r["caption_zh"]])]
+    want = embed_and_score(encode_images(model, [r["image"] for r in records]), encode_texts(model, zh_texts),
+                           torch.tensor([0, 1, 1, 2, 2, 2]))
+    assert zh["text_to_image_R@1"] == pytest.approx(want["text_to_image_R@1"])
+    assert zh["image_to_text_R@1"] == pytest.approx(want["image_to_text_R@1"])

@@ -309,3 +309,18 @@ def test_trained_tokenizer_saves_and_loads(tmp_path):
     back = Tokenizer.from_dir(tmp_path)
     assert back.pad_id == tok.pad_id == 0 and back.context_length == 16
     assert torch.equal(back(_captions()), tok(_captions()))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_saved_tokenizer_loads_in_transformers_autotokenizer_with_the_same_ids(tmp_path, kind):
+    from transformers import AutoTokenizer
+
+    caps = _captions() + ["a very long caption " * 20]
+    tok = train_tokenizer(caps, kind=kind, vocab_size=500, context_length=24)
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    got = hf(caps, padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    assert torch.equal(got["input_ids"], tok(caps))
+    assert hf.pad_token_id == tok.pad_id and hf.eos_token_id == tok.eos_id
+    # Our own reader still prefers polymodal_tokenizer.json and is unaffected by the post-processor.
+    assert torch.equal(Tokenizer.from_dir(tmp_path)(caps), tok(caps))

@@ -191,6 +191,57 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         torch.testing.assert_close(v, ddp_state[k], atol=1e-5, rtol=1e-4)
 
 
+def _ragged_batches(epoch, rank):
+    """Rank batches as the skip policy leaves them: on rank 1 batch 0 lost 2 of its 4 rows, on rank 0
+    batch 2 lost all of them."""
+    out = []
+    for b, batch in enumerate(_clip_batches(epoch, 2, rank)):
+        keep = 4
+        if (b, rank) == (0, 1):
+            keep = 2
+        if (b, rank) == (2, 0):
+            keep = 0
+        out.append({"pixels": batch["pixels"][:keep], "input_ids": batch["input_ids"][:keep],
+                    "index": torch.arange(keep), "bad_reasons": {"unreadable_image": 4 - keep} if keep < 4 else {}})
+    return out
+
+
+def _ragged_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    trainer = Trainer(_clip_task(), lambda e, s: _ragged_batches(e, rank)[s:], OptimConfig(lr=1e-3, warmup_steps=0),
+                      TrainConfig(steps=3, log_every=1, ckpt_every=0, progress=False), out_dir)
+    trainer.fit()
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in trainer.task.state_dict().items()}, os.path.join(out_dir, "final.pt"))
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+def test_ddp_with_skipped_records_cuts_ranks_to_one_size_and_passes_empty_batches(tmp_path):
+    """What DDP trains on equals one process trained on the rows every rank kept: batch 0 cut to 2 rows per
+    rank, batch 2 passed by both ranks (empty on rank 0), batches 1 and 3 whole."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ragged_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+
+    def reference(epoch, skip):
+        r0, r1 = _clip_batches(epoch, 2, 0), _clip_batches(epoch, 2, 1)
+        cat = lambda a, b, n: {k: torch.cat([a[k][:n], b[k][:n]]) for k in ("pixels", "input_ids")}
+        return [cat(r0[0], r1[0], 2), cat(r0[1], r1[1], 4), cat(r0[3], r1[3], 4)][skip:]
+
+    single = Trainer(_clip_task(), reference, OptimConfig(lr=1e-3, warmup_steps=0),
+                     TrainConfig(steps=3, log_every=1, ckpt_every=0, progress=False), tmp_path / "single")
+    single.fit()
+    a, b = losses(tmp_path / "single" / "metrics.jsonl"), losses(tmp_path / "ddp" / "metrics.jsonl")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5)
+    ddp_state = torch.load(tmp_path / "ddp" / "final.pt")
+    for k, v in single.task.state_dict().items():
+        torch.testing.assert_close(v, ddp_state[k], atol=1e-5, rtol=1e-4)
+
+
 def test_bf16_autocast_trains(tmp_path):
     trainer = run(tmp_path, steps=6, precision="bf16")
     assert trainer.state.step == 6

@@ -199,16 +199,38 @@ class Tokenizer:
 
     # ---- files
     def save(self, directory) -> None:
-        """Write `tokenizer.json` (the backend) and `polymodal_tokenizer.json` (style, special
-        ids and tokens, context length) into `directory` (created if needed)."""
+        """Write `tokenizer.json` (the backend), `polymodal_tokenizer.json` (style, special ids and
+        tokens, context length) and `tokenizer_config.json` into `directory` (created if needed).
+
+        The saved backend carries a post-processor adding the start/end tokens, and
+        `tokenizer_config.json` names the specials, so HF `AutoTokenizer.from_pretrained(directory)`
+        gives the same ids as this class (with `padding="max_length", truncation=True,
+        max_length=context_length`). Our own encoding never applies the post-processor."""
+        from tokenizers.processors import TemplateProcessing
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(directory / BACKEND_FILE))
-        cfg = asdict(self.config)
+        c = self.config
+        tok = lambda i: self.backend.id_to_token(i)
+        backend = _Backend.from_str(self.backend.to_str())
+        backend.post_processor = TemplateProcessing(
+            single=f"{tok(c.bos_id)} $A {tok(c.eos_id)}",
+            special_tokens=sorted({(tok(c.bos_id), c.bos_id), (tok(c.eos_id), c.eos_id)}))
+        backend.save(str(directory / BACKEND_FILE))
+        cfg = asdict(c)
         # The token strings make the file readable and let `from_dir` check the ids still match.
-        cfg["tokens"] = {k: self.backend.id_to_token(v) for k, v in cfg.items()
-                         if k.endswith("_id") and v is not None}
+        cfg["tokens"] = {k: tok(v) for k, v in cfg.items() if k.endswith("_id") and v is not None}
         (directory / OUR_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        hf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.context_length,
+              "padding_side": "right", "truncation_side": "right", "bos_token": tok(c.bos_id),
+              "eos_token": tok(c.eos_id), "pad_token": tok(c.pad_id)}
+        for name, i in (("unk_token", c.unk_id), ("mask_token", c.mask_id)):
+            if i is not None:
+                hf[name] = tok(i)
+        if c.style == "bert":
+            hf.update(cls_token=tok(c.bos_id), sep_token=tok(c.eos_id))
+        (directory / "tokenizer_config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n",
+                                                         encoding="utf-8")
 
     @classmethod
     def from_dir(cls, directory, context_length: int | None = None, pad_id: int | None = None,

@@ -56,7 +56,8 @@ def _read(manifest) -> list[dict]:
 
 def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0, batch_size: int = 128,
                    progress: bool = False, return_embeddings: bool = False) -> dict:
-    """Image-text retrieval on a manifest: every caption of `caption_key` (`captions` lists count too).
+    """Image-text retrieval on a manifest: every caption of `caption_key`; a record's list under the plural
+    key (`captions` for `caption`, `captions_zh` for `caption_zh`) is used instead when present.
 
     Args:
         model: a dual encoder with tokenizer and image_transform attached.
@@ -69,11 +70,10 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
     records = _read(manifest)
     if limit:
         records = records[:limit]
+    plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else None
     texts, text_to_image = [], []
     for i, r in enumerate(records):
-        caps = r.get(caption_key)
-        if caption_key == "caption" and r.get("captions"):
-            caps = r["captions"]
+        caps = r.get(plural) or r.get(caption_key)
         if caps is None:
             raise KeyError(f"{manifest}: record on line {r.get('_line', i + 1)} has no {caption_key!r}")
         for c in ([caps] if isinstance(caps, str) else caps):

@@ -177,6 +177,15 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_min(value: int, device: torch.device | str = "cpu") -> int:
+    """The smallest of an integer over all ranks (the value itself in one process)."""
+    if not is_dist():
+        return int(value)
+    t = torch.tensor([int(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def cleanup() -> None:
     """Destroy the process group (if any) and forget the cached sub-groups."""
     _GROUP_CACHE.clear()

@@ -36,6 +36,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0          # max global grad norm; 0 disables
     accum_steps: int = 1            # micro-batches per optimizer step
+    fused: bool = True              # fused AdamW kernel (CPU and CUDA); False = torch's multi-tensor (foreach)
 
 
 @dataclass
@@ -115,8 +116,11 @@ class Trainer:
         if self.dist.world_size > 1:
             self.module = nn.parallel.DistributedDataParallel(
                 self.task, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # The fused kernel does the whole update in one pass per tensor (~2.7x faster optimizer step on CPU
+        # than foreach in benchmarks/train_step.py); it needs floating-point tensors on CPU or CUDA.
+        fused = optim.fused and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(param_groups(self.task, optim.weight_decay), lr=optim.lr,
-                                           betas=tuple(optim.betas), eps=optim.eps)
+                                           betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
         self.state = TrainState()
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
@@ -181,12 +185,26 @@ class Trainer:
             self.state.batch_in_epoch = 0
 
     def _next_usable(self, batches) -> dict:
-        """The next batch on the device; batches whose every record was bad (skip policy) are counted and passed."""
+        """The next batch on the device; batches whose every record was bad (skip policy) are counted and passed.
+
+        Under DDP the ranks' batches must have one size (the contrastive all-gather needs equal shapes), but
+        the skip policy can shorten one rank's batch: every rank then cuts its batch to the smallest size
+        (good samples cut this way are counted as `cut_to_match_ranks`), and an empty batch on any rank
+        makes every rank pass to the next one, so all ranks run the same collectives."""
         while True:
             batch = next(batches)
             self.state.bad_records.update(batch.get("bad_reasons") or {})
-            if "index" not in batch or batch["index"].numel() > 0:
-                return self._to_device(batch)
+            empty = "index" in batch and batch["index"].numel() == 0
+            if self.dist.world_size == 1:
+                if not empty:
+                    return self._to_device(batch)
+                continue
+            n = 0 if empty else _batch_size(batch)
+            smallest = dist_utils.all_reduce_min(n, self.device)
+            if smallest < n:
+                self.state.bad_records["cut_to_match_ranks"] += n - smallest
+            if smallest > 0:
+                return self._to_device(trim_batch(batch, smallest) if smallest < n else batch)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -276,6 +294,14 @@ class Trainer:
             self.log({"step": self.state.step, **results})
         dist_utils.barrier()
         return results
+
+
+def trim_batch(batch: dict, n: int) -> dict:
+    """The first `n` samples of a collated batch: tensors and lists of the batch's length are cut,
+    everything else (counters, flags) is kept."""
+    size = _batch_size(batch)
+    cut = lambda v: v[:n] if (torch.is_tensor(v) and v.ndim > 0 or isinstance(v, list)) and len(v) == size else v
+    return {k: cut(v) for k, v in batch.items()}
 
 
 def _batch_size(batch: dict) -> int:
