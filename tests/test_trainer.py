@@ -248,3 +248,12 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(math.isfinite(x) for x in losses(tmp_path / "metrics.jsonl"))
     with pytest.raises(ValueError, match="precision"):
         Trainer(NoisyRegression(), make_loader, OptimConfig(), TrainConfig(precision="fp16"), tmp_path / "x")
+
+
+def test_threads_option_sets_torch_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        run(tmp_path, steps=2, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

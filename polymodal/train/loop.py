@@ -51,6 +51,7 @@ class TrainConfig:
     resume: str = "auto"            # "auto" (latest checkpoint in out_dir if any) | "never" | a checkpoint path
     stop_after: int = 0             # stop (as if killed) after this many steps; 0 = run to the end
     progress: bool = True
+    threads: int = 0                # torch intra-op threads for this process; 0 = leave torch's default
 
 
 class TrainingDiverged(RuntimeError):
@@ -211,6 +212,10 @@ class Trainer:
 
     def fit(self) -> dict:
         """Run until `train.steps` optimizer steps are done (or `stop_after`). Returns the last logged numbers."""
+        if self.tcfg.threads > 0:
+            # On a CPU shared with other work (or several ranks per machine), fewer threads than cores
+            # can be many times faster: the threads otherwise wait on each other.
+            torch.set_num_threads(self.tcfg.threads)
         torch.manual_seed(self.tcfg.seed)
         self.maybe_resume()
         o, t = self.ocfg, self.tcfg
