@@ -206,16 +206,10 @@ def write_markdown(path: Path, result: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 def run(args) -> dict:
-    from polymodal.demo import ensure_shapes
+    from benchmarks.common import prepare
     from polymodal.hub import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.time()
-    out, runs = Path(args.out), Path(args.runs)
-    out.mkdir(parents=True, exist_ok=True)
-    data = ensure_shapes(Path(args.data) if args.data else runs / "data", args.n_train, args.n_test, args.n_val,
-                         args.n_hard, args.seed)
+    out, runs, data, t_start = prepare(args, n_hard=args.n_hard, data_seed=args.seed)
     recipes = Path(args.recipes)
     hard = [json.loads(line) for line in (data / "hard.jsonl").read_text().splitlines() if line.strip()]
     time_texts = [r["long_caption"] for r in hard[: args.time_batch]]

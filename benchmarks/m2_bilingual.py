@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (claim_lines, command_line, experiment_parser, finish,  # noqa: E402
+                               prepare, train_variant)
 
 VARIANTS = (  # name, recipe, label
     ("bilingual", "m2_shapes.yaml", "M2, bilingual (EN+ZH captions)"),
@@ -43,43 +45,11 @@ METRICS = {  # column -> run_suite key ({s} = "" for English, "_zh" for Chinese)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="docs/results/m2_bilingual", help="where results.json / results.md go")
-    p.add_argument("--runs", default="runs/m2_bilingual", help="training runs (checkpoints, models)")
-    p.add_argument("--data", default="", help="ShapesWorld folder (default <runs>/data)")
-    p.add_argument("--recipes", default=str(ROOT / "recipes"), help="folder holding m2_shapes*.yaml")
-    p.add_argument("--n-train", type=int, default=8000)
-    p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--n-val", type=int, default=200)
-    p.add_argument("--data-seed", type=int, default=0, help="ShapesWorld seed")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--model", default="", help="M2 config name (default: the recipes' m2-small)")
-    p.add_argument("--vocab-size", type=int, default=0, help="tokenizer vocabulary (0 = the recipes' value)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra recipe override for the M2 runs, e.g. 'model.overrides={width: 64}' (repeatable)")
+    p = experiment_parser(__doc__, "docs/results/m2_bilingual", "runs/m2_bilingual",
+                          "M2 config name (default: the recipes' m2-small)")
     p.add_argument("--reference", default="small", help="CLIP config trained on the bilingual recipe ('none' = skip)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; tables show the mean")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--fresh", action="store_true", help="retrain even when a finished run with the same config exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
-
-
-def _train(recipe: Path, out_dir: Path, data: Path, args, seed: int, extra: list[str]) -> tuple[Path, float, bool]:
-    from polymodal.train.reuse import train_or_reuse
-    from polymodal.train.run import load_recipe
-
-    overrides = [f"out_dir={out_dir}", f"data.train={data / 'train.jsonl'}", f"data.batch_size={args.batch_size}",
-                 f"train.steps={args.steps}", f"train.seed={seed}", f"train.ckpt_every={args.steps}",
-                 f"train.progress={'false' if args.quiet else 'true'}", f"eval.retrieval={data / 'val.jsonl'}",
-                 f"eval.classes={data / 'classes.json'}", f"optim.warmup_steps={min(50, max(1, args.steps // 10))}"]
-    if args.model:
-        overrides.append(f"model.name={args.model}")
-    if args.vocab_size:
-        overrides.append(f"tokenizer.vocab_size={args.vocab_size}")
-    return train_or_reuse(load_recipe(recipe, overrides + extra), fresh=args.fresh)
 
 
 def _evaluate(model, data: Path) -> dict:
@@ -114,7 +84,7 @@ def claims(variants: dict) -> list[dict]:
     ]
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def render_markdown(result: dict) -> str:
     st, ch = result["settings"], result["chance"]
     lines = [
         "# M2-Encoder: bilingual vs English-only on ShapesWorld",
@@ -140,22 +110,13 @@ def write_markdown(path: Path, result: dict) -> None:
               "image counts as a miss (ties are scored pessimistically). "
               "The English-only model's tokenizer has no Chinese pieces, so its Chinese rows show what a model "
               "that never saw the language does.", "", "## Claims at this scale", ""]
-    for c in result["claims"]:
-        lines.append(f"- {'shown' if c['shown'] else 'NOT shown'}: {c['claim']} ({c['numbers']})")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines + claim_lines(result["claims"])) + "\n"
 
 
 def run(args) -> dict:
-    from polymodal.demo import ensure_shapes
     from polymodal.hub import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.time()
-    out, runs = Path(args.out), Path(args.runs)
-    out.mkdir(parents=True, exist_ok=True)
-    data = ensure_shapes(Path(args.data) if args.data else runs / "data", args.n_train, args.n_test, args.n_val,
-                         0, args.data_seed)
+    out, runs, data, start = prepare(args)
     recipes = Path(args.recipes)
     plan = [(name, recipes / recipe, label, list(args.sets)) for name, recipe, label in VARIANTS]
     if args.reference != "none":
@@ -167,7 +128,7 @@ def run(args) -> dict:
         per_seed, seconds = [], []
         for seed in args.seeds:
             print(f"[m2] {name} seed {seed}: training", flush=True)
-            model_dir, secs, _ = _train(recipe, runs / f"{name}_s{seed}", data, args, seed, extra)
+            model_dir, secs, _ = train_variant(recipe, runs / f"{name}_s{seed}", data, args, seed, extra)
             per_seed.append(_evaluate(load_model(model_dir), data))
             seconds.append(secs)
             print(f"[m2] {name} seed {seed}: {per_seed[-1]}", flush=True)
@@ -175,23 +136,16 @@ def run(args) -> dict:
                           "train_s": statistics.fmean(seconds)}
 
     n_classes = len(json.loads((data / "classes.json").read_text())["classes"])
-    n_test = args.n_test
     result = {
-        "settings": {"command": ("python benchmarks/m2_bilingual.py " + " ".join(sys.argv[1:])
-                                 if __name__ == "__main__" else "run(parse_args(...))"),
-                     "data_seed": args.data_seed, "n_train": args.n_train, "n_test": n_test, "steps": args.steps,
+        "settings": {"command": command_line("m2_bilingual.py", __name__ == "__main__"),
+                     "data_seed": args.data_seed, "n_train": args.n_train, "n_test": args.n_test, "steps": args.steps,
                      "batch_size": args.batch_size, "model": args.model or "m2-small (recipes)", "sets": args.sets,
                      "seeds": list(args.seeds), "threads": torch.get_num_threads()},
-        "chance": {"t2i_R1": 100.0 / n_test, "t2i_R10": 1000.0 / n_test, "zeroshot_top1": 100.0 / n_classes},
+        "chance": {"t2i_R1": 100.0 / args.n_test, "t2i_R10": 1000.0 / args.n_test, "zeroshot_top1": 100.0 / n_classes},
         "variants": variants,
     }
     result["claims"] = claims(variants)
-    result["seconds"] = {"total": time.time() - t_start}
-    from polymodal.eval.report import write_json
-    write_json(out / "results.json", result)
-    write_markdown(out / "results.md", result)
-    print(f"[m2] wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
-    return result
+    return finish(out, result, start, render_markdown, "m2")
 
 
 if __name__ == "__main__":

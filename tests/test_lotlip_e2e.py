@@ -2,7 +2,6 @@
 (benchmarks/lotlip_ablation.py) writes complete tables with finite numbers."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,13 +14,6 @@ from polymodal.train.run import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"short": (0, 0), "long_k0": (0, 1), "long_k2": (2, 1), "long_k4": (4, 1)}  # name -> (K, M)
-
-
-def _ablation():
-    spec = importlib.util.spec_from_file_location("lotlip_ablation", ROOT / "benchmarks" / "lotlip_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -37,9 +29,9 @@ def test_recipes_parse_and_differ_only_in_k_and_m(name):
         assert getattr(cfg, section) == getattr(base, section), section
 
 
-def test_tiny_ablation_writes_complete_tables(tmp_path):
+def test_tiny_ablation_writes_complete_tables(tmp_path, load_benchmark):
     torch.set_num_threads(1)
-    mod = _ablation()
+    mod = load_benchmark("lotlip_ablation")
     contexts = [24, 32]
     args = mod.parse_args(["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--n-train", "200",
                            "--n-test", "40", "--n-val", "8", "--n-hard", "40", "--steps", "3", "--batch-size", "16",

@@ -3,22 +3,11 @@
 A bilingual M2 (English + Chinese captions, one tokenizer) must retrieve and classify in both languages;
 the English-only M2 must work in English and sit near chance in Chinese (its tokenizer never saw Chinese).
 """
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("m2_bilingual", ROOT / "benchmarks" / "m2_bilingual.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bilingual_m2_works_in_both_languages_and_english_only_does_not(tmp_path):
-    bench = _bench()
+def test_bilingual_m2_works_in_both_languages_and_english_only_does_not(tmp_path, load_benchmark):
+    bench = load_benchmark("m2_bilingual")
     # m2-tiny at width 64: width 32 learns too slowly for 300 steps (see docs/methods.md, M2-Encoder).
     args = bench.parse_args([
         "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--n-train", "2000", "--n-test", "100",

@@ -48,6 +48,11 @@ def test_overrides_are_typed(tmp_path):
         load_recipe(None, ["optim.lrr=1"])
 
 
+def test_languages_with_shards_are_refused_rather_than_ignored():
+    with pytest.raises(ConfigError, match=r"data.langs=\['en', 'zh'\] needs data.train"):
+        load_recipe(None, ["data.shards=some/shards", "data.langs=[en,zh]"])
+
+
 def test_missing_manifest_is_a_clear_error(tmp_path):
     cfg = load_recipe(None, [f"out_dir={tmp_path}/run", f"data.train={tmp_path}/nope.jsonl", "model.name=tiny"])
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):

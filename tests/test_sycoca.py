@@ -225,3 +225,12 @@ def test_thirty_steps_reduce_the_total_loss():
         losses.append(out["loss"].item())
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert out["mim"].item() > 0
+
+
+def test_recipe_loss_section_reaches_the_itc_term():
+    from polymodal.train.run import build_task, load_recipe
+    model = create_model("coca-tiny")
+    task = build_task(load_recipe(None, ["method=sycoca", "loss.gather=local", "sycoca={masking: none}"]), model)
+    assert task.loss_cfg.gather == "local" and task.mim_head is None
+    with pytest.raises(ValueError, match="infonce"):
+        build_task(load_recipe(None, ["method=sycoca", "loss.kind=siglip"]), model)

@@ -1,5 +1,4 @@
 """Text as Image: sentences, label extraction, cached embeddings, adapter training, evaluation, experiment."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -266,10 +265,8 @@ def test_modality_gap_against_direct_formulas():
 
 # ------------------------------------------------------------------------------------------ experiment
 
-def test_tiny_experiment_writes_a_full_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("tai_bench", ROOT / "benchmarks" / "text_as_image.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_tiny_experiment_writes_a_full_table(tmp_path, load_benchmark):
+    bench = load_benchmark("text_as_image")
     sigmas = ["0", "0.02", "0.1"]
     res = bench.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res"), "--n-train", "160",
                       "--n-val", "30", "--n-test", "40", "--clip-config", "tiny", "--steps", "6",

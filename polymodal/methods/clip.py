@@ -19,6 +19,13 @@ class LossConfig:
     aggregate_nodes: int = 0       # grouped gather: >0 sets the group to this many whole machines
 
 
+def group_size(loss: LossConfig) -> int:
+    """The grouped gather's group size: `loss.aggregate_nodes` whole machines when set, else `loss.group_size`."""
+    if loss.gather == "grouped" and loss.aggregate_nodes > 0:
+        return dist_utils.group_size_from_nodes(loss.aggregate_nodes)
+    return loss.group_size
+
+
 def trim_padding(ids: Tensor, pad_id: int) -> Tensor:
     """Drop trailing columns that are padding in every row: (B, L) -> (B, L'), saving text compute."""
     if ids.ndim < 2 or ids.shape[-1] == 0:
@@ -46,9 +53,7 @@ class ContrastiveTask(nn.Module):
         if loss.kind == "siglip":
             # SigLIP's bias starts at -10 so that the many negatives do not dominate early on.
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
-        self.group_size = loss.group_size
-        if loss.gather == "grouped" and loss.aggregate_nodes > 0:
-            self.group_size = dist_utils.group_size_from_nodes(loss.aggregate_nodes)
+        self.group_size = group_size(loss)
 
     def text_ids(self, batch: dict) -> Tensor:
         pad = self.model.config.text.pad_token_id

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..losses.contrastive import clip_loss
 from ..models.coca import CoCa, caption_loss, caption_mask
+from .clip import LossConfig, group_size
 from ..models.mim import (MASK_DIRECTIONS, MaskedImageDecoder, masked_mse, mim_target, patch_relevance,
                           select_mask, visible_indices)
 
@@ -43,9 +44,6 @@ class SyCoCaConfig:
     decoder_layers: int = 2         # TG-MIM image decoder
     decoder_width: int = 256
     decoder_heads: int = 8
-    gather: str = "global_with_grad"  # contrastive gather mode (polymodal.losses.contrastive), as the CLIP task
-    local_loss: bool = True
-    group_size: int = -1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,12 +69,18 @@ class SyCoCaTask(nn.Module):
     Args:
         model: a `CoCa`.
         cfg: the objective's settings (default `SyCoCaConfig()`).
+        loss_cfg: how the ITC term gathers features across ranks (the recipe's `loss` section, as for CLIP);
+            only the InfoNCE kind.
     """
 
-    def __init__(self, model: CoCa, cfg: SyCoCaConfig | None = None):
+    def __init__(self, model: CoCa, cfg: SyCoCaConfig | None = None, loss_cfg: LossConfig | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg = cfg or SyCoCaConfig()
+        self.loss_cfg = loss_cfg = loss_cfg or LossConfig()
+        if loss_cfg.kind != "infonce":
+            raise ValueError(f"sycoca: loss.kind must be 'infonce' (CoCa's ITC), got {loss_cfg.kind!r}")
+        self.group_size = group_size(loss_cfg)
         v = model.config.vision
         self.mim_head = None
         if cfg.uses_mim:
@@ -122,8 +126,8 @@ class SyCoCaTask(nn.Module):
         vis = m.visual(pixels)                                              # pooled (B, Wv), tokens (B, P, Wv)
         txt = m.text(ids)                                                   # tokens (B, L, Wt)
         img_emb, txt_emb = m.image_embed(vis), m.text_embed(txt)            # (B, E)
-        itc = clip_loss(img_emb, txt_emb, m.scale(), gather=cfg.gather, local_loss=cfg.local_loss,
-                        group_size=cfg.group_size)
+        itc = clip_loss(img_emb, txt_emb, m.scale(), gather=self.loss_cfg.gather, local_loss=self.loss_cfg.local_loss,
+                        group_size=self.group_size)
         logits = m.decode(txt.tokens, m.image_context(vis.tokens))          # (B, L, V)
         ic = caption_loss(logits, ids, m.eos_id, m.pad_id)
         if cfg.uses_mim:
@@ -168,36 +172,49 @@ def reconstruction_error(task: SyCoCaTask, batch: dict, captions_ids: Tensor, ma
     return masked_mse(pred, target, mask, reduction="none")
 
 
+def object_patches(object_boxes: Sequence[Sequence[Sequence[float]]], image_size, patch_size: int) -> Tensor:
+    """Which patches overlap the boxes of the objects a caption names.
+
+    Args:
+        object_boxes: per image, the boxes [x0, y0, x1, y1] (pixels, x1/y1 exclusive) of the objects its
+            caption names (ShapesWorld's "bbox"); an empty list for none.
+        image_size: side (or (height, width)) of the pixel frame the boxes are given in.
+        patch_size: patch side in that frame.
+    Returns:
+        (B, P) bool, patches in row-major grid order; a patch overlaps a box when their intersection
+        has positive area.
+    """
+    H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    gh, gw = H // patch_size, W // patch_size
+    ys = torch.arange(gh, dtype=torch.float64)[:, None] * patch_size       # patch top edges (gh, 1)
+    xs = torch.arange(gw, dtype=torch.float64)[None, :] * patch_size       # patch left edges (1, gw)
+    out = torch.zeros(len(object_boxes), gh * gw, dtype=torch.bool)
+    for b, boxes in enumerate(object_boxes):
+        covered = torch.zeros(gh, gw, dtype=torch.bool)
+        for box in boxes:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            covered |= (xs < x1) & (xs + patch_size > x0) & (ys < y1) & (ys + patch_size > y0)
+        out[b] = covered.flatten()
+    return out
+
+
 def mask_hit_rate(mask: Tensor, object_boxes: Sequence[Sequence[Sequence[float]]], image_size,
                   patch_size: int) -> float:
     """Fraction of masked patches that overlap a box of an object the caption names.
 
     Args:
         mask: (B, P) bool, True = masked, patches in row-major grid order.
-        object_boxes: per image, the boxes [x0, y0, x1, y1] (pixels, x1/y1 exclusive) of the
-            objects its caption names (ShapesWorld's "bbox"); an empty list for none.
-        image_size: side (or (height, width)) of the pixel frame the boxes are given in.
-        patch_size: patch side in that frame.
+        object_boxes, image_size, patch_size: as for `object_patches`.
     Returns:
-        hits / masked patches over the whole batch (0.0 when nothing is masked). A patch overlaps
-        a box when their intersection has positive area.
+        hits / masked patches over the whole batch (0.0 when nothing is masked).
     """
     H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    gh, gw = H // patch_size, W // patch_size
     B, P = mask.shape
-    if gh * gw != P:
+    if (H // patch_size) * (W // patch_size) != P:
         raise ValueError(f"mask_hit_rate: mask has {P} patches but a {H}x{W} image with patch {patch_size} "
-                         f"has {gh * gw}")
+                         f"has {(H // patch_size) * (W // patch_size)}")
     if len(object_boxes) != B:
         raise ValueError(f"mask_hit_rate: {len(object_boxes)} box lists for {B} masks")
-    ys = torch.arange(gh, dtype=torch.float64)[:, None] * patch_size       # patch top edges (gh, 1)
-    xs = torch.arange(gw, dtype=torch.float64)[None, :] * patch_size       # patch left edges (1, gw)
-    hits = 0
-    for b, boxes in enumerate(object_boxes):
-        covered = torch.zeros(gh, gw, dtype=torch.bool)
-        for box in boxes:
-            x0, y0, x1, y1 = (float(v) for v in box)
-            covered |= (xs < x1) & (xs + patch_size > x0) & (ys < y1) & (ys + patch_size > y0)
-        hits += int((covered.flatten() & mask[b].cpu()).sum())
+    hits = int((object_patches(object_boxes, image_size, patch_size) & mask.cpu()).sum())
     total = int(mask.sum())
     return hits / total if total else 0.0

@@ -101,6 +101,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{where}: method {cfg.method!r} is not one of {', '.join(METHODS)}")
     for name, cls in _method_configs().items():
         setattr(cfg, name, from_dict(cls, getattr(cfg, name), f"{where}.{name}"))
+    if cfg.data.shards and list(cfg.data.langs) != ["en"]:
+        raise ConfigError(f"{where}: data.langs={list(cfg.data.langs)} needs data.train (a manifest): streams from "
+                          f"data.shards read only the `{cfg.data.caption_key}` captions")
     return cfg
 
 
@@ -157,7 +160,7 @@ def build_task(cfg: RunConfig, model):
         return LoTLIPTask(model, cfg.lotlip, cfg.loss)
     if cfg.method == "sycoca":
         from ..methods.sycoca import SyCoCaTask
-        return SyCoCaTask(model, cfg.sycoca)
+        return SyCoCaTask(model, cfg.sycoca, cfg.loss)
     raise ConfigError(f"unknown method {cfg.method!r}")
 
 
