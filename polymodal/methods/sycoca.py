@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from ..losses.contrastive import clip_loss
 from ..models.coca import CoCa, caption_loss, caption_mask
-from .clip import LossConfig, group_size
 from ..models.mim import (MASK_DIRECTIONS, MaskedImageDecoder, masked_mse, mim_target, patch_relevance,
                           select_mask, visible_indices)
+from .clip import LossConfig, group_size
 
 MASKINGS = ("attentive", "random", "none")
 
@@ -126,7 +126,8 @@ class SyCoCaTask(nn.Module):
         vis = m.visual(pixels)                                              # pooled (B, Wv), tokens (B, P, Wv)
         txt = m.text(ids)                                                   # tokens (B, L, Wt)
         img_emb, txt_emb = m.image_embed(vis), m.text_embed(txt)            # (B, E)
-        itc = clip_loss(img_emb, txt_emb, m.scale(), gather=self.loss_cfg.gather, local_loss=self.loss_cfg.local_loss,
+        lc = self.loss_cfg
+        itc = clip_loss(img_emb, txt_emb, m.scale(), gather=lc.gather, local_loss=lc.local_loss,
                         group_size=self.group_size)
         logits = m.decode(txt.tokens, m.image_context(vis.tokens))          # (B, L, V)
         ic = caption_loss(logits, ids, m.eos_id, m.pad_id)
