@@ -99,7 +99,8 @@ def _mim_analysis(model, cfg, batch: dict, boxes: list, frame: int, patch: int) 
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         vis = model.visual(batch["pixels"])
-        relevance = patch_relevance(model.encode_text(batch["input_ids"]), model.patch_embeds(vis.tokens), model.scale())
+        text_emb = model.encode_text(batch["input_ids"])                  # (B, E), reused for the task's mask
+        relevance = patch_relevance(text_emb, model.patch_embeds(vis.tokens), model.scale())
     top = select_mask(P, sy.mask_ratio, relevance, attentive_ratio=1.0, direction=sy.direction)
     out["hit_relevance_topk"] = mask_hit_rate(top, boxes, frame, patch)
     out["hit_random"] = sum(mask_hit_rate(select_mask(P, sy.mask_ratio, None, batch_size=B, generator=g), boxes,
@@ -112,7 +113,7 @@ def _mim_analysis(model, cfg, batch: dict, boxes: list, frame: int, patch: int) 
         raise FileNotFoundError(f"{cfg.out_dir}: no checkpoint with the TG-MIM head (train.ckpt_every must be > 0)")
     task.load_state_dict(load_checkpoint(ckpt)["task"])
     with torch.no_grad():
-        mask = task.choose_mask(vis.tokens, model.encode_text(batch["input_ids"]), generator=g)
+        mask = task.choose_mask(vis.tokens, text_emb, generator=g)
         shuffled = batch["input_ids"].roll(1, dims=0)                     # image i reads image i-1's caption
         true_err = reconstruction_error(task, batch, batch["input_ids"], mask=mask)
         shuf_err = reconstruction_error(task, batch, shuffled, mask=mask)

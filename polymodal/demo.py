@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 
-
 def ensure_shapes(data_dir: Path, n_train: int, n_test: int, n_val: int, n_hard: int, seed: int) -> Path:
     """Generate ShapesWorld into `data_dir` unless a data set with the same settings is already there."""
     from .data.synthetic.shapes import generate_shapes

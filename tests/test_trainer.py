@@ -161,12 +161,13 @@ def _clip_batches(epoch, world_size=1, rank=0):
     return out
 
 
-def _ddp_worker(rank, world_size, port, out_dir):
+def _ddp_worker(rank, world_size, port, out_dir, batches, steps):
+    """One DDP rank training `_clip_task` on `batches(epoch, world_size, rank)` (a module-level function)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    trainer = Trainer(_clip_task(), lambda e, s: _clip_batches(e, world_size, rank)[s:],
-                      OptimConfig(lr=1e-3, warmup_steps=0), TrainConfig(steps=6, log_every=1, ckpt_every=0,
+    trainer = Trainer(_clip_task(), lambda e, s: batches(e, world_size, rank)[s:],
+                      OptimConfig(lr=1e-3, warmup_steps=0), TrainConfig(steps=steps, log_every=1, ckpt_every=0,
                                                                           progress=False), out_dir)
     trainer.fit()
     if rank == 0:
@@ -175,15 +176,15 @@ def _ddp_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+def _assert_ddp_matches_single(tmp_path, batches, reference, steps):
+    """2 gloo ranks on `batches` give the losses and weights of one process on `reference(epoch, skip)`."""
     import torch.multiprocessing as mp
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
-    single = Trainer(_clip_task(), lambda e, s: _clip_batches(e)[s:], OptimConfig(lr=1e-3, warmup_steps=0),
-                     TrainConfig(steps=6, log_every=1, ckpt_every=0, progress=False), tmp_path / "single")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), batches, steps), nprocs=2, join=True)
+    single = Trainer(_clip_task(), reference, OptimConfig(lr=1e-3, warmup_steps=0),
+                     TrainConfig(steps=steps, log_every=1, ckpt_every=0, progress=False), tmp_path / "single")
     single.fit()
-    a = losses(tmp_path / "single" / "metrics.jsonl")
-    b = losses(tmp_path / "ddp" / "metrics.jsonl")
-    assert len(a) == len(b) == 6
+    a, b = losses(tmp_path / "single" / "metrics.jsonl"), losses(tmp_path / "ddp" / "metrics.jsonl")
+    assert len(a) == len(b) == steps
     for x, y in zip(a, b):
         assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5)
     ddp_state = torch.load(tmp_path / "ddp" / "final.pt")
@@ -191,11 +192,15 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         torch.testing.assert_close(v, ddp_state[k], atol=1e-5, rtol=1e-4)
 
 
-def _ragged_batches(epoch, rank):
+def test_ddp_two_processes_match_single_process(tmp_path):
+    _assert_ddp_matches_single(tmp_path, _clip_batches, lambda e, s: _clip_batches(e)[s:], steps=6)
+
+
+def _ragged_batches(epoch, world_size, rank):
     """Rank batches as the skip policy leaves them: on rank 1 batch 0 lost 2 of its 4 rows, on rank 0
     batch 2 lost all of them."""
     out = []
-    for b, batch in enumerate(_clip_batches(epoch, 2, rank)):
+    for b, batch in enumerate(_clip_batches(epoch, world_size, rank)):
         keep = 4
         if (b, rank) == (0, 1):
             keep = 2
@@ -206,40 +211,15 @@ def _ragged_batches(epoch, rank):
     return out
 
 
-def _ragged_worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    trainer = Trainer(_clip_task(), lambda e, s: _ragged_batches(e, rank)[s:], OptimConfig(lr=1e-3, warmup_steps=0),
-                      TrainConfig(steps=3, log_every=1, ckpt_every=0, progress=False), out_dir)
-    trainer.fit()
-    if rank == 0:
-        torch.save({k: v.detach() for k, v in trainer.task.state_dict().items()}, os.path.join(out_dir, "final.pt"))
-    import torch.distributed as dist
-    dist.destroy_process_group()
-
-
 def test_ddp_with_skipped_records_cuts_ranks_to_one_size_and_passes_empty_batches(tmp_path):
     """What DDP trains on equals one process trained on the rows every rank kept: batch 0 cut to 2 rows per
     rank, batch 2 passed by both ranks (empty on rank 0), batches 1 and 3 whole."""
-    import torch.multiprocessing as mp
-    mp.spawn(_ragged_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
-
     def reference(epoch, skip):
         r0, r1 = _clip_batches(epoch, 2, 0), _clip_batches(epoch, 2, 1)
         cat = lambda a, b, n: {k: torch.cat([a[k][:n], b[k][:n]]) for k in ("pixels", "input_ids")}
         return [cat(r0[0], r1[0], 2), cat(r0[1], r1[1], 4), cat(r0[3], r1[3], 4)][skip:]
 
-    single = Trainer(_clip_task(), reference, OptimConfig(lr=1e-3, warmup_steps=0),
-                     TrainConfig(steps=3, log_every=1, ckpt_every=0, progress=False), tmp_path / "single")
-    single.fit()
-    a, b = losses(tmp_path / "single" / "metrics.jsonl"), losses(tmp_path / "ddp" / "metrics.jsonl")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5)
-    ddp_state = torch.load(tmp_path / "ddp" / "final.pt")
-    for k, v in single.task.state_dict().items():
-        torch.testing.assert_close(v, ddp_state[k], atol=1e-5, rtol=1e-4)
+    _assert_ddp_matches_single(tmp_path, _ragged_batches, reference, steps=3)
 
 
 def test_bf16_autocast_trains(tmp_path):
