@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from polymodal.losses.contrastive import clip_loss
-from polymodal.train import distributed as pdist
+from polymodal import distributed as pdist
+from polymodal.train import distributed as train_dist
 
 BYTES_PER_FLOAT = 4
 
@@ -129,7 +130,7 @@ def _mb(n: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    info = pdist.init_distributed()
+    info = train_dist.init_distributed()
     w = info.world_size
     sizes = [g for g in (1, 2, 4, 8, 16, 32, 64) if g <= w and w % g == 0]
     rows = [measure(g, args) for g in sizes]
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
-    pdist.cleanup()
+    train_dist.cleanup()
     return 0
 
 

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-EVAL_TASKS = ("retrieval", "zeroshot", "longtext", "multilabel", "captioning")
+USER_ERRORS_DOC = """Errors the user can fix (bad recipe, manifest, image, video, checkpoint, path, full disk) print one
+line, `polymodal: error: ...`, and exit with status 2; `--debug` (or POLYMODAL_DEBUG=1) shows the traceback."""
 
 
 def _data_parser(sub) -> None:
@@ -38,14 +39,17 @@ def _eval_parser(sub) -> None:
                        description="Evaluate MODEL (a saved directory, an HF CLIP dir, an OpenCLIP checkpoint, "
                                    "or a config name) on a manifest.")
     p.add_argument("model", help="model directory/checkpoint or bundled config name")
-    p.add_argument("--task", required=True, choices=EVAL_TASKS)
+    from .eval.tasks import TASKS
+    p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="manifest (JSONL/CSV)")
     p.add_argument("--classes", help="classes.json or a text file of class names (zeroshot, multilabel); "
                                      "default: classes.json beside the manifest")
     p.add_argument("--lang", default="en", help="caption / prompt language (en, zh)")
     p.add_argument("--short-data", help="longtext: manifest for short-caption retrieval and zero-shot "
                                         "(default: test.jsonl beside --data)")
-    p.add_argument("--limit", type=int, default=0, help="first N records only")
+    p.add_argument("--limit", type=_non_negative, default=0, help="first N records only (0 = all)")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
+                   help="error: stop at the first bad record; skip: leave bad records out (counted)")
     p.add_argument("--out", help="write the metrics here (JSON); default: print only")
 
 
@@ -72,8 +76,19 @@ def _demo_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="extra recipe overrides key=value")
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0 = all records)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polymodal", description="Train, adapt and evaluate vision-language models.")
+    parser = argparse.ArgumentParser(prog="polymodal", description="Train, adapt and evaluate vision-language models.",
+                                     epilog=USER_ERRORS_DOC)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _data_parser(sub)
     _train_parser(sub)
@@ -84,35 +99,81 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_eval(args) -> dict:
-    from .eval.suite import retrieval_eval, run_suite, zeroshot_eval_manifest
+    """`polymodal eval`: the eval table's task on a manifest (every path is checked before the model loads)."""
+    from .eval.tasks import EvalSpec, evaluate
     from .hub import load_model
-    model = load_model(args.model)
-    if model.tokenizer is None:
-        raise SystemExit(f"{args.model}: the model has no tokenizer files; save it with its tokenizer")
     data = Path(args.data)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data: manifest {data} does not exist")
+    if args.classes and not Path(args.classes).is_file():
+        raise FileNotFoundError(f"--classes: {args.classes} does not exist")
     classes = args.classes or str(data.parent / "classes.json")
-    sfx = "" if args.lang == "en" else f"_{args.lang}"
-    if args.task == "retrieval":
-        return retrieval_eval(model, data, f"caption{sfx}", args.limit, progress=True)
-    if args.task == "zeroshot":
-        return zeroshot_eval_manifest(model, data, classes, args.lang, args.limit, progress=True)
-    if args.task == "longtext":
+    common = {"lang": args.lang, "limit": args.limit, "on_bad_record": args.on_bad_record}
+    specs = [EvalSpec(args.task, str(data), dict(common))]
+    if args.task in ("zeroshot", "multilabel"):
+        specs[0].options["classes"] = classes
+    if args.task == "longtext":     # long-text retrieval beside short-caption retrieval and zero-shot
         short = args.short_data or str(data.parent / "test.jsonl")
-        return run_suite(model, retrieval=short if Path(short).is_file() else None, longtext=str(data),
-                         classes=classes if Path(classes).is_file() else None, langs=(args.lang,),
-                         limit=args.limit, progress=True)
-    if args.task == "multilabel":
-        from .methods.text_as_image import multilabel_eval_manifest
-        return multilabel_eval_manifest(model, data, classes, lang=args.lang, limit=args.limit)
-    if args.task == "captioning":
-        from .caption import captioning_eval_manifest
-        return captioning_eval_manifest(model, data, limit=args.limit)
-    raise SystemExit(f"unknown task {args.task}")
+        specs = ([EvalSpec("retrieval", short, dict(common))] if Path(short).is_file() else []) + specs
+        if Path(classes).is_file() and Path(short).is_file():
+            specs.append(EvalSpec("zeroshot", short, {**common, "classes": classes}))
+    model = load_model(args.model)
+    if model.tokenizer is None and args.task != "captioning":
+        raise ValueError(f"{args.model}: the model has no tokenizer files; save it with its tokenizer")
+    metrics = evaluate(model, specs, progress=True)
+    if len(specs) == 1:     # one task: its numbers without the prefix, as before
+        prefix = specs[0].prefix + "/"
+        metrics = {k[len(prefix):]: v for k, v in metrics.items()}
+    return metrics
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Errors a user fixes by changing an input: the project's own error types, a missing file, a full disk,
+    and ValueError/KeyError raised by polymodal's own checks (not from inside torch or another library)."""
+    import errno
+    from .config import ConfigError
+    from .data.manifests import ManifestError
+    from .data.images import ImageError
+    from .hub import CheckpointError
+    from .data.video import VideoError
+    from .train.checkpoint import CheckpointWriteError
+    from .train.loop import DataExhausted, TrainingDiverged
+    own = (ConfigError, ManifestError, ImageError, VideoError, CheckpointError, CheckpointWriteError,
+           TrainingDiverged, DataExhausted, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    if isinstance(err, own) or (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+        return True
+    if isinstance(err, (ValueError, KeyError)):
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        package = str(Path(__file__).resolve().parent)
+        return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(package)
+    return False
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename and \
+            str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return " ".join(str(text).split())
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("POLYMODAL_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    try:
+        return _dispatch(args)
+    except Exception as err:     # one line for what the user can fix; tracebacks for the rest
+        if debug or not _is_user_error(err):
+            raise
+        print(f"polymodal: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
     if args.cmd == "data":
         if args.data_cmd == "shapes":
             from .data.synthetic.shapes import main_from_args

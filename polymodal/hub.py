@@ -7,44 +7,17 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import __version__
+from .models.base import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE, save_pretrained  # noqa: F401 (public)
 from .models.factory import attach_processors, build_config, create_model, list_configs
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model: lists the missing and unexpected keys or shape mismatches."""
-
-
-def save_pretrained(model, directory) -> None:
-    """Write `model` as config.json + model.safetensors (+ tokenizer files + preprocessor_config.json).
-
-    The files are written into a temporary folder beside `directory` and moved in place, so an
-    interrupted save never leaves a half-written model behind.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    config = {"polymodal_version": __version__, **model.config.to_dict()}
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    if model.tokenizer is not None:
-        model.tokenizer.save(tmp)
-    if model.image_transform is not None:
-        (tmp / PREPROCESSOR_FILE).write_text(json.dumps(model.image_transform.to_dict(), indent=2))
-    replace_dir(tmp, directory)
 
 
 def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -95,17 +68,6 @@ def strip_prefixes(state: dict, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) ->
                     key, changed = key[len(p):], True
         out[key] = value
     return out
-
-
-def replace_dir(tmp: Path, directory: Path) -> None:
-    """Move the finished folder `tmp` to `directory`, replacing an older one only once `tmp` is complete."""
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-        os.replace(directory, old / "x")
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
 
 
 def is_polymodal_dir(path: Path) -> bool:

@@ -285,7 +285,7 @@ def test_caption_cli_writes_jsonl(tmp_path):
 def test_captioning_eval_merges_references_per_image(tmp_path, monkeypatch):
     from PIL import Image
 
-    from polymodal import caption as cap
+    from polymodal.eval import captioning as cap
     from polymodal.eval.captioning import caption_metrics
     for i in range(2):
         Image.new("RGB", (32, 32), (100 * i, 50, 50)).save(tmp_path / f"im{i}.png")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.losses.contrastive import GATHER_MODES, ContrastiveLoss, SigLipLoss, clip_loss, siglip_loss
-from polymodal.train import distributed as pdist
+from polymodal import distributed as pdist
+from polymodal.train import distributed as train_dist
 
 
 def _features(b=5, d=8, seed=0, dtype=torch.float32):
@@ -140,7 +141,7 @@ def test_distributed_helpers_fall_back_in_one_process(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert not pdist.is_dist()
     assert (pdist.rank(), pdist.world_size(), pdist.local_world_size()) == (0, 1, 4)
-    info = pdist.init_distributed()
+    info = train_dist.init_distributed()
     assert not info.distributed and info.rank == 0 and info.backend is None
     x = torch.randn(3, 2)
     assert pdist.all_gather_with_grad(x) is x and pdist.all_gather_no_grad(x) is x
@@ -158,4 +159,4 @@ def test_distributed_helpers_fall_back_in_one_process(monkeypatch):
 def test_bad_environment_values_are_named(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
-        pdist.init_distributed()
+        train_dist.init_distributed()

@@ -1,4 +1,4 @@
-"""ImageTextDataset, sentence splitting and sub-captions, the collate, the sampler and the loader."""
+"""ManifestDataset, sentence splitting and sub-captions, the collate, the sampler and the loader."""
 import io
 import json
 import os
@@ -11,7 +11,8 @@ from PIL import Image
 
 from polymodal.data.datasets import (
     ImageTextCollate,
-    ImageTextDataset,
+    ManifestDataset,
+    SampleBuilder,
     ShardedSampler,
     build_loader,
     sample_subcaptions,
@@ -119,8 +120,9 @@ def test_subcaptions_chinese_and_short_texts():
 
 def test_dataset_subcaptions_deterministic_per_seed_epoch_index(tmp_path):
     path = make_manifest(tmp_path, [{"caption": f"c{i}", "long_caption": LONG} for i in range(6)])
-    kw = dict(transform=transform, num_subcaptions=3, image_loader=pil_loader, seed=7)
-    a, b = ImageTextDataset(path, **kw), ImageTextDataset(path, **kw)
+    kw = dict(transform=transform, num_subcaptions=3, seed=7)
+    a, b = (ManifestDataset(path, SampleBuilder(**kw), image_loader=pil_loader),
+            ManifestDataset(path, SampleBuilder(**kw), image_loader=pil_loader))
     for ds in (a, b):
         ds.set_epoch(2)
     assert [a[i]["long_captions"] for i in range(6)] == [b[i]["long_captions"] for i in range(6)]
@@ -135,7 +137,7 @@ def test_dataset_subcaptions_deterministic_per_seed_epoch_index(tmp_path):
 
 def test_missing_long_caption_falls_back_to_caption(tmp_path):
     path = make_manifest(tmp_path, [{"caption": "short one"}])
-    ds = ImageTextDataset(path, transform, num_subcaptions=2, image_loader=pil_loader)
+    ds = ManifestDataset(path, SampleBuilder(transform, num_subcaptions=2), image_loader=pil_loader)
     assert ds[0]["long_captions"] == ["short one", "short one"]
 
 
@@ -143,7 +145,7 @@ def test_missing_long_caption_falls_back_to_caption(tmp_path):
 def test_sample_fields_and_pixels(tmp_path):
     path = make_manifest(tmp_path, [{"caption": "a", "label": 3, "labels": [0, 2], "lang": "en"},
                                     {"caption": "b", "label": 1, "labels": [], "lang": "zh"}])
-    ds = ImageTextDataset(path, transform, image_loader=pil_loader, num_classes=4)
+    ds = ManifestDataset(path, SampleBuilder(transform, num_classes=4), image_loader=pil_loader)
     s = ds[1]
     expected = torch.tensor(colour(1), dtype=torch.float32).view(3, 1, 1).expand(3, SIZE, SIZE) / 255
     assert torch.allclose(s["pixels"], expected)
@@ -154,8 +156,8 @@ def test_sample_fields_and_pixels(tmp_path):
 def test_caption_choice_depends_only_on_seed_epoch_index(tmp_path):
     caps = [f"caption {k}" for k in range(5)]
     path = make_manifest(tmp_path, [{"captions": caps} for _ in range(3)])
-    a = ImageTextDataset(path, transform, image_loader=pil_loader, seed=1)
-    b = ImageTextDataset(path, transform, image_loader=pil_loader, seed=1)
+    a = ManifestDataset(path, SampleBuilder(transform, seed=1), image_loader=pil_loader)
+    b = ManifestDataset(path, SampleBuilder(transform, seed=1), image_loader=pil_loader)
     picks = []
     for e in range(25):
         a.set_epoch(e)
@@ -168,12 +170,11 @@ def test_caption_choice_depends_only_on_seed_epoch_index(tmp_path):
 
 def test_string_labels_with_class_names_and_bad_label(tmp_path):
     path = make_manifest(tmp_path, [{"caption": "a", "labels": ["dog", 0]}, {"caption": "b", "labels": ["yak"]}])
-    ds = ImageTextDataset(path, transform, image_loader=pil_loader, class_names=["cat", "dog", "eel"])
+    ds = ManifestDataset(path, SampleBuilder(transform, class_names=["cat", "dog", "eel"]), image_loader=pil_loader)
     assert ds[0]["multi_hot"].tolist() == [1, 1, 0]
     with pytest.raises(ManifestError, match=r"line 2: label 'yak' is not one of the class_names"):
         ds[1]
-    skip = ImageTextDataset(path, transform, image_loader=pil_loader, class_names=["cat", "dog", "eel"],
-                            on_bad_record="skip")
+    skip = ManifestDataset(path, SampleBuilder(transform, class_names=["cat", "dog", "eel"]), image_loader=pil_loader, on_bad_record="skip")
     assert skip[1] == {"_bad": "bad_label", "index": 1}
 
 
@@ -188,7 +189,7 @@ def _corrupt_manifest(tmp_path):
 
 def test_corrupt_image_error_names_manifest_line_and_image(tmp_path):
     path = _corrupt_manifest(tmp_path)
-    ds = ImageTextDataset(path, transform, image_loader=pil_loader)
+    ds = ManifestDataset(path, SampleBuilder(transform), image_loader=pil_loader)
     ds[1]
     with pytest.raises(ManifestError) as e:
         ds[2]
@@ -200,7 +201,7 @@ def test_corrupt_image_error_names_manifest_line_and_image(tmp_path):
 def test_corrupt_image_skip_counted_through_workers(tmp_path):
     path = _corrupt_manifest(tmp_path)
     tok = CharTokenizer()
-    ds = ImageTextDataset(path, transform, image_loader=pil_loader, on_bad_record="skip")
+    ds = ManifestDataset(path, SampleBuilder(transform), image_loader=pil_loader, on_bad_record="skip")
     assert ds[2] == {"_bad": "unreadable_image", "index": 2} and ds.bad_counts == Counter(unreadable_image=1)
     loader = build_loader(ds, batch_size=4, shuffle=False, num_workers=2, tokenizer=tok)
     seen, bad = [], Counter()
@@ -215,11 +216,11 @@ def test_corrupt_image_skip_counted_through_workers(tmp_path):
 def test_real_load_image_on_good_and_truncated_files(tmp_path):
     images = pytest.importorskip("polymodal.data.images")
     path = _corrupt_manifest(tmp_path)
-    ds = ImageTextDataset(read_manifest(path), transform)          # default loader = images.load_image
+    ds = ManifestDataset(read_manifest(path), SampleBuilder(transform))          # default loader = images.load_image
     assert torch.allclose(ds[0]["pixels"][:, 0, 0], torch.tensor(colour(0), dtype=torch.float32) / 255)
     with pytest.raises(ManifestError, match=r"line 3: image .*2\.png' cannot be read"):
         ds[2]
-    skip = ImageTextDataset(read_manifest(path), transform, on_bad_record="skip")
+    skip = ManifestDataset(read_manifest(path), SampleBuilder(transform), on_bad_record="skip")
     assert skip[5] == {"_bad": "unreadable_image", "index": 5}
     assert issubclass(images.ImageError, ValueError)
 
@@ -229,7 +230,7 @@ def test_collate_shapes_and_contents(tmp_path):
     recs = [{"caption": f"cap {i}", "long_caption": LONG, "label": i, "labels": [i % 3]} for i in range(4)]
     path = make_manifest(tmp_path, recs)
     tok = CharTokenizer(20)
-    ds = ImageTextDataset(path, transform, image_loader=pil_loader, num_subcaptions=3, num_classes=3)
+    ds = ManifestDataset(path, SampleBuilder(transform, num_subcaptions=3, num_classes=3), image_loader=pil_loader)
     samples = [ds[i] for i in range(4)] + [None, {"_bad": "unreadable_image", "index": 9}]
     batch = ImageTextCollate(tok, context_length=20)(samples)
     assert batch["pixels"].shape == (4, 3, SIZE, SIZE)
@@ -241,8 +242,7 @@ def test_collate_shapes_and_contents(tmp_path):
     assert torch.equal(batch["multi_labels"], torch.eye(3)[[0, 1, 2, 0]])
     assert batch["num_bad"] == 2 and batch["bad_reasons"] == Counter(unknown=1, unreadable_image=1)
     # the dataset can tokenize in the worker instead; the batch is the same
-    ds_tok = ImageTextDataset(path, transform, tokenizer=tok, image_loader=pil_loader, num_subcaptions=3,
-                              num_classes=3, context_length=20)
+    ds_tok = ManifestDataset(path, SampleBuilder(transform, tokenizer=tok, num_subcaptions=3, num_classes=3, context_length=20), image_loader=pil_loader)
     batch2 = ImageTextCollate()([ds_tok[i] for i in range(4)])
     assert torch.equal(batch2["input_ids"], batch["input_ids"])
     assert torch.equal(batch2["long_input_ids"], batch["long_input_ids"])
@@ -293,7 +293,7 @@ def test_loader_resume_mid_epoch_reproduces_remaining_batches(tmp_path):
     tok = CharTokenizer(8)
 
     def loader(rank):
-        ds = ImageTextDataset(path, transform, image_loader=pil_loader, seed=4)
+        ds = ManifestDataset(path, SampleBuilder(transform, seed=4), image_loader=pil_loader)
         return build_loader(ds, batch_size=3, seed=11, rank=rank, world_size=2, tokenizer=tok)
 
     for rank in (0, 1):

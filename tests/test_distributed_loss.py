@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.losses.contrastive import clip_loss, siglip_loss
-from polymodal.train import distributed as pdist
+from polymodal import distributed as pdist
+from polymodal.train import distributed as train_dist
 
 B, D_IN, D_OUT = 3, 8, 4
 TIMEOUT_S = 90
@@ -100,7 +101,7 @@ def _worker(rank, world, init_file, out_dir, cases):
             results["gathered"] = pdist.all_gather_with_grad(torch.tensor([float(rank)]), group)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
-        pdist.cleanup()
+        train_dist.cleanup()
 
 
 def _run_world(tmp_dir, world, cases):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from polymodal.data.datasets import ImageTextCollate, ImageTextDataset
+from polymodal.data.datasets import ImageTextCollate, ManifestDataset, SampleBuilder
 from polymodal.data.manifests import ManifestError, read_manifest
 from polymodal.data.shards import ShardDataset, add_shard_arguments, resolve_shards, shard_main, write_shards
 
@@ -101,9 +101,9 @@ def test_round_trip_matches_manifest_dataset(tmp_path):
     path = make_manifest(tmp_path, 9)
     write_shards(path, tmp_path / "s", max_count=4, progress=False)
     kw = dict(transform=transform, num_subcaptions=2, seed=3)
-    shard_ds = ShardDataset(tmp_path / "s", shuffle=False, **kw)
+    shard_ds = ShardDataset(tmp_path / "s", SampleBuilder(**kw), shuffle=False)
     shard_ds.set_epoch(1)
-    map_ds = ImageTextDataset(path, image_loader=pil_loader, **kw)
+    map_ds = ManifestDataset(path, SampleBuilder(**kw), image_loader=pil_loader)
     map_ds.set_epoch(1)
     got = list(shard_ds)
     assert [s["index"] for s in got] == list(range(9)) and shard_ds.num_samples == 9
@@ -123,7 +123,7 @@ def test_webdataset_package_reads_our_shards(tmp_path):
 
 
 def _indices(rank, world, workers, source, **kw):
-    ds = ShardDataset(source, transform, rank=rank, world_size=world, seed=5, shuffle_buffer=4, **kw)
+    ds = ShardDataset(source, SampleBuilder(transform, seed=5), rank=rank, world_size=world, seed=5, shuffle_buffer=4, **kw)
     loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=ImageTextCollate(zeros_tokenizer))
     return [i for b in loader for i in b["index"].tolist()]
 
@@ -152,7 +152,7 @@ def test_fewer_shards_than_splits_warns_and_splits_samples(tmp_path):
 def test_shuffle_deterministic_per_epoch_and_complete(tmp_path):
     path = make_manifest(tmp_path, 12)
     write_shards(path, tmp_path / "s", max_count=3, progress=False)
-    ds = ShardDataset(tmp_path / "s", transform, seed=1, shuffle_buffer=5)
+    ds = ShardDataset(tmp_path / "s", SampleBuilder(transform, seed=1), seed=1, shuffle_buffer=5)
     orders = {}
     for epoch in (0, 1, 0):
         ds.set_epoch(epoch)
@@ -166,11 +166,11 @@ def test_corrupt_image_in_shard_under_both_policies(tmp_path):
     path = make_manifest(tmp_path, 5, truncated=(2,))
     write_shards(path, tmp_path / "s", progress=False)            # existence is all the writer checks
     with pytest.raises(ManifestError) as e:
-        list(ShardDataset(tmp_path / "s", transform, shuffle=False))
+        list(ShardDataset(tmp_path / "s", SampleBuilder(transform), shuffle=False))
     msg = str(e.value)
     assert "shard-000000.tar key 000000002 (manifest line 3)" in msg and "cannot be read" in msg
     assert "data.on_bad_record=skip" in msg
-    ds = ShardDataset(tmp_path / "s", transform, shuffle=False, on_bad_record="skip")
+    ds = ShardDataset(tmp_path / "s", SampleBuilder(transform), shuffle=False, on_bad_record="skip")
     samples = list(ds)
     assert samples[2] == {"_bad": "unreadable_image", "index": 2}
     assert ds.bad_counts == Counter(unreadable_image=1)
@@ -186,10 +186,10 @@ def test_incomplete_sample_and_broken_shard(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ManifestError, match="needs an image and a .json member"):
-        list(ShardDataset(shard, transform, shuffle=False))
+        list(ShardDataset(shard, SampleBuilder(transform), shuffle=False))
     broken = tmp_path / "broken.tar"
     broken.write_bytes(b"\x00garbage" * 200)
-    ds = ShardDataset([str(broken)], transform, on_bad_record="skip")
+    ds = ShardDataset([str(broken)], SampleBuilder(transform), on_bad_record="skip")
     assert list(ds) == [{"_bad": "unreadable_shard", "index": -1}]
 
 

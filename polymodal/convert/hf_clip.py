@@ -15,16 +15,17 @@ does not change the EOT state, so our causal tower needs no mask.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-import torch
-
-from ..hub import CheckpointError, load_state_strict, read_state_dict
+from ..hub import CheckpointError
+from .common import (BlockRule, find_weights, finish_clip, mlp_ratio, read_json, read_json_object, read_weights,
+                     rename_state_dict, tokenizer_beside)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_PICKLE_FIX = ("if you trust it, re-save the folder with save_pretrained(..., safe_serialization=True) "
+               "to get model.safetensors")
 
 # HF `hidden_act` -> our activation name.
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -60,26 +61,25 @@ _RENAMES = {
     "logit_scale": "logit_scale",
 }
 
-_LAYER_KEY = re.compile(r"^(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def _read_config(path: Path) -> dict | None:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _weights_present(path: Path) -> bool:
-    return any((path / f).is_file() for f in WEIGHT_FILES + INDEX_FILES)
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_BLOCKS = (
+    BlockRule(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$", "visual.transformer.blocks.{}", _LAYER_RENAMES, _QKV),
+    BlockRule(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$", "text.transformer.blocks.{}", _LAYER_RENAMES, _QKV),
+)
 
 
 def detect(path) -> bool:
-    """True for a directory with an HF CLIP `config.json` and `model.safetensors`/`pytorch_model.bin`."""
+    """True for a directory with `model.safetensors`/`pytorch_model.bin` (or shards) and an HF CLIP
+    `config.json`, or a `config.json` that is not valid JSON (so that `load` names the broken file)."""
     path = Path(path)
-    if not path.is_dir() or not _weights_present(path):
+    if not path.is_dir() or find_weights(path, WEIGHT_FILES + INDEX_FILES) is None:
         return False
-    config = _read_config(path)
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        config = read_json(path / "config.json")
+    except CheckpointError:
+        return True
     if not isinstance(config, dict):
         return False
     return config.get("model_type") == "clip" or ("text_config" in config and "vision_config" in config)
@@ -89,14 +89,6 @@ def _activation(name: str, where: str) -> str:
     if name not in HF_ACTIVATIONS:
         raise ValueError(f"{where}: hidden_act {name!r} is not supported; known: {sorted(HF_ACTIVATIONS)}")
     return HF_ACTIVATIONS[name]
-
-
-def _mlp_ratio(hidden: int, intermediate: int) -> float:
-    """A ratio with int(hidden * ratio) == intermediate (our MLP's width rule), also for odd sizes."""
-    ratio = intermediate / hidden
-    if int(hidden * ratio) != intermediate:
-        ratio = (intermediate + 0.5) / hidden
-    return ratio
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> dict:
@@ -120,7 +112,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> dict:
         "width": v_hidden,
         "layers": v.get("num_hidden_layers", 12),
         "heads": v.get("num_attention_heads", 12),
-        "mlp_ratio": _mlp_ratio(v_hidden, v.get("intermediate_size", 3072)),
+        "mlp_ratio": mlp_ratio(v_hidden, v.get("intermediate_size", 3072)),
         "act": _activation(v.get("hidden_act", "quick_gelu"), f"{where} vision_config"),
         "patch_bias": False,
         "ln_pre": True,
@@ -133,7 +125,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> dict:
         "width": t_hidden,
         "layers": t.get("num_hidden_layers", 12),
         "heads": t.get("num_attention_heads", 8),
-        "mlp_ratio": _mlp_ratio(t_hidden, t.get("intermediate_size", 2048)),
+        "mlp_ratio": mlp_ratio(t_hidden, t.get("intermediate_size", 2048)),
         "act": _activation(t.get("hidden_act", "quick_gelu"), f"{where} text_config"),
         "causal": True,
         "norm_eps": float(t.get("layer_norm_eps", 1e-5)),
@@ -148,35 +140,14 @@ def config_from_hf(hf: dict, where: str = "config.json") -> dict:
 def convert_state_dict(hf_state: dict) -> dict:
     """Rename HF CLIPModel weights to ours, fusing q/k/v into `qkv`.
 
-    Keys that match no rule are kept under their HF name, so strict loading reports them as
-    unexpected; a q/k/v triple with a member missing is also left unfused and reported.
+    Args:
+        hf_state: {HF key: tensor}.
+    Returns:
+        Our state dict. Keys that match no rule are kept under their HF name, so strict loading
+        reports them as unexpected; a q/k/v triple with a member missing is also left unfused and
+        reported.
     """
-    ours: dict = {}
-    qkv: dict = {}
-    for key, value in hf_state.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key in _RENAMES:
-            ours[_RENAMES[key]] = value
-            continue
-        m = _LAYER_KEY.match(key)
-        if m is None:
-            ours[key] = value
-            continue
-        tower, layer, name, kind = m.groups()
-        prefix = f"{'visual' if tower == 'vision' else 'text'}.transformer.blocks.{layer}"
-        if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            qkv.setdefault((prefix, kind), {})[name.split(".")[1][0]] = (key, value)  # "q" | "k" | "v"
-        elif name in _LAYER_RENAMES:
-            ours[f"{prefix}.{_LAYER_RENAMES[name]}.{kind}"] = value
-        else:
-            ours[key] = value
-    for (prefix, kind), parts in qkv.items():
-        if set(parts) == {"q", "k", "v"}:
-            ours[f"{prefix}.attn.qkv.{kind}"] = torch.cat([parts[c][1] for c in "qkv"], dim=0)
-        else:
-            ours.update({k: v for k, v in parts.values()})
-    return ours
+    return rename_state_dict(hf_state, _RENAMES, _BLOCKS, IGNORED_KEYS)
 
 
 def to_hf_state_dict(model) -> dict:
@@ -205,18 +176,19 @@ def to_hf_state_dict(model) -> dict:
 
 def _read_weights(path: Path) -> tuple[dict, str]:
     """(state dict, source label) from single-file or sharded HF weights."""
-    for name in WEIGHT_FILES:
-        if (path / name).is_file():
-            return read_state_dict(path / name), str(path / name)
-    for name in INDEX_FILES:
-        index = path / name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            state: dict = {}
-            for shard in shards:
-                state.update(read_state_dict(path / shard))
-            return state, str(index)
-    raise FileNotFoundError(f"{path}: no {' / '.join(WEIGHT_FILES + INDEX_FILES)}")
+    found = find_weights(path, WEIGHT_FILES + INDEX_FILES)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no {' / '.join(WEIGHT_FILES + INDEX_FILES)}")
+    if found.name in WEIGHT_FILES:
+        return read_weights(found, fix=_PICKLE_FIX), str(found)
+    weight_map = read_json_object(found, "an HF shard index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{found}: has no \"weight_map\" object (shard index of an HF checkpoint); "
+                              f"fix or replace the file")
+    state: dict = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(read_weights(path / shard, fix=_PICKLE_FIX))
+    return state, str(found)
 
 
 def load(path, **kwargs):
@@ -229,32 +201,25 @@ def load(path, **kwargs):
         The CLIP model (eval mode) with `.tokenizer` (None when the directory has no tokenizer
         files) and `.image_transform` (from preprocessor_config.json, else the default).
     Raises:
-        CheckpointError: an HF weight was not consumed or one of ours was not filled.
+        FileNotFoundError: no config.json or no weights.
+        CheckpointError: config.json (or the shard index) is not valid JSON, a pickle that
+            `weights_only=True` refuses, or an HF weight was not consumed or one of ours was not filled.
     """
     if kwargs:
         raise TypeError(f"HF CLIP loading takes no options, got {sorted(kwargs)}")
-    from ..models.clip import CLIP
-    from ..models.factory import attach_processors, build_config
-
     path = Path(path)
-    hf_config = _read_config(path)
-    if hf_config is None:
-        raise ValueError(f"{path / 'config.json'}: missing or not valid JSON")
-    cfg = build_config(config_from_hf(hf_config, str(path / "config.json")), where=str(path / "config.json"))
-    model = CLIP(cfg)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist; an HF CLIP directory needs the config.json "
+                                f"that save_pretrained writes")
+    cfg = config_from_hf(read_json_object(config_file, "an HF CLIPConfig"), str(config_file))
     state, source = _read_weights(path)
-    load_state_strict(model, convert_state_dict(state), f"{source} (HF CLIP, converted)")
-
-    tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
-        from ..data.text import Tokenizer
-        tokenizer = Tokenizer.from_dir(path)
     transform = None
     if (path / "preprocessor_config.json").is_file():
         from ..data.images import from_hf_preprocessor_config
         transform = from_hf_preprocessor_config(path / "preprocessor_config.json")
-    attach_processors(model, tokenizer, transform)
-    return model.eval()
+    return finish_clip(cfg, str(config_file), convert_state_dict(state), f"{source} (HF CLIP, converted)",
+                       tokenizer_beside(path), transform)
 
 
 __all__ = ["detect", "load", "config_from_hf", "convert_state_dict", "to_hf_state_dict", "CheckpointError"]

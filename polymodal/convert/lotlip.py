@@ -33,13 +33,13 @@ equal the ViT width, as in the released models). Loading is strict otherwise.
 """
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import torch
 
-from ..hub import load_state_strict, read_state_dict, strip_prefixes
+from ..hub import strip_prefixes
+from .common import (BlockRule, count_layers, find_weights, finish_clip, given_config, mlp_ratio, peek_keys,
+                     read_weights, rename_state_dict, require_weights, search_config, tokenizer_beside)
 
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 DIR_WEIGHTS = ("model.pt", "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
@@ -50,7 +50,7 @@ IGNORED_KEYS = ("text.transformer.embeddings.position_ids", "text.transformer.em
 _TEXT_MARK = "text.transformer.embeddings.word_embeddings.weight"
 _VISION_MARK = "visual.trunk.patch_embed.proj.weight"
 
-_BERT_LAYER = re.compile(r"^text\.transformer\.encoder\.layer\.(\d+)\.(.+)$")
+_BERT_LAYER = r"^text\.transformer\.encoder\.layer\.(\d+)\.(.+)$"
 _BERT_LAYER_RENAMES = {
     "attention.output.dense": "attn.out",
     "attention.output.LayerNorm": "norm1",
@@ -58,9 +58,16 @@ _BERT_LAYER_RENAMES = {
     "output.dense": "mlp.fc2",
     "output.LayerNorm": "norm2",
 }
-_VIT_BLOCK = re.compile(r"^visual\.trunk\.blocks\.(\d+)\.(.+)$")
+_VIT_BLOCK = r"^visual\.trunk\.blocks\.(\d+)\.(.+)$"
 _VIT_BLOCK_RENAMES = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.out", "norm2": "norm2",
                       "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_BLOCKS = (
+    BlockRule(_BERT_LAYER, "text.transformer.blocks.{}", _BERT_LAYER_RENAMES,
+              qkv=("attention.self.query", "attention.self.key", "attention.self.value")),
+    BlockRule(_VIT_BLOCK, "visual.transformer.blocks.{}", _VIT_BLOCK_RENAMES),
+)
+_POS_KEY = "text.transformer.embeddings.position_embeddings.weight"
+_TOKEN_TYPE_KEY = "text.transformer.embeddings.token_type_embeddings.weight"
 _RENAMES = {
     "text.transformer.embeddings.LayerNorm.weight": "text.embed_norm.weight",
     "text.transformer.embeddings.LayerNorm.bias": "text.embed_norm.bias",
@@ -71,6 +78,10 @@ _RENAMES = {
     "visual.trunk.patch_embed.proj.bias": "visual.patch_embed.bias",
     "visual.trunk.norm.weight": "visual.norm.weight",
     "visual.trunk.norm.bias": "visual.norm.bias",
+    "visual.trunk.norm_pre.weight": "visual.norm_pre.weight",
+    "visual.trunk.norm_pre.bias": "visual.norm_pre.bias",
+    "visual.trunk.cls_token": "visual.cls",
+    "visual.trunk.pos_embed": "visual.pos",
     "visual.head.proj.weight": "visual_proj.weight",
     "visual.head.proj.bias": "visual_proj.bias",
     "logit_scale": "logit_scale",
@@ -83,44 +94,19 @@ class LoTLIPConfigError(ValueError):
 
 # ------------------------------------------------------------------ files and detection
 
-def _keys(weights: Path) -> list[str]:
-    """Key names without reading the tensors (safetensors header / memory-mapped zip pickle)."""
-    if weights.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(weights), framework="pt") as f:
-            return list(f.keys())
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:          # legacy (non-zip) pickles cannot be memory-mapped
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return list(state) if isinstance(state, dict) else []
-
-
 def _is_lotlip_keys(keys) -> bool:
     names = set(strip_prefixes(dict.fromkeys(keys)))
     return _TEXT_MARK in names and _VISION_MARK in names
 
 
-def _weights_file(path: Path) -> Path | None:
-    if path.is_file():
-        return path if path.suffix in SUFFIXES else None
-    if path.is_dir():
-        for name in DIR_WEIGHTS:
-            if (path / name).is_file():
-                return path / name
-    return None
-
-
 def detect(path) -> bool:
     """True for a LoTLIP checkpoint: a weights file (or a folder holding `model.pt`, ...) whose keys
     have a BERT text tower under `text.transformer.` and a timm ViT under `visual.trunk.`."""
-    weights = _weights_file(Path(path))
+    weights = find_weights(path, DIR_WEIGHTS, SUFFIXES)
     if weights is None:
         return False
     try:
-        return _is_lotlip_keys(_keys(weights))
+        return _is_lotlip_keys(peek_keys(weights))
     except Exception:  # unreadable or not a state dict: not ours to take
         return False
 
@@ -132,51 +118,27 @@ def find_model_config(weights: Path, config=None) -> dict:
         weights: the checkpoint file.
         config: a dict, a JSON path (an `open_clip_config.json` or a model config such as
             `lotlip_bert-ViT-B-16.json`), or None to look beside the weights.
+    Returns:
+        The model config dict ({} when none is found beside the weights).
+    Raises:
+        CheckpointError: a config file (given, or one of the fixed names beside the weights) is not
+            valid JSON; files matched by `lotlip*.json` that are not JSON are passed over.
     """
     def parse(data):
         if isinstance(data, dict) and isinstance(data.get("model_cfg"), dict):
             return data["model_cfg"]
         return data if isinstance(data, dict) and "text_cfg" in data else None
 
-    if isinstance(config, dict):
-        found = parse(config)
-        if found is None:
-            raise LoTLIPConfigError("config= dict is not an OpenCLIP model config (needs text_cfg)")
-        return found
     if config is not None:
-        cpath = Path(config)
-        if not cpath.is_file():
-            raise FileNotFoundError(f"LoTLIP model config {cpath} does not exist")
-        found = parse(json.loads(cpath.read_text(encoding="utf-8")))
-        if found is None:
-            raise LoTLIPConfigError(f"{cpath}: not an OpenCLIP model config (needs text_cfg)")
-        return found
+        return given_config(config, parse, "OpenCLIP model config", "text_cfg", LoTLIPConfigError)[0]
     folder = weights.parent
-    for cand in [folder / "open_clip_config.json", folder / "config.json", folder / f"{weights.stem}.json",
-                 *sorted(folder.glob("lotlip*.json"))]:
-        if cand.is_file():
-            try:
-                found = parse(json.loads(cand.read_text(encoding="utf-8")))
-            except json.JSONDecodeError:
-                continue
-            if found is not None:
-                return found
-    return {}
+    globbed = sorted(folder.glob("lotlip*.json"))
+    found = search_config([folder / "open_clip_config.json", folder / "config.json", folder / f"{weights.stem}.json",
+                           *globbed], parse, lenient=globbed)
+    return found[0] if found is not None else {}
 
 
 # ------------------------------------------------------------------ config
-
-def _count(state: dict, pattern: re.Pattern) -> int:
-    ids = {int(m.group(1)) for k in state if (m := pattern.match(k))}
-    if ids != set(range(len(ids))):
-        raise LoTLIPConfigError(f"layer indices {sorted(ids)} are not 0..N-1")
-    return len(ids)
-
-
-def _mlp_ratio(hidden: int, intermediate: int) -> float:
-    ratio = intermediate / hidden
-    return ratio if int(hidden * ratio) == intermediate else (intermediate + 0.5) / hidden
-
 
 def config_from_state(state: dict, model_cfg: dict | None = None, num_corners: int | None = None,
                       context_length: int | None = None, text_heads: int | None = None,
@@ -220,12 +182,12 @@ def config_from_state(state: dict, model_cfg: dict | None = None, num_corners: i
     vocab = rows - num_corners
     if vocab <= 0:
         raise LoTLIPConfigError(f"{where}: num_corners={num_corners} but the word embeddings have only {rows} rows")
-    max_pos = state["text.transformer.embeddings.position_embeddings.weight"].shape[0]
+    max_pos = state[_POS_KEY].shape[0]
     ctx = int(context_length or t_cfg.get("context_length") or min(128, max_pos))
     if not num_corners + 2 <= ctx <= max_pos:
         raise LoTLIPConfigError(f"{where}: context_length {ctx} must be in [{num_corners + 2}, {max_pos}] "
                                 f"(the BERT position table has {max_pos} rows)")
-    t_layers = _count(state, _BERT_LAYER)
+    t_layers = count_layers(state, _BERT_LAYER, where)
     inter = state["text.transformer.encoder.layer.0.intermediate.dense.weight"].shape[0] if t_layers else 4 * width
     has_pooler = "text.transformer.pooler.dense.weight" in state
     if num_corners > 0 and not has_pooler:
@@ -234,7 +196,7 @@ def config_from_state(state: dict, model_cfg: dict | None = None, num_corners: i
     t_heads = text_heads or width // 64
     text = {
         "vocab_size": vocab, "context_length": ctx, "width": width, "layers": t_layers, "heads": t_heads,
-        "mlp_ratio": _mlp_ratio(width, inter), "act": "gelu", "causal": False, "norm_first": False,
+        "mlp_ratio": mlp_ratio(width, inter), "act": "gelu", "causal": False, "norm_first": False,
         "embed_norm": True, "final_norm": False, "norm_eps": 1e-12, "pool": "cls",
         "pooler": "dense_tanh" if has_pooler else "none",
         "eot_token_id": 102 if vocab == BERT_BASE_VOCAB else vocab - 1,   # [SEP]; unused by CLS pooling
@@ -249,11 +211,11 @@ def config_from_state(state: dict, model_cfg: dict | None = None, num_corners: i
     if grid * grid != n_pos - 1:
         raise LoTLIPConfigError(f"{where}: visual.trunk.pos_embed has {n_pos} rows, not 1 + a square grid "
                                 f"(a ViT without a class-token position is not supported)")
-    v_layers = _count(state, _VIT_BLOCK)
+    v_layers = count_layers(state, _VIT_BLOCK, where)
     v_inter = state["visual.trunk.blocks.0.mlp.fc1.weight"].shape[0] if v_layers else 4 * v_width
     vision = {
         "image_size": grid * patch, "patch_size": patch, "width": v_width, "layers": v_layers,
-        "heads": vision_heads or v_width // 64, "mlp_ratio": _mlp_ratio(v_width, v_inter), "act": "gelu",
+        "heads": vision_heads or v_width // 64, "mlp_ratio": mlp_ratio(v_width, v_inter), "act": "gelu",
         "patch_bias": "visual.trunk.patch_embed.proj.bias" in state, "ln_pre": "visual.trunk.norm_pre.weight" in state,
         "norm_eps": 1e-6, "pool": "cls",
     }
@@ -278,53 +240,28 @@ def config_from_state(state: dict, model_cfg: dict | None = None, num_corners: i
 def convert_state_dict(state: dict, cfg: dict) -> dict:
     """Rename and reshape a LoTLIP state dict (prefixes stripped) into ours for config `cfg`.
 
-    Keys matching no rule keep their names, so strict loading reports them.
+    Keys matching no rule keep their names (a q/k/v triple with a member missing stays unfused), so
+    strict loading reports them.
     """
     t, v = cfg["text"], cfg["vision"]
     K, V, ctx = t["num_readout_tokens"], t["vocab_size"], t["context_length"]
-    ours: dict = {}
-    qkv: dict = {}
-    for key, value in state.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key in _RENAMES:
-            ours[_RENAMES[key]] = value
-        elif key == _TEXT_MARK:
-            ours["text.token_embed.weight"] = value[:V]
-            if K:
-                ours["text.readout"] = value[V:V + K]
-        elif key == "text.transformer.embeddings.position_embeddings.weight":
-            # BERT adds token type 0 to every position: fold it into the position table.
-            token_type0 = state["text.transformer.embeddings.token_type_embeddings.weight"][0]
-            ours["text.pos"] = value[:ctx] + token_type0
-        elif key == "text.transformer.embeddings.token_type_embeddings.weight":
-            continue                                                     # folded into text.pos
-        elif key == "visual.trunk.cls_token":
-            ours["visual.cls"] = value.reshape(-1)
-        elif key == "visual.trunk.pos_embed":
-            ours["visual.pos"] = value.reshape(value.shape[-2], value.shape[-1])
-        elif key.startswith("visual.trunk.norm_pre."):
-            ours["visual.norm_pre." + key.rsplit(".", 1)[1]] = value
-        elif (m := _BERT_LAYER.match(key)) is not None:
-            i, name = m.group(1), m.group(2)
-            prefix = f"text.transformer.blocks.{i}"
-            base, _, kind = name.rpartition(".")
-            if base in ("attention.self.query", "attention.self.key", "attention.self.value"):
-                qkv.setdefault((prefix, kind), {})[base.rsplit(".", 1)[1]] = value
-            elif base in _BERT_LAYER_RENAMES:
-                ours[f"{prefix}.{_BERT_LAYER_RENAMES[base]}.{kind}"] = value
-            else:
-                ours[key] = value
-        elif (m := _VIT_BLOCK.match(key)) is not None:
-            base, _, kind = m.group(2).rpartition(".")
-            prefix = f"visual.transformer.blocks.{m.group(1)}"
-            ours[f"{prefix}.{_VIT_BLOCK_RENAMES[base]}.{kind}" if base in _VIT_BLOCK_RENAMES else key] = value
-        else:
-            ours[key] = value
-    for (prefix, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise LoTLIPConfigError(f"{prefix}: attention {kind} has only {sorted(parts)} of query/key/value")
-        ours[f"{prefix}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    ours = rename_state_dict(state, _RENAMES, _BLOCKS, IGNORED_KEYS)
+    if _TEXT_MARK in ours:
+        words = ours.pop(_TEXT_MARK)
+        ours["text.token_embed.weight"] = words[:V]
+        if K:
+            ours["text.readout"] = words[V:V + K]                         # the corner tokens' rows
+    token_type = ours.pop(_TOKEN_TYPE_KEY, None)
+    if _POS_KEY in ours:
+        if token_type is None:
+            raise LoTLIPConfigError(f"{_TOKEN_TYPE_KEY} is missing; BERT's position table cannot be used without it")
+        # BERT adds token type 0 to every position: fold it into the position table.
+        ours["text.pos"] = ours.pop(_POS_KEY)[:ctx] + token_type[0]
+    if "visual.cls" in ours:
+        ours["visual.cls"] = ours["visual.cls"].reshape(-1)                  # (1, 1, W) -> (W,)
+    if "visual.pos" in ours:
+        pos = ours["visual.pos"]
+        ours["visual.pos"] = pos.reshape(pos.shape[-2], pos.shape[-1])      # (1, 1+P, W) -> (1+P, W)
     if "logit_scale" in ours:
         ours["logit_scale"] = ours["logit_scale"].reshape(())
     E, W = cfg["embed_dim"], v["width"]
@@ -366,31 +303,18 @@ def load(path, config=None, num_corners: int | None = None, context_length: int 
         raise TypeError(f"LoTLIP loading takes config=, num_corners=, context_length=, text_heads=, vision_heads=; "
                         f"got {sorted(kwargs)}")
     from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
-    from ..models.clip import CLIP
-    from ..models.factory import attach_processors, build_config
 
-    path = Path(path)
-    weights = _weights_file(path)
-    if weights is None:
-        raise FileNotFoundError(f"{path}: no LoTLIP weights ({'/'.join(SUFFIXES)} file, or a folder with one of "
-                                f"{', '.join(DIR_WEIGHTS)})")
-    state = strip_prefixes(read_state_dict(weights))
+    weights = require_weights(path, DIR_WEIGHTS, SUFFIXES, "LoTLIP")
+    state = strip_prefixes(read_weights(weights))
     if not _is_lotlip_keys(state):
         raise LoTLIPConfigError(f"{weights}: not a LoTLIP checkpoint (needs {_TEXT_MARK} and {_VISION_MARK})")
     model_cfg = find_model_config(weights, config)
     cfg = config_from_state(state, model_cfg, num_corners, context_length, text_heads, vision_heads, str(weights))
-    model = CLIP(build_config(cfg, where=str(weights)))
-    load_state_strict(model, convert_state_dict(state, cfg), f"{weights} (LoTLIP, converted)")
-
-    folder = weights.parent
-    tokenizer = None
-    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
-        from ..data.text import Tokenizer
-        tokenizer = Tokenizer.from_dir(folder)
+    tokenizer = tokenizer_beside(weights.parent, files=("tokenizer.json", "vocab.txt"))  # BERT vocabularies
     transform = ImageTransform(cfg["vision"]["image_size"], mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                                resize="shortest", interpolation="bicubic")
-    attach_processors(model, tokenizer, transform)
-    return model.eval()
+    return finish_clip(cfg, str(weights), convert_state_dict(state, cfg), f"{weights} (LoTLIP, converted)",
+                       tokenizer, transform)
 
 
 __all__ = ["detect", "load", "config_from_state", "convert_state_dict", "find_model_config",

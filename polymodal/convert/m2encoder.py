@@ -29,7 +29,6 @@ explicit rules (`DROPPED`); any other key, or any missing one, is an error that 
 """
 from __future__ import annotations
 
-import json
 import re
 import zipfile
 from pathlib import Path
@@ -40,6 +39,8 @@ from ..hub import CheckpointError, load_state_strict
 from ..models.factory import attach_processors
 from ..models.layers import grid_size, interpolate_positions
 from ..models.multiway import M2Config, M2Encoder, M2TextConfig, M2VisionConfig
+from .common import (count_layers, list_keys, peek_keys, read_json, read_weights, search_config,
+                     weights_in_folder)
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 POSITION_OFFSET = 2  # fairseq: position ids start at 2
@@ -66,32 +67,16 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
-def _weights_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-
-
 def _weights_path(path: Path) -> Path:
     """The weights file for `path` (a file, or a directory holding exactly one weights file)."""
     if path.is_file():
         return path
-    files = _weights_files(path)
+    files = weights_in_folder(path, WEIGHT_SUFFIXES)
     if len(files) != 1:
         found = ", ".join(f.name for f in files) or "none"
         raise FileNotFoundError(f"{path}: expected one weights file ({'/'.join(WEIGHT_SUFFIXES)}), found {found}; "
                                 f"pass the file itself")
     return files[0]
-
-
-def _unwrap(state: dict) -> dict:
-    """Weights out of Lightning (`state_dict`), DeepSpeed (`module`, `_forward_module.`) or plain dicts."""
-    for key in ("state_dict", "module", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    for prefix in ("_forward_module.", "module."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def read_checkpoint(path, trust_pickle: bool = False) -> dict:
@@ -102,40 +87,24 @@ def read_checkpoint(path, trust_pickle: bool = False) -> dict:
         trust_pickle: load pickles with `weights_only=False` (runs code from the file: only for files
             you trust). Needed when a Lightning checkpoint stores objects besides tensors.
     Returns:
-        {released key: tensor}
+        {released key: tensor}, out of Lightning (`state_dict`), DeepSpeed (`module`, `_forward_module.`)
+        or plain dicts.
+    Raises:
+        CheckpointError: a pickle that `weights_only=True` refuses (the message names the file).
     """
-    path = _weights_path(Path(path))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return _unwrap(load_file(str(path)))
-    try:
-        # mmap: the zip format can be mapped instead of read, which matters for the 1B/10B files.
-        state = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and the fix
-        if trust_pickle:
-            raise
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}). If you trust "
-                              f"this file, load it with trust_pickle=True") from None
-    return _unwrap(state)
+    return read_weights(_weights_path(Path(path)), trust_pickle=trust_pickle,
+                        fix="if you trust this file, load it with trust_pickle=True")
 
 
 def _peek_has_marker(path: Path) -> bool:
-    """Whether a weights file holds the multiway layout, without unpickling it."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-        return any(k.endswith(MARKER) for k in keys)
-    if zipfile.is_zipfile(path):
+    """Whether a weights file holds the multiway layout, without unpickling a zip pickle (a Lightning
+    checkpoint with hyper-parameter objects is found even though `weights_only=True` refuses it)."""
+    if path.suffix != ".safetensors" and zipfile.is_zipfile(path):
         # torch's zip format: the pickle holds the dict keys as plain strings.
         with zipfile.ZipFile(path) as z:
             names = [n for n in z.namelist() if n.endswith("data.pkl")]
             return bool(names) and MARKER.encode() in z.read(names[0])
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not ours, or not readable safely: another converter may take it
-        return False
-    return isinstance(state, dict) and any(k.endswith(MARKER) for k in _unwrap(state))
+    return any(k.endswith(MARKER) for k in peek_keys(path))
 
 
 def detect(path) -> bool:
@@ -143,7 +112,7 @@ def detect(path) -> bool:
     path = Path(path)
     try:
         if path.is_dir():
-            files = _weights_files(path)
+            files = weights_in_folder(path, WEIGHT_SUFFIXES)
             return len(files) == 1 and _peek_has_marker(files[0])
         return path.is_file() and path.suffix in WEIGHT_SUFFIXES and _peek_has_marker(path)
     except Exception:  # noqa: BLE001 - detection never fails: an unreadable file is simply not ours
@@ -153,20 +122,20 @@ def detect(path) -> bool:
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------
-def _find_config(weights: Path) -> dict | None:
-    """A config json beside the weights: ours (`model_type: m2`) or the released one (vlmo keys)."""
-    candidates = [weights.parent / "config.json"] + sorted(weights.parent.glob("*.json"))
-    for c in candidates:
-        if not c.is_file():
-            continue
-        try:
-            data = json.loads(c.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(data, dict) and (data.get("model_type") == "m2" or "beit3_vl_layers" in data
-                                       or "encoder_layers" in data):
-            return data
+def _is_m2_config(data) -> dict | None:
+    """`data` when it is our M2 config (`model_type: m2`) or the released one (vlmo keys), else None."""
+    if isinstance(data, dict) and (data.get("model_type") == "m2" or "beit3_vl_layers" in data
+                                   or "encoder_layers" in data):
+        return data
     return None
+
+
+def _find_config(weights: Path) -> dict | None:
+    """A config json beside the weights: `config.json` (which must be valid JSON), else the first
+    other `*.json` that is an M2 config (files that are not JSON are passed over)."""
+    globbed = [c for c in sorted(weights.parent.glob("*.json")) if c.name != "config.json"]
+    found = search_config([weights.parent / "config.json", *globbed], _is_m2_config, lenient=globbed)
+    return found[0] if found is not None else None
 
 
 def _sizes_from_config(data: dict) -> dict:
@@ -190,8 +159,7 @@ def _sizes_from_config(data: dict) -> dict:
 def infer_sizes(state: dict) -> dict:
     """The sizes that the tensor shapes of a released state dict determine."""
     def layer_count(prefix: str) -> int:
-        ids = {int(m.group(1)) for k in state for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
-        return max(ids) + 1 if ids else 0
+        return count_layers(state, re.escape(prefix) + r"(\d+)\.", "M2-Encoder checkpoint")
 
     try:
         vocab, width = state["backbone.text_embed.weight"].shape
@@ -316,10 +284,9 @@ def convert_state_dict(state: dict, cfg: M2Config, trained_image_size: int | Non
         lines = ["the checkpoint does not match the M2-Encoder layout for this config "
                  f"(width {cfg.width}, {cfg.layers}+{cfg.vl_layers} layers):"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+            lines.append(list_keys("missing keys", missing))
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                         + (" ..." if len(unexpected) > 20 else "") + "; pass ignore=(regex, ...) to drop them")
+            lines.append(list_keys("unexpected keys", unexpected) + "; pass ignore=(regex, ...) to drop them")
         raise CheckpointError("\n".join(lines))
     dropped = sorted(k for k in state if k not in used)
 
@@ -369,7 +336,10 @@ def load(path, config=None, tokenizer=None, image_transform=None, ignore: tuple[
     weights = _weights_path(path)
     state = read_checkpoint(weights, trust_pickle=trust_pickle)
     if isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text())
+        config_file, config = config, read_json(config)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file}: holds a JSON {type(config).__name__}, not a config object; pass "
+                                  f"our M2 config or the released one (configs/Encoder_0.4B.json)")
     if config is None:
         config = _find_config(weights)
     cfg, trained = build_m2_config(state, config, **overrides)

@@ -24,15 +24,14 @@ logit bias, bidirectional text) are refused with an error naming the option.
 """
 from __future__ import annotations
 
-import json
-import re
 import warnings
 from pathlib import Path
 
+from ..hub import strip_prefixes
+from .common import (WEIGHT_SUFFIXES, BlockRule, find_weights, finish_clip, given_config, peek_keys, read_weights,
+                     rename_state_dict, require_weights, search_config, tokenizer_beside)
 
-from ..hub import load_state_strict, read_state_dict, strip_prefixes
-
-SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SUFFIXES = WEIGHT_SUFFIXES
 DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # Entries of OpenAI's original state dicts that are plain numbers, not weights.
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -40,6 +39,8 @@ IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 _BLOCK_RENAMES = {
     "ln_1": "norm1",
     "ln_2": "norm2",
+    "attn.in_proj_weight": "attn.qkv.weight",   # rows q | k | v, as ours
+    "attn.in_proj_bias": "attn.qkv.bias",
     "attn.out_proj": "attn.out",
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
@@ -59,7 +60,11 @@ _RENAMES = {
     "text_projection.weight": "text_proj.weight",
     "text_projection.bias": "text_proj.bias",
 }
-_BLOCK_KEY = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
+_BLOCKS = (
+    BlockRule(r"^visual\.transformer\.resblocks\.(\d+)\.(.+)$", "visual.transformer.blocks.{}", _BLOCK_RENAMES),
+    BlockRule(r"^transformer\.resblocks\.(\d+)\.(.+)$", "text.transformer.blocks.{}", _BLOCK_RENAMES),
+)
+_NEEDS = "embed_dim, vision_cfg, text_cfg, or a model_cfg holding them"
 
 
 class OpenCLIPConfigError(ValueError):
@@ -68,38 +73,21 @@ class OpenCLIPConfigError(ValueError):
 
 # ------------------------------------------------------------------ detection and files
 
-def _weights_file(path: Path) -> Path | None:
-    """The weights file for `path` (a file itself, or an OpenCLIP hub-style directory)."""
-    if path.is_dir():
-        return next((path / f for f in DIR_WEIGHTS if (path / f).is_file()), None)
-    return path if path.is_file() and path.suffix in SUFFIXES else None
-
-
-def _keys(weights: Path) -> list[str]:
-    if weights.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(weights), framework="pt") as f:
-            return list(f.keys())
-    return list(read_state_dict(weights))
-
-
 def detect(path) -> bool:
     """True for an OpenCLIP ViT checkpoint file (its keys hold `visual.conv1.weight`, possibly under
     "module."), or a directory with `open_clip_model.safetensors` / `open_clip_pytorch_model.bin`."""
     path = Path(path)
-    if path.is_dir():
-        return _weights_file(path) is not None
-    weights = _weights_file(path)
-    if weights is None:
-        return False
+    weights = find_weights(path, DIR_WEIGHTS, SUFFIXES)
+    if path.is_dir() or weights is None:
+        return weights is not None
     try:
-        keys = _keys(weights)
+        keys = peek_keys(weights)
     except Exception:  # not a state dict we can read (a full pickle, a corrupt file): not ours to take
         return False
     return any(k.endswith("visual.conv1.weight") for k in keys)
 
 
-def _parse_config(data, where: str) -> tuple[dict, dict] | None:
+def _parse_config(data) -> tuple[dict, dict] | None:
     """(model_cfg, preprocess_cfg) from an open_clip_config.json or plain model config; None if neither."""
     if not isinstance(data, dict):
         return None
@@ -108,13 +96,6 @@ def _parse_config(data, where: str) -> tuple[dict, dict] | None:
     if "vision_cfg" in data and "text_cfg" in data:
         return data, {}
     return None
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise OpenCLIPConfigError(f"{path}: invalid JSON ({e})") from None
 
 
 def find_config(weights: Path, config=None) -> tuple[dict, dict, str]:
@@ -128,31 +109,18 @@ def find_config(weights: Path, config=None) -> tuple[dict, dict, str]:
         (model_cfg, preprocess_cfg, source label).
     Raises:
         FileNotFoundError / OpenCLIPConfigError: no usable config (the message lists where it looked).
+        CheckpointError: the config file is not valid JSON (the message names it).
     """
-    if isinstance(config, dict):
-        parsed = _parse_config(config, "config=")
-        if parsed is None:
-            raise OpenCLIPConfigError("config= dict is not an OpenCLIP model config (needs embed_dim, vision_cfg, "
-                                      "text_cfg, or a model_cfg holding them)")
-        return (*parsed, "config= dict")
     if config is not None:
-        cpath = Path(config)
-        if not cpath.is_file():
-            raise FileNotFoundError(f"OpenCLIP config {cpath} does not exist")
-        parsed = _parse_config(_read_json(cpath), str(cpath))
-        if parsed is None:
-            raise OpenCLIPConfigError(f"{cpath}: not an OpenCLIP model config (needs embed_dim, vision_cfg, "
-                                      f"text_cfg, or a model_cfg holding them)")
-        return (*parsed, str(cpath))
+        parsed, source = given_config(config, _parse_config, "OpenCLIP model config", _NEEDS, OpenCLIPConfigError)
+        return (*parsed, source)
     folder = weights if weights.is_dir() else weights.parent
     candidates = [folder / "open_clip_config.json", folder / "config.json"]
     if not weights.is_dir():
         candidates.append(folder / f"{weights.stem}.json")
-    for cand in candidates:
-        if cand.is_file():
-            parsed = _parse_config(_read_json(cand), str(cand))
-            if parsed is not None:
-                return (*parsed, str(cand))
+    found = search_config(candidates, _parse_config)
+    if found is not None:
+        return (*found[0], str(found[1]))
     raise FileNotFoundError(
         f"{weights}: no OpenCLIP model config found; looked for {', '.join(str(c) for c in candidates)} "
         f"(an open_clip_config.json or a model config with embed_dim/vision_cfg/text_cfg). "
@@ -272,32 +240,17 @@ def convert_state_dict(state: dict, proj_bias: bool = False) -> dict:
     state = strip_prefixes(state)
     if any(k.startswith("text.") for k in state):  # CustomTextCLIP keeps the text tower under "text."
         state = {k[5:] if k.startswith("text.") else k: v for k, v in state.items()}
-    ours = {}
-    for key, value in state.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key in _RENAMES:
-            ours[_RENAMES[key]] = value
-        elif key == "visual.proj":
-            ours["visual_proj.weight"] = value.t().contiguous()              # (E, W): x @ proj == x @ W.T
-            if proj_bias:
-                ours["visual_proj.bias"] = value.new_zeros(value.shape[1])
-        elif key == "text_projection":
-            ours["text_proj.weight"] = value.t().contiguous()
-        elif key == "logit_scale":
-            ours["logit_scale"] = value.reshape(())
-        elif (m := _BLOCK_KEY.match(key)) is not None:
-            tower = "visual" if m.group(1) else "text"
-            prefix, name = f"{tower}.transformer.blocks.{m.group(2)}", m.group(3)
-            if name == "attn.in_proj_weight":
-                ours[f"{prefix}.attn.qkv.weight"] = value                      # rows q | k | v, as ours
-            elif name == "attn.in_proj_bias":
-                ours[f"{prefix}.attn.qkv.bias"] = value
-            else:
-                base, _, kind = name.rpartition(".")
-                ours[f"{prefix}.{_BLOCK_RENAMES[base]}.{kind}" if base in _BLOCK_RENAMES else key] = value
-        else:
-            ours[key] = value
+    ours = rename_state_dict(state, _RENAMES, _BLOCKS, IGNORED_KEYS)
+    # Parameters used as `x @ p` (W, E): our Linear weight is p.T (E, W).
+    if "visual.proj" in ours:
+        proj = ours.pop("visual.proj")
+        ours["visual_proj.weight"] = proj.t().contiguous()
+        if proj_bias:
+            ours["visual_proj.bias"] = proj.new_zeros(proj.shape[1])
+    if "text_projection" in ours:
+        ours["text_proj.weight"] = ours.pop("text_projection").t().contiguous()
+    if "logit_scale" in ours:
+        ours["logit_scale"] = ours["logit_scale"].reshape(())
     return ours
 
 
@@ -330,27 +283,14 @@ def load(path, config=None, **kwargs):
     """
     if kwargs:
         raise TypeError(f"OpenCLIP loading takes only config=, got {sorted(kwargs)}")
-    from ..models.clip import CLIP
-    from ..models.factory import attach_processors, build_config
-
     path = Path(path)
-    weights = _weights_file(path)
-    if weights is None:
-        raise FileNotFoundError(f"{path}: no OpenCLIP weights ({' / '.join(DIR_WEIGHTS)} or a "
-                                f"{'/'.join(SUFFIXES)} file)")
+    weights = require_weights(path, DIR_WEIGHTS, SUFFIXES, "OpenCLIP")
     model_cfg, preprocess, source = find_config(path, config)
     ours_cfg = config_from_openclip(model_cfg, source)
-    model = CLIP(build_config(ours_cfg, where=source))
-    state = convert_state_dict(read_state_dict(weights), proj_bias=ours_cfg["proj_bias"])
-    load_state_strict(model, state, f"{weights} (OpenCLIP, converted with {source})")
-
-    folder = path if path.is_dir() else path.parent
-    tokenizer = None
-    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
-        from ..data.text import Tokenizer
-        tokenizer = Tokenizer.from_dir(folder)
-    attach_processors(model, tokenizer, _image_transform(preprocess, ours_cfg["vision"]["image_size"]))
-    return model.eval()
+    state = convert_state_dict(read_weights(weights), proj_bias=ours_cfg["proj_bias"])
+    return finish_clip(ours_cfg, source, state, f"{weights} (OpenCLIP, converted with {source})",
+                       tokenizer_beside(path if path.is_dir() else path.parent),
+                       _image_transform(preprocess, ours_cfg["vision"]["image_size"]))
 
 
 __all__ = ["detect", "load", "find_config", "config_from_openclip", "convert_state_dict", "OpenCLIPConfigError"]

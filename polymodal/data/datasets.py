@@ -1,7 +1,9 @@
-"""Map-style image-text dataset, its collate function, a resumable distributed sampler and a loader.
+"""Map-style manifest dataset, the sample builder, the collate function, a resumable distributed sampler
+and a loader.
 
-Sample dicts (``ImageTextDataset[i]``, also yielded by ``ShardDataset``):
-``pixels`` (3, S, S) float tensor, ``caption`` str, optional ``long_captions`` list[str] (M
+Sample dicts (``ManifestDataset[i]``, also yielded by ``ShardDataset``): the media entries
+(``pixels`` (3, S, S) float tensor for an image record, ``frames`` (T, 3, S, S) and ``frame_valid`` (T,)
+for a video record, nothing for a text-only record), ``caption`` str, optional ``long_captions`` list[str] (M
 sub-captions of the long caption), ``label`` int, ``labels`` list, ``multi_hot`` (C,) float
 (when ``num_classes`` is given), ``lang`` str, ``index`` int (record index in the manifest),
 and ``input_ids`` (L,) / ``long_input_ids`` (M, L) when the dataset itself tokenizes.
@@ -42,7 +44,9 @@ __all__ = [
     "split_sentences",
     "sentence_spans",
     "sample_subcaptions",
-    "ImageTextDataset",
+    "SampleBuilder",
+    "BadRecords",
+    "ManifestDataset",
     "ImageTextCollate",
     "ShardedSampler",
     "build_loader",
@@ -50,6 +54,7 @@ __all__ = [
 ]
 
 UNREADABLE_IMAGE = "unreadable_image"
+UNREADABLE_VIDEO = "unreadable_video"
 BAD_LABEL = "bad_label"
 
 # A sentence ends at ".", "!" or "?" (possibly repeated, possibly followed by closing quotes or
@@ -125,15 +130,38 @@ class _SampleError(Exception):
         self.reason, self.detail = reason, detail
 
 
-class SampleBuilder:
-    """Turns (record, decoded image) into a sample dict; shared by the map and the shard datasets.
+MEDIA_KINDS = ("image", "video", "none")
 
-    Args: see :class:`ImageTextDataset`.
+
+class SampleBuilder:
+    """Turns (record, decoded media) into a sample dict; one builder serves the map and the shard datasets.
+
+    Records carry an ``image``, a ``video`` or only text (`media` says which); the builder turns the decoded
+    media into tensors (``pixels`` (3, S, S) for an image; ``frames`` (T, 3, S, S) and ``frame_valid`` (T,)
+    for a video clip) and picks the caption(s). Build one from a recipe's data section with
+    :func:`builder_from_config`.
+
+    Args:
+        transform: callable PIL image -> (3, S, S) tensor (e.g. ``images.ImageTransform``); applied to
+            every frame of a video. Unused for text-only records.
+        tokenizer: optional; when given, samples also carry ``input_ids`` (and ``long_input_ids``),
+            tokenized in the worker. Otherwise the collate tokenizes.
+        caption_key: record field to read captions from; ``"caption"`` also uses ``captions`` (one is
+            picked per (seed, epoch, index)).
+        long_caption_key: field of the long caption (default ``"long_caption"``).
+        num_subcaptions: M sub-captions sampled from the long caption per sample; 0 = none.
+        subcaption_sentences: (min, max) consecutive sentences per sub-caption.
+        seed: seed for caption choice and sub-caption sampling.
+        num_classes: when given, samples carry a ``multi_hot`` (C,) target from ``labels``.
+        class_names: names for string labels (sets ``num_classes``).
+        context_length: passed to the tokenizer.
+        media: "image" | "video" | "none" (text only).
+        extra_keys: record fields copied into the sample as they are (e.g. ``label``, ``lang``).
     """
 
     def __init__(
         self,
-        transform: Callable,
+        transform: Callable | None = None,
         tokenizer: Callable | None = None,
         caption_key: str = "caption",
         long_caption_key: str | None = None,
@@ -143,6 +171,8 @@ class SampleBuilder:
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
         context_length: int | None = None,
+        media: str = "image",
+        extra_keys: Sequence[str] = ("label", "labels", "lang"),
     ):
         if class_names is not None:
             if num_classes is not None and num_classes != len(class_names):
@@ -151,6 +181,10 @@ class SampleBuilder:
         lo, hi = subcaption_sentences
         if not 1 <= lo <= hi:
             raise ValueError(f"subcaption_sentences must satisfy 1 <= min <= max, got {subcaption_sentences}")
+        if media not in MEDIA_KINDS:
+            raise ValueError(f"media must be one of {MEDIA_KINDS}, got {media!r}")
+        if media != "none" and transform is None:
+            raise ValueError(f"media={media!r} needs an image transform")
         self.transform = transform
         self.tokenizer = tokenizer
         self.caption_key = caption_key
@@ -161,10 +195,22 @@ class SampleBuilder:
         self.num_classes = num_classes
         self.class_index = {name: i for i, name in enumerate(class_names)} if class_names is not None else None
         self.context_length = context_length
+        self.media = media
+        self.extra_keys = tuple(extra_keys)
 
-    def build(self, record: dict, index: int, epoch: int, image: Any) -> dict:
+    def media_tensors(self, media: Any) -> dict:
+        """The sample's media entries: ``pixels`` for an image, ``frames`` + ``frame_valid`` for a clip."""
+        if self.media == "image":
+            return {"pixels": self.transform(media)}
+        if self.media == "video":
+            from PIL import Image
+            frames = torch.stack([self.transform(Image.fromarray(f.numpy())) for f in media.frames])  # (T, 3, S, S)
+            return {"frames": frames, "frame_valid": media.valid.clone()}
+        return {}
+
+    def build(self, record: dict, index: int, epoch: int, media: Any = None) -> dict:
         """Build the sample dict. Raises _SampleError for a record that cannot be used."""
-        sample: dict[str, Any] = {"pixels": self.transform(image), "index": index}
+        sample: dict[str, Any] = {**self.media_tensors(media), "index": index}
         captions = captions_of_record(record, self.caption_key)
         if not captions:
             raise _SampleError("missing_key", f"no '{self.caption_key}' field")
@@ -177,7 +223,7 @@ class SampleBuilder:
             # A record without a long caption falls back to its short caption so that every
             # sample has M texts and the batch stays a (B, M, L) tensor.
             sample["long_captions"] = subs or [sample["caption"]] * self.num_subcaptions
-        for key in ("label", "labels", "lang"):
+        for key in self.extra_keys:
             if key in record:
                 sample[key] = record[key]
         if self.num_classes is not None:
@@ -203,55 +249,67 @@ class SampleBuilder:
         return target
 
 
-class ImageTextDataset(Dataset):
-    """Map-style dataset over a manifest; images are decoded lazily in ``__getitem__``.
+class BadRecords:
+    """The `on_bad_record` policy of a dataset: raise a `ManifestError`, or count by reason and go on.
+
+    The counts only see the samples of *this* process (each DataLoader worker has its own copy); the
+    authoritative count is the one the collate puts in every batch (``bad_reasons``).
+    """
+
+    def __init__(self, policy: str = "error"):
+        if policy not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.counts: Counter = Counter()
+        self.examples: list[str] = []
+
+    def __call__(self, index: int, reason: str, message: str, cause: BaseException | None) -> dict:
+        """Raise (policy "error") or count the bad record and return its marker ``{"_bad": reason, "index": i}``."""
+        if self.policy == "error":
+            raise ManifestError(f"{message}; {SKIP_HINT}") from cause
+        self.counts[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES_PER_REASON:
+            self.examples.append(message)
+        return {"_bad": reason, "index": index}
+
+
+class ManifestDataset(Dataset):
+    """Map-style dataset over a manifest; media are decoded lazily in ``__getitem__``.
 
     Args:
         manifest: a :class:`Manifest` or a manifest path (read with `on_bad_record`).
-        transform: callable PIL image -> (3, S, S) tensor (e.g. ``images.ImageTransform``).
-        tokenizer: optional; when given, samples also carry ``input_ids`` (and
-            ``long_input_ids``), tokenized in the worker. Otherwise the collate tokenizes.
-        caption_key: record field to read captions from; ``"caption"`` also uses ``captions``
-            (one is picked per (seed, epoch, index)).
+        builder: the :class:`SampleBuilder` that turns a record and its decoded media into a sample; its
+            ``media`` says which field is read (``image``, ``video``, or none for text-only records).
         on_bad_record: ``"error"`` or ``"skip"`` (see the module docstring).
-        long_caption_key: field of the long caption (default ``"long_caption"``).
-        num_subcaptions: M sub-captions sampled from the long caption per sample; 0 = none.
-        subcaption_sentences: (min, max) consecutive sentences per sub-caption.
-        seed: seed for caption choice and sub-caption sampling.
-        num_classes: when given, samples carry a ``multi_hot`` (C,) target from ``labels``.
-        class_names: names for string labels (sets ``num_classes``).
-        context_length: passed to the tokenizer.
         image_loader: callable path -> PIL RGB image; default ``polymodal.data.images.load_image``.
+        video_loader: callable path -> ``VideoClip``; default ``polymodal.data.video.read_video`` with 8 frames.
     """
 
     def __init__(
         self,
         manifest: Manifest | str | os.PathLike,
-        transform: Callable,
-        tokenizer: Callable | None = None,
-        caption_key: str = "caption",
+        builder: SampleBuilder,
         on_bad_record: str = "error",
-        long_caption_key: str | None = None,
-        num_subcaptions: int = 0,
-        subcaption_sentences: tuple[int, int] = (1, 3),
-        seed: int = 0,
-        num_classes: int | None = None,
-        class_names: Sequence[str] | None = None,
-        context_length: int | None = None,
         image_loader: Callable[[str], Any] | None = None,
+        video_loader: Callable[[str], Any] | None = None,
     ):
-        if on_bad_record not in BAD_RECORD_POLICIES:
-            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+        self.bad = BadRecords(on_bad_record)
         if not isinstance(manifest, Manifest):
             manifest = read_manifest(manifest, on_bad_record=on_bad_record)
         self.manifest = manifest
         self.on_bad_record = on_bad_record
-        self.builder = SampleBuilder(transform, tokenizer, caption_key, long_caption_key, num_subcaptions,
-                                     subcaption_sentences, seed, num_classes, class_names, context_length)
+        self.builder = builder
         self.image_loader = image_loader
+        self.video_loader = video_loader
         self.epoch = 0
-        self.bad_counts: Counter = Counter()
-        self.bad_examples: list[str] = []
+
+    @property
+    def bad_counts(self) -> Counter:
+        return self.bad.counts
+
+    @property
+    def bad_examples(self) -> list[str]:
+        return self.bad.examples
 
     @property
     def tokenizer(self) -> Callable | None:
@@ -264,32 +322,35 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
-    def _load(self, path: str) -> Any:
-        if self.image_loader is None:
-            from polymodal.data.images import load_image  # lazy: keeps this module light to import
-            self.image_loader = load_image
-        return self.image_loader(path)
+    def _load(self, record: dict) -> Any:
+        """The record's decoded media (None for text-only records)."""
+        kind = self.builder.media
+        if kind == "image":
+            if self.image_loader is None:
+                from polymodal.data.images import load_image  # lazy: keeps this module light to import
+                self.image_loader = load_image
+            return self.image_loader(record["image"])
+        if kind == "video":
+            if self.video_loader is None:
+                from polymodal.data.video import read_video
+                self.video_loader = read_video
+            return self.video_loader(record["video"])
+        return None
 
     def __getitem__(self, i: int) -> dict:
         record = self.manifest.records[i]
         where = f"{self.manifest.path} line {record.get('_line', '?')}"
         try:
-            image = self._load(record["image"])
+            media = self._load(record)
         except Exception as e:  # decoders raise many types (OSError, SyntaxError, ValueError ...)
-            return self._bad(i, UNREADABLE_IMAGE,
-                             f"{where}: image '{record['image']}' cannot be read ({type(e).__name__}: {e})", e)
+            kind = self.builder.media
+            reason = getattr(e, "reason", None) if kind == "video" else None
+            return self.bad(i, reason or (UNREADABLE_IMAGE if kind == "image" else UNREADABLE_VIDEO),
+                            f"{where}: {kind} '{record.get(kind)}' cannot be read ({type(e).__name__}: {e})", e)
         try:
-            return self.builder.build(record, i, self.epoch, image)
+            return self.builder.build(record, i, self.epoch, media)
         except _SampleError as e:
-            return self._bad(i, e.reason, f"{where}: {e.detail}", e)
-
-    def _bad(self, i: int, reason: str, message: str, cause: Exception) -> dict:
-        if self.on_bad_record == "error":
-            raise ManifestError(f"{message}; {SKIP_HINT}") from cause
-        self.bad_counts[reason] += 1
-        if len(self.bad_examples) < MAX_EXAMPLES_PER_REASON:
-            self.bad_examples.append(message)
-        return {"_bad": reason, "index": i}
+            return self.bad(i, e.reason, f"{where}: {e.detail}", e)
 
 
 def _pad_stack(tensors: list[torch.Tensor], pad_id: int) -> torch.Tensor:
@@ -307,7 +368,8 @@ class ImageTextCollate:
         tokenizer: tokenizes captions the samples did not tokenize themselves.
         context_length: passed to the tokenizer.
 
-    Returns (from ``__call__``), a dict with ``pixels`` (B,3,S,S), ``input_ids`` (B,L),
+    Returns (from ``__call__``), a dict with ``pixels`` (B,3,S,S) for images, ``frames`` (B,T,3,S,S) and
+    ``frame_valid`` (B,T) for video clips, ``input_ids`` (B,L),
     ``long_input_ids`` (B,M,L) when samples have sub-captions, ``labels`` (B,) when samples
     have ``label``, ``multi_labels`` (B,C) when they have ``multi_hot``, ``index`` (B,),
     ``captions`` list[str], ``lang`` list[str] when present, ``num_bad`` int and
@@ -339,7 +401,9 @@ class ImageTextCollate:
             batch["index"] = torch.zeros(0, dtype=torch.long)
             return batch
         pad_id = getattr(self.tokenizer, "pad_id", 0) or 0
-        batch["pixels"] = torch.stack([s["pixels"] for s in good])                    # (B, 3, S, S)
+        for key in ("pixels", "frames", "frame_valid"):
+            if _present(good, key):
+                batch[key] = torch.stack([s[key] for s in good])                      # (B, 3, S, S) | (B, T, ...)
         batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)  # (B,)
         batch["captions"] = [s["caption"] for s in good]
         if all("input_ids" in s for s in good):
@@ -470,6 +534,7 @@ def build_loader(
     context_length: int | None = None,
     collate_fn: Callable | None = None,
     pin_memory: bool = False,
+    timeout: float = 0,
 ) -> DataLoader:
     """A DataLoader with a :class:`ShardedSampler` (map-style) and :class:`ImageTextCollate`.
 
@@ -478,7 +543,7 @@ def build_loader(
     and workers, so it gets no sampler; its rank/world_size come from its own constructor.
 
     Args:
-        dataset: ``ImageTextDataset``, ``ShardDataset`` or any dataset of sample dicts.
+        dataset: ``ManifestDataset``, ``ShardDataset`` or any dataset of sample dicts.
         batch_size: samples per batch (per rank).
         shuffle: shuffle each epoch (map-style only; a ShardDataset has its own shuffle).
         num_workers: DataLoader worker processes.
@@ -488,6 +553,8 @@ def build_loader(
         tokenizer, context_length: for the default collate.
         collate_fn: replaces the default collate.
         pin_memory: passed to the DataLoader.
+        timeout: seconds to wait for a worker's batch before failing (0 = forever; workers only), so a
+            stuck worker is an error, not a hang.
 
     Returns:
         the DataLoader; its ``sampler`` is the ShardedSampler for map-style datasets.
@@ -498,11 +565,12 @@ def build_loader(
             if getattr(dataset, name, value) != value:
                 raise ValueError(f"dataset was built with {name}={getattr(dataset, name)} but build_loader got {value}")
         return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                          drop_last=drop_last, pin_memory=pin_memory)
+                          drop_last=drop_last, pin_memory=pin_memory, timeout=timeout if num_workers else 0)
     sampler = ShardedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                              drop_last=drop_last, batch_size=batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory)
+                      collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
+                      timeout=timeout if num_workers else 0)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

@@ -1,12 +1,15 @@
 """Image loading and CLIP-style preprocessing with Pillow + numpy + torch (no torchvision).
 
 `load_image` turns any file Pillow can read into an upright 8-bit RGB image, or raises
-`ImageError` naming the file and the reason. `ImageTransform` resizes, centre-crops and
+`ImageError` naming the file and the reason. Images over `max_pixels` (default
+`DEFAULT_MAX_IMAGE_PIXELS`, the recipe key `data.max_image_pixels`) are refused from the header,
+before any pixel is decoded. `ImageTransform` resizes, centre-crops and
 normalises it into a float32 tensor (3, H, W), matching `transformers.CLIPImageProcessorPil`
 (resize the shorter side with `int()` rounding of the longer one, crop offset `(size - crop) // 2`).
 """
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -30,6 +33,10 @@ INTERPOLATIONS = {
 }
 _NAME_OF_RESAMPLE = {int(v): k for k, v in INTERPOLATIONS.items()}
 
+# Largest width * height decoded by default: 40 Mpx is ~120 MB as RGB, bigger than any photo a
+# training set needs; a 12000 x 12000 PNG (144 Mpx, ~0.4 GB decoded) is refused.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
 
 class ImageError(ValueError):
     """An image file is missing, unreadable, truncated or in a mode we cannot convert."""
@@ -38,7 +45,7 @@ class ImageError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Read an image file as upright 8-bit RGB.
 
     Transparency (LA, RGBA, PA, palette or single-colour `transparency`) is alpha-composited over
@@ -48,39 +55,86 @@ def load_image(path) -> Image.Image:
 
     Args:
         path: a file path (str or Path).
+        max_pixels: refuse images whose width * height (read from the header, before decoding) is
+            larger; None leaves only Pillow's own decompression-bomb guard (also an ImageError).
     Returns:
         A fully decoded `PIL.Image.Image` in mode "RGB".
     Raises:
-        ImageError: the file is missing, not an image, truncated or in an unsupported mode;
-            the message names the file and the reason.
+        ImageError: the file is missing, not an image, truncated, too large or in an unsupported
+            mode; the message names the file and the reason.
     """
     path = Path(path)
     if not path.is_file():
         reason = "is a directory, not an image file" if path.is_dir() else "file not found"
         raise ImageError(f"{path}: {reason}")
+    return _decode(path, str(path), max_pixels)
+
+
+def load_image_bytes(data: bytes, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """`load_image` for an encoded image held in memory (e.g. a shard member).
+
+    Args:
+        data: the encoded file (PNG, JPEG ...).
+        where: a name for error messages (shard and key).
+        max_pixels: as in `load_image`.
+    Returns:
+        A fully decoded upright "RGB" image.
+    Raises:
+        ImageError: as in `load_image`, naming `where`.
+    """
+    return _decode(io.BytesIO(data), where, max_pixels)
+
+
+def _decode(source, where: str, max_pixels: int | None) -> Image.Image:
+    """Open lazily, check the pixel count from the header, then decode, rotate and convert."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated data only fails here, not at open()
-            img = _exif_upright(img, path)
-            return to_rgb(img, where=str(path))
+        with warnings.catch_warnings():
+            # Pillow warns above Image.MAX_IMAGE_PIXELS (and raises above twice that) at open(). With a
+            # limit of our own that check has been made; without one, Pillow's warning becomes an error.
+            warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                check_pixels(img.size, where, max_pixels)
+                img.load()  # decode now: truncated data only fails here, not at open()
+                img = _exif_upright(img, where)
+                return to_rgb(img, where=where)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not a readable image (Pillow cannot identify the format)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
+        raise ImageError(f"{where}: not a readable image (Pillow cannot identify the format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{where}: refused by Pillow as a decompression bomb ({e}); resize the image "
+                         f"(Pillow's limit is PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated/corrupt data as OSError ("image file is truncated"),
         # SyntaxError (broken headers) or ValueError/EOFError from some decoders.
-        raise ImageError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
+        raise ImageError(f"{where}: cannot be decoded ({type(e).__name__}: {e})") from None
 
 
-def _exif_upright(img: Image.Image, path: Path) -> Image.Image:
+def check_pixels(size: tuple[int, int], where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Raise ImageError when an image of `size` = (width, height) has more than `max_pixels` pixels.
+
+    Args:
+        size: (width, height), e.g. `PIL.Image.open(f).size` (known before decoding).
+        where: the file, for the message.
+        max_pixels: the limit; None = no limit.
+    Raises:
+        ImageError: naming the file, its size, the limit and the setting that raises it.
+    """
+    if max_pixels is None:
+        return
+    w, h = size
+    if w * h > max_pixels:
+        raise ImageError(f"{where}: {w}x{h} = {w * h / 1e6:.1f} Mpx is over the limit of {max_pixels / 1e6:.1f} Mpx; "
+                         f"downscale the image or raise data.max_image_pixels (decoding it needs about "
+                         f"{w * h * 3 / 2**30:.2f} GiB)")
+
+
+def _exif_upright(img: Image.Image, path) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block warns and leaves the image as stored."""
     try:
         return ImageOps.exif_transpose(img)
     except Exception as e:  # noqa: BLE001 - any EXIF parser failure: the pixels are still fine
-        warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({type(e).__name__}: {e})", stacklevel=3)
+        warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({type(e).__name__}: {e})", stacklevel=4)
         return img
 
 
@@ -159,10 +213,13 @@ class ImageTransform:
         resize_size: size the resize step aims at, when it differs from the crop (e.g. resize to
             256 then crop 224); default `image_size`. For "shortest" with a non-square
             `image_size` and no `resize_size`, the image is scaled to just cover the crop.
+        max_pixels: pixel limit for images given as paths (see `load_image`); not part of the saved
+            preprocessing config.
     """
 
     def __init__(self, image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resize: str = "shortest",
-                 interpolation: str = "bicubic", crop: bool = True, resize_size=None):
+                 interpolation: str = "bicubic", crop: bool = True, resize_size=None,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         if resize not in ("shortest", "squash"):
             raise ValueError(f"resize must be 'shortest' or 'squash', got {resize!r}")
         if interpolation not in INTERPOLATIONS:
@@ -183,6 +240,7 @@ class ImageTransform:
         self.resize = resize
         self.interpolation = interpolation
         self.crop = bool(crop)
+        self.max_pixels = max_pixels
         # (1, 1, 3) so they broadcast over an (H, W, 3) array
         self._mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 1, 3)
         self._inv_std = (1.0 / np.asarray(self.std, dtype=np.float64)).astype(np.float32).reshape(1, 1, 3)
@@ -210,12 +268,12 @@ class ImageTransform:
 
         Args:
             image: a PIL image (any mode; no EXIF rotation is applied to it) or a path (loaded
-                with `load_image`, which does rotate).
+                with `load_image`, which does rotate, under `max_pixels`).
         Returns:
             float32 tensor (3, H, W): (3, *image_size) when cropping or squashing.
         """
         if isinstance(image, (str, Path)):
-            image = load_image(image)
+            image = load_image(image, max_pixels=self.max_pixels)
         elif isinstance(image, Image.Image):
             image = to_rgb(image)
         else:

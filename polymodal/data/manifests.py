@@ -15,8 +15,15 @@ caption contains ``|``); items of ``labels`` that look like integers become ints
 stay strings. ``.tsv`` files are read the same way with a tab delimiter. Every other suffix is
 read as JSONL.
 
-Bad records (malformed line, missing required key, empty caption, wrong field type, missing
-image file) either raise :class:`ManifestError` naming the file, line and reason
+Video records carry ``video`` instead of ``image``: a video file or a folder of frame images,
+resolved like image paths; text-only records carry neither. Which one a reader needs is its
+``media`` argument (``"image"``, ``"video"`` or ``"none"``).
+
+The file is read as bytes and decoded line by line, so a byte that is not UTF-8 makes only that
+line a bad record (reason ``bad_encoding``). A manifest with no usable record is an error.
+
+Bad records (malformed line, bad encoding, missing required key, empty caption, wrong field type,
+missing image or video) either raise :class:`ManifestError` naming the file, line and reason
 (``on_bad_record="error"``) or are skipped and counted by reason (``"skip"``); nothing is
 dropped silently. Whether an image *decodes* is checked lazily by the datasets, not here.
 """
@@ -34,6 +41,7 @@ from ..fileio import atomic_open
 __all__ = ["ManifestError", "Manifest", "read_manifest", "write_manifest", "BAD_RECORD_POLICIES"]
 
 BAD_RECORD_POLICIES = ("error", "skip")
+MEDIA_KINDS = ("image", "video", "none")   # what a record must point to (see read_manifest's `media`)
 MAX_EXAMPLES_PER_REASON = 3     # how many "file:line" examples a skipped reason keeps for the report
 SKIP_HINT = "use data.on_bad_record=skip to skip and count such records"
 
@@ -43,6 +51,8 @@ MISSING_KEY = "missing_key"
 EMPTY_CAPTION = "empty_caption"
 BAD_FIELD = "bad_field"
 MISSING_IMAGE = "missing_image"
+MISSING_VIDEO = "missing_video"
+BAD_ENCODING = "bad_encoding"
 
 
 class ManifestError(ValueError):
@@ -129,7 +139,9 @@ def read_manifest(
     path: str | os.PathLike,
     on_bad_record: str = "error",
     check_images: bool = True,
-    required: Sequence[str] = ("image", "caption"),
+    required: Sequence[str] | None = None,
+    media: str = "image",
+    allow_empty: bool = False,
 ) -> Manifest:
     """Read a JSONL or CSV manifest.
 
@@ -137,18 +149,28 @@ def read_manifest(
         path: the manifest file (``.csv``/``.tsv`` read as CSV/TSV, anything else as JSONL).
         on_bad_record: ``"error"`` raises :class:`ManifestError` at the first bad record;
             ``"skip"`` drops bad records and counts them in ``Manifest.skipped``.
-        check_images: check that each image file exists (decoding is checked later, lazily).
+        check_images: check that each image file (or video file / frame folder) exists; decoding is
+            checked later, lazily.
         required: keys every record must have; ``"caption"`` is satisfied by ``captions`` too.
+            Default: the media key and ``"caption"`` (just ``"caption"`` for ``media="none"``).
+        media: what the records point to: ``"image"`` (an ``image`` file), ``"video"`` (a ``video``
+            file or frame folder) or ``"none"`` (text only). ``image`` and ``video`` fields are resolved
+            and checked whenever present.
+        allow_empty: accept a manifest with no usable record (default: :class:`ManifestError`).
 
     Returns:
-        a :class:`Manifest` with image paths resolved to absolute paths.
+        a :class:`Manifest` with image and video paths resolved to absolute paths.
 
     Raises:
         FileNotFoundError: the manifest file does not exist.
-        ManifestError: a bad record under ``on_bad_record="error"``.
+        ManifestError: a bad record under ``on_bad_record="error"``; no usable record at all.
     """
     if on_bad_record not in BAD_RECORD_POLICIES:
         raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+    if media not in MEDIA_KINDS:
+        raise ValueError(f"media must be one of {MEDIA_KINDS}, got {media!r}")
+    if required is None:
+        required = ("caption",) if media == "none" else (media, "caption")
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest file not found: {path}")
@@ -172,46 +194,90 @@ def read_manifest(
             continue
         record["_line"] = line
         manifest.records.append(record)
+    if not manifest.records and not allow_empty:
+        why = f" ({manifest.report()})" if manifest.skipped else " (the file has no record)"
+        raise ManifestError(f"{path}: no usable record{why}; fix the manifest or point data.train at another one")
     return manifest
+
+
+def _encoding_error(raw: bytes, e: UnicodeDecodeError) -> _BadRecord:
+    """The bad-record for a line whose bytes are not UTF-8 (the column counts characters, from 1)."""
+    column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+    return _BadRecord(BAD_ENCODING, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                                    f"re-save the file as UTF-8")
+
+
+def _decoded_lines(path: str) -> Iterator[tuple[int, bytes, str | None, UnicodeDecodeError | None]]:
+    """(line number, raw bytes, text or None, decode error or None) for each line of `path`.
+
+    Lines are split at b"\n" and decoded one by one; a UTF-8 byte-order mark on the first line is dropped."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield line_no, raw, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield line_no, raw, None, e
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed object or _BadRecord) for each non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line_no, _BadRecord(MALFORMED, f"malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield line_no, _BadRecord(MALFORMED, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield line_no, obj
+    for line_no, raw, text, error in _decoded_lines(path):
+        if error is not None:
+            yield line_no, _encoding_error(raw, error)
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield line_no, _BadRecord(MALFORMED, f"malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield line_no, _BadRecord(MALFORMED, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield line_no, obj
 
 
 def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line number where the row starts, dict or _BadRecord) for each non-empty CSV row."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = None
-        prev_end = 0                          # reader.line_num after the previous row
-        for row in reader:
-            start, prev_end = prev_end + 1, reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if header is None:
-                header = [c.strip() for c in row]
-                continue
-            if len(row) != len(header):
-                yield start, _BadRecord(MALFORMED, f"{len(row)} fields where the header has {len(header)}")
-                continue
-            try:
-                yield start, _parse_csv_row(dict(zip(header, row)))
-            except _BadRecord as bad:
-                yield start, bad
+    """Yield (line number where the row starts, dict or _BadRecord) for each non-empty CSV row.
+
+    Lines with bytes that are not UTF-8 are decoded with ``surrogateescape`` so that the CSV structure
+    (quotes spanning lines) stays intact; a row containing such a line is a ``bad_encoding`` record."""
+    errors: dict[int, _BadRecord] = {}        # line number -> its encoding error
+
+    def lines() -> Iterator[str]:
+        for line_no, raw, text, error in _decoded_lines(path):
+            if error is not None:
+                errors[line_no] = _encoding_error(raw, error)
+                text = raw.decode("utf-8", errors="surrogateescape")
+            yield text
+
+    reader = csv.reader(lines(), delimiter=delimiter)
+    header = None
+    prev_end = 0                          # reader.line_num after the previous row
+    for row in reader:
+        start, prev_end = prev_end + 1, reader.line_num
+        bad_lines = [n for n in range(start, prev_end + 1) if n in errors]
+        if bad_lines:                         # reported at the first line with a bad byte
+            bad = errors[bad_lines[0]]
+            if header is None:                # without the column names no row can be read
+                raise ManifestError(f"{path} line {bad_lines[0]} (the header): {bad.detail}")
+            yield bad_lines[0], bad
+            continue
+        if not row or all(not c.strip() for c in row):
+            continue
+        if header is None:
+            header = [c.strip() for c in row]
+            continue
+        if len(row) != len(header):
+            yield start, _BadRecord(MALFORMED, f"{len(row)} fields where the header has {len(header)}")
+            continue
+        try:
+            yield start, _parse_csv_row(dict(zip(header, row)))
+        except _BadRecord as bad:
+            yield start, bad
 
 
 def _parse_csv_row(row: dict[str, str]) -> dict:
@@ -293,6 +359,14 @@ def _validate(record: dict, root: str, required: Sequence[str], check_images: bo
         if check_images and not os.path.isfile(resolved):
             raise _BadRecord(MISSING_IMAGE, f"image '{image}' not found (looked for {resolved})")
         record = {**record, "image": resolved}
+    if "video" in record:
+        video = record["video"]
+        if not isinstance(video, str) or not video.strip():
+            raise _BadRecord(BAD_FIELD, f"'video' must be a non-empty path string, got {video!r}")
+        resolved = os.path.normpath(os.path.join(root, os.path.expanduser(video)))
+        if check_images and not (os.path.isfile(resolved) or os.path.isdir(resolved)):   # a file or frame folder
+            raise _BadRecord(MISSING_VIDEO, f"video '{video}' not found (looked for {resolved})")
+        record = {**record, "video": resolved}
     return record
 
 
@@ -313,12 +387,13 @@ def write_manifest(records: Iterable[dict], path: str | os.PathLike) -> None:
     rows = []
     for record in records:
         row = {k: v for k, v in record.items() if not k.startswith("_")}
-        if "image" in row:
-            image = os.path.abspath(row["image"])
-            try:
-                row["image"] = os.path.relpath(image, root)
-            except ValueError:
-                row["image"] = image
+        for key in ("image", "video"):
+            if key in row:
+                media_path = os.path.abspath(row[key])
+                try:
+                    row[key] = os.path.relpath(media_path, root)
+                except ValueError:
+                    row[key] = media_path
         rows.append(row)
     suffix = os.path.splitext(path)[1].lower()
     with atomic_open(path, "w", encoding="utf-8", newline="") as f:

@@ -30,14 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from polymodal.data.datasets import UNREADABLE_IMAGE, SampleBuilder, _SampleError
-from polymodal.data.manifests import (
-    BAD_RECORD_POLICIES,
-    MAX_EXAMPLES_PER_REASON,
-    SKIP_HINT,
-    ManifestError,
-    read_manifest,
-)
+from polymodal.data.datasets import UNREADABLE_IMAGE, BadRecords, SampleBuilder, _SampleError
+from polymodal.data.manifests import BAD_RECORD_POLICIES, read_manifest
 
 __all__ = ["write_shards", "resolve_shards", "ShardDataset", "add_shard_arguments", "shard_main", "INDEX_NAME"]
 
@@ -264,7 +258,7 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
 
 
 class ShardDataset(IterableDataset):
-    """Iterate over tar shards, yielding the same sample dicts as ``ImageTextDataset``.
+    """Iterate over tar shards, yielding the same sample dicts as ``ManifestDataset``.
 
     Splitting: the shard list (shuffled per epoch with (seed, epoch), the same order on every
     rank) is dealt out over ``world_size * num_workers`` splits, split ``rank * num_workers +
@@ -279,9 +273,9 @@ class ShardDataset(IterableDataset):
 
     Args:
         source: shard directory, pattern or list (see :func:`resolve_shards`).
-        transform, tokenizer, caption_key, on_bad_record, long_caption_key, num_subcaptions,
-        subcaption_sentences, seed, num_classes, class_names, context_length: as in
-            ``ImageTextDataset``.
+        builder: the :class:`SampleBuilder` (media "image") that turns records into samples.
+        on_bad_record: "error" or "skip", as in ``ManifestDataset``.
+        seed: seed of the shard order and the shuffle buffer (the builder has its own for captions).
         shuffle: shuffle shard order and samples each epoch.
         shuffle_buffer: samples held in the shuffle buffer (0 or 1: no sample shuffle).
         rank, world_size: this process's place in the distributed job.
@@ -291,38 +285,37 @@ class ShardDataset(IterableDataset):
     def __init__(
         self,
         source: str | os.PathLike | Sequence[str],
-        transform: Callable,
-        tokenizer: Callable | None = None,
-        caption_key: str = "caption",
+        builder: SampleBuilder,
         on_bad_record: str = "error",
-        long_caption_key: str | None = None,
-        num_subcaptions: int = 0,
-        subcaption_sentences: tuple[int, int] = (1, 3),
         seed: int = 0,
-        num_classes: int | None = None,
-        class_names: Sequence[str] | None = None,
-        context_length: int | None = None,
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         rank: int = 0,
         world_size: int = 1,
         image_decoder: Callable[[bytes], Any] | None = None,
     ):
-        if on_bad_record not in BAD_RECORD_POLICIES:
-            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+        if builder.media != "image":
+            raise ValueError(f"ShardDataset reads image shards; the builder's media is {builder.media!r} "
+                             f"(write video clips with `polymodal data frames`)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.bad = BadRecords(on_bad_record)
         self.shards, counts = resolve_shards(source)
         self.num_samples = sum(counts.values()) if counts is not None else None
-        self.builder = SampleBuilder(transform, tokenizer, caption_key, long_caption_key, num_subcaptions,
-                                     subcaption_sentences, seed, num_classes, class_names, context_length)
+        self.builder = builder
         self.on_bad_record = on_bad_record
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.image_decoder = image_decoder or _decode_image
         self.epoch = 0
-        self.bad_counts: Counter = Counter()
-        self.bad_examples: list[str] = []
+
+    @property
+    def bad_counts(self) -> Counter:
+        return self.bad.counts
+
+    @property
+    def bad_examples(self) -> list[str]:
+        return self.bad.examples
 
     @property
     def tokenizer(self) -> Callable | None:
@@ -370,36 +363,28 @@ class ShardDataset(IterableDataset):
     def _sample(self, shard: str, key: str | None, files: Any) -> dict:
         if key is None:                               # the shard itself could not be read
             message = f"shard {shard} cannot be read ({type(files).__name__}: {files})"
-            return self._bad(-1, UNREADABLE_SHARD, message, files)
+            return self.bad(-1, UNREADABLE_SHARD, message, files)
         index = int(os.path.basename(key)) if os.path.basename(key).isdigit() else -1
         where = f"shard {shard} key {key}"
         image_ext = next((ext for ext in files if ext not in ("json", "txt", "cls")), None)
         if "json" not in files or image_ext is None:
             message = f"{where}: needs an image and a .json member, has {sorted(files)}"
-            return self._bad(index, INCOMPLETE_SAMPLE, message, None)
+            return self.bad(index, INCOMPLETE_SAMPLE, message, None)
         try:
             record = json.loads(files["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return self._bad(index, "malformed_line", f"{where}: .json member is not valid JSON ({e})", e)
+            return self.bad(index, "malformed_line", f"{where}: .json member is not valid JSON ({e})", e)
         if "_line" in record:
             where += f" (manifest line {record['_line']})"
         try:
             image = self.image_decoder(files[image_ext])
         except Exception as e:  # decoders raise many types (OSError, SyntaxError, ValueError ...)
-            return self._bad(index, UNREADABLE_IMAGE,
+            return self.bad(index, UNREADABLE_IMAGE,
                              f"{where}: image '{key}.{image_ext}' cannot be read ({type(e).__name__}: {e})", e)
         try:
             return self.builder.build(record, index, self.epoch, image)
         except _SampleError as e:
-            return self._bad(index, e.reason, f"{where}: {e.detail}", e)
-
-    def _bad(self, index: int, reason: str, message: str, cause: BaseException | None) -> dict:
-        if self.on_bad_record == "error":
-            raise ManifestError(f"{message}; {SKIP_HINT}") from cause
-        self.bad_counts[reason] += 1
-        if len(self.bad_examples) < MAX_EXAMPLES_PER_REASON:
-            self.bad_examples.append(message)
-        return {"_bad": reason, "index": index}
+            return self.bad(index, e.reason, f"{where}: {e.detail}", e)
 
 
 def _parse_size(text: str) -> int:

@@ -27,9 +27,12 @@ log(1) = 0 weights and scores 0.
 from __future__ import annotations
 
 import math
+import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
+
+import torch
 
 Tokens = list[str]
 
@@ -158,3 +161,70 @@ def caption_metrics(candidates: Mapping[Hashable, str], references: Mapping[Hash
     out = {f"BLEU-{n}": v for n, v in enumerate(bleu(cands, refs, 4), start=1)}
     out["CIDEr-D"] = cider_d(cands, refs)[0]
     return out
+
+
+# ---- generation over files and the captioning eval task --------------------------------------
+def caption_images(model, paths: list[str], method: str = "beam", max_len: int | None = None,
+                   num_beams: int = 4, length_penalty: float = 0.0, top_p: float = 0.9,
+                   temperature: float = 1.0, batch_size: int = 16, seed: int = 0, progress: bool = True):
+    """Caption image files with `model` (a CoCa with `.tokenizer` and `.image_transform`).
+
+    Yields:
+        {"image": path, "caption": text} per image, in input order.
+    """
+    from ..data.images import load_image
+    if model.tokenizer is None:
+        raise ValueError("caption: the model has no tokenizer (save it with one, or attach model.tokenizer)")
+    if model.tokenizer.bos_id != model.bos_id or model.tokenizer.eos_id != model.eos_id:
+        raise ValueError(f"caption: tokenizer start/end ids ({model.tokenizer.bos_id}, {model.tokenizer.eos_id}) "
+                         f"differ from the model config's bos_token_id/text.eot_token_id "
+                         f"({model.bos_id}, {model.eos_id})")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    from tqdm import tqdm
+    bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        pixels = torch.stack([model.image_transform(load_image(p)) for p in chunk]).to(device)
+        ids = model.generate(pixels, method=method, max_len=max_len, num_beams=num_beams,
+                             length_penalty=length_penalty, top_p=top_p, temperature=temperature,
+                             generator=generator)
+        for path, row in zip(chunk, ids.cpu()):
+            yield {"image": str(path), "caption": model.tokenizer.decode(row)}
+        bar.update(len(chunk))
+    bar.close()
+
+
+def captioning_eval_manifest(model, manifest, limit: int = 0, method: str = "beam", num_beams: int = 3,
+                             max_len: int | None = None, length_penalty: float = 0.0, batch_size: int = 32,
+                             progress: bool = True, num_examples: int = 5, on_bad_record: str = "error") -> dict:
+    """Caption the images of a manifest and score them against the references.
+
+    Records naming the same image file are merged: all their captions are that image's references.
+
+    Args:
+        model: a CoCa with `.tokenizer` and `.image_transform`.
+        manifest: JSONL/CSV manifest with `image` and `caption`/`captions`.
+        limit: evaluate the first `limit` distinct images only (0 = all).
+        method, num_beams, max_len, length_penalty: decoding (see `CoCa.generate`).
+        num_examples: how many (image, caption, references) triples to include in the result.
+        on_bad_record: "error" stops at a malformed manifest record; "skip" skips and counts it.
+    Returns:
+        {"BLEU-1".."BLEU-4", "CIDEr-D", "num_images", "method", "examples": [...]}.
+    """
+    from ..data.manifests import read_manifest
+    references: dict[str, list[str]] = {}
+    for record in read_manifest(manifest, on_bad_record=on_bad_record):
+        caps = record.get("captions") or [record["caption"]]
+        references.setdefault(record["image"], []).extend([caps] if isinstance(caps, str) else caps)
+    paths = list(references)[: limit or None]
+    references = {p: references[p] for p in paths}
+    model.eval()
+    candidates = {r["image"]: r["caption"] for r in caption_images(
+        model, paths, method=method, max_len=max_len, num_beams=num_beams, length_penalty=length_penalty,
+        batch_size=batch_size, progress=progress)}
+    metrics = caption_metrics(candidates, references)
+    metrics.update(num_images=len(paths), method=method,
+                   examples=[{"image": p, "caption": candidates[p], "references": references[p]}
+                             for p in paths[:num_examples]])
+    return metrics

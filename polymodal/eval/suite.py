@@ -49,13 +49,66 @@ def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool 
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def _read(manifest) -> list[dict]:
-    from ..data.manifests import read_manifest
-    return read_manifest(manifest).records
+class FeatureCache:
+    """Image embeddings of the manifests one evaluation reads, so tasks on the same manifest encode once.
+
+    Keys are (manifest path, limit, on_bad_record); values the (N, E) embeddings and the kept records.
+    """
+
+    def __init__(self):
+        self._store: dict[tuple, tuple[Tensor, list[dict]]] = {}
+
+    def images(self, model, manifest, limit: int, on_bad_record: str, batch_size: int, progress: bool
+               ) -> tuple[Tensor, list[dict]]:
+        key = (str(manifest), limit, on_bad_record)
+        if key not in self._store:
+            self._store[key] = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
+        return self._store[key]
+
+
+def read_records(manifest, limit: int = 0, on_bad_record: str = "error", required=None) -> list[dict]:
+    """The first `limit` records (0 = all) of a manifest, read with the bad-record policy."""
+    from ..data.manifests import ManifestError, read_manifest
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0 = all records), got {limit}")
+    records = read_manifest(manifest, on_bad_record=on_bad_record, required=required).records
+    records = records[:limit] if limit else records
+    if not records:
+        raise ManifestError(f"{manifest}: no records to evaluate")
+    return records
+
+
+def encode_manifest_images(model, manifest, limit: int = 0, on_bad_record: str = "error", batch_size: int = 128,
+                           progress: bool = False) -> tuple[Tensor, list[dict]]:
+    """(N, E) embeddings of a manifest's images and the N records they belong to.
+
+    Under `on_bad_record="skip"` records whose image cannot be decoded are left out (and said in a warning);
+    under "error" the first one stops with the manifest file, line and image named.
+    """
+    from ..data.images import load_image
+    from ..data.manifests import ManifestError
+    records = read_records(manifest, limit, on_bad_record)
+    if on_bad_record == "skip":
+        kept = []
+        for r in records:
+            try:
+                load_image(r["image"])
+                kept.append(r)
+            except Exception:   # decoders raise many types
+                continue
+        if len(kept) < len(records):
+            import warnings
+            warnings.warn(f"{manifest}: skipped {len(records) - len(kept)} record(s) whose image cannot be read")
+        records = kept
+        if not records:
+            raise ManifestError(f"{manifest}: no readable image to evaluate")
+    img = encode_images(model, [r["image"] for r in records], batch_size, progress)   # ImageError names the file
+    return img, records
 
 
 def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0, batch_size: int = 128,
-                   progress: bool = False, return_embeddings: bool = False) -> dict:
+                   progress: bool = False, return_embeddings: bool = False, cache: FeatureCache | None = None,
+                   on_bad_record: str = "error") -> dict:
     """Image-text retrieval on a manifest: every caption of `caption_key`; a record's list under the plural
     key (`captions` for `caption`, `captions_zh` for `caption_zh`) is used instead when present.
 
@@ -64,12 +117,15 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
         manifest: path of a JSONL/CSV manifest.
         caption_key: "caption", "long_caption", "caption_zh", ...
         limit: evaluate the first `limit` records only (0 = all).
+        cache: a `FeatureCache` shared with other tasks of the same evaluation.
+        on_bad_record: "error" | "skip" (records with a bad image or line are left out).
     Returns:
         The metrics of `retrieval_metrics` (percent), plus `num_images`, `num_texts`.
     """
-    records = _read(manifest)
-    if limit:
-        records = records[:limit]
+    if cache is not None:
+        img, records = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
+    else:
+        img, records = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
     plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else None
     texts, text_to_image = [], []
     for i, r in enumerate(records):
@@ -79,7 +135,6 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
         for c in ([caps] if isinstance(caps, str) else caps):
             texts.append(c)
             text_to_image.append(i)
-    img = encode_images(model, [r["image"] for r in records], batch_size, progress)
     txt = encode_texts(model, texts, batch_size, progress)
     metrics = embed_and_score(img, txt, torch.tensor(text_to_image))
     metrics.update(num_images=len(records), num_texts=len(texts))
@@ -88,32 +143,45 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
     return metrics
 
 
+def longtext_eval(model, manifest, lang: str = "en", limit: int = 0, batch_size: int = 128, progress: bool = False,
+                  cache: FeatureCache | None = None, on_bad_record: str = "error") -> dict:
+    """Retrieval with the long captions (`long_caption`, or `long_caption_<lang>`) of a manifest."""
+    key = "long_caption" if lang == "en" else f"long_caption_{lang}"
+    return retrieval_eval(model, manifest, key, limit, batch_size, progress, cache=cache, on_bad_record=on_bad_record)
+
+
 def load_classes(path) -> dict:
     """A classes file: JSON with "classes" (and optionally "classes_zh"), or one class name per line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classes file {path} does not exist")
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if "classes" not in data:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or "classes" not in data:
             raise KeyError(f"{path}: expected a 'classes' list")
         return data
     return {"classes": [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]}
 
 
 def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limit: int = 0,
-                           batch_size: int = 128, progress: bool = False, image_embeds: Tensor | None = None) -> dict:
+                           batch_size: int = 128, progress: bool = False, image_embeds: Tensor | None = None,
+                           cache: FeatureCache | None = None, on_bad_record: str = "error") -> dict:
     """Zero-shot classification of a manifest's `label` with class names and prompt templates of `lang`."""
-    records = _read(manifest)
-    if limit:
-        records = records[:limit]
     classes = load_classes(classes_file)
     names = classes["classes"] if lang == "en" else classes.get(f"classes_{lang}")
     if names is None:
         raise KeyError(f"{classes_file}: no 'classes_{lang}' list for language {lang!r}")
+    if image_embeds is not None:
+        records = read_records(manifest, limit, on_bad_record)
+        img = image_embeds
+    elif cache is not None:
+        img, records = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
+    else:
+        img, records = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
     targets = torch.tensor([int(r["label"]) for r in records])
-    img = image_embeds if image_embeds is not None else encode_images(
-        model, [r["image"] for r in records], batch_size, progress)
     classifier = build_classifier(model, names, load_templates(lang))            # (C, E)
     logits = img.to(classifier.device, classifier.dtype) @ classifier.T          # (N, C)
     result = accuracy(logits, targets)
@@ -124,7 +192,7 @@ def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limi
 def run_suite(model, retrieval: str | None = None, longtext: str | None = None, zeroshot: str | None = None,
               classes: str | None = None, langs: tuple[str, ...] = ("en",), limit: int = 0,
               progress: bool = False) -> dict:
-    """Every evaluation that has data, as one flat dict of numbers.
+    """Every evaluation that has data, as one flat dict of numbers (the `eval` shorthand keys of a recipe).
 
     Args:
         retrieval: manifest for short-caption retrieval (and zero-shot when `zeroshot` is None).
@@ -136,26 +204,7 @@ def run_suite(model, retrieval: str | None = None, longtext: str | None = None, 
         Keys like `retrieval/text_to_image_R@1`, `longtext/image_to_text_R@1`, `zeroshot/top1`,
         with a `_zh` suffix on the prefix for Chinese.
     """
-    out: dict = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for lang in langs:
-            sfx = "" if lang == "en" else f"_{lang}"
-            key = "caption" if lang == "en" else f"caption_{lang}"
-            img = None
-            if retrieval:
-                m, img, _, _ = retrieval_eval(model, retrieval, key, limit, progress=progress, return_embeddings=True)
-                out.update({f"retrieval{sfx}/{k}": v for k, v in m.items()})
-            if longtext:
-                lkey = "long_caption" if lang == "en" else f"long_caption_{lang}"
-                m = retrieval_eval(model, longtext, lkey, limit, progress=progress)
-                out.update({f"longtext{sfx}/{k}": v for k, v in m.items()})
-            zs = zeroshot or retrieval
-            if zs and classes:
-                reuse = img if zs == retrieval else None
-                m = zeroshot_eval_manifest(model, zs, classes, lang, limit, progress=progress, image_embeds=reuse)
-                out.update({f"zeroshot{sfx}/{k}": v for k, v in m.items()})
-    finally:
-        model.train(was_training)
-    return out
+    from .tasks import EvalConfig, evaluate
+    cfg = EvalConfig(retrieval=retrieval or "", longtext=longtext or "", zeroshot=zeroshot or "",
+                     classes=classes or "", langs=list(langs), limit=limit)
+    return evaluate(model, cfg.specs(), progress=progress)

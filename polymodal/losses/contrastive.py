@@ -28,20 +28,58 @@ In a single process every mode is the plain loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.train.distributed import (
+from polymodal.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
+    group_size_from_nodes,
     is_dist,
     make_contiguous_groups,
 )
 
-__all__ = ["GATHER_MODES", "clip_loss", "siglip_loss", "ContrastiveLoss", "SigLipLoss"]
+__all__ = ["GATHER_MODES", "LOSS_KINDS", "LossConfig", "build_contrastive_loss", "ContrastiveObjective", "clip_loss",
+           "siglip_loss", "ContrastiveLoss", "SigLipLoss"]
 
 GATHER_MODES = ("local", "global", "global_with_grad", "grouped")
+LOSS_KINDS = ("infonce", "siglip")
+
+
+@dataclass
+class LossConfig:
+    """The recipe's `loss` section: which contrastive loss, and how features are shared across ranks."""
+    kind: str = "infonce"          # "infonce" | "siglip"
+    gather: str = "global_with_grad"  # "local" | "global" | "global_with_grad" | "grouped"
+    local_loss: bool = True        # logits B x (W*B) instead of (W*B) x (W*B)
+    group_size: int = -1           # grouped gather: ranks per group (-1 = all ranks)
+    aggregate_nodes: int = 0       # grouped gather: >0 sets the group to this many whole machines
+
+    def validate(self, where: str = "loss") -> None:
+        """Check every value (before any training step).
+
+        Raises:
+            ValueError (a `ConfigError` when raised through a recipe) naming `where.<key>`.
+        """
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"{where}.kind: {self.kind!r} is not one of {', '.join(LOSS_KINDS)}")
+        if self.gather not in GATHER_MODES:
+            raise ValueError(f"{where}.gather: {self.gather!r} is not one of {', '.join(GATHER_MODES)}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"{where}.group_size: {self.group_size} must be -1 (all ranks) or a positive number "
+                             f"of ranks")
+        if self.aggregate_nodes not in (-1, 0) and self.aggregate_nodes < 1:
+            raise ValueError(f"{where}.aggregate_nodes: {self.aggregate_nodes} must be 0 (off), -1 (all ranks) or "
+                             f"a positive number of machines")
+
+    def resolved_group_size(self) -> int:
+        """G for the grouped gather: `aggregate_nodes` whole machines when set, else `group_size`."""
+        if self.gather == "grouped" and self.aggregate_nodes != 0:
+            return group_size_from_nodes(self.aggregate_nodes)
+        return self.group_size
 
 
 def _check_gather(gather: str, where: str) -> None:
@@ -171,6 +209,55 @@ def siglip_loss(
     rows = torch.arange(b, device=logits.device)
     signs[rows, rows + b * index] = 1.0
     return -F.logsigmoid(signs * logits).sum() / b
+
+
+class ContrastiveObjective(nn.Module):
+    """The contrastive loss a `LossConfig` describes, with its wiring in one place.
+
+    `forward(image, text, scale)` takes (B, E) normalised features and the exp'ed logit scale and
+    returns the scalar loss: InfoNCE (`clip_loss`) or SigLIP (`siglip_loss`, which owns its learnable
+    `logit_bias`, started at -10 so the many negatives do not dominate early on), both in the configured
+    gather mode and group size.
+
+    Args:
+        cfg: the loss settings (validated here).
+    """
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.group_size = cfg.resolved_group_size()
+        if cfg.kind == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, image: Tensor, text: Tensor, scale: Tensor) -> Tensor:
+        c = self.cfg
+        if c.kind == "siglip":
+            return siglip_loss(image, text, scale, self.logit_bias, gather=c.gather, group_size=self.group_size)
+        return clip_loss(image, text, scale, gather=c.gather, local_loss=c.local_loss, group_size=self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.cfg.kind!r}, gather={self.cfg.gather!r}, group_size={self.group_size}"
+
+
+def build_contrastive_loss(cfg: LossConfig | None = None, kinds: tuple[str, ...] = LOSS_KINDS,
+                           who: str = "this method") -> ContrastiveObjective:
+    """The loss module every contrastive task holds.
+
+    Args:
+        cfg: the recipe's `loss` section (default `LossConfig()`).
+        kinds: the loss kinds the calling method supports (e.g. ("infonce",) for LoTLIP).
+        who: the method's name, for the error message.
+    Returns:
+        A `ContrastiveObjective`.
+    Raises:
+        ValueError: a bad value, or a kind the method does not support.
+    """
+    cfg = cfg or LossConfig()
+    if cfg.kind not in kinds:
+        raise ValueError(f"loss.kind={cfg.kind!r} is not supported by {who}; use one of {', '.join(kinds)}")
+    return ContrastiveObjective(cfg)
 
 
 class ContrastiveLoss(nn.Module):

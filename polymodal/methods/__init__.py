@@ -1,1 +1,32 @@
-"""Methods: each file pairs a model with its training objective (a task module: batch -> dict of losses)."""
+"""Methods: the table from a recipe's `method:` name to the class that implements it.
+
+Each value is "module:Class" (imported only when that method is used, so one family's dependencies stay
+its own) or the class itself. Adding a method = one module with a `methods.base.Method` subclass plus one
+row here; `polymodal.train` knows no method by name. See docs/architecture.md, "How to add a method".
+"""
+from __future__ import annotations
+
+import importlib
+
+METHODS: dict[str, object] = {
+    "clip": "polymodal.methods.clip:CLIPMethod",
+    "m2": "polymodal.methods.clip:CLIPMethod",
+    "lotlip": "polymodal.methods.lotlip:LoTLIPMethod",
+    "sycoca": "polymodal.methods.sycoca:SyCoCaMethod",
+    "text_as_image": "polymodal.methods.text_as_image:TextAsImageMethod",
+}
+
+
+def get_method(name: str):
+    """The `Method` subclass registered under `name` in `METHODS`.
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    if name not in METHODS:
+        raise KeyError(f"method {name!r} is not one of {', '.join(METHODS)}")
+    entry = METHODS[name]
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry

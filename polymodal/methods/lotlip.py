@@ -24,20 +24,22 @@ feature is used (`CLIP.encode_text`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..losses.contrastive import clip_loss
-from .clip import LossConfig, trim_padding
+from ..losses.contrastive import LossConfig, build_contrastive_loss
+from ..models.base import ConfigDict
+from .base import Method
+from .clip import trim_padding
 
 LONG_FEATURES = ("all", "cls")
 NORMALIZE = ("count", "mean")
 
 
 @dataclass
-class LoTLIPConfig:
+class LoTLIPConfig(ConfigDict):
     num_corners: int = 2            # K corner tokens (sets text.num_readout_tokens); 0 = none
     w_clip: float = 1.0             # weight of the short caption's InfoNCE
     w_long: float = 1.0             # weight of each long-text read-out's InfoNCE
@@ -51,9 +53,6 @@ class LoTLIPConfig:
             raise ValueError(f"lotlip.long_features must be one of {LONG_FEATURES}, got {self.long_features!r}")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"lotlip.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def combine_losses(short: Tensor, long: list[Tensor], w_clip: float, w_long: float, normalize: str) -> Tensor:
@@ -90,25 +89,17 @@ class LoTLIPTask(nn.Module):
     def __init__(self, model: nn.Module, cfg: LoTLIPConfig | dict | None = None, loss_cfg: LossConfig | None = None):
         super().__init__()
         cfg = LoTLIPConfig(**cfg) if isinstance(cfg, dict) else (cfg or LoTLIPConfig())
-        loss_cfg = loss_cfg or LossConfig()
-        if loss_cfg.kind != "infonce":
-            raise ValueError(f"LoTLIP uses InfoNCE; loss.kind={loss_cfg.kind!r} is not supported")
         have = getattr(model.config.text, "num_readout_tokens", 0)
         if have != cfg.num_corners:
             raise ValueError(f"lotlip.num_corners={cfg.num_corners} but the model's text tower has "
                              f"num_readout_tokens={have}; set them equal (a recipe sets the tower from "
                              f"lotlip.num_corners unless model.path loads a saved model)")
-        self.model, self.cfg, self.loss_cfg = model, cfg, loss_cfg
-        self.group_size = loss_cfg.group_size
-        if loss_cfg.gather == "grouped" and loss_cfg.aggregate_nodes > 0:
-            from ..train import distributed as dist_utils
-            self.group_size = dist_utils.group_size_from_nodes(loss_cfg.aggregate_nodes)
+        self.model, self.cfg = model, cfg
+        self.loss = build_contrastive_loss(loss_cfg, kinds=("infonce",), who="LoTLIP, which uses InfoNCE")
 
     def contrastive(self, image: Tensor, text: Tensor) -> Tensor:
         """Symmetric InfoNCE of (B, E) image and text features in the configured gather mode."""
-        c = self.loss_cfg
-        return clip_loss(image, text, self.model.scale(), gather=c.gather, local_loss=c.local_loss,
-                         group_size=self.group_size)
+        return self.loss(image, text, self.model.scale())
 
     def long_features(self, long_ids: Tensor) -> Tensor:
         """(B, M, L) sub-caption ids -> (B, M, R, E) normalised read-out features (R = K+1 or 1)."""
@@ -138,4 +129,16 @@ class LoTLIPTask(nn.Module):
                 "logit_scale": self.model.scale().detach()}
 
 
-__all__ = ["LoTLIPConfig", "LoTLIPTask", "combine_losses"]
+class LoTLIPMethod(Method):
+    """`method: lotlip`: corner tokens on the text tower (from `lotlip.num_corners`) and the LoTLIP loss."""
+
+    config_cls = LoTLIPConfig
+
+    def model_overrides(self) -> dict:
+        return {"text.num_readout_tokens": self.cfg.num_corners}
+
+    def build_task(self, model: nn.Module) -> nn.Module:
+        return LoTLIPTask(model, self.cfg, self.run.loss)
+
+
+__all__ = ["LoTLIPConfig", "LoTLIPMethod", "LoTLIPTask", "combine_losses"]

@@ -16,23 +16,24 @@ CoCa itself is `masking="none"` (or `lambda_mim=0`): no second pass, no MIM deco
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..losses.contrastive import clip_loss
+from ..losses.contrastive import LossConfig, build_contrastive_loss
+from ..models.base import ConfigDict
 from ..models.coca import CoCa, caption_loss, caption_mask
 from ..models.mim import (MASK_DIRECTIONS, MaskedImageDecoder, masked_mse, mim_target, patch_relevance,
                           select_mask, visible_indices)
-from .clip import LossConfig, group_size
+from .base import Method
 
 MASKINGS = ("attentive", "random", "none")
 
 
 @dataclass
-class SyCoCaConfig:
+class SyCoCaConfig(ConfigDict):
     lambda_itc: float = 1.0
     lambda_ic: float = 2.0          # CoCa's captioning weight
     lambda_mim: float = 1.0
@@ -44,9 +45,6 @@ class SyCoCaConfig:
     decoder_layers: int = 2         # TG-MIM image decoder
     decoder_width: int = 256
     decoder_heads: int = 8
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def __post_init__(self):
         if self.masking not in MASKINGS:
@@ -78,9 +76,7 @@ class SyCoCaTask(nn.Module):
         self.model = model
         self.cfg = cfg = cfg or SyCoCaConfig()
         self.loss_cfg = loss_cfg = loss_cfg or LossConfig()
-        if loss_cfg.kind != "infonce":
-            raise ValueError(f"sycoca: loss.kind must be 'infonce' (CoCa's ITC), got {loss_cfg.kind!r}")
-        self.group_size = group_size(loss_cfg)
+        self.itc_loss = build_contrastive_loss(loss_cfg, kinds=("infonce",), who="sycoca (CoCa's ITC)")
         v = model.config.vision
         self.mim_head = None
         if cfg.uses_mim:
@@ -126,9 +122,7 @@ class SyCoCaTask(nn.Module):
         vis = m.visual(pixels)                                              # pooled (B, Wv), tokens (B, P, Wv)
         txt = m.text(ids)                                                   # tokens (B, L, Wt)
         img_emb, txt_emb = m.image_embed(vis), m.text_embed(txt)            # (B, E)
-        lc = self.loss_cfg
-        itc = clip_loss(img_emb, txt_emb, m.scale(), gather=lc.gather, local_loss=lc.local_loss,
-                        group_size=self.group_size)
+        itc = self.itc_loss(img_emb, txt_emb, m.scale())
         logits = m.decode(txt.tokens, m.image_context(vis.tokens))          # (B, L, V)
         ic = caption_loss(logits, ids, m.eos_id, m.pad_id)
         if cfg.uses_mim:
@@ -139,6 +133,15 @@ class SyCoCaTask(nn.Module):
             mim = itc.new_zeros(())
         loss = cfg.lambda_itc * itc + cfg.lambda_ic * ic + cfg.lambda_mim * mim
         return {"loss": loss, "itc": itc.detach(), "ic": ic.detach(), "mim": mim.detach()}
+
+
+class SyCoCaMethod(Method):
+    """`method: sycoca`: a CoCa model (`model.name: coca-*`) trained with ITC + IC + TG-MIM."""
+
+    config_cls = SyCoCaConfig
+
+    def build_task(self, model: nn.Module) -> nn.Module:
+        return SyCoCaTask(model, self.cfg, self.run.loss)
 
 
 # ---- analysis helpers (ablation) -------------------------------------------------------------

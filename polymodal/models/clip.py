@@ -1,29 +1,26 @@
 """Dual encoder (CLIP). LoTLIP corner tokens and bilingual vocabularies are configuration, not subclasses."""
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import DEFAULT_LOGIT_SCALE, ConfigDict, PolymodalModel
 from .text import TextConfig, TextOutput, TextTower
 from .vision import VisionConfig, VisionTower
 
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(ConfigDict):
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 512
     proj_bias: bool = False                  # projections with bias (some imported towers)
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = DEFAULT_LOGIT_SCALE
     max_logit_scale: float = 100.0           # the exp'ed scale is clamped here
     model_type: str = "clip"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -34,7 +31,7 @@ class CLIPOutput:
     logit_scale: Tensor
 
 
-class CLIP(nn.Module):
+class CLIP(PolymodalModel):
     """Image tower + text tower + linear projections into a shared, L2-normalised space."""
 
     def __init__(self, cfg: CLIPConfig):
@@ -46,14 +43,7 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=cfg.proj_bias)
         nn.init.normal_(self.visual_proj.weight, std=cfg.vision.width ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=cfg.text.width ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        # Set by create_model / load_model; kept off the state dict.
-        self.tokenizer = None
-        self.image_transform = None
-
-    def scale(self) -> Tensor:
-        """exp(logit_scale) clamped at max_logit_scale (a scalar tensor with gradient)."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+        self.init_logit_scale(cfg.init_logit_scale)
 
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, E)."""
@@ -75,8 +65,3 @@ class CLIP(nn.Module):
 
     def forward(self, pixels: Tensor, ids: Tensor) -> CLIPOutput:
         return CLIPOutput(self.encode_image(pixels), self.encode_text(ids), self.scale())
-
-    def save_pretrained(self, directory) -> None:
-        """Write config.json, model.safetensors, the tokenizer and the preprocessing config."""
-        from ..hub import save_pretrained
-        save_pretrained(self, directory)

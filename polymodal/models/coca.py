@@ -20,14 +20,14 @@ step re-runs the text tower and decoder on the prefix (fine for captions of tens
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import DEFAULT_LOGIT_SCALE, ConfigDict, PolymodalModel
 from .layers import Attention, Transformer, init_transformer_
 from .text import TextConfig, TextOutput, TextTower
 from .vision import VisionConfig, VisionOutput, VisionTower
@@ -39,7 +39,7 @@ GENERATION_METHODS = ("greedy", "beam", "nucleus")
 
 
 @dataclass
-class CoCaConfig:
+class CoCaConfig(ConfigDict):
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)   # unimodal text encoder (causal, pool "eot")
     embed_dim: int = 512
@@ -47,12 +47,10 @@ class CoCaConfig:
     num_image_queries: int = 64     # attentional-pooling queries for the decoder context; 0 = all patches
     contrastive_pool: str = "attention"   # "attention" (one learned query, CoCa) | "cls" (the tower's pooled)
     bos_token_id: int = 49406       # start token of generated captions; pad/eos: text.pad/eot_token_id
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = DEFAULT_LOGIT_SCALE
     max_logit_scale: float = 100.0
     model_type: str = "coca"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -104,7 +102,7 @@ class AttentionalPooler(nn.Module):
         return self.norm(self.attn.out(v))
 
 
-class CoCa(nn.Module):
+class CoCa(PolymodalModel):
     """Contrastive captioner: `encode_image`, `encode_text`, `forward` (embeddings + caption logits),
     `generate` (captions as token ids) and `save_pretrained`."""
 
@@ -142,10 +140,7 @@ class CoCa(nn.Module):
         self.decoder_norm = nn.LayerNorm(t.width, eps=t.norm_eps)
         self.lm_head = nn.Linear(t.width, t.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=t.width ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        # Set by create_model / load_model; kept off the state dict.
-        self.tokenizer = None
-        self.image_transform = None
+        self.init_logit_scale(cfg.init_logit_scale)
 
     # Special ids: one source of truth each (pad/eos live in the text config, as for CLIP).
     @property
@@ -160,9 +155,6 @@ class CoCa(nn.Module):
     def bos_id(self) -> int:
         return self.config.bos_token_id
 
-    def scale(self) -> Tensor:
-        """exp(logit_scale) clamped at max_logit_scale."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
     # ---- image side -------------------------------------------------------------------------
     def image_embed(self, vis: VisionOutput, normalize: bool = True) -> Tensor:
@@ -258,11 +250,6 @@ class CoCa(nn.Module):
         if method == "nucleus":
             return nucleus_sample(step, top_p=top_p, temperature=temperature, generator=generator, **kw)
         raise ValueError(f"generate: unknown method {method!r}; choose one of {', '.join(GENERATION_METHODS)}")
-
-    def save_pretrained(self, directory) -> None:
-        """Write config.json, model.safetensors, the tokenizer and the preprocessing config."""
-        from ..hub import save_pretrained
-        save_pretrained(self, directory)
 
 
 def caption_mask(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:

@@ -6,6 +6,7 @@ import json
 from importlib import resources
 
 from ..config import ConfigError, from_dict, set_dotted
+from .base import attach_processors
 
 
 def _families() -> dict:
@@ -22,6 +23,8 @@ def _families() -> dict:
         families["coca"] = (CoCaConfig, CoCa)
     except ImportError:
         pass
+    from .video import VideoCLIP, VideoCLIPConfig
+    families["video_clip"] = (VideoCLIPConfig, VideoCLIP)
     return families
 
 
@@ -91,13 +94,3 @@ def sync_text_config(cfg, tokenizer) -> None:
         text.pool = "eot"
 
 
-def attach_processors(model, tokenizer=None, image_transform=None) -> None:
-    """Attach a tokenizer bound to the tower's token budget and an image transform."""
-    if image_transform is None:
-        from ..data.images import ImageTransform
-        image_transform = ImageTransform(model.config.vision.image_size)
-    model.image_transform = image_transform
-    if tokenizer is not None:
-        budget = model.config.text.context_length - getattr(model.config.text, "num_readout_tokens", 0)
-        tokenizer.context_length = budget
-    model.tokenizer = tokenizer

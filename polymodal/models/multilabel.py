@@ -143,7 +143,7 @@ def save_adapter(adapter: MultiLabelAdapter, directory: str | os.PathLike) -> No
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    from ..hub import replace_dir
+    from .base import replace_dir
     replace_dir(tmp, directory)
 
 

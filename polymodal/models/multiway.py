@@ -19,13 +19,13 @@ projection and one on the FFN hidden state before `fc2` (torchscale's default, `
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import DEFAULT_LOGIT_SCALE, ConfigDict, PolymodalModel
 from .clip import CLIPOutput
 from .layers import activation, grid_size, interpolate_positions
 
@@ -48,7 +48,7 @@ class M2TextConfig:
 
 
 @dataclass
-class M2Config:
+class M2Config(ConfigDict):
     """M2-Encoder sizes. Width, depth and heads are shared by both modalities (one multiway stack);
     `vision` and `text` hold what is modality-specific, so `config.vision.image_size` and
     `config.text.context_length` read as for CLIP."""
@@ -63,12 +63,10 @@ class M2Config:
     sub_ln: bool = True           # LayerNorm inside attention (before `out`) and FFN (before `fc2`)
     norm_eps: float = 1e-5
     embed_dim: int = 768          # retrieval embedding size (projection output)
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = DEFAULT_LOGIT_SCALE
     max_logit_scale: float = 100.0
     model_type: str = "m2"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -177,7 +175,7 @@ class MultiwayEncoder(nn.Module):
         return route(self.norm, lambda n, t: n(t), x, split)
 
 
-class M2Encoder(nn.Module):
+class M2Encoder(PolymodalModel):
     """M2-Encoder: multiway stage 1 (dual encoder) + shared stage 2, CLS features, linear heads.
 
     Attributes set by `create_model` / `load_model` (kept off the state dict): `tokenizer`,
@@ -202,10 +200,8 @@ class M2Encoder(nn.Module):
         self.stage2 = MultiwayEncoder(layers=cfg.vl_layers, branches=(SHARED,), **common) if cfg.vl_layers else None
         self.visual_proj = nn.Linear(W, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(W, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.init_logit_scale(cfg.init_logit_scale)
         self._init_weights()
-        self.tokenizer = None
-        self.image_transform = None
 
     def _init_weights(self) -> None:
         """Linear weights normal(fan_in^-0.5) (CLIP-style), embeddings normal(0.02), zero biases; residual
@@ -288,10 +284,6 @@ class M2Encoder(nn.Module):
         return states[torch.arange(len(ids), device=ids.device), at]
 
     # ---- CLIP-like interface ----
-    def scale(self) -> Tensor:
-        """exp(logit_scale) clamped at max_logit_scale (a scalar tensor with gradient)."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
-
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, E) from the stage-2 CLS feature."""
         x = self.visual_proj(self.image_features(pixels).stage2[:, 0])
@@ -305,11 +297,6 @@ class M2Encoder(nn.Module):
     def forward(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None) -> CLIPOutput:
         return CLIPOutput(self.encode_image(pixels), self.encode_text(ids, attention_mask=attention_mask),
                           self.scale())
-
-    def save_pretrained(self, directory) -> None:
-        """Write config.json, model.safetensors, the tokenizer and the preprocessing config."""
-        from ..hub import save_pretrained
-        save_pretrained(self, directory)
 
 
 def count_parameters(cfg: M2Config) -> int:

@@ -11,18 +11,24 @@ import json
 from contextlib import nullcontext
 import math
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..config import ConfigError
+from ..fileio import atomic_open
 from . import distributed as dist_utils
-from .checkpoint import (atomic_torch_save, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state,
+from .checkpoint import (CheckpointError, atomic_torch_save, is_complete_checkpoint, latest_checkpoint,
+                         list_checkpoints, load_checkpoint, prune_checkpoints, remove_stale_temp_files, rng_state,
                          set_rng_state)
-from .schedule import lr_at
+from .schedule import SCHEDULES, lr_at
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -38,6 +44,32 @@ class OptimConfig:
     accum_steps: int = 1            # micro-batches per optimizer step
     fused: bool = True              # fused AdamW kernel (CPU and CUDA); False = torch's multi-tensor (foreach)
 
+    def validate(self, where: str = "recipe") -> "OptimConfig":
+        """Check every value's type and range, so a bad one fails before training starts.
+
+        Args:
+            where: the file (or other source) the values came from, for the message.
+        Returns:
+            self.
+        Raises:
+            ConfigError: naming `where`, the key (e.g. `optim.lr`), the value and what is allowed.
+        """
+        _number(self.lr, "optim.lr", where, low=0.0, low_open=True, hint="e.g. optim.lr=5e-4")
+        _number(self.weight_decay, "optim.weight_decay", where, low=0.0)
+        betas = self.betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ConfigError(f"{where}: optim.betas must be two numbers in [0, 1), got {betas!r} "
+                              f"(e.g. optim.betas=[0.9,0.98])")
+        _number(self.eps, "optim.eps", where, low=0.0, low_open=True)
+        _integer(self.warmup_steps, "optim.warmup_steps", where, low=0)
+        _choice(self.schedule, "optim.schedule", where, SCHEDULES)
+        _number(self.min_lr_ratio, "optim.min_lr_ratio", where, low=0.0, high=1.0)
+        _number(self.clip_grad, "optim.clip_grad", where, low=0.0, hint="0 disables clipping")
+        _integer(self.accum_steps, "optim.accum_steps", where, low=1)
+        _boolean(self.fused, "optim.fused", where)
+        return self
+
 
 @dataclass
 class TrainConfig:
@@ -52,10 +84,75 @@ class TrainConfig:
     stop_after: int = 0             # stop (as if killed) after this many steps; 0 = run to the end
     progress: bool = True
     threads: int = 0                # torch intra-op threads for this process; 0 = leave torch's default
+    max_empty_batches: int = 100    # stop with an error after this many batches in a row had no usable sample
+
+    def validate(self, where: str = "recipe") -> "TrainConfig":
+        """Check every value's type and range, so a bad one fails before training starts.
+
+        The existence of a `resume` checkpoint path is checked by the Trainer at start-up.
+
+        Args:
+            where: the file (or other source) the values came from, for the message.
+        Returns:
+            self.
+        Raises:
+            ConfigError: naming `where`, the key (e.g. `train.steps`), the value and what is allowed.
+        """
+        _integer(self.steps, "train.steps", where, low=1)
+        _integer(self.seed, "train.seed", where)
+        _choice(self.precision, "train.precision", where, PRECISIONS)
+        _integer(self.log_every, "train.log_every", where, low=1)
+        _integer(self.eval_every, "train.eval_every", where, low=0, hint="0 = only at the end")
+        _integer(self.ckpt_every, "train.ckpt_every", where, low=0, hint="0 = no checkpoints")
+        _integer(self.keep_last, "train.keep_last", where, low=1)
+        if not isinstance(self.resume, (str, Path)) or not str(self.resume).strip():
+            raise ConfigError(f"{where}: train.resume must be 'auto', 'never' or a checkpoint path, "
+                              f"got {self.resume!r}")
+        _integer(self.stop_after, "train.stop_after", where, low=0, hint="0 = run to the end")
+        _boolean(self.progress, "train.progress", where)
+        _integer(self.threads, "train.threads", where, low=0, hint="0 = torch's default")
+        _integer(self.max_empty_batches, "train.max_empty_batches", where, low=1)
+        return self
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(v: Any, key: str, where: str, low: float | None = None, high: float | None = None,
+            low_open: bool = False, hint: str = "") -> None:
+    """A finite real number in [low, high] (or (low, high] with low_open); else ConfigError."""
+    ok = _is_real(v) and (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        rng = " and ".join(x for x in (lo, hi) if x)
+        raise ConfigError(f"{where}: {key} must be a finite number{' ' + rng if rng else ''}, got {v!r}"
+                          + (f" ({hint})" if hint else ""))
+
+
+def _integer(v: Any, key: str, where: str, low: int | None = None, hint: str = "") -> None:
+    if not (isinstance(v, int) and not isinstance(v, bool)) or (low is not None and v < low):
+        rng = f" >= {low}" if low is not None else ""
+        raise ConfigError(f"{where}: {key} must be an integer{rng}, got {v!r}" + (f" ({hint})" if hint else ""))
+
+
+def _choice(v: Any, key: str, where: str, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(allowed)}, got {v!r}")
+
+
+def _boolean(v: Any, key: str, where: str) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {v!r}")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class DataExhausted(RuntimeError):
+    """The data gives no usable sample (every record of many batches, or of a whole epoch, was skipped)."""
 
 
 # Parameters that should not be decayed: biases, norms, embeddings, tokens, scales.
@@ -97,20 +194,28 @@ class Trainer:
         out_dir: where checkpoints (`checkpoints/step_N.pt`) and `metrics.jsonl` go.
         evaluate: optional `evaluate(task, step) -> dict` run on rank 0 every `eval_every` steps and at
             the end; its numbers are logged with an "eval/" prefix.
+
+    Raises:
+        ConfigError: at construction, for any bad `optim`/`train` value or a `train.resume` path that
+            does not exist, so nothing fails after training started.
     """
 
     def __init__(self, task: nn.Module, make_loader: Callable[[int, int], Iterable[dict]], optim: OptimConfig,
                  train: TrainConfig, out_dir: str | Path, evaluate: Callable | None = None):
         self.task = task
         self.make_loader = make_loader
+        optim.validate(where="config")
+        train.validate(where="config")
         self.ocfg, self.tcfg = optim, train
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.evaluate = evaluate
+        if train.resume not in ("auto", "never") and not Path(train.resume).is_file():
+            raise ConfigError(f"train.resume: checkpoint {train.resume} does not exist (or is not a file); "
+                              f"give an existing step_N.pt, or train.resume=auto (latest in {self.ckpt_dir}) "
+                              f"or train.resume=never")
         self.dist = dist_utils.init_distributed()
         self.is_main = self.dist.rank == 0
-        if train.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {train.precision!r}")
         self.device = self.dist.device
         self.task.to(self.device)
         self.module = self.task
@@ -124,6 +229,9 @@ class Trainer:
                                            betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
         self.state = TrainState()
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self._empty_streak = 0                      # batches in a row without a usable sample
+        self._empty_reasons: Counter = Counter()    # why the records of those batches were skipped
+        self._usable_in_epoch = 0                   # usable batches seen in this epoch (since the loader started)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -139,15 +247,24 @@ class Trainer:
         return path
 
     def maybe_resume(self) -> None:
+        """Load the checkpoint `train.resume` names; "auto" takes the newest readable one in `checkpoints/`.
+
+        A start from step 0 in a folder that already has metrics (a run killed before its first
+        checkpoint) drops that run's step lines, like a resume does for the steps after its checkpoint."""
         resume = self.tcfg.resume
         if resume == "never":
+            self._truncate_metrics(0)
             return
-        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if path is None:
+        if resume == "auto":
+            path, ckpt = self._load_newest_readable()
+        else:
+            path = Path(resume)
+            if not path.is_file():
+                raise ConfigError(f"train.resume: checkpoint {path} does not exist")
+            ckpt = load_checkpoint(path)
+        if ckpt is None:
+            self._truncate_metrics(0)
             return
-        if not path.is_file():
-            raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
-        ckpt = load_checkpoint(path)
         self.task.load_state_dict(ckpt["task"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], Counter(ckpt["bad_records"]))
@@ -155,13 +272,52 @@ class Trainer:
         self._truncate_metrics(self.state.step)
         self.log({"event": "resumed", "checkpoint": str(path), "step": self.state.step})
 
+    def _load_newest_readable(self) -> tuple[Path | None, dict | None]:
+        """(path, contents) of the newest checkpoint that loads; unreadable newer ones are passed with a warning.
+
+        Every rank reads the same files, so every rank resumes from the same step."""
+        for _, candidate in reversed(list_checkpoints(self.ckpt_dir)):
+            if not is_complete_checkpoint(candidate):   # cheap: the zip directory at the end is cut off
+                warnings.warn(f"checkpoint {candidate} is incomplete (truncated?); ignoring it and trying the "
+                              f"previous one", stacklevel=3)
+                continue
+            try:
+                return candidate, load_checkpoint(candidate)
+            except CheckpointError as e:
+                warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=3)
+        return None, None
+
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after `step` by the run that died, so the curve has no duplicates."""
+        """Drop metric lines written after `step` by the run that died, so the curve has no duplicates.
+
+        Lines that are not a JSON object (a line torn by a kill or a full disk, usually the last) are
+        dropped with one warning naming the file and the lines. The file is replaced atomically."""
         if not self.is_main or not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        raw = self.metrics_path.read_bytes()
+        kept, torn, dropped = [], [], 0
+        for line_no, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                torn.append(line_no)
+                continue
+            step_of = record.get("step", 0)
+            if isinstance(step_of, (int, float)) and step_of > step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if torn:
+            warnings.warn(f"{self.metrics_path}: dropping line(s) {', '.join(map(str, torn))} that are not "
+                          f"complete JSON records (torn by an interrupted write)", stacklevel=3)
+        if not torn and not dropped:
+            return
+        with atomic_open(self.metrics_path, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
 
     # -- logging -----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -173,15 +329,25 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def _batches(self):
-        """Endless stream of (epoch, batch), resuming inside an epoch when needed."""
+        """Endless stream of batches, resuming inside an epoch when needed.
+
+        Raises:
+            DataExhausted: an epoch had no batch, or (read from its start) no usable sample.
+        """
         while True:
             skip = self.state.batch_in_epoch
+            self._usable_in_epoch = 0
             for batch in self.make_loader(self.state.epoch, skip):
                 self.state.batch_in_epoch += 1
                 yield batch
             if self.state.batch_in_epoch == 0:
-                raise RuntimeError("the training data is empty (no batch in an epoch); check the manifest "
-                                   "and that batch_size <= number of records per rank")
+                raise DataExhausted("the training data is empty (no batch in an epoch); check the manifest "
+                                    "and that batch_size <= number of records per rank")
+            if skip == 0 and self._usable_in_epoch == 0:
+                # `_next_usable` has judged every batch of this epoch by now (the generator is lazy).
+                raise DataExhausted(f"no usable sample in epoch {self.state.epoch} ({self.state.batch_in_epoch} "
+                                    f"batches; skipped: {_reasons(self._empty_reasons)}); fix the data or "
+                                    f"check data.on_bad_record and the manifest")
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
@@ -191,21 +357,36 @@ class Trainer:
         Under DDP the ranks' batches must have one size (the contrastive all-gather needs equal shapes), but
         the skip policy can shorten one rank's batch: every rank then cuts its batch to the smallest size
         (good samples cut this way are counted as `cut_to_match_ranks`), and an empty batch on any rank
-        makes every rank pass to the next one, so all ranks run the same collectives."""
+        makes every rank pass to the next one, so all ranks run the same collectives.
+
+        Raises:
+            DataExhausted: `train.max_empty_batches` batches in a row had no usable sample (on any rank);
+                the message gives the skip counts by reason."""
         while True:
             batch = next(batches)
-            self.state.bad_records.update(batch.get("bad_reasons") or {})
+            reasons = batch.get("bad_reasons") or {}
+            self.state.bad_records.update(reasons)
             empty = "index" in batch and batch["index"].numel() == 0
             if self.dist.world_size == 1:
-                if not empty:
-                    return self._to_device(batch)
-                continue
-            n = 0 if empty else _batch_size(batch)
-            smallest = dist_utils.all_reduce_min(n, self.device)
-            if smallest < n:
-                self.state.bad_records["cut_to_match_ranks"] += n - smallest
-            if smallest > 0:
-                return self._to_device(trim_batch(batch, smallest) if smallest < n else batch)
+                usable = batch if not empty else None
+            else:
+                n = 0 if empty else _batch_size(batch)
+                smallest = dist_utils.all_reduce_min(n, self.device)   # every rank gets the same answer
+                if smallest < n:
+                    self.state.bad_records["cut_to_match_ranks"] += n - smallest
+                usable = None if smallest == 0 else trim_batch(batch, smallest) if smallest < n else batch
+            if usable is not None:
+                self._usable_in_epoch += 1
+                self._empty_streak = 0
+                self._empty_reasons.clear()
+                return self._to_device(usable)
+            self._empty_streak += 1
+            self._empty_reasons.update(reasons)
+            if self._empty_streak >= self.tcfg.max_empty_batches:
+                raise DataExhausted(
+                    f"no usable sample in {self._empty_streak} consecutive batches (skipped: "
+                    f"{_reasons(self._empty_reasons)}); fix the data (see the skip counts in {self.metrics_path}) "
+                    f"or raise train.max_empty_batches")
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -217,6 +398,8 @@ class Trainer:
             # can be many times faster: the threads otherwise wait on each other.
             torch.set_num_threads(self.tcfg.threads)
         torch.manual_seed(self.tcfg.seed)
+        if self.is_main:
+            remove_stale_temp_files(self.ckpt_dir)   # litter of writes a kill interrupted
         self.maybe_resume()
         o, t = self.ocfg, self.tcfg
         stop_at = t.steps if t.stop_after <= 0 else min(t.steps, self.state.step + t.stop_after)
@@ -307,6 +490,11 @@ def trim_batch(batch: dict, n: int) -> dict:
     size = _batch_size(batch)
     cut = lambda v: v[:n] if (torch.is_tensor(v) and v.ndim > 0 or isinstance(v, list)) and len(v) == size else v
     return {k: cut(v) for k, v in batch.items()}
+
+
+def _reasons(counts: Counter) -> str:
+    """`corrupt_image=6400, missing_key=3`, most frequent first; "none recorded" when empty."""
+    return ", ".join(f"{k}={v}" for k, v in counts.most_common()) or "none recorded"
 
 
 def _batch_size(batch: dict) -> int:

@@ -19,13 +19,12 @@ def train_or_reuse(cfg, fresh: bool = False) -> tuple[Path, float, bool]:
     Returns:
         (the saved model directory, training seconds (as recorded when the run was made), reused?).
     """
-    from ..config import to_dict
     from ..eval.report import write_json
     from .run import run_recipe
 
     out_dir = Path(cfg.out_dir)
     done, saved = out_dir / "final_metrics.json", out_dir / "config.json"
-    want = json.loads(json.dumps(to_dict(cfg)))
+    want = json.loads(json.dumps(cfg.to_dict()))
     if out_dir.exists():
         same = saved.is_file() and json.loads(saved.read_text()) == want
         if same and done.is_file() and (out_dir / "model").is_dir() and not fresh:

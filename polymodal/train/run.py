@@ -1,5 +1,6 @@
-"""Recipes: a typed `RunConfig` read from YAML (+ `key=value` overrides) and `run_recipe`, which builds
-the tokenizer, model, data, task and evaluation, trains, and writes the final model and metrics.
+"""Recipes: a typed `RunConfig` read from YAML (+ `key=value` overrides) and `run_recipe`, which asks the
+recipe's method (`polymodal.methods.METHODS`) for its tokenizer, model, data, task and evaluation, trains
+with the one Trainer, and writes the final model and metrics. Nothing here names a method.
 """
 from __future__ import annotations
 
@@ -7,70 +8,25 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from ..methods.clip import ContrastiveTask, LossConfig
+from ..data.config import DataConfig
+from ..eval.tasks import EvalConfig
+from ..losses.contrastive import LossConfig
+from ..methods import METHODS, get_method
+from ..methods.base import ModelSpec, TokenizerSpec
 from . import distributed as dist_utils
 from .loop import OptimConfig, TrainConfig, Trainer
-
-METHODS = ("clip", "lotlip", "m2", "sycoca")
-
-
-@dataclass
-class ModelSpec:
-    name: str = "small"                  # bundled config, used when `path` is empty
-    path: str = ""                       # start from weights on disk (any format load_model reads)
-    overrides: dict = field(default_factory=dict)  # dotted keys, e.g. {"text.context_length": 128}
-
-
-@dataclass
-class TokenizerSpec:
-    path: str = ""                       # a tokenizer directory; empty = train one on the training captions
-    kind: str = "bpe"                    # "bpe" | "wordpiece" when training
-    vocab_size: int = 2048
-    corpus_keys: list = field(default_factory=lambda: ["caption", "long_caption"])
-
-
-@dataclass
-class DataConfig:
-    train: str = ""                      # manifest (JSONL/CSV)
-    shards: str = ""                     # webdataset shard folder; used instead of `train` when set
-    batch_size: int = 64                 # per rank
-    num_workers: int = 0
-    on_bad_record: str = "error"         # "error" | "skip"
-    caption_key: str = "caption"
-    num_subcaptions: int = 0             # LoTLIP: sub-captions sampled from the long caption
-    subcaption_sentences: list = field(default_factory=lambda: [1, 3])
-    langs: list = field(default_factory=lambda: ["en"])  # caption languages mixed in training
-
-
-@dataclass
-class EvalConfig:
-    retrieval: str = ""                  # manifest for short-caption retrieval (and zero-shot)
-    longtext: str = ""                   # manifest with long captions (hard set)
-    zeroshot: str = ""                   # manifest with labels (default: `retrieval`)
-    classes: str = ""                    # classes.json for zero-shot
-    langs: list = field(default_factory=lambda: ["en"])
-    limit: int = 0                       # evaluate the first N records (0 = all)
-
-
-def _method_configs():
-    """Method sections of a recipe (imported lazily: each method's module is its own)."""
-    import importlib
-    found = {}
-    for name, cls in (("lotlip", "LoTLIPConfig"), ("sycoca", "SyCoCaConfig")):
-        try:
-            found[name] = getattr(importlib.import_module(f"..methods.{name}", __package__), cls)
-        except ModuleNotFoundError:
-            continue
-    return found
 
 
 @dataclass
 class RunConfig:
-    method: str = "clip"                 # clip | lotlip | m2 | sycoca
+    """A whole run. The section named after `method` (e.g. `lotlip:`) is the method's own config; it is
+    parsed by the method's `config_cls` and kept in `method_config` (not a recipe key)."""
+    method: str = "clip"                 # a name in polymodal.methods.METHODS
     out_dir: str = "runs/clip"
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
@@ -79,16 +35,34 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    lotlip: dict = field(default_factory=dict)   # LoTLIPConfig keys (validated by the method)
-    sycoca: dict = field(default_factory=dict)   # SyCoCaConfig keys (validated by the method)
+    method_config: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """The recipe as nested dicts (written to `out_dir/config.json`; loadable again as a recipe)."""
+        out = {k: v for k, v in to_dict(self).items() if k != "method_config"}
+        if self.method_config is not None:
+            out[self.method] = to_dict(self.method_config)
+        return out
+
+    def __getattr__(self, name: str):
+        # `cfg.lotlip` reads the method's section, as the recipe spells it.
+        d = self.__dict__
+        if "method" in d and name == d["method"] and d.get("method_config") is not None:
+            return d["method_config"]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def method_impl(self):
+        """The method object (`methods.base.Method`) this run uses."""
+        return get_method(self.method)(self, self.method_config)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> RunConfig:
-    """Read a recipe YAML, apply `key=value` overrides and validate every key.
+    """Read a recipe YAML, apply `key=value` overrides and validate every key and value.
 
     Raises:
-        ConfigError: naming the file and the unknown/mistyped key, listing the allowed keys.
+        ConfigError: naming the file and the unknown/mistyped key or bad value (listing the allowed ones).
     """
     data = dict(base or {})
     where = "recipe"
@@ -96,111 +70,76 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         data.update(load_yaml(path))
         where = str(path)
     apply_overrides(data, list(overrides or []))
+    name = data.get("method", "clip")
+    try:
+        cls = get_method(name)
+    except KeyError:
+        raise ConfigError(f"{where}: method {name!r} is not one of {', '.join(METHODS)}") from None
+    section = data.pop(name, None) if isinstance(name, str) and name not in RunConfig.__dataclass_fields__ else None
+    strays = [k for k in data if k in METHODS and k not in RunConfig.__dataclass_fields__]
+    if strays:
+        raise ConfigError(f"{where}: section {strays[0]!r} belongs to method {strays[0]!r}, but this recipe's "
+                          f"method is {name!r}; remove the section or set method: {strays[0]}")
+    if "method_config" in data:
+        raise ConfigError(f"{where}: unknown key 'method_config'; put the method's settings under `{name}:`")
     cfg = from_dict(RunConfig, data, where)
-    if cfg.method not in METHODS:
-        raise ConfigError(f"{where}: method {cfg.method!r} is not one of {', '.join(METHODS)}")
-    for name, cls in _method_configs().items():
-        setattr(cfg, name, from_dict(cls, getattr(cfg, name), f"{where}.{name}"))
-    if cfg.data.shards and list(cfg.data.langs) != ["en"]:
-        raise ConfigError(f"{where}: data.langs={list(cfg.data.langs)} needs data.train (a manifest): streams from "
-                          f"data.shards read only the `{cfg.data.caption_key}` captions")
+    try:
+        if cls.config_cls is not None:
+            cfg.method_config = from_dict(cls.config_cls, section or {}, f"{where}.{name}")
+        elif section:
+            raise ConfigError(f"{where}: method {name!r} takes no `{name}:` section")
+        validate_run(cfg, where)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{where}: {e.args[0] if e.args else e}") from None
     return cfg
 
 
-def build_tokenizer(cfg: RunConfig, out_dir: Path):
-    """Load the tokenizer, or train one on the training captions (saved in the run folder)."""
-    from ..data.text import Tokenizer, train_tokenizer
-    if cfg.tokenizer.path:
-        return Tokenizer.from_dir(cfg.tokenizer.path)
-    saved = out_dir / "tokenizer"
-    if (saved / "tokenizer.json").is_file():           # a resumed run reuses its tokenizer
-        return Tokenizer.from_dir(saved)
-    if not cfg.data.train:
-        raise ConfigError("tokenizer.path is empty and data.train is not set: nothing to train a tokenizer on")
-    from ..data.manifests import read_manifest
-    manifest = read_manifest(cfg.data.train, on_bad_record="skip", check_images=False)
-    keys = []
-    for key in cfg.tokenizer.corpus_keys:
-        keys.append(key)
-        keys.extend(f"{key}_{lang}" for lang in cfg.data.langs if lang != "en")
-    texts = []
-    for r in manifest.records:
-        for key in keys:
-            value = r.get(key)
-            if isinstance(value, str):
-                texts.append(value)
-            elif isinstance(value, list):
-                texts.extend(v for v in value if isinstance(v, str))
-    tok = train_tokenizer(texts, kind=cfg.tokenizer.kind, vocab_size=cfg.tokenizer.vocab_size)
-    if dist_utils.rank() == 0:
-        tok.save(saved)
-    return tok
+def validate_run(cfg: RunConfig, where: str = "recipe") -> None:
+    """Check every section's values (and the method's cross-section rules); raises ValueError naming the key."""
+    cfg.optim.validate(where)
+    cfg.train.validate(where)
+    cfg.loss.validate()
+    cfg.data.validate()
+    cfg.tokenizer.validate()
+    cfg.eval.specs()
+    cfg.method_impl.validate()
 
 
-def build_model(cfg: RunConfig, tokenizer):
-    from ..hub import load_model
-    from ..models.factory import attach_processors, create_model
-    if cfg.model.path:
-        model = load_model(cfg.model.path)
-        model.train()
-        if tokenizer is not None and model.tokenizer is None:
-            attach_processors(model, tokenizer, model.image_transform)
-        return model
-    overrides = dict(cfg.model.overrides)
-    if cfg.method == "lotlip":
-        overrides.setdefault("text.num_readout_tokens", cfg.lotlip.num_corners)
-    return create_model(cfg.model.name, overrides, tokenizer=tokenizer)
+def check_paths(cfg: RunConfig) -> None:
+    """Every file the run will open must exist now, not after training: data, eval, tokenizer, model.
+
+    Raises:
+        FileNotFoundError: naming the recipe key and the path.
+    """
+    wanted = [("data.train", cfg.data.train), ("data.shards", cfg.data.shards), ("model.path", cfg.model.path),
+              ("tokenizer.path", cfg.tokenizer.path)]
+    wanted += [("eval", p) for p in cfg.eval.paths()]
+    wanted += [(cfg.method, p) for p in cfg.method_impl.paths()]
+    if cfg.train.resume not in ("auto", "never"):
+        wanted.append(("train.resume", cfg.train.resume))
+    for key, path in wanted:
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{key}: {path} does not exist (checked before training; fix the path in the "
+                                    f"recipe or override it, e.g. {key.split()[0]}=...)")
 
 
 def build_task(cfg: RunConfig, model):
-    if cfg.method in ("clip", "m2"):
-        return ContrastiveTask(model, cfg.loss)
-    if cfg.method == "lotlip":
-        from ..methods.lotlip import LoTLIPTask
-        return LoTLIPTask(model, cfg.lotlip, cfg.loss)
-    if cfg.method == "sycoca":
-        from ..methods.sycoca import SyCoCaTask
-        return SyCoCaTask(model, cfg.sycoca, cfg.loss)
-    raise ConfigError(f"unknown method {cfg.method!r}")
+    """The recipe's training objective over `model` (the method's `build_task`)."""
+    return cfg.method_impl.build_task(model)
 
 
-def build_loader_factory(cfg: RunConfig, model):
-    """`make_loader(epoch, skip_batches)` for the Trainer, over a manifest or shards."""
-    from ..data.datasets import ImageTextDataset, build_loader, set_loader_epoch
+def build_loader_factory(cfg: RunConfig, method, model):
+    """`make_loader(epoch, skip_batches)` for the Trainer, over the method's dataset and collate."""
+    from ..data.datasets import build_loader, set_loader_epoch
     info = dist_utils.DistInfo(rank=dist_utils.rank(), world_size=dist_utils.world_size())
     d = cfg.data
-    budget = model.tokenizer.context_length
-    langs = list(d.langs)
-    per_epoch = None
-    if d.shards:
-        from ..data.shards import ShardDataset, resolve_shards
-        dataset = ShardDataset(d.shards, model.image_transform, tokenizer=model.tokenizer,
-                               caption_key=d.caption_key, on_bad_record=d.on_bad_record,
-                               long_caption_key="long_caption" if d.num_subcaptions else None,
-                               num_subcaptions=d.num_subcaptions, subcaption_sentences=tuple(d.subcaption_sentences),
-                               seed=cfg.train.seed, context_length=budget, rank=info.rank,
-                               world_size=info.world_size)
-        # Whole shards per rank give ranks different sample counts; DDP needs equal step counts,
-        # so every rank stops an epoch after the same number of batches.
-        _, counts = resolve_shards(d.shards)
-        if counts:
-            per_epoch = sum(counts.values()) // (info.world_size * d.batch_size)
-    else:
-        if not d.train:
-            raise ConfigError("data.train (a manifest) or data.shards must be set")
-        keys = [d.caption_key] + [f"{d.caption_key}_{lang}" for lang in langs if lang != "en"]
-        datasets = [ImageTextDataset(d.train, model.image_transform, tokenizer=model.tokenizer, caption_key=key,
-                                     on_bad_record=d.on_bad_record,
-                                     long_caption_key="long_caption" if d.num_subcaptions else None,
-                                     num_subcaptions=d.num_subcaptions,
-                                     subcaption_sentences=tuple(d.subcaption_sentences), seed=cfg.train.seed,
-                                     context_length=budget) for key in keys]
-        dataset = datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
-        if len(datasets) > 1:
-            dataset.set_epoch = lambda e: [ds.set_epoch(e) for ds in datasets]
+    dataset, per_epoch = method.build_dataset(model, info.rank, info.world_size)
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     loader = build_loader(dataset, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=cfg.train.seed,
                           drop_last=True, rank=info.rank, world_size=info.world_size,
-                          tokenizer=model.tokenizer, context_length=budget)
+                          collate_fn=method.collate(model), timeout=d.worker_timeout if d.num_workers else 0)
 
     skipped = dict(getattr(getattr(dataset, "manifest", None), "skipped", {}) or {})
     if skipped and info.rank == 0:
@@ -208,7 +147,7 @@ def build_loader_factory(cfg: RunConfig, model):
 
     def make_loader(epoch: int, skip_batches: int):
         set_loader_epoch(loader, epoch)
-        if not d.shards:
+        if not streaming:
             if skip_batches:
                 loader.sampler.skip(skip_batches)
             return loader
@@ -219,40 +158,47 @@ def build_loader_factory(cfg: RunConfig, model):
     return make_loader
 
 
-def build_evaluate(cfg: RunConfig):
-    e = cfg.eval
-    if not (e.retrieval or e.longtext or e.zeroshot):
+def build_evaluate(cfg: RunConfig, method):
+    """`evaluate(task, step) -> dict` for the Trainer, or None when the recipe lists no evaluation."""
+    specs = cfg.eval.specs()
+    if not specs:
         return None
-    from ..eval.suite import run_suite
 
     def evaluate(task, step: int) -> dict:
-        return run_suite(task.model, retrieval=e.retrieval or None, longtext=e.longtext or None,
-                         zeroshot=e.zeroshot or None, classes=e.classes or None, langs=tuple(e.langs),
-                         limit=e.limit)
+        return method.evaluate(task, specs)
 
     return evaluate
 
 
 def run_recipe(cfg: RunConfig) -> dict:
     """Train (or resume) the run described by `cfg`; writes `out_dir/{config.json, metrics.jsonl,
-    checkpoints/, model/, final_metrics.json}` and returns the final metrics."""
+    checkpoints/, model/, final_metrics.json}` and returns the final metrics.
+
+    Every path the run opens is checked before anything is built, and the method builds its model, data and
+    task before the first step, so a bad recipe fails in seconds, not after training."""
+    check_paths(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist_utils.init_distributed()
     torch.manual_seed(cfg.train.seed)
     if dist_utils.rank() == 0:
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
-    tokenizer = build_tokenizer(cfg, out_dir)
+        from ..eval.report import write_json
+        write_json(out_dir / "config.json", cfg.to_dict())
+    method = cfg.method_impl
+    tokenizer = method.build_tokenizer(out_dir)
     dist_utils.barrier()
-    model = build_model(cfg, tokenizer)
-    task = build_task(cfg, model)
-    make_loader = build_loader_factory(cfg, model)
-    trainer = Trainer(task, make_loader, cfg.optim, cfg.train, out_dir, build_evaluate(cfg))
+    model = method.build_model(tokenizer)
+    task = method.build_task(model)
+    make_loader = build_loader_factory(cfg, method, model)
+    trainer = Trainer(task, make_loader, cfg.optim, cfg.train, out_dir, build_evaluate(cfg, method))
     if make_loader.manifest_skipped:
         trainer.log({"step": 0, "manifest_skipped": make_loader.manifest_skipped})
     final = trainer.fit()
     if dist_utils.rank() == 0 and trainer.state.step >= cfg.train.steps:
-        model.save_pretrained(out_dir / "model")
+        method.final_model(task).save_pretrained(out_dir / "model")
         from ..eval.report import write_json
         write_json(out_dir / "final_metrics.json", {"step": trainer.state.step, **final})
     return final
+
+
+__all__ = ["RunConfig", "load_recipe", "run_recipe", "build_task", "check_paths", "validate_run"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+SCHEDULES = ("cosine", "constant")   # the values `optim.schedule` may take
+
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0,
           schedule: str = "cosine", min_lr_ratio: float = 0.0) -> float:
@@ -23,7 +25,7 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0,
     if schedule == "constant":
         return base_lr
     if schedule != "cosine":
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {schedule!r}")
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     floor = base_lr * min_lr_ratio

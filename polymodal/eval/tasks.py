@@ -1,0 +1,166 @@
+"""The one evaluation table: task name -> function `(model, manifest, **options) -> dict of numbers`.
+
+Used by `polymodal eval --task NAME` and by the Trainer's periodic evaluation (a recipe's `eval.tasks`).
+A new family adds a row here (video retrieval, preference accuracy, fairness skew ...) and nothing else.
+
+Options every task accepts: `lang` ("en", "zh" ...: which captions / prompts), `limit` (first N records;
+0 = all), `progress` (show progress bars), `classes` (a classes file, where the task needs one),
+`on_bad_record` ("error" | "skip"), `cache` (a `FeatureCache` shared by the tasks of one evaluation, so a
+manifest's images are encoded once). Unknown options are errors naming the task.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .suite import longtext_eval, retrieval_eval, zeroshot_eval_manifest
+
+
+def _retrieval(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
+               on_bad_record: str = "error") -> dict:
+    key = "caption" if lang == "en" else f"caption_{lang}"
+    return retrieval_eval(model, manifest, key, limit, progress=progress, cache=cache, on_bad_record=on_bad_record)
+
+
+def _longtext(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
+              on_bad_record: str = "error") -> dict:
+    return longtext_eval(model, manifest, lang, limit, progress=progress, cache=cache, on_bad_record=on_bad_record)
+
+
+def _zeroshot(model, manifest, classes: str = "", lang: str = "en", limit: int = 0, progress: bool = False,
+              cache=None, on_bad_record: str = "error") -> dict:
+    classes = classes or str(Path(manifest).parent / "classes.json")
+    return zeroshot_eval_manifest(model, manifest, classes, lang, limit, progress=progress, cache=cache,
+                                  on_bad_record=on_bad_record)
+
+
+def _multilabel(model, manifest, classes: str = "", lang: str = "en", limit: int = 0, progress: bool = False,
+                cache=None, on_bad_record: str = "error", adapter: str = "") -> dict:
+    from .multilabel import multilabel_eval_manifest
+    classes = classes or str(Path(manifest).parent / "classes.json")
+    return multilabel_eval_manifest(model, manifest, classes, lang=lang, limit=limit, adapter=adapter or None,
+                                    progress=progress, on_bad_record=on_bad_record)
+
+
+def _captioning(model, manifest, limit: int = 0, progress: bool = False, lang: str = "en", cache=None,
+                on_bad_record: str = "error") -> dict:
+    from .captioning import captioning_eval_manifest
+    if not hasattr(model, "generate"):
+        raise ValueError(f"captioning: the model is a {type(model).__name__}, not a captioner (model_type 'coca'); "
+                         f"use the retrieval or zeroshot task for dual encoders")
+    if lang != "en":
+        raise ValueError("captioning: only lang=en is supported (references come from `captions`/`caption`)")
+    return captioning_eval_manifest(model, manifest, limit=limit, progress=progress, on_bad_record=on_bad_record)
+
+
+TASKS: dict[str, Callable[..., dict]] = {
+    "retrieval": _retrieval,
+    "longtext": _longtext,
+    "zeroshot": _zeroshot,
+    "multilabel": _multilabel,
+    "captioning": _captioning,
+}
+
+
+def task_options(name: str) -> list[str]:
+    """The option names task `name` accepts."""
+    return [p for p in inspect.signature(TASKS[name]).parameters if p not in ("model", "manifest")]
+
+
+def check_task(name: str, options: dict, where: str = "eval") -> None:
+    """Raise ValueError for an unknown task or an option the task does not take (before anything runs)."""
+    if name not in TASKS:
+        raise ValueError(f"{where}: unknown eval task {name!r}; known: {', '.join(TASKS)}")
+    allowed = task_options(name)
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: task {name!r} takes no option(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(allowed)}")
+
+
+def run_task(name: str, model, manifest, **options) -> dict:
+    """Run eval task `name` on `manifest`; returns its numbers (unprefixed)."""
+    check_task(name, options)
+    return TASKS[name](model, manifest, **options)
+
+
+@dataclass
+class EvalSpec:
+    """One evaluation: a task on a manifest with its options; `prefix` names its keys in the results."""
+    task: str
+    data: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        lang = self.options.get("lang", "en")
+        return self.task if lang == "en" else f"{self.task}_{lang}"
+
+
+@dataclass
+class EvalConfig:
+    """The recipe's `eval` section.
+
+    `tasks` lists evaluations, each `{task: NAME, data: MANIFEST, ...options}` (see `TASKS`). The shorthand
+    keys `retrieval`, `longtext`, `zeroshot`, `classes`, `langs` and `limit` expand to retrieval, long-text
+    and zero-shot tasks for every language in `langs` (zero-shot on the `retrieval` manifest unless
+    `zeroshot` is set, and only with a classes file).
+    """
+    tasks: list = field(default_factory=list)
+    retrieval: str = ""                  # manifest for short-caption retrieval (and zero-shot)
+    longtext: str = ""                   # manifest with long captions (hard set)
+    zeroshot: str = ""                   # manifest with labels (default: `retrieval`)
+    classes: str = ""                    # classes.json for zero-shot
+    langs: list = field(default_factory=lambda: ["en"])
+    limit: int = 0                       # evaluate the first N records (0 = all)
+
+    def specs(self, where: str = "eval") -> list[EvalSpec]:
+        """Every evaluation this section describes, checked (task names, options, limit) before any runs."""
+        if self.limit < 0:
+            raise ValueError(f"{where}.limit: {self.limit} must be >= 0 (0 = all records)")
+        out: list[EvalSpec] = []
+        for lang in self.langs:
+            common = {"lang": lang, "limit": self.limit}
+            if self.retrieval:
+                out.append(EvalSpec("retrieval", self.retrieval, dict(common)))
+            if self.longtext:
+                out.append(EvalSpec("longtext", self.longtext, dict(common)))
+            zs = self.zeroshot or self.retrieval
+            if zs and self.classes:
+                out.append(EvalSpec("zeroshot", zs, {**common, "classes": self.classes}))
+        for i, item in enumerate(self.tasks):
+            here = f"{where}.tasks[{i}]"
+            if not isinstance(item, dict) or "task" not in item or "data" not in item:
+                raise ValueError(f"{here}: each entry needs `task` and `data`, e.g. "
+                                 f"{{task: retrieval, data: data/test.jsonl}}; got {item!r}")
+            options = {k: v for k, v in item.items() if k not in ("task", "data")}
+            check_task(item["task"], options, here)
+            out.append(EvalSpec(item["task"], str(item["data"]), options))
+        return out
+
+    def paths(self) -> list[str]:
+        """Every file the evaluation will open (checked to exist before training starts)."""
+        files = [p for p in (self.retrieval, self.longtext, self.zeroshot, self.classes) if p]
+        for item in self.tasks:
+            if isinstance(item, dict):
+                files += [str(item[k]) for k in ("data", "classes", "adapter") if item.get(k)]
+        return files
+
+
+def evaluate(model, specs: list[EvalSpec], progress: bool = False) -> dict:
+    """Run every spec; returns one flat dict `{prefix/metric: value}` (e.g. `retrieval/text_to_image_R@1`,
+    `zeroshot_zh/top1`). Images of a manifest are encoded once for all its tasks."""
+    from .suite import FeatureCache
+    cache = FeatureCache()
+    out: dict = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for spec in specs:
+            m = run_task(spec.task, model, spec.data, progress=progress, cache=cache, **spec.options)
+            out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
+    finally:
+        model.train(was_training)
+    return out

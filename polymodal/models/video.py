@@ -1,0 +1,221 @@
+"""Video-text model over any dual encoder we have (CLIP, M2-Encoder; imported HF/OpenCLIP/LoTLIP
+checkpoints become one of those).
+
+Frames go through the image tower as one batch of B*T images; a temporal module
+(`polymodal.models.temporal`) turns the T frame features of each video into one video embedding.
+Texts go through the wrapped model unchanged, so a video model made from a pretrained image model
+with `kind="mean"` is the usual zero-shot frame-averaging baseline.
+
+Parameters of the temporal module live under the `temporal.` prefix of the state dict (the wrapped
+model's under `base.`), so a recipe can give them their own learning rate (STAN uses 10x).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError, from_dict
+from .base import attach_processors, save_pretrained
+from .clip import CLIPOutput
+from .factory import _families, build_config
+from .temporal import (STANBranch, TemporalConfig, build_temporal, masked_mean, sample_keep,
+                       vision_hidden_states)
+from .vision import VisionTower
+
+
+@dataclass
+class VideoCLIPConfig:
+    """A wrapped image-text model plus a temporal module.
+
+    `base` is the wrapped model's config as its `to_dict()` writes it (any registered family but
+    video_clip itself). `vision` / `text` read through to the wrapped config, as for CLIP, so code
+    that reads `model.config.text.pad_token_id` works unchanged; edits to them are kept and saved.
+    """
+    base: dict = field(default_factory=dict)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    model_type: str = "video_clip"
+
+    def __post_init__(self):
+        self._base = None   # the built base config dataclass (not a field: never serialised twice)
+
+    def base_config(self):
+        """The wrapped model's config dataclass, built once from `base` (later edits to it are kept)."""
+        if self._base is None:
+            if self.base.get("model_type") == self.model_type:
+                raise ConfigError("video_clip.base: the wrapped model cannot itself be a video_clip; "
+                                  "give the image-text model's config (model_type clip or m2)")
+            self._base = build_config(self.base, where="video_clip.base")
+        return self._base
+
+    @property
+    def vision(self):
+        return self.base_config().vision
+
+    @property
+    def text(self):
+        return self.base_config().text
+
+    @property
+    def embed_dim(self) -> int:
+        return self.base_config().embed_dim
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self._base is not None:
+            data["base"] = self._base.to_dict()
+        return data
+
+
+class VideoCLIP(nn.Module):
+    """Dual encoder for video-text: `encode_video` (frames -> temporal module), `encode_text` (the base's).
+
+    Args:
+        cfg: the config; the wrapped model is built from `cfg.base` (random init) unless `base` is given.
+        base: an existing CLIP / M2Encoder to wrap (used as is, not copied); see `from_image_model`.
+    """
+
+    def __init__(self, cfg: VideoCLIPConfig, base: nn.Module | None = None):
+        super().__init__()
+        if base is None:
+            base_cfg = cfg.base_config()
+            base = _families()[base_cfg.model_type][1](base_cfg)
+        self.config = cfg
+        self.base = base
+        tower = getattr(base, "visual", None)
+        if cfg.temporal.kind == "stan" and not isinstance(tower, VisionTower):
+            raise ConfigError(f"temporal.kind='stan' needs a ViT image tower (CLIP's `visual`), but the wrapped "
+                              f"model is a {type(base).__name__} (model_type {base.config.model_type!r}); use "
+                              f"temporal.kind=transformer (or mean) for it")
+        self.temporal = build_temporal(cfg.temporal, base.config.embed_dim, tower)
+
+    @classmethod
+    def from_image_model(cls, model: nn.Module, temporal: TemporalConfig | dict | None = None) -> "VideoCLIP":
+        """Wrap an existing (possibly pretrained) image-text model, keeping its weights, tokenizer and
+        transform. The model is shared, not copied: training the video model trains it too.
+
+        Args:
+            model: a CLIP or M2Encoder (anything `hub.load_model` returns for image-text checkpoints).
+            temporal: the temporal config or its dict; default mean pooling.
+        Returns:
+            The VideoCLIP (in the model's train/eval mode).
+        """
+        if isinstance(model, VideoCLIP):
+            raise ConfigError("from_image_model: the model is already a VideoCLIP")
+        if isinstance(temporal, dict) or temporal is None:
+            temporal = from_dict(TemporalConfig, temporal or {}, "temporal")
+        cfg = VideoCLIPConfig(base=model.config.to_dict(), temporal=copy.deepcopy(temporal))
+        cfg._base = model.config   # the same object: the wrapped model and the video config agree
+        video = cls(cfg, base=model)
+        return video.train(model.training)
+
+    # ---- processors live on the wrapped model (kept off the state dict) ----
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self.base.tokenizer = value
+
+    @property
+    def image_transform(self):
+        return self.base.image_transform
+
+    @image_transform.setter
+    def image_transform(self, value) -> None:
+        self.base.image_transform = value
+
+    # ---- CLIP-like interface ----
+    def scale(self) -> Tensor:
+        """The wrapped model's exp'ed, clamped logit scale."""
+        return self.base.scale()
+
+    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
+        """(N, L) token ids -> (N, E): the wrapped model's text embedding."""
+        return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
+
+    def encode_frames(self, frames: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Per-frame embeddings before temporal pooling, unnormalised.
+
+        For mean/transformer these are the base's image embeddings; for STAN the frame features
+        after the branch (tower CLS + branch CLS -> tower norm -> projection).
+
+        Args:
+            frames: (B, T, 3, H, W) normalised frames.
+            valid: (B, T) bool, True = real frame; None = all real.
+        Returns:
+            (B, T, E).
+        """
+        if frames.dim() != 5:
+            raise ValueError(f"frames must be (B, T, 3, H, W), got shape {tuple(frames.shape)}")
+        B, T = frames.shape[:2]
+        pixels = frames.flatten(0, 1)                                   # (B*T, 3, H, W): frames of a video consecutive
+        if isinstance(self.temporal, STANBranch):
+            x = self._stan_frames(pixels, T, valid)                     # (B*T, E)
+        else:
+            # Patch dropout (training, vision.patch_dropout > 0) happens inside the tower, per frame.
+            x = self.base.encode_image(pixels, normalize=False)         # (B*T, E)
+        return x.view(B, T, -1)                                         # (B, T, E)
+
+    def _stan_frames(self, pixels: Tensor, T: int, valid: Tensor | None) -> Tensor:
+        """(B*T, 3, H, W) -> (B*T, E) STAN frame features."""
+        tower: VisionTower = self.base.visual
+        p = tower.cfg.patch_size
+        gh, gw = pixels.shape[-2] // p, pixels.shape[-1] // p
+        keep = None
+        if self.training and tower.cfg.patch_dropout > 0:
+            # The temporal attention pairs a patch with the same patch in the other frames, so every
+            # frame of a video keeps the same patches.
+            keep = sample_keep(len(pixels) // T, gh * gw, tower.cfg.patch_dropout, pixels.device)  # (B, K)
+            keep = keep.repeat_interleave(T, dim=0)                     # (B*T, K)
+        states = vision_hidden_states(tower, pixels, keep)              # L+1 x (B*T, 1+K, D)
+        pos = self.temporal.position_embeddings(tower, gh, gw, keep) if self.temporal.use_pos else None
+        z = self.temporal(states, T, valid, pos)                        # (B*T, 1+K, D)
+        x = states[-1] + z                                              # tower tokens + branch tokens
+        if tower.cfg.pool == "cls":
+            feat = tower.norm(x[:, 0])                                  # (B*T, D)
+        else:
+            feat = tower.norm(x[:, 1:]).mean(dim=1)
+        return self.base.visual_proj(feat)                              # (B*T, E)
+
+    def encode_video(self, frames: Tensor, valid: Tensor | None = None, normalize: bool = True) -> Tensor:
+        """(B, T, 3, H, W) frames (+ (B, T) valid mask) -> (B, E) video embeddings.
+
+        Padded frames (valid False) never contribute; a video without valid frames gives zeros.
+        """
+        x = self.encode_frames(frames, valid)                            # (B, T, E)
+        if isinstance(self.temporal, STANBranch):
+            x = masked_mean(x, valid)                                    # (B, E)
+        else:
+            x = self.temporal(x, valid)                                  # (B, E)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, E): each image as a one-frame video."""
+        return self.encode_video(pixels[:, None], normalize=normalize)
+
+    def forward(self, frames: Tensor, ids: Tensor, attention_mask: Tensor | None = None,
+                valid: Tensor | None = None) -> CLIPOutput:
+        """frames (B, T, 3, H, W) or images (B, 3, H, W), ids (N, L) -> CLIPOutput (image_embeds = videos)."""
+        videos = self.encode_video(frames, valid) if frames.dim() == 5 else self.encode_image(frames)
+        return CLIPOutput(videos, self.encode_text(ids, attention_mask=attention_mask), self.scale())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the wrapped model's layers in the backward pass (less memory for long clips)."""
+        if hasattr(self.base, "set_grad_checkpointing"):
+            self.base.set_grad_checkpointing(enable)
+            return
+        for tower in (getattr(self.base, "visual", None), getattr(self.base, "text", None)):
+            if tower is not None and hasattr(tower, "transformer"):
+                tower.transformer.grad_checkpointing = enable
+
+    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
+        """Attach a tokenizer and an image transform (to the wrapped model), as `PolymodalModel` does."""
+        attach_processors(self, tokenizer, image_transform)
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json, model.safetensors, the tokenizer and the preprocessing config."""
+        save_pretrained(self, directory)
