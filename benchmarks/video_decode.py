@@ -1,9 +1,9 @@
 """Video decoding: uniform frames by seeking vs a full sequential decode, key-frame extraction, loader clips/s.
 
 A 60 s 224x224 H.264 clip at 25 fps (1500 frames) with a key frame every 250 frames (libx264's
-usual keyint) is made once in `--work` (reused when present), plus a copy with FFmpeg's default
-GOP of 12 frames, to show how the gain of seeking depends on the key-frame spacing. Then, median
-of `--repeats` runs each:
+usual keyint) is made once in `--work` (reused when present; default: a temporary folder), plus
+a copy with FFmpeg's default GOP of 12 frames, to show how the gain of seeking depends on the
+key-frame spacing. Then, median of `--repeats` runs each:
 
 (a) 8 uniform frames (`polymodal.data.video.read_video`, seek to the preceding key frame and
     decode forward) vs decoding every frame from the start and keeping the same 8 (RGB
@@ -148,11 +148,18 @@ def seek_vs_sequential(path: Path, repeats: int, num_frames: int = 8) -> dict:
 
 
 def run(args) -> dict:
+    """Print the CPU, make (or reuse) the clips, measure, print and write the JSON results."""
     torch.set_num_threads(1)
     cpu = cpu_summary()
     print(f"cpu: {cpu['model']} ({cpu['cores']} cores); avx2={cpu['avx2']} avx512={','.join(cpu['avx512']) or 'no'} "
           f"amx={','.join(cpu['amx']) or 'no'}", flush=True)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="video_decode_"))
+    if args.work:
+        return measure(args, Path(args.work), cpu)
+    with tempfile.TemporaryDirectory(prefix="video_decode_") as tmp:     # clips deleted afterwards
+        return measure(args, Path(tmp), cpu)
+
+
+def measure(args, work: Path, cpu: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     long_250 = make_clip(work / "clip60s_gop250.mp4", 60, 250)

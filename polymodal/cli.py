@@ -19,6 +19,16 @@ def _data_parser(sub) -> None:
                                          "Chinese captions, labels, and a hard long-text test set.")
     from .data.synthetic.shapes import add_cli_arguments
     add_cli_arguments(shapes)
+    moving = dsub.add_parser("moving-shapes", help="generate a MovingShapes synthetic video-text data set",
+                             description="Deterministic H.264 videos of moving, growing, recolouring shapes with English "
+                                         "and Chinese captions, order-sensitive pairs and hierarchical scene labels.")
+    from .data.synthetic.moving_shapes import add_cli_arguments as add_moving_arguments
+    add_moving_arguments(moving)
+    frames = dsub.add_parser("frames", help="decode a video manifest once into webdataset shards of frames",
+                             description="Decodes each record's `video` (file, GIF or frame folder) into N frames and "
+                                         "writes tar shards, so training never decodes the same video twice.")
+    from .data.video import add_cli_arguments as add_frames_arguments
+    add_frames_arguments(frames)
     shard = dsub.add_parser("shard", help="write a manifest as webdataset tar shards")
     from .data.shards import add_shard_arguments
     add_shard_arguments(shard)
@@ -48,6 +58,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--short-data", help="longtext: manifest for short-caption retrieval and zero-shot "
                                         "(default: test.jsonl beside --data)")
     p.add_argument("--limit", type=_non_negative, default=0, help="first N records only (0 = all)")
+    p.add_argument("--num-frames", type=int, default=8, help="video_retrieval: frames per video")
+    p.add_argument("--strategy", choices=("uniform", "keyframes", "scene"), default="uniform",
+                   help="video_retrieval: how frames are chosen")
     p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
                    help="error: stop at the first bad record; skip: leave bad records out (counted)")
     p.add_argument("--out", help="write the metrics here (JSON); default: print only")
@@ -112,6 +125,10 @@ def run_eval(args) -> dict:
     specs = [EvalSpec(args.task, str(data), dict(common))]
     if args.task in ("zeroshot", "multilabel"):
         specs[0].options["classes"] = classes
+    if args.task == "video_retrieval":
+        if args.num_frames < 1:
+            raise ValueError(f"--num-frames {args.num_frames} must be >= 1")
+        specs[0].options.update(num_frames=args.num_frames, strategy=args.strategy)
     if args.task == "longtext":     # long-text retrieval beside short-caption retrieval and zero-shot
         short = args.short_data or str(data.parent / "test.jsonl")
         specs = ([EvalSpec("retrieval", short, dict(common))] if Path(short).is_file() else []) + specs
@@ -178,6 +195,12 @@ def _dispatch(args) -> int:
         if args.data_cmd == "shapes":
             from .data.synthetic.shapes import main_from_args
             main_from_args(args)
+        elif args.data_cmd == "moving-shapes":
+            from .data.synthetic.moving_shapes import main_from_args as moving_main
+            moving_main(args)
+        elif args.data_cmd == "frames":
+            from .data.video import main_from_args as frames_main
+            frames_main(args)
         else:
             from .data.shards import shard_main
             shard_main(args)

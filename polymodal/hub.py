@@ -12,77 +12,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .convert.common import (WRAPPER_PREFIXES, CheckpointError, load_state_strict, read_json,  # noqa: F401
+                             read_weights, strip_prefixes)
 from .models.base import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE, save_pretrained  # noqa: F401 (public)
 from .models.factory import attach_processors, build_config, create_model, list_configs
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: lists the missing and unexpected keys or shape mismatches."""
-
-
-def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Load `state` into `model`; any missing/unexpected key or shape mismatch raises CheckpointError."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not match the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-        if shapes:
-            lines.append("  shape mismatches: " + "; ".join(shapes[:10]))
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
-
-
-def read_state_dict(path) -> dict:
-    """Read weights from .safetensors, or from a pickle (.bin/.pt/.pth) with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # training checkpoints often nest the weights
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
-
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_prefixes(state: dict, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict:
-    """Remove wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`, nested) from every key."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out[key] = value
-    return out
-
-
 def is_polymodal_dir(path: Path) -> bool:
+    """A folder written by `save_pretrained` (its config.json names `polymodal_version`)."""
     cfg = path / CONFIG_FILE
-    return path.is_dir() and cfg.is_file() and "polymodal_version" in json.loads(cfg.read_text())
+    if not (path.is_dir() and cfg.is_file()):
+        return False
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return (path / WEIGHTS_FILE).is_file()      # ours, broken: load_pretrained names the file
+    return isinstance(config, dict) and "polymodal_version" in config
 
 
 def load_pretrained(directory) -> torch.nn.Module:
     """Load a directory written by `save_pretrained`."""
     directory = Path(directory)
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    config = read_json(directory / CONFIG_FILE)
     cfg = build_config(config, where=str(directory / CONFIG_FILE))
     from .models.factory import _families
     model = _families()[cfg.model_type][1](cfg)
-    load_state_strict(model, read_state_dict(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE))
+    load_state_strict(model, read_weights(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE))
     tokenizer = None
     if any((directory / f).exists() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
         from .data.text import Tokenizer

@@ -158,22 +158,20 @@ class GuardedLoader:
 
 
 def test_every_record_bad_ends_with_skip_counts_instead_of_hanging(tmp_path):
-    from polymodal.train.loop import DataExhausted
     loader = GuardedLoader(lambda e, i: False, per_epoch=5)
-    with pytest.raises(DataExhausted, match=r"no usable sample in epoch 0 .*corrupt_image=320"):
+    with pytest.raises(RuntimeError, match=r"no usable sample in epoch 0 .*corrupt_image=320") as info:
         trainer(tmp_path, loader=loader).fit()
-    assert loader.served == 5
+    assert type(info.value).__name__ == "DataExhausted" and loader.served == 5
 
 
 def test_consecutive_empty_batches_are_bounded(tmp_path):
-    from polymodal.train.loop import DataExhausted
     loader = GuardedLoader(lambda e, i: i == 0, per_epoch=10**6)     # one good batch, then only bad ones
-    with pytest.raises(DataExhausted, match=r"no usable sample in 100 consecutive batches \(skipped: "
+    with pytest.raises(RuntimeError, match=r"no usable sample in 100 consecutive batches \(skipped: "
                                             r"corrupt_image=6400\).*train\.max_empty_batches"):
         trainer(tmp_path, loader=loader, ckpt_every=0).fit()
     assert loader.served == 101
     loader = GuardedLoader(lambda e, i: i == 0, per_epoch=10**6, bad=1)
-    with pytest.raises(DataExhausted, match=r"7 consecutive batches \(skipped: corrupt_image=7\)"):
+    with pytest.raises(RuntimeError, match=r"7 consecutive batches \(skipped: corrupt_image=7\)"):
         trainer(tmp_path / "b", loader=loader, ckpt_every=0, max_empty_batches=7).fit()
 
 
@@ -296,7 +294,6 @@ ENFORCE_FAIL = "[enforce fail at inline_container.cc:672] . unexpected pos 704 v
 
 
 def test_failed_checkpoint_write_names_file_keeps_earlier_and_leaves_no_temp(tmp_path, monkeypatch):
-    from polymodal.train.checkpoint import CheckpointWriteError
     real_save = torch.save
     calls = []
 
@@ -308,10 +305,10 @@ def test_failed_checkpoint_write_names_file_keeps_earlier_and_leaves_no_temp(tmp
         raise RuntimeError(ENFORCE_FAIL)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", save)
-    with pytest.raises(CheckpointWriteError, match=r"step_00000010\.pt.*disk may be full.*step_00000005\.pt"
-                                                    r".*train\.resume=auto") as info:
+    with pytest.raises(OSError, match=r"step_00000010\.pt.*disk may be full.*step_00000005\.pt"
+                                      r".*train\.resume=auto") as info:
         trainer(tmp_path).fit()
-    assert isinstance(info.value, OSError)
+    assert type(info.value).__name__ == "CheckpointWriteError"
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_00000005.pt"]
@@ -319,15 +316,15 @@ def test_failed_checkpoint_write_names_file_keeps_earlier_and_leaves_no_temp(tmp
 
 
 def test_enospc_from_the_file_is_a_checkpoint_write_error(tmp_path, monkeypatch):
-    from polymodal.train.checkpoint import CheckpointWriteError, atomic_torch_save
+    from polymodal.train.checkpoint import atomic_torch_save
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(CheckpointWriteError, match=r"step_00000003\.pt.*No space left.*disk may be full") as info:
+    with pytest.raises(OSError, match=r"step_00000003\.pt.*No space left.*disk may be full") as info:
         atomic_torch_save({"w": torch.zeros(10)}, tmp_path / "step_00000003.pt")
-    assert info.value.errno == errno.ENOSPC
+    assert type(info.value).__name__ == "CheckpointWriteError" and info.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
 
 
@@ -356,7 +353,6 @@ def small_tmpfs(tmp_path):
 @pytest.mark.slow
 def test_full_disk_keeps_earlier_checkpoints(small_tmpfs):
     """A 2 MiB disk holds two ~0.7 MB checkpoints (weights + AdamW moments); the third does not fit."""
-    from polymodal.train.checkpoint import CheckpointWriteError
 
     class Wide(nn.Module):
         def __init__(self):
@@ -368,8 +364,9 @@ def test_full_disk_keeps_earlier_checkpoints(small_tmpfs):
             return {"loss": ((self.net(batch["x"]) - batch["y"]) ** 2).mean()}
 
     t = trainer(small_tmpfs / "run", steps=10, task=Wide(), ckpt_every=1, keep_last=3)
-    with pytest.raises(CheckpointWriteError, match=r"step_00000003\.pt.*disk may be full"):
+    with pytest.raises(OSError, match=r"step_00000003\.pt.*disk may be full") as info:
         t.fit()
+    assert type(info.value).__name__ == "CheckpointWriteError"
     ckpts = small_tmpfs / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
     for step, path in list_checkpoints(ckpts):

@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..hub import CheckpointError, load_state_strict
 
 # Weight file endings in order of preference: safetensors needs no unpickling.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -28,6 +27,48 @@ NESTED_STATE_KEYS = ("state_dict", "module", "model")
 # Wrapper prefixes removed when every key carries them (DeepSpeed's `_forward_module.`, DDP's `module.`).
 SHARED_PREFIXES = ("_forward_module.", "module.")
 _PICKLE_FIX = "if you trust it, re-save its tensors with safetensors.torch.save_file and load that file"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: lists the missing and unexpected keys or shape mismatches."""
+
+
+def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load `state` into `model`; any missing/unexpected key or shape mismatch raises CheckpointError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+        if shapes:
+            lines.append("  shape mismatches: " + "; ".join(shapes[:10]))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+# Prefixes of wrapped models, stripped from every key that has them (nested ones too).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(state: dict, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict:
+    """Remove wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`, nested) from every key."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
 
 
 # ------------------------------------------------------------------ weights files
@@ -123,8 +164,13 @@ def read_weights(path, trust_pickle: bool = False, fix: str = _PICKLE_FIX) -> di
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); is it truncated? "
+                                  f"Save the model again") from None
     else:
         state = _torch_load(path, trust_pickle, fix)
     state = unwrap_state(state)

@@ -18,9 +18,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..hub import CheckpointError
-from .common import (BlockRule, find_weights, finish_clip, mlp_ratio, read_json, read_json_object, read_weights,
-                     rename_state_dict, tokenizer_beside)
+from .common import (BlockRule, CheckpointError, find_weights, finish_clip, mlp_ratio, read_json, read_json_object,
+                     read_weights, rename_state_dict, tokenizer_beside)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from ..hub import strip_prefixes
 from .common import (BlockRule, count_layers, find_weights, finish_clip, given_config, mlp_ratio, peek_keys,
-                     read_weights, rename_state_dict, require_weights, search_config, tokenizer_beside)
+                     read_weights, rename_state_dict, require_weights, search_config, strip_prefixes,
+                     tokenizer_beside)
 
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 DIR_WEIGHTS = ("model.pt", "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",

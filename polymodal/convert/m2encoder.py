@@ -35,12 +35,11 @@ from pathlib import Path
 
 import torch
 
-from ..hub import CheckpointError, load_state_strict
 from ..models.factory import attach_processors
 from ..models.layers import grid_size, interpolate_positions
 from ..models.multiway import M2Config, M2Encoder, M2TextConfig, M2VisionConfig
-from .common import (count_layers, list_keys, peek_keys, read_json, read_weights, search_config,
-                     weights_in_folder)
+from .common import (CheckpointError, count_layers, list_keys, load_state_strict, peek_keys, read_json, read_weights,
+                     search_config, weights_in_folder)
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 POSITION_OFFSET = 2  # fairseq: position ids start at 2

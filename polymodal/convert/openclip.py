@@ -27,9 +27,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..hub import strip_prefixes
 from .common import (WEIGHT_SUFFIXES, BlockRule, find_weights, finish_clip, given_config, peek_keys, read_weights,
-                     rename_state_dict, require_weights, search_config, tokenizer_beside)
+                     rename_state_dict, require_weights, search_config, strip_prefixes, tokenizer_beside)
 
 SUFFIXES = WEIGHT_SUFFIXES
 DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")

@@ -66,12 +66,13 @@ class FeatureCache:
         return self._store[key]
 
 
-def read_records(manifest, limit: int = 0, on_bad_record: str = "error", required=None) -> list[dict]:
+def read_records(manifest, limit: int = 0, on_bad_record: str = "error", required=None, media: str = "image"
+                 ) -> list[dict]:
     """The first `limit` records (0 = all) of a manifest, read with the bad-record policy."""
     from ..data.manifests import ManifestError, read_manifest
     if limit < 0:
         raise ValueError(f"limit must be >= 0 (0 = all records), got {limit}")
-    records = read_manifest(manifest, on_bad_record=on_bad_record, required=required).records
+    records = read_manifest(manifest, on_bad_record=on_bad_record, required=required, media=media).records
     records = records[:limit] if limit else records
     if not records:
         raise ManifestError(f"{manifest}: no records to evaluate")

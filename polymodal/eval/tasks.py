@@ -55,12 +55,21 @@ def _captioning(model, manifest, limit: int = 0, progress: bool = False, lang: s
     return captioning_eval_manifest(model, manifest, limit=limit, progress=progress, on_bad_record=on_bad_record)
 
 
+def _video_retrieval(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
+                     on_bad_record: str = "error", num_frames: int = 8, strategy: str = "uniform") -> dict:
+    from .video_retrieval import video_retrieval_eval
+    key = "caption" if lang == "en" else f"caption_{lang}"
+    return video_retrieval_eval(model, manifest, key, limit, num_frames=num_frames, strategy=strategy,
+                                progress=progress, on_bad_record=on_bad_record)
+
+
 TASKS: dict[str, Callable[..., dict]] = {
     "retrieval": _retrieval,
     "longtext": _longtext,
     "zeroshot": _zeroshot,
     "multilabel": _multilabel,
     "captioning": _captioning,
+    "video_retrieval": _video_retrieval,
 }
 
 

@@ -14,6 +14,7 @@ METHODS: dict[str, object] = {
     "lotlip": "polymodal.methods.lotlip:LoTLIPMethod",
     "sycoca": "polymodal.methods.sycoca:SyCoCaMethod",
     "text_as_image": "polymodal.methods.text_as_image:TextAsImageMethod",
+    "video_clip": "polymodal.methods.video_clip:VideoCLIPMethod",
 }
 
 
