@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.losses.contrastive import clip_loss, siglip_loss
+from polymodal.losses.contrastive import LossConfig, build_contrastive_loss, clip_loss, siglip_loss
 from polymodal import distributed as pdist
 from polymodal.train import distributed as train_dist
 
@@ -55,6 +55,8 @@ CASES_W4 = [
     ("grouped2/full", "clip", dict(gather="grouped", local_loss=False, group_size=2)),
     ("grouped1", "clip", dict(gather="grouped", local_loss=True, group_size=1)),
     ("siglip/grouped2", "siglip", dict(gather="grouped", group_size=2)),
+    # The same through the recipe wiring every task holds (`loss:` section -> build_contrastive_loss).
+    ("objective/siglip/grouped2", "objective", dict(kind="siglip", gather="grouped", group_size=2)),
 ]
 
 
@@ -81,6 +83,10 @@ def _worker(rank, world, init_file, out_dir, cases):
             with pdist.count_collective_bytes() as counted:
                 if kind == "clip":
                     loss = clip_loss(img, txt, scale, **kwargs)
+                elif kind == "objective":
+                    objective = build_contrastive_loss(LossConfig(**kwargs))
+                    objective.logit_bias = model.bias        # share the bias so its gradient is compared too
+                    loss = objective(img, txt, scale)
                 else:
                     loss = siglip_loss(img, txt, scale, model.bias, **kwargs)
                 loss.backward()
@@ -291,6 +297,13 @@ def test_siglip_grouped_equals_mean_of_group_losses(w4):
     ref_loss, ref_grads = _reference(4, _mean_over_blocks(2 * B, _plain_siglip))
     torch.testing.assert_close(_mean_loss(w4, "siglip/grouped2"), ref_loss)
     _assert_grads(w4, "siglip/grouped2", ref_grads)
+
+
+def test_recipe_siglip_grouped_wiring_equals_mean_of_group_losses(w4):
+    # Before the loss owned its wiring, the SigLIP branch dropped `group_size` and gathered over all 4 ranks.
+    ref_loss, ref_grads = _reference(4, _mean_over_blocks(2 * B, _plain_siglip))
+    torch.testing.assert_close(_mean_loss(w4, "objective/siglip/grouped2"), ref_loss)
+    _assert_grads(w4, "objective/siglip/grouped2", ref_grads)
 
 
 def test_grouped_bytes_follow_group_size(w4):

@@ -162,6 +162,8 @@ def test_every_record_bad_ends_with_skip_counts_instead_of_hanging(tmp_path):
     with pytest.raises(RuntimeError, match=r"no usable sample in epoch 0 .*corrupt_image=320") as info:
         trainer(tmp_path, loader=loader).fit()
     assert type(info.value).__name__ == "DataExhausted" and loader.served == 5
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert logged[-1] == {"step": 0, "bad_records": {"corrupt_image": 320}}
 
 
 def test_consecutive_empty_batches_are_bounded(tmp_path):

@@ -1,4 +1,5 @@
-"""Text as Image: sentences, label extraction, cached embeddings, adapter training, evaluation, experiment."""
+"""Text as Image: sentences, label extraction, cached embeddings, the adapter trained by the one Trainer
+from a recipe (checkpoints, resume), evaluation, the experiment."""
 import json
 import math
 from pathlib import Path
@@ -7,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polymodal.methods.text_as_image import (
-    AdapterConfig, LMSentenceGenerator, TemplateSentenceGenerator, TrainAdapterConfig, cached_text_embeddings,
-    extract_labels, fit_adapter, load_label_names, modality_gap, multilabel_eval_manifest, plural,
-    sample_label_sets, train_adapter)
-from polymodal.models.multilabel import save_adapter
+from polymodal.data.sentences import (LMSentenceGenerator, SentenceConfig, TemplateSentenceGenerator, extract_labels,
+                                      generate_sentences, plural, sample_label_sets)
+from polymodal.eval.multilabel import (cached_text_embeddings, label_embeddings, load_label_names, modality_gap,
+                                       multilabel_eval_manifest)
+from polymodal.methods.text_as_image import TextAsImageMethod
+from polymodal.models.multilabel import AdapterConfig, load_adapter, save_adapter
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "heart"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,39 +167,146 @@ def _synthetic(n, seed, w):
     return x, y
 
 
-def test_fit_adapter_is_deterministic_and_learns():
-    from polymodal.eval.multilabel import average_precision
+class _SyntheticTextAsImage(TextAsImageMethod):
+    """text_as_image's own dataset, collate, task, checkpoints and saving, over synthetic embeddings."""
+    data = None                                   # (embeddings, targets, label embeddings), set by the test
+
+    def build_tokenizer(self, out_dir):
+        return None
+
+    def build_model(self, tokenizer):
+        return torch.nn.Identity()                # stands in for the frozen encoder; never called
+
+    def training_embeddings(self, model):
+        return self.data[0], self.data[1]
+
+    def label_embeds(self, model):
+        return self.data[2]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _train(tmp_path, name, classes, method="text_as_image", **sections) -> Path:
+    """Train a text_as_image recipe through run_recipe; returns its out_dir."""
+    from polymodal.train.run import load_recipe, run_recipe
+    base = {"method": method, "out_dir": str(tmp_path / name),
+            method: {"classes": str(classes), "sigma": 0.05, "cache_dir": str(tmp_path / "cache")},
+            "data": {"batch_size": 100},
+            "optim": {"lr": 5e-3, "weight_decay": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_steps": 0,
+                      "schedule": "constant", "clip_grad": 0.0},
+            "train": {"steps": 32, "seed": 3, "log_every": 8, "ckpt_every": 0, "progress": False}}
+    run_recipe(load_recipe(None, [], base=_merge(base, sections)))
+    return tmp_path / name
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    """A `tai_synthetic` method (table entry made here) on 400 train / 200 test embeddings of 6 labels."""
+    from polymodal.methods import METHODS
     torch.manual_seed(0)
     w = F.normalize(torch.randn(6, 24), dim=-1)
     x, y = _synthetic(400, 1, w)
     xt, yt = _synthetic(200, 2, w)
     label_embeds = F.normalize(w + 0.8 * torch.randn(6, 24), dim=-1)       # a poor starting classifier
-    cfg = TrainAdapterConfig(adapter=AdapterConfig(embed_dim=24), sigma=0.05, epochs=8, batch_size=100, lr=5e-3,
-                             seed=3, progress=False)
-    state = torch.get_rng_state()
-    a, b = fit_adapter(x, y, label_embeds, cfg), fit_adapter(x, y, label_embeds, cfg)
-    assert torch.equal(torch.get_rng_state(), state)                      # the global RNG is untouched
+    monkeypatch.setitem(METHODS, "tai_synthetic", _SyntheticTextAsImage)
+    monkeypatch.setattr(_SyntheticTextAsImage, "data", (x, y, label_embeds))
+    classes = tmp_path / "labels.txt"
+    classes.write_text("\n".join(f"l{i}" for i in range(6)) + "\n")
+    return {"classes": classes, "test": (xt, yt), "label_embeds": label_embeds}
+
+
+def test_trainer_trains_the_adapter_deterministically_and_it_learns(tmp_path, synthetic):
+    from polymodal.eval.multilabel import average_precision
+    run = lambda name, **kw: load_adapter(_train(tmp_path, name, synthetic["classes"], "tai_synthetic", **kw) / "model")
+    torch.manual_seed(123)
+    a = run("a")
+    torch.manual_seed(456)
+    b = run("b")                                                           # the caller's RNG state does not matter
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    c = fit_adapter(x, y, label_embeds, TrainAdapterConfig(**{**cfg.__dict__, "seed": 4}))
+    assert a.cfg.embed_dim == 24 and a.label_names == [f"l{i}" for i in range(6)]
+    c = run("c", train={"seed": 4})
     assert not torch.equal(a.mlp[0].weight, c.mlp[0].weight)
-    before = average_precision(xt @ label_embeds.T, yt)["mAP"]
+    xt, yt = synthetic["test"]
+    before = average_precision(xt @ synthetic["label_embeds"].T, yt)["mAP"]
     with torch.no_grad():
         after = average_precision(a(xt), yt)["mAP"]
     assert after > before + 10
-    rank = fit_adapter(x, y, label_embeds, TrainAdapterConfig(**{**cfg.__dict__, "loss": "ranking"}))
+    rank = run("rank", tai_synthetic={"loss": "ranking"})
     with torch.no_grad():
         assert average_precision(rank(xt), yt)["mAP"] > before + 10
 
 
-def test_train_adapter_from_sentences_uses_the_cache(tiny_clip, tmp_path):
-    sets = sample_label_sets(SHAPES, 64, max_labels=3, seed=0)
-    sentences = TemplateSentenceGenerator(seed=0).generate(sets)
-    y = extract_labels(sentences, SHAPES)
-    cfg = TrainAdapterConfig(sigma=0.1, epochs=2, batch_size=32, progress=False, templates=["a {}."])
-    a = train_adapter(tiny_clip, sentences, y, cfg, SHAPES, cache_dir=tmp_path)
-    assert a.cfg.embed_dim == 32 and a.label_names == SHAPES and len(list(tmp_path.glob("*.safetensors"))) == 1
-    b = train_adapter(tiny_clip, sentences, y, cfg, SHAPES, cache_dir=tmp_path)
+def test_resume_after_stop_gives_the_uninterrupted_adapter_bit_exactly(tmp_path, synthetic):
+    xs, ys, w = _SyntheticTextAsImage.data
+    _SyntheticTextAsImage.data = (xs[:250], ys[:250], w)                   # 2 batches per epoch: resume mid-epoch
+    common = dict(tai_synthetic={"sigma": 0.1}, train={"steps": 9, "ckpt_every": 2})
+    full = load_adapter(_train(tmp_path, "full", synthetic["classes"], "tai_synthetic", **common) / "model")
+    cut = tmp_path / "cut"
+    _train(tmp_path, "cut", synthetic["classes"], "tai_synthetic", **_merge(common, {"train": {"stop_after": 5}}))
+    assert not (cut / "model").exists() and (cut / "checkpoints" / "step_00000005.pt").is_file()
+    ckpt = torch.load(cut / "checkpoints" / "step_00000005.pt", weights_only=False)
+    assert all(k.startswith("adapter.") for k in ckpt["task"])            # only the adapter is checkpointed
+    _train(tmp_path, "cut", synthetic["classes"], "tai_synthetic", **common)
+    resumed = load_adapter(cut / "model")
+    assert any('"resumed"' in line for line in (cut / "metrics.jsonl").read_text().splitlines())
+    assert all(torch.equal(p, q) for p, q in zip(full.state_dict().values(), resumed.state_dict().values()))
+    # The perturbation is on: without it the resumed run would match trivially less often.
+    assert not torch.equal(full.mlp[0].weight, load_adapter(
+        _train(tmp_path, "nonoise", synthetic["classes"], "tai_synthetic",
+               **_merge(common, {"tai_synthetic": {"sigma": 0.0}})) / "model").mlp[0].weight)
+
+
+def test_recipe_trains_from_sentences_through_the_cache_and_evaluates(shapes, tiny_clip, tmp_path):
+    from polymodal.train.run import load_recipe
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    (tmp_path / "labels.txt").write_text("\n".join(SHAPES) + "\n")
+    sections = dict(model={"path": str(tmp_path / "clip")},
+                    text_as_image={"sigma": 0.1, "prompts": ["a {}."], "sentences": {"num": 64, "max_labels": 3}},
+                    data={"batch_size": 32}, train={"steps": 4, "ckpt_every": 2},
+                    eval={"tasks": [{"task": "multilabel", "data": str(shapes / "test.jsonl"),
+                                     "classes": str(shapes / "classes.json")}]})
+    out = _train(tmp_path, "a", tmp_path / "labels.txt", **sections)
+    a = load_adapter(out / "model")
+    assert a.cfg.embed_dim == 32 and a.label_names == SHAPES and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    # The cached embeddings are those of the sentences the config describes, by the frozen text tower.
+    sentences = generate_sentences(SentenceConfig(num=64, max_labels=3), SHAPES, seed=0)
+    emb = cached_text_embeddings(tiny_clip, sentences, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1 and emb.shape == (64, 32)
+    # The frozen encoder is neither optimised nor checkpointed; the classifier starts from its prompts.
+    ckpt = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=False)
+    assert set(ckpt["task"]) == {f"adapter.{k}" for k in a.state_dict()}
+    assert sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"]) == 4          # the MLP's 2 layers
+    assert torch.allclose(a.label_embeds, label_embeddings(tiny_clip, SHAPES, ["a {}."]), atol=1e-5)
+    final = json.loads((out / "final_metrics.json").read_text())
+    direct = multilabel_eval_manifest(tiny_clip, shapes / "test.jsonl", shapes / "classes.json", adapter=out / "model")
+    assert final["eval/multilabel/mAP"] == pytest.approx(direct["mAP"], abs=1e-4)
+    b = load_adapter(_train(tmp_path, "b", tmp_path / "labels.txt", **sections) / "model")
     assert torch.equal(a.mlp[0].weight, b.mlp[0].weight)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    from polymodal.config import ConfigError
+    from polymodal.train.run import load_recipe
+    base = {"method": "text_as_image", "model": {"path": "x"}}
+    with pytest.raises(ConfigError, match="text_as_image.classes"):
+        load_recipe(None, [], base=base)
+    with pytest.raises(ConfigError, match="sigmaa"):
+        load_recipe(None, [], base={**base, "text_as_image": {"classes": "c.json", "sigmaa": 0.1}})
+    with pytest.raises(ConfigError, match="text_as_image.loss"):
+        load_recipe(None, [], base={**base, "text_as_image": {"classes": "c.json", "loss": "bce"}})
+    with pytest.raises(ConfigError, match="sentences.templates"):
+        load_recipe(None, [], base={**base, "text_as_image": {"classes": "c.json", "sentences": {"templates": ["x"]}}})
+    with pytest.raises(ConfigError, match=r"eval.tasks\[0\].adapter"):
+        load_recipe(None, [], base={**base, "text_as_image": {"classes": "c.json"},
+                                    "eval": {"tasks": [{"task": "multilabel", "data": "t.jsonl", "adapter": "a"}]}})
+    cfg = load_recipe(ROOT / "recipes" / "text_as_image.yaml")
+    assert cfg.text_as_image.sentences.num == 5000 and cfg.model.path
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from polymodal.data.manifests import (
     BAD_RECORD_POLICIES,
     MAX_EXAMPLES_PER_REASON,
+    MEDIA_KINDS,
     SKIP_HINT,
     Manifest,
     ManifestError,
@@ -128,9 +129,6 @@ class _SampleError(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
-
-
-MEDIA_KINDS = ("image", "video", "none")
 
 
 class SampleBuilder:
@@ -295,7 +293,7 @@ class ManifestDataset(Dataset):
     ):
         self.bad = BadRecords(on_bad_record)
         if not isinstance(manifest, Manifest):
-            manifest = read_manifest(manifest, on_bad_record=on_bad_record)
+            manifest = read_manifest(manifest, on_bad_record=on_bad_record, media=builder.media)
         self.manifest = manifest
         self.on_bad_record = on_bad_record
         self.builder = builder

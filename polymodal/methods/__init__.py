@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+DEFAULT_METHOD = "clip"          # a recipe without `method:`
+
 METHODS: dict[str, object] = {
     "clip": "polymodal.methods.clip:CLIPMethod",
     "m2": "polymodal.methods.clip:CLIPMethod",

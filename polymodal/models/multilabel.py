@@ -132,6 +132,10 @@ class MultiLabelAdapter(nn.Module):
         w = F.normalize(self.label_embeds, dim=-1)                     # (C, E)
         return self.logit_scale * self.embed(x) @ w.T                  # (B, C)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the adapter into ``directory`` (see :func:`save_adapter`); read it back with :func:`load_adapter`."""
+        save_adapter(self, directory)
+
 
 def save_adapter(adapter: MultiLabelAdapter, directory: str | os.PathLike) -> None:
     """Write ``adapter_config.json`` and ``adapter.safetensors`` into ``directory`` atomically."""

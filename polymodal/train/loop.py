@@ -345,9 +345,9 @@ class Trainer:
                                     "and that batch_size <= number of records per rank")
             if skip == 0 and self._usable_in_epoch == 0:
                 # `_next_usable` has judged every batch of this epoch by now (the generator is lazy).
-                raise DataExhausted(f"no usable sample in epoch {self.state.epoch} ({self.state.batch_in_epoch} "
-                                    f"batches; skipped: {_reasons(self._empty_reasons)}); fix the data or "
-                                    f"check data.on_bad_record and the manifest")
+                raise self._exhausted(f"no usable sample in epoch {self.state.epoch} ({self.state.batch_in_epoch} "
+                                      f"batches; skipped: {_reasons(self._empty_reasons)}); fix the data or "
+                                      f"check data.on_bad_record and the manifest")
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
@@ -383,10 +383,15 @@ class Trainer:
             self._empty_streak += 1
             self._empty_reasons.update(reasons)
             if self._empty_streak >= self.tcfg.max_empty_batches:
-                raise DataExhausted(
+                raise self._exhausted(
                     f"no usable sample in {self._empty_streak} consecutive batches (skipped: "
-                    f"{_reasons(self._empty_reasons)}); fix the data (see the skip counts in {self.metrics_path}) "
-                    f"or raise train.max_empty_batches")
+                    f"{_reasons(self._empty_reasons)}); fix the data (the run's skip counts are in "
+                    f"{self.metrics_path}) or raise train.max_empty_batches")
+
+    def _exhausted(self, message: str) -> DataExhausted:
+        """The error that ends a run without usable data; the skip counts so far are logged first."""
+        self.log({"step": self.state.step, "bad_records": dict(self.state.bad_records)})
+        return DataExhausted(message)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -16,7 +16,7 @@ from ..config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..data.config import DataConfig
 from ..eval.tasks import EvalConfig
 from ..losses.contrastive import LossConfig
-from ..methods import METHODS, get_method
+from ..methods import DEFAULT_METHOD, METHODS, get_method
 from ..methods.base import ModelSpec, TokenizerSpec
 from . import distributed as dist_utils
 from .loop import OptimConfig, TrainConfig, Trainer
@@ -24,10 +24,10 @@ from .loop import OptimConfig, TrainConfig, Trainer
 
 @dataclass
 class RunConfig:
-    """A whole run. The section named after `method` (e.g. `lotlip:`) is the method's own config; it is
+    """A whole run. The section named after `method` is the method's own config; it is
     parsed by the method's `config_cls` and kept in `method_config` (not a recipe key)."""
-    method: str = "clip"                 # a name in polymodal.methods.METHODS
-    out_dir: str = "runs/clip"
+    method: str = DEFAULT_METHOD         # a name in polymodal.methods.METHODS
+    out_dir: str = "runs/run"
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     data: DataConfig = field(default_factory=DataConfig)
@@ -45,7 +45,7 @@ class RunConfig:
         return out
 
     def __getattr__(self, name: str):
-        # `cfg.lotlip` reads the method's section, as the recipe spells it.
+        # `cfg.<method name>` reads the method's section, as the recipe spells it.
         d = self.__dict__
         if "method" in d and name == d["method"] and d.get("method_config") is not None:
             return d["method_config"]
@@ -70,7 +70,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         data.update(load_yaml(path))
         where = str(path)
     apply_overrides(data, list(overrides or []))
-    name = data.get("method", "clip")
+    name = data.get("method", DEFAULT_METHOD)
     try:
         cls = get_method(name)
     except KeyError:
