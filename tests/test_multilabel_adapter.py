@@ -64,6 +64,8 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path):
         load_adapter(tmp_path / "ad")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(tmp_path / "nope")
+    a.save_pretrained(tmp_path / "sp")                   # what a run writes as out_dir/model
+    assert torch.equal(a(x), load_adapter(tmp_path / "sp")(x))
 
 
 def test_perturbation_statistics():
