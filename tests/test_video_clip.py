@@ -103,6 +103,6 @@ def test_video_clip_recipe_trains_a_tiny_video_model_above_chance(world, tmp_pat
     assert losses[-1] < losses[0] - 0.3
     # 48 videos: chance R@5 is about 10%. The run sees these videos in training, so this checks learning
     # end to end (data, temporal module, loss, eval), not generalisation.
-    assert final["eval/video_retrieval/text_to_video_R@5"] > 25.0, final
+    assert final["eval/video_retrieval/text_to_video_R@5"] > 20.0, final
     model = load_model(tmp_path / "run" / "model")
     assert isinstance(model, VideoCLIP) and model.config.temporal.kind == "transformer"

@@ -271,7 +271,31 @@ class BadRecords:
         return {"_bad": reason, "index": index}
 
 
-class ManifestDataset(Dataset):
+class BuiltSamples:
+    """What the manifest and shard datasets share: a `builder`, a `bad` policy and the current `epoch`."""
+
+    builder: SampleBuilder
+    bad: BadRecords
+    epoch: int = 0
+
+    @property
+    def bad_counts(self) -> Counter:
+        return self.bad.counts
+
+    @property
+    def bad_examples(self) -> list[str]:
+        return self.bad.examples
+
+    @property
+    def tokenizer(self) -> Callable | None:
+        return self.builder.tokenizer
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch that caption choice, sub-captions (and a stream's order) depend on."""
+        self.epoch = epoch
+
+
+class ManifestDataset(BuiltSamples, Dataset):
     """Map-style dataset over a manifest; media are decoded lazily in ``__getitem__``.
 
     Args:
@@ -300,22 +324,6 @@ class ManifestDataset(Dataset):
         self.image_loader = image_loader
         self.video_loader = video_loader
         self.epoch = 0
-
-    @property
-    def bad_counts(self) -> Counter:
-        return self.bad.counts
-
-    @property
-    def bad_examples(self) -> list[str]:
-        return self.bad.examples
-
-    @property
-    def tokenizer(self) -> Callable | None:
-        return self.builder.tokenizer
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch that caption choice and sub-caption sampling depend on."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.manifest)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from polymodal.data.datasets import UNREADABLE_IMAGE, BadRecords, SampleBuilder, _SampleError
+from polymodal.data.datasets import UNREADABLE_IMAGE, BadRecords, BuiltSamples, SampleBuilder, _SampleError
 from polymodal.data.manifests import BAD_RECORD_POLICIES, read_manifest
 
 __all__ = ["write_shards", "resolve_shards", "ShardDataset", "add_shard_arguments", "shard_main", "INDEX_NAME"]
@@ -257,7 +257,7 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
-class ShardDataset(IterableDataset):
+class ShardDataset(BuiltSamples, IterableDataset):
     """Iterate over tar shards, yielding the same sample dicts as ``ManifestDataset``.
 
     Splitting: the shard list (shuffled per epoch with (seed, epoch), the same order on every
@@ -308,22 +308,6 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.image_decoder = image_decoder or _decode_image
         self.epoch = 0
-
-    @property
-    def bad_counts(self) -> Counter:
-        return self.bad.counts
-
-    @property
-    def bad_examples(self) -> list[str]:
-        return self.bad.examples
-
-    @property
-    def tokenizer(self) -> Callable | None:
-        return self.builder.tokenizer
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (shard order, shuffle buffer, caption choice)."""
-        self.epoch = epoch
 
     def _split(self) -> tuple[int, int]:
         info = get_worker_info()

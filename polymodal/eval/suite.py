@@ -127,21 +127,31 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
         img, records = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
     else:
         img, records = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
-    plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else None
-    texts, text_to_image = [], []
-    for i, r in enumerate(records):
-        caps = r.get(plural) or r.get(caption_key)
-        if caps is None:
-            raise KeyError(f"{manifest}: record on line {r.get('_line', i + 1)} has no {caption_key!r}")
-        for c in ([caps] if isinstance(caps, str) else caps):
-            texts.append(c)
-            text_to_image.append(i)
+    texts, text_to_image = captions_by_record(records, caption_key, manifest)
     txt = encode_texts(model, texts, batch_size, progress)
     metrics = embed_and_score(img, txt, torch.tensor(text_to_image))
     metrics.update(num_images=len(records), num_texts=len(texts))
     if return_embeddings:
         return metrics, img, txt, text_to_image
     return metrics
+
+
+def captions_by_record(records: list[dict], caption_key: str, manifest) -> tuple[list[str], list[int]]:
+    """Every caption of `caption_key` (or its plural list: `captions`, `captions_zh`) and the record it belongs to.
+
+    Raises:
+        KeyError: a record without the key, naming the manifest and line.
+    """
+    plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else None
+    texts, owner = [], []
+    for i, r in enumerate(records):
+        caps = r.get(plural) or r.get(caption_key)
+        if caps is None:
+            raise KeyError(f"{manifest}: record on line {r.get('_line', i + 1)} has no {caption_key!r}")
+        for c in ([caps] if isinstance(caps, str) else caps):
+            texts.append(c)
+            owner.append(i)
+    return texts, owner
 
 
 def longtext_eval(model, manifest, lang: str = "en", limit: int = 0, batch_size: int = 128, progress: bool = False,

@@ -91,19 +91,11 @@ def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: i
         `text_to_video_mean_rank` (MnR), `mean_recall`, `num_videos`, `num_texts`.
     """
     from .retrieval import embed_and_score
-    from .suite import encode_texts, read_records
+    from .suite import captions_by_record, encode_texts, read_records
     records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
     vid, records = encode_videos(model, records, num_frames, strategy, batch_size, progress, on_bad_record,
                                  str(manifest))
-    plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else None
-    texts, text_to_video = [], []
-    for i, r in enumerate(records):
-        caps = r.get(plural) or r.get(caption_key)
-        if caps is None:
-            raise KeyError(f"{manifest}: record on line {r.get('_line', i + 1)} has no {caption_key!r}")
-        for c in ([caps] if isinstance(caps, str) else caps):
-            texts.append(c)
-            text_to_video.append(i)
+    texts, text_to_video = captions_by_record(records, caption_key, manifest)
     txt = encode_texts(model, texts, progress=progress)
     metrics = embed_and_score(vid, txt, torch.tensor(text_to_video))
     out = {k.replace("image", "video"): v for k, v in metrics.items()}

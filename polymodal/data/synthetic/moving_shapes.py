@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -54,6 +53,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ...fileio import atomic_open
+from .workers import sample_map
 from ..manifests import write_manifest
 from .shapes import (
     BACKGROUND_NAMES,
@@ -770,34 +770,19 @@ def generate_moving_shapes(
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     init_args = (str(out), int(seed), asdict(cfg))
-    pool = None
-    if workers > 1 and sum(counts.values()) > 1:
-        # fork is cheap and the workers never touch torch; spawn elsewhere.
-        methods = mp.get_all_start_methods()
-        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
-    else:
-        _init_worker(*init_args)
     records: dict[str, list[dict]] = {}
-    try:
+    with sample_map(workers, sum(counts.values()), _init_worker, init_args, max_chunk=32) as run:
         for split in splits:
             n = counts[split]
             tasks = [(split, i, slot) for i, slot in enumerate(split_plan(seed, split, n, cfg))]
             bar = tqdm(total=n, desc=f"moving-shapes {split}", unit="video",
                        disable=not progress or n == 0)
-            if pool is not None:
-                it = pool.imap(_make_one, tasks, chunksize=max(1, min(32, n // (workers * 8) or 1)))
-            else:
-                it = map(_make_one, tasks)
+            it = run(_make_one, tasks)
             records[split] = []
             for rec in it:
                 records[split].append(rec)
                 bar.update(1)
             bar.close()
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
 
     manifests = {}
     for split, recs in records.items():

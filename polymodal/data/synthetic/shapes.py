@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import math
-import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +39,7 @@ from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
 from ...fileio import atomic_open
+from .workers import sample_map
 
 GENERATOR_VERSION = "1.0"
 
@@ -715,33 +715,17 @@ def generate_shapes(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     init_args = (str(out), int(seed), asdict(cfg))
-    pool = None
-    if workers > 1 and sum(counts.values()) > 1:
-        # fork is cheap and the workers never touch torch; spawn elsewhere.
-        methods = mp.get_all_start_methods()
-        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
-    else:
-        _init_worker(*init_args)
     records: dict[str, list[dict]] = {}
-    try:
+    with sample_map(workers, sum(counts.values()), _init_worker, init_args, max_chunk=64) as run:
         for split, n in counts.items():
             tasks = [(split, i) for i in range(n)]
             bar = tqdm(total=n, desc=f"shapes {split}", unit="img", disable=not progress or n == 0)
-            if pool is not None:
-                chunk = max(1, min(64, n // (workers * 8) or 1))
-                it = pool.imap(_make_one, tasks, chunksize=chunk)
-            else:
-                it = map(_make_one, tasks)
+            it = run(_make_one, tasks)
             records[split] = []
             for rec in it:
                 records[split].append(rec)
                 bar.update(1)
             bar.close()
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
 
     manifests = {}
     for split, recs in records.items():
