@@ -12,26 +12,25 @@ line, `polymodal: error: ...`, and exit with status 2; `--debug` (or POLYMODAL_D
 
 
 def _data_parser(sub) -> None:
+    from .data.shards import add_shard_arguments
+    from .data.synthetic import moving_shapes, shapes
+    from .data import video
     data = sub.add_parser("data", help="generate or convert data sets")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
-    shapes = dsub.add_parser("shapes", help="generate a ShapesWorld synthetic data set with manifests",
-                             description="Deterministic synthetic images of coloured shapes with short, long and "
-                                         "Chinese captions, labels, and a hard long-text test set.")
-    from .data.synthetic.shapes import add_cli_arguments
-    add_cli_arguments(shapes)
-    moving = dsub.add_parser("moving-shapes", help="generate a MovingShapes synthetic video-text data set",
-                             description="Deterministic H.264 videos of moving, growing, recolouring shapes with English "
-                                         "and Chinese captions, order-sensitive pairs and hierarchical scene labels.")
-    from .data.synthetic.moving_shapes import add_cli_arguments as add_moving_arguments
-    add_moving_arguments(moving)
-    frames = dsub.add_parser("frames", help="decode a video manifest once into webdataset shards of frames",
-                             description="Decodes each record's `video` (file, GIF or frame folder) into N frames and "
-                                         "writes tar shards, so training never decodes the same video twice.")
-    from .data.video import add_cli_arguments as add_frames_arguments
-    add_frames_arguments(frames)
-    shard = dsub.add_parser("shard", help="write a manifest as webdataset tar shards")
-    from .data.shards import add_shard_arguments
-    add_shard_arguments(shard)
+    commands = [
+        ("shapes", shapes.add_cli_arguments, "generate a ShapesWorld synthetic data set with manifests",
+         "Deterministic synthetic images of coloured shapes with short, long and Chinese captions, labels, and a "
+         "hard long-text test set."),
+        ("moving-shapes", moving_shapes.add_cli_arguments, "generate a MovingShapes synthetic video-text data set",
+         "Deterministic H.264 videos of moving, growing, recolouring shapes with English and Chinese captions, "
+         "order-sensitive pairs and hierarchical scene labels."),
+        ("frames", video.add_cli_arguments, "decode a video manifest once into webdataset shards of frames",
+         "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "
+         "training never decodes the same video twice."),
+        ("shard", add_shard_arguments, "write a manifest as webdataset tar shards", None),
+    ]
+    for name, add_arguments, help_text, description in commands:
+        add_arguments(dsub.add_parser(name, help=help_text, description=description))
 
 
 def _train_parser(sub) -> None:

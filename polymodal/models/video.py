@@ -112,21 +112,9 @@ class VideoCLIP(nn.Module):
         return video.train(model.training)
 
     # ---- processors live on the wrapped model (kept off the state dict) ----
-    @property
-    def tokenizer(self):
-        return self.base.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value) -> None:
-        self.base.tokenizer = value
-
-    @property
-    def image_transform(self):
-        return self.base.image_transform
-
-    @image_transform.setter
-    def image_transform(self, value) -> None:
-        self.base.image_transform = value
+    tokenizer = property(lambda self: self.base.tokenizer, lambda self, v: setattr(self.base, "tokenizer", v))
+    image_transform = property(lambda self: self.base.image_transform,
+                               lambda self, v: setattr(self.base, "image_transform", v))
 
     # ---- CLIP-like interface ----
     def scale(self) -> Tensor:
