@@ -237,3 +237,23 @@ def test_threads_option_sets_torch_threads(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_lr_scale_multiplies_the_learning_rate_of_matching_parameters(tmp_path):
+    task = NoisyRegression()
+    groups = param_groups(task, 0.1, {"net.2.": 10.0})
+    names = {id(p): n for n, p in task.named_parameters()}
+    scaled = {names[id(p)] for g in groups if g["lr_scale"] == 10.0 for p in g["params"]}
+    assert scaled == {"net.2.weight", "net.2.bias"}
+    assert sum(len(g["params"]) for g in groups) == len(list(task.parameters()))
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", lr_scale={"net.2.": 10.0}, clip_grad=0)
+    trainer = Trainer(task, make_loader, optim, TrainConfig(steps=1, ckpt_every=0, progress=False), tmp_path)
+    before = {n: p.detach().clone() for n, p in task.named_parameters()}
+    trainer.fit()
+    lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == pytest.approx([1e-2, 1e-1])
+    # AdamW's first step moves each weight by about lr (its update is m / sqrt(v) = sign(grad)).
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in task.named_parameters()}
+    assert moved["net.2.bias"] == pytest.approx(1e-1, rel=0.05) and moved["net.0.bias"] <= 1.05e-2
+    with pytest.raises(Exception, match="optim.lr_scale"):
+        OptimConfig(lr_scale={"x": 0}).validate()
