@@ -106,3 +106,22 @@ def test_video_clip_recipe_trains_a_tiny_video_model_above_chance(world, tmp_pat
     assert final["eval/video_retrieval/text_to_video_R@5"] > 20.0, final
     model = load_model(tmp_path / "run" / "model")
     assert isinstance(model, VideoCLIP) and model.config.temporal.kind == "transformer"
+
+
+def test_frame_jitter_depends_only_on_seed_epoch_and_record(world, clip):
+    from polymodal.data.config import DataConfig
+    from polymodal.data.datasets import ManifestDataset, SampleBuilder
+    from polymodal.methods.base import _video_loader
+    loader = _video_loader(DataConfig(num_frames=2, frame_jitter=True), seed=0)
+    calls = [loader(str(world / "videos" / "train_000001.mp4"), index=1, epoch=e).times.tolist() for e in range(6)]
+    again = loader(str(world / "videos" / "train_000001.mp4"), index=1, epoch=0).times.tolist()
+    assert again == calls[0] and len({tuple(c) for c in calls}) > 1
+    plain = _video_loader(DataConfig(num_frames=2), seed=0)
+    centres = {tuple(plain(str(world / "videos" / "train_000001.mp4"), index=1, epoch=e).times.tolist())
+               for e in range(3)}
+    assert len(centres) == 1
+    ds = ManifestDataset(world / "train.jsonl", SampleBuilder(clip.image_transform, media="video"),
+                         video_loader=loader)
+    ds.set_epoch(3)
+    sample = ds[1]
+    assert sample["frames"].shape == (2, 3, 32, 32) and sample["frame_valid"].all()

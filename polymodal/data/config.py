@@ -23,6 +23,9 @@ class DataConfig:
     langs: list = field(default_factory=lambda: ["en"])  # caption languages mixed in training
     num_frames: int = 8                  # video records: frames per clip
     frame_strategy: str = "uniform"      # video records: "uniform" | "keyframes" | "scene"
+    frame_jitter: bool = False           # video records, uniform: a random point of each segment (seeded per
+                                         # sample and epoch) instead of its centre
+    max_frame_side: int = 0              # video records: shrink frames on decode to this longer side (0 = off)
 
     def validate(self, where: str = "data") -> None:
         """Check every value before anything is read; errors name `where.<key>`."""
@@ -47,6 +50,8 @@ class DataConfig:
             raise ValueError(f"{where}.langs: {self.langs!r} must be a non-empty list of language codes (en, zh)")
         if self.num_frames < 1:
             raise ValueError(f"{where}.num_frames: {self.num_frames} must be >= 1")
+        if self.max_frame_side < 0:
+            raise ValueError(f"{where}.max_frame_side: {self.max_frame_side} must be >= 0 (0 = off)")
         if self.frame_strategy not in ("uniform", "keyframes", "scene"):
             raise ValueError(f"{where}.frame_strategy: {self.frame_strategy!r} is not one of uniform, keyframes, "
                              f"scene")

@@ -304,7 +304,8 @@ class ManifestDataset(BuiltSamples, Dataset):
             ``media`` says which field is read (``image``, ``video``, or none for text-only records).
         on_bad_record: ``"error"`` or ``"skip"`` (see the module docstring).
         image_loader: callable path -> PIL RGB image; default ``polymodal.data.images.load_image``.
-        video_loader: callable path -> ``VideoClip``; default ``polymodal.data.video.read_video`` with 8 frames.
+        video_loader: callable `(path, index=, epoch=) -> VideoClip` (index and epoch seed frame jitter); default
+            ``polymodal.data.video.read_video`` with 8 uniform frames.
     """
 
     def __init__(
@@ -328,7 +329,7 @@ class ManifestDataset(BuiltSamples, Dataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
-    def _load(self, record: dict) -> Any:
+    def _load(self, record: dict, index: int) -> Any:
         """The record's decoded media (None for text-only records)."""
         kind = self.builder.media
         if kind == "image":
@@ -339,15 +340,15 @@ class ManifestDataset(BuiltSamples, Dataset):
         if kind == "video":
             if self.video_loader is None:
                 from polymodal.data.video import read_video
-                self.video_loader = read_video
-            return self.video_loader(record["video"])
+                return read_video(record["video"])
+            return self.video_loader(record["video"], index=index, epoch=self.epoch)
         return None
 
     def __getitem__(self, i: int) -> dict:
         record = self.manifest.records[i]
         where = f"{self.manifest.path} line {record.get('_line', '?')}"
         try:
-            media = self._load(record)
+            media = self._load(record, i)
         except Exception as e:  # decoders raise many types (OSError, SyntaxError, ValueError ...)
             kind = self.builder.media
             reason = getattr(e, "reason", None) if kind == "video" else None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -224,11 +225,15 @@ class _pixel_limited_decoder:
 
 
 class _video_loader:
-    """`read_video` with the data section's frame count and strategy (picklable for workers)."""
+    """`read_video` with the data section's frame count, strategy and jitter (picklable for workers)."""
 
     def __init__(self, data: Any, seed: int):
         self.num_frames, self.strategy, self.seed = data.num_frames, data.frame_strategy, seed
+        self.jitter, self.max_side = data.frame_jitter, data.max_frame_side or None
 
-    def __call__(self, path):
+    def __call__(self, path, index: int = 0, epoch: int = 0):
         from ..data.video import read_video
-        return read_video(path, num_frames=self.num_frames, strategy=self.strategy)
+        # Jitter depends only on (run seed, epoch, record): resumed runs and any worker count see the same frames.
+        seed = int(np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, index, 3]).integers(2 ** 31))
+        return read_video(path, num_frames=self.num_frames, strategy=self.strategy,
+                          jitter=self.jitter and self.strategy == "uniform", seed=seed, max_side=self.max_side)
