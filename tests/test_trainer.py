@@ -257,3 +257,55 @@ def test_lr_scale_multiplies_the_learning_rate_of_matching_parameters(tmp_path):
     assert moved["net.2.bias"] == pytest.approx(1e-1, rel=0.05) and moved["net.0.bias"] <= 1.05e-2
     with pytest.raises(Exception, match="optim.lr_scale"):
         OptimConfig(lr_scale={"x": 0}).validate()
+
+
+class _DyingBatches(list):
+    """Rank 1's batches: the process is killed (SIGKILL, as the OOM killer does) when it takes the third one."""
+
+    def __getitem__(self, i):
+        return _DyingBatches(list.__getitem__(self, i)) if isinstance(i, slice) else list.__getitem__(self, i)
+
+    def __iter__(self):
+        for i, batch in enumerate(list.__iter__(self)):
+            if i == 2:
+                os.kill(os.getpid(), 9)
+            yield batch
+
+
+def _dying_batches(epoch, world_size, rank):
+    batches = _clip_batches(epoch, world_size, rank)
+    return _DyingBatches(batches) if rank == 1 else batches
+
+
+def _dying_worker(rank, world_size, port, out_dir):
+    try:
+        _ddp_worker(rank, world_size, port, out_dir, _dying_batches, steps=50)
+    except Exception as e:       # the surviving rank must fail, not hang: write what it saw
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+
+
+def test_a_killed_ddp_rank_ends_the_job_within_a_bound(tmp_path):
+    """No launcher cleans up here: the surviving rank itself must fail (gloo sees the closed peer), not hang."""
+    import time
+
+    import torch.multiprocessing as mp
+    out = tmp_path / "ddp"
+    out.mkdir()
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, str(out))) for r in range(2)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    elapsed = time.monotonic() - start
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"rank(s) {[procs.index(p) for p in alive]} still running after 120 s"
+    assert procs[1].exitcode == -9 and procs[0].exitcode not in (0, None)
+    assert (out / "rank0.err").is_file(), "the surviving rank ended without an error"
+    assert elapsed < 120
