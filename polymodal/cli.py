@@ -153,9 +153,9 @@ def _is_user_error(err: BaseException) -> bool:
     from .hub import CheckpointError
     from .data.video import VideoError
     from .train.checkpoint import CheckpointWriteError
-    from .train.loop import DataExhausted, TrainingDiverged
+    from .train.loop import DataExhausted, DataLoaderStuck, TrainingDiverged
     own = (ConfigError, ManifestError, ImageError, VideoError, CheckpointError, CheckpointWriteError,
-           TrainingDiverged, DataExhausted, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+           TrainingDiverged, DataExhausted, DataLoaderStuck, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
     if isinstance(err, own) or (isinstance(err, OSError) and err.errno == errno.ENOSPC):
         return True
     if isinstance(err, (ValueError, KeyError)):

@@ -588,3 +588,36 @@ def test_kill_9_during_checkpoint_writes_then_resume_is_exact(tmp_path):
     assert not writing()                                                  # the litter was removed at start-up
     a, b = losses(tmp_path / "ref" / "metrics.jsonl"), losses(out / "metrics.jsonl")
     assert len(a) == len(b) == steps and a == b and all(math.isfinite(x) for x in a)
+
+
+class _StuckDataset(torch.utils.data.Dataset):
+    """Record 3 never finishes decoding (as a read from a dead network mount would)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 3:
+            import time
+            time.sleep(600)
+        return {"x": torch.zeros(2), "index": i}
+
+
+def test_a_stuck_loader_worker_is_an_error_not_a_hang(tmp_path):
+    from polymodal.data.datasets import build_loader
+    from polymodal.train.loop import DataLoaderStuck, OptimConfig, TrainConfig, Trainer
+
+    class Task(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, batch):
+            return {"loss": (batch["x"] - self.w).pow(2).mean()}
+
+    loader = build_loader(_StuckDataset(), batch_size=2, shuffle=False, num_workers=1, timeout=2,
+                          collate_fn=torch.utils.data.default_collate)
+    trainer = Trainer(Task(), lambda epoch, skip: loader, OptimConfig(warmup_steps=0),
+                      TrainConfig(steps=10, ckpt_every=0, progress=False), tmp_path)
+    with pytest.raises(DataLoaderStuck, match="data.worker_timeout"):
+        trainer.fit()

@@ -160,6 +160,27 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class DataLoaderStuck(RuntimeError):
+    """A data-loader worker gave no batch within its timeout (`data.worker_timeout`)."""
+
+
+def _bounded_waits(batches):
+    """Iterate `batches`, turning torch's worker time-out into a `DataLoaderStuck` that says what to do."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise DataLoaderStuck(f"a data-loader worker gave no batch in time ({e}); a record may hang its "
+                                  f"decoder (a network path, a huge or broken file): check the data, raise "
+                                  f"data.worker_timeout, or use data.num_workers=0 to see which record") from None
+        yield batch
+
+
 class DataExhausted(RuntimeError):
     """The data gives no usable sample (every record of many batches, or of a whole epoch, was skipped)."""
 
@@ -356,7 +377,7 @@ class Trainer:
         while True:
             skip = self.state.batch_in_epoch
             self._usable_in_epoch = 0
-            for batch in self.make_loader(self.state.epoch, skip):
+            for batch in _bounded_waits(self.make_loader(self.state.epoch, skip)):
                 self.state.batch_in_epoch += 1
                 yield batch
             if self.state.batch_in_epoch == 0:
