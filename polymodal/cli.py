@@ -134,10 +134,10 @@ def run_eval(args) -> dict:
         if Path(classes).is_file() and Path(short).is_file():
             specs.append(EvalSpec("zeroshot", short, {**common, "classes": classes}))
     model = load_model(args.model)
-    if model.tokenizer is None and args.task != "captioning":
+    if model.tokenizer is None:
         raise ValueError(f"{args.model}: the model has no tokenizer files; save it with its tokenizer")
     metrics = evaluate(model, specs, progress=True)
-    if len(specs) == 1:     # one task: its numbers without the prefix, as before
+    if args.task != "longtext":     # one task: its numbers without the prefix, as before
         prefix = specs[0].prefix + "/"
         metrics = {k[len(prefix):]: v for k, v in metrics.items()}
     return metrics

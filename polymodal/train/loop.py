@@ -258,10 +258,7 @@ class Trainer:
         self.is_main = self.dist.rank == 0
         self.device = self.dist.device
         self.task.to(self.device)
-        self.module = self.task
-        if self.dist.world_size > 1:
-            self.module = nn.parallel.DistributedDataParallel(
-                self.task, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.module = dist_utils.wrap_ddp(self.task, self.dist)
         # The fused kernel does the whole update in one pass per tensor (~2.7x faster optimizer step on CPU
         # than foreach in benchmarks/train_step.py); it needs floating-point tensors on CPU or CUDA.
         fused = optim.fused and self.device.type in ("cpu", "cuda")

@@ -1,0 +1,495 @@
+"""M2-RAAP (`method: m2raap`): adapting an image-text model to zero-shot video-text retrieval, step by step.
+
+Builds on `video_clip` (same model building: any dual encoder wrapped by `VideoCLIP` with the
+`m2raap.temporal` module; STAN's 10x branch learning rate is `optim.lr_scale: {"temporal.": 10}`). The four
+steps of the paper map onto:
+
+1. filtering and caption rewriting: `polymodal.data.filtering` (run before training; train on its output);
+2. key frames: `data.frame_strategy: keyframes` (decoded every epoch), or frames decoded once into shards by
+   `polymodal data frames` and read here with `m2raap.frame_shards`;
+3. temporal modelling: `m2raap.temporal` (`kind: stan`, the side branch of METHODS.md section 5);
+4. feature enhancement: `m2raap.similarity: mug` (the Mug head, `models.video_heads`) and `m2raap.acg: true`
+   (auxiliary-caption guidance: captions from the manifest field `m2raap.aux_field`, or generated per frame by
+   a CoCa captioner at `m2raap.aux_captioner`, embedded by the text tower and fused by a gated residual).
+
+Our reconstruction (the authors released no code): the ACG fusion (`models.video_heads.ACGFusion`: gate 0 at
+init, identity projection, caption embeddings from the current text tower without gradient), where Mug reads
+its frame features (after the STAN branch; the plain image embeddings for `kind: mean`), frame-shard reading,
+and the captioner's frame choice (uniform frames). The Mug loss is computed on the local batch (no gather
+across ranks). The final `out_dir/model` is the VideoCLIP; the ACG head is saved beside its weights as
+`m2raap_heads.safetensors` with `m2raap.json` (read them back with `load_m2raap`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import types
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..data.datasets import BadRecords, BuiltSamples, ImageTextCollate, _pad_stack
+from ..losses.contrastive import build_contrastive_loss
+from ..models.base import ConfigDict
+from ..models.video_heads import ACG_LEVELS, ACGFusion, mug_loss, mug_similarity, pool_frames, text_token_features
+from .base import image_text_dataset
+from .clip import trim_padding
+from .video_clip import VideoCLIPMethod
+
+SIMILARITIES = ("mean", "mug")
+HEADS_FILE = "m2raap_heads.safetensors"
+HEADS_CONFIG = "m2raap.json"
+
+
+@dataclass
+class M2RAAPConfig(ConfigDict):
+    """The recipe's `m2raap:` section."""
+    temporal: dict = field(default_factory=dict)   # TemporalConfig keys, as video_clip: kind mean|transformer|stan ...
+    similarity: str = "mean"        # "mean": cosine of pooled video and text embeddings | "mug": the Mug head
+    mug_tau: float = 100.0          # Mug: softmax(tau R) inside the head
+    mug_temperature: float = 0.01   # Mug: cross-entropy temperature
+    mug_block: int = 64             # Mug evaluation: texts/videos per block (bounded memory)
+    acg: bool = False               # auxiliary-caption guidance on/off
+    acg_level: str = "video"        # "video": mean caption embedding added to every frame | "frame": caption k -> frame k
+    aux_field: str = "aux_captions"  # record field with the auxiliary caption(s): a string or a list
+    aux_captioner: str = ""         # a CoCa model folder: generate the aux captions instead of reading aux_field
+    aux_frames: int = 1             # captioner: frames captioned per video (uniformly spread)
+    max_aux: int = 8                # at most this many aux captions per video (the first ones)
+    frame_shards: str = ""          # frames decoded once by `polymodal data frames` (used instead of data.train)
+
+    def __post_init__(self):
+        from ..models.temporal import TemporalConfig
+        TemporalConfig(**self.temporal)            # validates the keys and values now, naming temporal.<key>
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"m2raap.similarity: {self.similarity!r} is not one of {', '.join(SIMILARITIES)}")
+        if self.acg_level not in ACG_LEVELS:
+            raise ValueError(f"m2raap.acg_level: {self.acg_level!r} is not one of {', '.join(ACG_LEVELS)}")
+        for key in ("mug_tau", "mug_temperature"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"m2raap.{key}: {getattr(self, key)} must be > 0")
+        for key in ("mug_block", "aux_frames", "max_aux"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"m2raap.{key}: {getattr(self, key)} must be >= 1")
+
+
+# ---- auxiliary captions ---------------------------------------------------------------------------------
+def aux_captions_of(record: dict, aux_field: str, max_aux: int) -> list[str]:
+    """The record's auxiliary captions (a string or a list in `aux_field`), at most `max_aux`; [] if none."""
+    value = record.get(aux_field)
+    if value is None:
+        return []
+    caps = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)]
+    return [c for c in caps if c.strip()][:max_aux]
+
+
+@torch.no_grad()
+def caption_videos(captioner, records: list[dict], num_frames: int = 1, batch_size: int = 16,
+                   max_len: int | None = None) -> list[list[str]]:
+    """Caption `num_frames` uniformly spread frames of each record's video with a CoCa (greedy decoding).
+
+    Args:
+        captioner: a CoCa (`generate`, `tokenizer`, `image_transform`).
+        records: records with absolute `video` paths.
+        num_frames: frames captioned per video.
+        batch_size: frames per `generate` call.
+        max_len: caption length limit (default the text context length).
+    Returns:
+        one list of `num_frames` captions per record, in frame order.
+    """
+    from PIL import Image
+
+    from ..data.video import read_video
+    if captioner.tokenizer is None:
+        raise ValueError("m2raap.aux_captioner: the captioner has no tokenizer; save it with one")
+    device = next(captioner.parameters()).device
+    was_training = captioner.training
+    captioner.eval()
+    pixels, owner = [], []
+    for i, r in enumerate(records):
+        clip = read_video(r["video"], num_frames=num_frames)
+        pixels.extend(captioner.image_transform(Image.fromarray(f.numpy())) for f in clip.frames)
+        owner.extend([i] * len(clip.frames))
+    out: list[list[str]] = [[] for _ in records]
+    for s in range(0, len(pixels), batch_size):
+        ids = captioner.generate(torch.stack(pixels[s:s + batch_size]).to(device), method="greedy", max_len=max_len)
+        for j, row in enumerate(ids.cpu()):
+            out[owner[s + j]].append(captioner.tokenizer.decode(row))
+    captioner.train(was_training)
+    return out
+
+
+def add_aux_captions(manifest: str | os.PathLike, captioner, out: str | os.PathLike, aux_field: str = "aux_captions",
+                     num_frames: int = 1, on_bad_record: str = "error") -> str:
+    """Write a copy of `manifest` whose records carry `aux_field` generated by `captioner` (see `caption_videos`).
+
+    Returns:
+        the written manifest's path.
+    """
+    from ..data.manifests import read_manifest, write_manifest
+    records = read_manifest(manifest, on_bad_record=on_bad_record, media="video").records
+    caps = caption_videos(captioner, records, num_frames)
+    write_manifest([{**r, aux_field: c} for r, c in zip(records, caps)], out)
+    return str(out)
+
+
+# ---- data: samples carry their aux captions; frame shards -------------------------------------------------
+class M2RAAPCollate(ImageTextCollate):
+    """`ImageTextCollate` plus `aux_input_ids` (B, K, L) and `aux_mask` (B, K) from each sample's aux captions.
+
+    Args:
+        tokenizer, context_length: as for ImageTextCollate.
+        aux_field: the sample key holding the aux captions (copied from the record); None = no ACG.
+        max_aux: at most this many captions per sample.
+    """
+
+    def __init__(self, tokenizer=None, context_length=None, aux_field: str | None = None, max_aux: int = 8):
+        super().__init__(tokenizer, context_length)
+        self.aux_field, self.max_aux = aux_field, max_aux
+
+    def __call__(self, samples: list[dict | None]) -> dict:
+        batch = super().__call__(samples)
+        if self.aux_field is None or "input_ids" not in batch:
+            return batch
+        good = [s for s in samples if s is not None and "_bad" not in s]
+        caps = [aux_captions_of(s, self.aux_field, self.max_aux) for s in good]
+        K = max(1, max(len(c) for c in caps))
+        flat = [c[k] if k < len(c) else "" for c in caps for k in range(K)]
+        ids = self._tokenize(flat)                                                    # (B*K, L)
+        batch["aux_input_ids"] = ids.view(len(good), K, ids.shape[-1])                # (B, K, L)
+        batch["aux_mask"] = torch.tensor([[k < len(c) for k in range(K)] for c in caps])  # (B, K)
+        return batch
+
+
+class FrameShardDataset(BuiltSamples, Dataset):
+    """Map-style dataset over frame shards written by `polymodal data frames` (frames decoded once).
+
+    The shards' members are read into memory once (JPEG/PNG bytes, decoded per item), which suits the
+    small and medium sets this recipe is run on; `ShardDataset` (streaming) takes only image shards.
+
+    Args:
+        source: the shard folder (with `shards.json`).
+        builder: a `SampleBuilder` with media "video".
+        on_bad_record: "error" | "skip".
+    """
+
+    def __init__(self, source: str, builder, on_bad_record: str = "error"):
+        from ..data.shards import _read_tar, resolve_shards
+        if builder.media != "video":
+            raise ValueError(f"FrameShardDataset needs a video SampleBuilder, got media {builder.media!r}")
+        shards, _ = resolve_shards(source)
+        self.items: list[tuple[str, dict]] = []
+        for shard in shards:
+            for key, files in _read_tar(shard):
+                self.items.append((f"{shard} key {key}", files))
+        if not self.items:
+            raise ValueError(f"m2raap.frame_shards: {source} holds no samples; write them with `polymodal data frames`")
+        self.builder, self.bad, self.epoch = builder, BadRecords(on_bad_record), 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..data.datasets import _SampleError
+        from ..data.video import read_frame_sample
+        where, files = self.items[i]
+        try:
+            record = json.loads(files["json"])
+            clip = read_frame_sample(files)
+        except Exception as e:  # a broken member: JSON, JPEG, missing frames
+            return self.bad(i, "unreadable_frames", f"frame shard {where}: cannot be read ({type(e).__name__}: {e})",
+                            e)
+        try:
+            return self.builder.build(record, i, self.epoch, clip)
+        except _SampleError as e:
+            return self.bad(i, e.reason, f"frame shard {where}: {e.detail}", e)
+
+
+# ---- the objective --------------------------------------------------------------------------------------
+def encode_aux(model: nn.Module, aux_ids: Tensor, aux_mask: Tensor) -> Tensor:
+    """(B, K, L) aux-caption ids -> (B, K, E) normalised text embeddings (no gradient; padding rows zero)."""
+    B, K, L = aux_ids.shape
+    ids = trim_padding(aux_ids.reshape(B * K, L), model.config.text.pad_token_id)
+    with torch.no_grad():
+        emb = model.encode_text(ids).view(B, K, -1)                                  # (B, K, E)
+    return emb * aux_mask[..., None].to(emb.dtype)
+
+
+class M2RAAPTask(nn.Module):
+    """Video-text training with the optional Mug similarity and ACG fusion.
+
+    Batch: `frames` (B, T, 3, H, W), `frame_valid` (B, T), `input_ids` (B, L), and with ACG `aux_input_ids`
+    (B, K, L) and `aux_mask` (B, K).
+
+    Args:
+        model: a VideoCLIP.
+        cfg: the `m2raap:` section.
+        loss: the recipe's `loss:` section (used by `similarity: mean`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: M2RAAPConfig, loss=None):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.loss = build_contrastive_loss(loss)
+        self.acg = ACGFusion(model.config.embed_dim, cfg.acg_level) if cfg.acg else None
+
+    def frame_features(self, frames: Tensor, valid: Tensor | None, aux_ids: Tensor | None = None,
+                       aux_mask: Tensor | None = None) -> Tensor:
+        """(B, T, E) frame features (unnormalised), ACG-fused when ACG is on and aux ids are given."""
+        x = self.model.encode_frames(frames, valid)                                   # (B, T, E)
+        if self.acg is not None and aux_ids is not None:
+            x = self.acg(x, encode_aux(self.model, aux_ids, aux_mask), aux_mask)
+        return x
+
+    def forward(self, batch: dict) -> dict:
+        valid = batch.get("frame_valid")
+        x = self.frame_features(batch["frames"], valid, batch.get("aux_input_ids"), batch.get("aux_mask"))
+        ids = trim_padding(batch["input_ids"], self.model.config.text.pad_token_id)
+        out: dict = {}
+        if self.cfg.similarity == "mug":
+            tokens, mask = text_token_features(self.model, ids)                       # (B, L, E), (B, L)
+            frames = torch.nn.functional.normalize(x, dim=-1)
+            scores = mug_similarity(tokens, mask, frames, valid, tau=self.cfg.mug_tau, block_size=len(frames))
+            loss = mug_loss(scores, self.cfg.mug_temperature)
+            out["mug"] = loss.detach()
+        else:
+            video = pool_frames(self.model, x, valid)                                 # (B, E)
+            text = self.model.encode_text(ids)                                        # (B, E)
+            loss = self.loss(video, text, self.model.scale())
+            out["contrastive"] = loss.detach()
+            out["logit_scale"] = self.model.scale().detach()
+        if self.acg is not None:
+            out["acg_gate"] = self.acg.gate.detach().abs().mean()
+        return {"loss": loss, **out}
+
+
+# ---- evaluation with Mug / ACG --------------------------------------------------------------------------
+@torch.no_grad()
+def m2raap_video_retrieval(task: M2RAAPTask, manifest, caption_key: str = "caption", limit: int = 0,
+                           num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
+                           on_bad_record: str = "error", aux: list[list[str]] | None = None) -> dict:
+    """Text<->video retrieval with the task's similarity (cosine or Mug) and ACG fusion.
+
+    Args:
+        task: an M2RAAPTask (its model and heads).
+        manifest: JSONL/CSV of `video` records with captions (and `aux_field` when ACG reads it).
+        caption_key, limit, num_frames, strategy, batch_size, on_bad_record: as in `video_retrieval_eval`.
+        aux: aux captions per record (e.g. from a captioner), overriding the manifest field.
+    Returns:
+        the keys of `video_retrieval_eval` plus `num_without_aux` (ACG runs only).
+    """
+    from PIL import Image
+
+    from ..data.manifests import SKIP_HINT, ManifestError
+    from ..data.video import VideoError, read_video
+    from ..eval.retrieval import embed_and_score, retrieval_metrics
+    from ..eval.suite import captions_by_record, encode_texts, read_records
+    model, cfg = task.model, task.cfg
+    device = next(model.parameters()).device
+    records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
+    kept, feats, valids, pending = [], [], [], []
+
+    def flush():
+        if not pending:
+            return
+        frames = torch.stack([p[1] for p in pending]).to(device)                      # (B, T, 3, H, W)
+        valid = torch.stack([p[2] for p in pending]).to(device)                       # (B, T)
+        aux_ids = aux_mask = None
+        if task.acg is not None:
+            caps = [p[3] for p in pending]
+            K = max(1, max(len(c) for c in caps))
+            ids = model.tokenizer([c[k] if k < len(c) else "" for c in caps for k in range(K)])
+            aux_ids = ids.view(len(caps), K, -1).to(device)
+            aux_mask = torch.tensor([[k < len(c) for k in range(K)] for c in caps], device=device)
+        x = task.frame_features(frames, valid, aux_ids, aux_mask)                     # (B, T, E)
+        if cfg.similarity == "mug":
+            feats.append(torch.nn.functional.normalize(x, dim=-1).float().cpu())
+            valids.append(valid.cpu())
+        else:
+            feats.append(pool_frames(model, x, valid).float().cpu())
+        kept.extend(p[0] for p in pending)
+        pending.clear()
+
+    skipped = num_without_aux = 0
+    for i, r in enumerate(records):
+        try:
+            clip = read_video(r["video"], num_frames=num_frames, strategy=strategy)
+        except VideoError as e:
+            if on_bad_record == "error":
+                raise ManifestError(f"{manifest} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
+            skipped += 1
+            continue
+        frames = torch.stack([model.image_transform(Image.fromarray(f.numpy())) for f in clip.frames])
+        caps = aux[i][:cfg.max_aux] if aux is not None else aux_captions_of(r, cfg.aux_field, cfg.max_aux)
+        num_without_aux += not caps
+        pending.append((r, frames, clip.valid, caps))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not kept:
+        raise ManifestError(f"{manifest}: no readable video to evaluate")
+    texts, owner = captions_by_record(kept, caption_key, manifest)
+    if cfg.similarity == "mug":
+        vid, vmask = torch.cat(feats), torch.cat(valids)
+        tok, tmask = [], []
+        for s in range(0, len(texts), 256):
+            ids = trim_padding(model.tokenizer(texts[s:s + 256]), model.config.text.pad_token_id).to(device)
+            t, m = text_token_features(model, ids)
+            tok.append(t.float().cpu())
+            tmask.append(m.cpu())
+        L = max(t.shape[1] for t in tok)
+        tok = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in tok])
+        tmask = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])
+        scores = mug_similarity(tok, tmask, vid, vmask, tau=cfg.mug_tau, block_size=cfg.mug_block)  # (N_t, N_v)
+        metrics = retrieval_metrics(scores.T.contiguous(), torch.tensor(owner))
+    else:
+        metrics = embed_and_score(torch.cat(feats), encode_texts(model, texts), torch.tensor(owner))
+    out = {k.replace("image", "video"): v for k, v in metrics.items()}
+    out.update(num_videos=len(kept), num_texts=len(texts))
+    if task.acg is not None:
+        out["num_without_aux"] = num_without_aux
+    if skipped:
+        out["num_skipped"] = skipped
+    return out
+
+
+# ---- saving / loading the heads -------------------------------------------------------------------------
+class _ModelWithHeads:
+    """What `final_model` returns: saves the VideoCLIP, then the M2-RAAP heads into the same folder."""
+
+    def __init__(self, task: M2RAAPTask):
+        self.task = task
+
+    def save_pretrained(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        from ..fileio import atomic_open
+        self.task.model.save_pretrained(directory)
+        directory = Path(directory)
+        if self.task.acg is not None:
+            state = {k: v.detach().contiguous() for k, v in self.task.acg.state_dict().items()}
+            save_file(state, str(directory / HEADS_FILE))
+        with atomic_open(directory / HEADS_CONFIG, "w", encoding="utf-8") as f:
+            json.dump(self.task.cfg.to_dict(), f, indent=1)
+
+
+def load_m2raap(directory) -> M2RAAPTask:
+    """A saved M2-RAAP run's `out_dir/model` back as an `M2RAAPTask` (VideoCLIP + ACG head, in eval mode)."""
+    from safetensors.torch import load_file
+
+    from ..config import from_dict
+    from ..hub import load_model
+    directory = Path(directory)
+    model = load_model(directory)
+    cfg_file = directory / HEADS_CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: {directory} is not an M2-RAAP model folder "
+                                f"(load it with polymodal.load_model instead)")
+    cfg = from_dict(M2RAAPConfig, json.loads(cfg_file.read_text()), str(cfg_file))
+    task = M2RAAPTask(model, cfg)
+    if task.acg is not None:
+        task.acg.load_state_dict(load_file(str(directory / HEADS_FILE)))
+    return task.eval()
+
+
+# ---- the method -----------------------------------------------------------------------------------------
+class M2RAAPMethod(VideoCLIPMethod):
+    """`method: m2raap`."""
+
+    config_cls = M2RAAPConfig
+    media = "video"
+
+    def __init__(self, run: Any, cfg: Any = None):
+        super().__init__(run, cfg)
+        self._captioner = None
+        self._aux_cache: dict[str, list[list[str]]] = {}
+
+    def validate(self) -> None:
+        c = self.cfg
+        kind = c.temporal.get("kind", "mean")
+        if c.similarity == "mug" and kind == "transformer":
+            raise ValueError("m2raap.similarity=mug scores frame features, which a temporal transformer only pools; "
+                             "use m2raap.temporal.kind=stan (frames mixed in time by the branch) or mean")
+        if c.similarity == "mug" and self.run.loss.kind != "infonce":
+            raise ValueError(f"m2raap.similarity=mug trains with its own cross-entropy (m2raap.mug_temperature); "
+                             f"loss.kind={self.run.loss.kind!r} does not apply: set loss.kind=infonce")
+        if c.frame_shards and self.run.data.langs != ["en"]:
+            raise ValueError("m2raap.frame_shards reads only the `caption` captions; set data.langs=[en]")
+
+    def paths(self) -> list[str]:
+        return [p for p in (self.cfg.frame_shards, self.cfg.aux_captioner) if p]
+
+    def captioner(self):
+        """The CoCa at `m2raap.aux_captioner`, loaded once."""
+        if self._captioner is None:
+            from ..hub import load_model
+            self._captioner = load_model(self.cfg.aux_captioner).eval()
+            if not hasattr(self._captioner, "generate"):
+                raise ValueError(f"m2raap.aux_captioner: {self.cfg.aux_captioner} is not a captioner (model_type "
+                                 f"coca); give a CoCa / SyCoCa model folder")
+        return self._captioner
+
+    def build_dataset(self, model: nn.Module, rank: int, world_size: int):
+        c, d = self.cfg, self.run.data
+        extra = ("label", "labels", "lang") + ((c.aux_field,) if c.acg else ())
+        if c.frame_shards:
+            from ..data.config import builder_from_config
+            builder = builder_from_config(d, model.image_transform, model.tokenizer, self.run.train.seed,
+                                          media="video", extra_keys=extra)
+            return FrameShardDataset(c.frame_shards, builder, d.on_bad_record), None
+        run = self.run
+        if c.acg and c.aux_captioner:
+            out = Path(self.run.out_dir) / "train_aux.jsonl"
+            if not out.is_file():                     # a resumed run reuses the captions it trained on
+                add_aux_captions(d.train, self.captioner(), out, c.aux_field, c.aux_frames, d.on_bad_record)
+            run = types.SimpleNamespace(data=replace(d, train=str(out)), train=self.run.train)
+        return image_text_dataset(run, model, rank, world_size, media="video", extra_keys=extra)
+
+    def collate(self, model: nn.Module):
+        tok = model.tokenizer
+        return M2RAAPCollate(tok, getattr(tok, "context_length", None),
+                             self.cfg.aux_field if self.cfg.acg else None, self.cfg.max_aux)
+
+    def build_task(self, model: nn.Module) -> nn.Module:
+        return M2RAAPTask(model, self.cfg, self.run.loss)
+
+    def _aux_for(self, manifest: str, spec_options: dict) -> list[list[str]] | None:
+        if not (self.cfg.acg and self.cfg.aux_captioner):
+            return None
+        if manifest not in self._aux_cache:
+            from ..eval.suite import read_records
+            records = read_records(manifest, spec_options.get("limit", 0), spec_options.get("on_bad_record", "error"),
+                                   required=("video",), media="video")
+            self._aux_cache[manifest] = caption_videos(self.captioner(), records, self.cfg.aux_frames)
+        return self._aux_cache[manifest]
+
+    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
+        """Video retrieval through the task's heads (Mug / ACG) when they are on; other tasks as usual."""
+        from ..eval.tasks import evaluate
+        own = [s for s in specs if s.task == "video_retrieval" and (self.cfg.similarity == "mug" or self.cfg.acg)]
+        rest = [s for s in specs if s not in own]
+        out = evaluate(task.model, rest, progress=progress) if rest else {}
+        was_training = task.training
+        task.eval()
+        try:
+            for spec in own:
+                o = dict(spec.options)
+                lang = o.pop("lang", "en")
+                o.pop("progress", None)
+                o.pop("cache", None)
+                m = m2raap_video_retrieval(task, spec.data, "caption" if lang == "en" else f"caption_{lang}",
+                                           aux=self._aux_for(spec.data, o), **o)
+                out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
+        finally:
+            task.train(was_training)
+        return out
+
+    def final_model(self, task: nn.Module):
+        return _ModelWithHeads(task)
+
+
+__all__ = ["M2RAAPConfig", "M2RAAPMethod", "M2RAAPTask", "M2RAAPCollate", "FrameShardDataset", "caption_videos",
+           "add_aux_captions", "aux_captions_of", "encode_aux", "m2raap_video_retrieval", "load_m2raap"]

@@ -1,0 +1,338 @@
+"""SHE-Net's hierarchical text-video similarity over a `VideoCLIP` (no parameters of its own).
+
+Text side, four levels: the sentence (the tower's EOT/CLS embedding) and the verb, noun and adjective nodes
+of the caption's parse (`polymodal.data.syntax`), each node the mean of its tokens' final text-tower states,
+projected into the joint space. Video side, three levels: the video (the temporal module's embedding), its
+frames (the per-frame embeddings) and the patches of each frame (the image tower's patch tokens through the
+same projection). All features are L2-normalised, so every score below is a cosine.
+
+For a text n and a video m (frames t, patches p; only valid frames take part):
+
+- verb k:  a_t = softmax_t(<v_k, f_t> / tau),  s_verb_k = sum_t a_t <v_k, f_t>
+- noun k:  b_tp = softmax_p(<u_k, x_tp> / tau),  per frame r_t = sum_p b_tp <u_k, x_tp>,
+           s_noun_k = sum_t w_t r_t, where w is the frame attention of the verb the noun attaches to
+           (`noun_frames="verb"`, the syntax tree guiding where to look) or uniform over the valid frames
+           (`"mean"`, and always for a noun without a verb)
+- adjective: as a noun, with the frame weights of the noun it attaches to (uniform without one)
+- s = s_sentence + l_v mean_k s_verb_k + l_n mean_k s_noun_k + l_a mean_k s_adj_k; a level a caption has no
+  node of contributes 0; a weight of 0 skips its level, so all weights 0 give exactly the sentence score.
+
+Scores need text-video interaction, so they are computed for blocks of texts x videos
+(:func:`similarity_blocks`); memory per block is about ``Nt * Nv * K * T * P`` floats.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from .base import ConfigDict
+
+KINDS = ("verb", "noun", "adj")
+
+
+@dataclass
+class HierarchyConfig(ConfigDict):
+    """Weights and temperature of the hierarchical similarity."""
+    verb_weight: float = 1.0        # l_v: verb -> frame level
+    noun_weight: float = 1.0        # l_n: noun -> patch level
+    adj_weight: float = 0.0         # l_a: adjective -> patch level (0 = off, the paper's optional level)
+    tau: float = 0.1                # attention temperature over cosines
+    noun_frames: str = "verb"       # "verb" | "mean": how a noun's per-frame scores are weighted
+
+    def __post_init__(self):
+        for name in ("verb_weight", "noun_weight", "adj_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"shenet.{name}: {getattr(self, name)} must be >= 0")
+        if not self.tau > 0:
+            raise ConfigError(f"shenet.tau: {self.tau} must be > 0")
+        if self.noun_frames not in ("verb", "mean"):
+            raise ConfigError(f"shenet.noun_frames: {self.noun_frames!r} is not one of verb, mean")
+
+    def weight(self, kind: str) -> float:
+        return getattr(self, f"{kind}_weight")
+
+
+@dataclass
+class VideoFeatures:
+    """video (N, E), frames (N, T, E), patches (N, T, P, E), all L2-normalised; valid (N, T) bool."""
+    video: Tensor
+    frames: Tensor
+    patches: Tensor
+    valid: Tensor
+
+    def __getitem__(self, s: slice) -> "VideoFeatures":
+        return VideoFeatures(self.video[s], self.frames[s], self.patches[s], self.valid[s])
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+
+@dataclass
+class TextFeatures:
+    """sentence (N, E); nodes[kind] (N, K, E) L2-normalised; node_valid[kind] (N, K) bool;
+    heads["noun"] (N, Kn) verb index / heads["adj"] (N, Ka) noun index, -1 = none."""
+    sentence: Tensor
+    nodes: dict
+    node_valid: dict
+    heads: dict
+
+    def __getitem__(self, s: slice) -> "TextFeatures":
+        return TextFeatures(self.sentence[s], {k: v[s] for k, v in self.nodes.items()},
+                            {k: v[s] for k, v in self.node_valid.items()}, {k: v[s] for k, v in self.heads.items()})
+
+    def __len__(self) -> int:
+        return len(self.sentence)
+
+
+@dataclass
+class HierarchyScores:
+    """total / sentence / verb / noun / adj: (Nt, Nv) scores (a skipped level is None).
+    verb_attention (Nt, Nv, Kv, T), noun_attention (Nt, Nv, Kn, T, P), adj_attention (Nt, Nv, Ka, T, P) and
+    noun_frame_weights (Nt, Nv, Kn, T) when asked for (`return_attention=True`); for pairs Nv = 1."""
+    total: Tensor
+    sentence: Tensor
+    verb: Tensor | None = None
+    noun: Tensor | None = None
+    adj: Tensor | None = None
+    verb_attention: Tensor | None = None
+    noun_attention: Tensor | None = None
+    adj_attention: Tensor | None = None
+    noun_frame_weights: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------------------
+def _check_base(model: nn.Module):
+    base = getattr(model, "base", model)
+    for name in ("visual", "visual_proj", "text", "text_proj"):
+        if not hasattr(base, name):
+            raise ConfigError(f"SHE-Net needs a CLIP-style model (a ViT `visual` tower with `visual_proj` and a "
+                              f"`text` tower with `text_proj`), but the wrapped model is a {type(base).__name__} "
+                              f"without `{name}`; use model_type clip (or an imported HF/OpenCLIP CLIP)")
+    kind = getattr(getattr(getattr(model, "config", None), "temporal", None), "kind", "mean")
+    if kind == "stan":
+        raise ConfigError("SHE-Net: temporal.kind='stan' has no per-frame embeddings to attend over; "
+                          "use temporal.kind=mean or transformer")
+    return base
+
+
+def encode_video_features(model: nn.Module, frames: Tensor, valid: Tensor | None = None) -> VideoFeatures:
+    """Video, frame and patch features from one pass of the image tower.
+
+    Args:
+        model: a `VideoCLIP` over a CLIP (temporal kind mean or transformer).
+        frames: (B, T, 3, H, W) normalised frames.
+        valid: (B, T) bool, True = real frame; None = all real.
+    Returns:
+        VideoFeatures; `video` equals `model.encode_video(frames, valid)`.
+    """
+    base = _check_base(model)
+    B, T = frames.shape[:2]
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=frames.device)
+    out = base.visual(frames.flatten(0, 1))                             # pooled (B*T, W), tokens (B*T, P, W)
+    frame = base.visual_proj(out.pooled).view(B, T, -1)                 # (B, T, E)
+    video = model.temporal(frame, valid) if hasattr(model, "temporal") else frame.mean(1)   # (B, E)
+    patches = base.visual_proj(out.tokens).view(B, T, out.tokens.shape[1], -1)  # (B, T, P, E)
+    return VideoFeatures(F.normalize(video, dim=-1), F.normalize(frame, dim=-1), F.normalize(patches, dim=-1),
+                         valid.bool())
+
+
+def encode_text_features(model: nn.Module, ids: Tensor, nodes: dict, attention_mask: Tensor | None = None
+                         ) -> TextFeatures:
+    """Sentence and node features from one pass of the text tower.
+
+    Args:
+        model: a `VideoCLIP` over a CLIP (or the CLIP itself).
+        ids: (B, L) token ids.
+        nodes: `polymodal.data.syntax.batch_nodes` tensors: `{kind}_tokens` / `{kind}_mask` (B, K, M) positions
+            in the tower's token sequence, `noun_head`, `adj_head` (B, K).
+        attention_mask: passed to the text tower.
+    Returns:
+        TextFeatures; `sentence` equals `model.encode_text(ids)`.
+    """
+    base = _check_base(model)
+    out = base.text(ids, attention_mask)                                 # tokens (B, L', W)
+    sentence = F.normalize(base.text_proj(out.pooled), dim=-1)           # (B, E)
+    feats, valid, heads = {}, {}, {}
+    B, Lp, W = out.tokens.shape
+    for kind in KINDS:
+        pos, mask = nodes[f"{kind}_tokens"], nodes[f"{kind}_mask"]       # (B, K, M)
+        if int(pos.max()) >= Lp:
+            raise ValueError(f"{kind}_tokens holds position {int(pos.max())} but the text tower gave {Lp} tokens "
+                             "(node positions must come from the same tokenizer and context length)")
+        K, M = pos.shape[1:]
+        tok = torch.gather(out.tokens, 1, pos.reshape(B, K * M, 1).expand(-1, -1, W)).view(B, K, M, W)
+        w = mask.to(tok.dtype)[..., None]                                # (B, K, M, 1)
+        mean = (tok * w).sum(2) / w.sum(2).clamp_min(1)                  # (B, K, W)
+        feats[kind] = F.normalize(base.text_proj(mean), dim=-1)         # (B, K, E)
+        valid[kind] = mask.any(-1)                                       # (B, K)
+        if kind != "verb":
+            heads[kind] = nodes[f"{kind}_head"]
+    return TextFeatures(sentence, feats, valid, heads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Similarity
+# ---------------------------------------------------------------------------------------------------
+def _masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Softmax over `dim` where mask is True; all-False slices give zeros."""
+    x = logits.masked_fill(~mask, float("-inf"))
+    a = torch.softmax(x, dim=dim)
+    return torch.nan_to_num(a, nan=0.0)
+
+
+def _node_mean(scores: Tensor, valid: Tensor) -> Tensor:
+    """(Nt, Nv, K) scores, (Nt, 1, K) valid -> (Nt, Nv) mean over valid nodes (0 without any)."""
+    w = valid.to(scores.dtype)
+    return (scores * w).sum(-1) / w.sum(-1).clamp_min(1)
+
+
+def _gather_nodes(x: Tensor, head: Tensor) -> Tensor:
+    """x (Nt, Nv, Kh, T), head (Nt, K) indices (>= 0) -> (Nt, Nv, K, T)."""
+    Nt, Nv, _, T = x.shape
+    idx = head.clamp_min(0)[:, None, :, None].expand(Nt, Nv, head.shape[1], T)
+    return torch.gather(x, 2, idx)
+
+
+def hierarchical_similarity(text: TextFeatures, video: VideoFeatures, cfg: HierarchyConfig, pairs: bool = False,
+                            return_attention: bool = False) -> HierarchyScores:
+    """SHE-Net scores of texts against videos (module docstring for the formulas).
+
+    Args:
+        text: Nt texts' features.
+        video: Nv videos' features.
+        cfg: level weights, temperature, noun frame weighting.
+        pairs: score text i with video i only (Nt == Nv); the outputs then have Nv = 1.
+        return_attention: also return the attention maps.
+    Returns:
+        HierarchyScores with `total` (Nt, Nv) (or (N, 1) for pairs).
+    """
+    if pairs and len(text) != len(video):
+        raise ValueError(f"pairs=True needs as many texts as videos, got {len(text)} and {len(video)}")
+    if pairs:
+        sentence = (text.sentence * video.video).sum(-1, keepdim=True)                   # (N, 1)
+        fvalid = video.valid[:, None, None, :]                                           # (N, 1, 1, T)
+    else:
+        sentence = text.sentence @ video.video.T                                         # (Nt, Nv)
+        fvalid = video.valid[None, :, None, :]                                           # (1, Nv, 1, T)
+    out = HierarchyScores(total=sentence, sentence=sentence)
+    need_verb = cfg.verb_weight > 0 or (cfg.noun_frames == "verb" and (cfg.noun_weight > 0 or cfg.adj_weight > 0))
+    need_verb = need_verb or return_attention
+    total = sentence
+    verb_att = None
+    if need_verb:
+        v = text.nodes["verb"]                                                           # (Nt, Kv, E)
+        eq = "nke,nte->nkt" if pairs else "nke,mte->nmkt"
+        logits = torch.einsum(eq, v, video.frames)                                       # (Nt, Nv, Kv, T)
+        if pairs:
+            logits = logits[:, None]
+        verb_att = _masked_softmax(logits / cfg.tau, fvalid, -1)                         # (Nt, Nv, Kv, T)
+        per_node = (verb_att * logits).sum(-1)                                           # (Nt, Nv, Kv)
+        out.verb = _node_mean(per_node, text.node_valid["verb"][:, None])
+        if cfg.verb_weight > 0:
+            total = total + cfg.verb_weight * out.verb
+        if return_attention:
+            out.verb_attention = verb_att
+    uniform = fvalid.to(sentence.dtype) / fvalid.sum(-1, keepdim=True).clamp_min(1)      # (., ., 1, T)
+    noun_w = None
+    for kind in ("noun", "adj"):
+        if cfg.weight(kind) <= 0 and not (return_attention and kind == "noun"):
+            continue
+        u = text.nodes[kind]                                                             # (Nt, K, E)
+        eq = "nke,ntpe->nktp" if pairs else "nke,mtpe->nmktp"
+        logits = torch.einsum(eq, u, video.patches)                                      # (Nt, Nv, K, T, P)
+        if pairs:
+            logits = logits[:, None]
+        att = torch.softmax(logits / cfg.tau, dim=-1)                                    # over the patches of a frame
+        per_frame = (att * logits).sum(-1)                                               # (Nt, Nv, K, T)
+        head = text.heads[kind]                                                          # (Nt, K)
+        has_head = (head >= 0)[:, None, :, None]                                         # (Nt, 1, K, 1)
+        base_w = uniform.expand(per_frame.shape)
+        if kind == "noun":
+            if cfg.noun_frames == "verb" and verb_att is not None:
+                w = torch.where(has_head, _gather_nodes(verb_att, head), base_w)
+            else:
+                w = base_w
+            noun_w = w
+        else:
+            w = base_w if noun_w is None else torch.where(has_head, _gather_nodes(noun_w, head), base_w)
+        w = w * fvalid                                                                   # never a padded frame
+        score = _node_mean((w * per_frame).sum(-1), text.node_valid[kind][:, None])      # (Nt, Nv)
+        setattr(out, kind, score)
+        if cfg.weight(kind) > 0:
+            total = total + cfg.weight(kind) * score
+        if return_attention:
+            setattr(out, f"{kind}_attention", att)
+            if kind == "noun":
+                out.noun_frame_weights = w
+    out.total = total
+    return out
+
+
+def similarity_blocks(text: TextFeatures, video: VideoFeatures, cfg: HierarchyConfig, block: int = 64) -> Tensor:
+    """(Nt, Nv) total scores, computed `block` x `block` at a time (bounded temporary memory)."""
+    rows = []
+    for j0 in range(0, len(text), block):
+        t = text[j0:j0 + block]
+        rows.append(torch.cat([hierarchical_similarity(t, video[i0:i0 + block], cfg).total
+                               for i0 in range(0, len(video), block)], dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def hierarchical_infonce(scores: Tensor, scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE on a (B, B) text x video score matrix (diagonal = matching pairs).
+
+    Args:
+        scores: (B, B) SHE-Net similarities, row = text, column = video.
+        scale: the exp'ed logit scale.
+    Returns:
+        Scalar loss: mean of the text->video and video->text cross entropies.
+    """
+    logits = scale * scores                                                              # (B, B)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention hit rates
+# ---------------------------------------------------------------------------------------------------
+def attention_hit(attention: Tensor, target: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Share of attention on the target units, and the share a uniform attention would put there.
+
+    Args:
+        attention: (..., U) weights summing to 1 over the valid units.
+        target: (..., U) bool, the ground-truth units (action frames, the object's patches).
+        valid: (..., U) bool units that exist (padded frames are not); None = all.
+    Returns:
+        (hit, uniform), each (...): sum of attention over target units, and |target & valid| / |valid|.
+    """
+    target = target.bool()
+    valid = torch.ones_like(target) if valid is None else valid.bool()
+    t = (target & valid).to(attention.dtype)
+    hit = (attention * t).sum(-1)
+    uniform = t.sum(-1) / valid.to(attention.dtype).sum(-1).clamp_min(1)
+    return hit, uniform
+
+
+def patch_box_mask(box, grid: tuple[int, int], patch: int, scale: float = 1.0) -> Tensor:
+    """(gh * gw,) bool, row-major: the patches that overlap a box.
+
+    Args:
+        box: [x0, y0, x1, y1] in source pixels (x1, y1 exclusive).
+        grid: (gh, gw) patches.
+        patch: patch side in model pixels.
+        scale: model pixels per source pixel.
+    """
+    gh, gw = grid
+    x0, y0, x1, y1 = (float(c) * scale for c in box)
+    cols = torch.arange(gw, dtype=torch.float64) * patch
+    rows = torch.arange(gh, dtype=torch.float64) * patch
+    in_x = (cols < x1) & (cols + patch > x0)                                          # (gw,)
+    in_y = (rows < y1) & (rows + patch > y0)                                          # (gh,)
+    return (in_y[:, None] & in_x[None, :]).flatten()

@@ -1,0 +1,178 @@
+"""Video-text heads of M2-RAAP: the Mug token-frame similarity and ACG (auxiliary-caption guided) fusion.
+
+* Mug ("simple" mode of the public Mug-STAN code): with L2-normalised text token features w_l and frame
+  features f_t, R[l, t] = <w_l, f_t>. Text->video: for every real token, softmax(tau R) over frames weights
+  R into one score per token; a second softmax(tau .) over the real tokens weights those into one number.
+  Video->text is the mirror (softmax over tokens, then over frames). The score is the mean of the two, and
+  training uses a symmetric cross-entropy over the score matrix with temperature 0.01. Padded text tokens
+  never count; padded frames (`valid` False) never count either (our addition: the public code has no
+  frame padding).
+* ACG fusion (our design, not the paper's; the paper only names the strategy): the text tower embeds a
+  video's auxiliary captions (from a captioner, or given in the manifest); a gated residual
+  `f + gate * proj(a)` adds them to the frame features before temporal pooling. `gate` starts at 0, so at
+  initialisation the fused video embedding equals the plain one exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG = -1e4           # masked logits (finite, so a row without real entries gives zeros, not NaN)
+ACG_LEVELS = ("video", "frame")
+
+
+# ---- token and frame features -------------------------------------------------------------------------
+def text_token_features(model: nn.Module, ids: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Every token's projected text feature, and which tokens are real.
+
+    Works for CLIP-like models (a `text` TextTower and `text_proj`), M2-Encoder (`text_features`) and a
+    VideoCLIP around either.
+
+    Args:
+        model: the (video) dual encoder.
+        ids: (N, L) token ids.
+        normalize: L2-normalise each token feature.
+    Returns:
+        (tokens (N, L', E), mask (N, L') bool, True = real token). Causal towers count tokens up to and
+        including the pooled (EOT) position; bidirectional towers use their attention mask.
+    """
+    base = getattr(model, "base", model)
+    if hasattr(base, "text_features"):                                 # M2-Encoder: stage-2 token states
+        feats = base.text_features(ids)
+        tokens, mask = base.text_proj(feats.stage2), feats.mask        # (N, L, E), (N, L)
+    else:
+        tower = base.text
+        if getattr(tower.cfg, "num_readout_tokens", 0):
+            raise ValueError("text_token_features: towers with read-out (corner) tokens are not supported by the "
+                             "Mug head; use m2raap.similarity=mean")
+        out = tower(ids)
+        tokens = base.text_proj(out.tokens)                            # (N, L, E)
+        if tower.cfg.causal:
+            pool_at = tower._pool_index(ids)                           # (N,) EOT position
+            mask = torch.arange(ids.shape[1], device=ids.device)[None] <= pool_at[:, None]
+        else:
+            mask = out.mask.bool()
+    tokens = F.normalize(tokens, dim=-1) if normalize else tokens
+    return tokens, mask.bool()
+
+
+# ---- Mug similarity -------------------------------------------------------------------------------------
+def _mug_block(txt: Tensor, tmask: Tensor, vid: Tensor, vmask: Tensor, tau: float) -> Tensor:
+    """(n, L, E) tokens, (n, L) mask, (m, T, E) frames, (m, T) mask -> (n, m) Mug scores."""
+    R = torch.einsum("nld,mtd->nmlt", txt, vid)                        # (n, m, L, T)
+    both = tmask[:, None, :, None] & vmask[None, :, None, :]           # (n, m, L, T)
+    logits = torch.where(both, tau * R, torch.full_like(R, NEG))
+    t_tok = (torch.softmax(logits, dim=-1) * R * both).sum(-1)        # (n, m, L): per token, over frames
+    v_frm = (torch.softmax(logits, dim=-2) * R * both).sum(-2)        # (n, m, T): per frame, over tokens
+    tok_ok = tmask[:, None, :].expand_as(t_tok)
+    frm_ok = vmask[None, :, :].expand_as(v_frm)
+    t2v = (torch.softmax(torch.where(tok_ok, tau * t_tok, torch.full_like(t_tok, NEG)), -1) * t_tok * tok_ok).sum(-1)
+    v2t = (torch.softmax(torch.where(frm_ok, tau * v_frm, torch.full_like(v_frm, NEG)), -1) * v_frm * frm_ok).sum(-1)
+    return (t2v + v2t) / 2                                             # (n, m)
+
+
+def mug_similarity(text_tokens: Tensor, text_mask: Tensor, frames: Tensor, frame_valid: Tensor | None = None,
+                   tau: float = 100.0, block_size: int = 64) -> Tensor:
+    """Mug scores of every text against every video, computed in blocks so memory stays bounded.
+
+    Args:
+        text_tokens: (N_text, L, E) L2-normalised token features.
+        text_mask: (N_text, L) bool, True = real token.
+        frames: (N_video, T, E) L2-normalised frame features.
+        frame_valid: (N_video, T) bool, True = real frame; None = all real.
+        tau: the softmax sharpness inside the head (100 in Mug-STAN).
+        block_size: texts and videos per block; temporary memory ~ block_size**2 * L * T floats.
+    Returns:
+        (N_text, N_video) scores in [-1, 1].
+    """
+    if text_tokens.dim() != 3 or frames.dim() != 3 or text_tokens.shape[-1] != frames.shape[-1]:
+        raise ValueError(f"mug_similarity needs (N, L, E) text tokens and (M, T, E) frames with the same E, got "
+                         f"{tuple(text_tokens.shape)} and {tuple(frames.shape)}")
+    if block_size < 1:
+        raise ValueError(f"mug_similarity: block_size must be >= 1, got {block_size}")
+    tmask = text_mask.bool()
+    vmask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device) if frame_valid is None \
+        else frame_valid.bool()
+    rows = []
+    for i in range(0, len(text_tokens), block_size):
+        cols = [_mug_block(text_tokens[i:i + block_size], tmask[i:i + block_size], frames[j:j + block_size],
+                           vmask[j:j + block_size], tau) for j in range(0, len(frames), block_size)]
+        rows.append(torch.cat(cols, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def mug_loss(scores: Tensor, temperature: float = 0.01) -> Tensor:
+    """Symmetric cross-entropy over a square (B_text, B_video) Mug score matrix, pairs on the diagonal.
+
+    Args:
+        scores: (B, B) from `mug_similarity`, row i = text i, column i = its video.
+        temperature: logits = scores / temperature (0.01 in Mug-STAN).
+    Returns:
+        scalar loss.
+    """
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"mug_loss needs a square (B, B) score matrix, got {tuple(scores.shape)}")
+    logits = scores / temperature
+    labels = torch.arange(len(scores), device=scores.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ---- ACG fusion -----------------------------------------------------------------------------------------
+class ACGFusion(nn.Module):
+    """Gated residual that adds auxiliary-caption embeddings to frame features (our design).
+
+    `level="video"`: the K caption embeddings of a video are averaged (masked) and added to every frame;
+    `level="frame"`: caption k is added to frame k (K must equal T). fused = f + gate * proj(a), with a
+    per-channel `gate` initialised to 0 (fused == f at init) and `proj` initialised to the identity.
+
+    Args:
+        dim: E, the embedding width.
+        level: "video" | "frame".
+    """
+
+    def __init__(self, dim: int, level: str = "video"):
+        super().__init__()
+        if level not in ACG_LEVELS:
+            raise ValueError(f"acg level must be one of {', '.join(ACG_LEVELS)}, got {level!r}")
+        self.level = level
+        self.proj = nn.Linear(dim, dim)
+        nn.init.eye_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, frames: Tensor, aux: Tensor, aux_mask: Tensor | None = None) -> Tensor:
+        """Fuse.
+
+        Args:
+            frames: (B, T, E) frame features (before temporal pooling).
+            aux: (B, K, E) auxiliary-caption embeddings.
+            aux_mask: (B, K) bool, True = a real caption; None = all real. A video without captions is unchanged.
+        Returns:
+            (B, T, E) fused frame features.
+        """
+        B, T, _ = frames.shape
+        mask = torch.ones(aux.shape[:2], dtype=torch.bool, device=aux.device) if aux_mask is None else aux_mask.bool()
+        w = mask.to(aux.dtype)[..., None]                                # (B, K, 1)
+        if self.level == "video":
+            a = (aux * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)   # (B, 1, E)
+            has = mask.any(1)[:, None, None].to(aux.dtype)                               # (B, 1, 1)
+        else:
+            if aux.shape[1] != T:
+                raise ValueError(f"acg level 'frame' needs one auxiliary caption per frame: {aux.shape[1]} "
+                                 f"captions for {T} frames; use level 'video' or caption every frame")
+            a, has = aux * w, w                                                           # (B, T, E), (B, T, 1)
+        return frames + self.gate * self.proj(a) * has                                     # (B, T, E)
+
+
+def pool_frames(model: nn.Module, frames: Tensor, valid: Tensor | None = None, normalize: bool = True) -> Tensor:
+    """The VideoCLIP temporal pooling of (B, T, E) frame features -> (B, E), as `encode_video` does it."""
+    from .temporal import STANBranch, masked_mean
+    if isinstance(model.temporal, STANBranch):
+        x = masked_mean(frames, valid)                                  # the branch already mixed time
+    else:
+        x = model.temporal(frames, valid)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+__all__ = ["text_token_features", "mug_similarity", "mug_loss", "ACGFusion", "pool_frames", "ACG_LEVELS"]
