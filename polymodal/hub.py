@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .convert.common import (WRAPPER_PREFIXES, CheckpointError, load_state_strict, read_json,  # noqa: F401
                              read_weights, strip_prefixes)

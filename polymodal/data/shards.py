@@ -24,7 +24,6 @@ import os
 import re
 import tarfile
 import warnings
-from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np

@@ -215,13 +215,18 @@ class ParseCache:
         return self.parses[text]
 
     def save(self) -> None:
-        """Write the cache atomically (no-op without a path)."""
+        """Write the cache atomically (no-op without a path; a folder we cannot write to keeps it in memory)."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(self.path, "w", encoding="utf-8") as f:
-            json.dump({"version": CACHE_VERSION, "parser": PARSER_NAME, "parses": self.parses}, f,
-                      ensure_ascii=False)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(self.path, "w", encoding="utf-8") as f:
+                json.dump({"version": CACHE_VERSION, "parser": PARSER_NAME, "parses": self.parses}, f,
+                          ensure_ascii=False)
+        except OSError as e:
+            import warnings
+            warnings.warn(f"{self.path}: cannot write the parse cache ({e}); parses are kept in memory only, so "
+                          f"the next run parses again (set shenet.parse_cache to a writable file)")
 
 
 # ---------------------------------------------------------------------------------------------------

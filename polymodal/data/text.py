@@ -589,3 +589,13 @@ def _train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str],
     backend = bert_wordpiece_backend({p: i for i, p in enumerate(pieces)}, lowercase=lowercase)
     backend.add_special_tokens(specials)
     return backend
+
+
+def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop trailing columns that are padding in every row: (B, L) -> (B, L'), saving text compute."""
+    if ids.ndim < 2 or ids.shape[-1] == 0:
+        return ids
+    flat = ids.reshape(-1, ids.shape[-1])
+    used = (flat != pad_id).any(dim=0).nonzero()
+    keep = int(used.max()) + 1 if len(used) else 1
+    return ids[..., :keep]

@@ -40,7 +40,7 @@ def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool 
     """L2-normalised text embeddings (N, E), using only the CLS/EOT feature."""
     device = next(model.parameters()).device
     pad = model.config.text.pad_token_id
-    from ..methods.clip import trim_padding
+    from ..data.text import trim_padding
     out = []
     starts = range(0, len(texts), batch_size)
     for s in _progress(starts, len(starts), "texts", progress):

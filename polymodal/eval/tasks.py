@@ -63,6 +63,19 @@ def _video_retrieval(model, manifest, lang: str = "en", limit: int = 0, progress
                                 progress=progress, on_bad_record=on_bad_record)
 
 
+def _lazy(module: str, name: str) -> Callable[..., dict]:
+    """A row whose function is imported from `polymodal.eval.<module>` only when used (its options too)."""
+    def resolve():
+        import importlib
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+    def run(model, manifest, **options) -> dict:
+        return resolve()(model, manifest, **options)
+
+    run.resolve = resolve
+    return run
+
+
 TASKS: dict[str, Callable[..., dict]] = {
     "retrieval": _retrieval,
     "longtext": _longtext,
@@ -70,12 +83,15 @@ TASKS: dict[str, Callable[..., dict]] = {
     "multilabel": _multilabel,
     "captioning": _captioning,
     "video_retrieval": _video_retrieval,
+    "shenet_retrieval": _lazy("hierarchy_retrieval", "shenet_retrieval_task"),
 }
 
 
 def task_options(name: str) -> list[str]:
     """The option names task `name` accepts."""
-    return [p for p in inspect.signature(TASKS[name]).parameters if p not in ("model", "manifest")]
+    fn = TASKS[name]
+    fn = fn.resolve() if hasattr(fn, "resolve") else fn
+    return [p for p in inspect.signature(fn).parameters if p not in ("model", "manifest")]
 
 
 def check_task(name: str, options: dict, where: str = "eval") -> None:

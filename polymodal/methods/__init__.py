@@ -17,6 +17,7 @@ METHODS: dict[str, object] = {
     "sycoca": "polymodal.methods.sycoca:SyCoCaMethod",
     "text_as_image": "polymodal.methods.text_as_image:TextAsImageMethod",
     "video_clip": "polymodal.methods.video_clip:VideoCLIPMethod",
+    "shenet": "polymodal.methods.shenet:SHENetMethod",
 }
 
 

@@ -3,18 +3,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..data.text import trim_padding
 from ..losses.contrastive import LossConfig, build_contrastive_loss
 from .base import Method
-
-
-def trim_padding(ids: Tensor, pad_id: int) -> Tensor:
-    """Drop trailing columns that are padding in every row: (B, L) -> (B, L'), saving text compute."""
-    if ids.ndim < 2 or ids.shape[-1] == 0:
-        return ids
-    flat = ids.reshape(-1, ids.shape[-1])
-    used = (flat != pad_id).any(dim=0).nonzero()
-    keep = int(used.max()) + 1 if len(used) else 1
-    return ids[..., :keep]
 
 
 class ContrastiveTask(nn.Module):

@@ -5,7 +5,6 @@ with the one Trainer, and writes the final model and metrics. Nothing here names
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
