@@ -12,9 +12,10 @@ line, `polymodal: error: ...`, and exit with status 2; `--debug` (or POLYMODAL_D
 
 
 def _data_parser(sub) -> None:
+    from .data import video
     from .data.shards import add_shard_arguments
     from .data.synthetic import moving_shapes, shapes
-    from .data import video
+    from .eval import filtering
     data = sub.add_parser("data", help="generate or convert data sets")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     commands = [
@@ -27,6 +28,10 @@ def _data_parser(sub) -> None:
         ("frames", video.add_cli_arguments, "decode a video manifest once into webdataset shards of frames",
          "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "
          "training never decodes the same video twice."),
+        ("filter", filtering.add_cli_arguments, "score video-caption pairs with a frozen model and keep the best",
+         "M2-RAAP step 1 (our reconstruction): every pair of a video manifest is scored by a frozen image-text model "
+         "(mean frame embedding vs caption); pairs above --threshold or the top --keep fraction are written with "
+         "their scores, the dropped ones beside them, and a summary."),
         ("shard", add_shard_arguments, "write a manifest as webdataset tar shards", None),
     ]
     for name, add_arguments, help_text, description in commands:
@@ -200,6 +205,9 @@ def _dispatch(args) -> int:
         elif args.data_cmd == "frames":
             from .data.video import main_from_args as frames_main
             frames_main(args)
+        elif args.data_cmd == "filter":
+            from .eval.filtering import main_from_args as filter_main
+            filter_main(args)
         else:
             from .data.shards import shard_main
             shard_main(args)

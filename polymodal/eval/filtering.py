@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .manifests import BAD_RECORD_POLICIES, ManifestError, captions_of_record, read_manifest, write_manifest
+from ..data.manifests import BAD_RECORD_POLICIES, ManifestError, captions_of_record, read_manifest, write_manifest
 
 __all__ = ["score_pairs", "select", "normalize_caption", "CausalLMRewriter", "filter_manifest",
            "add_cli_arguments", "main_from_args", "REWRITERS"]
@@ -55,8 +55,8 @@ def score_pairs(model, records: list[dict], caption_key: str = "caption", num_fr
     Returns:
         (scores (N,) float32 of the kept records, the N records whose video could be read).
     """
-    from ..eval.suite import encode_texts
-    from ..eval.video_retrieval import encode_videos
+    from .suite import encode_texts
+    from .video_retrieval import encode_videos
     was_training = model.training
     model.eval()
     try:

@@ -18,6 +18,7 @@ METHODS: dict[str, object] = {
     "text_as_image": "polymodal.methods.text_as_image:TextAsImageMethod",
     "video_clip": "polymodal.methods.video_clip:VideoCLIPMethod",
     "shenet": "polymodal.methods.shenet:SHENetMethod",
+    "m2raap": "polymodal.methods.m2raap:M2RAAPMethod",
 }
 
 

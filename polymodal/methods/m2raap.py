@@ -4,7 +4,7 @@ Builds on `video_clip` (same model building: any dual encoder wrapped by `VideoC
 `m2raap.temporal` module; STAN's 10x branch learning rate is `optim.lr_scale: {"temporal.": 10}`). The four
 steps of the paper map onto:
 
-1. filtering and caption rewriting: `polymodal.data.filtering` (run before training; train on its output);
+1. filtering and caption rewriting: `polymodal.eval.filtering` (run before training; train on its output);
 2. key frames: `data.frame_strategy: keyframes` (decoded every epoch), or frames decoded once into shards by
    `polymodal data frames` and read here with `m2raap.frame_shards`;
 3. temporal modelling: `m2raap.temporal` (`kind: stan`, the side branch of METHODS.md section 5);
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..data.datasets import BadRecords, BuiltSamples, ImageTextCollate, _pad_stack
+from ..data.datasets import BadRecords, BuiltSamples, ImageTextCollate
 from ..losses.contrastive import build_contrastive_loss
 from ..models.base import ConfigDict
 from ..models.video_heads import ACG_LEVELS, ACGFusion, mug_loss, mug_similarity, pool_frames, text_token_features
@@ -54,7 +54,7 @@ class M2RAAPConfig(ConfigDict):
     mug_temperature: float = 0.01   # Mug: cross-entropy temperature
     mug_block: int = 64             # Mug evaluation: texts/videos per block (bounded memory)
     acg: bool = False               # auxiliary-caption guidance on/off
-    acg_level: str = "video"        # "video": mean caption embedding added to every frame | "frame": caption k -> frame k
+    acg_level: str = "video"        # "video": mean caption embedding added to every frame | "frame": caption k, frame k
     aux_field: str = "aux_captions"  # record field with the auxiliary caption(s): a string or a list
     aux_captioner: str = ""         # a CoCa model folder: generate the aux captions instead of reading aux_field
     aux_frames: int = 1             # captioner: frames captioned per video (uniformly spread)
@@ -268,28 +268,32 @@ class M2RAAPTask(nn.Module):
 
 # ---- evaluation with Mug / ACG --------------------------------------------------------------------------
 @torch.no_grad()
-def m2raap_video_retrieval(task: M2RAAPTask, manifest, caption_key: str = "caption", limit: int = 0,
-                           num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
-                           on_bad_record: str = "error", aux: list[list[str]] | None = None) -> dict:
-    """Text<->video retrieval with the task's similarity (cosine or Mug) and ACG fusion.
+def m2raap_scores(task: M2RAAPTask, records: list[dict], caption_key: str = "caption", num_frames: int = 8,
+                  strategy: str = "uniform", batch_size: int = 16, on_bad_record: str = "error",
+                  aux: list[list[str]] | None = None, where: str = "manifest"
+                  ) -> tuple[Tensor, list[int], list[dict], dict]:
+    """Every caption of the records scored against every readable video with the task's heads.
 
     Args:
-        task: an M2RAAPTask (its model and heads).
-        manifest: JSONL/CSV of `video` records with captions (and `aux_field` when ACG reads it).
-        caption_key, limit, num_frames, strategy, batch_size, on_bad_record: as in `video_retrieval_eval`.
-        aux: aux captions per record (e.g. from a captioner), overriding the manifest field.
+        task: an M2RAAPTask (its model, Mug / ACG heads and config).
+        records: manifest records with absolute `video` paths and captions (and `aux_field` when ACG reads it).
+        caption_key: "caption", "caption_zh" ... (plural lists used when present).
+        num_frames, strategy: frame sampling (see `data.video.read_video`).
+        batch_size: videos encoded at once.
+        on_bad_record: "error" | "skip" for unreadable videos.
+        aux: aux captions per record (e.g. from a captioner), overriding the record field.
+        where: the manifest's name for messages.
     Returns:
-        the keys of `video_retrieval_eval` plus `num_without_aux` (ACG runs only).
+        (scores (N_texts, N_videos) float32: cosine of pooled embeddings, or Mug; the video index of each text;
+        the kept records; {"num_skipped", "num_without_aux"}).
     """
     from PIL import Image
 
     from ..data.manifests import SKIP_HINT, ManifestError
     from ..data.video import VideoError, read_video
-    from ..eval.retrieval import embed_and_score, retrieval_metrics
-    from ..eval.suite import captions_by_record, encode_texts, read_records
+    from ..eval.suite import captions_by_record, encode_texts
     model, cfg = task.model, task.cfg
     device = next(model.parameters()).device
-    records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
     kept, feats, valids, pending = [], [], [], []
 
     def flush():
@@ -302,7 +306,7 @@ def m2raap_video_retrieval(task: M2RAAPTask, manifest, caption_key: str = "capti
             caps = [p[3] for p in pending]
             K = max(1, max(len(c) for c in caps))
             ids = model.tokenizer([c[k] if k < len(c) else "" for c in caps for k in range(K)])
-            aux_ids = ids.view(len(caps), K, -1).to(device)
+            aux_ids = ids.view(len(caps), K, -1).to(device)                           # (B, K, L)
             aux_mask = torch.tensor([[k < len(c) for k in range(K)] for c in caps], device=device)
         x = task.frame_features(frames, valid, aux_ids, aux_mask)                     # (B, T, E)
         if cfg.similarity == "mug":
@@ -313,25 +317,25 @@ def m2raap_video_retrieval(task: M2RAAPTask, manifest, caption_key: str = "capti
         kept.extend(p[0] for p in pending)
         pending.clear()
 
-    skipped = num_without_aux = 0
+    skipped = without_aux = 0
     for i, r in enumerate(records):
         try:
             clip = read_video(r["video"], num_frames=num_frames, strategy=strategy)
         except VideoError as e:
             if on_bad_record == "error":
-                raise ManifestError(f"{manifest} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
+                raise ManifestError(f"{where} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
             skipped += 1
             continue
         frames = torch.stack([model.image_transform(Image.fromarray(f.numpy())) for f in clip.frames])
         caps = aux[i][:cfg.max_aux] if aux is not None else aux_captions_of(r, cfg.aux_field, cfg.max_aux)
-        num_without_aux += not caps
+        without_aux += not caps
         pending.append((r, frames, clip.valid, caps))
         if len(pending) == batch_size:
             flush()
     flush()
     if not kept:
-        raise ManifestError(f"{manifest}: no readable video to evaluate")
-    texts, owner = captions_by_record(kept, caption_key, manifest)
+        raise ManifestError(f"{where}: no readable video to evaluate")
+    texts, owner = captions_by_record(kept, caption_key, where)
     if cfg.similarity == "mug":
         vid, vmask = torch.cat(feats), torch.cat(valids)
         tok, tmask = [], []
@@ -341,18 +345,46 @@ def m2raap_video_retrieval(task: M2RAAPTask, manifest, caption_key: str = "capti
             tok.append(t.float().cpu())
             tmask.append(m.cpu())
         L = max(t.shape[1] for t in tok)
-        tok = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in tok])
-        tmask = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])
+        tok = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])) for t in tok])       # (N_t, L, E)
+        tmask = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1])) for m in tmask])         # (N_t, L)
         scores = mug_similarity(tok, tmask, vid, vmask, tau=cfg.mug_tau, block_size=cfg.mug_block)  # (N_t, N_v)
-        metrics = retrieval_metrics(scores.T.contiguous(), torch.tensor(owner))
     else:
-        metrics = embed_and_score(torch.cat(feats), encode_texts(model, texts), torch.tensor(owner))
+        scores = encode_texts(model, texts) @ torch.cat(feats).T                                    # (N_t, N_v)
+    return scores, owner, kept, {"num_skipped": skipped, "num_without_aux": without_aux}
+
+
+def m2raap_video_retrieval(task: M2RAAPTask, manifest, caption_key: str = "caption", limit: int = 0,
+                           num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
+                           on_bad_record: str = "error", aux: list[list[str]] | None = None) -> dict:
+    """Text<->video retrieval with the task's similarity (cosine or Mug) and ACG fusion (see `m2raap_scores`).
+
+    Args:
+        task: an M2RAAPTask.
+        manifest: JSONL/CSV of `video` records with captions.
+        caption_key, limit, num_frames, strategy, batch_size, on_bad_record: as in `video_retrieval_eval`.
+        aux: aux captions per record (of the first `limit` records), overriding the manifest field.
+    Returns:
+        the keys of `video_retrieval_eval`, plus `num_without_aux` (ACG runs) and `num_skipped` (when > 0).
+    """
+    from ..eval.retrieval import retrieval_metrics
+    from ..eval.suite import read_records
+    records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
+    was_training = task.training
+    task.eval()
+    try:
+        scores, owner, kept, info = m2raap_scores(task, records, caption_key, num_frames, strategy, batch_size,
+                                                  on_bad_record, aux, str(manifest))
+    finally:
+        task.train(was_training)
+    metrics = retrieval_metrics(scores.T.contiguous(), torch.tensor(owner))
     out = {k.replace("image", "video"): v for k, v in metrics.items()}
-    out.update(num_videos=len(kept), num_texts=len(texts))
+    out.update(num_videos=len(kept), num_texts=len(owner))
     if task.acg is not None:
-        out["num_without_aux"] = num_without_aux
-    if skipped:
-        out["num_skipped"] = skipped
+        out["num_without_aux"] = info["num_without_aux"]
+    if info["num_skipped"]:
+        import warnings
+        warnings.warn(f"{manifest}: skipped {info['num_skipped']} video(s) that cannot be read")
+        out["num_skipped"] = info["num_skipped"]
     return out
 
 
@@ -492,4 +524,5 @@ class M2RAAPMethod(VideoCLIPMethod):
 
 
 __all__ = ["M2RAAPConfig", "M2RAAPMethod", "M2RAAPTask", "M2RAAPCollate", "FrameShardDataset", "caption_videos",
-           "add_aux_captions", "aux_captions_of", "encode_aux", "m2raap_video_retrieval", "load_m2raap"]
+           "add_aux_captions", "aux_captions_of", "encode_aux", "m2raap_scores", "m2raap_video_retrieval",
+           "load_m2raap"]

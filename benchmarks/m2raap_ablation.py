@@ -1,0 +1,211 @@
+"""M2-RAAP ablation on MovingShapes: add one step at a time (filtering, key frames, STAN, Mug, ACG).
+
+Every run starts from the same tiny CLIP trained on ShapesWorld frames (images; `--pretrain-steps`), which is
+also the frozen filter model. Rows (equal optimizer steps and batch size):
+  base         noisy pairs (30% mismatched captions), uniform frames decoded every epoch, mean pooling, cosine
+  +filter      pairs filtered by the frozen base model (top `--keep`), same steps
+  +keyframes   codec key frames decoded once into frame shards (`write_frame_shards`), training reads the shards
+  +stan        STAN side branch (last layers, zero-init temporal output, 10x branch lr)
+  +mug         the Mug similarity head (training loss and evaluation)
+  +acg         auxiliary-caption guidance, captions from an oracle "captioner" (what one frame shows: size,
+               colour, shape of the subject; no action), fused by the gated residual
+
+Training differs per row; the test protocol does not (uniform frames, decoded from the videos).
+Table: text->video R@1/5/10 and MdR on a clean test split, order accuracy (a text of an order-sensitive pair
+scores its own video above the time-reversed partner; chance 50%), data kept, decode and training seconds; mean
+over seeds. Run: `python benchmarks/m2raap_ablation.py` (full) or `--quick` (minutes, proves it works).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS = ("base", "+filter", "+keyframes", "+stan", "+mug", "+acg")
+
+
+def prepare(data: Path, n_train: int, n_test: int, seed: int, num_frames: int, image_size: int,
+            mismatch: float) -> tuple[Path, Path]:
+    """A clean MovingShapes world, then a noisy copy of its train split (`mismatch` of the captions swapped)."""
+    from polymodal.data.manifests import read_manifest, write_manifest
+    from polymodal.data.synthetic.moving_shapes import apply_mismatches, generate_moving_shapes
+    noisy, test = data / "train_noisy.jsonl", data / "test_aux.jsonl"
+    if noisy.is_file() and test.is_file():
+        return noisy, test
+    generate_moving_shapes(data, n_train=n_train, n_test=n_test, n_val=0, seed=seed, num_frames=num_frames,
+                           image_size=image_size, workers=1, progress=False)
+
+    def with_aux(records):
+        for r in records:
+            s = r["subject"]
+            r["aux_captions"] = [f"a {s['size']} {s['color']} {s['shape']}"]
+        return records
+
+    train = with_aux(read_manifest(data / "train.jsonl", media="video").records)
+    apply_mismatches(train, seed, "train", mismatch)
+    write_manifest(train, noisy)
+    write_manifest(with_aux(read_manifest(data / "test.jsonl", media="video").records), test)
+    return noisy, test
+
+
+def pretrain_clip(runs: Path, texts_manifest: Path, n_images: int, steps: int, batch: int, image_size: int) -> Path:
+    """A tiny CLIP trained on ShapesWorld images (the "image-text model" M2-RAAP adapts), with a tokenizer that
+    also knows the MovingShapes action words."""
+    import json as _json
+
+    from polymodal.data.synthetic.shapes import ShapesConfig, generate_shapes
+    from polymodal.data.text import train_tokenizer
+    from polymodal.train.run import load_recipe, run_recipe
+    model = runs / "clip_shapes" / "model"
+    if (model / "config.json").is_file():
+        return model
+    shapes = runs / "shapes"
+    generate_shapes(shapes, n_train=n_images, n_test=16, n_val=0, n_hard=0, seed=0,
+                    cfg=ShapesConfig(image_size=image_size), progress=False, workers=1)
+    texts = [_json.loads(line)["caption"] for f in (shapes / "train.jsonl", texts_manifest)
+             for line in open(f, encoding="utf-8")]
+    tok_dir = runs / "tokenizer"
+    train_tokenizer(texts, kind="bpe", vocab_size=400).save(tok_dir)
+    run_recipe(load_recipe(None, [
+        "method=clip", f"out_dir={runs / 'clip_shapes'}", "model.name=tiny", f"tokenizer.path={tok_dir}",
+        f"data.train={shapes / 'train.jsonl'}", f"data.batch_size={batch}", f"train.steps={steps}",
+        "train.log_every=20", "train.ckpt_every=0", "train.progress=false", "train.threads=1", "train.resume=never",
+        "optim.lr=2e-3", "optim.warmup_steps=10"]))
+    return model
+
+
+def order_accuracy(run_model: Path, test: Path, frames: int, strategy: str) -> float:
+    """% of texts of order-sensitive pairs whose own video outscores the reversed partner (chance 50)."""
+    from polymodal.data.manifests import read_manifest
+    from polymodal.methods.m2raap import load_m2raap, m2raap_scores
+    task = load_m2raap(run_model)
+    records = read_manifest(test, media="video").records
+    scores, owner, kept, _ = m2raap_scores(task, records, num_frames=frames, strategy=strategy)
+    partner = {}
+    for i, r in enumerate(kept):
+        if r.get("pair_id") is not None:
+            partner.setdefault(r["pair_id"], []).append(i)
+    hits = total = 0
+    for j, v in enumerate(owner):
+        pid = kept[v].get("pair_id")
+        mates = [u for u in partner.get(pid, []) if u != v] if pid is not None else []
+        if mates:
+            total += 1
+            own, other = float(scores[j, v]), float(scores[j, mates[0]])
+            hits += 1.0 if own > other else 0.5 if own == other else 0.0          # a tie is a coin flip
+    return 100.0 * hits / max(total, 1)
+
+
+def train(out: Path, train_manifest: Path, test: Path, steps: int, batch: int, frames: int, seed: int,
+          m2raap: dict, data_extra: list[str], lr_scale: bool, strategy: str, base: Path) -> tuple[dict, float]:
+    """One run of `method: m2raap`; returns (final metrics, seconds)."""
+    import polymodal.methods
+    from polymodal.methods.m2raap import M2RAAPMethod
+    from polymodal.train.run import load_recipe, run_recipe
+    polymodal.methods.METHODS.setdefault("m2raap", M2RAAPMethod)   # until the table row lands
+    overrides = [
+        "method=m2raap", f"out_dir={out}", f"model.path={base}", f"data.train={train_manifest}",
+        f"data.batch_size={batch}", f"data.num_frames={frames}", f"train.steps={steps}", f"train.seed={seed}",
+        "train.log_every=10", "train.ckpt_every=0", "train.progress=false", "train.threads=1",
+        "train.resume=never", "optim.lr=1e-3", "optim.warmup_steps=5",
+        f"m2raap={json.dumps(m2raap)}",
+        f"eval={{tasks: [{{task: video_retrieval, data: {test}, num_frames: {frames}, strategy: {strategy}}}]}}",
+    ] + data_extra + (['optim.lr_scale={"temporal.": 10}'] if lr_scale else [])
+    start = time.perf_counter()
+    final = run_recipe(load_recipe(None, overrides))
+    secs = time.perf_counter() - start
+    final["order_acc"] = order_accuracy(out / "model", test, frames, strategy)
+    return final, secs
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "m2raap_ablation"))
+    p.add_argument("--runs", default="runs/m2raap_ablation")
+    p.add_argument("--n-train", type=int, default=1200)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-frames", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--mismatch", type=float, default=0.3)
+    p.add_argument("--keep", type=float, default=0.7, help="filter: top fraction kept")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--pretrain-steps", type=int, default=600, help="CLIP steps on ShapesWorld images")
+    p.add_argument("--pretrain-images", type=int, default=4000)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs (minutes)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.n_train, a.n_test, a.steps, a.batch_size, a.num_frames = 96, 32, 40, 16, 2
+        a.pretrain_steps, a.pretrain_images = 80, 400
+    torch.set_num_threads(1)
+    from polymodal.eval.filtering import filter_manifest
+    from polymodal.data.video import write_frame_shards
+    from polymodal.hub import load_model
+    runs = Path(a.runs)
+    noisy, test = prepare(runs / "data", a.n_train, a.n_test, 0, 8, a.image_size, a.mismatch)
+    n_noisy = sum(1 for _ in open(noisy))
+    t0 = time.perf_counter()
+    base = pretrain_clip(runs, noisy, a.pretrain_images, a.pretrain_steps, 64, a.image_size)
+    pretrain_secs = time.perf_counter() - t0
+    results: dict = {"args": vars(a), "rows": {r: [] for r in ROWS}, "pretrain_seconds": pretrain_secs}
+    for seed in a.seeds:
+        final, secs = train(runs / f"s{seed}" / "base", noisy, test, a.steps, a.batch_size, a.num_frames, seed, {}, [],
+                            False, "uniform", base)
+        results["rows"]["base"].append({**final, "seconds": secs, "decode_seconds": 0.0, "kept": n_noisy})
+        # +filter: the base model (frozen) scores the noisy pairs
+        clean = runs / f"s{seed}" / "train_filtered.jsonl"
+        t0 = time.perf_counter()
+        summary = filter_manifest(noisy, load_model(base), clean, keep=a.keep, num_frames=a.num_frames)
+        filter_secs = time.perf_counter() - t0
+        final, secs = train(runs / f"s{seed}" / "filter", clean, test, a.steps, a.batch_size, a.num_frames, seed,
+                            {}, [], False, "uniform", base)
+        results["rows"]["+filter"].append({**final, "seconds": secs, "decode_seconds": 0.0, "kept": summary["num_kept"],
+                                           "filter_seconds": filter_secs,
+                                           "mismatched_kept": summary.get("mismatched_kept")})
+        # +keyframes: decode key frames once into shards
+        shards = runs / f"s{seed}" / "frames_kf"
+        t0 = time.perf_counter()
+        write_frame_shards(clean, shards, num_frames=a.num_frames, strategy="keyframes", overwrite=True, progress=False)
+        decode = time.perf_counter() - t0
+        steps = [("+keyframes", {}, False), ("+stan", {"temporal": {"kind": "stan", "stan_layers": 2}}, True),
+                 ("+mug", {"temporal": {"kind": "stan", "stan_layers": 2}, "similarity": "mug"}, True),
+                 ("+acg", {"temporal": {"kind": "stan", "stan_layers": 2}, "similarity": "mug", "acg": True}, True)]
+        for name, m2, scale in steps:
+            final, secs = train(runs / f"s{seed}" / name.strip("+"), clean, test, a.steps, a.batch_size, a.num_frames,
+                                seed, {**m2, "frame_shards": str(shards)}, [], scale, "uniform", base)
+            results["rows"][name].append({**final, "seconds": secs, "decode_seconds": decode,
+                                          "kept": summary["num_kept"]})
+    keys = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "text_to_video_median_rank")
+    table = ["| step | R@1 | R@5 | R@10 | MdR | order acc | data kept | decode s | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    means = {}
+    for name in ROWS:
+        rs = results["rows"][name]
+        m = {k: sum(r[f"eval/video_retrieval/{k}"] for r in rs) / len(rs) for k in keys}
+        m["order_acc"] = sum(r["order_acc"] for r in rs) / len(rs)
+        m.update(kept=sum(r["kept"] for r in rs) / len(rs), decode=sum(r["decode_seconds"] for r in rs) / len(rs),
+                 train=sum(r["seconds"] for r in rs) / len(rs),
+                 per_seed_R1=[round(r["eval/video_retrieval/text_to_video_R@1"], 2) for r in rs])
+        means[name] = m
+        table.append(f"| {name} | {m[keys[0]]:.1f} | {m[keys[1]]:.1f} | {m[keys[2]]:.1f} | {m[keys[3]]:.1f} | "
+                     f"{m['order_acc']:.1f} | {m['kept']:.0f} | {m['decode']:.1f} | {m['train']:.1f} |")
+    results["means"] = means
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    cmd = "python benchmarks/m2raap_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / "results.md").write_text(f"`{cmd.strip()}`\n\n" + "\n".join(table) + "\n")
+    print("\n".join(table))
+    return results
+
+
+if __name__ == "__main__":
+    main()
