@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _evaluate(model, data: Path, args) -> dict:
-    from polymodal.caption import captioning_eval_manifest
+    from polymodal.eval.captioning import captioning_eval_manifest
     from polymodal.eval.suite import run_suite
 
     m = run_suite(model, retrieval=str(data / "test.jsonl"), classes=str(data / "classes.json"))

@@ -7,12 +7,14 @@
    the CLIP is trained on captions naming every object ("a picture of a large red star, a small
    blue circle and ..."), written from each record's `objects` into `train_scene.jsonl`; with
    `--captions short` on the data set's captions, which name only the salient object.
-3. Writes training sentences for random sets of 1..k shapes (template generator with size and
-   colour adjectives, or a local causal LM with `--lm`), extracts their labels and encodes them
-   once (cached on disk).
+3. Trains a multi-label adapter with `run_recipe` on `recipes/text_as_image.yaml` (overridden from the
+   options below) at every sigma in `--sigmas` (several seeds): the method writes sentences for random
+   sets of 1..k shapes (template generator with size and colour adjectives, or a local causal LM with
+   `--lm`), extracts their labels, encodes them once (cached on disk, shared by all runs) and the one
+   Trainer fits the adapter. Finished runs of the same recipe are reused.
 4. Multi-label recognition of the 8 shapes on the test images (targets: each record's `labels`):
-   zero-shot prompts, then an adapter trained at every sigma in `--sigmas` (several seeds).
-   The sigma reported as "chosen" is the one with the best mean mAP on the *val* images.
+   zero-shot prompts, then every adapter. The sigma reported as "chosen" is the one with the best mean
+   mAP on the *val* images.
 5. Modality gap on the test set: image embeddings vs the embeddings of their captions.
 6. Writes `<out>.json` and `<out>.md`.
 """
@@ -33,9 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-# Prompt frames in ShapesWorld's caption wording (the bundled "a photo of" set uses words the
-# ShapesWorld tokenizer never saw).
-SHAPES_PROMPTS = ["a {}.", "a picture of a {}.", "an image with a {}.", "a {} in the picture."]
+RECIPE = ROOT / "recipes" / "text_as_image.yaml"   # the adapter's recipe; its prompts are ShapesWorld's wording
+# Caption frames of the scene captions the CLIP is trained on (the recipe's sentence frames are the same).
 SHAPES_SENTENCE_FRAMES = ["{objects}.", "a picture of {objects}.", "an image with {objects}.",
                           "{objects} in the picture."]
 
@@ -44,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/results/text_as_image", help="writes <out>.json and <out>.md")
-    p.add_argument("--runs", default="runs/text_as_image", help="CLIP run folder and embedding cache")
+    p.add_argument("--runs", default="runs/text_as_image", help="CLIP and adapter run folders, embedding cache")
     p.add_argument("--data", default="", help="ShapesWorld folder (default <runs>/data)")
     p.add_argument("--n-train", type=int, default=10000)
     p.add_argument("--n-val", type=int, default=500)
@@ -142,15 +143,25 @@ def _train_clip(args, data: Path, runs: Path) -> tuple[Path, float]:
 
 # ----------------------------------------------------------------------------- experiment
 
-def _sentences(args, names: list[str], colors: list[str], sizes: list[str], n: int, seed: int) -> list[str]:
-    from polymodal.methods.text_as_image import LMSentenceGenerator, TemplateSentenceGenerator, sample_label_sets
-    sets = sample_label_sets(names, n, max_labels=args.max_labels, seed=seed)
+def _adapter_recipe(args, model_dir: Path, data: Path, runs: Path, sigma: float, seed: int, num_sentences: int):
+    """`recipes/text_as_image.yaml` with this experiment's settings (one adapter run)."""
+    from polymodal.train.run import load_recipe
+    batches = num_sentences // args.adapter_batch          # full batches per epoch (the loader drops the last)
+    if batches < 1:
+        raise SystemExit(f"--sentences {args.sentences} gives no full batch of --adapter-batch {args.adapter_batch}")
+    overrides = [
+        f"out_dir={runs / 'adapters' / f'sigma{sigma:g}_seed{seed}'}", f"model.path={model_dir}",
+        f"text_as_image.classes={data / 'classes.json'}", f"text_as_image.seed={args.seed}",
+        f"text_as_image.sigma={sigma}", f"text_as_image.sentences.num={args.sentences}",
+        f"text_as_image.sentences.max_labels={args.max_labels}", f"text_as_image.adapter.alpha={args.alpha}",
+        f"text_as_image.loss={args.loss}", f"text_as_image.cache_dir={runs / 'cache'}",
+        f"data.batch_size={args.adapter_batch}", f"optim.lr={args.adapter_lr}",
+        f"train.steps={args.epochs * batches}", f"train.seed={seed}", f"train.threads={args.threads}",
+        f"train.ckpt_every={args.epochs * batches}", "train.progress=false", "eval.tasks=[]",
+    ]
     if args.lm:
-        gen = LMSentenceGenerator(args.lm, seed=seed)
-        return gen.generate(sets, progress=not args.quiet)
-    gen = TemplateSentenceGenerator(templates=SHAPES_SENTENCE_FRAMES, adjective_groups=[sizes, colors],
-                                    adjective_prob=0.7, count_prob=0.15, seed=seed)
-    return gen.generate(sets)
+        overrides += ["text_as_image.sentences.generator=lm", f"text_as_image.sentences.lm_path={args.lm}"]
+    return load_recipe(RECIPE, overrides)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -160,12 +171,13 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def run(args) -> dict:
     """The whole experiment; returns the results dict (also written to `<out>.json/.md`)."""
     from polymodal.data.manifests import read_manifest
-    from polymodal.eval.multilabel import average_precision
+    from polymodal.data.sentences import extract_labels, generate_sentences
+    from polymodal.eval.multilabel import (average_precision, cached_text_embeddings, label_embeddings,
+                                           modality_gap, multilabel_eval_manifest, multilabel_targets)
     from polymodal.eval.suite import encode_images, encode_texts
     from polymodal.hub import load_model
-    from polymodal.methods.text_as_image import (AdapterConfig, TrainAdapterConfig, cached_text_embeddings,
-                                                 extract_labels, fit_adapter, label_embeddings, modality_gap,
-                                                 multilabel_eval_manifest, multilabel_targets, perturb)
+    from polymodal.models.multilabel import load_adapter, perturb
+    from polymodal.train.reuse import train_or_reuse
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -180,44 +192,48 @@ def run(args) -> dict:
     else:
         model_dir, train_s = _train_clip(args, data, runs)
     model = load_model(model_dir).eval()
-    classes = json.loads((data / "classes.json").read_text())
-    names, colors, sizes = classes["shapes"], classes["colors"], classes["sizes"]
     progress = not args.quiet
 
     # Images: embeddings and targets of val (for choices) and test (for the table).
     sets = {}
+    names = None
     for split in ("val", "test"):
         recs = read_manifest(data / f"{split}_scene.jsonl", required=("image", "labels")).records
         img = encode_images(model, [r["image"] for r in recs], progress=progress)
+        names = names or json.loads((data / "classes.json").read_text())["shapes"]
         sets[split] = (recs, img, multilabel_targets(recs, names, split))
 
-    # Sentences -> labels -> cached embeddings; a second, held-out set measures text-domain mAP.
+    # The method's sentences (labels read back, those naming none dropped) and their cached embeddings;
+    # a second, held-out set measures text-domain mAP.
+    base = _adapter_recipe(args, model_dir, data, runs, args.sigmas[0], args.seed, args.sentences)
+    method = base.method_impl
+    sentences, y_text = method.training_sentences()
+    tai = base.text_as_image
+    held_out = generate_sentences(tai.sentences, names, method.adjective_groups(), seed=args.seed + 1000,
+                                  num=max(200, args.sentences // 5), progress=progress)
+    y_held = extract_labels(held_out, names)
     cache = runs / "cache"
-    sentences = _sentences(args, names, colors, sizes, args.sentences, args.seed)
-    held_out = _sentences(args, names, colors, sizes, max(200, args.sentences // 5), args.seed + 1000)
-    y_text, y_held = extract_labels(sentences, names), extract_labels(held_out, names)
-    keep = y_text.sum(1) > 0                           # an LM may name none of the labels
-    sentences = [s for s, k in zip(sentences, keep.tolist()) if k]
-    y_text = y_text[keep]
     emb_text = cached_text_embeddings(model, sentences, cache, progress=progress)
     emb_held = cached_text_embeddings(model, held_out, cache, progress=progress)
-    w = label_embeddings(model, names, SHAPES_PROMPTS)  # (C, E)
+    prompts = list(tai.prompts)
+    w = label_embeddings(model, names, prompts)          # (C, E)
 
     rows = []
-    zs = {s: multilabel_eval_manifest(model, data / f"{s}_scene.jsonl", names, templates=SHAPES_PROMPTS,
+    zs = {s: multilabel_eval_manifest(model, data / f"{s}_scene.jsonl", names, templates=prompts,
                                       image_embeds=sets[s][1])["mAP"] for s in ("val", "test")}
     zs_text = average_precision(emb_held @ w.T, y_held)["mAP"]
     rows.append({"method": "zero-shot prompts", "sigma": None, "val_mAP": zs["val"], "val_std": 0.0,
                  "test_mAP": zs["test"], "test_std": 0.0, "text_mAP": zs_text, "perturbed_cosine": None})
     E = emb_text.shape[1]
     gen = torch.Generator().manual_seed(args.seed)
+    adapter_s = 0.0
     for sigma in args.sigmas:
         val, test, text = [], [], []
         for k in range(args.seeds):
-            cfg = TrainAdapterConfig(adapter=AdapterConfig(embed_dim=E, alpha=args.alpha), sigma=sigma,
-                                     loss=args.loss, lr=args.adapter_lr, epochs=args.epochs,
-                                     batch_size=args.adapter_batch, seed=args.seed + k, progress=False)
-            adapter = fit_adapter(emb_text, y_text, w, cfg, names)
+            cfg = _adapter_recipe(args, model_dir, data, runs, sigma, args.seed + k, len(sentences))
+            adapter_dir, seconds, _ = train_or_reuse(cfg, fresh=args.fresh)
+            adapter_s += seconds
+            adapter = load_adapter(adapter_dir).eval()
             with torch.no_grad():
                 for split, acc in (("val", val), ("test", test)):
                     acc.append(average_precision(adapter(sets[split][1]), sets[split][2])["mAP"])
@@ -249,7 +265,8 @@ def run(args) -> dict:
         "labels_per_test_image": float(sets["test"][2].sum(1).mean()),
         "rows": rows, "chosen_sigma_on_val": chosen["sigma"], "chosen_test_mAP": chosen["test_mAP"],
         "gain_chosen_vs_sigma0": (chosen["test_mAP"] - at_zero["test_mAP"]) if at_zero else None,
-        "modality_gap": gap, "clip_train_s": train_s, "total_s": time.perf_counter() - t0,
+        "modality_gap": gap, "clip_train_s": train_s, "adapter_train_s": adapter_s,
+        "adapter_steps": cfg.train.steps, "total_s": time.perf_counter() - t0,
     }
     write_results(results, Path(args.out))
     return results
@@ -268,8 +285,9 @@ def to_markdown(res: dict) -> str:
         + (f" (size, colour each named with p = {s['adjective_prob']:g})" if s["captions"] == "scene" else "") + ", "
         f"{s['steps']} steps x {s['batch_size']} ({res['model']}); {res['num_sentences']} template sentences, "
         f"{res['labels_per_sentence']:.2f} labels each; test images have {res['labels_per_test_image']:.2f} "
-        f"shapes each (8 labels). Adapter: alpha {s['alpha']}, loss {s['loss']}, {s['epochs']} epochs, "
-        f"{s['seeds']} seeds (mean ± std). mAP in %; sigma chosen on val.",
+        f"shapes each (8 labels). Adapter (`recipes/text_as_image.yaml`, trained by `run_recipe`): alpha "
+        f"{s['alpha']}, loss {s['loss']}, {s['epochs']} epochs ({res.get('adapter_steps', '?')} steps x "
+        f"{s['adapter_batch']}), {s['seeds']} seeds (mean ± std). mAP in %; sigma chosen on val.",
         "",
         "| method | sigma | cos(text, perturbed) | val mAP | test mAP | held-out text mAP |",
         "|---|---|---|---|---|---|",
@@ -297,7 +315,8 @@ def to_markdown(res: dict) -> str:
                      f"{m['mean_pair_cosine']:.3f} | {m['matched_minus_mean']:.3f} |")
     lines += ["", f"Centroid distance between the test images and the training sentences: "
               f"{g['sentences_centroid_distance']:.3f}.", "",
-              f"CLIP training {res['clip_train_s']:.0f} s, total {res['total_s']:.0f} s.", ""]
+              f"CLIP training {res['clip_train_s']:.0f} s, adapter training {res.get('adapter_train_s', 0.0):.0f} s, "
+              f"total {res['total_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ def _multilabel(model, manifest, classes: str = "", lang: str = "en", limit: int
     from .multilabel import multilabel_eval_manifest
     classes = classes or str(Path(manifest).parent / "classes.json")
     return multilabel_eval_manifest(model, manifest, classes, lang=lang, limit=limit, adapter=adapter or None,
-                                    progress=progress, on_bad_record=on_bad_record)
+                                    progress=progress, on_bad_record=on_bad_record, cache=cache)
 
 
 def _captioning(model, manifest, limit: int = 0, progress: bool = False, lang: str = "en", cache=None,
