@@ -200,9 +200,12 @@ def main(argv=None) -> dict:
     results["means"] = means
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    from polymodal.eval.report import write_json
+    from polymodal.fileio import atomic_open
+    write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
     cmd = "python benchmarks/m2raap_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "results.md").write_text(f"`{cmd.strip()}`\n\n" + "\n".join(table) + "\n")
+    with atomic_open(out / "results.md", "w", encoding="utf-8") as f:
+        f.write(f"`{cmd.strip()}`\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
     return results
 
