@@ -113,7 +113,7 @@ def _time_text(model, texts: list[str], repeats: int) -> tuple[float, float]:
     from polymodal.models.text import TextTower
 
     tower = model.text.eval()
-    cfg = tower.cfg
+    cfg = tower.config
     plain = TextTower(dataclasses.replace(cfg, num_readout_tokens=0)).eval()
     ids = trim_padding(model.tokenizer(texts), cfg.pad_token_id)     # the same ids for both
     times = {"with": [], "without": []}

@@ -49,8 +49,8 @@ def test_bidirectional_layout_corners_follow_cls():
 
 def _dependency_pattern(t: TextTower, ids: torch.Tensor) -> torch.Tensor:
     """(L', L') bool: output state q depends on input embedding k (one layer: exactly the attention mask)."""
-    Lp = ids.shape[1] + t.cfg.num_readout_tokens
-    delta = torch.zeros(1, Lp, t.cfg.width, requires_grad=True)
+    Lp = ids.shape[1] + t.config.num_readout_tokens
+    delta = torch.zeros(1, Lp, t.config.width, requires_grad=True)
     handle = t.embed_norm.register_forward_hook(lambda mod, inp, out: out + delta)
     try:
         out = t(ids)

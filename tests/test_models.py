@@ -177,7 +177,7 @@ def test_patch_embedding_matches_the_convolution():
 def test_text_pooled_only_gives_the_same_pooled_and_readouts(kw):
     torch.manual_seed(0)
     tower = TextTower(text_cfg(**kw)).eval()
-    K = tower.cfg.num_readout_tokens
+    K = tower.config.num_readout_tokens
     ids = ids_with_eot([3, 8], L=16 - K)
     with torch.no_grad():
         full, fast = tower(ids), tower(ids, pooled_only=True)

@@ -56,7 +56,7 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path):
     b = load_adapter(tmp_path / "ad")
     x = torch.randn(3, 16)
     assert torch.equal(a.eval()(x), b(x))
-    assert b.label_names == a.label_names and b.cfg == a.cfg and b.alpha.item() == pytest.approx(0.7)
+    assert b.label_names == a.label_names and b.config == a.config and b.alpha.item() == pytest.approx(0.7)
     meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     meta["config"]["alpah"] = 1
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))

@@ -228,7 +228,7 @@ def test_trainer_trains_the_adapter_deterministically_and_it_learns(tmp_path, sy
     torch.manual_seed(456)
     b = run("b")                                                           # the caller's RNG state does not matter
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    assert a.cfg.embed_dim == 24 and a.label_names == [f"l{i}" for i in range(6)]
+    assert a.config.embed_dim == 24 and a.label_names == [f"l{i}" for i in range(6)]
     c = run("c", train={"seed": 4})
     assert not torch.equal(a.mlp[0].weight, c.mlp[0].weight)
     xt, yt = synthetic["test"]
@@ -272,7 +272,7 @@ def test_recipe_trains_from_sentences_through_the_cache_and_evaluates(shapes, ti
                                      "classes": str(shapes / "classes.json")}]})
     out = _train(tmp_path, "a", tmp_path / "labels.txt", **sections)
     a = load_adapter(out / "model")
-    assert a.cfg.embed_dim == 32 and a.label_names == SHAPES and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert a.config.embed_dim == 32 and a.label_names == SHAPES and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     # The cached embeddings are those of the sentences the config describes, by the frozen text tower.
     sentences = generate_sentences(SentenceConfig(num=64, max_labels=3), SHAPES, seed=0)
     from polymodal.hub import load_model

@@ -119,7 +119,7 @@ def hit_rates(model, records: list[dict], sources: list[list[int]], video: Video
     s = hierarchical_similarity(text, video, cfg, pairs=True, return_attention=True)
     va, na = s.verb_attention[:, 0], s.noun_attention[:, 0]                    # (N, Kv, T), (N, Kn, T, P)
     tower = getattr(model, "base", model).visual
-    patch, P = tower.cfg.patch_size, na.shape[-1]
+    patch, P = tower.config.patch_size, na.shape[-1]
     grid = (frame_side // patch, frame_side // patch)
     if grid[0] * grid[1] != P:
         raise ValueError(f"hit_rates: {P} patches per frame, but {frame_side}px frames with {patch}px patches "

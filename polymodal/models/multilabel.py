@@ -99,7 +99,7 @@ class MultiLabelAdapter(nn.Module):
             raise ValueError(f"label_embeds must be (C, {cfg.embed_dim}), got {tuple(label_embeds.shape)}")
         if label_names is not None and len(label_names) != len(label_embeds):
             raise ValueError(f"{len(label_names)} label names for {len(label_embeds)} label embeddings")
-        self.cfg = cfg
+        self.config = cfg
         self.label_names = list(label_names) if label_names is not None else [str(i) for i in range(len(label_embeds))]
         hidden = cfg.hidden_dim or cfg.embed_dim
         self.mlp = nn.Sequential(nn.Linear(cfg.embed_dim, hidden), ACTIVATIONS[cfg.act](), nn.Dropout(cfg.dropout),
@@ -143,7 +143,7 @@ def save_adapter(adapter: MultiLabelAdapter, directory: str | os.PathLike) -> No
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    meta = {"config": asdict(adapter.cfg), "label_names": adapter.label_names}
+    meta = {"config": asdict(adapter.config), "label_names": adapter.label_names}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

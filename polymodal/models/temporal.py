@@ -244,17 +244,17 @@ class STANBranch(nn.Module):
 
     def __init__(self, tower: VisionTower, cfg: TemporalConfig):
         super().__init__()
-        L, D = tower.cfg.layers, tower.cfg.width
+        L, D = tower.config.layers, tower.config.width
         if cfg.stan_layers > L:
             raise ConfigError(f"temporal.stan_layers={cfg.stan_layers} exceeds the image tower's {L} layers")
-        heads = cfg.heads or tower.cfg.heads
+        heads = cfg.heads or tower.config.heads
         if D % heads:
             raise ConfigError(f"temporal.heads={heads} does not divide the vision width {D}")
         self.start = L - cfg.stan_layers
         self.max_frames = cfg.max_frames
         self.use_pos = cfg.stan_pos
         self.time = nn.Parameter(torch.zeros(cfg.max_frames, D))                 # (max_frames, D)
-        self.temporal = nn.ModuleList(TemporalAttention(D, heads, cfg.dropout, tower.cfg.norm_eps)
+        self.temporal = nn.ModuleList(TemporalAttention(D, heads, cfg.dropout, tower.config.norm_eps)
                                       for _ in range(cfg.stan_layers))
         self.spatial = nn.ModuleList(copy.deepcopy(tower.transformer.blocks[self.start + i])
                                      for i in range(cfg.stan_layers))

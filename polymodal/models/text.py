@@ -60,7 +60,7 @@ class TextTower(nn.Module):
             raise ValueError(f"text.pool must be 'eot', 'argmax' or 'cls', got {cfg.pool!r}")
         if cfg.pooler not in ("none", "dense_tanh"):
             raise ValueError(f"text.pooler must be 'none' or 'dense_tanh', got {cfg.pooler!r}")
-        self.cfg = cfg
+        self.config = cfg
         W, K = cfg.width, cfg.num_readout_tokens
         self.token_embed = nn.Embedding(cfg.vocab_size, W)
         self.pos = nn.Parameter(torch.empty(cfg.context_length, W))
@@ -77,15 +77,15 @@ class TextTower(nn.Module):
     @property
     def max_tokens(self) -> int:
         """Tokens a tokenizer may produce for this tower (context length minus read-out tokens)."""
-        return self.cfg.context_length - self.cfg.num_readout_tokens
+        return self.config.context_length - self.config.num_readout_tokens
 
     def _pool_index(self, ids: Tensor) -> Tensor:
         """(B,) position of the pooled token in `ids`."""
-        if self.cfg.pool == "cls":
+        if self.config.pool == "cls":
             return torch.zeros(len(ids), dtype=torch.long, device=ids.device)
-        if self.cfg.pool == "argmax":
+        if self.config.pool == "argmax":
             return ids.argmax(dim=-1)
-        is_eot = ids == self.cfg.eot_token_id
+        is_eot = ids == self.config.eot_token_id
         first = is_eot.int().argmax(dim=-1)
         # No EOT (a truncated sequence from a foreign tokenizer): fall back to the last position.
         return torch.where(is_eot.any(dim=-1), first, torch.full_like(first, ids.shape[1] - 1))
@@ -104,7 +104,7 @@ class TextTower(nn.Module):
         Returns:
             TextOutput (see its docstring).
         """
-        cfg, K = self.cfg, self.cfg.num_readout_tokens
+        cfg, K = self.config, self.config.num_readout_tokens
         B, L = ids.shape
         if L > self.max_tokens:
             raise ValueError(f"text input has {L} tokens but this tower takes at most {self.max_tokens} "
@@ -153,7 +153,7 @@ class TextTower(nn.Module):
     def _insert_bidirectional(self, x: Tensor, real: Tensor):
         """`[CLS] text` -> `[CLS][C0..CK-1] text` and the read-out attention mask."""
         B, L, W = x.shape
-        K = self.cfg.num_readout_tokens
+        K = self.config.num_readout_tokens
         x = torch.cat([x[:, :1], self.readout.expand(B, K, W), x[:, 1:]], dim=1)      # (B, 1+K+L-1, W)
         real = torch.cat([real[:, :1], real.new_ones(B, K), real[:, 1:]], dim=1)       # (B, L+K)
         Lp = L + K
@@ -174,7 +174,7 @@ class TextTower(nn.Module):
     def _insert_causal(self, x: Tensor, real: Tensor, eot_at: Tensor):
         """`[SOT] text [EOT] pad` -> `[SOT] text [C0..CK-1] [EOT] pad` and its mask."""
         B, L, W = x.shape
-        K = self.cfg.num_readout_tokens
+        K = self.config.num_readout_tokens
         Lp = L + K
         j = torch.arange(Lp, device=x.device)[None, :].expand(B, Lp)                  # (B, L')
         e = eot_at[:, None]

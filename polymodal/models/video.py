@@ -151,19 +151,19 @@ class VideoCLIP(nn.Module):
     def _stan_frames(self, pixels: Tensor, T: int, valid: Tensor | None) -> Tensor:
         """(B*T, 3, H, W) -> (B*T, E) STAN frame features."""
         tower: VisionTower = self.base.visual
-        p = tower.cfg.patch_size
+        p = tower.config.patch_size
         gh, gw = pixels.shape[-2] // p, pixels.shape[-1] // p
         keep = None
-        if self.training and tower.cfg.patch_dropout > 0:
+        if self.training and tower.config.patch_dropout > 0:
             # The temporal attention pairs a patch with the same patch in the other frames, so every
             # frame of a video keeps the same patches.
-            keep = sample_keep(len(pixels) // T, gh * gw, tower.cfg.patch_dropout, pixels.device)  # (B, K)
+            keep = sample_keep(len(pixels) // T, gh * gw, tower.config.patch_dropout, pixels.device)  # (B, K)
             keep = keep.repeat_interleave(T, dim=0)                     # (B*T, K)
         states = vision_hidden_states(tower, pixels, keep)              # L+1 x (B*T, 1+K, D)
         pos = self.temporal.position_embeddings(tower, gh, gw, keep) if self.temporal.use_pos else None
         z = self.temporal(states, T, valid, pos)                        # (B*T, 1+K, D)
         x = states[-1] + z                                              # tower tokens + branch tokens
-        if tower.cfg.pool == "cls":
+        if tower.config.pool == "cls":
             feat = tower.norm(x[:, 0])                                  # (B*T, D)
         else:
             feat = tower.norm(x[:, 1:]).mean(dim=1)

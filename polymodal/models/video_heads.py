@@ -43,12 +43,12 @@ def text_token_features(model: nn.Module, ids: Tensor, normalize: bool = True) -
         tokens, mask = base.text_proj(feats.stage2), feats.mask        # (N, L, E), (N, L)
     else:
         tower = base.text
-        if getattr(tower.cfg, "num_readout_tokens", 0):
+        if getattr(tower.config, "num_readout_tokens", 0):
             raise ValueError("text_token_features: towers with read-out (corner) tokens are not supported by the "
                              "Mug head; use m2raap.similarity=mean")
         out = tower(ids)
         tokens = base.text_proj(out.tokens)                            # (N, L, E)
-        if tower.cfg.causal:
+        if tower.config.causal:
             pool_at = tower._pool_index(ids)                           # (N,) EOT position
             mask = torch.arange(ids.shape[1], device=ids.device)[None] <= pool_at[:, None]
         else:

@@ -38,7 +38,7 @@ class VisionTower(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         if cfg.pool not in ("cls", "mean"):
             raise ValueError(f"vision.pool must be 'cls' or 'mean', got {cfg.pool!r}")
         W = cfg.width
@@ -59,7 +59,7 @@ class VisionTower(nn.Module):
         over the unfolded patches: its weight gradient is a single matmul too, which on CPU is
         several times faster than the convolution backward.
         """
-        P, conv = self.cfg.patch_size, self.patch_embed
+        P, conv = self.config.patch_size, self.patch_embed
         B, C, H, W = pixels.shape
         gh, gw = H // P, W // P
         patches = (pixels[:, :, :gh * P, :gw * P].reshape(B, C, gh, P, gw, P)
@@ -89,18 +89,18 @@ class VisionTower(nn.Module):
         """
         x = self.embed(pixels)                                        # (B, 1+P, W)
         P = x.shape[1] - 1
-        if keep is None and self.training and self.cfg.patch_dropout > 0:
-            n_keep = max(1, int(P * (1 - self.cfg.patch_dropout)))
+        if keep is None and self.training and self.config.patch_dropout > 0:
+            n_keep = max(1, int(P * (1 - self.config.patch_dropout)))
             keep = torch.rand(len(x), P, device=x.device).argsort(dim=1)[:, :n_keep]
         if keep is not None:
             patches = torch.gather(x[:, 1:], 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, W)
             x = torch.cat([x[:, :1], patches], dim=1)
         x = self.norm_pre(x)
-        if pooled_only and self.cfg.pool == "cls":
+        if pooled_only and self.config.pool == "cls":
             cls_at = torch.zeros(len(x), 1, dtype=torch.long, device=x.device)
             x = self.norm(self.transformer(x, query_at=cls_at))      # (B, 1, W)
             return VisionOutput(pooled=x[:, 0], tokens=x[:, 1:])
         x = self.transformer(x)                                       # (B, 1+K, W)
         x = self.norm(x)
-        pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, 1:].mean(dim=1)
+        pooled = x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(dim=1)
         return VisionOutput(pooled=pooled, tokens=x[:, 1:])

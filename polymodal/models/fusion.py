@@ -1,0 +1,334 @@
+"""SNP-S3's video-text model: one BERT-type network for the text pass and the cross-modal pass.
+
+The shared network (`BertStack`: word, position and token-type embeddings, an embedding LayerNorm and
+post-LN blocks of `layers.Transformer`) runs twice with the same weights:
+
+* text pass: `[CLS] text [SEP]` (token type 0, positions from 0) -> token states; CLS -> text pooler ->
+  level-1 text feature normalize(MLP(pooled)).
+* cross pass: the joint sequence `[CLS text SEP ; clip_1 .. clip_n ; SEP]`. The visual part goes through
+  the same embedding layer as `inputs_embeds` (the clip vectors, then the SEP word embedding), with token
+  type 1 and its own positions from 0, and the whole stack is run again from the embeddings. A separate
+  pooler (`cross_pooler`) reads the joint CLS.
+
+Visual tokens: one per clip, the mean over the clip's frames and the frames' ViT grid (patch) features;
+`frames_per_clip` frames make a clip. Level-1 clip features are normalize(MLP(mean)); the cross tokens
+use the raw means (through a linear map only when the ViT and text widths differ).
+
+`shared=False` gives the three-encoder baseline: a second `BertStack` for the cross pass.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import PolymodalModel
+from .layers import Transformer, init_transformer_
+from .vision import VisionConfig, VisionTower
+
+
+@dataclass
+class BertConfig:
+    """The shared BERT-type network."""
+    vocab_size: int = 30522
+    context_length: int = 30      # text tokens incl. CLS/SEP (SNP-S3: 30)
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    norm_eps: float = 1e-12
+    type_vocab_size: int = 2      # 0 = text, 1 = visual
+    max_visual_tokens: int = 33   # clips + the closing SEP (positions of the visual part start at 0)
+    pad_token_id: int = 0
+    cls_token_id: int = 2
+    sep_token_id: int = 3
+    mask_token_id: int = 4
+
+
+@dataclass
+class FusionConfig:
+    """SNP-S3 model config: `vision` (ViT), `text` (the BERT network) and the fusion switches."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: BertConfig = field(default_factory=BertConfig)
+    shared: bool = True            # False = three-encoder baseline (separate cross encoder)
+    frames_per_clip: int = 1       # frames averaged into one visual token
+    head_dropout: float = 0.1      # dropout in the level-2 score MLP
+    model_type: str = "snps3"
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = BertConfig(**self.text)
+        if self.frames_per_clip < 1:
+            raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        W = cfg.width
+        self.word = nn.Embedding(cfg.vocab_size, W)
+        self.pos = nn.Embedding(max(cfg.context_length, cfg.max_visual_tokens), W)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, W)
+        self.norm = nn.LayerNorm(W, eps=cfg.norm_eps)
+        for e in (self.word, self.pos, self.token_type):
+            nn.init.normal_(e.weight, std=0.02)
+
+    def forward(self, ids: Tensor | None = None, inputs_embeds: Tensor | None = None, token_type: int = 0) -> Tensor:
+        """ids (B, L) or inputs_embeds (B, L, W) -> (B, L, W); positions 0..L-1, one token type for the row."""
+        x = self.word(ids) if inputs_embeds is None else inputs_embeds                    # (B, L, W)
+        L = x.shape[1]
+        pos = torch.arange(L, device=x.device)
+        typ = torch.full((L,), token_type, dtype=torch.long, device=x.device)
+        return self.norm(x + self.pos(pos) + self.token_type(typ))
+
+
+class BertStack(nn.Module):
+    """Embeddings + post-LN transformer (BERT)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.embeddings = BertEmbeddings(cfg)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act,
+                                       norm_first=False, eps=cfg.norm_eps)
+        init_transformer_(self.transformer, cfg.width, cfg.layers)
+
+    def encode(self, x: Tensor, real: Tensor) -> Tensor:
+        """Embedded (B, L, W) with key mask real (B, L) -> states (B, L, W)."""
+        return self.transformer(x, attn_mask=real[:, None, None, :])
+
+
+def _pooler(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, width), nn.Tanh())
+
+
+def _mlp(width: int, hidden: int, out: int, dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out))
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: Tensor, word_weight: Tensor) -> Tensor:
+        """(..., W) states and the (V, W) word embedding (the tied decoder) -> (..., V) logits."""
+        return F.linear(self.norm(F.gelu(self.dense(h))), word_weight, self.bias)
+
+
+@dataclass
+class TextPass:
+    """tokens: (B, L, W) states; real: (B, L) key mask; feature: (B, W) normalised level-1 text feature."""
+    tokens: Tensor
+    real: Tensor
+    feature: Tensor
+
+
+@dataclass
+class VideoPass:
+    """means: (B, n, Wv) clip means; valid: (B, n); clips: (B, n, W) normalised level-1 clip features;
+    video: (B, W) normalised mean of the valid clip features (the dual-encoder video embedding)."""
+    means: Tensor
+    valid: Tensor
+    clips: Tensor
+    video: Tensor
+
+
+class SNPS3Model(PolymodalModel):
+    """ViT + the shared BERT network + heads (level 1, cross pooler, level-2 score, ITM, MLM).
+
+    Args:
+        cfg: the model config.
+    """
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.config = cfg
+        t, W = cfg.text, cfg.text.width
+        self.vision = VisionTower(cfg.vision)
+        self.text_encoder = BertStack(t)
+        # With shared weights the cross pass reuses `text_encoder`; it is not registered twice (a second
+        # name for the same tensors would break safetensors and double-count parameters).
+        self.cross_only = None if cfg.shared else BertStack(t)
+        self.text_pooler = _pooler(W)
+        self.cross_pooler = _pooler(W)
+        self.text_head = _mlp(W, W, W)
+        self.video_head = _mlp(cfg.vision.width, W, W)
+        self.visual_proj = nn.Identity() if cfg.vision.width == W else nn.Linear(cfg.vision.width, W)
+        self.score_head = _mlp(W, 2 * W, 1, cfg.head_dropout)       # level 2: 768 -> 1536 -> 1 in the paper
+        self.itm_head = nn.Linear(W, 2)
+        self.mlm_head = MLMHead(t)
+
+    @property
+    def cross_encoder(self) -> BertStack:
+        """The network of the cross pass: `text_encoder` itself when shared."""
+        return self.text_encoder if self.cross_only is None else self.cross_only
+
+    # ---- passes -------------------------------------------------------------------------------------
+    def text_pass(self, ids: Tensor) -> TextPass:
+        """(B, L) ids -> token states, mask and the level-1 text feature."""
+        real = ids != self.config.text.pad_token_id                                       # (B, L)
+        enc = self.text_encoder
+        h = enc.encode(enc.embeddings(ids, token_type=0), real)                           # (B, L, W)
+        feature = F.normalize(self.text_head(self.text_pooler(h[:, 0])), dim=-1)           # (B, W)
+        return TextPass(tokens=h, real=real, feature=feature)
+
+    def video_pass(self, frames: Tensor, valid: Tensor | None = None) -> VideoPass:
+        """(B, T, 3, H, W) frames -> clip means (one per `frames_per_clip` frames) and level-1 features."""
+        B, T = frames.shape[:2]
+        f = self.config.frames_per_clip
+        if T % f:
+            raise ValueError(f"{T} frames do not split into clips of frames_per_clip={f}; "
+                             f"set data.num_frames to a multiple of {f}")
+        n = T // f
+        grid = self.vision(frames.flatten(0, 1)).tokens                                    # (B*T, P, Wv)
+        per_frame = grid.mean(1).view(B, n, f, -1)                                        # (B, n, f, Wv)
+        w = (torch.ones(B, T, device=frames.device) if valid is None else valid.to(per_frame.dtype))
+        w = w.view(B, n, f, 1)
+        means = (per_frame * w).sum(2) / w.sum(2).clamp_min(1)                            # (B, n, Wv)
+        clip_valid = w.sum(2)[..., 0] > 0                                                 # (B, n)
+        clips = F.normalize(self.video_head(means), dim=-1)                               # (B, n, W)
+        cw = clip_valid.to(clips.dtype)[..., None]
+        video = F.normalize((clips * cw).sum(1) / cw.sum(1).clamp_min(1), dim=-1)          # (B, W)
+        return VideoPass(means=means, valid=clip_valid, clips=clips, video=video)
+
+    def cross_pass(self, ids: Tensor, means: Tensor, clip_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """The joint pass `[CLS text SEP ; clips ; SEP]` over paired rows.
+
+        Args:
+            ids: (N, L) text ids (masked or not).
+            means: (N, n, Wv) clip means of each row's video.
+            clip_valid: (N, n) bool.
+        Returns:
+            (states (N, L + n + 1, W), cross pooled (N, W)).
+        """
+        enc, t = self.cross_encoder, self.config.text
+        if means.shape[1] + 1 > t.max_visual_tokens:
+            raise ValueError(f"{means.shape[1]} clips + SEP exceed text.max_visual_tokens={t.max_visual_tokens}")
+        N = len(ids)
+        text = enc.embeddings(ids, token_type=0)                                            # (N, L, W)
+        sep = enc.embeddings.word.weight[t.sep_token_id].expand(N, 1, -1)                  # (N, 1, W)
+        visual = enc.embeddings(inputs_embeds=torch.cat([self.visual_proj(means), sep], 1), token_type=1)
+        x = torch.cat([text, visual], dim=1)                                               # (N, L+n+1, W)
+        real = torch.cat([ids != t.pad_token_id, clip_valid.bool(), clip_valid.new_ones(N, 1, dtype=torch.bool)], 1)
+        h = enc.encode(x, real)
+        return h, self.cross_pooler(h[:, 0])
+
+    # ---- the dual-encoder interface (eval tasks) ---------------------------------------------------
+    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, L) ids -> (B, W) level-1 text feature (always L2-normalised)."""
+        return self.text_pass(ids).feature
+
+    def encode_video(self, frames: Tensor, valid: Tensor | None = None, normalize: bool = True) -> Tensor:
+        """(B, T, 3, H, W) -> (B, W) normalised mean of the level-1 clip features."""
+        return self.video_pass(frames, valid).video
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, W): an image as a one-frame video."""
+        return self.encode_video(pixels[:, None], None)
+
+    def mlm_logits(self, h: Tensor) -> Tensor:
+        """(..., W) cross-pass states -> (..., V) logits (decoder tied to the cross network's word embeddings)."""
+        return self.mlm_head(h, self.cross_encoder.embeddings.word.weight)
+
+    def cross_score(self, ids: Tensor, means: Tensor, clip_valid: Tensor) -> Tensor:
+        """(N,) level-2 scores of paired rows."""
+        return self.score_head(self.cross_pass(ids, means, clip_valid)[1])[:, 0]
+
+    def parameter_counts(self) -> dict:
+        """Parameters of this model and of the other design (shared <-> three-encoder), each counted once."""
+        total = sum(p.numel() for p in self.parameters())
+        stack = sum(p.numel() for p in self.text_encoder.parameters())
+        if self.config.shared:
+            return {"shared": total, "three_encoder": total + stack}
+        return {"shared": total - stack, "three_encoder": total}
+
+
+class MomentumEncoders(nn.Module):
+    """Frozen EMA copies of the level-1 encoders (MoCo keys): ViT, video head, text network, pooler, head."""
+
+    PARTS = ("vision", "video_head", "text_encoder", "text_pooler", "text_head")
+
+    def __init__(self, model: SNPS3Model):
+        super().__init__()
+        for name in self.PARTS:
+            part = copy.deepcopy(getattr(model, name))
+            for p in part.parameters():
+                p.requires_grad_(False)
+            setattr(self, name, part)
+        self.config = model.config
+
+    @torch.no_grad()
+    def update(self, model: SNPS3Model, momentum: float) -> None:
+        """EMA step towards the online model's parts."""
+        from ..losses.matching import momentum_update
+        for name in self.PARTS:
+            momentum_update(getattr(self, name), getattr(model, name), momentum)
+
+    @torch.no_grad()
+    def keys(self, ids: Tensor, frames: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(text keys (B, W), video keys (B, W)), L2-normalised, computed as `SNPS3Model` computes them."""
+        return SNPS3Model.text_pass(self, ids).feature, SNPS3Model.video_pass(self, frames, valid).video
+
+
+def create_snps3_model(cfg: FusionConfig | dict, tokenizer=None) -> SNPS3Model:
+    """Build the model; the tokenizer (a BERT-style one with [MASK]) sets vocabulary size and special ids."""
+    cfg = cfg if isinstance(cfg, FusionConfig) else FusionConfig(**cfg)
+    if tokenizer is not None:
+        if getattr(tokenizer, "mask_id", None) is None:
+            raise ValueError("SNP-S3 needs a tokenizer with a [MASK] token: set tokenizer.kind=wordpiece "
+                             "(BERT style [PAD]/[UNK]/[CLS]/[SEP]/[MASK]) or give tokenizer.path to one")
+        t = cfg.text
+        t.vocab_size, t.pad_token_id = tokenizer.vocab_size, tokenizer.pad_id
+        t.cls_token_id, t.sep_token_id, t.mask_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id
+    model = SNPS3Model(cfg)
+    if tokenizer is not None:
+        model.attach_processors(tokenizer)
+    return model
+
+
+__all__ = ["BertConfig", "FusionConfig", "BertStack", "SNPS3Model", "MomentumEncoders", "create_snps3_model",
+           "TextPass", "VideoPass", "load_snps3_model"]
+
+
+def load_snps3_model(path) -> SNPS3Model:
+    """A model written by `save_pretrained` (config.json + model.safetensors + tokenizer) from `path`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .base import CONFIG_FILE, WEIGHTS_FILE
+    d = Path(path)
+    if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{d}: no {CONFIG_FILE} + {WEIGHTS_FILE}; give a folder saved by an snps3 run "
+                                f"(<out_dir>/model)")
+    raw = json.loads((d / CONFIG_FILE).read_text())
+    if raw.get("model_type") != "snps3":
+        raise ValueError(f"{d / CONFIG_FILE}: model_type {raw.get('model_type')!r} is not an SNP-S3 model")
+    raw.pop("polymodal_version", None)
+    model = SNPS3Model(FusionConfig(**raw))
+    missing, unexpected = model.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{d / WEIGHTS_FILE}: weights do not match the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    tokenizer = None
+    if (d / "tokenizer.json").is_file():
+        from ..data.text import Tokenizer
+        tokenizer = Tokenizer.from_dir(d)
+    model.attach_processors(tokenizer)
+    return model

@@ -1,0 +1,348 @@
+"""Two-stream multi-label video scene recognition with label knowledge (METHODS.md section 8).
+
+A `SceneModel` sits on a `VideoCLIP` (any image-text model we have, wrapped with mean pooling): its image
+tower gives per-frame features, its text tower embeds the label names (the "knowledge").
+
+* temporal stream: a transformer over [CLS, frame_1 + time_1, ..., frame_T + time_T (, text)] where the
+  optional text token is the video's own text (its title / caption) through the text tower; the CLS output
+  is the video feature. Learned time embeddings make it order-aware.
+* frame (non-temporal) stream: every frame on its own cross-attends to the C label-name embeddings
+  (`layers.Block` with cross-attention; the sequence per frame is the one frame token), is scored against
+  the labels, and the per-frame scores are pooled over frames (max by default: "some frame shows it").
+  It cannot see frame order, by construction.
+* predictions are similarities to the label embeddings: ``scale * cos(head(h), label_c) + bias_c`` with a
+  learned scale and per-label bias per stream (each stream has its own head, scale and bias: its own
+  classifier over shared label knowledge).
+* parent refinement: after scoring, ``z_child += z_parent`` down the tree (parents first, so a grandchild
+  gets the sum along its whole path; `refine_with_parents`).
+* the ensemble prediction is the mean of the two streams' refined logits.
+
+`freeze_image` / `freeze_text` run the towers without gradients (frozen features from a pretrained model).
+Save with `save_pretrained` (the video model's files plus ``scene_config.json`` and ``scene_heads.safetensors``),
+load with `load_scene_model`.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..data.labels import LabelHierarchy, hierarchy_from_classes
+from .base import ConfigDict
+from .layers import Transformer, init_transformer_
+
+STREAMS = ("both", "temporal", "frame")
+FRAME_POOLS = ("max", "mean")
+SCENE_CONFIG = "scene_config.json"
+SCENE_HEADS = "scene_heads.safetensors"
+
+
+@dataclass
+class SceneConfig(ConfigDict):
+    """The scene model's own settings (the recipe's `scene.model` keys)."""
+    streams: str = "both"          # "both" | "temporal" | "frame": which streams are built and predict
+    layers: int = 2                # temporal stream: transformer blocks over the frame tokens
+    fusion_layers: int = 1         # frame stream: cross-attention blocks (frame -> label embeddings)
+    heads: int = 0                 # attention heads in both streams; 0 = auto (E // 32, at least 1)
+    mlp_ratio: float = 4.0
+    max_frames: int = 64           # temporal stream: size of the time-embedding table
+    use_text: bool = False         # temporal stream: add the video's text feature (title / caption) as a token
+    refine: bool = True            # child logits += parent logits down the label tree
+    frame_pool: str = "max"        # frame stream: "max" | "mean" of the per-frame logits over valid frames
+    freeze_image: bool = False     # frame features without gradients (a frozen image tower)
+    freeze_text: bool = False      # label / video-text embeddings without gradients (a frozen text tower)
+    label_lang: str = "en"         # "en" | "zh": which label names are embedded
+    label_template: str = "{}"     # prompt around each label name, e.g. "a video that {}"
+    init_scale: float = 10.0       # initial cosine -> logit scale of each stream
+    center_labels: bool = True     # subtract the mean label embedding before normalising (see label_embeddings)
+
+    def __post_init__(self):
+        if self.streams not in STREAMS:
+            raise ConfigError(f"scene.model.streams must be one of {', '.join(STREAMS)}, got {self.streams!r}")
+        if self.frame_pool not in FRAME_POOLS:
+            raise ConfigError(f"scene.model.frame_pool must be one of {', '.join(FRAME_POOLS)}, got {self.frame_pool!r}")
+        for key in ("layers", "fusion_layers", "max_frames"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"scene.model.{key} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.heads, int) or self.heads < 0:
+            raise ConfigError(f"scene.model.heads must be an integer >= 0 (0 = auto), got {self.heads!r}")
+        if self.label_lang not in ("en", "zh"):
+            raise ConfigError(f"scene.model.label_lang must be en or zh, got {self.label_lang!r}")
+        if "{}" not in self.label_template:
+            raise ConfigError(f"scene.model.label_template needs a '{{}}' for the label name, got "
+                              f"{self.label_template!r}")
+        if not self.init_scale > 0:
+            raise ConfigError(f"scene.model.init_scale must be > 0, got {self.init_scale!r}")
+
+    @property
+    def has_temporal(self) -> bool:
+        return self.streams in ("both", "temporal")
+
+    @property
+    def has_frame(self) -> bool:
+        return self.streams in ("both", "frame")
+
+
+@dataclass
+class SceneOutput:
+    """Logits (N, C) of each stream (None when that stream is off) and of the ensemble, all refined when
+    `refine` is on; `frame_logits` are the frame stream's per-frame logits (N, T, C) before pooling."""
+    logits: Tensor
+    temporal: Tensor | None = None
+    frame: Tensor | None = None
+    frame_logits: Tensor | None = None
+
+    def streams(self) -> list[Tensor]:
+        """The logits of the streams that are on."""
+        return [z for z in (self.temporal, self.frame) if z is not None]
+
+
+def refine_with_parents(logits: Tensor, parent_index: Tensor) -> Tensor:
+    """Add each label's (refined) parent score to its own, from the roots down.
+
+    Args:
+        logits: (N, C) scores.
+        parent_index: (C,) long, the parent of each label or -1 for a root.
+    Returns:
+        (N, C): roots unchanged; z'_c = z_c + z'_parent(c), so a label gets the sum along its path to the root.
+    Raises:
+        ValueError: the parents form a cycle.
+    """
+    parent = parent_index.tolist()
+    depth = [None] * len(parent)
+
+    def depth_of(c, seen=()):
+        if depth[c] is None:
+            if c in seen:
+                raise ValueError("refine_with_parents: the parent indices form a cycle")
+            depth[c] = 0 if parent[c] < 0 else depth_of(parent[c], seen + (c,)) + 1
+        return depth[c]
+
+    for c in range(len(parent)):
+        depth_of(c)
+    out = logits
+    for d in range(1, max(depth, default=0) + 1):
+        idx = torch.tensor([c for c in range(len(parent)) if depth[c] == d], device=logits.device)
+        par = parent_index.to(logits.device)[idx]
+        out = out.index_copy(1, idx, logits[:, idx] + out[:, par])   # out-of-place: keeps autograd simple
+    return out
+
+
+def _pool_frames(x: Tensor, valid: Tensor | None, how: str) -> Tensor:
+    """(B, T, C) per-frame logits -> (B, C) over valid frames; a video without valid frames gives 0."""
+    if valid is None:
+        return x.amax(1) if how == "max" else x.mean(1)
+    v = valid.bool()[..., None]                                      # (B, T, 1)
+    if how == "max":
+        out = x.masked_fill(~v, float("-inf")).amax(1)
+        return torch.where(v.any(1), out, torch.zeros_like(out))
+    w = v.to(x.dtype)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+class LabelClassifier(nn.Module):
+    """scale * cos(head(h), label_c) + bias_c: a stream's classifier over shared label embeddings."""
+
+    def __init__(self, dim: int, num_labels: int, init_scale: float):
+        super().__init__()
+        self.head = nn.Linear(dim, dim)
+        self.log_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
+        self.bias = nn.Parameter(torch.zeros(num_labels))
+
+    def forward(self, h: Tensor, labels: Tensor) -> Tensor:
+        """h (..., E), labels (C, E) unit rows -> (..., C)."""
+        z = F.normalize(self.head(h), dim=-1) @ labels.T               # (..., C)
+        return self.log_scale.clamp(max=4.6).exp() * z + self.bias
+
+
+class TemporalStream(nn.Module):
+    """Order-aware stream: transformer over [CLS, frames + time (, text)] -> CLS -> label scores."""
+
+    def __init__(self, dim: int, num_labels: int, cfg: SceneConfig, heads: int):
+        super().__init__()
+        self.max_frames = cfg.max_frames
+        self.cls = nn.Parameter(torch.randn(dim) * 0.02)
+        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02)   # (max_frames, E)
+        self.text_type = nn.Parameter(torch.randn(dim) * 0.02)             # marks the text token
+        self.norm_in = nn.LayerNorm(dim)
+        self.transformer = Transformer(dim, cfg.layers, heads, cfg.mlp_ratio)
+        init_transformer_(self.transformer, dim, cfg.layers)
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale)
+
+    def forward(self, frames: Tensor, valid: Tensor | None, labels: Tensor, text: Tensor | None = None) -> Tensor:
+        """frames (B, T, E), valid (B, T), labels (C, E), text (B, E) or None -> (B, C)."""
+        B, T, _ = frames.shape
+        if T > self.max_frames:
+            raise ValueError(f"the clip has {T} frames but the scene temporal stream has {self.max_frames} time "
+                             f"positions; sample fewer frames or raise scene.model.max_frames")
+        x = self.norm_in(frames) + self.time[:T]                          # (B, T, E)
+        tokens = [self.cls.expand(B, 1, -1), x]
+        keep = [torch.ones(B, 1, dtype=torch.bool, device=x.device),
+                valid.bool() if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)]
+        if text is not None:
+            tokens.append((self.norm_in(text) + self.text_type)[:, None])   # (B, 1, E)
+            keep.append(torch.ones(B, 1, dtype=torch.bool, device=x.device))
+        x = torch.cat(tokens, dim=1)                                      # (B, 1+T(+1), E)
+        mask = torch.cat(keep, dim=1)[:, None, None, :]                   # (B, 1, 1, S): CLS always valid
+        h = self.transformer(x, attn_mask=mask)[:, 0]                     # (B, E)
+        return self.classifier(self.norm(h), labels)
+
+
+class FrameStream(nn.Module):
+    """Order-free stream: each frame cross-attends to the label embeddings, is scored, scores pooled."""
+
+    def __init__(self, dim: int, num_labels: int, cfg: SceneConfig, heads: int):
+        super().__init__()
+        self.pool = cfg.frame_pool
+        self.norm_in = nn.LayerNorm(dim)
+        self.fusion = Transformer(dim, cfg.fusion_layers, heads, cfg.mlp_ratio, cross_attention=True)
+        init_transformer_(self.fusion, dim, cfg.fusion_layers)
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale)
+
+    def forward(self, frames: Tensor, valid: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """frames (B, T, E), valid (B, T), labels (C, E) -> ((B, C) pooled, (B, T, C) per-frame logits)."""
+        B, T, E = frames.shape
+        x = self.norm_in(frames).reshape(B * T, 1, E)                     # (B*T, 1, E): frames apart
+        context = labels[None].expand(B * T, -1, -1)                      # (B*T, C, E)
+        h = self.fusion(x, context=context)[:, 0]                         # (B*T, E)
+        per_frame = self.classifier(self.norm(h), labels).view(B, T, -1)  # (B, T, C)
+        return _pool_frames(per_frame, valid, self.pool), per_frame
+
+
+class SceneModel(nn.Module):
+    """Two-stream scene recognizer over a `VideoCLIP`.
+
+    Args:
+        video: the VideoCLIP whose image tower gives frame features and whose text tower embeds label names
+            (it must carry a tokenizer).
+        hierarchy: the labels (names, parents, groups).
+        cfg: the scene config.
+    """
+
+    def __init__(self, video: nn.Module, hierarchy: LabelHierarchy, cfg: SceneConfig | None = None):
+        super().__init__()
+        cfg = cfg or SceneConfig()
+        if video.tokenizer is None:
+            raise ConfigError("SceneModel: the video model has no tokenizer to embed the label names with; "
+                              "attach one (tokenizer.path) or train one (tokenizer.corpus_keys)")
+        self.config, self.hierarchy, self.video = cfg, hierarchy, video
+        dim = video.config.embed_dim
+        heads = cfg.heads or max(1, dim // 32)
+        if dim % heads:
+            raise ConfigError(f"scene.model.heads={heads} does not divide the embedding size {dim}")
+        C = len(hierarchy)
+        names = [cfg.label_template.format(n) for n in hierarchy.display_names(cfg.label_lang)]
+        self.register_buffer("label_ids", video.tokenizer(names), persistent=False)        # (C, L)
+        self.register_buffer("parent_index", hierarchy.parent_index(), persistent=False)   # (C,)
+        self.temporal = TemporalStream(dim, C, cfg, heads) if cfg.has_temporal else None
+        self.frame = FrameStream(dim, C, cfg, heads) if cfg.has_frame else None
+
+    # ---- processors and towers ------------------------------------------------------------------------
+    tokenizer = property(lambda self: self.video.tokenizer)
+    image_transform = property(lambda self: self.video.image_transform)
+
+    def label_embeddings(self) -> Tensor:
+        """(C, E) unit label-name embeddings from the text tower.
+
+        Text embeddings of short label names share a large common component (a random tiny tower gives
+        cosines near 0.98 between all names; pretrained towers show the same anisotropy, weaker), and a cosine
+        classifier cannot separate labels along it. With `center_labels` the mean over labels is removed
+        first, so only what tells the names apart is kept.
+        """
+        with torch.no_grad() if self.config.freeze_text else nullcontext():
+            e = self.video.encode_text(self.label_ids)                    # (C, E)
+        if self.config.center_labels and len(e) > 1:
+            e = F.normalize(e - e.mean(0, keepdim=True), dim=-1)
+        return e
+
+    def frame_features(self, frames: Tensor, valid: Tensor | None = None) -> Tensor:
+        """(B, T, 3, H, W) -> (B, T, E) per-frame image features (unnormalised)."""
+        with torch.no_grad() if self.config.freeze_image else nullcontext():
+            return self.video.encode_frames(frames, valid)
+
+    def forward(self, frames: Tensor, valid: Tensor | None = None, text_ids: Tensor | None = None) -> SceneOutput:
+        """Score a batch of clips.
+
+        Args:
+            frames: (B, T, 3, H, W) normalised frames.
+            valid: (B, T) bool, True = real frame; None = all.
+            text_ids: (B, L) token ids of each video's text; used only when `use_text` is on.
+        Returns:
+            A `SceneOutput` (logits (B, C) of each stream and of their mean).
+        """
+        feats = self.frame_features(frames, valid)                        # (B, T, E)
+        labels = self.label_embeddings()                                  # (C, E)
+        temporal = frame = per_frame = None
+        if self.temporal is not None:
+            text = None
+            if self.config.use_text:
+                if text_ids is None:
+                    raise ValueError("scene.model.use_text is on but the batch has no text (input_ids)")
+                with torch.no_grad() if self.config.freeze_text else nullcontext():
+                    text = self.video.encode_text(text_ids, normalize=False)   # (B, E)
+            temporal = self._refine(self.temporal(feats, valid, labels, text))
+        if self.frame is not None:
+            frame, per_frame = self.frame(feats, valid, labels)
+            frame = self._refine(frame)
+        parts = [z for z in (temporal, frame) if z is not None]
+        logits = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)   # (B, C)
+        return SceneOutput(logits, temporal, frame, per_frame)
+
+    def _refine(self, z: Tensor) -> Tensor:
+        return refine_with_parents(z, self.parent_index) if self.config.refine else z
+
+    # ---- saving ---------------------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """The video model's files, then ``scene_config.json`` (config + labels) and ``scene_heads.safetensors``."""
+        from safetensors.torch import save_file
+
+        from ..fileio import atomic_open
+        self.video.save_pretrained(directory)
+        directory = Path(directory)
+        heads = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("video.")}
+        save_file(heads, str(directory / SCENE_HEADS))
+        with atomic_open(directory / SCENE_CONFIG, "w", encoding="utf-8") as f:
+            json.dump({"scene": asdict(self.config), "labels": self.hierarchy.to_dict()}, f, indent=1,
+                      ensure_ascii=False)
+
+
+def load_scene_model(directory, video: nn.Module | None = None) -> SceneModel:
+    """A folder written by `SceneModel.save_pretrained` back as a SceneModel (eval mode).
+
+    Args:
+        directory: the folder.
+        video: the folder's video model when already loaded (`polymodal.load_model(directory)`); else loaded here.
+    """
+    from safetensors.torch import load_file
+
+    from ..config import from_dict
+    from ..hub import load_model
+    directory = Path(directory)
+    cfg_file = directory / SCENE_CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: {directory} is not a scene model folder (train one with "
+                                f"method: scene, or load the plain video model with polymodal.load_model)")
+    data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg = from_dict(SceneConfig, data["scene"], str(cfg_file))
+    hierarchy = hierarchy_from_classes(data["labels"], str(cfg_file))
+    video = load_model(directory) if video is None else video
+    model = SceneModel(video, hierarchy, cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(directory / SCENE_HEADS)), strict=False)
+    missing = [k for k in missing if not k.startswith("video.")]
+    if missing or unexpected:
+        raise ValueError(f"{directory / SCENE_HEADS}: missing {missing[:5]}, unexpected {unexpected[:5]} keys for "
+                         f"the config in {cfg_file}")
+    return model.eval()
+
+
+__all__ = ["SceneConfig", "SceneOutput", "SceneModel", "TemporalStream", "FrameStream", "LabelClassifier",
+           "refine_with_parents", "load_scene_model", "SCENE_CONFIG", "SCENE_HEADS"]
