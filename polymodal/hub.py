@@ -44,7 +44,14 @@ def load_pretrained(directory) -> torch.nn.Module:
     transform = None
     if (directory / PREPROCESSOR_FILE).is_file():
         from .data.images import ImageTransform
-        transform = ImageTransform.from_dict(json.loads((directory / PREPROCESSOR_FILE).read_text()))
+        path = directory / PREPROCESSOR_FILE
+        try:
+            transform = ImageTransform.from_dict(read_json(path), where=str(path))
+        except (ValueError, TypeError, KeyError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: not a usable preprocessing config ({e}); fix it or delete the file to "
+                                  f"use the model's default image transform") from None
     attach_processors(model, tokenizer, transform)
     return model.eval()
 

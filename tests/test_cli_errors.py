@@ -97,6 +97,14 @@ def test_broken_model_folders_name_the_file(tmp_path, shapes, saved_clip, capsys
     (bad_json / "config.json").write_text('{"polymodal_version": "0.1.0", "vision": ')
     _one_line_error(*_run(["eval", str(bad_json), "--task", "retrieval", "--data", f"{shapes}/test.jsonl"],
                           capsys), "config.json", "not valid JSON")
+    bad_pre = tmp_path / "bad_preprocessor"
+    shutil.copytree(saved_clip, bad_pre)
+    (bad_pre / "preprocessor_config.json").write_text('{"image_size": ')
+    _one_line_error(*_run(["eval", str(bad_pre), "--task", "retrieval", "--data", f"{shapes}/test.jsonl"],
+                          capsys), "preprocessor_config.json", "not valid JSON")
+    (bad_pre / "preprocessor_config.json").write_text('{"image_size": "huge", "resize": "sideways"}')
+    _one_line_error(*_run(["eval", str(bad_pre), "--task", "retrieval", "--data", f"{shapes}/test.jsonl"],
+                          capsys), "preprocessor_config.json")
     truncated = tmp_path / "truncated"
     shutil.copytree(saved_clip, truncated)
     data = (truncated / "model.safetensors").read_bytes()
