@@ -13,47 +13,19 @@ from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, at
 @torch.no_grad()
 def _encode_videos(model, records, num_frames, strategy, batch_size, progress, on_bad_record, where):
     """Video features of the readable records, their sampled frames' source indices, and the records kept."""
-    from PIL import Image
-
-    from ..data.manifests import SKIP_HINT, ManifestError
-    from ..data.video import VideoError, read_video
-    from .suite import _progress
-    device = next(model.parameters()).device
-    feats, kept, sources, pending = [], [], [], []
-    skipped, side = 0, None
-
-    def flush():
-        if pending:
-            frames = torch.stack([p[1] for p in pending]).to(device)             # (B, T, 3, H, W)
-            valid = torch.stack([p[2] for p in pending]).to(device)              # (B, T)
-            f = encode_video_features(model, frames, valid)
-            feats.append(VideoFeatures(f.video.float().cpu(), f.frames.float().cpu(), f.patches.float().cpu(),
-                                       f.valid.cpu()))
-            kept.extend(p[0] for p in pending)
-            pending.clear()
-
-    for r in _progress(records, len(records), "videos", progress):
-        try:
-            clip = read_video(r["video"], num_frames=num_frames, strategy=strategy)
-        except VideoError as e:
-            if on_bad_record == "error":
-                raise ManifestError(f"{where} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
-            skipped += 1
-            continue
-        frames = torch.stack([model.image_transform(Image.fromarray(f.numpy())) for f in clip.frames])
+    from .video_retrieval import clip_batches
+    feats, kept, sources, side = [], [], [], None
+    for idx, frames, valid, clips in clip_batches(model, records, num_frames, strategy, batch_size, progress,
+                                                  on_bad_record, where):
+        f = encode_video_features(model, frames, valid)
+        feats.append(VideoFeatures(f.video.float().cpu(), f.frames.float().cpu(), f.patches.float().cpu(),
+                                   f.valid.cpu()))
         side = frames.shape[-1]
-        pending.append((r, frames, clip.valid))
-        fps = float(r.get("fps") or 0)
-        # Which frame of the source video each sampled frame is (the world's ground truth is per source frame).
-        sources.append([int(round(float(t) * fps)) if fps else i for i, t in enumerate(clip.times)])
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    if skipped:
-        import warnings
-        warnings.warn(f"{where}: skipped {skipped} video(s) that cannot be read")
-    if not kept:
-        raise ManifestError(f"{where}: no readable video to evaluate")
+        for i, clip in zip(idx, clips):
+            kept.append(records[i])
+            fps = float(records[i].get("fps") or 0)
+            # Which frame of the source video each sampled frame is (the world's ground truth is per source frame).
+            sources.append([int(round(float(t) * fps)) if fps else k for k, t in enumerate(clip.times)])
     cat = lambda name: torch.cat([getattr(f, name) for f in feats])
     return VideoFeatures(cat("video"), cat("frames"), cat("patches"), cat("valid")), kept, sources, side
 

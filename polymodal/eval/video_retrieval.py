@@ -27,14 +27,17 @@ def encode_clips(model, frames: Tensor, valid: Tensor | None = None) -> Tensor:
     return F.normalize(mean, dim=-1)
 
 
-@torch.no_grad()
-def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
-                  progress: bool = False, on_bad_record: str = "error", where: str = "manifest"
-                  ) -> tuple[Tensor, list[dict]]:
-    """(N, E) embeddings of the records' videos and the N records kept.
+def clip_batches(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
+                 progress: bool = False, on_bad_record: str = "error", where: str = "manifest"):
+    """Decode the records' videos and yield them in batches ready for the model.
 
     Under `on_bad_record="skip"` a video that cannot be read is left out and counted in a warning; under
     "error" it stops with a `ManifestError` naming the manifest line and the video's error.
+
+    Yields:
+        (indices into `records`, frames (B, T, 3, H, W) and valid (B, T) on the model's device, the `VideoClip`s).
+    Raises:
+        ManifestError: a bad video under "error", or no readable video at all.
     """
     from PIL import Image
 
@@ -42,18 +45,15 @@ def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str
     from ..data.video import VideoError, read_video
     from .suite import _progress
     device = next(model.parameters()).device
-    kept, out, skipped = [], [], 0
-    pending: list[tuple[dict, Tensor, Tensor]] = []
+    pending: list[tuple[int, Tensor, object]] = []
+    skipped = yielded = 0
 
-    def flush():
-        if pending:
-            frames = torch.stack([p[1] for p in pending]).to(device)                 # (B, T, 3, H, W)
-            valid = torch.stack([p[2] for p in pending]).to(device)                  # (B, T)
-            out.append(encode_clips(model, frames, valid).float().cpu())
-            kept.extend(p[0] for p in pending)
-            pending.clear()
+    def batch():
+        frames = torch.stack([p[1] for p in pending]).to(device)                     # (B, T, 3, H, W)
+        valid = torch.stack([p[2].valid for p in pending]).to(device)                # (B, T)
+        return [p[0] for p in pending], frames, valid, [p[2] for p in pending]
 
-    for r in _progress(records, len(records), "videos", progress):
+    for i, r in enumerate(_progress(records, len(records), "videos", progress)):
         try:
             clip = read_video(r["video"], num_frames=num_frames, strategy=strategy)
         except VideoError as e:
@@ -62,15 +62,31 @@ def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str
             skipped += 1
             continue
         frames = torch.stack([model.image_transform(Image.fromarray(f.numpy())) for f in clip.frames])
-        pending.append((r, frames, clip.valid))
+        pending.append((i, frames, clip))
         if len(pending) == batch_size:
-            flush()
-    flush()
+            yield batch()
+            yielded += len(pending)
+            pending.clear()
+    if pending:
+        yield batch()
+        yielded += len(pending)
     if skipped:
         import warnings
         warnings.warn(f"{where}: skipped {skipped} video(s) that cannot be read")
-    if not kept:
+    if not yielded:
         raise ManifestError(f"{where}: no readable video to evaluate")
+
+
+@torch.no_grad()
+def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
+                  progress: bool = False, on_bad_record: str = "error", where: str = "manifest"
+                  ) -> tuple[Tensor, list[dict]]:
+    """(N, E) embeddings of the records' readable videos and the N records kept (see `clip_batches`)."""
+    out, kept = [], []
+    for idx, frames, valid, _ in clip_batches(model, records, num_frames, strategy, batch_size, progress,
+                                              on_bad_record, where):
+        out.append(encode_clips(model, frames, valid).float().cpu())
+        kept.extend(records[i] for i in idx)
     return torch.cat(out), kept
 
 

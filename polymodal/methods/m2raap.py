@@ -287,23 +287,19 @@ def m2raap_scores(task: M2RAAPTask, records: list[dict], caption_key: str = "cap
         (scores (N_texts, N_videos) float32: cosine of pooled embeddings, or Mug; the video index of each text;
         the kept records; {"num_skipped", "num_without_aux"}).
     """
-    from PIL import Image
-
-    from ..data.manifests import SKIP_HINT, ManifestError
-    from ..data.video import VideoError, read_video
     from ..eval.suite import captions_by_record, encode_texts
+    from ..eval.video_retrieval import clip_batches
     model, cfg = task.model, task.cfg
     device = next(model.parameters()).device
-    kept, feats, valids, pending = [], [], [], []
-
-    def flush():
-        if not pending:
-            return
-        frames = torch.stack([p[1] for p in pending]).to(device)                      # (B, T, 3, H, W)
-        valid = torch.stack([p[2] for p in pending]).to(device)                       # (B, T)
+    kept, feats, valids = [], [], []
+    without_aux = 0
+    for idx, frames, valid, _ in clip_batches(model, records, num_frames, strategy, batch_size,
+                                              on_bad_record=on_bad_record, where=where):
+        caps = [aux[i][:cfg.max_aux] if aux is not None else aux_captions_of(records[i], cfg.aux_field, cfg.max_aux)
+                for i in idx]
+        without_aux += sum(not c for c in caps)
         aux_ids = aux_mask = None
         if task.acg is not None:
-            caps = [p[3] for p in pending]
             K = max(1, max(len(c) for c in caps))
             ids = model.tokenizer([c[k] if k < len(c) else "" for c in caps for k in range(K)])
             aux_ids = ids.view(len(caps), K, -1).to(device)                           # (B, K, L)
@@ -314,27 +310,8 @@ def m2raap_scores(task: M2RAAPTask, records: list[dict], caption_key: str = "cap
             valids.append(valid.cpu())
         else:
             feats.append(pool_frames(model, x, valid).float().cpu())
-        kept.extend(p[0] for p in pending)
-        pending.clear()
-
-    skipped = without_aux = 0
-    for i, r in enumerate(records):
-        try:
-            clip = read_video(r["video"], num_frames=num_frames, strategy=strategy)
-        except VideoError as e:
-            if on_bad_record == "error":
-                raise ManifestError(f"{where} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
-            skipped += 1
-            continue
-        frames = torch.stack([model.image_transform(Image.fromarray(f.numpy())) for f in clip.frames])
-        caps = aux[i][:cfg.max_aux] if aux is not None else aux_captions_of(r, cfg.aux_field, cfg.max_aux)
-        without_aux += not caps
-        pending.append((r, frames, clip.valid, caps))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    if not kept:
-        raise ManifestError(f"{where}: no readable video to evaluate")
+        kept.extend(records[i] for i in idx)
+    skipped = len(records) - len(kept)
     texts, owner = captions_by_record(kept, caption_key, where)
     if cfg.similarity == "mug":
         vid, vmask = torch.cat(feats), torch.cat(valids)
