@@ -129,6 +129,8 @@ def run_eval(args) -> dict:
     specs = [EvalSpec(args.task, str(data), dict(common))]
     if args.task in ("zeroshot", "multilabel"):
         specs[0].options["classes"] = classes
+    if args.task == "scene":           # the scene heads are saved beside the video model
+        specs[0].options["heads"] = args.model
     if args.task == "video_retrieval":
         if args.num_frames < 1:
             raise ValueError(f"--num-frames {args.num_frames} must be >= 1")

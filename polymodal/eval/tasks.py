@@ -84,6 +84,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "captioning": _captioning,
     "video_retrieval": _video_retrieval,
     "shenet_retrieval": _lazy("hierarchy_retrieval", "shenet_retrieval_task"),
+    "scene": _lazy("scene", "scene_eval_task"),
 }
 
 

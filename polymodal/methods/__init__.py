@@ -19,6 +19,7 @@ METHODS: dict[str, object] = {
     "video_clip": "polymodal.methods.video_clip:VideoCLIPMethod",
     "shenet": "polymodal.methods.shenet:SHENetMethod",
     "m2raap": "polymodal.methods.m2raap:M2RAAPMethod",
+    "scene": "polymodal.methods.scene:SceneMethod",
 }
 
 

@@ -1,0 +1,237 @@
+"""Scene recognition (METHODS.md section 8): labels, losses, refinement, metrics, and one end-to-end run."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import polymodal.eval.tasks
+import polymodal.methods
+from polymodal.data.labels import hierarchy_from_tree, load_hierarchy
+from polymodal.eval.scene import hit_at_k, scene_metrics
+from polymodal.losses.distill import distillation_kl, multilabel_loss, multilabel_softmax_loss, self_distillation
+from polymodal.models.scene import refine_with_parents
+from polymodal.config import ConfigError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+TREE = [{"name": "motion", "name_zh": "运动", "groups": ["temporal"], "children": [
+            {"name": "moves left", "name_zh": "向左移动", "groups": ["temporal"], "children": [
+                {"name": "moves left fast", "name_zh": "快速向左"}]},
+            {"name": "moves right", "name_zh": "向右移动"}]},
+        {"name": "contains star", "name_zh": "含有星形", "groups": ["frame_level"]}]
+
+
+def _tree():
+    return hierarchy_from_tree(TREE)
+
+
+# ---- labels ----------------------------------------------------------------------------------------------
+def test_label_tree_loads_names_parents_groups_and_order(tmp_path):
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps({"labels": TREE}, ensure_ascii=False), encoding="utf-8")
+    h = load_hierarchy(path)
+    assert h.names == ["motion", "moves left", "moves left fast", "moves right", "contains star"]
+    assert h.display_names("zh")[2] == "快速向左"
+    assert h.parent_index().tolist() == [-1, 0, 1, 0, -1]
+    assert h.ancestors("moves left fast") == ["moves left", "motion"] and h.depth("moves left fast") == 2
+    assert h.children("motion") == ["moves left", "moves right"]
+    assert h.groups == {"temporal": ["motion", "moves left"], "frame_level": ["contains star"]}
+    order = h.order()
+    assert all(order.index(int(p)) < order.index(c) for c, p in enumerate(h.parent_index()) if p >= 0)
+    t = h.targets([["moves left fast"], [4]], close=True)
+    assert t.tolist() == [[1, 1, 1, 0, 0], [0, 0, 0, 0, 1]]
+
+
+def test_label_hierarchy_rejects_cycles_unknown_parents_and_bad_zh(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"classes": ["a", "b"], "parents": {"a": "b", "b": "a"}}))
+    with pytest.raises(ConfigError, match="cycle"):
+        load_hierarchy(bad)
+    bad.write_text(json.dumps({"classes": ["a"], "parents": {"a": "zz"}}))
+    with pytest.raises(ConfigError, match="'zz'"):
+        load_hierarchy(bad)
+    bad.write_text(json.dumps({"classes": ["a", "b"], "classes_zh": ["甲"]}))
+    with pytest.raises(ConfigError, match="1 Chinese names for 2 labels"):
+        load_hierarchy(bad)
+
+
+def test_consistency_counts_predicted_children_whose_parent_is_predicted():
+    h = _tree()
+    pred = torch.tensor([[1, 1, 1, 0, 1],      # children: moves left (parent on), fast (parent on)
+                         [0, 1, 0, 1, 0],      # moves left (parent off), moves right (parent off)
+                         [1, 0, 1, 0, 0]])     # fast (parent "moves left" off)
+    assert h.consistency(pred) == pytest.approx(100 * 2 / 5)
+    assert math.isnan(h.consistency(torch.zeros(1, 5)))
+
+
+# ---- losses ----------------------------------------------------------------------------------------------
+def test_multilabel_softmax_loss_equals_a_direct_computation_incl_rows_without_positives():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
+    y = torch.tensor([[1, 0, 0, 1, 0, 0], [0] * 6, [1] * 6, [0, 0, 1, 0, 0, 0]])
+    want = []
+    for zi, yi in zip(z.tolist(), y.tolist()):
+        neg = sum(math.exp(v) for v, t in zip(zi, yi) if not t)
+        pos = sum(math.exp(-v) for v, t in zip(zi, yi) if t)
+        want.append(math.log(1 + neg) + math.log(1 + pos))
+    got = multilabel_softmax_loss(z, y, reduction="none")
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    assert multilabel_loss(z, y).item() == pytest.approx(np.mean(want), rel=1e-12)
+    big = torch.tensor([[200.0, -200.0]])                  # stable where exp would overflow
+    assert multilabel_softmax_loss(big, torch.tensor([[0, 1]])).item() == pytest.approx(400.0)
+
+
+def test_bce_and_asl_options_match_their_formulas():
+    z = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    y = torch.tensor([[1, 0, 0]])
+    p = torch.sigmoid(z)[0].tolist()
+    bce = -(math.log(p[0]) + math.log(1 - p[1]) + math.log(1 - p[2]))
+    assert multilabel_loss(z, y, "bce").item() == pytest.approx(bce, rel=1e-10)
+    assert multilabel_loss(z, y, "asl", gamma_neg=0, gamma_pos=0, clip=0).item() == pytest.approx(bce, rel=1e-6)
+    with pytest.raises(ValueError, match="loss kind"):
+        multilabel_loss(z, y, "hinge")
+
+
+def test_distillation_kl_matches_the_formula_and_never_trains_the_target():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = 2.0
+    q, p = torch.softmax(t.detach() / tau, 1), torch.softmax(s.detach() / tau, 1)
+    want = tau ** 2 * (q * (q.log() - p.log())).sum(1).mean()
+    loss = distillation_kl(s, t, tau)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    loss.backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+    qb, pb = torch.sigmoid(t.detach()), torch.sigmoid(s.detach())
+    want_b = (qb * (qb / pb).log() + (1 - qb) * ((1 - qb) / (1 - pb)).log()).sum(1).mean()
+    assert distillation_kl(s, t, 1.0, "bernoulli").item() == pytest.approx(want_b.item(), rel=1e-9)
+
+
+def test_self_distillation_gradient_reaches_each_stream_only_through_its_own_term():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    loss, ens = self_distillation([a, b], tau=1.5)
+    assert not ens.requires_grad
+    loss.backward()
+    target = ((a + b) / 2).detach()
+    a2 = a.detach().clone().requires_grad_(True)
+    (distillation_kl(a2, target, 1.5) / 2).backward()     # the gradient a gets from its own KL only
+    assert torch.allclose(a.grad, a2.grad, atol=1e-12)
+
+
+# ---- refinement ------------------------------------------------------------------------------------------
+def test_parent_refinement_adds_the_scores_along_the_path_on_a_hand_made_tree():
+    h = _tree()
+    z = torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0]], requires_grad=True)
+    out = refine_with_parents(z, h.parent_index())
+    # motion 1; moves left 2+1; fast 4+(2+1); moves right 8+1; contains star (a root) 16
+    assert out.tolist() == [[1.0, 3.0, 7.0, 9.0, 16.0]]
+    out[0, 2].backward()                                      # fast depends on itself, moves left, motion
+    assert z.grad.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="cycle"):
+        refine_with_parents(z, torch.tensor([1, 0, -1, -1, -1]))
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+def test_scene_metrics_equal_scikit_learn_and_hand_counts():
+    from sklearn.metrics import average_precision_score, f1_score
+    h = _tree()
+    g = torch.Generator().manual_seed(3)
+    y = (torch.rand(40, 5, generator=g) < 0.4).float()
+    y[:, 0] = 1.0
+    s = torch.round(torch.randn(40, 5, generator=g) + 1.5 * y, decimals=1)     # ties included
+    m = scene_metrics(s, y, h, threshold=0.5)
+    yn, sn = y.numpy(), s.numpy()
+    ap = [average_precision_score(yn[:, c], sn[:, c]) for c in range(5)]
+    assert m["mAP"] == pytest.approx(100 * np.mean(ap), abs=1e-9)
+    assert m["mAP_temporal"] == pytest.approx(100 * np.mean(ap[:2]), abs=1e-9)
+    assert m["mAP_frame_level"] == pytest.approx(100 * ap[4], abs=1e-9)
+    pred = (sn >= 0.5).astype(int)
+    assert m["f1_micro"] == pytest.approx(100 * f1_score(yn, pred, average="micro"), abs=1e-9)
+    assert m["f1_macro"] == pytest.approx(100 * f1_score(yn, pred, average="macro"), abs=1e-9)
+    for k in (1, 3):
+        top = np.argsort(-sn, axis=1, kind="stable")[:, :k]
+        want = 100 * np.mean([yn[i, top[i]].max() for i in range(len(yn))])
+        assert hit_at_k(s, y, k) == pytest.approx(want)
+    assert m["consistency"] == pytest.approx(h.consistency(s >= 0.5))
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
+    out = tmp_path_factory.mktemp("scene_world")
+    generate_moving_shapes(out, n_train=96, n_test=8, n_val=0, seed=2, num_frames=8, image_size=32, workers=1,
+                           progress=False)
+    return out
+
+
+def test_scene_recipe_trains_a_two_stream_model_above_chance(world, tmp_path, monkeypatch):
+    from polymodal.eval.scene import scene_eval_task
+    from polymodal.methods.scene import SceneMethod
+    from polymodal.models.scene import SceneModel, load_scene_model
+    from polymodal.train.run import load_recipe, run_recipe
+    monkeypatch.setitem(polymodal.methods.METHODS, "scene", SceneMethod)
+    monkeypatch.setitem(polymodal.eval.tasks.TASKS, "scene", polymodal.eval.tasks._lazy("scene", "scene_eval_task"))
+    torch.set_num_threads(1)
+    cfg = load_recipe(None, [
+        "method=scene", f"out_dir={tmp_path}/run", "model.name=tiny", f"data.train={world}/train.jsonl",
+        "data.batch_size=16", "data.num_frames=2", "train.steps=100", "train.log_every=10", "train.ckpt_every=0",
+        "train.progress=false", "train.threads=1", "optim.lr=3e-3", "optim.warmup_steps=5",
+        "tokenizer.vocab_size=200", "tokenizer.corpus_keys=[caption, scene_labels]",
+        "scene={model: {layers: 1, fusion_layers: 1}, distill_weight: 1.0}",
+        f"eval={{tasks: [{{task: scene, data: {world}/train.jsonl, num_frames: 2, limit: 48}}]}}"])
+    final = run_recipe(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert "distill" in next(x for x in lines if "loss" in x)
+    assert losses[-1] < losses[0] - 0.3
+    # chance mAP = mean prevalence of the classes with positives (random scores); the run sees these videos
+    # in training, so this checks learning end to end (data, both streams, loss, eval), not generalisation.
+    recs = [json.loads(x) for x in (world / "train.jsonl").read_text().splitlines()][:48]
+    h = load_hierarchy(world / "classes.json")
+    prev = h.targets([r["labels"] for r in recs]).mean(0)
+    chance = 100 * float(prev[prev > 0].mean())
+    assert final["eval/scene/mAP"] > chance + 8, (final, chance)
+    assert final["eval/scene/num_videos"] == 48
+    model = load_scene_model(tmp_path / "run" / "model")
+    assert isinstance(model, SceneModel) and model.hierarchy.names == h.names
+    again = scene_eval_task(model, str(world / "train.jsonl"), num_frames=2, limit=48)
+    assert again["mAP"] == pytest.approx(final["eval/scene/mAP"], abs=1e-4)
+
+
+def test_frame_stream_ignores_frame_order_and_the_temporal_stream_does_not():
+    from polymodal.models.scene import FrameStream, SceneConfig, TemporalStream
+    torch.manual_seed(0)
+    cfg = SceneConfig(layers=1)
+    labels = torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)           # (C, E)
+    x = torch.randn(2, 4, 32)                                                   # (B, T, E)
+    valid = torch.tensor([[True] * 4, [True, True, True, False]])
+    rev = torch.tensor([[3, 2, 1, 0], [2, 1, 0, 3]])                            # reverse the valid frames
+    x_rev = torch.stack([x[b, rev[b]] for b in range(2)])
+    frame, temporal = FrameStream(32, 5, cfg, 2).eval(), TemporalStream(32, 5, cfg, 2).eval()
+    assert torch.allclose(frame(x, valid, labels)[0], frame(x_rev, valid, labels)[0], atol=1e-6)
+    assert not torch.allclose(temporal(x, valid, labels), temporal(x_rev, valid, labels), atol=1e-4)
+    padded = x.clone()
+    padded[1, 3] = 100.0                                                         # a padded frame never counts
+    assert torch.allclose(temporal(x, valid, labels), temporal(padded, valid, labels), atol=1e-5)
+    assert torch.allclose(frame(x, valid, labels)[0], frame(padded, valid, labels)[0], atol=1e-6)
+
+
+def test_scene_recipes_load_and_validate(monkeypatch):
+    from polymodal.methods.scene import SceneMethod
+    from polymodal.train.run import load_recipe
+    monkeypatch.setitem(polymodal.methods.METHODS, "scene", SceneMethod)
+    monkeypatch.setitem(polymodal.eval.tasks.TASKS, "scene", polymodal.eval.tasks._lazy("scene", "scene_eval_task"))
+    for name in ("two_stream", "temporal", "frame"):
+        cfg = load_recipe(str(RECIPES / f"scene_{name}.yaml"), [])
+        assert cfg.method == "scene"
+    with pytest.raises(ValueError, match="distill_weight"):
+        load_recipe(str(RECIPES / "scene_temporal.yaml"), ["scene.distill_weight=1.0"])
+    with pytest.raises(ValueError, match="streams"):
+        load_recipe(str(RECIPES / "scene_two_stream.yaml"), ["scene.model.streams=three"])
