@@ -33,6 +33,9 @@ def load_pretrained(directory) -> torch.nn.Module:
     """Load a directory written by `save_pretrained`."""
     directory = Path(directory)
     config = read_json(directory / CONFIG_FILE)
+    if isinstance(config, dict) and config.get("model_type") == "snps3":   # its own config schema
+        from .models.fusion import load_snps3_model
+        return load_snps3_model(directory)
     cfg = build_config(config, where=str(directory / CONFIG_FILE))
     from .models.factory import _families
     model = _families()[cfg.model_type][1](cfg)

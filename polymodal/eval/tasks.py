@@ -85,6 +85,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "video_retrieval": _video_retrieval,
     "shenet_retrieval": _lazy("hierarchy_retrieval", "shenet_retrieval_task"),
     "scene": _lazy("scene", "scene_eval_task"),
+    "snps3_retrieval": _lazy("snps3_retrieval", "snps3_retrieval_task"),
 }
 
 

@@ -20,6 +20,7 @@ METHODS: dict[str, object] = {
     "shenet": "polymodal.methods.shenet:SHENetMethod",
     "m2raap": "polymodal.methods.m2raap:M2RAAPMethod",
     "scene": "polymodal.methods.scene:SceneMethod",
+    "snps3": "polymodal.methods.snps3:SNPS3Method",
 }
 
 

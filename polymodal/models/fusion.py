@@ -57,6 +57,7 @@ class FusionConfig:
     shared: bool = True            # False = three-encoder baseline (separate cross encoder)
     frames_per_clip: int = 1       # frames averaged into one visual token
     head_dropout: float = 0.1      # dropout in the level-2 score MLP
+    pool: str = "cls"              # what the poolers read: "cls" (BERT, the authors) | "mean" (of real tokens)
     model_type: str = "snps3"
 
     def __post_init__(self):
@@ -64,6 +65,8 @@ class FusionConfig:
             self.vision = VisionConfig(**self.vision)
         if isinstance(self.text, dict):
             self.text = BertConfig(**self.text)
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.frames_per_clip < 1:
             raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
 
@@ -184,7 +187,7 @@ class SNPS3Model(PolymodalModel):
         real = ids != self.config.text.pad_token_id                                       # (B, L)
         enc = self.text_encoder
         h = enc.encode(enc.embeddings(ids, token_type=0), real)                           # (B, L, W)
-        feature = F.normalize(self.text_head(self.text_pooler(h[:, 0])), dim=-1)           # (B, W)
+        feature = F.normalize(self.text_head(self.text_pooler(self._read(h, real))), dim=-1)  # (B, W)
         return TextPass(tokens=h, real=real, feature=feature)
 
     def video_pass(self, frames: Tensor, valid: Tensor | None = None) -> VideoPass:
@@ -226,7 +229,18 @@ class SNPS3Model(PolymodalModel):
         x = torch.cat([text, visual], dim=1)                                               # (N, L+n+1, W)
         real = torch.cat([ids != t.pad_token_id, clip_valid.bool(), clip_valid.new_ones(N, 1, dtype=torch.bool)], 1)
         h = enc.encode(x, real)
-        return h, self.cross_pooler(h[:, 0])
+        return h, self.cross_pooler(self._read(h, real))
+
+    def _read(self, h: Tensor, real: Tensor) -> Tensor:
+        """(B, L, W) states -> (B, W): the CLS state, or the mean over real positions (`pool: mean`).
+
+        From random initialisation the post-LN CLS state barely depends on the other tokens (the block
+        outputs are small next to the normalised embedding), which slows tiny from-scratch runs; BERT
+        weights avoid this, so "cls" stays the default."""
+        if self.config.pool == "cls":
+            return h[:, 0]
+        w = real.to(h.dtype)[..., None]
+        return (h * w).sum(1) / w.sum(1).clamp_min(1)
 
     # ---- the dual-encoder interface (eval tasks) ---------------------------------------------------
     def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
@@ -262,6 +276,7 @@ class MomentumEncoders(nn.Module):
     """Frozen EMA copies of the level-1 encoders (MoCo keys): ViT, video head, text network, pooler, head."""
 
     PARTS = ("vision", "video_head", "text_encoder", "text_pooler", "text_head")
+    _read = SNPS3Model._read                     # the passes below are SNPS3Model's, run on these copies
 
     def __init__(self, model: SNPS3Model):
         super().__init__()

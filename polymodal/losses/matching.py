@@ -1,0 +1,116 @@
+"""Video-text matching losses for SNP-S3: MIL-NCE, a MoCo key queue, image(video)-text matching (ITM).
+
+MIL-NCE (Miech et al. 2020) takes scores `s[i, j, c]` of text i against candidate c (a clip) of video j;
+pair i's positives are the candidates of video i for text i. For each pair i
+
+    loss_i = logsumexp(cat(s[i, :, :], s[:, i, :])) - logsumexp_c s[i, i, c]
+
+the denominator runs over text i against every video and every text against video i (so the positives
+appear twice there, as in the reference implementation). With one candidate per video it is a symmetric
+InfoNCE with a shared denominator.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def mil_nce(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """MIL-NCE over (text, video, candidate) scores.
+
+    Args:
+        scores: (B, B, C) score of text i with candidate c of video j; already divided by any temperature.
+        valid: optional (B, C) bool, True for real candidates of video j (padding clips are left out).
+    Returns:
+        Scalar mean loss over the B pairs.
+    """
+    B, B2, C = scores.shape
+    if B != B2:
+        raise ValueError(f"mil_nce: scores must be (B, B, C), got {tuple(scores.shape)}")
+    if valid is not None:
+        scores = scores.masked_fill(~valid[None, :, :].bool(), float("-inf"))        # (B, B, C)
+    idx = torch.arange(B, device=scores.device)
+    pos = torch.logsumexp(scores[idx, idx], dim=-1)                                 # (B,)
+    rows = scores.reshape(B, B * C)                                                 # text i vs all videos
+    cols = scores.transpose(0, 1).reshape(B, B * C)                                 # all texts vs video i
+    denom = torch.logsumexp(torch.cat([rows, cols], dim=1), dim=-1)                 # (B,)
+    return (denom - pos).mean()
+
+
+def itm_loss(logits_pos: Tensor, logits_neg: Tensor) -> Tensor:
+    """Two-way matching cross-entropy: (B, 2) logits of matched pairs (label 1) and of false pairs (label 0)."""
+    logits = torch.cat([logits_pos, logits_neg])                                    # (2B, 2)
+    labels = torch.cat([torch.ones(len(logits_pos)), torch.zeros(len(logits_neg))]).long().to(logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def moco_loss(q: Tensor, k_pos: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """InfoNCE of queries against their positive key and the queue's keys as the only negatives.
+
+    Args:
+        q: (B, D) L2-normalised queries.
+        k_pos: (B, D) L2-normalised positive keys (from the momentum encoder, no gradient).
+        queue: (Q, D) L2-normalised negative keys.
+        temperature: softmax temperature.
+    Returns:
+        Scalar loss.
+    """
+    pos = (q * k_pos).sum(-1, keepdim=True)                                         # (B, 1)
+    neg = q @ queue.T                                                                # (B, Q)
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+class KeyQueue(nn.Module):
+    """A FIFO of L2-normalised keys (MoCo). All state lives in buffers, so a checkpoint resumes it exactly.
+
+    Args:
+        size: number of keys Q.
+        dim: key width D.
+    Buffers: `keys` (Q, D), `ptr` () the next slot, `filled` () how many slots hold real keys.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"queue size must be >= 1, got {size}")
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=-1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    def valid_keys(self) -> Tensor:
+        """The keys enqueued so far (Q', D); all Q once the queue is full (random keys are never used)."""
+        n = int(self.filled)
+        return self.keys if n >= self.size else self.keys[:n]
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write (B, D) keys at the pointer, wrapping around and overwriting the oldest (dequeue)."""
+        keys = keys.detach().to(self.keys.dtype)
+        if len(keys) > self.size:
+            keys = keys[-self.size:]
+        B, p = len(keys), int(self.ptr)
+        slots = (torch.arange(B, device=self.keys.device) + p) % self.size
+        self.keys[slots] = keys
+        self.ptr.fill_((p + B) % self.size)
+        self.filled.fill_(min(int(self.filled) + B, self.size))
+
+
+@torch.no_grad()
+def momentum_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (same structure)."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+__all__ = ["mil_nce", "itm_loss", "moco_loss", "KeyQueue", "momentum_update"]
+
+
+def lvwm_scores(words: Tensor, clips: Tensor) -> Tensor:
+    """S[i, j, c] = logsumexp_k <words[i, k], clips[j, c]>: (B, K, W) x (N, n, W) -> (B, N, n)."""
+    return torch.logsumexp(torch.einsum("ikw,jcw->ijck", words, clips), dim=-1)

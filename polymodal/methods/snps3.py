@@ -1,0 +1,289 @@
+"""SNP-S3 (`method: snps3`): one shared BERT-type network, significant-word masking (MSSM) and local
+vision-word matching (LVWM) for video-text pre-training.
+
+Model: `polymodal.models.fusion.SNPS3Model` (a ViT, the shared BERT network with a separate cross pooler,
+level-1 heads, the level-2 score MLP, ITM and MLM heads); `snps3.shared: false` gives the three-encoder
+baseline. It needs a BERT-style tokenizer with [MASK] (`tokenizer.kind: wordpiece`).
+
+Losses (summed with `snps3.weights`, the authors use 1 each); which caption each path sees follows the
+released code: level 1 and LVWM the unmasked caption, the cross pass (MLM, level 2, ITM) the masked one.
+
+- level 1: dual-encoder contrast, MoCo (momentum keys, queue negatives only; on by default) or in-batch
+  MIL-NCE over clips (`snps3.moco: false`);
+- LVWM: K significant-token states h_k of the text pass, S = logsumexp_k <h_k, v_clip>, MIL-NCE over clips;
+- level 2: the score MLP on the cross-pooled output for every text x video pair of the batch, MIL-NCE;
+- ITM: the matched pair against one false caption (another video's caption of the batch);
+- MLM on the cross pass with MSSM (`snps3.masking: mssm`) or plain MLM (`mlm`).
+
+Significant words are counted once on the training captions (`polymodal.data.masking`) and saved as
+`significant_words.json` in the run folder.
+
+Evaluation `snps3_retrieval` (this module's `snps3_retrieval_task`): dual-encoder text<->video R@1/5/10 (and
+re-ranking of each text's top-k videos by the level-2 cross score, `rerank_top_k`), masked-token accuracy of
+the cross pass on significant and on other words (every content token masked alone), and word-level
+retrieval with the LVWM score (each significant token of a caption ranks the videos; positives are the
+videos whose captions contain that token): precision@1 and mAP beside their chance values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.masking import (DEFAULT_STOP_WORDS, IGNORE_INDEX, MaskingRule, batch_rng, load_or_count, mask_batch,
+                            masking_rule,
+                            significant_positions)
+from ..data.text import trim_padding
+from ..losses.matching import KeyQueue, itm_loss, lvwm_scores, mil_nce, moco_loss
+from ..models.base import ConfigDict
+from .base import Method
+
+EVAL_TASK = "snps3_retrieval"
+WORDS_FILE = "significant_words.json"
+LOSS_NAMES = ("level1", "lvwm", "level2", "itm", "mlm")
+
+
+@dataclass
+class SNPS3Config(ConfigDict):
+    """The recipe's `snps3:` section."""
+    vision: dict = field(default_factory=lambda: {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
+                                                   "heads": 4})
+    text: dict = field(default_factory=lambda: {"width": 64, "layers": 2, "heads": 4, "context_length": 30})
+    shared: bool = True              # False = three-encoder baseline
+    frames_per_clip: int = 1         # frames per visual token
+    pool: str = "cls"                # poolers read "cls" (authors) or the "mean" of real tokens (tiny runs)
+    masking: str = "mssm"            # "mssm" | "mlm"
+    mask_ratio: float = 0.15
+    top_k: int = 3000                # significant = rank <= top_k
+    stop_words: list = field(default_factory=lambda: list(DEFAULT_STOP_WORDS))
+    significant_words: str = ""      # JSON list; "" = <out_dir>/significant_words.json (counted once)
+    lvwm: bool = True
+    lvwm_k: int = 3
+    moco: bool = True                # level 1 with a MoCo queue (authors' default); False = in-batch MIL-NCE
+    queue_size: int = 16384
+    momentum: float = 0.9999
+    temperature: float = 0.05
+    weights: dict = field(default_factory=lambda: {k: 1.0 for k in LOSS_NAMES})
+
+    def __post_init__(self):
+        from ..config import ConfigError
+        if self.masking not in ("mssm", "mlm"):
+            raise ConfigError(f"snps3.masking: {self.masking!r} is not one of mssm, mlm")
+        unknown = [k for k in self.weights if k not in LOSS_NAMES]
+        if unknown:
+            raise ConfigError(f"snps3.weights: unknown loss(es) {', '.join(unknown)}; known: {', '.join(LOSS_NAMES)}")
+        self.weights = {**{k: 1.0 for k in LOSS_NAMES}, **{k: float(v) for k, v in self.weights.items()}}
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"snps3.mask_ratio: {self.mask_ratio} must be in (0, 1)")
+        if self.lvwm_k < 1 or self.top_k < 1 or self.queue_size < 1 or self.frames_per_clip < 1:
+            raise ConfigError("snps3.lvwm_k, top_k, queue_size and frames_per_clip must be >= 1")
+        if not 0 <= self.momentum < 1 or self.temperature <= 0:
+            raise ConfigError(f"snps3.momentum ({self.momentum}) must be in [0, 1) and snps3.temperature "
+                              f"({self.temperature}) > 0")
+
+    def model_config(self):
+        """The `FusionConfig` of the model these settings build."""
+        from ..models.fusion import FusionConfig
+        return FusionConfig(vision=dict(self.vision), text=dict(self.text), shared=self.shared,
+                            frames_per_clip=self.frames_per_clip, pool=self.pool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+class SNPS3Collate:
+    """`ImageTextCollate` plus `masked_ids` (B, L), `mlm_labels` (B, L) and LVWM's `sig_pos` (B, K).
+
+    Masking draws depend only on the run seed and the batch's sample indices (any worker count, resumes).
+    """
+
+    def __init__(self, tokenizer, context_length: int | None, rule: MaskingRule, mode: str = "mssm",
+                 ratio: float = 0.15, k: int = 3, seed: int = 0):
+        from ..data.datasets import ImageTextCollate
+        self.base = ImageTextCollate(tokenizer, context_length)
+        self.rule, self.mode, self.ratio, self.k, self.seed = rule, mode, ratio, k, seed
+
+    def __call__(self, samples: list) -> dict:
+        batch = self.base(samples)
+        if "input_ids" not in batch:
+            return batch
+        rng = batch_rng(self.seed, batch["index"].tolist())
+        batch["masked_ids"], batch["mlm_labels"] = mask_batch(batch["input_ids"], self.rule, rng, self.mode,
+                                                              self.ratio)
+        batch["sig_pos"] = significant_positions(batch["input_ids"], self.rule, self.k, rng)
+        batch["mlm_significant"] = self.rule.is_significant(batch["input_ids"])
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task
+# ---------------------------------------------------------------------------------------------------
+class SNPS3Task(nn.Module):
+    """The summed SNP-S3 objective over a batch (see the module docstring).
+
+    Args:
+        model: an `SNPS3Model`.
+        cfg: the `snps3:` section.
+    Batch keys: `frames` (B, T, 3, H, W), `frame_valid` (B, T), `input_ids`, `masked_ids`, `mlm_labels`,
+    `mlm_significant` (B, L) and `sig_pos` (B, K).
+    """
+
+    def __init__(self, model: nn.Module, cfg: SNPS3Config):
+        super().__init__()
+        from ..models.fusion import MomentumEncoders
+        self.model, self.cfg = model, cfg
+        W = model.config.text.width
+        if cfg.moco:
+            self.momentum = MomentumEncoders(model)
+            self.text_queue = KeyQueue(cfg.queue_size, W)
+            self.video_queue = KeyQueue(cfg.queue_size, W)
+
+    def forward(self, batch: dict) -> dict:
+        m, cfg, w = self.model, self.cfg, self.cfg.weights
+        pad = m.config.text.pad_token_id
+        ids = trim_padding(batch["input_ids"], pad)                                       # (B, L)
+        L = ids.shape[1]
+        masked, labels = batch["masked_ids"][:, :L], batch["mlm_labels"][:, :L]
+        frames, valid = batch["frames"], batch.get("frame_valid")
+        B = len(ids)
+        tp = m.text_pass(ids)                                                             # unmasked caption
+        vp = m.video_pass(frames, valid)
+        out: dict = {}
+        # Level 1: dual-encoder contrast.
+        if cfg.moco:
+            if self.training:
+                self.momentum.update(m, cfg.momentum)
+            kt, kv = self.momentum.keys(ids, frames, valid)                               # (B, W) each
+            out["level1"] = (moco_loss(tp.feature, kv, self.video_queue.keys.clone(), cfg.temperature)
+                             + moco_loss(vp.video, kt, self.text_queue.keys.clone(), cfg.temperature)) / 2
+            if self.training:
+                self.text_queue.enqueue(kt)
+                self.video_queue.enqueue(kv)
+        else:
+            s1 = torch.einsum("iw,jcw->ijc", tp.feature, vp.clips) / cfg.temperature     # (B, B, n)
+            out["level1"] = mil_nce(s1, vp.valid)
+        # LVWM: significant-word states of the unmasked caption against the clips.
+        if cfg.lvwm and w["lvwm"] > 0:
+            pos = batch["sig_pos"].to(ids.device).clamp(max=L - 1)                        # (B, K)
+            words = torch.gather(tp.tokens, 1, pos[..., None].expand(-1, -1, tp.tokens.shape[-1]))  # (B, K, W)
+            out["lvwm"] = mil_nce(lvwm_scores(words, vp.clips), vp.valid)
+        # Cross pass on the masked caption for every text x video pair; MLM and ITM reuse its rows.
+        ti = torch.arange(B, device=ids.device).repeat_interleave(B)                       # text of pair i*B+j
+        vj = torch.arange(B, device=ids.device).repeat(B)                                  # video of pair i*B+j
+        h, pooled = m.cross_pass(masked[ti], vp.means[vj], vp.valid[vj])                  # (B*B, L+n+1, W), (B*B, W)
+        out["level2"] = mil_nce(m.score_head(pooled).view(B, B, 1))
+        diag = torch.arange(B, device=ids.device) * (B + 1)
+        if B > 1:
+            shift = int(torch.randint(1, B, ()))
+            false_text = (torch.arange(B, device=ids.device) + shift) % B                 # another video's caption
+            neg = false_text * B + torch.arange(B, device=ids.device)
+            out["itm"] = itm_loss(m.itm_head(pooled[diag]), m.itm_head(pooled[neg]))
+        logits = m.mlm_logits(h[diag, :L])                                                 # (B, L, V)
+        chosen = labels != IGNORE_INDEX
+        out["mlm"] = (F.cross_entropy(logits[chosen], labels[chosen]) if chosen.any()
+                      else logits.sum() * 0)
+        loss = sum(w[k] * v for k, v in out.items())
+        stats = {k: v.detach() for k, v in out.items()}
+        if chosen.any():
+            hit = logits.argmax(-1) == labels
+            sig = batch["mlm_significant"][:, :L].to(ids.device)
+            for name, sel in (("mlm_acc_significant", chosen & sig), ("mlm_acc_other", chosen & ~sig)):
+                if sel.any():
+                    stats[name] = hit[sel].float().mean().detach()
+        return {"loss": loss, **stats}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Method
+# ---------------------------------------------------------------------------------------------------
+def record_captions(records: list[dict], key: str = "caption") -> list[str]:
+    """Every caption of `key` and of its plural list (`captions`) in the records (duplicates kept)."""
+    plural = key.replace("caption", "captions", 1)
+    out = []
+    for r in records:
+        for k in (key, plural):
+            v = r.get(k)
+            out.extend([v] if isinstance(v, str) else [c for c in (v or []) if isinstance(c, str)])
+    return out
+
+
+class SNPS3Method(Method):
+    """`method: snps3`."""
+
+    config_cls = SNPS3Config
+    media = "video"
+
+    def __init__(self, run: Any, cfg: Any = None):
+        super().__init__(run, cfg if cfg is not None else SNPS3Config())
+        self.rule: MaskingRule | None = None
+
+    def validate(self) -> None:
+        d = self.run.data
+        if list(getattr(d, "langs", ["en"])) != ["en"]:
+            raise ValueError(f"data.langs: SNP-S3 counts significant words with an English spaCy model, got {d.langs}")
+        if getattr(d, "shards", None):
+            raise ValueError("data.shards: SNP-S3 trains from a video manifest (data.train), not shards")
+        if not self.run.tokenizer.path and self.run.tokenizer.kind != "wordpiece":
+            raise ValueError(f"tokenizer.kind: SNP-S3 needs a BERT-style tokenizer with [MASK]; set "
+                             f"tokenizer.kind=wordpiece (got {self.run.tokenizer.kind!r})")
+        if self.run.data.num_frames % self.cfg.frames_per_clip:
+            raise ValueError(f"data.num_frames ({self.run.data.num_frames}) must be a multiple of "
+                             f"snps3.frames_per_clip ({self.cfg.frames_per_clip})")
+
+    def words_path(self) -> Path:
+        return Path(self.cfg.significant_words or Path(self.run.out_dir) / WORDS_FILE)
+
+    def build_model(self, tokenizer) -> nn.Module:
+        from ..models.fusion import create_snps3_model, load_snps3_model
+        if self.run.model.path:
+            model = load_snps3_model(self.run.model.path)
+            model.train()
+        else:
+            model = create_snps3_model(self.cfg.model_config(), tokenizer)
+        counts = model.parameter_counts()
+        print(f"snps3: parameters shared {counts['shared']:,} | three-encoder {counts['three_encoder']:,} "
+              f"({100 * (1 - counts['shared'] / counts['three_encoder']):.1f}% fewer shared)", flush=True)
+        return model
+
+    def build_dataset(self, model: nn.Module, rank: int, world_size: int):
+        from .base import image_text_dataset
+        dataset, per_epoch = image_text_dataset(self.run, model, rank, world_size, media="video")
+        captions = record_captions(dataset.manifest.records, self.run.data.caption_key)
+        words = load_or_count(self.words_path(), captions, model.tokenizer, self.cfg.top_k, self.cfg.stop_words)
+        self.rule = masking_rule(model.tokenizer, words)
+        model.masking_rule = self.rule             # used by the eval task; not part of the state dict
+        return dataset, per_epoch
+
+    def collate(self, model: nn.Module):
+        if self.rule is None:
+            raise RuntimeError("snps3: build_dataset must run before collate (it counts the significant words)")
+        tok = model.tokenizer
+        return SNPS3Collate(tok, getattr(tok, "context_length", None), self.rule, self.cfg.masking,
+                            self.cfg.mask_ratio, self.cfg.lvwm_k, self.run.train.seed)
+
+    def build_task(self, model: nn.Module) -> nn.Module:
+        return SNPS3Task(model, self.cfg)
+
+    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
+        from ..eval.tasks import evaluate
+        model = task.model
+        others = [s for s in specs if s.task != EVAL_TASK]
+        out = evaluate(model, others, progress=progress) if others else {}
+        was_training = model.training
+        model.eval()
+        try:
+            for spec in specs:
+                if spec.task == EVAL_TASK:
+                    from ..eval.snps3_retrieval import snps3_retrieval_task
+                    m = snps3_retrieval_task(model, spec.data, progress=progress, **spec.options)
+                    out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
+        finally:
+            model.train(was_training)
+        return out
+
+
+__all__ = ["SNPS3Config", "SNPS3Method", "SNPS3Task", "SNPS3Collate", "EVAL_TASK"]
