@@ -16,3 +16,19 @@ def load_benchmark():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture(scope="session")
+def moving_world(tmp_path_factory):
+    """`moving_world(**kw)`: the folder of a small MovingShapes world (32 px, one worker), made once per settings."""
+    made: dict = {}
+
+    def make(**kw):
+        from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
+        settings = {"n_val": 0, "image_size": 32, "workers": 1, "progress": False, **kw}
+        key = tuple(sorted(settings.items()))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("moving")
+            generate_moving_shapes(made[key], **settings)
+        return made[key]
+    return make

@@ -163,12 +163,8 @@ def test_scene_metrics_equal_scikit_learn_and_hand_counts():
 
 # ---- end to end ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    out = tmp_path_factory.mktemp("scene_world")
-    generate_moving_shapes(out, n_train=96, n_test=8, n_val=0, seed=2, num_frames=8, image_size=32, workers=1,
-                           progress=False)
-    return out
+def world(moving_world):
+    return moving_world(n_train=96, n_test=8, seed=2, num_frames=8)
 
 
 def test_scene_recipe_trains_a_two_stream_model_above_chance(world, tmp_path, monkeypatch):

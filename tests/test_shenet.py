@@ -131,12 +131,8 @@ def test_hierarchical_similarity_equals_an_independent_loop(tiny):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    out = tmp_path_factory.mktemp("moving")
-    generate_moving_shapes(out, n_train=96, n_test=8, n_val=0, seed=3, num_frames=8, image_size=32, workers=1,
-                           distractor_fraction=0.8, progress=False)
-    return out
+def world(moving_world):
+    return moving_world(n_train=96, n_test=8, seed=3, num_frames=8, distractor_fraction=0.8)
 
 
 def test_shenet_recipe_trains_a_tiny_model_above_chance(world, tmp_path, monkeypatch):

@@ -182,12 +182,8 @@ def test_key_queue_enqueues_dequeues_and_resumes_from_a_state_dict():
 # Model-level tests
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    out = tmp_path_factory.mktemp("snps3_world")
-    generate_moving_shapes(out, n_train=120, n_test=8, n_val=0, seed=1, num_frames=4, image_size=32, workers=1,
-                           progress=False)
-    return out
+def world(moving_world):
+    return moving_world(n_train=120, n_test=8, seed=1, num_frames=4)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,8 @@ from polymodal.models.factory import create_model
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    out = tmp_path_factory.mktemp("moving")
-    generate_moving_shapes(out, n_train=120, n_test=12, n_val=0, seed=1, num_frames=8, image_size=32, workers=1,
-                           progress=False)
-    return out
+def world(moving_world):
+    return moving_world(n_train=120, n_test=12, seed=1, num_frames=8)
 
 
 @pytest.fixture(scope="module")

@@ -421,3 +421,15 @@ def _write_csv(rows: list[dict], f, delimiter: str) -> None:
             else:
                 cells.append(str(value))
         writer.writerow(cells)
+
+
+def all_captions(records: Iterable[dict], key: str = "caption") -> list[str]:
+    """Every caption of `key` and of its plural list (`caption` -> `captions`) in the records, in order
+    (e.g. the texts a parser or a word counter must see once before training)."""
+    plural = key.replace("caption", "captions", 1)
+    out = []
+    for r in records:
+        for k in (key, plural):
+            v = r.get(k)
+            out.extend([v] if isinstance(v, str) else [c for c in (v or []) if isinstance(c, str)])
+    return out

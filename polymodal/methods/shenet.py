@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.manifests import all_captions
 from ..models.base import ConfigDict
 from ..models.hierarchy import (HierarchyConfig, encode_text_features, encode_video_features, hierarchical_infonce,
                                 hierarchical_similarity)
@@ -94,17 +95,6 @@ class NodeCollate:
         return batch
 
 
-def record_captions(records: list[dict], key: str = "caption") -> list[str]:
-    """Every caption of `key` and of its plural list (`captions`) in the records."""
-    plural = key.replace("caption", "captions", 1)
-    out = []
-    for r in records:
-        for k in (key, plural):
-            v = r.get(k)
-            out.extend([v] if isinstance(v, str) else [c for c in (v or []) if isinstance(c, str)])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # Task
 # ---------------------------------------------------------------------------------------------------
@@ -178,7 +168,7 @@ class SHENetMethod(VideoCLIPMethod):
         dataset, per_epoch = super().build_dataset(model, rank, world_size)
         path = self.cfg.parse_cache or cache_path(self.run.data.train)
         cache = ParseCache(path)
-        cache.update(record_captions(dataset.manifest.records, self.run.data.caption_key))
+        cache.update(all_captions(dataset.manifest.records, self.run.data.caption_key))
         self.parses = cache.parses
         return dataset, per_epoch
 

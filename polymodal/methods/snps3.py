@@ -39,6 +39,7 @@ from ..data.masking import (DEFAULT_STOP_WORDS, IGNORE_INDEX, MaskingRule, batch
                             significant_positions)
 from ..data.text import trim_padding
 from ..losses.matching import KeyQueue, itm_loss, lvwm_scores, mil_nce, moco_loss
+from ..data.manifests import all_captions
 from ..models.base import ConfigDict
 from .base import Method
 
@@ -200,15 +201,6 @@ class SNPS3Task(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Method
 # ---------------------------------------------------------------------------------------------------
-def record_captions(records: list[dict], key: str = "caption") -> list[str]:
-    """Every caption of `key` and of its plural list (`captions`) in the records (duplicates kept)."""
-    plural = key.replace("caption", "captions", 1)
-    out = []
-    for r in records:
-        for k in (key, plural):
-            v = r.get(k)
-            out.extend([v] if isinstance(v, str) else [c for c in (v or []) if isinstance(c, str)])
-    return out
 
 
 class SNPS3Method(Method):
@@ -252,7 +244,7 @@ class SNPS3Method(Method):
     def build_dataset(self, model: nn.Module, rank: int, world_size: int):
         from .base import image_text_dataset
         dataset, per_epoch = image_text_dataset(self.run, model, rank, world_size, media="video")
-        captions = record_captions(dataset.manifest.records, self.run.data.caption_key)
+        captions = all_captions(dataset.manifest.records, self.run.data.caption_key)
         words = load_or_count(self.words_path(), captions, model.tokenizer, self.cfg.top_k, self.cfg.stop_words)
         self.rule = masking_rule(model.tokenizer, words)
         model.masking_rule = self.rule             # used by the eval task; not part of the state dict
