@@ -121,3 +121,16 @@ def test_frame_jitter_depends_only_on_seed_epoch_and_record(world, clip):
     ds.set_epoch(3)
     sample = ds[1]
     assert sample["frames"].shape == (2, 3, 32, 32) and sample["frame_valid"].all()
+
+
+def test_an_m2_encoder_video_model_evaluates_chinese_video_captions(world):
+    from polymodal.data.manifests import read_manifest
+    from polymodal.models.video import VideoCLIP
+    records = read_manifest(world / "test.jsonl", media="video").records
+    zh = [c for r in records for c in r["captions_zh"]]
+    tok = train_tokenizer(zh + [r["caption"] for r in records], kind="wordpiece", vocab_size=300)
+    torch.manual_seed(0)
+    video = VideoCLIP.from_image_model(create_model("m2-tiny", tokenizer=tok).eval(), {"kind": "transformer"})
+    out = run_task("video_retrieval", video.eval(), str(world / "test.jsonl"), lang="zh", num_frames=2)
+    assert out["num_texts"] == len(zh) and out["num_videos"] == len(records)
+    assert 0 <= out["text_to_video_R@1"] <= 100 and out["text_to_video_median_rank"] >= 1
