@@ -302,3 +302,63 @@ def test_snps3_recipe_trains_a_tiny_model_above_chance(world, tmp_path, monkeypa
     from polymodal.models.fusion import load_snps3_model
     model = load_snps3_model(tmp_path / "run" / "model")
     assert model.config.shared and model.tokenizer.mask_id is not None
+
+
+def test_attention_importance_matches_explicit_softmax_weights_and_remask_picks_the_top_tokens():
+    from polymodal.data.masking import IGNORE_INDEX, remask_by_importance
+    from polymodal.models.fusion import BertConfig, BertStack, attention_importance
+    torch.manual_seed(0)
+    stack = BertStack(BertConfig(vocab_size=50, width=16, layers=2, heads=2, context_length=12)).eval()
+    ids = torch.tensor([[1, 7, 8, 9, 10, 2, 0, 0], [1, 11, 12, 2, 0, 0, 0, 0]])
+    real = ids != 0
+    mass = attention_importance(stack, ids, real)
+    # Independent: hook the blocks' inputs and recompute each layer's softmax(q k^T / sqrt(d)) by hand.
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for b in stack.transformer.blocks]
+    with torch.no_grad():
+        stack.encode(stack.embeddings(ids, token_type=0), real)
+    for h in hooks:
+        h.remove()
+    want = torch.zeros(ids.shape)
+    for block, x in zip(stack.transformer.blocks, inputs):
+        B, L, D = x.shape
+        H, d = block.attn.heads, D // block.attn.heads
+        qkv = block.attn.qkv(x).view(B, L, 3, H, d)
+        for b in range(B):
+            for hh in range(H):
+                q, k = qkv[b, :, 0, hh], qkv[b, :, 1, hh]
+                logits = (q @ k.T) / d ** 0.5
+                logits[:, ~real[b]] = float("-inf")
+                w = logits.softmax(-1)
+                want[b] += w[real[b]].sum(0)
+    torch.testing.assert_close(mass, want * real, rtol=1e-4, atol=1e-5)
+    masked, labels = remask_by_importance(ids, mass, mask_id=4, special_ids=[0, 1, 2], ratio=0.15)
+    # 4 content tokens in row 0 -> max(int(0.6), 1) = 1 masked, the most attended one; row 1 the same.
+    for b in range(2):
+        content = [i for i in range(8) if int(ids[b, i]) not in (0, 1, 2)]
+        top = max(content, key=lambda i: float(mass[b, i]))
+        assert (labels[b] != IGNORE_INDEX).nonzero().flatten().tolist() == [top]
+        assert int(masked[b, top]) == 4 and int(labels[b, top]) == int(ids[b, top])
+
+
+def test_attention_remasking_replaces_the_collate_masks_in_training(world, parts):
+    from polymodal.data.masking import IGNORE_INDEX
+    from polymodal.methods.snps3 import SNPS3Config, SNPS3Task
+    from polymodal.models.fusion import create_snps3_model
+    tok, rule = parts
+    torch.manual_seed(0)
+    cfg = SNPS3Config(queue_size=16, attention_remask=1.0)
+    task = SNPS3Task(create_snps3_model(cfg.model_config(), tok), cfg).train()
+    batch = _batch(world, tok, rule, task.model)
+    seen = {}
+    original = task.model.cross_pass
+    task.model.cross_pass = lambda ids, *a: (seen.setdefault("ids", ids), original(ids, *a))[1]
+    out = task(batch)
+    assert torch.isfinite(out["loss"])
+    from polymodal.data.text import trim_padding
+    ids = trim_padding(batch["input_ids"], tok.pad_id)
+    want, _ = task.remask(ids, ids != tok.pad_id)
+    B = len(ids)
+    assert torch.equal(seen["ids"][:: B + 1], want)           # the diagonal (matched) pairs carry the re-masked ids
+    assert not torch.equal(want, batch["masked_ids"][:, :ids.shape[1]])
+    assert ((want == tok.mask_id).sum(1) >= 1).all() and IGNORE_INDEX == -100

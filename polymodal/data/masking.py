@@ -295,3 +295,35 @@ def masking_rule(tokenizer, words) -> MaskingRule:
     specials = [i for i in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id) if i is not None]
     return MaskingRule(tokenizer.mask_id, specials, tokenizer.vocab_size, words.token_ids(tokenizer),
                        words.lemma_groups(tokenizer))
+
+
+def remask_by_importance(ids: Tensor, importance: Tensor, mask_id: int, special_ids: Sequence[int],
+                         ratio: float = 0.15) -> tuple[Tensor, Tensor]:
+    """SNP-S3's attention-guided re-masking: mask the content tokens the text encoder attends to most.
+
+    Per caption, max(int(ratio * n), 1) of its n content tokens (no special or padding tokens) with the largest
+    attention mass become [MASK] (our reading of "drawn by attention importance": the top ones, ties to the
+    earlier position); labels hold the original ids there and IGNORE_INDEX elsewhere.
+
+    Args:
+        ids: (B, L) token ids of the captions.
+        importance: (B, L) attention mass per token (e.g. `models.fusion.attention_importance`).
+        mask_id: the [MASK] id.
+        special_ids: ids that are never masked (padding, CLS, SEP, ...).
+        ratio: the share of content tokens to mask.
+    Returns:
+        (masked ids (B, L), labels (B, L)).
+    """
+    content = ~torch.isin(ids, torch.tensor(sorted({int(i) for i in special_ids} | {int(mask_id)}),
+                                            device=ids.device))                          # (B, L)
+    score = importance.float().masked_fill(~content, float("-inf"))
+    masked, labels = ids.clone(), torch.full_like(ids, IGNORE_INDEX)
+    for b in range(len(ids)):
+        n = int(content[b].sum())
+        if n == 0:
+            continue
+        # A stable descending sort: among equal masses the earlier position wins.
+        top = torch.sort(score[b], descending=True, stable=True).indices[:max(int(ratio * n), 1)]
+        labels[b, top] = ids[b, top]
+        masked[b, top] = mask_id
+    return masked, labels

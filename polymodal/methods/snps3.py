@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.masking import (DEFAULT_STOP_WORDS, IGNORE_INDEX, MaskingRule, batch_rng, load_or_count, mask_batch,
-                            masking_rule,
+                            masking_rule, remask_by_importance,
                             significant_positions)
 from ..data.text import trim_padding
 from ..losses.matching import KeyQueue, itm_loss, lvwm_scores, mil_nce, moco_loss
@@ -58,6 +58,8 @@ class SNPS3Config(ConfigDict):
     frames_per_clip: int = 1         # frames per visual token
     pool: str = "cls"                # poolers read "cls" (authors) or the "mean" of real tokens (tiny runs)
     masking: str = "mssm"            # "mssm" | "mlm"
+    attention_remask: float = 0.0    # share of batches whose cross-pass MLM input is re-masked by attention
+                                     # importance of the text pass (authors: about half); 0 = off
     mask_ratio: float = 0.15
     top_k: int = 3000                # significant = rank <= top_k
     stop_words: list = field(default_factory=lambda: list(DEFAULT_STOP_WORDS))
@@ -78,6 +80,8 @@ class SNPS3Config(ConfigDict):
         if unknown:
             raise ConfigError(f"snps3.weights: unknown loss(es) {', '.join(unknown)}; known: {', '.join(LOSS_NAMES)}")
         self.weights = {**{k: 1.0 for k in LOSS_NAMES}, **{k: float(v) for k, v in self.weights.items()}}
+        if not 0 <= self.attention_remask <= 1:
+            raise ConfigError(f"snps3.attention_remask: {self.attention_remask} must be in [0, 1]")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"snps3.mask_ratio: {self.mask_ratio} must be in (0, 1)")
         if self.lvwm_k < 1 or self.top_k < 1 or self.queue_size < 1 or self.frames_per_clip < 1:
@@ -129,19 +133,34 @@ class SNPS3Task(nn.Module):
     Args:
         model: an `SNPS3Model`.
         cfg: the `snps3:` section.
+        seed: the run's seed (which batches are re-masked by attention, `snps3.attention_remask`).
     Batch keys: `frames` (B, T, 3, H, W), `frame_valid` (B, T), `input_ids`, `masked_ids`, `mlm_labels`,
     `mlm_significant` (B, L) and `sig_pos` (B, K).
     """
 
-    def __init__(self, model: nn.Module, cfg: SNPS3Config):
+    def __init__(self, model: nn.Module, cfg: SNPS3Config, seed: int = 0):
         super().__init__()
         from ..models.fusion import MomentumEncoders
         self.model, self.cfg = model, cfg
+        self.seed = seed            # the run's seed: which batches are re-masked by attention
         W = model.config.text.width
         if cfg.moco:
             self.momentum = MomentumEncoders(model)
             self.text_queue = KeyQueue(cfg.queue_size, W)
             self.video_queue = KeyQueue(cfg.queue_size, W)
+
+    def _remask_this_batch(self, batch: dict) -> bool:
+        """Whether this batch's MLM input is re-masked by attention: a draw seeded by the batch's sample indices."""
+        rng = batch_rng(self.seed + 1, batch["index"].tolist())   # a stream apart from the collate's masking
+        return bool(rng.random() < self.cfg.attention_remask)
+
+    def remask(self, ids, real):
+        """(masked ids, labels) chosen by the text pass's attention importance (see `data.masking`)."""
+        from ..models.fusion import attention_importance
+        tok = self.model.tokenizer
+        specials = [i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) if i is not None]
+        importance = attention_importance(self.model.text_encoder, ids, real)
+        return remask_by_importance(ids, importance, tok.mask_id, specials, self.cfg.mask_ratio)
 
     def forward(self, batch: dict) -> dict:
         m, cfg, w = self.model, self.cfg, self.cfg.weights
@@ -152,6 +171,8 @@ class SNPS3Task(nn.Module):
         frames, valid = batch["frames"], batch.get("frame_valid")
         B = len(ids)
         tp = m.text_pass(ids)                                                             # unmasked caption
+        if self.training and cfg.attention_remask > 0 and self._remask_this_batch(batch):
+            masked, labels = self.remask(ids, tp.real)
         vp = m.video_pass(frames, valid)
         out: dict = {}
         # Level 1: dual-encoder contrast.
@@ -258,7 +279,7 @@ class SNPS3Method(Method):
                             self.cfg.mask_ratio, self.cfg.lvwm_k, self.run.train.seed)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        return SNPS3Task(model, self.cfg)
+        return SNPS3Task(model, self.cfg, seed=self.run.train.seed)
 
     def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
         from ..eval.tasks import evaluate

@@ -111,6 +111,35 @@ class BertStack(nn.Module):
         return self.transformer(x, attn_mask=real[:, None, None, :])
 
 
+@torch.no_grad()
+def attention_importance(stack: BertStack, ids: Tensor, real: Tensor) -> Tensor:
+    """Attention mass each token receives in a text pass, summed over layers, heads and real queries.
+
+    The stack's attention runs through `scaled_dot_product_attention`, which returns no weights, so the weights
+    are computed here from each block's own qkv projection on the same inputs (post-LN: a block attends over its
+    input). Used by SNP-S3's attention-guided re-masking.
+
+    Args:
+        stack: the text network.
+        ids: (B, L) token ids.
+        real: (B, L) True at non-padding tokens.
+    Returns:
+        (B, L) attention mass (0 at padding).
+    """
+    x = stack.embeddings(ids, token_type=0)                                               # (B, L, W)
+    mask = real[:, None, None, :]                                                         # (B, 1, 1, L)
+    B, L, D = x.shape
+    mass = x.new_zeros(B, L)
+    for block in stack.transformer.blocks:
+        H = block.attn.heads
+        q, k, _ = block.attn.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)       # 3 x (B, H, L, Dh)
+        att = (q @ k.transpose(-1, -2)) * (D // H) ** -0.5                                # (B, H, L, L)
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1) * real[:, None, :, None]  # real queries only
+        mass += att.sum(dim=(1, 2))                                                       # (B, L): mass per key
+        x = block(x, mask)
+    return mass * real
+
+
 def _pooler(width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, width), nn.Tanh())
 
