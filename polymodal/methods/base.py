@@ -112,9 +112,14 @@ class Method:
         from .clip import ContrastiveTask
         return ContrastiveTask(model, self.run.loss)
 
+    def eval_options(self, task_name: str) -> dict:
+        """Options this method's config sets for eval task `task_name` (a recipe's own options win)."""
+        return {}
+
     def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
         """The eval tasks' numbers (`prefix/metric` keys) for the model inside `task`."""
-        from ..eval.tasks import evaluate
+        from ..eval.tasks import EvalSpec, evaluate
+        specs = [EvalSpec(s.task, s.data, {**self.eval_options(s.task), **s.options}) for s in specs]
         return evaluate(task.model, specs, progress=progress)
 
     def final_model(self, task: nn.Module) -> nn.Module:

@@ -182,30 +182,14 @@ class SHENetMethod(VideoCLIPMethod):
     def build_task(self, model: nn.Module) -> nn.Module:
         return SHENetTask(model, self.cfg.hierarchy())
 
-    def eval_options(self) -> dict:
+    def eval_options(self, task_name: str) -> dict:
         """The `shenet_retrieval` options the `shenet:` section sets (a spec's own options win)."""
+        if task_name != EVAL_TASK:
+            return {}
         c = self.cfg
         return {"verb_weight": c.verb_weight, "noun_weight": c.noun_weight, "adj_weight": c.adj_weight,
                 "tau": c.tau, "noun_frames": c.noun_frames, "max_nodes": c.max_nodes,
                 "max_node_tokens": c.max_node_tokens}
-
-    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
-        from ..eval.hierarchy_retrieval import shenet_retrieval_task
-        from ..eval.tasks import evaluate
-        model = task.model
-        others = [s for s in specs if s.task != EVAL_TASK]
-        out = evaluate(model, others, progress=progress) if others else {}
-        was_training = model.training
-        model.eval()
-        try:
-            for spec in specs:
-                if spec.task == EVAL_TASK:
-                    m = shenet_retrieval_task(model, spec.data, progress=progress,
-                                              **{**self.eval_options(), **spec.options})
-                    out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
-        finally:
-            model.train(was_training)
-        return out
 
 
 __all__ = ["SHENetConfig", "SHENetMethod", "SHENetTask", "NodeCollate", "EVAL_TASK"]

@@ -281,22 +281,5 @@ class SNPS3Method(Method):
     def build_task(self, model: nn.Module) -> nn.Module:
         return SNPS3Task(model, self.cfg, seed=self.run.train.seed)
 
-    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
-        from ..eval.tasks import evaluate
-        model = task.model
-        others = [s for s in specs if s.task != EVAL_TASK]
-        out = evaluate(model, others, progress=progress) if others else {}
-        was_training = model.training
-        model.eval()
-        try:
-            for spec in specs:
-                if spec.task == EVAL_TASK:
-                    from ..eval.snps3_retrieval import snps3_retrieval_task
-                    m = snps3_retrieval_task(model, spec.data, progress=progress, **spec.options)
-                    out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
-        finally:
-            model.train(was_training)
-        return out
-
 
 __all__ = ["SNPS3Config", "SNPS3Method", "SNPS3Task", "SNPS3Collate", "EVAL_TASK"]
