@@ -11,47 +11,54 @@ USER_ERRORS_DOC = """Errors the user can fix (bad recipe, manifest, image, video
 line, `polymodal: error: ...`, and exit with status 2; `--debug` (or POLYMODAL_DEBUG=1) shows the traceback."""
 
 
-def _data_parser(sub) -> None:
-    from .data import video
-    from .data.shards import add_shard_arguments
-    from .data.synthetic import moving_shapes, shapes
-    from .eval import filtering
-    data = sub.add_parser("data", help="generate or convert data sets")
+def _data_arguments(data: argparse.ArgumentParser) -> None:
     dsub = data.add_subparsers(dest="data_cmd", required=True)
-    commands = [
-        ("shapes", shapes.add_cli_arguments, "generate a ShapesWorld synthetic data set with manifests",
-         "Deterministic synthetic images of coloured shapes with short, long and Chinese captions, labels, and a "
-         "hard long-text test set."),
-        ("moving-shapes", moving_shapes.add_cli_arguments, "generate a MovingShapes synthetic video-text data set",
-         "Deterministic H.264 videos of moving, growing, recolouring shapes with English and Chinese captions, "
-         "order-sensitive pairs and hierarchical scene labels."),
-        ("frames", video.add_cli_arguments, "decode a video manifest once into webdataset shards of frames",
-         "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "
-         "training never decodes the same video twice."),
-        ("filter", filtering.add_cli_arguments, "score video-caption pairs with a frozen model and keep the best",
-         "M2-RAAP step 1 (our reconstruction): every pair of a video manifest is scored by a frozen image-text model "
-         "(mean frame embedding vs caption); pairs above --threshold or the top --keep fraction are written with "
-         "their scores, the dropped ones beside them, and a summary."),
-        ("shard", add_shard_arguments, "write a manifest as webdataset tar shards", None),
-    ]
-    for name, add_arguments, help_text, description in commands:
-        add_arguments(dsub.add_parser(name, help=help_text, description=description))
+    for name, (add_arguments, _run, help_text, description) in _data_commands().items():
+        _resolve(add_arguments)(dsub.add_parser(name, help=help_text, description=description))
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a recipe (single process, or under torchrun for DDP)",
-                       description="Train the run described by RECIPE (YAML). Overrides take the form "
-                                   "key.sub=value, e.g. optim.lr=1e-3 train.steps=200. Runs resume from "
-                                   "their last checkpoint in out_dir (train.resume=never to start over). "
-                                   "For several processes: torchrun --nproc_per_node=N -m polymodal.cli train ...")
+def _data_commands() -> dict:
+    """`polymodal data NAME`: (argument adder, runner, help, description); functions as "module:name" strings."""
+    return {
+        "shapes": ("polymodal.data.synthetic.shapes:add_cli_arguments", "polymodal.data.synthetic.shapes:main_from_args",
+                   "generate a ShapesWorld synthetic data set with manifests",
+                   "Deterministic synthetic images of coloured shapes with short, long and Chinese captions, labels, "
+                   "and a hard long-text test set."),
+        "moving-shapes": ("polymodal.data.synthetic.moving_shapes:add_cli_arguments",
+                          "polymodal.data.synthetic.moving_shapes:main_from_args",
+                          "generate a MovingShapes synthetic video-text data set",
+                          "Deterministic H.264 videos of moving, growing, recolouring shapes with English and Chinese "
+                          "captions, order-sensitive pairs and hierarchical scene labels."),
+        "frames": ("polymodal.data.video:add_cli_arguments", "polymodal.data.video:main_from_args",
+                   "decode a video manifest once into webdataset shards of frames",
+                   "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "
+                   "training never decodes the same video twice."),
+        "filter": ("polymodal.eval.filtering:add_cli_arguments", "polymodal.eval.filtering:main_from_args",
+                   "score video-caption pairs with a frozen model and keep the best",
+                   "M2-RAAP step 1 (our reconstruction): every pair of a video manifest is scored by a frozen image-text "
+                   "model (mean frame embedding vs caption); pairs above --threshold or the top --keep fraction are "
+                   "written with their scores, the dropped ones beside them, and a summary."),
+        "shard": ("polymodal.data.shards:add_shard_arguments", "polymodal.data.shards:shard_main",
+                  "write a manifest as webdataset tar shards", None),
+    }
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (`polymodal recipe show RECIPE` lists the keys)")
 
 
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a manifest and write JSON",
-                       description="Evaluate MODEL (a saved directory, an HF CLIP dir, an OpenCLIP checkpoint, "
-                                   "or a config name) on a manifest.")
+def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+    rsub = p.add_subparsers(dest="recipe_cmd", required=True)
+    show = rsub.add_parser("show", help="print every key of a recipe with its value, type and meaning",
+                           description="Reads RECIPE (and the overrides), validates it like `polymodal train` would, "
+                                       "and prints every key: value, type and a one-line description.")
+    show.add_argument("recipe", help="recipe YAML")
+    show.add_argument("overrides", nargs="*", help="key=value overrides")
+    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory/checkpoint or bundled config name")
     from .eval.tasks import TASKS
     p.add_argument("--task", required=True, choices=list(TASKS))
@@ -67,23 +74,23 @@ def _eval_parser(sub) -> None:
                    help="video_retrieval: how frames are chosen")
     p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
                    help="error: stop at the first bad record; skip: leave bad records out (counted)")
+    add_device_arguments(p)
     p.add_argument("--out", help="write the metrics here (JSON); default: print only")
 
 
-def _caption_parser(sub) -> None:
-    try:
-        from .caption import add_caption_arguments
-    except ModuleNotFoundError:   # the captioning family is optional
-        return
-    p = sub.add_parser("caption", help="generate captions with a captioning model (CoCa / SyCoCa)")
+def add_device_arguments(p: argparse.ArgumentParser, batch_size: int | None = None) -> None:
+    """`--device` and `--batch-size`, shared by every command that runs a model."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
+    p.add_argument("--batch-size", type=_positive, default=batch_size,
+                   help="items per forward pass (default: each task's own)")
+
+
+def _caption_arguments(p: argparse.ArgumentParser) -> None:
+    from .caption import add_caption_arguments
     add_caption_arguments(p)
 
 
-def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: data, training, evaluation and a report in a few minutes",
-                       description="Generates a small ShapesWorld, trains the small CLIP on it, evaluates short- and "
-                                   "long-caption retrieval and zero-shot classification, and writes report.html + "
-                                   "report.md in the run folder.")
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--n-train", type=int, default=6000)
     p.add_argument("--steps", type=int, default=600)
@@ -103,16 +110,95 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+# The command table: name -> (help, description, argument adder, runner). Adders and runners are imported
+# only for the command being run, so `polymodal --help` never imports torch.
+COMMANDS: dict[str, tuple[str, str | None, object, object]] = {
+    "data": ("generate or convert data sets", None, _data_arguments, "polymodal.cli:_run_data"),
+    "train": ("train a recipe (single process, or under torchrun for DDP)",
+              "Train the run described by RECIPE (YAML). Overrides take the form key.sub=value, e.g. optim.lr=1e-3 "
+              "train.steps=200. Runs resume from their last checkpoint in out_dir (train.resume=never to start "
+              "over). For several processes: torchrun --nproc_per_node=N -m polymodal.cli train ...",
+              _train_arguments, "polymodal.cli:_run_train"),
+    "recipe": ("list a recipe's keys with values, types and descriptions", None, _recipe_arguments,
+               "polymodal.cli:_run_recipe"),
+    "eval": ("evaluate a model on a manifest and write JSON",
+             "Evaluate MODEL (a saved directory, an HF CLIP dir, an OpenCLIP checkpoint, or a config name) on a "
+             "manifest.", _eval_arguments, "polymodal.cli:_run_eval"),
+    "caption": ("generate captions with a captioning model (CoCa / SyCoCa)", None, _caption_arguments,
+                "polymodal.caption:caption_main"),
+    "demo": ("the main job: data, training, evaluation and a report in a few minutes",
+             "Generates a small ShapesWorld, trains the small CLIP on it, evaluates short- and long-caption "
+             "retrieval and zero-shot classification, and writes report.html + report.md in the run folder.",
+             _demo_arguments, "polymodal.demo:run_demo"),
+}
+
+
+def _resolve(ref):
+    """A function from a "module:name" string (imported now), or the function itself."""
+    if not isinstance(ref, str):
+        return ref
+    import importlib
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with `only`, just that command gets its arguments (the others are listed by name)."""
     parser = argparse.ArgumentParser(prog="polymodal", description="Train, adapt and evaluate vision-language models.",
                                      epilog=USER_ERRORS_DOC)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _data_parser(sub)
-    _train_parser(sub)
-    _eval_parser(sub)
-    _caption_parser(sub)
-    _demo_parser(sub)
+    for name, (help_text, description, add_arguments, _run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=description or help_text)
+        if only is None or only == name:
+            _resolve(add_arguments)(p)
     return parser
+
+
+def _command_of(argv: list[str]) -> str:
+    """The command word of argv ("" when there is none or it is unknown): the one whose arguments to build."""
+    for item in argv:
+        if not item.startswith("-"):
+            return item if item in COMMANDS else ""
+    return ""
+
+
+def resolve_device(name: str):
+    """`auto` -> cuda when available, else cpu; an unavailable CUDA device is a clear error."""
+    import torch
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """JSON that other tools can read: NaN and infinities become null (json.dumps would write NaN)."""
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
 
 
 def run_eval(args) -> dict:
@@ -140,10 +226,18 @@ def run_eval(args) -> dict:
         specs = ([EvalSpec("retrieval", short, dict(common))] if Path(short).is_file() else []) + specs
         if Path(classes).is_file() and Path(short).is_file():
             specs.append(EvalSpec("zeroshot", short, {**common, "classes": classes}))
+    from .eval.tasks import task_options
+    if args.batch_size:             # every task that batches takes the size; the others ignore it
+        for spec in specs:
+            if "batch_size" in task_options(spec.task):
+                spec.options["batch_size"] = args.batch_size
+    device = resolve_device(args.device)
     model = load_model(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: the model has no tokenizer files; save it with its tokenizer")
-    metrics = evaluate(model, specs, progress=True)
+    from .data.languages import warn_if_unseen
+    warn_if_unseen(model.tokenizer, args.lang, where=args.model)
+    metrics = evaluate(model.to(device), specs, progress=True)
     if args.task != "longtext":     # one task: its numbers without the prefix, as before
         prefix = specs[0].prefix + "/"
         metrics = {k[len(prefix):]: v for k, v in metrics.items()}
@@ -186,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("POLYMODAL_DEBUG", "") not in ("", "0")
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser(only=_command_of(argv)).parse_args(argv)
     try:
         return _dispatch(args)
     except Exception as err:     # one line for what the user can fix; tracebacks for the rest
@@ -197,39 +292,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    if args.cmd == "data":
-        if args.data_cmd == "shapes":
-            from .data.synthetic.shapes import main_from_args
-            main_from_args(args)
-        elif args.data_cmd == "moving-shapes":
-            from .data.synthetic.moving_shapes import main_from_args as moving_main
-            moving_main(args)
-        elif args.data_cmd == "frames":
-            from .data.video import main_from_args as frames_main
-            frames_main(args)
-        elif args.data_cmd == "filter":
-            from .eval.filtering import main_from_args as filter_main
-            filter_main(args)
-        else:
-            from .data.shards import shard_main
-            shard_main(args)
-    elif args.cmd == "train":
-        from .train.run import load_recipe, run_recipe
-        final = run_recipe(load_recipe(args.recipe, args.overrides))
-        print(json.dumps(final, indent=2))
-    elif args.cmd == "eval":
-        metrics = run_eval(args)
-        if args.out:
-            from .eval.report import write_json
-            write_json(args.out, metrics)
-        print(json.dumps(metrics, indent=2, ensure_ascii=False))
-    elif args.cmd == "caption":
-        from .caption import caption_main
-        caption_main(args)
-    elif args.cmd == "demo":
-        from .demo import run_demo
-        run_demo(args)
-    return 0
+    result = _resolve(COMMANDS[args.cmd][3])(args)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _run_data(args) -> None:
+    _resolve(_data_commands()[args.data_cmd][1])(args)
+
+
+def _run_train(args) -> None:
+    from .train.run import load_recipe, run_recipe
+    final = run_recipe(load_recipe(args.recipe, args.overrides))
+    print(dumps_strict(final, indent=2))
+
+
+def _run_recipe(args) -> None:
+    from .train.describe import describe_recipe, format_keys
+    from .train.run import load_recipe
+    rows = describe_recipe(load_recipe(args.recipe, args.overrides))
+    print(dumps_strict(rows, indent=2, ensure_ascii=False) if args.json else format_keys(rows))
+
+
+def _run_eval(args) -> None:
+    metrics = run_eval(args)
+    if args.out:
+        from .eval.report import write_json
+        write_json(args.out, metrics)
+    print(dumps_strict(metrics, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_bad_recipe_values_fail_at_load_in_one_line(tmp_path, capsys, override, 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: clip\nmodel: {name: tiny}\n")
     code, err = _run(["train", str(recipe), override, f"out_dir={tmp_path}/run"], capsys)
-    _one_line_error(code, err, str(recipe), needle)
+    _one_line_error(code, err, f"override {override!r}", needle)     # blamed on the override, not the file
     assert not (tmp_path / "run").exists()          # nothing was built or written
 
 

@@ -190,6 +190,12 @@ def _read_weights(path: Path) -> tuple[dict, str]:
     return state, str(found)
 
 
+def _bundled_tokenizer(text: dict):
+    """polymodal's bundled CLIP BPE tokenizer when the text tower has OpenAI's vocabulary, else None."""
+    from ..data.text import bundled_tokenizer
+    return bundled_tokenizer(text["vocab_size"], text["eot_token_id"], pool=text.get("pool", "eot"))
+
+
 def load(path, **kwargs):
     """Load an HF CLIPModel directory as a polymodal CLIP.
 
@@ -197,8 +203,8 @@ def load(path, **kwargs):
         path: the directory (config.json + weights; tokenizer and preprocessor_config.json optional).
         **kwargs: none are used; an unexpected one is an error.
     Returns:
-        The CLIP model (eval mode) with `.tokenizer` (None when the directory has no tokenizer
-        files) and `.image_transform` (from preprocessor_config.json, else the default).
+        The CLIP model (eval mode) with `.tokenizer` (from the directory's tokenizer files; else the
+        bundled CLIP BPE tokenizer for OpenAI's 49408-id vocabulary; else None) and `.image_transform` (from preprocessor_config.json, else the default).
     Raises:
         FileNotFoundError: no config.json or no weights.
         CheckpointError: config.json (or the shard index) is not valid JSON, a pickle that
@@ -218,7 +224,7 @@ def load(path, **kwargs):
         from ..data.images import from_hf_preprocessor_config
         transform = from_hf_preprocessor_config(path / "preprocessor_config.json")
     return finish_clip(cfg, str(config_file), convert_state_dict(state), f"{source} (HF CLIP, converted)",
-                       tokenizer_beside(path), transform)
+                       tokenizer_beside(path) or _bundled_tokenizer(cfg["text"]), transform)
 
 
 __all__ = ["detect", "load", "config_from_hf", "convert_state_dict", "to_hf_state_dict", "CheckpointError"]

@@ -265,6 +265,12 @@ def _image_transform(preprocess: dict, image_size: int):
                           resize=mode, interpolation=preprocess.get("interpolation", "bicubic"))
 
 
+def _bundled_tokenizer(text: dict):
+    """polymodal's bundled CLIP BPE tokenizer when the text tower has OpenAI's vocabulary, else None."""
+    from ..data.text import bundled_tokenizer
+    return bundled_tokenizer(text["vocab_size"], text["eot_token_id"], pool=text.get("pool", "eot"))
+
+
 def load(path, config=None, **kwargs):
     """Load an OpenCLIP checkpoint as a polymodal CLIP.
 
@@ -273,7 +279,8 @@ def load(path, config=None, **kwargs):
         config: the model config JSON path (or dict); default: found beside the weights.
         **kwargs: none others are used; an unexpected one is an error.
     Returns:
-        The CLIP model (eval mode), `.tokenizer` from tokenizer files beside the weights (else None),
+        The CLIP model (eval mode), `.tokenizer` from tokenizer files beside the weights (else the
+        bundled CLIP BPE tokenizer for OpenAI's 49408-id vocabulary, else None),
         `.image_transform` from the config's preprocess_cfg (else OpenAI CLIP preprocessing).
     Raises:
         FileNotFoundError: no model config found (the message lists where it looked).
@@ -287,8 +294,8 @@ def load(path, config=None, **kwargs):
     model_cfg, preprocess, source = find_config(path, config)
     ours_cfg = config_from_openclip(model_cfg, source)
     state = convert_state_dict(read_weights(weights), proj_bias=ours_cfg["proj_bias"])
-    return finish_clip(ours_cfg, source, state, f"{weights} (OpenCLIP, converted with {source})",
-                       tokenizer_beside(path if path.is_dir() else path.parent),
+    tokenizer = tokenizer_beside(path if path.is_dir() else path.parent) or _bundled_tokenizer(ours_cfg["text"])
+    return finish_clip(ours_cfg, source, state, f"{weights} (OpenCLIP, converted with {source})", tokenizer,
                        _image_transform(preprocess, ours_cfg["vision"]["image_size"]))
 
 

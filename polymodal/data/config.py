@@ -13,13 +13,13 @@ class DataConfig:
     train: str = ""                      # manifest (JSONL/CSV)
     shards: str = ""                     # webdataset shard folder; used instead of `train` when set
     batch_size: int = 64                 # per rank
-    num_workers: int = 0
+    num_workers: int = 0                 # loader worker processes (0 = load in the training process)
     worker_timeout: float = 300.0        # seconds a loader worker may take for one batch before it is an error
     on_bad_record: str = "error"         # "error" | "skip"
     max_image_pixels: int = 40_000_000   # images larger than this (width x height, read from the header) are bad
-    caption_key: str = "caption"
+    caption_key: str = "caption"         # the record field used as the training text
     num_subcaptions: int = 0             # LoTLIP: sub-captions sampled from the long caption
-    subcaption_sentences: list = field(default_factory=lambda: [1, 3])
+    subcaption_sentences: list = field(default_factory=lambda: [1, 3])  # LoTLIP: [min, max] sentences each
     langs: list = field(default_factory=lambda: ["en"])  # caption languages mixed in training
     num_frames: int = 8                  # video records: frames per clip
     frame_strategy: str = "uniform"      # video records: "uniform" | "keyframes" | "scene"

@@ -135,12 +135,12 @@ class EvalConfig:
     and zero-shot tasks for every language in `langs` (zero-shot on the `retrieval` manifest unless
     `zeroshot` is set, and only with a classes file).
     """
-    tasks: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)  # [{task: NAME, data: MANIFEST, ...options}] (see TASKS)
     retrieval: str = ""                  # manifest for short-caption retrieval (and zero-shot)
     longtext: str = ""                   # manifest with long captions (hard set)
     zeroshot: str = ""                   # manifest with labels (default: `retrieval`)
     classes: str = ""                    # classes.json for zero-shot
-    langs: list = field(default_factory=lambda: ["en"])
+    langs: list = field(default_factory=lambda: ["en"])  # languages of the shorthand tasks
     limit: int = 0                       # evaluate the first N records (0 = all)
 
     def specs(self, where: str = "eval") -> list[EvalSpec]:

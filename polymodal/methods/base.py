@@ -41,8 +41,8 @@ class TokenizerSpec:
     """The recipe's `tokenizer` section."""
     path: str = ""                       # a tokenizer directory; empty = train one on the training captions
     kind: str = "bpe"                    # "bpe" | "wordpiece" when training
-    vocab_size: int = 2048
-    corpus_keys: list = field(default_factory=lambda: ["caption", "long_caption"])
+    vocab_size: int = 2048               # when training one: the vocabulary size
+    corpus_keys: list = field(default_factory=lambda: ["caption", "long_caption"])  # record fields it trains on
 
     def validate(self, where: str = "tokenizer") -> None:
         if self.kind not in ("bpe", "wordpiece"):

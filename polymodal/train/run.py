@@ -4,6 +4,7 @@ with the one Trainer, and writes the final model and metrics. Nothing here names
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ..config import ConfigError, apply_overrides, did_you_mean, from_dict, load_yaml, to_dict
 from ..data.config import DataConfig
 from ..eval.tasks import EvalConfig
 from ..losses.contrastive import LossConfig
@@ -26,7 +27,7 @@ class RunConfig:
     """A whole run. The section named after `method` is the method's own config; it is
     parsed by the method's `config_cls` and kept in `method_config` (not a recipe key)."""
     method: str = DEFAULT_METHOD         # a name in polymodal.methods.METHODS
-    out_dir: str = "runs/run"
+    out_dir: str = "runs/run"               # checkpoints, metrics, the final model and the report go here
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     data: DataConfig = field(default_factory=DataConfig)
@@ -60,20 +61,45 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 base: dict | None = None) -> RunConfig:
     """Read a recipe YAML, apply `key=value` overrides and validate every key and value.
 
+    An error that only the overrides cause is blamed on the override (`override 'optim.lrr=1': ...`), not
+    on the file; unknown keys get a "did you mean".
+
     Raises:
-        ConfigError: naming the file and the unknown/mistyped key or bad value (listing the allowed ones).
+        ConfigError: naming the file (or the override) and the unknown/mistyped key or bad value.
     """
     data = dict(base or {})
     where = "recipe"
     if path is not None:
         data.update(load_yaml(path))
         where = str(path)
-    apply_overrides(data, list(overrides or []))
+    overrides = list(overrides or [])
+    try:
+        return _build_run(apply_overrides(copy.deepcopy(data), overrides), where)
+    except ConfigError as err:
+        if not overrides or path is None:       # no file to blame instead
+            raise
+        try:                          # the file alone: if it is fine, an override is to blame
+            _build_run(copy.deepcopy(data), where)
+        except ConfigError:
+            raise err from None
+        for i, item in enumerate(overrides):     # the first override after which the recipe is broken
+            try:
+                _build_run(apply_overrides(copy.deepcopy(data), overrides[:i + 1]), where)
+            except ConfigError as single:
+                message = str(single)
+                if message.startswith(where):
+                    message = message[len(where):].lstrip(".:")
+                raise ConfigError(f"override {item!r}: {message.strip()}") from None
+        raise ConfigError(f"overrides {' '.join(overrides)}: {err}") from None
+
+
+def _build_run(data: dict, where: str) -> RunConfig:
     name = data.get("method", DEFAULT_METHOD)
     try:
         cls = get_method(name)
-    except KeyError:
-        raise ConfigError(f"{where}: method {name!r} is not one of {', '.join(METHODS)}") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"{where}: method {name!r} is not one of {', '.join(METHODS)}"
+                          f"{did_you_mean(name, METHODS)}") from None
     section = data.pop(name, None) if isinstance(name, str) and name not in RunConfig.__dataclass_fields__ else None
     strays = [k for k in data if k in METHODS and k not in RunConfig.__dataclass_fields__]
     if strays:
