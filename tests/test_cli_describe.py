@@ -108,3 +108,18 @@ def test_eval_warns_for_an_unseen_language_and_takes_device_and_batch_size(shape
     assert "warning" not in captured.err
     assert cli.main(args[:-4] + ["--lang", "zh", "--out", str(tmp_path / "n.json")]) == 0
     assert json.loads(capsys.readouterr().out) == zh
+
+
+def test_finetuning_from_model_path_keeps_its_tokenizer(shapes_model, tmp_path, capsys):
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(f"method: clip\nmodel: {{path: {shapes_model / 'clip'}}}\n"
+                      f"data: {{train: {shapes_model / 'shapes/train.jsonl'}, batch_size: 4}}\n"
+                      f"train: {{steps: 2, progress: false}}\nout_dir: {tmp_path / 'run'}\n")
+    assert cli.main(["train", str(recipe)]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "run" / "tokenizer").exists()               # no second tokenizer trained or saved
+    import polymodal
+    before = polymodal.load_model(str(shapes_model / "clip")).tokenizer
+    after = polymodal.load_model(str(tmp_path / "run" / "model")).tokenizer
+    texts = ["a red star", "a blue circle on a green square"]
+    assert before(texts).tolist() == after(texts).tolist()

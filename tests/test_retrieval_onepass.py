@@ -3,10 +3,13 @@
 `_two_pass_reference` is the previous implementation (one pass per direction), kept here and only
 here as the reference.
 """
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch import Tensor
 
-from polymodal.eval.retrieval import _median, embed_and_score, retrieval_metrics
+from polymodal.eval.retrieval import _check_finite, _median, embed_and_score, retrieval_metrics
 
 
 def _two_pass_reference(image_rows: Callable[[int, int], Tensor], text_rows: Callable[[int, int], Tensor],
