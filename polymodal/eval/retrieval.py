@@ -142,7 +142,7 @@ def _one_pass_metrics(image_rows: Callable[[int, int], Tensor], correct: Tensor,
         best = torch.full((i1 - i0,), float("-inf"), dtype=scores.dtype, device=device)
         best = best.scatter_reduce(0, own_row, own_scores, reduce="amax")      # (c,)
         own_correct = correct[own_txt]
-        self_counted[own_txt] = (own_scores > own_correct if pessimistic else own_scores > own_correct).long()
+        self_counted[own_txt] = (own_scores >= own_correct if pessimistic else own_scores > own_correct).long()
         ahead_blk = torch.empty(i1 - i0, dtype=torch.int64, device=device)
         for r0 in range(0, i1 - i0, sub):
             r1 = min(r0 + sub, i1 - i0)
