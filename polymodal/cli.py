@@ -62,9 +62,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory/checkpoint or bundled config name")
     from .eval.tasks import TASKS
     p.add_argument("--task", required=True, choices=list(TASKS))
-    p.add_argument("--data", required=True, help="manifest (JSONL/CSV)")
-    p.add_argument("--classes", help="classes.json or a text file of class names (zeroshot, multilabel); "
-                                     "default: classes.json beside the manifest")
+    p.add_argument("--data", required=True, help="manifest (JSONL/CSV), or an image folder (one subfolder per class)")
+    p.add_argument("--classes", help='classes.json, a text file of class names, or the names inline: '
+                                     'cat,dog,"red car" (zeroshot, multilabel); default: classes.json beside the '
+                                     "manifest (inside an image folder, else the folder's subfolders)")
     p.add_argument("--lang", default="en", help="caption / prompt language (en, zh)")
     p.add_argument("--short-data", help="longtext: manifest for short-caption retrieval and zero-shot "
                                         "(default: test.jsonl beside --data)")
@@ -136,6 +137,17 @@ COMMANDS: dict[str, tuple[str, str | None, object, object]] = {
              "manifest.", _eval_arguments, "polymodal.cli:_run_eval"),
     "caption": ("generate captions with a captioning model (CoCa / SyCoCa)", None, _caption_arguments,
                 "polymodal.caption:caption_main"),
+    "export": ("write a CLIP model in HF transformers or OpenCLIP layout",
+               "Export MODEL (a saved directory, an HF CLIP dir, an OpenCLIP checkpoint, or a config name) as a "
+               "transformers CLIPModel directory (--format hf: CLIPModel/CLIPProcessor.from_pretrained load it) "
+               "or an OpenCLIP checkpoint (--format openclip: open_clip_model.safetensors + open_clip_config.json).",
+               "polymodal.convert.export:add_cli_arguments", "polymodal.cli:_run_export"),
+    "report": ("write the report of a training run: metrics, curves, galleries (report.html + report.md)",
+               "Reads RUN_DIR (a training run's out_dir: config.json, metrics.jsonl, final_metrics.json, model/) and "
+               "writes report.html, report.md and curves.png there: the headline and the metrics grouped by task "
+               "with chance levels, smoothed training-loss and validation-loss curves, text-to-image galleries on "
+               "the recipe's retrieval manifests (the right image always shown, with its rank), and the recipe.",
+               "polymodal.run_report:add_cli_arguments", "polymodal.run_report:main_from_args"),
     "demo": ("the main job: data, training, evaluation and a report in a few minutes",
              "Generates a small ShapesWorld, trains the small CLIP on it, evaluates short- and long-caption "
              "retrieval and zero-shot classification, and writes report.html + report.md in the run folder.",
@@ -205,12 +217,12 @@ def run_eval(args) -> dict:
     """`polymodal eval`: the eval table's task on a manifest (every path is checked before the model loads)."""
     from .eval.tasks import EvalSpec, evaluate
     from .hub import load_model
+    from .data.labels import classes_argument
     data = Path(args.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"--data: manifest {data} does not exist")
-    if args.classes and not Path(args.classes).is_file():
-        raise FileNotFoundError(f"--classes: {args.classes} does not exist")
-    classes = args.classes or str(data.parent / "classes.json")
+    if not (data.is_file() or data.is_dir()):
+        raise FileNotFoundError(f"--data: manifest or image folder {data} does not exist")
+    default = data / "classes.json" if data.is_dir() else data.parent / "classes.json"
+    classes = classes_argument(args.classes) if args.classes else str(default)
     common = {"lang": args.lang, "limit": args.limit, "on_bad_record": args.on_bad_record}
     specs = [EvalSpec(args.task, str(data), dict(common))]
     if args.task in ("zeroshot", "multilabel"):
@@ -224,7 +236,7 @@ def run_eval(args) -> dict:
     if args.task == "longtext":     # long-text retrieval beside short-caption retrieval and zero-shot
         short = args.short_data or str(data.parent / "test.jsonl")
         specs = ([EvalSpec("retrieval", short, dict(common))] if Path(short).is_file() else []) + specs
-        if Path(classes).is_file() and Path(short).is_file():
+        if (not isinstance(classes, str) or Path(classes).is_file()) and Path(short).is_file():
             specs.append(EvalSpec("zeroshot", short, {**common, "classes": classes}))
     from .eval.tasks import task_options
     if args.batch_size:             # every task that batches takes the size; the others ignore it
@@ -311,6 +323,11 @@ def _run_recipe(args) -> None:
     from .train.run import load_recipe
     rows = describe_recipe(load_recipe(args.recipe, args.overrides))
     print(dumps_strict(rows, indent=2, ensure_ascii=False) if args.json else format_keys(rows))
+
+
+def _run_export(args) -> None:
+    from .convert.export import main_from_args
+    print(dumps_strict(main_from_args(args), indent=2, ensure_ascii=False))
 
 
 def _run_eval(args) -> None:

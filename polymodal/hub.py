@@ -59,23 +59,52 @@ def load_pretrained(directory) -> torch.nn.Module:
     return model.eval()
 
 
+def named_model(name: str, overrides: dict | None = None, tokenizer=None, image_transform=None) -> torch.nn.Module:
+    """A bundled config, randomly initialised, with the bundled tokenizer that fits its vocabulary.
+
+    Configs with OpenAI's CLIP vocabulary (`vit-b-32`, `vit-b-16`: 49408 ids) get the CLIP BPE tokenizer
+    shipped with polymodal; the others (`tiny`, `small`, ...) are sized for a tokenizer trained per run and
+    get a `MissingTokenizer`, whose use raises a one-line error naming the config and the fix.
+
+    Args:
+        name: a bundled config name (see `list_configs`).
+        overrides, tokenizer, image_transform: as for `create_model`; a given tokenizer wins.
+    Returns:
+        The model (eval mode) with `.tokenizer` and `.image_transform` attached.
+    """
+    from .data.text import MissingTokenizer, bundled_tokenizer
+    if tokenizer is None:
+        text = getattr(build_config(name, overrides), "text", None)
+        if text is not None:
+            tokenizer = bundled_tokenizer(text.vocab_size, text.eot_token_id, text.pool)
+    model = create_model(name, overrides, tokenizer=tokenizer, image_transform=image_transform)
+    if tokenizer is None:
+        vocab = getattr(getattr(model.config, "text", None), "vocab_size", "?")
+        model.tokenizer = MissingTokenizer(
+            f"model config {name!r} has no bundled tokenizer (its {vocab}-id text vocabulary is trained per run); "
+            f"train one with polymodal.data.text.train_tokenizer(texts, vocab_size={vocab}) and pass it as "
+            f"pm.create_model({name!r}, tokenizer=tok), or load a trained model directory (it saves its tokenizer)")
+    return model.eval()
+
+
 def load_model(path_or_name, **kwargs) -> torch.nn.Module:
     """Load a model from anything users have on disk, or build a named config.
 
     Args:
         path_or_name: our saved directory; an HF transformers CLIP directory; an OpenCLIP checkpoint
             (.safetensors/.bin/.pt, with its model-config JSON beside it or given as `config=`);
-            a LoTLIP or M2-Encoder checkpoint; or a bundled config name (random init).
+            a LoTLIP or M2-Encoder checkpoint; or a bundled config name (random init, see `named_model`).
         **kwargs: passed to the converter (e.g. `config=` for OpenCLIP).
     Returns:
-        A model in eval mode with `.tokenizer` and `.image_transform` attached where known.
+        A model in eval mode with `.tokenizer` and `.image_transform` attached where known (OpenAI-shaped
+        configs and checkpoints without tokenizer files get the bundled CLIP BPE tokenizer).
     Raises:
         FileNotFoundError: the path does not exist and is not a config name (no network is tried).
     """
     path = Path(str(path_or_name))
     if not path.exists():
         if isinstance(path_or_name, str) and path_or_name in list_configs():
-            return create_model(path_or_name, **kwargs)
+            return named_model(path_or_name, **kwargs)
         raise FileNotFoundError(
             f"{path_or_name!r} is neither an existing path nor a bundled config "
             f"({', '.join(list_configs())}); polymodal never downloads weights: give a local path")

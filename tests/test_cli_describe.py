@@ -123,3 +123,25 @@ def test_finetuning_from_model_path_keeps_its_tokenizer(shapes_model, tmp_path, 
     after = polymodal.load_model(str(tmp_path / "run" / "model")).tokenizer
     texts = ["a red star", "a blue circle on a green square"]
     assert before(texts).tolist() == after(texts).tolist()
+
+
+def test_eval_on_an_image_folder_with_inline_classes_and_export(shapes_model, tmp_path, capsys):
+    import shutil
+    records = [json.loads(line) for line in (shapes_model / "shapes/test.jsonl").read_text().splitlines()]
+    folder = tmp_path / "pets"
+    for i, r in enumerate(records[:6]):
+        cls = folder / ("red car" if i % 2 else "cat")
+        cls.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shapes_model / "shapes" / r["image"] if not Path(r["image"]).is_absolute() else r["image"],
+                    cls / f"{i}.png")
+    base = ["eval", str(shapes_model / "clip"), "--task", "zeroshot", "--data", str(folder), "--device", "cpu"]
+    assert cli.main(base) == 0
+    folder_metrics = json.loads(capsys.readouterr().out)
+    assert folder_metrics["num_classes"] == 2 and round(folder_metrics["top1"] * 6 / 100, 6).is_integer()
+    assert cli.main(base + ["--classes", 'cat,"red car"']) == 0        # the same classes, inline
+    assert json.loads(capsys.readouterr().out) == folder_metrics
+    assert cli.main(base + ["--classes", "cat,dog"]) == 2               # a folder that is not a listed class
+    assert "red car" in capsys.readouterr().err
+    assert cli.main(["export", str(shapes_model / "clip"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "hf" / "config.json").is_file()

@@ -86,7 +86,7 @@ BAD_RECORDS = [
     ({"image": "imgs/a.png", "captions": []}, "empty_caption", "empty 'captions'"),
     ({"image": "imgs/a.png", "captions": ["ok", ""]}, "empty_caption", "empty 'captions'"),
     ({"image": "imgs/nope.png", "caption": "x"}, "missing_image", "image 'imgs/nope.png' not found"),
-    ({"image": "imgs/a.png", "caption": "x", "label": "three"}, "bad_field", "'label' must be an integer"),
+    ({"image": "imgs/a.png", "caption": "x", "label": 2.5}, "bad_field", "'label' must be an integer"),
     ({"image": "imgs/a.png", "caption": 5}, "bad_field", "'caption' must be a string"),
 ]
 
@@ -127,7 +127,7 @@ def test_skip_counts_several_reasons_and_keeps_few_examples(data_dir):
 
 def test_csv_bad_rows_are_reported_with_their_line(data_dir):
     path = data_dir / "m.csv"
-    path.write_text("image,caption,label\nimgs/a.png,ok,1\nimgs/b.png,too,many,fields\nimgs/c.png,x,y\n")
+    path.write_text("image,caption,label\nimgs/a.png,ok,1\nimgs/b.png,too,many,fields\nimgs/c.png,x,2.5\n")
     with pytest.raises(ManifestError, match=r"m\.csv line 3: 4 fields where the header has 3"):
         read_manifest(path)
     m = read_manifest(path, on_bad_record="skip")

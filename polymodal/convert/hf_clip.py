@@ -173,6 +173,56 @@ def to_hf_state_dict(model) -> dict:
     return out
 
 
+def hf_config_from(cfg, logit_scale: float | None = None, bos_token_id: int | None = None) -> dict:
+    """The HF `CLIPConfig` dict (config.json) of our CLIP config: the inverse of `config_from_hf`.
+
+    Args:
+        cfg: a `CLIPConfig` (our dual encoder).
+        logit_scale: the model's current log-scale, written as `logit_scale_init_value` (default: the config's).
+        bos_token_id: the tokenizer's start id (default: the end id minus one, as in CLIP's vocabulary).
+    Returns:
+        The config.json dict for `transformers.CLIPModel`.
+    Raises:
+        ValueError: an option HF's CLIPModel has no exact equivalent for (named in the message).
+    """
+    v, t = cfg.vision, cfg.text
+    checks = [("text.num_readout_tokens", t.num_readout_tokens, 0), ("text.causal", t.causal, True),
+              ("text.norm_first", t.norm_first, True), ("text.embed_norm", t.embed_norm, False),
+              ("text.final_norm", t.final_norm, True), ("text.pooler", t.pooler, "none"),
+              ("vision.patch_bias", v.patch_bias, False), ("vision.ln_pre", v.ln_pre, True),
+              ("vision.pool", v.pool, "cls"), ("proj_bias", cfg.proj_bias, False)]
+    for name, value, ok in checks:
+        if value != ok:
+            raise ValueError(f"export to HF CLIP: {name}={value!r} has no transformers CLIPModel equivalent "
+                             f"(needs {ok!r})")
+    acts = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+    for tower in (v, t):
+        if tower.act not in acts:
+            raise ValueError(f"export to HF CLIP: act={tower.act!r} has no HF equivalent ({sorted(acts)})")
+    if t.pool == "cls":
+        raise ValueError("export to HF CLIP: text.pool='cls' has no HF equivalent (CLIPModel pools at EOS)")
+    # HF pools at the first eos_token_id, or at argmax(ids) when eos_token_id == 2 (legacy configs).
+    # argmax equals "first EOT" when EOT is the largest id; otherwise keep argmax through the legacy marker.
+    if t.pool == "eot" and t.eot_token_id == 2:
+        raise ValueError("export to HF CLIP: text.eot_token_id=2 means argmax pooling to transformers; "
+                         "re-number the end token")
+    eos = t.eot_token_id if (t.pool == "eot" or t.eot_token_id == t.vocab_size - 1) else 2
+    bos = max(t.eot_token_id - 1, 0) if bos_token_id is None else bos_token_id   # informational for CLIPModel
+    text = {"model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
+            "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
+            "hidden_act": acts[t.act], "layer_norm_eps": t.norm_eps, "eos_token_id": eos,
+            "bos_token_id": bos, "pad_token_id": t.pad_token_id, "projection_dim": cfg.embed_dim}
+    vision = {"model_type": "clip_vision_model", "hidden_size": v.width,
+              "intermediate_size": int(v.width * v.mlp_ratio),
+              "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,
+              "patch_size": v.patch_size, "num_channels": 3, "hidden_act": acts[v.act], "layer_norm_eps": v.norm_eps,
+              "projection_dim": cfg.embed_dim}
+    scale = cfg.init_logit_scale if logit_scale is None else float(logit_scale)
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+            "logit_scale_init_value": scale, "text_config": text, "vision_config": vision, "torch_dtype": "float32"}
+
+
 def _read_weights(path: Path) -> tuple[dict, str]:
     """(state dict, source label) from single-file or sharded HF weights."""
     found = find_weights(path, WEIGHT_FILES + INDEX_FILES)
@@ -190,6 +240,12 @@ def _read_weights(path: Path) -> tuple[dict, str]:
     return state, str(found)
 
 
+def _bundled_tokenizer(text: dict):
+    """polymodal's bundled CLIP BPE tokenizer when the text tower has OpenAI's vocabulary, else None."""
+    from ..data.text import bundled_tokenizer
+    return bundled_tokenizer(text["vocab_size"], text["eot_token_id"], pool=text.get("pool", "eot"))
+
+
 def load(path, **kwargs):
     """Load an HF CLIPModel directory as a polymodal CLIP.
 
@@ -197,8 +253,9 @@ def load(path, **kwargs):
         path: the directory (config.json + weights; tokenizer and preprocessor_config.json optional).
         **kwargs: none are used; an unexpected one is an error.
     Returns:
-        The CLIP model (eval mode) with `.tokenizer` (None when the directory has no tokenizer
-        files) and `.image_transform` (from preprocessor_config.json, else the default).
+        The CLIP model (eval mode) with `.tokenizer` (from the directory's tokenizer files; else the
+        bundled CLIP BPE tokenizer for OpenAI's 49408-id vocabulary; else None) and `.image_transform`
+        (from preprocessor_config.json, else the default).
     Raises:
         FileNotFoundError: no config.json or no weights.
         CheckpointError: config.json (or the shard index) is not valid JSON, a pickle that
@@ -218,7 +275,8 @@ def load(path, **kwargs):
         from ..data.images import from_hf_preprocessor_config
         transform = from_hf_preprocessor_config(path / "preprocessor_config.json")
     return finish_clip(cfg, str(config_file), convert_state_dict(state), f"{source} (HF CLIP, converted)",
-                       tokenizer_beside(path), transform)
+                       tokenizer_beside(path) or _bundled_tokenizer(cfg["text"]), transform)
 
 
-__all__ = ["detect", "load", "config_from_hf", "convert_state_dict", "to_hf_state_dict", "CheckpointError"]
+__all__ = ["detect", "load", "config_from_hf", "convert_state_dict", "to_hf_state_dict", "hf_config_from",
+           "CheckpointError"]

@@ -253,6 +253,98 @@ def convert_state_dict(state: dict, proj_bias: bool = False) -> dict:
     return ours
 
 
+# ------------------------------------------------------------------ the other way: ours -> OpenCLIP
+
+def openclip_config_from(cfg) -> dict:
+    """The OpenCLIP model config (`model_cfg`) of our CLIP config: the inverse of `config_from_openclip`.
+
+    Args:
+        cfg: a `CLIPConfig` (our dual encoder).
+    Returns:
+        {embed_dim, quick_gelu, vision_cfg, text_cfg} for OpenCLIP's `CLIP`.
+    Raises:
+        OpenCLIPConfigError: an option OpenCLIP's CLIP has no exact equivalent for (named in the message).
+    """
+    v, t = cfg.vision, cfg.text
+    where = "export to OpenCLIP"
+    checks = [("text.num_readout_tokens", t.num_readout_tokens, 0), ("text.causal", t.causal, True),
+              ("text.norm_first", t.norm_first, True), ("text.embed_norm", t.embed_norm, False),
+              ("text.final_norm", t.final_norm, True), ("text.pooler", t.pooler, "none"),
+              ("vision.patch_bias", v.patch_bias, False), ("text.act", t.act, v.act)]
+    for name, value, ok in checks:
+        if value != ok:
+            raise OpenCLIPConfigError(f"{where}: {name}={value!r} has no OpenCLIP equivalent (needs {ok!r})")
+    if v.act not in ("gelu", "quick_gelu"):
+        raise OpenCLIPConfigError(f"{where}: act={v.act!r} has no OpenCLIP equivalent (gelu or quick_gelu)")
+    if v.width % v.heads:
+        raise OpenCLIPConfigError(f"{where}: vision.width {v.width} is not a multiple of vision.heads {v.heads}")
+    if v.pool not in ("cls", "mean"):
+        raise OpenCLIPConfigError(f"{where}: vision.pool={v.pool!r} has no OpenCLIP equivalent (cls or mean)")
+    vision = {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
+              "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio,
+              "pool_type": "tok" if v.pool == "cls" else "avg"}
+    if not v.ln_pre:
+        vision["no_ln_pre"] = True
+    if v.patch_dropout:
+        vision["patch_dropout"] = v.patch_dropout
+    pool = {"eot": "eos", "argmax": "argmax", "cls": "first"}[t.pool]
+    text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
+            "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pool_type": pool, "pad_id": t.pad_token_id}
+    if pool == "eos":
+        text["eos_id"] = t.eot_token_id
+    if cfg.proj_bias:
+        text["proj_bias"] = True
+    for section, eps in ((vision, v.norm_eps), (text, t.norm_eps)):
+        if eps != 1e-5:
+            section["norm_kwargs"] = {"eps": eps}
+    return {"embed_dim": cfg.embed_dim, "quick_gelu": v.act == "quick_gelu", "vision_cfg": vision, "text_cfg": text}
+
+
+def to_openclip_state_dict(model) -> dict:
+    """Our CLIP's weights under OpenCLIP's names and layout: the inverse of `convert_state_dict`.
+
+    Args:
+        model: a polymodal `CLIP` that `openclip_config_from` accepts.
+    Returns:
+        {OpenCLIP key: tensor} (fresh contiguous tensors, ready for safetensors).
+    Raises:
+        OpenCLIPConfigError: the image projection has a non-zero bias (OpenCLIP's `visual.proj` has none).
+    """
+    inverse = {ours: theirs for theirs, ours in _RENAMES.items()}
+    block_inverse = {ours: theirs for theirs, ours in _BLOCK_RENAMES.items()}
+    towers = {"visual.transformer.blocks.": "visual.transformer.resblocks.", "text.transformer.blocks.":
+              "transformer.resblocks."}
+    out = {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        if key == "visual_proj.weight":
+            out["visual.proj"] = value.t()
+        elif key == "visual_proj.bias":
+            if value.abs().max() > 0:
+                raise OpenCLIPConfigError("export to OpenCLIP: visual_proj has a non-zero bias; OpenCLIP's "
+                                          "visual.proj has none")
+        elif key == "text_proj.weight":
+            out["text_projection.weight" if model.config.proj_bias else "text_projection"] = (
+                value if model.config.proj_bias else value.t())
+        elif key == "text_proj.bias":
+            out["text_projection.bias"] = value
+        elif key == "logit_scale":
+            out[key] = value.reshape(())
+        elif key in inverse:
+            out[inverse[key]] = value
+        else:
+            prefix = next((p for p in towers if key.startswith(p)), None)
+            if prefix is None:
+                raise OpenCLIPConfigError(f"export to OpenCLIP: {key} has no OpenCLIP equivalent")
+            index, _, inner = key[len(prefix):].partition(".")
+            base, _, kind = inner.rpartition(".")
+            name = block_inverse.get(inner) or (f"{block_inverse[base]}.{kind}" if base in block_inverse else None)
+            if name is None:
+                raise OpenCLIPConfigError(f"export to OpenCLIP: {key} has no OpenCLIP equivalent")
+            out[f"{towers[prefix]}{index}.{name}"] = value
+    return {k: v.clone().contiguous() for k, v in out.items()}
+
+
 def _image_transform(preprocess: dict, image_size: int):
     from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
     mode = preprocess.get("resize_mode", "shortest")
@@ -265,6 +357,12 @@ def _image_transform(preprocess: dict, image_size: int):
                           resize=mode, interpolation=preprocess.get("interpolation", "bicubic"))
 
 
+def _bundled_tokenizer(text: dict):
+    """polymodal's bundled CLIP BPE tokenizer when the text tower has OpenAI's vocabulary, else None."""
+    from ..data.text import bundled_tokenizer
+    return bundled_tokenizer(text["vocab_size"], text["eot_token_id"], pool=text.get("pool", "eot"))
+
+
 def load(path, config=None, **kwargs):
     """Load an OpenCLIP checkpoint as a polymodal CLIP.
 
@@ -273,7 +371,8 @@ def load(path, config=None, **kwargs):
         config: the model config JSON path (or dict); default: found beside the weights.
         **kwargs: none others are used; an unexpected one is an error.
     Returns:
-        The CLIP model (eval mode), `.tokenizer` from tokenizer files beside the weights (else None),
+        The CLIP model (eval mode), `.tokenizer` from tokenizer files beside the weights (else the
+        bundled CLIP BPE tokenizer for OpenAI's 49408-id vocabulary, else None),
         `.image_transform` from the config's preprocess_cfg (else OpenAI CLIP preprocessing).
     Raises:
         FileNotFoundError: no model config found (the message lists where it looked).
@@ -287,9 +386,10 @@ def load(path, config=None, **kwargs):
     model_cfg, preprocess, source = find_config(path, config)
     ours_cfg = config_from_openclip(model_cfg, source)
     state = convert_state_dict(read_weights(weights), proj_bias=ours_cfg["proj_bias"])
-    return finish_clip(ours_cfg, source, state, f"{weights} (OpenCLIP, converted with {source})",
-                       tokenizer_beside(path if path.is_dir() else path.parent),
+    tokenizer = tokenizer_beside(path if path.is_dir() else path.parent) or _bundled_tokenizer(ours_cfg["text"])
+    return finish_clip(ours_cfg, source, state, f"{weights} (OpenCLIP, converted with {source})", tokenizer,
                        _image_transform(preprocess, ours_cfg["vision"]["image_size"]))
 
 
-__all__ = ["detect", "load", "find_config", "config_from_openclip", "convert_state_dict", "OpenCLIPConfigError"]
+__all__ = ["detect", "load", "find_config", "config_from_openclip", "convert_state_dict", "openclip_config_from",
+           "to_openclip_state_dict", "OpenCLIPConfigError"]

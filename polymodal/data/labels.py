@@ -1,4 +1,4 @@
-"""Label hierarchies for multi-label scene recognition: names (English and Chinese), parents, groups.
+"""Class lists and label hierarchies: names (English and Chinese), parents, groups; record labels by name.
 
 Two file formats load into one `LabelHierarchy`:
 
@@ -8,6 +8,10 @@ Two file formats load into one `LabelHierarchy`:
 * a JSON tree: ``{"labels": [{"name": "motion", "name_zh": "运动", "children": [...]}, ...]}`` (or the
   bare list). Indices follow a depth-first walk, parents before their children. A node may carry
   ``"groups": ["temporal"]``; children do not inherit groups.
+
+Class lists come from a classes file, a label tree, or inline (`parse_class_list`: ``cat,dog,"red car"``);
+`resolve_label` / `label_indices` turn record labels given by name into indices, with errors that name
+the manifest line, the label and the classes' source.
 
 Parents always come before their children in `order()`, so a single pass over `order()` can
 propagate scores or truths from the roots down (see `polymodal.models.scene.refine_with_parents`).
@@ -265,4 +269,155 @@ def load_hierarchy(path) -> LabelHierarchy:
     raise ConfigError(f"{path}: expected a 'classes' list (classes file) or a 'labels' list of nodes (label tree)")
 
 
-__all__ = ["LabelHierarchy", "hierarchy_from_classes", "hierarchy_from_tree", "load_hierarchy", "GROUP_KEYS"]
+
+# ---- class lists: files, inline lists, record labels ---------------------------------------------------
+class LabelError(ValueError):
+    """A record's label is not one of the classes (the message names the label and the classes' source)."""
+
+
+def parse_class_list(text: str) -> list[str]:
+    """Class names written inline, comma-separated, with CSV quoting: ``cat,dog,"red car"``.
+
+    Args:
+        text: the list; a name holding a comma goes in double quotes (``"big, red car"``), spaces around
+            names are dropped.
+    Returns:
+        The names, in order.
+    Raises:
+        ConfigError: an empty name, a repeated name, or fewer than two names.
+    """
+    import csv
+    rows = list(csv.reader([text], skipinitialspace=True))
+    names = [n.strip() for n in (rows[0] if rows else [])]
+    where = f"--classes {text!r}"
+    if any(not n for n in names):
+        raise ConfigError(f"{where}: an empty class name (two commas in a row, or a trailing comma); "
+                          f"write the names as cat,dog,\"red car\"")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: class {dupes[0]!r} is listed twice; each class once")
+    if len(names) < 2:
+        raise ConfigError(f"{where}: needs at least two comma-separated class names (or a classes file path)")
+    return names
+
+
+def classes_argument(value: str):
+    """What a `--classes` value means: an existing file path (returned as is) or an inline list.
+
+    Args:
+        value: the command-line value: a classes file (classes.json or one name per line) or ``cat,dog,...``.
+    Returns:
+        The path string when a file of that name exists, else the parsed list of names.
+    Raises:
+        FileNotFoundError: not a file and holds no comma (a mistyped path, most likely).
+        ConfigError: an inline list `parse_class_list` refuses.
+    """
+    if Path(value).is_file():
+        return value
+    if "," not in value:
+        raise FileNotFoundError(f"--classes {value}: no such classes file; give a classes.json, a text file with "
+                                f"one class per line, or the names inline: --classes cat,dog,\"red car\"")
+    return parse_class_list(value)
+
+
+def class_names(classes, lang: str = "en") -> tuple[list[str], str]:
+    """The class names a classes source holds, and a label for messages.
+
+    Args:
+        classes: a list of names; a classes file (JSON with ``classes`` and optional ``classes_<lang>``, or a
+            text file with one name per line); or a JSON label tree (names in depth-first order).
+        lang: "en" reads ``classes``; another language reads ``classes_<lang>`` (JSON only).
+    Returns:
+        (names, where): where is the file path, or "the inline class list".
+    Raises:
+        FileNotFoundError: no such file. ConfigError: the file holds no usable list (naming it).
+    """
+    if isinstance(classes, (list, tuple)):
+        names = [str(n) for n in classes]
+        if not names:
+            raise ConfigError("the inline class list is empty")
+        return names, "the inline class list"
+    path = Path(classes)
+    if not path.is_file():
+        raise FileNotFoundError(f"classes file {path} does not exist; give a classes.json, a text file with one "
+                                f"class per line, or an inline list")
+    if path.suffix != ".json":
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not names:
+            raise ConfigError(f"{path}: no class names (one per line)")
+        return names, str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    key = "classes" if lang == "en" else f"classes_{lang}"
+    if isinstance(data, dict) and isinstance(data.get(key), list):
+        return [str(n) for n in data[key]], str(path)
+    if lang == "en" and (isinstance(data, list) or (isinstance(data, dict) and isinstance(data.get("labels"), list))):
+        tree = load_hierarchy(path)
+        return list(tree.names), str(path)
+    raise ConfigError(f"{path}: expected a {key!r} list of class names")
+
+
+def resolve_label(value, index: dict, where: str):
+    """One record label as a class index.
+
+    Args:
+        value: an int index or a class name.
+        index: {class name: index} of the C classes.
+        where: the classes' source, for the message.
+    Returns:
+        The index in [0, C).
+    Raises:
+        LabelError: an unknown name or an index outside [0, C).
+    """
+    if isinstance(value, bool):
+        raise LabelError(f"label {value!r} is neither a class index nor a class name")
+    if isinstance(value, int):
+        if not 0 <= value < len(index):
+            raise LabelError(f"label index {value} is outside [0, {len(index)}) of {where}")
+        return value
+    if isinstance(value, str) and value in index:
+        return index[value]
+    if isinstance(value, str) and value.strip().isdigit():     # "3" from JSON written by hand
+        return resolve_label(int(value), index, where)
+    near = [n for n in index if isinstance(value, str) and n.lower() == value.strip().lower()]
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    shown = ", ".join(list(index)[:8]) + (" ..." if len(index) > 8 else "")
+    raise LabelError(f"label {value!r} is not a class of {where}{hint} (classes: {shown}); fix the label "
+                     f"or add the class there")
+
+
+def label_indices(records, classes, key: str = "label", where: str = "manifest", source: str | None = None) -> list:
+    """Map the `key` field of records (names or indices) to class indices.
+
+    Args:
+        records: manifest records (their `_line` is used in messages).
+        classes: names, or a classes source for `class_names`.
+        key: "label" (one per record: returns ints) or "labels" (lists: returns lists of ints).
+        where: the manifest, for messages.
+        source: how messages name the classes (default: the file, or "the inline class list").
+    Returns:
+        One index (or list of indices) per record.
+    Raises:
+        LabelError: a record without the field, or with a label that is not a class (naming the manifest
+            line, the label and the classes' source).
+    """
+    names, found = class_names(classes)
+    source = source or found
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, r in enumerate(records):
+        line = r.get("_line", i + 1)
+        if key not in r:
+            raise LabelError(f"{where} line {line}: no {key!r} field; every record needs one for this task")
+        try:
+            value = r[key]
+            out.append([resolve_label(v, index, source) for v in value] if key == "labels"
+                       else resolve_label(value, index, source))
+        except LabelError as err:
+            raise LabelError(f"{where} line {line}: {err}") from None
+    return out
+
+__all__ = ["LabelHierarchy", "hierarchy_from_classes", "hierarchy_from_tree", "load_hierarchy", "GROUP_KEYS",
+           "LabelError", "parse_class_list", "classes_argument", "class_names", "resolve_label", "label_indices"]

@@ -4,16 +4,24 @@ A manifest record is one JSON object per line (JSONL) or one CSV row with a head
 
 - ``image``: path to the image file, relative to the manifest's folder or absolute.
 - ``caption`` (string) or ``captions`` (list of strings): the short caption(s).
-- optional ``long_caption`` (string), ``label`` (int), ``labels`` (list of ints or strings),
-  ``lang`` (e.g. ``"en"``, ``"zh"``).
+- optional ``long_caption`` (string), ``label`` (a class index or a class name), ``labels`` (list of
+  indices or names), ``lang`` (e.g. ``"en"``, ``"zh"``).
+- labels given by name are kept as strings, so readers that do not need labels (retrieval, contrastive
+  training) take them as they are; ``read_manifest(..., classes=...)`` maps them to class indices through
+  a classes file or list, and a name that is not a class is a bad record (reason ``unknown_label``)
+  naming the label, the line and the classes file.
 - any other field is kept as is and passed through to the record dict.
 
 CSV specifics: the first row names the columns; an empty cell means "field absent";
-``label`` must be an integer; ``captions`` and ``labels`` are either a JSON array
+``label`` is an integer when it reads as one, else a class name (a non-integer number such as ``2.5``
+is a bad field); ``captions`` and ``labels`` are either a JSON array
 (``["a cat", "a dog"]``) or a ``|``-separated string (``a cat|a dog``; use the JSON form when a
 caption contains ``|``); items of ``labels`` that look like integers become ints. Other columns
 stay strings. ``.tsv`` files are read the same way with a tab delimiter. Every other suffix is
 read as JSONL.
+
+A directory given as the manifest is read as an image folder (one subfolder per class, see
+:mod:`polymodal.data.folders`): each image is a record with a templated caption and its folder's label.
 
 Video records carry ``video`` instead of ``image``: a video file or a folder of frame images,
 resolved like image paths; text-only records carry neither. Which one a reader needs is its
@@ -53,6 +61,7 @@ BAD_FIELD = "bad_field"
 MISSING_IMAGE = "missing_image"
 MISSING_VIDEO = "missing_video"
 BAD_ENCODING = "bad_encoding"
+UNKNOWN_LABEL = "unknown_label"
 
 
 class ManifestError(ValueError):
@@ -142,11 +151,13 @@ def read_manifest(
     required: Sequence[str] | None = None,
     media: str = "image",
     allow_empty: bool = False,
+    classes=None,
 ) -> Manifest:
     """Read a JSONL or CSV manifest.
 
     Args:
-        path: the manifest file (``.csv``/``.tsv`` read as CSV/TSV, anything else as JSONL).
+        path: the manifest file (``.csv``/``.tsv`` read as CSV/TSV, anything else as JSONL), or an image
+            folder with one subfolder per class (``media="image"``; see `polymodal.data.folders`).
         on_bad_record: ``"error"`` raises :class:`ManifestError` at the first bad record;
             ``"skip"`` drops bad records and counts them in ``Manifest.skipped``.
         check_images: check that each image file (or video file / frame folder) exists; decoding is
@@ -157,6 +168,9 @@ def read_manifest(
             file or frame folder) or ``"none"`` (text only). ``image`` and ``video`` fields are resolved
             and checked whenever present.
         allow_empty: accept a manifest with no usable record (default: :class:`ManifestError`).
+        classes: map ``label`` / ``labels`` given by name to class indices: a list of names or a classes
+            file (see :func:`polymodal.data.labels.class_names`). An unknown name or an index outside the
+            classes is a bad record (``unknown_label``). Default: labels are kept as written.
 
     Returns:
         a :class:`Manifest` with image and video paths resolved to absolute paths.
@@ -172,10 +186,17 @@ def read_manifest(
     if required is None:
         required = ("caption",) if media == "none" else (media, "caption")
     path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path) and media == "image":     # an image folder, one subfolder per class
+        return _folder_manifest(path, classes)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest file not found: {path}")
     root = os.path.dirname(path)
     manifest = Manifest(path=path)
+    label_map = None
+    if classes is not None:
+        from .labels import class_names
+        names, source = class_names(classes)
+        label_map = ({n: i for i, n in enumerate(names)}, source)
     suffix = os.path.splitext(path)[1].lower()
     rows = _csv_rows(path, "\t" if suffix == ".tsv" else ",") if suffix in (".csv", ".tsv") else _jsonl_rows(path)
     for line, raw in rows:
@@ -183,6 +204,8 @@ def read_manifest(
             if isinstance(raw, _BadRecord):
                 raise raw
             record = _validate(raw, root, required, check_images)
+            if label_map is not None:
+                record = _map_labels(record, *label_map)
         except _BadRecord as bad:
             where = f"{path}:{line}"
             if on_bad_record == "error":
@@ -198,6 +221,13 @@ def read_manifest(
         why = f" ({manifest.report()})" if manifest.skipped else " (the file has no record)"
         raise ManifestError(f"{path}: no usable record{why}; fix the manifest or point data.train at another one")
     return manifest
+
+
+def _folder_manifest(path: str, classes) -> Manifest:
+    """A Manifest of an image folder's records (see `polymodal.data.folders`)."""
+    from .folders import read_image_folder
+    records, _ = read_image_folder(path, classes=classes)
+    return Manifest(path=path, records=records)
 
 
 def _encoding_error(raw: bytes, e: UnicodeDecodeError) -> _BadRecord:
@@ -287,10 +317,9 @@ def _parse_csv_row(row: dict[str, str]) -> dict:
         if value == "":
             continue                          # empty cell = absent field
         if key == "label":
-            try:
-                out[key] = int(value)
-            except ValueError:
-                raise _BadRecord(BAD_FIELD, f"'label' must be an integer, got {value!r}") from None
+            out[key] = _maybe_int(value)
+            if isinstance(out[key], str) and _is_number(out[key]):
+                raise _BadRecord(BAD_FIELD, f"'label' must be an integer or a class name, got {value!r}")
         elif key in ("captions", "labels"):
             out[key] = _parse_list_cell(key, value)
             if key == "labels":
@@ -321,6 +350,27 @@ def _maybe_int(v: Any) -> Any:
     return v
 
 
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _map_labels(record: dict, index: dict, source: str) -> dict:
+    """`label` / `labels` as class indices (raises _BadRecord for a name that is not a class)."""
+    from .labels import LabelError, resolve_label
+    try:
+        if "label" in record:
+            record = {**record, "label": resolve_label(record["label"], index, source)}
+        if "labels" in record:
+            record = {**record, "labels": [resolve_label(v, index, source) for v in record["labels"]]}
+    except LabelError as err:
+        raise _BadRecord(UNKNOWN_LABEL, str(err)) from None
+    return record
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -345,8 +395,10 @@ def _validate(record: dict, root: str, required: Sequence[str], check_images: bo
             raise _BadRecord(EMPTY_CAPTION, "empty 'captions' list or an empty caption in it")
     if "long_caption" in record and not isinstance(record["long_caption"], str):
         raise _BadRecord(BAD_FIELD, "'long_caption' must be a string")
-    if "label" in record and not _is_int(record["label"]):
-        raise _BadRecord(BAD_FIELD, f"'label' must be an integer, got {record['label']!r}")
+    if "label" in record:
+        label = record["label"]
+        if not (_is_int(label) or (isinstance(label, str) and label.strip())):
+            raise _BadRecord(BAD_FIELD, f"'label' must be an integer or a class name, got {label!r}")
     if "labels" in record:
         labels = record["labels"]
         if not isinstance(labels, list) or not all(_is_int(v) or isinstance(v, str) for v in labels):

@@ -10,14 +10,20 @@ Truncation cuts the content and keeps both specials, so a truncated row still en
 
 `Tokenizer.from_dir` reads our own files, an HF `tokenizer.json`, CLIP/GPT-2 `vocab.json` +
 `merges.txt`, or a BERT `vocab.txt`. `train_tokenizer` trains byte-level BPE or WordPiece on a
-corpus, with Chinese split per character.
+corpus, with Chinese split per character. `clip_bpe_tokenizer` is OpenAI's CLIP tokenizer built from
+the vocabulary shipped as package data (polymodal/data/vocab, see its README); `bundled_tokenizer`
+picks it for a text tower with that vocabulary. `MissingTokenizer` stands in where a model has none
+and says, when used, how to get one.
 """
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -424,6 +430,147 @@ def clip_bpe_backend(vocab: dict[str, int], merges: list[tuple[str, str]], unk_t
     ])
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+# --------------------------------------------------------------------------- the bundled CLIP BPE
+
+CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"   # package data in polymodal/data/vocab (see its README)
+CLIP_VOCAB_SIZE = 49408                            # 256 bytes + 256 "</w>" forms + 48894 merges + SOT + EOT
+CLIP_SOT_ID, CLIP_EOT_ID = 49406, 49407
+
+
+def byte_symbols() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE, in the order of the CLIP vocabulary: the bytes
+    that are printable Latin-1 characters first (as themselves, in byte order), then every other byte
+    as code point 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    rest = [b for b in range(256) if b not in set(printable)]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The CLIP BPE vocabulary (token -> id) and merges, derived from the bundled merges file.
+
+    The ids follow OpenAI's layout: byte symbols, the same with `</w>`, one token per merge (in merge
+    order), then `<|startoftext|>` and `<|endoftext|>`. Read once per process.
+
+    Returns:
+        (vocab with 49408 entries, the 48894 merge pairs).
+    Raises:
+        FileNotFoundError: the package data file is missing (a broken install; reinstall polymodal).
+    """
+    path = resources.files(__package__) / "vocab" / CLIP_VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the bundled CLIP vocabulary is missing; reinstall polymodal "
+                                f"(it is package data: polymodal/data/vocab/*)")
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    n_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2
+    merges = [tuple(line.split()) for line in lines[1:1 + n_merges]]   # line 0 is a version header
+    symbols = byte_symbols()
+    tokens = symbols + [s + CLIP_EOW for s in symbols] + ["".join(m) for m in merges] + [CLIP_SOT, CLIP_EOT]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{path}: gives {len(vocab)} distinct tokens, expected {CLIP_VOCAB_SIZE}; the file is damaged")
+    return vocab, merges
+
+
+def clip_bpe_tokenizer(context_length: int = 77) -> Tokenizer:
+    """OpenAI's CLIP tokenizer from the bundled vocabulary (no files or network needed).
+
+    Same ids as `transformers.CLIPTokenizer` and OpenCLIP's `SimpleTokenizer` for NFC text; rows are
+    ``[SOT=49406] text [EOT=49407] 0 0 ...`` (padded with 0 as OpenAI and OpenCLIP do).
+
+    Args:
+        context_length: the row length including SOT and EOT.
+    Returns:
+        The Tokenizer (style "clip", vocabulary size 49408).
+    """
+    vocab, merges = clip_vocab_and_merges()
+    backend = clip_bpe_backend(dict(vocab), list(merges), unk_token=CLIP_EOT)
+    _register_specials(backend, [CLIP_SOT, CLIP_EOT])
+    return Tokenizer(backend, TokenizerConfig(style="clip", bos_id=CLIP_SOT_ID, eos_id=CLIP_EOT_ID, pad_id=0,
+                                              context_length=context_length, lowercase=True))
+
+
+def bundled_tokenizer(vocab_size: int, eot_token_id: int, pool: str = "eot",
+                      context_length: int = 77) -> Tokenizer | None:
+    """The bundled tokenizer that fits a text tower with this vocabulary, or None when none does.
+
+    Args:
+        vocab_size: the tower's vocabulary size.
+        eot_token_id: its end-of-text id (not checked for `pool="argmax"`: legacy HF CLIP configs give 2).
+        pool: the tower's pooling ("eot", "argmax", "cls").
+        context_length: the row length to give the tokenizer.
+    Returns:
+        `clip_bpe_tokenizer()` for the OpenAI CLIP vocabulary (49408 ids, EOT 49407), else None.
+    """
+    if vocab_size == CLIP_VOCAB_SIZE and (eot_token_id == CLIP_EOT_ID or pool == "argmax"):
+        return clip_bpe_tokenizer(context_length)
+    return None
+
+
+def is_clip_bpe(tokenizer) -> bool:
+    """True for a tokenizer with OpenAI's CLIP vocabulary and merges (the one transformers' `CLIPTokenizer`
+    reads from vocab.json + merges.txt)."""
+    if not isinstance(tokenizer, Tokenizer) or tokenizer.vocab_size != CLIP_VOCAB_SIZE:
+        return False
+    model = json.loads(tokenizer.backend.to_str()).get("model") or {}
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != CLIP_EOW:
+        return False
+    vocab, merges = clip_vocab_and_merges()
+    theirs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    return model.get("vocab") == vocab and theirs == merges
+
+
+class TokenizerMissingError(ValueError):
+    """A model without a tokenizer was asked to tokenize; the message names the model and the fix."""
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a model that has none, so that using it says why and what to do.
+
+    Falsy, saves nothing, and raises `TokenizerMissingError` on any use (calling it, encoding, reading
+    its ids). Code that only needs to know whether there is a tokenizer can test `bool(model.tokenizer)`.
+
+    Args:
+        message: the one-line error, e.g. "model config 'small' has no bundled tokenizer; ...".
+    """
+
+    def __init__(self, message: str):
+        self._message = message
+        self._context_length = None
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"MissingTokenizer({self._message!r})"
+
+    def __call__(self, *args, **kwargs):
+        raise TokenizerMissingError(self._message)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):       # copy / pickle probing: behave like a plain object
+            raise AttributeError(name)
+        raise TokenizerMissingError(self._message)
+
+    @property
+    def context_length(self):
+        return self._context_length
+
+    @context_length.setter
+    def context_length(self, value) -> None:      # set by attach_processors; kept for a later real tokenizer
+        self._context_length = value
+
+    def save(self, directory) -> None:
+        """Nothing to write: the saved model has no tokenizer files, as before."""
+
+
+def has_tokenizer(model) -> bool:
+    """Whether `model.tokenizer` is a usable tokenizer (not None, not a `MissingTokenizer`)."""
+    return bool(getattr(model, "tokenizer", None))
 
 
 def _load_bpe_files(d: Path) -> Tokenizer:

@@ -162,7 +162,10 @@ def longtext_eval(model, manifest, lang: str = "en", limit: int = 0, batch_size:
 
 
 def load_classes(path) -> dict:
-    """A classes file: JSON with "classes" (and optionally "classes_zh"), or one class name per line."""
+    """A classes file: JSON with "classes" (and optionally "classes_zh"), or one class name per line; a list of
+    names (inline `--classes cat,dog`) gives {"classes": names}."""
+    if isinstance(path, (list, tuple)):
+        return {"classes": [str(n) for n in path]}
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classes file {path} does not exist")
@@ -180,7 +183,24 @@ def load_classes(path) -> dict:
 def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limit: int = 0,
                            batch_size: int = 128, progress: bool = False, image_embeds: Tensor | None = None,
                            cache: FeatureCache | None = None, on_bad_record: str = "error") -> dict:
-    """Zero-shot classification of a manifest's `label` with class names and prompt templates of `lang`."""
+    """Zero-shot classification of a manifest's `label` with class names and prompt templates of `lang`.
+
+    Args:
+        manifest: a manifest whose records have `label` (a class index or a class name), or an image
+            folder (one subfolder per class; see `polymodal.data.folders`).
+        classes_file: a classes file or a list of names (inline classes). For an image folder a classes
+            file that does not exist means "the folder's own classes"; one that exists fixes names and order.
+        lang: prompt templates and class names ("zh" reads `classes_zh`).
+    Returns:
+        {"top1", "top5", "num_classes"}.
+    Raises:
+        LabelError: a record without `label`, or whose label is not a class (naming the line, label, file).
+    """
+    from ..data.labels import label_indices
+    folder = Path(manifest).is_dir()
+    if folder and not isinstance(classes_file, (list, tuple)) and not Path(classes_file).is_file():
+        from ..data.folders import read_image_folder
+        classes_file = read_image_folder(manifest)[1]            # the folder's own class names
     classes = load_classes(classes_file)
     names = classes["classes"] if lang == "en" else classes.get(f"classes_{lang}")
     if names is None:
@@ -192,7 +212,10 @@ def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limi
         img, records = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
     else:
         img, records = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
-    targets = torch.tensor([int(r["label"]) for r in records])
+    where = "the inline class list" if isinstance(classes_file, (list, tuple)) else str(classes_file)
+    if folder:        # folder records carry their class name: index it in the classes used here
+        records = [{**r, "label": r.get("class", r["label"])} for r in records]
+    targets = torch.tensor(label_indices(records, classes["classes"], "label", str(manifest), source=where))
     classifier = build_classifier(model, names, load_templates(lang))            # (C, E)
     logits = img.to(classifier.device, classifier.dtype) @ classifier.T          # (N, C)
     result = accuracy(logits, targets)

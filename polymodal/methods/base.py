@@ -91,7 +91,7 @@ class Method:
         if spec.path:
             model = load_model(spec.path)
             model.train()
-            if tokenizer is not None and model.tokenizer is None:
+            if tokenizer is not None and not model.tokenizer:
                 model.attach_processors(tokenizer, model.image_transform)
             return model
         overrides = {**self.model_overrides(), **dict(spec.overrides)}

@@ -65,7 +65,8 @@ def create_model(spec, overrides: dict | None = None, tokenizer=None, image_tran
             special token ids are taken from it.
         image_transform: preprocessing; default: an `ImageTransform` at the config's image size.
     Returns:
-        The model, with `.tokenizer` and `.image_transform` attached.
+        The model, with `.tokenizer` and `.image_transform` attached (without a `tokenizer`, configs with
+        OpenAI's 49408-id vocabulary get the bundled CLIP BPE tokenizer; the others none).
     """
     if not isinstance(spec, (str, dict)):
         cfg = copy.deepcopy(spec)
@@ -75,6 +76,11 @@ def create_model(spec, overrides: dict | None = None, tokenizer=None, image_tran
         cfg = build_config(spec, overrides)
     if tokenizer is not None:
         sync_text_config(cfg, tokenizer)
+    elif getattr(cfg, "text", None) is not None:     # OpenAI-shaped towers come with the bundled CLIP tokenizer
+        from ..data.text import bundled_tokenizer
+        text = cfg.text
+        tokenizer = bundled_tokenizer(text.vocab_size, text.eot_token_id, getattr(text, "pool", "eot"),
+                                      getattr(text, "context_length", 77))
     model = _families()[cfg.model_type][1](cfg)
     attach_processors(model, tokenizer, image_transform)
     return model

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import ConfigError
 from ..fileio import atomic_open
 from . import distributed as dist_utils
+from .logging import RunLogger, check_log_to
 from .checkpoint import (CheckpointError, atomic_torch_save, is_complete_checkpoint, latest_checkpoint,
                          list_checkpoints, load_checkpoint, prune_checkpoints, remove_stale_temp_files, rng_state,
                          set_rng_state)
@@ -94,6 +95,10 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0                # torch intra-op threads for this process; 0 = leave torch's default
     max_empty_batches: int = 100    # stop with an error after this many batches in a row had no usable sample
+    log_to: list = field(default_factory=lambda: ["jsonl"])  # + "tensorboard": scalars in out_dir/tensorboard/
+    val_loss_every: int = 0         # validation loss every N steps and at the end; 0 = none
+    val_data: str = ""              # manifest (same form as data.train) whose batches give the validation loss
+    report: bool = True             # write report.html at the end of a run (`polymodal report RUN_DIR` redoes it)
 
     def validate(self, where: str = "recipe") -> "TrainConfig":
         """Check every value's type and range, so a bad one fails before training starts.
@@ -121,6 +126,17 @@ class TrainConfig:
         _boolean(self.progress, "train.progress", where)
         _integer(self.threads, "train.threads", where, low=0, hint="0 = torch's default")
         _integer(self.max_empty_batches, "train.max_empty_batches", where, low=1)
+        try:
+            check_log_to(self.log_to, where)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _integer(self.val_loss_every, "train.val_loss_every", where, low=0, hint="0 = no validation loss")
+        if not isinstance(self.val_data, (str, Path)):
+            raise ConfigError(f"{where}: train.val_data must be a manifest path, got {self.val_data!r}")
+        _boolean(self.report, "train.report", where)
+        if self.val_data and not self.val_loss_every:
+            raise ConfigError(f"{where}: train.val_data is set but train.val_loss_every is 0; set "
+                              f"train.val_loss_every=N (steps) for a validation loss, or remove train.val_data")
         return self
 
 
@@ -234,6 +250,8 @@ class Trainer:
         out_dir: where checkpoints (`checkpoints/step_N.pt`) and `metrics.jsonl` go.
         evaluate: optional `evaluate(task, step) -> dict` run on rank 0 every `eval_every` steps and at
             the end; its numbers are logged with an "eval/" prefix.
+        val_loader: optional `val_loader() -> iterable of batches` (this rank's validation batches, the same
+            each call); with `train.val_loss_every` the task's losses on them are logged as "val/<name>".
 
     Raises:
         ConfigError: at construction, for any bad `optim`/`train` value or a `train.resume` path that
@@ -241,7 +259,8 @@ class Trainer:
     """
 
     def __init__(self, task: nn.Module, make_loader: Callable[[int, int], Iterable[dict]], optim: OptimConfig,
-                 train: TrainConfig, out_dir: str | Path, evaluate: Callable | None = None):
+                 train: TrainConfig, out_dir: str | Path, evaluate: Callable | None = None,
+                 val_loader: Callable[[], Iterable[dict]] | None = None):
         self.task = task
         self.make_loader = make_loader
         optim.validate(where="config")
@@ -250,6 +269,10 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.evaluate = evaluate
+        self.val_loader = val_loader
+        if train.val_loss_every and val_loader is None:
+            raise ConfigError(f"train.val_loss_every={train.val_loss_every} needs validation batches: set "
+                              f"train.val_data to a manifest like data.train, or train.val_loss_every=0")
         if train.resume not in ("auto", "never") and not Path(train.resume).is_file():
             raise ConfigError(f"train.resume: checkpoint {train.resume} does not exist (or is not a file); "
                               f"give an existing step_N.pt, or train.resume=auto (latest in {self.ckpt_dir}) "
@@ -266,6 +289,7 @@ class Trainer:
                                            betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
         self.state = TrainState()
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.logger = RunLogger(self.out_dir, train.log_to, self.metrics_path)
         self._empty_streak = 0                      # batches in a row without a usable sample
         self._empty_reasons: Counter = Counter()    # why the records of those batches were skipped
         self._usable_in_epoch = 0                   # usable batches seen in this epoch (since the loader started)
@@ -358,11 +382,8 @@ class Trainer:
 
     # -- logging -----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            self.logger.log(record)
 
     # -- the loop ----------------------------------------------------------------------------
     def _batches(self):
@@ -500,6 +521,8 @@ class Trainer:
                                     sps=f"{last['samples_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
+            if t.val_loss_every and (step % t.val_loss_every == 0 or step == t.steps):
+                self.run_val_loss()
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 self.run_eval()
             if t.ckpt_every and (step % t.ckpt_every == 0 or step == stop_at):
@@ -510,7 +533,45 @@ class Trainer:
             self.log({"step": self.state.step, "bad_records": dict(self.state.bad_records)})
         if self.state.step >= t.steps:
             last.update(self.run_eval())
+        self.logger.close()
         return last
+
+    def run_val_loss(self) -> dict:
+        """The task's mean losses over `val_loader()` (eval mode, no gradients), logged as "val/<name>".
+
+        Every rank runs it (a distributed loss gathers across ranks) and the logged numbers are the mean
+        over ranks. The RNG states are restored afterwards, so training continues exactly as without it.
+
+        Raises:
+            DataExhausted: the validation data gave no usable batch."""
+        saved = rng_state()
+        sums: dict[str, float] = {}
+        count = 0
+        self.task.eval()
+        with torch.no_grad():
+            for batch in _bounded_waits(self.val_loader()):
+                if "index" in batch and batch["index"].numel() == 0:
+                    continue
+                batch = self._to_device(batch)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tcfg.precision == "bf16"):
+                    losses = self.module(batch)
+                n = _batch_size(batch)
+                for k, v in losses.items():
+                    if torch.is_tensor(v) and v.numel() == 1:
+                        sums[k] = sums.get(k, 0.0) + float(v) * n
+                count += n
+        self.task.train()
+        set_rng_state(saved)
+        if count == 0:
+            raise DataExhausted("train.val_data gave no usable validation batch (fewer records than "
+                                "data.batch_size, or every record skipped); use a larger validation manifest")
+        names = sorted(sums)
+        means = torch.tensor([sums[k] / count for k in names], device=self.device)
+        if self.dist.world_size > 1:
+            means = dist_utils.all_reduce_mean(means)
+        results = {f"val/{k}": v for k, v in zip(names, means.tolist())}
+        self.log({"step": self.state.step, **results})
+        return results
 
     def run_eval(self) -> dict:
         if self.evaluate is None:

@@ -139,7 +139,7 @@ def check_paths(cfg: RunConfig) -> None:
         FileNotFoundError: naming the recipe key and the path.
     """
     wanted = [("data.train", cfg.data.train), ("data.shards", cfg.data.shards), ("model.path", cfg.model.path),
-              ("tokenizer.path", cfg.tokenizer.path)]
+              ("train.val_data", cfg.train.val_data), ("tokenizer.path", cfg.tokenizer.path)]
     wanted += [("eval", p) for p in cfg.eval.paths()]
     wanted += [(cfg.method, p) for p in cfg.method_impl.paths()]
     if cfg.train.resume not in ("auto", "never"):
@@ -183,6 +183,18 @@ def build_loader_factory(cfg: RunConfig, method, model):
     return make_loader
 
 
+def build_val_loader(cfg: RunConfig, method, model):
+    """`val_loader()` for the Trainer's validation loss: the batches of `train.val_data`, made like the training
+    batches (the method's dataset and collate, `data.batch_size`, this rank's share) and the same every call;
+    None when the recipe asks for no validation loss."""
+    if not cfg.train.val_data or not cfg.train.val_loss_every:
+        return None
+    import dataclasses
+    val_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=cfg.train.val_data, shards=""))
+    make = build_loader_factory(val_cfg, val_cfg.method_impl, model)
+    return lambda: make(0, 0)
+
+
 def build_evaluate(cfg: RunConfig, method):
     """`evaluate(task, step) -> dict` for the Trainer, or None when the recipe lists no evaluation."""
     specs = cfg.eval.specs()
@@ -197,7 +209,8 @@ def build_evaluate(cfg: RunConfig, method):
 
 def run_recipe(cfg: RunConfig) -> dict:
     """Train (or resume) the run described by `cfg`; writes `out_dir/{config.json, metrics.jsonl,
-    checkpoints/, model/, final_metrics.json}` and returns the final metrics.
+    checkpoints/, model/, final_metrics.json}`, the run's `report.html` / `report.md` / `curves.png`
+    (`train.report`) and `tensorboard/` (`train.log_to`), and returns the final metrics.
 
     Every path the run opens is checked before anything is built, and the method builds its model, data and
     task before the first step, so a bad recipe fails in seconds, not after training."""
@@ -215,7 +228,8 @@ def run_recipe(cfg: RunConfig) -> dict:
     model = method.build_model(tokenizer)
     task = method.build_task(model)
     make_loader = build_loader_factory(cfg, method, model)
-    trainer = Trainer(task, make_loader, cfg.optim, cfg.train, out_dir, build_evaluate(cfg, method))
+    trainer = Trainer(task, make_loader, cfg.optim, cfg.train, out_dir, build_evaluate(cfg, method),
+                      val_loader=build_val_loader(cfg, method, model))
     if make_loader.manifest_skipped:
         trainer.log({"step": 0, "manifest_skipped": make_loader.manifest_skipped})
     final = trainer.fit()
@@ -223,6 +237,9 @@ def run_recipe(cfg: RunConfig) -> dict:
         method.final_model(task).save_pretrained(out_dir / "model")
         from ..eval.report import write_json
         write_json(out_dir / "final_metrics.json", {"step": trainer.state.step, **final})
+        if cfg.train.report:
+            from ..run_report import report_after_training
+            report_after_training(out_dir)
     return final
 
 
