@@ -13,6 +13,7 @@ import torch
 
 from .eval.captioning import caption_images
 from .models.coca import GENERATION_METHODS
+from .precision import PRECISIONS, check_precision
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
@@ -31,6 +32,11 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="random seed of nucleus sampling")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16 = bf16 autocast; refused on a CPU without native bf16 unless --precision-force")
+    parser.add_argument("--precision-force", action="store_true",
+                        help="run bf16 even where it is emulated (about 25x slower on an AVX2 CPU)")
+    parser.add_argument("--no-cache", action="store_true", help="decode without the KV cache (slower; same captions)")
     return parser
 
 
@@ -49,6 +55,9 @@ def caption_main(args: argparse.Namespace) -> list[dict]:
     """Run the `caption` command from parsed arguments; returns the records written."""
     from .hub import load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = getattr(args, "precision", "fp32")
+    check_precision(precision, device, getattr(args, "precision_force", False), where="caption",
+                    key="--precision", force_key="--precision-force")
     model = load_model(args.model).to(device).eval()
     if not hasattr(model, "generate"):
         raise ValueError(f"caption: {args.model} is a {type(model).__name__}, not a captioner (model_type 'coca')")
@@ -57,7 +66,8 @@ def caption_main(args: argparse.Namespace) -> list[dict]:
     records = []
     try:
         for rec in caption_images(model, paths, args.method, args.max_len, args.num_beams, args.length_penalty,
-                                  args.top_p, args.temperature, args.batch_size, args.seed):
+                                  args.top_p, args.temperature, args.batch_size, args.seed,
+                                  precision=precision, use_cache=not getattr(args, "no_cache", False)):
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             records.append(rec)
     finally:

@@ -38,6 +38,19 @@ def _data_commands() -> dict:
                    "M2-RAAP step 1 (our reconstruction): every pair of a video manifest is scored by a frozen image-text "
                    "model (mean frame embedding vs caption); pairs above --threshold or the top --keep fraction are "
                    "written with their scores, the dropped ones beside them, and a summary."),
+        "preferences": ("polymodal.data.synthetic.preferences:add_cli_arguments",
+                        "polymodal.data.synthetic.preferences:main_from_args",
+                        "generate a synthetic preference world (Hummer's six dimensions)",
+                        "Prompts and responses whose quality on accuracy, conciseness, depth, empathy, specificity "
+                        "and tone is controlled: a clean base set, a conflicting and a low-conflict training set (also "
+                        "one folder per dimension) and clean held-out pairs, as TRL-style prompt/chosen/rejected JSONL."),
+        "counterfactual": ("polymodal.data.synthetic.counterfactual:add_cli_arguments",
+                           "polymodal.data.synthetic.counterfactual:main_from_args",
+                           "generate counterfactual social-concept questions on ShapesWorld (a neutral proxy)",
+                           "Scenes where one attribute proxy of a figure (shape/size/colour standing in for "
+                           "gender/age/race; no real people or groups) changes while all else is fixed, with concept "
+                           "questions (roles, traits), a training set biased towards some attribute values "
+                           "(--bias) and a balanced evaluation set, plus non-social task questions."),
         "shard": ("polymodal.data.shards:add_shard_arguments", "polymodal.data.shards:shard_main",
                   "write a manifest as webdataset tar shards", None),
     }
@@ -137,6 +150,25 @@ COMMANDS: dict[str, tuple[str, str | None, object, object]] = {
              "manifest.", _eval_arguments, "polymodal.cli:_run_eval"),
     "caption": ("generate captions with a captioning model (CoCa / SyCoCa)", None, _caption_arguments,
                 "polymodal.caption:caption_main"),
+    "embed": ("embed a folder or manifest of images, videos and texts (resumable)",
+              "Embed every image and video under FOLDER (recursive), or the records of a manifest, or the lines of a "
+              ".txt file, with MODEL. Writes vectors.npy, items.jsonl, per-frame video embeddings with times and "
+              "skipped.jsonl into --out, in chunks: a killed run continues where it stopped.",
+              "polymodal.search.cli:add_embed_arguments", "polymodal.search.cli:main_embed"),
+    "index": ("build a search index (FAISS) or add new files to one",
+              "`index build MODEL --data FOLDER|MANIFEST --out INDEX` embeds and indexes (exact by default; "
+              "--kind ivf|hnsw print their recall@10 against exact search); `index add INDEX --data ...` embeds "
+              "only new or changed files.",
+              "polymodal.search.cli:add_index_arguments", "polymodal.search.cli:main_index"),
+    "search": ("search an index by text or image",
+               "Print the best matches in INDEX for a text (or --image FILE); video hits show the best frame time. "
+               "The model recorded in the index is used unless --model is given.",
+               "polymodal.search.cli:add_search_arguments", "polymodal.search.cli:main_search"),
+    "serve": ("serve an index over HTTP with a search page (localhost by default)",
+              "Run the search API and web page for INDEX with uvicorn: GET /search?q=&k=, POST /search (image), "
+              "GET /similar/{id}, GET /media/{id}, GET /healthz. Binds to 127.0.0.1 unless --host is given; "
+              "--token (or $POLYMODAL_SEARCH_TOKEN) requires a bearer token.",
+              "polymodal.search.cli:add_serve_arguments", "polymodal.search.cli:main_serve"),
     "export": ("write a CLIP model in HF transformers or OpenCLIP layout",
                "Export MODEL (a saved directory, an HF CLIP dir, an OpenCLIP checkpoint, or a config name) as a "
                "transformers CLIPModel directory (--format hf: CLIPModel/CLIPProcessor.from_pretrained load it) "
@@ -244,7 +276,11 @@ def run_eval(args) -> dict:
             if "batch_size" in task_options(spec.task):
                 spec.options["batch_size"] = args.batch_size
     device = resolve_device(args.device)
-    model = load_model(args.model)
+    if args.task == "preference":     # our text reward models and any local HF sequence-classification dir
+        from .models.reward import load_reward_model
+        model = load_reward_model(args.model)
+    else:
+        model = load_model(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: the model has no tokenizer files; save it with its tokenizer")
     from .data.languages import warn_if_unseen

@@ -29,13 +29,23 @@ def is_polymodal_dir(path: Path) -> bool:
     return isinstance(config, dict) and "polymodal_version" in config
 
 
+# Families whose saved config has its own schema (not the towers' `build_config`): model_type -> "module:loader".
+OWN_SCHEMA_LOADERS = {
+    "snps3": "polymodal.models.fusion:load_snps3_model",
+    "text_reward": "polymodal.models.reward:load_reward_model",
+    "mllm": "polymodal.models.mllm:load_mllm",
+}
+
+
 def load_pretrained(directory) -> torch.nn.Module:
     """Load a directory written by `save_pretrained`."""
     directory = Path(directory)
     config = read_json(directory / CONFIG_FILE)
-    if isinstance(config, dict) and config.get("model_type") == "snps3":   # its own config schema
-        from .models.fusion import load_snps3_model
-        return load_snps3_model(directory)
+    loader = OWN_SCHEMA_LOADERS.get(config.get("model_type")) if isinstance(config, dict) else None
+    if loader is not None:
+        import importlib
+        module, _, name = loader.partition(":")
+        return getattr(importlib.import_module(module), name)(directory).eval()
     cfg = build_config(config, where=str(directory / CONFIG_FILE))
     from .models.factory import _families
     model = _families()[cfg.model_type][1](cfg)

@@ -291,17 +291,17 @@ class SentenceConfig:
     generator: str = "template"          # "template" | "lm" (a local causal LM folder in `lm_path`)
     num: int = 5000                      # sentences (label sets) to write
     max_labels: int = 4                  # labels per sentence: uniform in [min_labels, max_labels]
-    min_labels: int = 1
+    min_labels: int = 1                  # fewest labels in one sentence
     templates: list = field(default_factory=lambda: list(DEFAULT_SENTENCE_TEMPLATES))  # frames with {objects}
     adjective_prob: float = 0.5          # template: chance of one adjective from each group
     count_prob: float = 0.2              # template: chance of "two/three <plural>"
-    max_count: int = 3
+    max_count: int = 3                   # template: the largest count written ("three cats")
     lm_path: str = ""                    # lm: folder saved with save_pretrained
     lm_prompt: str = DEFAULT_LM_PROMPT   # lm: prompt with one {labels}
-    lm_batch_size: int = 8
-    lm_max_new_tokens: int = 40
-    lm_temperature: float = 0.8
-    lm_top_p: float = 0.95
+    lm_batch_size: int = 8               # lm: prompts generated at once
+    lm_max_new_tokens: int = 40          # lm: the longest sentence in tokens
+    lm_temperature: float = 0.8          # lm: sampling temperature
+    lm_top_p: float = 0.95               # lm: nucleus sampling mass
 
     def validate(self, where: str = "sentences") -> None:
         """Raise ValueError naming the key for a bad value (before anything is generated)."""

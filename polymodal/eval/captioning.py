@@ -166,13 +166,19 @@ def caption_metrics(candidates: Mapping[Hashable, str], references: Mapping[Hash
 # ---- generation over files and the captioning eval task --------------------------------------
 def caption_images(model, paths: list[str], method: str = "beam", max_len: int | None = None,
                    num_beams: int = 4, length_penalty: float = 0.0, top_p: float = 0.9,
-                   temperature: float = 1.0, batch_size: int = 16, seed: int = 0, progress: bool = True):
+                   temperature: float = 1.0, batch_size: int = 16, seed: int = 0, progress: bool = True,
+                   precision: str = "fp32", use_cache: bool = True):
     """Caption image files with `model` (a CoCa with `.tokenizer` and `.image_transform`).
+
+    `precision="bf16"` decodes under bf16 autocast; check it first with
+    `polymodal.precision.check_precision` (the `caption` command and `captioning_eval_manifest` do).
+    `use_cache=False` decodes without the KV cache (same captions, slower).
 
     Yields:
         {"image": path, "caption": text} per image, in input order.
     """
     from ..data.images import load_image
+    from ..precision import autocast
     if model.tokenizer is None:
         raise ValueError("caption: the model has no tokenizer (save it with one, or attach model.tokenizer)")
     if model.tokenizer.bos_id != model.bos_id or model.tokenizer.eos_id != model.eos_id:
@@ -186,9 +192,10 @@ def caption_images(model, paths: list[str], method: str = "beam", max_len: int |
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         pixels = torch.stack([model.image_transform(load_image(p)) for p in chunk]).to(device)
-        ids = model.generate(pixels, method=method, max_len=max_len, num_beams=num_beams,
-                             length_penalty=length_penalty, top_p=top_p, temperature=temperature,
-                             generator=generator)
+        with autocast(precision, device):
+            ids = model.generate(pixels, method=method, max_len=max_len, num_beams=num_beams,
+                                 length_penalty=length_penalty, top_p=top_p, temperature=temperature,
+                                 generator=generator, use_cache=use_cache)
         for path, row in zip(chunk, ids.cpu()):
             yield {"image": str(path), "caption": model.tokenizer.decode(row)}
         bar.update(len(chunk))
@@ -197,7 +204,8 @@ def caption_images(model, paths: list[str], method: str = "beam", max_len: int |
 
 def captioning_eval_manifest(model, manifest, limit: int = 0, method: str = "beam", num_beams: int = 3,
                              max_len: int | None = None, length_penalty: float = 0.0, batch_size: int = 32,
-                             progress: bool = True, num_examples: int = 5, on_bad_record: str = "error") -> dict:
+                             progress: bool = True, num_examples: int = 5, on_bad_record: str = "error",
+                             precision: str = "fp32", precision_force: bool = False) -> dict:
     """Caption the images of a manifest and score them against the references.
 
     Records naming the same image file are merged: all their captions are that image's references.
@@ -209,10 +217,15 @@ def captioning_eval_manifest(model, manifest, limit: int = 0, method: str = "bea
         method, num_beams, max_len, length_penalty: decoding (see `CoCa.generate`).
         num_examples: how many (image, caption, references) triples to include in the result.
         on_bad_record: "error" stops at a malformed manifest record; "skip" skips and counts it.
+        precision: "fp32" or "bf16" (autocast); bf16 is refused on a CPU without native bf16
+            unless `precision_force` (see `polymodal.precision.check_precision`).
     Returns:
         {"BLEU-1".."BLEU-4", "CIDEr-D", "num_images", "method", "examples": [...]}.
     """
     from ..data.manifests import read_manifest
+    from ..precision import check_precision
+    check_precision(precision, next(model.parameters()).device, precision_force, where=f"captioning eval of {manifest}",
+                    key="precision", force_key="precision_force=true")
     references: dict[str, list[str]] = {}
     for record in read_manifest(manifest, on_bad_record=on_bad_record):
         caps = record.get("captions") or [record["caption"]]
@@ -222,7 +235,7 @@ def captioning_eval_manifest(model, manifest, limit: int = 0, method: str = "bea
     model.eval()
     candidates = {r["image"]: r["caption"] for r in caption_images(
         model, paths, method=method, max_len=max_len, num_beams=num_beams, length_penalty=length_penalty,
-        batch_size=batch_size, progress=progress)}
+        batch_size=batch_size, progress=progress, precision=precision)}
     metrics = caption_metrics(candidates, references)
     metrics.update(num_images=len(paths), method=method,
                    examples=[{"image": p, "caption": candidates[p], "references": references[p]}

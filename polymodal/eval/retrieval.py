@@ -17,10 +17,12 @@ Conventions (record them beside any reported number):
   (the six of the default ``ks``; M2-Encoder calls it MR). The median rank of an even
   number of ranks is the mean of the two middle ones (as ``numpy.median``).
 
-Memory: rows are scored ``chunk_size`` at a time, so besides the inputs at most about
-``chunk_size * max(N_images, N_texts)`` scores (plus one boolean comparison of that size)
-exist at once. :func:`embed_and_score` never forms the full N_images x N_texts matrix, which keeps
-100k x 100k evaluations feasible (on a GPU, in minutes).
+One pass, bounded memory: image rows are scored one block at a time and BOTH directions are
+counted from the same block (image->text per row; text->image as per-column counts against each
+text's correct score, accumulated over the blocks), so the similarity matrix is computed once and
+never held whole. The block holds ``max_memory`` bytes of scores (default 1 GiB; or give
+``chunk_size`` rows); besides the inputs only O(N_images + N_texts) more is kept, so 100k x 500k
+evaluations fit in a few GB. On a CPU the comparisons run a few rows at a time, in cache.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 TIES = ("pessimistic", "optimistic")
+DEFAULT_MAX_MEMORY = 1 << 30    # bytes of similarity scores held at once
 
 
 def _as_text_to_image(text_to_image: Tensor | Sequence[int], num_images: int, num_texts: int,
@@ -57,12 +60,14 @@ def _as_text_to_image(text_to_image: Tensor | Sequence[int], num_images: int, nu
     return t2i.to(device)
 
 
-def _check_args(ks: Sequence[int], chunk_size: int, ties: str) -> tuple[int, ...]:
+def _check_args(ks: Sequence[int], chunk_size: int | None, ties: str, max_memory: int) -> tuple[int, ...]:
     ks = tuple(dict.fromkeys(int(k) for k in ks))
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None to derive it from max_memory), got {chunk_size}")
+    if int(max_memory) < 1:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     return ks
@@ -80,57 +85,89 @@ def _median(values: Tensor) -> float:
     return float(v[n // 2]) if n % 2 else float((v[n // 2 - 1] + v[n // 2]) / 2)
 
 
-def _streaming_metrics(image_rows: Callable[[int, int], Tensor], text_rows: Callable[[int, int], Tensor],
-                       num_images: int, num_texts: int, t2i: Tensor, ks: tuple[int, ...],
-                       chunk_size: int, ties: str, check_finite: bool) -> dict[str, float]:
-    """Core of both entry points.
+def _rows_per_block(max_memory: int, num_images: int, num_texts: int, itemsize: int) -> int:
+    """Image rows per similarity block so that the block and the pass's other temporaries (a few
+    int64 vectors per image and per text, the in-cache comparisons, 64 MB of slack for BLAS work
+    buffers) fit in ``max_memory`` bytes."""
+    other = 48 * (num_images + num_texts) + (64 << 20)
+    return max(1, (int(max_memory) - other) // (num_texts * itemsize))
+
+
+def _sub_rows(num_texts: int, device: torch.device) -> int:
+    """Rows compared at once inside a block.
+
+    Counting a whole (c, N) comparison can materialise an int copy of it, so the comparisons and
+    counts run over a slice of rows at a time: on a CPU a few rows (the scores stay in cache), on a
+    GPU up to 16M scores (temporaries of at most 128 MB, few kernel launches).
+    """
+    if device.type != "cpu":
+        return max(1, (1 << 24) // max(num_texts, 1))
+    return max(1, min(64, (1 << 18) // max(num_texts, 1)))
+
+
+def _one_pass_metrics(image_rows: Callable[[int, int], Tensor], correct: Tensor, num_images: int,
+                      num_texts: int, t2i: Tensor, ks: tuple[int, ...], block_rows: int, ties: str,
+                      check_finite: bool) -> dict[str, float]:
+    """Core of both entry points: both directions from one pass over image-row blocks.
 
     Args:
         image_rows: ``(i0, i1) -> (i1 - i0, N_texts)`` scores of images i0..i1-1 against all texts.
-        text_rows: ``(j0, j1) -> (j1 - j0, N_images)`` scores of texts j0..j1-1 against all images.
+        correct: (N_texts,) score of every text with its own image, in the dtype of the rows.
         t2i: validated (N_texts,) LongTensor on the device the rows come back on.
+        block_rows: image rows scored at once.
         check_finite: reject NaN/inf scores (checked on the image rows, which cover every score).
     """
     pessimistic = ties == "pessimistic"
     device = t2i.device
 
     # Image -> text: rank of the best-scoring own text. Texts sorted by image make the own
-    # texts of an image chunk one contiguous slice, so no (chunk, N_texts) mask is needed.
+    # texts of an image block one contiguous slice, so no (block, N_texts) mask is needed.
     order = torch.argsort(t2i, stable=True)
     starts = torch.zeros(num_images + 1, dtype=torch.long, device=device)
     starts[1:] = torch.bincount(t2i, minlength=num_images).cumsum(0)
-    i2t_ranks = torch.empty(num_images, dtype=torch.long, device=device)
-    for i0 in range(0, num_images, chunk_size):
-        i1 = min(i0 + chunk_size, num_images)
+    i2t_ahead = torch.empty(num_images, dtype=torch.long, device=device)
+    # Text -> image: for every text, the images scoring >= (pessimistic) or > (optimistic) its
+    # correct score, counted column-wise over the same blocks. The correct image itself is taken
+    # out by index afterwards, not by value, so the count stays right even where the block's
+    # own score and `correct` differ in the last bit (embeddings: two different dot-product kernels).
+    t2i_ahead = torch.zeros(num_texts, dtype=torch.int64, device=device)
+    self_counted = torch.zeros(num_texts, dtype=torch.int64, device=device)
+    sub = _sub_rows(num_texts, device)
+    correct_row = correct[None, :]                                             # (1, N_t)
+    for i0 in range(0, num_images, block_rows):
+        i1 = min(i0 + block_rows, num_images)
         scores = image_rows(i0, i1)                                            # (c, N_t)
         if check_finite:
             _check_finite(scores, "similarity", i0)
-        own_txt = order[int(starts[i0]):int(starts[i1])]                       # (m,) own texts of the chunk
-        own_row = t2i[own_txt] - i0                                            # (m,) their row in the chunk
+        own_txt = order[int(starts[i0]):int(starts[i1])]                       # (m,) own texts of the block
+        own_row = t2i[own_txt] - i0                                            # (m,) their row in the block
         own_scores = scores[own_row, own_txt]                                  # (m,)
         best = torch.full((i1 - i0,), float("-inf"), dtype=scores.dtype, device=device)
         best = best.scatter_reduce(0, own_row, own_scores, reduce="amax")      # (c,)
+        own_correct = correct[own_txt]
+        self_counted[own_txt] = (own_scores >= own_correct if pessimistic else own_scores > own_correct).long()
+        ahead_blk = torch.empty(i1 - i0, dtype=torch.int64, device=device)
+        for r0 in range(0, i1 - i0, sub):
+            r1 = min(r0 + sub, i1 - i0)
+            s = scores[r0:r1]                                                  # (r, N_t)
+            if pessimistic:
+                ahead_blk[r0:r1] = (s >= best[r0:r1, None]).sum(dim=1, dtype=torch.int64)
+                t2i_ahead += (s >= correct_row).sum(dim=0, dtype=torch.int64)
+            else:
+                ahead_blk[r0:r1] = (s > best[r0:r1, None]).sum(dim=1, dtype=torch.int64)
+                t2i_ahead += (s > correct_row).sum(dim=0, dtype=torch.int64)
+        del s                                                                  # a view: it keeps the block alive
         if pessimistic:
             # Texts scoring >= best, minus the own texts among them (those equal to best).
-            at_least = (scores >= best[:, None]).sum(dim=1)
-            own_at_best = torch.zeros_like(at_least).scatter_add_(0, own_row, (own_scores >= best[own_row]).long())
-            i2t_ranks[i0:i1] = 1 + at_least - own_at_best
+            own_at_best = torch.zeros_like(ahead_blk).scatter_add_(0, own_row, (own_scores >= best[own_row]).long())
+            i2t_ahead[i0:i1] = ahead_blk - own_at_best
         else:
             # Own texts never beat their own maximum, so "> best" only counts negatives.
-            i2t_ranks[i0:i1] = 1 + (scores > best[:, None]).sum(dim=1)
+            i2t_ahead[i0:i1] = ahead_blk
         del scores
 
-    # Text -> image: rank of the single correct image.
-    t2i_ranks = torch.empty(num_texts, dtype=torch.long, device=device)
-    for j0 in range(0, num_texts, chunk_size):
-        j1 = min(j0 + chunk_size, num_texts)
-        scores = text_rows(j0, j1)                                             # (c, N_i)
-        correct = scores[torch.arange(j1 - j0, device=device), t2i[j0:j1]][:, None]  # (c, 1)
-        # ">=" also counts the correct image itself, which is exactly the "1 +".
-        t2i_ranks[j0:j1] = (scores >= correct).sum(dim=1) if pessimistic else 1 + (scores > correct).sum(dim=1)
-        del scores
-
-    i2t_ranks, t2i_ranks = i2t_ranks.cpu(), t2i_ranks.cpu()
+    i2t_ranks = (1 + i2t_ahead).cpu()
+    t2i_ranks = (1 + t2i_ahead - self_counted).cpu()
     out: dict[str, float] = {}
     for k in ks:
         out[f"image_to_text_R@{k}"] = 100.0 * float((i2t_ranks <= k).double().mean())
@@ -143,27 +180,68 @@ def _streaming_metrics(image_rows: Callable[[int, int], Tensor], text_rows: Call
     return out
 
 
+def _streaming_metrics(image_rows: Callable[[int, int], Tensor], text_rows: Callable[[int, int], Tensor] | None,
+                       num_images: int, num_texts: int, t2i: Tensor, ks: tuple[int, ...], chunk_size: int,
+                       ties: str, check_finite: bool) -> dict[str, float]:
+    """Metrics for a caller's own similarity function (e.g. eval/hierarchy_retrieval.py).
+
+    Without a cheap way to score a text with its own image, the correct scores come from a first
+    sweep over `image_rows` (own entries kept, the rest dropped), then `_one_pass_metrics` counts
+    both directions from a second sweep: two similarity passes, as before, with the same results.
+    A caller that can compute its (N_texts,) own-pair scores should call `_one_pass_metrics` directly.
+    `text_rows` is accepted for the old signature and not used.
+    """
+    del text_rows
+    order = torch.argsort(t2i, stable=True)
+    starts = torch.zeros(num_images + 1, dtype=torch.long, device=t2i.device)
+    starts[1:] = torch.bincount(t2i, minlength=num_images).cumsum(0)
+    correct = None
+    for i0 in range(0, num_images, chunk_size):
+        i1 = min(i0 + chunk_size, num_images)
+        scores = image_rows(i0, i1)                                            # (c, N_t)
+        if correct is None:
+            correct = torch.empty(num_texts, dtype=scores.dtype, device=scores.device)
+        own_txt = order[int(starts[i0]):int(starts[i1])]
+        correct[own_txt] = scores[t2i[own_txt] - i0, own_txt]
+        del scores
+    return _one_pass_metrics(image_rows, correct, num_images, num_texts, t2i, ks, chunk_size, ties, check_finite)
+
+
+def _own_scores(img: Tensor, txt: Tensor, t2i: Tensor, max_memory: int) -> Tensor:
+    """(N_texts,) dot product of every text with its own image, in chunks that fit ``max_memory``."""
+    out = torch.empty(len(txt), dtype=txt.dtype, device=txt.device)
+    step = max(1, int(max_memory) // (8 * img.shape[1] * img.element_size()))   # two temporaries <= budget / 4
+    for j0 in range(0, len(txt), step):
+        j1 = min(j0 + step, len(txt))
+        out[j0:j1] = (img[t2i[j0:j1]] * txt[j0:j1]).sum(dim=1)
+    return out
+
+
 def embed_and_score(image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor | Sequence[int],
-                    chunk_size: int = 4096, *, ks: Sequence[int] = (1, 5, 10),
-                    ties: str = "pessimistic") -> dict[str, float]:
+                    chunk_size: int | None = None, *, ks: Sequence[int] = (1, 5, 10),
+                    ties: str = "pessimistic", max_memory: int = DEFAULT_MAX_MEMORY) -> dict[str, float]:
     """Retrieval metrics from embeddings, without ever holding the full similarity matrix.
 
     Similarity is the plain dot product ``image_embeds @ text_embeds.T`` (pass L2-normalised
     embeddings, as ``model.encode_image`` / ``encode_text`` return, for cosine similarity),
-    computed in float32 (or float64 if given) ``chunk_size`` rows at a time, once per direction.
+    computed in float32 (or float64 if given) one block of image rows at a time, once: both
+    directions are counted from the same blocks. It runs on the device of the embeddings (move
+    them to a GPU to score there).
 
     Args:
         image_embeds: (N_images, E) tensor.
         text_embeds: (N_texts, E) tensor on the same device.
         text_to_image: (N_texts,) image index of every text.
-        chunk_size: rows scored at once; memory ~ ``chunk_size * max(N_images, N_texts)`` floats.
+        chunk_size: image rows scored at once; None (default) derives it from ``max_memory``.
         ks: the K of Recall@K.
         ties: ``"pessimistic"`` or ``"optimistic"`` (see the module docstring).
+        max_memory: bytes one block of scores may take (default 1 GiB); the extra memory is this
+            plus O(N_images + N_texts).
 
     Returns:
         The same dict as :func:`retrieval_metrics`.
     """
-    ks = _check_args(ks, chunk_size, ties)
+    ks = _check_args(ks, chunk_size, ties, max_memory)
     img, txt = torch.as_tensor(image_embeds), torch.as_tensor(text_embeds)
     if img.dim() != 2 or txt.dim() != 2 or img.shape[1] != txt.shape[1]:
         raise ValueError("image_embeds and text_embeds must be (N_images, E) and (N_texts, E) with the same E, "
@@ -177,15 +255,20 @@ def embed_and_score(image_embeds: Tensor, text_embeds: Tensor, text_to_image: Te
     t2i = _as_text_to_image(text_to_image, len(img), len(txt), img.device)
     _check_finite(img, "image_embeds")
     _check_finite(txt, "text_embeds")
+    rows = int(chunk_size) if chunk_size is not None else _rows_per_block(max_memory, len(img), len(txt), img.element_size())
     with torch.no_grad():
-        return _streaming_metrics(lambda i0, i1: img[i0:i1] @ txt.T, lambda j0, j1: txt[j0:j1] @ img.T,
-                                  len(img), len(txt), t2i, ks, int(chunk_size), ties, check_finite=False)
+        txt_t = txt.T                                                        # (E, N_t) view
+        correct = _own_scores(img, txt, t2i, max_memory)
+        # One block buffer reused by every block: fresh multi-GB allocations would each pay page faults.
+        buf = torch.empty(min(rows, len(img)), len(txt), dtype=dtype, device=img.device)   # (c, N_t)
+        return _one_pass_metrics(lambda i0, i1: torch.matmul(img[i0:i1], txt_t, out=buf[:i1 - i0]), correct,
+                                 len(img), len(txt), t2i, ks, rows, ties, check_finite=False)
 
 
 def retrieval_metrics(similarity: Tensor | None, text_to_image: Tensor | Sequence[int],
-                      ks: Sequence[int] = (1, 5, 10), chunk_size: int = 4096, *,
+                      ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None, *,
                       image_embeds: Tensor | None = None, text_embeds: Tensor | None = None,
-                      ties: str = "pessimistic") -> dict[str, float]:
+                      ties: str = "pessimistic", max_memory: int = DEFAULT_MAX_MEMORY) -> dict[str, float]:
     """Recall@K in both directions plus text->image median/mean rank.
 
     Give either a precomputed ``similarity`` or (with ``similarity=None``) ``image_embeds``
@@ -196,10 +279,11 @@ def retrieval_metrics(similarity: Tensor | None, text_to_image: Tensor | Sequenc
         text_to_image: (N_texts,) index of the image each text belongs to; every image
             needs at least one text (uneven counts are fine).
         ks: the K of Recall@K.
-        chunk_size: rows compared at once (bounds the temporary memory).
+        chunk_size: image rows compared at once; None (default) derives it from ``max_memory``.
         image_embeds: (N_images, E), only with ``similarity=None``.
         text_embeds: (N_texts, E), only with ``similarity=None``.
         ties: ``"pessimistic"`` (default: equal-scoring negatives rank ahead) or ``"optimistic"``.
+        max_memory: bytes of temporary scores allowed at once (default 1 GiB).
 
     Returns:
         ``{"image_to_text_R@k": %, ..., "text_to_image_R@k": %, ..., "text_to_image_median_rank",
@@ -211,10 +295,11 @@ def retrieval_metrics(similarity: Tensor | None, text_to_image: Tensor | Sequenc
     if similarity is None:
         if image_embeds is None or text_embeds is None:
             raise ValueError("retrieval_metrics needs a similarity matrix or both image_embeds and text_embeds")
-        return embed_and_score(image_embeds, text_embeds, text_to_image, chunk_size, ks=ks, ties=ties)
+        return embed_and_score(image_embeds, text_embeds, text_to_image, chunk_size, ks=ks, ties=ties,
+                               max_memory=max_memory)
     if image_embeds is not None or text_embeds is not None:
         raise ValueError("give either similarity or image_embeds/text_embeds, not both")
-    ks = _check_args(ks, chunk_size, ties)
+    ks = _check_args(ks, chunk_size, ties, max_memory)
     sim = torch.as_tensor(similarity)
     if sim.dim() != 2:
         raise ValueError(f"similarity must be 2-D (N_images, N_texts), got shape {tuple(sim.shape)}")
@@ -224,6 +309,9 @@ def retrieval_metrics(similarity: Tensor | None, text_to_image: Tensor | Sequenc
         raise ValueError(f"similarity must be a floating-point tensor, got dtype {sim.dtype}")
     num_images, num_texts = sim.shape
     t2i = _as_text_to_image(text_to_image, num_images, num_texts, sim.device)
+    # Blocks are views of `similarity`; the budget bounds the temporaries made from them.
+    rows = int(chunk_size) if chunk_size is not None else _rows_per_block(max_memory, num_images, num_texts, sim.element_size())
     with torch.no_grad():
-        return _streaming_metrics(lambda i0, i1: sim[i0:i1], lambda j0, j1: sim[:, j0:j1].T,
-                                  num_images, num_texts, t2i, ks, int(chunk_size), ties, check_finite=True)
+        correct = sim[t2i, torch.arange(num_texts, device=sim.device)]       # (N_t,)
+        return _one_pass_metrics(lambda i0, i1: sim[i0:i1], correct, num_images, num_texts, t2i, ks, rows, ties,
+                                 check_finite=True)

@@ -51,14 +51,15 @@ def _multilabel(model, manifest, classes: str = "", lang: str = "en", limit: int
 
 
 def _captioning(model, manifest, limit: int = 0, progress: bool = False, lang: str = "en", cache=None,
-                on_bad_record: str = "error") -> dict:
+                on_bad_record: str = "error", precision: str = "fp32", precision_force: bool = False) -> dict:
     from .captioning import captioning_eval_manifest
     if not hasattr(model, "generate"):
         raise ValueError(f"captioning: the model is a {type(model).__name__}, not a captioner (model_type 'coca'); "
                          f"use the retrieval or zeroshot task for dual encoders")
     if lang != "en":
         raise ValueError("captioning: only lang=en is supported (references come from `captions`/`caption`)")
-    return captioning_eval_manifest(model, manifest, limit=limit, progress=progress, on_bad_record=on_bad_record)
+    return captioning_eval_manifest(model, manifest, limit=limit, progress=progress, on_bad_record=on_bad_record,
+                                    precision=precision, precision_force=precision_force)
 
 
 def _video_retrieval(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
@@ -92,6 +93,8 @@ TASKS: dict[str, Callable[..., dict]] = {
     "shenet_retrieval": _lazy("hierarchy_retrieval", "shenet_retrieval_task"),
     "scene": _lazy("scene", "scene_eval_task"),
     "snps3_retrieval": _lazy("snps3_retrieval", "snps3_retrieval_task"),
+    "preference": _lazy("preference", "preference_eval_task"),
+    "fairness": _lazy("fairness", "fairness_task"),
 }
 
 

@@ -21,6 +21,8 @@ METHODS: dict[str, object] = {
     "m2raap": "polymodal.methods.m2raap:M2RAAPMethod",
     "scene": "polymodal.methods.scene:SceneMethod",
     "snps3": "polymodal.methods.snps3:SNPS3Method",
+    "reward": "polymodal.methods.reward:RewardMethod",
+    "asd": "polymodal.methods.asd:ASDMethod",
 }
 
 

@@ -51,26 +51,27 @@ LOSS_NAMES = ("level1", "lvwm", "level2", "itm", "mlm")
 @dataclass
 class SNPS3Config(ConfigDict):
     """The recipe's `snps3:` section."""
-    vision: dict = field(default_factory=lambda: {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
+    vision: dict = field(default_factory=lambda: {"image_size": 32,  # vision tower (frame patches) sizes
+                                                   "patch_size": 8, "width": 64, "layers": 2,
                                                    "heads": 4})
-    text: dict = field(default_factory=lambda: {"width": 64, "layers": 2, "heads": 4, "context_length": 30})
+    text: dict = field(default_factory=lambda: {"width": 64, "layers": 2, "heads": 4, "context_length": 30})  # text
     shared: bool = True              # False = three-encoder baseline
     frames_per_clip: int = 1         # frames per visual token
     pool: str = "cls"                # poolers read "cls" (authors) or the "mean" of real tokens (tiny runs)
     masking: str = "mssm"            # "mssm" | "mlm"
     attention_remask: float = 0.0    # share of batches whose cross-pass MLM input is re-masked by attention
                                      # importance of the text pass (authors: about half); 0 = off
-    mask_ratio: float = 0.15
+    mask_ratio: float = 0.15         # share of text tokens masked for MLM/MSSM
     top_k: int = 3000                # significant = rank <= top_k
-    stop_words: list = field(default_factory=lambda: list(DEFAULT_STOP_WORDS))
+    stop_words: list = field(default_factory=lambda: list(DEFAULT_STOP_WORDS))  # never significant
     significant_words: str = ""      # JSON list; "" = <out_dir>/significant_words.json (counted once)
-    lvwm: bool = True
-    lvwm_k: int = 3
+    lvwm: bool = True                # local vision-word matching loss
+    lvwm_k: int = 3                  # LVWM: frames matched per word (top-k)
     moco: bool = True                # level 1 with a MoCo queue (authors' default); False = in-batch MIL-NCE
-    queue_size: int = 16384
-    momentum: float = 0.9999
-    temperature: float = 0.05
-    weights: dict = field(default_factory=lambda: {k: 1.0 for k in LOSS_NAMES})
+    queue_size: int = 16384          # MoCo queue length
+    momentum: float = 0.9999         # MoCo momentum-encoder decay
+    temperature: float = 0.05        # contrastive temperature
+    weights: dict = field(default_factory=lambda: {k: 1.0 for k in LOSS_NAMES})  # per-loss weights
 
     def __post_init__(self):
         from ..config import ConfigError

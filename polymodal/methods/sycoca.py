@@ -34,17 +34,17 @@ MASKINGS = ("attentive", "random", "none")
 
 @dataclass
 class SyCoCaConfig(ConfigDict):
-    lambda_itc: float = 1.0
+    lambda_itc: float = 1.0         # image-text contrastive weight
     lambda_ic: float = 2.0          # CoCa's captioning weight
-    lambda_mim: float = 1.0
+    lambda_mim: float = 1.0         # text-guided masked image modelling weight (0 = CoCa)
     masking: str = "attentive"      # "attentive" | "random" | "none" (= CoCa)
     mask_ratio: float = 0.5         # rho: fraction of patches masked for TG-MIM
     attentive_ratio: float = 0.5    # share of the masked set chosen by text relevance, the rest random
     direction: str = "most"         # mask the "most" or "least" text-relevant patches
     norm_pix_loss: bool = True      # per-patch standardised pixel targets (MAE)
     decoder_layers: int = 2         # TG-MIM image decoder
-    decoder_width: int = 256
-    decoder_heads: int = 8
+    decoder_width: int = 256        # TG-MIM decoder width
+    decoder_heads: int = 8          # TG-MIM decoder attention heads
 
     def __post_init__(self):
         if self.masking not in MASKINGS:

@@ -3,6 +3,11 @@
 Attention uses `F.scaled_dot_product_attention` with a fused qkv projection (one matmul instead of
 three). Blocks are pre-LN by default (CLIP, ViT); `norm_first=False` gives post-LN blocks so BERT-style
 text towers load exactly.
+
+Incremental decoding: `Transformer.step` runs ONE new position of causal sequences whose earlier
+keys/values sit in a `KVCache` per layer, and cross-attention reads keys/values projected once per
+context (`Transformer.context_kv`). It computes what `forward(..., is_causal=True)` computes at that
+position (up to float rounding: the matmuls have other shapes).
 """
 from __future__ import annotations
 
@@ -32,6 +37,53 @@ def activation(name: str):
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+class KVCache:
+    """Self-attention keys and values of one layer for `num_slots` sequences, up to `max_len` positions.
+
+    Storage is allocated at the first write, in the dtype of the keys (so autocast works) and kept
+    as (num_slots, H, max_len, Dh) tensors; slot s holds the sequence decoded in slot s.
+
+    Args:
+        num_slots: sequences decoded at once (e.g. images x beams).
+        max_len: most positions a sequence may reach.
+    """
+
+    def __init__(self, num_slots: int, max_len: int):
+        self.num_slots, self.max_len = num_slots, max_len
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def write(self, slots: Tensor | None, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store position `pos` of `slots` and return their keys/values at positions 0..pos.
+
+        Args:
+            slots: (N,) slot indices; None = every slot, in order (no gather: views of the storage).
+            pos: position of the new token (all slots are at the same position).
+            k, v: (N, H, 1, Dh) key and value of the new token.
+        Returns:
+            (keys, values), each (N, H, pos + 1, Dh).
+        """
+        if pos >= self.max_len:
+            raise ValueError(f"KVCache: position {pos} is past the cache length {self.max_len}")
+        if self.k is None:
+            shape = (self.num_slots, k.shape[1], self.max_len, k.shape[3])
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        if slots is None:
+            self.k[:, :, pos] = k[:, :, 0]
+            self.v[:, :, pos] = v[:, :, 0]
+            return self.k[:, :, :pos + 1], self.v[:, :, :pos + 1]
+        self.k[slots, :, pos] = k[:, :, 0]
+        self.v[slots, :, pos] = v[:, :, 0]
+        return self.k[slots, :, :pos + 1], self.v[slots, :, :pos + 1]
+
+    def reorder(self, src: Tensor, length: int) -> None:
+        """Slot s continues the sequence of slot src[s] (beam search); only positions < `length` move."""
+        if self.k is not None:
+            self.k[:, :, :length] = self.k[src, :, :length]
+            self.v[:, :, :length] = self.v[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -100,6 +152,42 @@ class Attention(nn.Module):
                                            is_causal=is_causal and attn_mask is None)     # (B, H, L, Dh)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
+    def step(self, x: Tensor, cache: KVCache, slots: Tensor | None, pos: int) -> Tensor:
+        """Causal self-attention for one new token per sequence, with earlier keys/values from `cache`.
+
+        Args:
+            x: (N, 1, D) the new tokens (at position `pos`) of the sequences in cache `slots` (N,)
+                (None: every slot, in order).
+        Returns:
+            (N, 1, D), what `forward(..., is_causal=True)` gives at row `pos`.
+        """
+        N, _, D = x.shape
+        H = self.heads
+        q, k, v = self.qkv(x).view(N, 1, 3, H, D // H).permute(2, 0, 3, 1, 4)   # 3 x (N, H, 1, Dh)
+        keys, values = cache.write(slots, pos, k, v)                             # (N, H, pos+1, Dh)
+        y = F.scaled_dot_product_attention(q, keys, values)                      # every cached key is visible
+        return self.out(y.transpose(1, 2).reshape(N, 1, D))
+
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of a context, to reuse over decoding steps: (B, S, D) -> 2 x (B, H, S, Dh)."""
+        B, S, D = context.shape
+        H = self.heads
+        _, w_kv = self.qkv.weight.split([D, 2 * D])
+        b_kv = self.qkv.bias.split([D, 2 * D])[1] if self.qkv.bias is not None else None
+        k, v = F.linear(context, w_kv, b_kv).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """Cross-attention of `x` (N, L, D) to precomputed keys/values (N, H, S, Dh) (from `context_kv`)."""
+        N, L, D = x.shape
+        H = self.heads
+        w_q = self.qkv.weight[:D]
+        b_q = self.qkv.bias[:D] if self.qkv.bias is not None else None
+        q = F.linear(x, w_q, b_q).view(N, L, H, D // H).transpose(1, 2)             # (N, H, L, Dh)
+        mask = None if context_mask is None else context_mask[:, None, None, :]     # (N, 1, 1, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(N, L, D))
+
 
 class MLP(nn.Module):
     """Two-layer feed-forward network: fc1 -> act -> fc2."""
@@ -148,6 +236,27 @@ class Block(nn.Module):
             x = self.norm_cross(x + self.cross(x, context=context, context_mask=context_mask))
         return self.norm2(x + self.mlp(x))
 
+    def step(self, x: Tensor, cache: KVCache, slots: Tensor | None, pos: int,
+             cross_kv: tuple[Tensor, Tensor] | None = None, context_mask: Tensor | None = None) -> Tensor:
+        """One new position of causal sequences (see `Attention.step`): x (N, 1, D) -> (N, 1, D).
+
+        Args:
+            cross_kv: (k, v), each (N, H, S, Dh): this block's cross-attention keys/values of each
+                sequence's context (from `context_kv`), needed when the block cross-attends.
+            context_mask: (N, S) bool, True = real context token.
+        """
+        if self.cross is not None and cross_kv is None:
+            raise ValueError("Block.step: this block cross-attends; pass cross_kv from context_kv()")
+        if self.norm_first:
+            x = x + self.attn.step(self.norm1(x), cache, slots, pos)
+            if self.cross is not None:
+                x = x + self.cross.attend(self.norm_cross(x), *cross_kv, context_mask)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn.step(x, cache, slots, pos))
+        if self.cross is not None:
+            x = self.norm_cross(x + self.cross.attend(x, *cross_kv, context_mask))
+        return self.norm2(x + self.mlp(x))
+
 
 def _rows(x: Tensor, at: Tensor) -> Tensor:
     """x (B, L, D), at (B, Q) -> (B, Q, D): the rows of x at positions `at`."""
@@ -177,6 +286,31 @@ class Transformer(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = block(x, attn_mask, is_causal, context, context_mask, rows)
+        return x
+
+    def new_caches(self, num_slots: int, max_len: int) -> list[KVCache]:
+        """One empty `KVCache` per block for incremental decoding of `num_slots` sequences."""
+        return [KVCache(num_slots, max_len) for _ in self.blocks]
+
+    def context_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every block's cross-attention keys/values of `context` (B, S, D): computed once, reused every step."""
+        if any(b.cross is None for b in self.blocks):
+            raise ValueError("Transformer.context_kv: the blocks have no cross-attention")
+        return [b.cross.context_kv(context) for b in self.blocks]
+
+    def step(self, x: Tensor, caches: list[KVCache], slots: Tensor | None, pos: int,
+             cross_kv: list[tuple[Tensor, Tensor]] | None = None, context_mask: Tensor | None = None) -> Tensor:
+        """Causal incremental forward of one position: x (N, 1, D) at `pos` -> (N, 1, D).
+
+        Args:
+            caches: from `new_caches`; slot `slots[n]` holds the earlier positions of sequence n.
+            slots: (N,) cache slots of the sequences in `x`; None = all slots, in order.
+            pos: position of the new token.
+            cross_kv: per block (k, v), each (N, H, S, Dh), already gathered for these sequences.
+            context_mask: (N, S) bool for cross-attention.
+        """
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, caches[i], slots, pos, None if cross_kv is None else cross_kv[i], context_mask)
         return x
 
 

@@ -24,23 +24,24 @@ from ..config import ConfigError
 from ..fileio import atomic_open
 from . import distributed as dist_utils
 from .logging import RunLogger, check_log_to
+from ..precision import PRECISIONS, autocast, check_precision
+from .threads import resolve_threads
 from .checkpoint import (CheckpointError, atomic_torch_save, is_complete_checkpoint, latest_checkpoint,
                          list_checkpoints, load_checkpoint, prune_checkpoints, remove_stale_temp_files, rng_state,
                          set_rng_state)
 from .schedule import SCHEDULES, lr_at
 
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 50
+    lr: float = 5e-4                # peak learning rate (after warm-up)
+    weight_decay: float = 0.1       # AdamW decoupled weight decay (not on biases, norms, embeddings)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW moment decay rates
+    eps: float = 1e-6               # AdamW denominator epsilon
+    warmup_steps: int = 50          # linear warm-up from 0 to lr over this many steps
     schedule: str = "cosine"        # "cosine" | "constant"
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0       # cosine: the final lr as a fraction of lr
     clip_grad: float = 1.0          # max global grad norm; 0 disables
     accum_steps: int = 1            # micro-batches per optimizer step
     fused: bool = True              # fused AdamW kernel (CPU and CUDA); False = torch's multi-tensor (foreach)
@@ -84,16 +85,17 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000               # optimizer steps in the whole run
-    seed: int = 0
-    precision: str = "fp32"         # "fp32" | "bf16" (autocast)
-    log_every: int = 10
+    seed: int = 0                   # seeds the model init, data order and augmentation
+    precision: str = "fp32"         # "fp32" | "bf16" (autocast; refused where the hardware only emulates bf16)
+    precision_force: bool = False   # run bf16 even where the CPU only emulates it (~25x slower on AVX2)
+    log_every: int = 10             # steps between metrics.jsonl lines
     eval_every: int = 0             # 0 = only at the end
-    ckpt_every: int = 200
-    keep_last: int = 2
+    ckpt_every: int = 200           # steps between checkpoints; 0 = none (only the final model)
+    keep_last: int = 2              # checkpoints kept (older ones are deleted)
     resume: str = "auto"            # "auto" (latest checkpoint in out_dir if any) | "never" | a checkpoint path
     stop_after: int = 0             # stop (as if killed) after this many steps; 0 = run to the end
-    progress: bool = True
-    threads: int = 0                # torch intra-op threads for this process; 0 = leave torch's default
+    progress: bool = True           # a tqdm progress bar on rank 0
+    threads: int | str = 0          # torch threads for this process: N, "auto" (the idle cores now), 0 = torch's default
     max_empty_batches: int = 100    # stop with an error after this many batches in a row had no usable sample
     log_to: list = field(default_factory=lambda: ["jsonl"])  # + "tensorboard": scalars in out_dir/tensorboard/
     val_loss_every: int = 0         # validation loss every N steps and at the end; 0 = none
@@ -115,6 +117,7 @@ class TrainConfig:
         _integer(self.steps, "train.steps", where, low=1)
         _integer(self.seed, "train.seed", where)
         _choice(self.precision, "train.precision", where, PRECISIONS)
+        _boolean(self.precision_force, "train.precision_force", where)
         _integer(self.log_every, "train.log_every", where, low=1)
         _integer(self.eval_every, "train.eval_every", where, low=0, hint="0 = only at the end")
         _integer(self.ckpt_every, "train.ckpt_every", where, low=0, hint="0 = no checkpoints")
@@ -124,7 +127,8 @@ class TrainConfig:
                               f"got {self.resume!r}")
         _integer(self.stop_after, "train.stop_after", where, low=0, hint="0 = run to the end")
         _boolean(self.progress, "train.progress", where)
-        _integer(self.threads, "train.threads", where, low=0, hint="0 = torch's default")
+        if self.threads != "auto":
+            _integer(self.threads, "train.threads", where, low=0, hint="0 = torch's default, or auto")
         _integer(self.max_empty_batches, "train.max_empty_batches", where, low=1)
         try:
             check_log_to(self.log_to, where)
@@ -280,6 +284,8 @@ class Trainer:
         self.dist = dist_utils.init_distributed()
         self.is_main = self.dist.rank == 0
         self.device = self.dist.device
+        # The device is known only here: bf16 on a CPU that emulates it would make every step ~25x slower.
+        check_precision(train.precision, self.device, train.precision_force, where="recipe")
         self.task.to(self.device)
         self.module = dist_utils.wrap_ddp(self.task, self.dist)
         # The fused kernel does the whole update in one pass per tensor (~2.7x faster optimizer step on CPU
@@ -456,10 +462,11 @@ class Trainer:
 
     def fit(self) -> dict:
         """Run until `train.steps` optimizer steps are done (or `stop_after`). Returns the last logged numbers."""
-        if self.tcfg.threads > 0:
+        threads = resolve_threads(self.tcfg.threads)
+        if threads > 0:
             # On a CPU shared with other work (or several ranks per machine), fewer threads than cores
-            # can be many times faster: the threads otherwise wait on each other.
-            torch.set_num_threads(self.tcfg.threads)
+            # can be many times faster: the threads otherwise wait on each other (benchmarks/threads.py).
+            torch.set_num_threads(threads)
         torch.manual_seed(self.tcfg.seed)
         if self.is_main:
             remove_stale_temp_files(self.ckpt_dir)   # litter of writes a kill interrupted
@@ -484,7 +491,7 @@ class Trainer:
                 sync = micro == o.accum_steps - 1 or not isinstance(self.module, nn.parallel.DistributedDataParallel)
                 ctx = self.module.no_sync() if not sync else nullcontext()
                 with ctx:
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                    with autocast(t.precision, self.device):
                         losses = self.module(batch)
                     (losses["loss"] / o.accum_steps).backward()
                 for k, v in losses.items():
@@ -553,7 +560,7 @@ class Trainer:
                 if "index" in batch and batch["index"].numel() == 0:
                     continue
                 batch = self._to_device(batch)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tcfg.precision == "bf16"):
+                with autocast(self.tcfg.precision, self.device):
                     losses = self.module(batch)
                 n = _batch_size(batch)
                 for k, v in losses.items():

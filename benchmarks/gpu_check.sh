@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU check (issue #22): on a CUDA machine, in under 10 minutes, run
+#   1. the tests that need CUDA (retrieval on the GPU, cached captioning on the GPU, the bf16 check),
+#   2. the train-step comparison against transformers in fp32 and bf16 (benchmarks/train_step.py),
+#   3. exact retrieval at 100k images x 500k texts on the GPU vs FAISS flat top-10 (CPU, all cores),
+#   4. captioning with and without the KV cache on the GPU (benchmarks/caption_cache.py),
+#   5. fp32 vs bf16 autocast on the GPU (benchmarks/precision.py),
+# and print one table. Stops at once, with an error, when torch sees no CUDA device.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results/gpu_check)
+#
+# Every step has its own time limit (see LIMIT_*); a step that fails or runs out of time is marked in
+# the table and the others still run. Exit status: 0 when every step passed, 1 otherwise.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python
+OUT=${1:-benchmarks/results/gpu_check}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: ERROR: torch sees no CUDA device (torch.cuda.is_available() is False); run this on a GPU machine" >&2
+    exit 2
+fi
+"$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}; torch {torch.__version__}, CUDA {torch.version.cuda}')"
+CORES=$(nproc)
+
+LIMIT_TESTS=120 LIMIT_TRAIN=150 LIMIT_RETRIEVAL=240 LIMIT_CAPTION=90 LIMIT_PRECISION=60
+declare -a ROWS
+FAILED=0
+
+run_step() {   # run_step NAME LIMIT_S LOG COMMAND...
+    local name=$1 limit=$2 log=$3; shift 3
+    local t0=$SECONDS rc
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$log" 2>&1
+    rc=$?
+    tail -n 15 "$log"
+    local status=ok
+    if [ $rc -eq 124 ]; then status="TIMEOUT"; FAILED=1
+    elif [ $rc -ne 0 ]; then status="FAILED (rc $rc)"; FAILED=1; fi
+    ROWS+=("$name|$status|$((SECONDS - t0))|$log")
+}
+
+# 1. Tests that need CUDA: the GPU tests of every file that has any, plus the three files of issue #22 whole.
+CUDA_FILES=$(grep -l "cuda.is_available" tests/*.py | tr '\n' ' ')
+run_step "CUDA tests" $LIMIT_TESTS "$OUT/tests.log" \
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_retrieval_onepass.py tests/test_kv_cache.py \
+    tests/test_precision.py $CUDA_FILES
+
+# 2. Train step vs transformers, fp32 and bf16, on the GPU (needs train_step.py's --device/--precision).
+if "$PY" benchmarks/train_step.py --help 2>/dev/null | grep -q -- "--device"; then
+    PREC_FLAG=$("$PY" benchmarks/train_step.py --help | grep -q -- "--precision" && echo yes || echo no)
+    for p in fp32 bf16; do
+        if [ "$PREC_FLAG" = yes ]; then
+            run_step "train step $p" $((LIMIT_TRAIN / 2)) "$OUT/train_step_$p.log" \
+                "$PY" benchmarks/train_step.py --device cuda --precision $p --steps 10 --batch 64 --out "$OUT/train_step_$p.json"
+        elif [ $p = fp32 ]; then
+            run_step "train step fp32" $LIMIT_TRAIN "$OUT/train_step_fp32.log" \
+                "$PY" benchmarks/train_step.py --device cuda --steps 10 --batch 64 --out "$OUT/train_step_fp32.json"
+        fi
+    done
+else
+    echo "== train step: SKIPPED: benchmarks/train_step.py has no --device option yet (issue #22 item 5)"
+    ROWS+=("train step fp32/bf16|SKIPPED (train_step.py: no --device)|0|-")
+    FAILED=1
+fi
+
+# 3. Retrieval at 100k x 500k: ours on the GPU, FAISS flat top-10 on all CPU cores.
+run_step "retrieval 100k x 500k" $LIMIT_RETRIEVAL "$OUT/retrieval.log" \
+    "$PY" benchmarks/retrieval_scale.py --device cuda --sizes 10000x50000,100000x500000 --threads "$CORES" \
+    --out "$OUT/retrieval_scale.json"
+
+# 4. Captioning with the KV cache on the GPU (greedy and beam, cached vs uncached, GPT-2 generate).
+run_step "captioning (KV cache)" $LIMIT_CAPTION "$OUT/caption.log" \
+    "$PY" benchmarks/caption_cache.py --device cuda --batch 64 --tokens 20 --out "$OUT/caption_cache.json"
+
+# 5. fp32 vs bf16 on the GPU.
+run_step "precision fp32 vs bf16" $LIMIT_PRECISION "$OUT/precision.log" \
+    "$PY" benchmarks/precision.py --device cuda --batch 128 --steps 5 --out "$OUT/precision.json"
+
+echo
+echo "| step | status | seconds | log |"
+echo "|---|---|---|---|"
+for r in "${ROWS[@]}"; do IFS='|' read -r a b c d <<< "$r"; echo "| $a | $b | $c | $d |"; done
+echo
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    p = out / name
+    return json.loads(p.read_text()) if p.exists() else None
+print("| measurement | value |")
+print("|---|---|")
+for p in ("fp32", "bf16"):
+    r = load(f"train_step_{p}.json")
+    if r:
+        print(f"| train step {p} | {json.dumps(r.get('summary', r))[:200]} |")
+r = load("retrieval_scale.json")
+for row in (r or {}).get("rows", []):
+    faiss = f"{row['faiss_s']:.1f} s (ours/FAISS {row['time_ratio']:.2f})" if "faiss_s" in row else "-"
+    print(f"| retrieval {row['images']} x {row['texts']} (GPU) | ours {row['ours_s']:.1f} s, +{row['ours_extra_mb']:.0f} MB; FAISS CPU {faiss} |")
+r = load("caption_cache.json")
+for row in (r or {}).get("rows", []):
+    print(f"| captions/s {row['what']} (batch {r['batch']}, {r['tokens']} tokens) | cached {row['cached_caps_per_s']:.0f}, "
+          f"uncached {row['uncached_caps_per_s']:.0f} ({row['speedup']:.1f}x) |")
+if r:
+    print(f"| captions/s GPT-2 generate | {r['gpt2_caps_per_s']:.0f} |")
+r = load("precision.json")
+if r:
+    print(f"| CLIP small step fp32 / bf16 | {r['fp32_s'] * 1000:.1f} ms / {r['bf16_s'] * 1000:.1f} ms ({r['ratio']:.2f}x); check: {r['check'][:60]} |")
+EOF
+exit $FAILED

@@ -1,0 +1,192 @@
+"""Hummer ablation on the preference world (METHODS.md section 10; our synthetic claim, not a paper number).
+
+1. ADC of the conflicting vs the low-conflict training set: a base reward model is trained on the clean,
+   balanced `base/` pairs; one copy per dimension is fine-tuned on that dimension's pairs of each set; ADC
+   (`polymodal.eval.conflict`, reading "all_pairs") from the held-out accuracy of every copy on every dimension.
+   Claim: ADC(conflicting) > ADC(low-conflict).
+2. Plain mixing vs hybrid sampling: the base model is trained further on the whole conflicting set (whose
+   dimensions are imbalanced: accuracy x0.5, specificity x0.75) with `reward.sampling=mix` and `=hybrid`
+   (valAcc on `val.jsonl`); per-dimension held-out accuracy and the worst-dimension drop
+   max_k (Acc_k(base) - Acc_k(model)). Claim: hybrid sampling has the smaller worst-dimension drop.
+
+Every training run goes through `polymodal.train.run.run_recipe` with `recipes/reward_tiny.yaml` and overrides.
+Writes `results.json`, `results.md` and the ADC heatmaps under `--out`.
+
+    OMP_NUM_THREADS=1 python benchmarks/hummer.py --out docs/results/hummer        # 2 seeds, default size
+    OMP_NUM_THREADS=1 python benchmarks/hummer.py --out /tmp/hummer --quick        # smoke run (~1-2 min)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+SIZES = {
+    # world: pairs per dimension; steps and learning rates of the three kinds of run
+    "default": dict(n_train=400, n_base=200, n_val=48, n_test=120, base_steps=400, ft_steps=60, joint_steps=300,
+                    seeds=[0, 1], batch_size=32),
+    "quick": dict(n_train=64, n_base=40, n_val=16, n_test=24, base_steps=40, ft_steps=8, joint_steps=30,
+                  seeds=[0], batch_size=16),
+}
+COMMON = ["train.progress=false", "train.threads=1", "train.resume=never", "train.ckpt_every=0", "eval.tasks=[]",
+          "reward.text={width: 32, layers: 2, heads: 2}", "reward.max_length=64", "train.log_every=1000"]
+
+
+def _register():
+    """The method and eval rows, when the tables do not have them yet (the lead adds them)."""
+    from polymodal import methods
+    from polymodal.eval import tasks
+    methods.METHODS.setdefault("reward", "polymodal.methods.reward:RewardMethod")
+    tasks.TASKS.setdefault("preference", tasks._lazy("preference", "preference_eval_task"))
+
+
+def train(out: Path, data: Path, steps: int, lr: float, seed: int, extra: list[str], batch_size: int = 32) -> Path:
+    """One reward-model run through run_recipe; returns the saved model folder."""
+    from polymodal.train.run import load_recipe, run_recipe
+    cfg = load_recipe(ROOT / "recipes" / "reward_tiny.yaml",
+                      COMMON + [f"out_dir={out}", f"data.train={data}", f"train.steps={steps}", f"optim.lr={lr}",
+                                f"train.seed={seed}", f"data.batch_size={batch_size}", *extra])
+    run_recipe(cfg)
+    return out / "model"
+
+
+def accuracy(model_dir: Path, test: Path) -> dict:
+    """Held-out accuracy per dimension of a saved reward model."""
+    from polymodal.eval.preference import preference_eval_task
+    from polymodal.models.reward import load_reward_model
+    m = preference_eval_task(load_reward_model(model_dir), test, batch_size=128)
+    return {k[len("accuracy_"):]: v for k, v in m.items() if k.startswith("accuracy_")}
+
+
+def run_seed(out: Path, seed: int, size: dict, ft_lr: float, joint_lr: float, log, alpha: float = 0.5,
+             beta: float = 10.0) -> dict:
+    from polymodal.data.synthetic.preferences import DIMENSIONS, generate_preferences
+    from polymodal.eval.conflict import measure_conflict, write_conflict_report
+    world = out / "data"
+    generate_preferences(world, n_train=size["n_train"], n_base=size["n_base"], n_val=size["n_val"],
+                         n_test=size["n_test"], seed=seed)
+    test = world / "test.jsonl"
+    bs = size["batch_size"]
+    t0 = time.perf_counter()
+    base = train(out / "base", world / "base" / "train.jsonl", size["base_steps"], 2e-3, seed,
+                 ["optim.warmup_steps=20"], bs)
+    base_acc = accuracy(base, test)
+    log(f"seed {seed}: base {time.perf_counter() - t0:.0f}s {_fmt(base_acc)}")
+    result: dict = {"seed": seed, "base_acc": base_acc, "adc": {}, "sampling": {}}
+    ft = ["optim.warmup_steps=0", "optim.schedule=constant", f"model.path={base}"]
+    for variant in ("conflicting", "low_conflict"):
+        def finetune(base_dir, k, variant=variant):
+            return train(out / variant / k, world / variant / k / "train.jsonl", size["ft_steps"], ft_lr, seed,
+                         ft + [f"reward.dimension={k}"], bs)
+        t0 = time.perf_counter()
+        res = measure_conflict(base, DIMENSIONS, finetune, lambda d: accuracy(d, test))
+        write_conflict_report(res, out, f"adc_{variant}")
+        result["adc"][variant] = res.to_dict()
+        log(f"seed {seed}: {variant} ADC={res.adc:.4f} ({time.perf_counter() - t0:.0f}s)")
+    for sampling in ("mix", "hybrid"):
+        t0 = time.perf_counter()
+        extra = [f"model.path={base}", "optim.warmup_steps=10", f"reward.sampling={sampling}",
+                 f"reward.val={world / 'val.jsonl'}", "reward.refresh_every=20", f"reward.alpha={alpha}",
+                 f"reward.beta={beta}"]
+        model = train(out / f"joint_{sampling}", world / "conflicting" / "train.jsonl", size["joint_steps"], joint_lr,
+                      seed, extra, bs)
+        acc = accuracy(model, test)
+        drops = {d: base_acc[d] - acc[d] for d in DIMENSIONS}
+        result["sampling"][sampling] = {"acc": acc, "drop": drops, "worst_drop": max(drops.values()),
+                                        "worst_acc": min(acc.values()), "mean_acc": statistics.fmean(acc.values())}
+        log(f"seed {seed}: {sampling} worst drop {max(drops.values()):+.3f} {_fmt(acc)} "
+            f"({time.perf_counter() - t0:.0f}s)")
+    return result
+
+
+def _fmt(acc: dict) -> str:
+    return " ".join(f"{k[:4]}={v:.2f}" for k, v in acc.items())
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarise(results: list[dict]) -> str:
+    from polymodal.data.synthetic.preferences import DIMENSIONS
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    lines = [f"Seeds: {seeds} (mean ± sd over seeds).", "",
+             "| training set | ADC (all_pairs) | mean off-diagonal deviation | worst off-diagonal deviation |",
+             "|---|---|---|---|"]
+    for variant in ("conflicting", "low_conflict"):
+        adcs, means, worsts = [], [], []
+        for r in results:
+            a = r["adc"][variant]
+            D = torch.tensor(a["deviations"])
+            off = ~torch.eye(len(D), dtype=torch.bool)
+            adcs.append(a["adc"])
+            means.append(float(D[off].mean()))
+            worsts.append(float(D[off].min()))
+        lines.append(f"| {variant} | {_mean_sd(adcs)} | {_mean_sd(means)} | {_mean_sd(worsts)} |")
+    lines += ["", "Held-out accuracy per dimension after training the base model further on the conflicting set:", "",
+              "| sampling | " + " | ".join(DIMENSIONS) + " | mean | worst | worst-dimension drop vs base |",
+              "|---|" + "---|" * (len(DIMENSIONS) + 3)]
+    base = [statistics.fmean(r["base_acc"][d] for r in results) for d in DIMENSIONS]
+    lines.append("| (base) | " + " | ".join(f"{v:.3f}" for v in base) + f" | {statistics.fmean(base):.3f} | "
+                 f"{min(base):.3f} | - |")
+    for s in ("mix", "hybrid"):
+        per = [statistics.fmean(r["sampling"][s]["acc"][d] for r in results) for d in DIMENSIONS]
+        lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in per)
+                     + f" | {_mean_sd([r['sampling'][s]['mean_acc'] for r in results])}"
+                     + f" | {_mean_sd([r['sampling'][s]['worst_acc'] for r in results])}"
+                     + f" | {_mean_sd([r['sampling'][s]['worst_drop'] for r in results])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder (results.md, results.json, heatmaps, runs)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny data, few steps, one seed")
+    p.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
+    p.add_argument("--ft-lr", type=float, default=3e-4, help="per-dimension fine-tune learning rate")
+    p.add_argument("--joint-lr", type=float, default=5e-4, help="mix/hybrid training learning rate")
+    p.add_argument("--alpha", type=float, default=0.5, help="hybrid sampling: adaptive share")
+    p.add_argument("--beta", type=float, default=10.0, help="hybrid sampling: softmax(-beta * valAcc) sharpness")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    _register()
+    size = dict(SIZES["quick" if args.quick else "default"])
+    if args.seeds:
+        size["seeds"] = args.seeds
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    results = [run_seed(out / f"seed{s}", s, size, args.ft_lr, args.joint_lr, log, args.alpha, args.beta)
+               for s in size["seeds"]]
+    table = summarise(results)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    settings = {k: v for k, v in size.items()}
+    settings.update(ft_lr=args.ft_lr, joint_lr=args.joint_lr, alpha=args.alpha, beta=args.beta, quick=args.quick)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "results": results, "wall_s": wall,
+                                                  "cpu_s": cpu}, indent=1) + "\n", encoding="utf-8")
+    header = (f"# Hummer ablation ({'quick smoke run' if args.quick else 'default size'})\n\n"
+              f"Synthetic preference world, text-tower reward model (width 32, 2 layers); "
+              f"{wall:.0f} s wall, {cpu:.0f} s CPU, one thread. Settings: {json.dumps(settings)}\n\n")
+    (out / "results.md").write_text(header + table + "\n", encoding="utf-8")
+    print(table)
+    return {"results": results, "table": table}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Preference pairs (prompt, chosen, rejected) read from JSONL files, for reward models.
+
+The default layout is the one TRL's `RewardTrainer` reads, plus two columns of our own:
+
+    {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.0, "dimension": "tone", "subset": "chat"}
+
+- `prompt` is optional (TRL's "implicit prompt" form puts the whole conversation in `chosen` and `rejected`);
+- `chosen` / `rejected` are strings or chat message lists (`[{"role": "user", "content": "..."}, ...]`); when
+  both are message lists their longest common prefix is the prompt and the rest are the two responses;
+- `margin` (optional) is the number TRL subtracts inside the Bradley-Terry loss;
+- `dimension` names the alignment dimension (Hummer: accuracy, conciseness, depth, empathy, specificity, tone);
+- `subset` is a RewardBench-style category used by the evaluation's per-subset column.
+
+Other layouts go through `keys`, a mapping from our field names to the file's (dotted paths reach into
+nested objects and lists, e.g. `"completions.0.response"`); a two-element list for `margin` reads the
+difference of two fields, e.g. UltraFeedback's `{"margin": ["score_chosen", "score_rejected"]}`.
+A folder is read as one file per dimension, `<folder>/<dimension>/<split>.jsonl` (the layout of the Hummer
+release), the dimension taken from the sub-folder's name when a record has none.
+
+Bad records (malformed line, bad encoding, a missing side, empty text, chosen identical to rejected, a
+non-numeric margin) raise `ManifestError` naming the file and line (`on_bad_record="error"`) or are skipped and
+counted by reason (`"skip"`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .manifests import BAD_RECORD_POLICIES, MAX_EXAMPLES_PER_REASON, SKIP_HINT, ManifestError
+
+__all__ = ["PreferencePair", "PreferenceSet", "read_preferences", "render_text", "write_preferences",
+           "UNKNOWN_DIMENSION", "HUMMER_DIMENSIONS", "ULTRAFEEDBACK_KEYS"]
+
+UNKNOWN_DIMENSION = "all"         # the dimension of records that name none (and come from no dimension folder)
+HUMMER_DIMENSIONS = ("accuracy", "conciseness", "depth", "empathy", "specificity", "tone")
+# HuggingFaceH4/ultrafeedback_binarized-style records: message lists with the prompt inside, two scores.
+ULTRAFEEDBACK_KEYS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
+                      "margin": ["score_chosen", "score_rejected"]}
+FIELDS = ("prompt", "chosen", "rejected", "margin", "dimension", "subset")
+
+MALFORMED, BAD_ENCODING, MISSING_SIDE = "malformed_line", "bad_encoding", "missing_side"
+EMPTY_TEXT, IDENTICAL, BAD_FIELD = "empty_text", "identical_pair", "bad_field"
+
+Text = Any   # a string or a list of {"role", "content"} messages
+
+
+@dataclass
+class PreferencePair:
+    """One preference: `chosen` is preferred to `rejected` as an answer to `prompt`.
+
+    Attributes:
+        prompt: a string ("" = none) or a message list.
+        chosen, rejected: the responses, strings or message lists (the prompt removed).
+        margin: TRL's margin (None = 0 in the loss).
+        dimension: the alignment dimension (`UNKNOWN_DIMENSION` when none is given).
+        subset: a RewardBench-style category ("" = none).
+        where: "file:line", for messages.
+    """
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    margin: float | None = None
+    dimension: str = UNKNOWN_DIMENSION
+    subset: str = ""
+    where: str = ""
+
+
+@dataclass
+class PreferenceSet:
+    """The good pairs of one or more files plus what was skipped (by reason, with `file:line` examples)."""
+    pairs: list[PreferencePair] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        return iter(self.pairs)
+
+    def __getitem__(self, i: int) -> PreferencePair:
+        return self.pairs[i]
+
+    def dimensions(self) -> list[str]:
+        """The dimensions present, sorted."""
+        return sorted({p.dimension for p in self.pairs})
+
+    def by_dimension(self) -> dict[str, list[PreferencePair]]:
+        """Pairs grouped by dimension (sorted names)."""
+        out: dict[str, list[PreferencePair]] = {d: [] for d in self.dimensions()}
+        for p in self.pairs:
+            out[p.dimension].append(p)
+        return out
+
+    def report(self) -> str:
+        """One line per skip reason with its count and examples; "" when nothing was skipped."""
+        return "\n".join(f"skipped {n} pair(s) of {self.source}: {reason} (e.g. "
+                         f"{'; '.join(self.skipped_examples.get(reason, []))})"
+                         for reason, n in sorted(self.skipped.items()))
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimension: str = "",
+                     on_bad_record: str = "error", split: str = "train", limit: int = 0,
+                     allow_empty: bool = False) -> PreferenceSet:
+    """Read preference pairs from a JSONL file or a folder of one file per dimension.
+
+    Args:
+        path: a JSONL file, or a folder holding `<dimension>/<split>.jsonl` files (the sub-folder names the
+            dimension of records without a `dimension` field).
+        keys: our field name (prompt, chosen, rejected, margin, dimension, subset) -> the file's key or dotted
+            path; a list of two paths for `margin` reads their difference. Unnamed fields keep their names.
+        dimension: force this dimension on every record ("" = from the record, else the folder, else "all").
+        on_bad_record: "error" (raise at the first bad record) or "skip" (count and leave it out).
+        split: the file name (without .jsonl) read inside each dimension folder.
+        limit: keep the first N good pairs (0 = all).
+        allow_empty: accept a source with no usable pair.
+    Returns:
+        A `PreferenceSet`.
+    Raises:
+        FileNotFoundError: `path` does not exist, or a folder holds no `<dimension>/<split>.jsonl`.
+        ManifestError: a bad record under "error" (file, line, reason and the fix), or no usable pair.
+        ValueError: an unknown policy or key-mapping field.
+    """
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+    mapping = _check_keys(keys)
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob(f"*/{split}.jsonl") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{path}: a preference folder needs <dimension>/{split}.jsonl files; found none "
+                                    f"(give a JSONL file, or another split=)")
+        sources = [(f, f.parent.name) for f in files]
+    elif path.is_file():
+        sources = [(path, "")]
+    else:
+        raise FileNotFoundError(f"preference file {path} does not exist")
+    out = PreferenceSet(source=str(path))
+    for file, folder_dim in sources:
+        for line_no, raw in _jsonl_lines(file):
+            where = f"{file}:{line_no}"
+            try:
+                if isinstance(raw, _Bad):
+                    raise raw
+                pair = _normalise(raw, mapping, dimension or "", folder_dim, where)
+            except _Bad as bad:
+                if on_bad_record == "error":
+                    raise ManifestError(f"{file} line {line_no}: {bad.detail} [{bad.reason}]; {SKIP_HINT}") from None
+                out.skipped[bad.reason] += 1
+                ex = out.skipped_examples.setdefault(bad.reason, [])
+                if len(ex) < MAX_EXAMPLES_PER_REASON:
+                    ex.append(f"{where}: {bad.detail}")
+                continue
+            out.pairs.append(pair)
+            if limit and len(out.pairs) >= limit:
+                return out
+    if not out.pairs and not allow_empty:
+        why = f" ({out.report()})" if out.skipped else " (no record)"
+        raise ManifestError(f"{path}: no usable preference pair{why}; fix the file or the key mapping (keys=)")
+    return out
+
+
+def _check_keys(keys: dict | None) -> dict:
+    mapping = {f: f for f in FIELDS}
+    for k, v in (keys or {}).items():
+        if k not in FIELDS:
+            raise ValueError(f"preference key mapping: unknown field {k!r}; fields: {', '.join(FIELDS)}")
+        if k == "margin" and isinstance(v, (list, tuple)):
+            if len(v) != 2 or not all(isinstance(x, str) and x for x in v):
+                raise ValueError(f"preference key mapping: margin must be a key or two keys [a, b] (a - b), got {v!r}")
+        elif not isinstance(v, str) or not v:
+            raise ValueError(f"preference key mapping: {k} must map to a non-empty key, got {v!r}")
+        mapping[k] = v
+    return mapping
+
+
+def _jsonl_lines(path: Path):
+    """(line number, dict or _Bad) for every non-blank line of a JSONL file."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, _Bad(BAD_ENCODING, f"not UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, _Bad(MALFORMED, f"not valid JSON ({e.msg}, column {e.colno})")
+                continue
+            yield n, obj if isinstance(obj, dict) else _Bad(MALFORMED, f"expected a JSON object, got "
+                                                                     f"{type(obj).__name__}")
+
+
+_MISSING = object()
+
+
+def _get(record: dict, dotted: str):
+    """record[a][b][0]... for "a.b.0"; `_MISSING` when any step is absent."""
+    if dotted in record:
+        return record[dotted]
+    cur: Any = record
+    for part in dotted.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return _MISSING
+    return cur
+
+
+def _text(value, name: str):
+    """A string or a validated message list; _Bad otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        for i, m in enumerate(value):
+            if not isinstance(m.get("content"), str) or not isinstance(m.get("role", "user"), str):
+                raise _Bad(BAD_FIELD, f"{name}[{i}] must be a message {{role, content}} with string content")
+        return [{"role": m.get("role", "user"), "content": m["content"]} for m in value]
+    raise _Bad(BAD_FIELD, f"{name} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _is_empty(value) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return not value or all(not m["content"].strip() for m in value)
+
+
+def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where: str) -> PreferencePair:
+    values = {}
+    for name in ("chosen", "rejected"):
+        v = _get(record, keys[name])
+        if v is _MISSING or v is None:
+            raise _Bad(MISSING_SIDE, f"no {name!r} (key {keys[name]!r}); map another key with keys.{name}=...")
+        values[name] = _text(v, name)
+    prompt = _get(record, keys["prompt"])
+    prompt = "" if prompt is _MISSING or prompt is None else _text(prompt, "prompt")
+    chosen, rejected = values["chosen"], values["rejected"]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0                                     # implicit prompt: the messages both sides share
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n:
+            prompt = chosen[:n]                   # a separate `prompt` string repeats it
+            chosen, rejected = chosen[n:], rejected[n:]
+    for name, v in (("chosen", chosen), ("rejected", rejected)):
+        if _is_empty(v):
+            raise _Bad(EMPTY_TEXT, f"{name} response is empty")
+    if chosen == rejected:
+        raise _Bad(IDENTICAL, "chosen and rejected are identical (no preference to learn)")
+    margin = _margin(record, keys["margin"])
+    dim = forced_dim
+    if not dim:
+        d = _get(record, keys["dimension"])
+        if d is not _MISSING and d is not None:
+            if not isinstance(d, str) or not d.strip():
+                raise _Bad(BAD_FIELD, f"dimension must be a non-empty string, got {d!r}")
+            dim = d.strip()
+        else:
+            dim = folder_dim or UNKNOWN_DIMENSION
+    subset = _get(record, keys["subset"])
+    subset = "" if subset is _MISSING or subset is None else str(subset)
+    return PreferencePair(prompt, chosen, rejected, margin, dim, subset, where)
+
+
+def _margin(record: dict, key) -> float | None:
+    def number(k):
+        v = _get(record, k)
+        if v is _MISSING or v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _Bad(BAD_FIELD, f"{k} must be a finite number, got {v!r}")
+        return float(v)
+    if isinstance(key, (list, tuple)):
+        a, b = number(key[0]), number(key[1])
+        return None if a is None or b is None else a - b
+    return number(key)
+
+
+def render_text(prompt: Text, response: Text, separator: str = "\n") -> str:
+    """Prompt and response as one plain string (our choice for towers without a chat template).
+
+    Strings are joined with `separator`; message lists become `role: content` lines.
+
+    Args:
+        prompt: a string ("" = none) or message list.
+        response: a string or message list.
+        separator: between the prompt and the response.
+    Returns:
+        The text a reward model scores.
+    """
+    def flat(x) -> str:
+        if isinstance(x, str):
+            return x
+        return "\n".join(f"{m['role']}: {m['content']}" for m in x)
+    p, r = flat(prompt), flat(response)
+    return f"{p}{separator}{r}" if p else r
+
+
+def write_preferences(pairs, path: str | os.PathLike, with_dimension: bool = True) -> None:
+    """Write pairs (PreferencePair or dicts) as TRL-style JSONL (`prompt`, `chosen`, `rejected`, `margin`,
+    `dimension`, `subset` where set)."""
+    from ..fileio import atomic_open
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for p in pairs:
+            d = p if isinstance(p, dict) else {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                              "margin": p.margin, "dimension": p.dimension, "subset": p.subset}
+            d = {k: v for k, v in d.items() if v not in (None, "") and (with_dimension or k != "dimension")}
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")

@@ -1,0 +1,251 @@
+"""ASD, anti-stereotype debiasing of a multimodal LLM (arXiv 2408.06569), on counterfactual concept data.
+
+Each epoch, before its first batch, the current model answers every concept question of the training set;
+from those option probabilities the Skew of each (attribute, concept, value) is computed over the training
+set (`eval.fairness.skew_table`) and each sample gets its Skew (the signed Skew of its answer concept at
+the attribute with the largest |Skew|; task questions get 0). Then
+
+* `resample`: the epoch's samples come from `data.resample.EpochResampler` (drop Skew > 0 samples with
+  probability Skew/(Skew+tau1), copy Skew <= 0 samples through an accumulator and tau2); the loader keeps
+  the base length, so the resampled list is shuffled and cut or extended to it (ours);
+* `loss`: the step loss is `losses.fairness.fairness_loss` (exp(-Skew)-weighted answer NLL), else the mean NLL.
+
+Both off = plain fine-tuning. The resampler's state and the epoch's skews live on the task
+(`get_extra_state`), so the Trainer's checkpoint carries them and a resumed run is exact.
+
+Recipe: `method: asd`, `model.name: mllm-tiny` (an `models.mllm.MLLM_PRESETS` name) or `model.path` (a saved
+MLLM), `data.train` = a counterfactual manifest, and the `asd:` section below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.resample import EpochResampler
+from ..distributed import rank as dist_rank
+from ..eval.fairness import (attribute_values_of, concept_rows, option_probabilities, read_records, sample_skew,
+                             skew_table)
+from ..losses.fairness import fairness_loss, fairness_weights
+from .base import Method
+
+
+@dataclass
+class ASDConfig:
+    loss: bool = True               # exp(-Skew)-weighted answer NLL (False = plain NLL)
+    resample: bool = True           # per-epoch drop/copy resampling (False = every sample once)
+    tau1: float = 1.0               # drop temperature
+    tau2: float = 1.0               # copy threshold of the accumulator
+    skew_batch_size: int = 128      # questions per forward pass when the epoch's skews are computed
+    vision_path: str = ""           # a saved image-text model whose image tower starts the MLLM's (load_model)
+    freeze_vision: bool = True      # LLaVA keeps the image tower frozen; training it from a cold start collapses
+                                    # its tokens to a constant before the LM learns to read them
+
+    def __post_init__(self):
+        if self.tau1 <= 0 or self.tau2 <= 0:
+            raise ValueError(f"asd.tau1 and asd.tau2 must be > 0, got {self.tau1}, {self.tau2}")
+        if self.skew_batch_size < 1:
+            raise ValueError(f"asd.skew_batch_size must be >= 1, got {self.skew_batch_size}")
+
+    @property
+    def needs_skew(self) -> bool:
+        return self.loss or self.resample
+
+
+def training_records(manifest) -> list[dict]:
+    """The records of a counterfactual training manifest that have an answer."""
+    recs = [r for r in read_records(manifest) if r.get("answer") is not None]
+    if not recs:
+        raise ValueError(f"asd: {manifest} has no answered question; give a training manifest "
+                         f"(`polymodal data counterfactual` writes train.jsonl)")
+    return recs
+
+
+class ASDTask(nn.Module):
+    """An MLLM and the ASD objective; `forward(batch) -> {"loss", "nll", "weight"}`.
+
+    Args:
+        model: an `MLLM`.
+        cfg: the `asd` section.
+        records: the training records (`training_records`), indexed by the batches' "index".
+        seed: resampling seed.
+    """
+
+    def __init__(self, model: nn.Module, cfg: ASDConfig, records: list[dict], seed: int = 0):
+        super().__init__()
+        self.model, self.cfg, self.records = model, cfg, records
+        if cfg.freeze_vision:
+            model.visual.requires_grad_(False)
+        self.resampler = EpochResampler(len(records), cfg.tau1, cfg.tau2, seed)
+        self.concept_at = [i for i, r in enumerate(records) if r["kind"] == "concept"]
+        self.skews = torch.zeros(len(records))
+
+    def refresh(self, epoch: int) -> None:
+        """Compute epoch `epoch`'s skews with the current model and draw its samples (once per epoch)."""
+        if self.resampler.epoch == epoch:
+            return
+        skews = np.zeros(len(self.records))
+        if self.cfg.needs_skew and self.concept_at:
+            skews = self.compute_skews()
+        if self.cfg.resample:
+            self.resampler.draw(skews, epoch)
+        else:
+            self.resampler.indices, self.resampler.skews = np.arange(len(self.records)), skews
+            self.resampler.epoch = epoch
+        self.skews = torch.as_tensor(self.resampler.skews, dtype=torch.float32)
+
+    @torch.no_grad()
+    def compute_skews(self) -> np.ndarray:
+        """(R,) every training sample's Skew under the current model (0 for task questions)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            concept = [self.records[i] for i in self.concept_at]
+            probs = option_probabilities(self.model, concept, self.cfg.skew_batch_size)
+        finally:
+            self.model.train(was)
+        table = skew_table(concept_rows(concept, probs), attribute_values_of(concept))
+        skews = np.zeros(len(self.records))
+        for i, r in zip(self.concept_at, concept):
+            skews[i] = sample_skew(table, r["answer"], r["attributes"])
+        return np.clip(skews, -10.0, 10.0)            # a never-chosen pairing gives -inf; keep weights finite
+
+    def forward(self, batch: dict) -> dict:
+        """batch: pixels, prompt_ids/mask, answer_ids/mask, index -> losses (scalars)."""
+        nll = self.model(batch["pixels"], batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
+                         batch["answer_mask"]).nll                                      # (B,)
+        skews = self.skews.to(nll.device)[batch["index"]]
+        loss = fairness_loss(nll, skews) if self.cfg.loss else nll.mean()
+        return {"loss": loss, "nll": nll.mean().detach(), "weight": fairness_weights(skews).mean()}
+
+    def get_extra_state(self) -> dict:
+        return {"resampler": self.resampler.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.resampler.load_state_dict(state["resampler"])
+        self.skews = torch.as_tensor(self.resampler.skews, dtype=torch.float32)
+
+
+class CounterfactualQADataset(torch.utils.data.Dataset):
+    """Training questions of fixed length; `set_epoch` refreshes the task's skews and the epoch's order.
+
+    Args:
+        task: the `ASDTask` (its records, resampler and model).
+        transform: PIL image -> (3, H, W).
+    """
+
+    def __init__(self, task: ASDTask, transform):
+        self.task, self.transform = task, transform
+        self.order = np.arange(len(task.records))
+        self._pixels: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.task.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.task.refresh(epoch)
+        self.order = (self.task.resampler.epoch_order(len(self)) if self.task.cfg.resample
+                      else np.arange(len(self)))
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+        j = int(self.order[i])
+        r = self.task.records[j]
+        if r["image"] not in self._pixels:
+            with Image.open(r["image"]) as im:
+                self._pixels[r["image"]] = self.transform(im.convert("RGB"))
+        return {"pixels": self._pixels[r["image"]], "prompt": r["prompt"], "answer": r["answer"], "index": j}
+
+
+class QACollate:
+    """Samples -> {pixels (B,3,H,W), prompt_ids/mask (B,Lp) left-padded, answer_ids/mask (B,La), index (B,)}."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, samples: list[dict]) -> dict:
+        pid, pm = self.model.encode_prompts([s["prompt"] for s in samples])
+        aid, am = self.model.encode_answers([s["answer"] for s in samples])
+        return {"pixels": torch.stack([s["pixels"] for s in samples]), "prompt_ids": pid, "prompt_mask": pm,
+                "answer_ids": aid, "answer_mask": am, "index": torch.tensor([s["index"] for s in samples])}
+
+
+class ASDMethod(Method):
+    """`method: asd`: fine-tune an MLLM on counterfactual questions with the ASD loss and/or resampling."""
+
+    config_cls = ASDConfig
+
+    def validate(self) -> None:
+        if not self.run.data.train:
+            raise ValueError("asd: data.train must be a counterfactual manifest (polymodal data counterfactual)")
+
+    def paths(self) -> list[str]:
+        return [self.cfg.vision_path] if self.cfg and self.cfg.vision_path else []
+
+    def build_tokenizer(self, out_dir: Path):
+        from ..data.text import Tokenizer, train_tokenizer
+        run = self.run
+        if run.tokenizer.path:
+            return Tokenizer.from_dir(run.tokenizer.path)
+        if run.model.path:
+            return None
+        saved = Path(out_dir) / "tokenizer"
+        if (saved / "tokenizer.json").is_file():
+            return Tokenizer.from_dir(saved)
+        texts = []
+        for r in read_records(run.data.train):
+            texts += [r["prompt"], *r["options"]] + ([r["answer"]] if r.get("answer") else [])
+        tok = train_tokenizer(texts, kind=run.tokenizer.kind, vocab_size=run.tokenizer.vocab_size, min_frequency=1)
+        if dist_rank() == 0:
+            tok.save(saved)
+        return tok
+
+    def build_model(self, tokenizer) -> nn.Module:
+        from ..models.mllm import create_mllm, load_mllm, mllm_config
+        spec = self.run.model
+        if spec.path:
+            model = load_mllm(spec.path)
+            if tokenizer is not None:
+                model.tokenizer = tokenizer
+            return model.train()
+        vision = None
+        if self.cfg.vision_path:
+            from ..hub import load_model
+            vision = load_model(self.cfg.vision_path).visual
+        cfg = mllm_config(spec.name, dict(spec.overrides), tokenizer)
+        return create_mllm(cfg, tokenizer, vision=vision)
+
+    def build_task(self, model: nn.Module) -> nn.Module:
+        self._task = ASDTask(model, self.cfg, training_records(self.run.data.train), self.run.train.seed)
+        return self._task
+
+    def build_dataset(self, model: nn.Module, rank: int, world_size: int):
+        task = getattr(self, "_task", None)
+        if task is None or task.model is not model:
+            raise RuntimeError("asd: build_task must run before build_dataset (the data needs the task's skews)")
+        return CounterfactualQADataset(task, model.image_transform), None
+
+    def collate(self, model: nn.Module):
+        return QACollate(model)
+
+    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
+        """`fairness` specs run here (so they work before the eval table lists the task); the rest as usual."""
+        from ..eval.fairness import fairness_task
+        out, rest = {}, []
+        for s in specs:
+            if s.task == "fairness":
+                opts = {k: v for k, v in s.options.items() if k in ("limit", "batch_size")}
+                was = task.model.training
+                task.model.eval()
+                try:
+                    out.update({f"{s.prefix}/{k}": v for k, v in fairness_task(task.model, s.data, **opts).items()})
+                finally:
+                    task.model.train(was)
+            else:
+                rest.append(s)
+        if rest:
+            out.update(super().evaluate(task, rest, progress))
+        return out

@@ -1,0 +1,366 @@
+"""Scalar reward models and the Bradley-Terry loss (Hummer, METHODS.md section 10).
+
+Two backbones share one interface (`format`, `encode`, `forward(ids, mask) -> (B,)`, `score`, `save_pretrained`,
+a `.tokenizer`):
+
+- `HFRewardModel`: any local HF directory that `AutoModelForSequenceClassification` accepts (GPT-2, Llama,
+  BERT ... a causal LM directory gets a fresh one-label `score` head). Saved with transformers' own
+  `save_pretrained`, so `AutoModelForSequenceClassification.from_pretrained(dir)` (and TRL) load it back
+  and give the same rewards. `transformers` is imported only here, only when such a model is used.
+- `TextRewardModel`: polymodal's text tower (`models/text.py`) plus a linear head on the pooled (EOT) state,
+  for CPU-size work; saved as `config.json` (`model_type: "text_reward"`) + `model.safetensors` + tokenizer.
+
+`load_reward_model(path)` reads either kind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.preference import render_text
+from .base import CONFIG_FILE, WEIGHTS_FILE, replace_dir
+from .text import TextConfig, TextTower
+
+MODEL_TYPE = "text_reward"
+HF_EXTRA_FILE = "polymodal_reward.json"      # our formatting settings beside an HF reward model
+TEMPLATES = ("auto", "plain", "chat")
+
+__all__ = ["bradley_terry_loss", "pairwise_accuracy", "RewardConfig", "TextRewardModel", "HFRewardModel",
+           "load_reward_model", "is_hf_model_dir", "encode_polymodal", "encode_hf", "TextEncoder", "MODEL_TYPE"]
+
+
+# ---- the loss -------------------------------------------------------------------------------------------
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None,
+                       center_coefficient: float = 0.0) -> Tensor:
+    """mean(-log sigmoid(r_w - r_l - margin)) + c * mean((r_w + r_l)^2), TRL's RewardTrainer form.
+
+    Args:
+        r_chosen: (B,) rewards of the preferred responses.
+        r_rejected: (B,) rewards of the other responses.
+        margin: (B,) or None; subtracted inside the sigmoid (a pair must win by at least this much).
+        center_coefficient: c, TRL's `center_rewards_coefficient` (pulls rewards towards zero mean); 0 = off.
+    Returns:
+        Scalar loss.
+    """
+    diff = r_chosen - r_rejected                                          # (B,)
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+def pairwise_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> float:
+    """Share of pairs with r_chosen > r_rejected (a tie counts as wrong, as in RewardBench)."""
+    if len(r_chosen) == 0:
+        return float("nan")
+    return float((r_chosen > r_rejected).float().mean())
+
+
+# ---- tokenisation -------------------------------------------------------------------------------------
+def encode_polymodal(tok, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """A polymodal Tokenizer's `[SOT] content [EOT] pad` rows, content cut from the left (the response's end is
+    kept), padded to the longest row: ids (B, L) and mask (B, L) with L <= max_length."""
+    L = max_length
+    rows = [[tok.bos_id, *(c[-(L - 2):] if L > 2 else []), tok.eos_id] for c in tok._content(list(texts))]
+    width = max((len(r) for r in rows), default=2)
+    ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
+def encode_hf(tok, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """An HF tokenizer's rows (its own special tokens), cut from the left, right-padded: ids and mask (B, L)."""
+    enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"].bool()
+
+
+class TextEncoder:
+    """`texts -> (ids, mask)` with a tokenizer and a length budget; picklable for loader workers."""
+
+    def __init__(self, fn, tokenizer, max_length: int):
+        self.fn, self.tokenizer, self.max_length = fn, tokenizer, int(max_length)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        return self.fn(self.tokenizer, texts, self.max_length)
+
+
+# ---- shared behaviour ----------------------------------------------------------------------------------
+class _RewardBase(nn.Module):
+    """What both backbones share: formatting a (prompt, response) pair and scoring texts in batches."""
+
+    separator = "\n"
+    template = "auto"
+    max_length = 128
+
+    def format(self, prompt, response) -> str:
+        """The text the model scores for one (prompt, response); strings or message lists."""
+        return render_text(prompt, response, self.separator)
+
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Texts -> ids (B, L) and mask (B, L), cut from the left so the response end is always kept."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+        """(N,) rewards of `texts` (eval mode is the caller's business)."""
+        device = next(self.parameters()).device
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.encode(list(texts[i:i + batch_size]))
+            out.append(self(ids.to(device), mask.to(device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def score_pairs(self, pairs, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """(N,), (N,) rewards of the chosen and rejected responses of `PreferencePair`s."""
+        chosen = [self.format(p.prompt, p.chosen) for p in pairs]
+        rejected = [self.format(p.prompt, p.rejected) for p in pairs]
+        return self.score(chosen, batch_size), self.score(rejected, batch_size)
+
+
+# ---- our own text tower ---------------------------------------------------------------------------------
+@dataclass
+class RewardConfig:
+    """config.json of a `TextRewardModel`."""
+    text: TextConfig = field(default_factory=TextConfig)
+    separator: str = "\n"            # between prompt and response (plain template)
+    model_type: str = MODEL_TYPE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TextRewardModel(_RewardBase):
+    """polymodal's text tower with a scalar head on the pooled state.
+
+    Args:
+        config: the tower and formatting settings; the tower's `eot_token_id`, `pad_token_id` and `vocab_size`
+            must match the tokenizer's (`from_tokenizer` sets them).
+        tokenizer: a `polymodal.data.text.Tokenizer` (attached, not part of the state dict).
+    """
+
+    def __init__(self, config: RewardConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.separator = config.separator
+        self.max_length = config.text.context_length
+        self.tower = TextTower(config.text)
+        self.head = nn.Linear(config.text.width, 1)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, text: dict | None = None, separator: str = "\n") -> "TextRewardModel":
+        """A fresh model whose tower matches `tokenizer` (vocabulary, EOT and pad ids).
+
+        Args:
+            tokenizer: a polymodal Tokenizer.
+            text: `TextConfig` keys (width, layers, heads, context_length ...).
+            separator: between prompt and response.
+        """
+        keys = dict(text or {})
+        unknown = [k for k in keys if k not in TextConfig.__dataclass_fields__]
+        if unknown:
+            raise ValueError(f"reward.text: unknown key(s) {unknown}; allowed: {sorted(TextConfig.__dataclass_fields__)}")
+        keys.update(vocab_size=tokenizer.vocab_size, eot_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                    causal=keys.get("causal", True), pool="eot")
+        keys.setdefault("width", 64)
+        keys.setdefault("layers", 2)
+        keys.setdefault("heads", 2)
+        keys.setdefault("context_length", 64)
+        return cls(RewardConfig(text=TextConfig(**keys), separator=separator), tokenizer)
+
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("this reward model has no tokenizer attached; load it from a folder with tokenizer files")
+        return encode_polymodal(self.tokenizer, texts, self.max_length)
+
+    def text_encoder(self) -> "TextEncoder":
+        """A picklable `texts -> (ids, mask)` for data-loader collates (holds the tokenizer, not the model)."""
+        return TextEncoder(encode_polymodal, self.tokenizer, self.max_length)
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """ids (B, L), mask (B, L) -> rewards (B,)."""
+        out = self.tower(ids, attention_mask=None if self.config.text.causal else mask, pooled_only=True)
+        return self.head(out.pooled).squeeze(-1)                              # (B,)
+
+    def save_pretrained(self, directory) -> None:
+        """config.json (with `polymodal_version`), model.safetensors and the tokenizer, swapped in atomically."""
+        from safetensors.torch import save_file
+        from .. import __version__
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            cfg = {"polymodal_version": __version__, **self.config.to_dict()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "TextRewardModel":
+        """Load a folder written by `save_pretrained` (strict: every weight must match)."""
+        from safetensors.torch import load_file
+        from ..data.text import Tokenizer
+        directory = Path(directory)
+        raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        raw.pop("polymodal_version", None)
+        if raw.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{directory / CONFIG_FILE}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
+        text = raw.pop("text", {})
+        unknown = [k for k in text if k not in TextConfig.__dataclass_fields__]
+        if unknown:
+            raise ValueError(f"{directory / CONFIG_FILE}: unknown text key(s) {unknown}")
+        cfg = RewardConfig(text=TextConfig(**text), separator=raw.get("separator", "\n"))
+        tok = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
+        model = cls(cfg, tok)
+        state = load_file(str(directory / WEIGHTS_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_FILE}: weights do not match the config (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        return model
+
+
+# ---- any local HF model ---------------------------------------------------------------------------------
+class HFRewardModel(_RewardBase):
+    """An `AutoModelForSequenceClassification` with one label, plus its tokenizer.
+
+    Args:
+        hf_model: the transformers model (`num_labels == 1`).
+        tokenizer: its `PreTrainedTokenizer(Fast)`; a missing pad token becomes the EOS token (as TRL does).
+        max_length: tokens per text (cut from the left).
+        separator: between prompt and response for the plain template.
+        template: "auto" (the tokenizer's chat template for message lists when it has one, else plain),
+            "plain" or "chat" (always the chat template; strings become one user and one assistant turn).
+    """
+
+    def __init__(self, hf_model, tokenizer, max_length: int = 512, separator: str = "\n", template: str = "auto"):
+        super().__init__()
+        if template not in TEMPLATES:
+            raise ValueError(f"reward template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.max_length, self.separator, self.template = int(max_length), separator, template
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.truncation_side = "left"          # keep the response's end, where the reward is read
+        tokenizer.padding_side = "right"
+        # GPT-2-like models find the last real token through config.pad_token_id.
+        hf_model.config.pad_token_id = tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, directory, max_length: int | None = None, template: str | None = None,
+                        separator: str | None = None, dtype: torch.dtype | None = None) -> "HFRewardModel":
+        """Load a local HF directory (a causal LM gets a new one-label head; nothing is ever downloaded).
+
+        Args:
+            directory: holds config.json, the weights and the tokenizer files.
+            max_length, template, separator: override the values saved beside the model (or the defaults).
+            dtype: weights' dtype (default float32).
+        Raises:
+            FileNotFoundError: the folder or its config.json is missing.
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory}: no config.json (an HF model directory is needed; polymodal never "
+                                    f"downloads weights)")
+        extra = {}
+        if (directory / HF_EXTRA_FILE).is_file():
+            extra = json.loads((directory / HF_EXTRA_FILE).read_text(encoding="utf-8"))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        hf = AutoModelForSequenceClassification.from_pretrained(str(directory), num_labels=1, local_files_only=True,
+                                                                dtype=dtype or torch.float32)
+        if max_length is None:
+            max_length = extra.get("max_length") or min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
+        return cls(hf, tokenizer, max_length, separator if separator is not None else extra.get("separator", "\n"),
+                   template or extra.get("template", "auto"))
+
+    def format(self, prompt, response) -> str:
+        chat = self.template == "chat" or (self.template == "auto" and getattr(self.tokenizer, "chat_template", None)
+                                           and (isinstance(prompt, list) or isinstance(response, list)))
+        if not chat:
+            return render_text(prompt, response, self.separator)
+        as_msgs = lambda x, role: x if isinstance(x, list) else ([{"role": role, "content": x}] if x else [])
+        return self.tokenizer.apply_chat_template(as_msgs(prompt, "user") + as_msgs(response, "assistant"),
+                                                  tokenize=False)
+
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        return encode_hf(self.tokenizer, texts, self.max_length)
+
+    def text_encoder(self) -> "TextEncoder":
+        """A picklable `texts -> (ids, mask)` for data-loader collates (holds the tokenizer, not the model)."""
+        return TextEncoder(encode_hf, self.tokenizer, self.max_length)
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """ids (B, L), mask (B, L) -> rewards (B,)."""
+        return self.hf(input_ids=ids, attention_mask=None if mask is None else mask.long()).logits[:, 0]
+
+    def save_pretrained(self, directory) -> None:
+        """transformers' own files (config, safetensors weights, tokenizer) + our formatting settings."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.hf.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            (tmp / HF_EXTRA_FILE).write_text(json.dumps({"max_length": self.max_length, "separator": self.separator,
+                                                         "template": self.template}, indent=2))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, directory)
+
+
+def is_hf_model_dir(path) -> bool:
+    """A folder with an HF config.json (one without `polymodal_version`)."""
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and "polymodal_version" not in raw and "model_type" in raw
+
+
+def load_reward_model(path, **hf_options) -> nn.Module:
+    """A `TextRewardModel` (our folder) or an `HFRewardModel` (any HF folder), in eval mode.
+
+    Args:
+        path: the folder.
+        **hf_options: `HFRewardModel.from_pretrained` options (max_length, template, separator, dtype).
+    Raises:
+        FileNotFoundError: no such folder / no config.json.
+        ValueError: a polymodal folder that is not a reward model.
+    """
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"reward model {path}: no config.json there (give a saved reward model or a local "
+                                f"HF model folder)")
+    if is_hf_model_dir(path):
+        return HFRewardModel.from_pretrained(path, **hf_options).eval()
+    return TextRewardModel.from_pretrained(path).eval()
