@@ -2,18 +2,23 @@
 parent refinement add.
 
 Variants (all `method: scene` on one MovingShapes world, same model size, steps and seeds):
-  temporal        temporal stream only
-  frame           frame-level stream only
-  both            both streams, no distillation
-  both_distill    both streams + self-distillation
+  temporal                temporal stream only
+  frame                   frame-level stream only (cannot see frame order, by construction)
+  both                    both streams, no distillation
+  both_distill            both streams + self-distillation
   both_distill_norefine   the same without parent-score refinement
 
-Per variant and seed it reports test mAP, mAP on the order-dependent labels (`temporal` group), on the
-single-frame labels (`frame_level` group), F1 at the validation-chosen threshold, hit@1 and hierarchy
-consistency; then the mean over seeds. Writes `results.json` and `results.md` into `--out`.
+The world has compound order actions (`compound_fraction`: "moves left then right", "grows then shrinks", ...), whose
+frames are exactly those of the opposite compound in another order, plus single-frame labels (shape, colour,
+background). Label groups come from the world's classes.json: `order_dependent` (single actions and compounds),
+`order_compound` (compounds only) and `single_frame` (shape, colour, background).
 
-    python benchmarks/scene_ablation.py --out docs/results/scene_ablation            # full
-    python benchmarks/scene_ablation.py --out /tmp/scene_ablation --quick            # smoke (minutes, 1 thread)
+Per variant and seed it reports test mAP, mAP per label group (also for each stream of a two-stream model), micro /
+macro F1 at the validation-chosen threshold, hit@1 and hierarchy consistency; then the mean over seeds and a verdict
+per claim. Writes `results.json` and `results.md` into `--out`; data and run folders go to `--runs`.
+
+    python benchmarks/scene_ablation.py --out docs/results/scene_ablation --runs runs/scene_ablation      # full
+    python benchmarks/scene_ablation.py --out /tmp/scene_ablation --quick                                # smoke
 """
 from __future__ import annotations
 
@@ -32,7 +37,11 @@ VARIANTS = {
     "both_distill": {"model": {"streams": "both"}, "distill_weight": 1.0},
     "both_distill_norefine": {"model": {"streams": "both", "refine": False}, "distill_weight": 1.0},
 }
-KEYS = ("mAP", "mAP_temporal", "mAP_frame_level", "f1_micro", "f1_macro", "hit@1", "consistency")
+GROUPS = ("order_dependent", "order_compound", "single_frame")
+KEYS = ("mAP", *(f"mAP_{g}" for g in GROUPS), "f1_micro", "f1_macro", "hit@1", "consistency")
+# per-stream keys of a two-stream model (the eval task reports them as temporal/... and frame/...)
+STREAM_KEYS = tuple(f"{s}/{k}" for s in ("temporal", "frame") for k in
+                    ("mAP", *(f"mAP_{g}" for g in GROUPS), "consistency"))
 
 
 def _register() -> None:
@@ -47,58 +56,192 @@ def _yaml_flow(obj) -> str:
     return json.dumps(obj)          # JSON is YAML flow syntax
 
 
-def run(out: Path, quick: bool, seeds: list[int], steps: int | None) -> dict:
+def world_sizes(args: argparse.Namespace) -> dict:
+    """Generator settings of the ablation world (quick: a smoke-test world)."""
+    if args.quick:
+        return dict(n_train=96, n_val=24, n_test=24, num_frames=4, image_size=32)
+    return dict(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, num_frames=args.num_frames,
+                image_size=args.image_size)
+
+
+def make_world(data: Path, sizes: dict, compound_fraction: float, quick: bool) -> None:
+    """Generate the MovingShapes world into `data` unless a world with the same settings is there."""
     from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
+    want = {**sizes, "compound_fraction": compound_fraction, "pair_fraction": 0.4, "static_fraction": 0.1}
+    stamp = data / "ablation_world.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == want and (data / "test.jsonl").is_file():
+        return
+    generate_moving_shapes(data, seed=0, workers=1, progress=not quick, **want)
+    stamp.write_text(json.dumps(want))
+
+
+def chance_map(data: Path) -> dict:
+    """Expected mAP of random scores on the test split, per label group: the mean prevalence of the labels with
+    a positive (the AP of a random ranking is the label's prevalence)."""
+    classes = json.loads((data / "classes.json").read_text(encoding="utf-8"))
+    recs = [json.loads(line) for line in (data / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    count = {n: 0 for n in classes["classes"]}
+    for r in recs:
+        for n in r["scene_labels"]:
+            count[n] += 1
+
+    def mean_prev(names):
+        prev = [count[n] / len(recs) for n in names if count[n]]
+        return 100 * sum(prev) / len(prev) if prev else math.nan
+    out = {"mAP": mean_prev(classes["classes"])}
+    out.update({f"mAP_{g}": mean_prev(classes["groups"][g]) for g in GROUPS})
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and evaluate every variant and seed; returns the raw results."""
     from polymodal.train.run import load_recipe, run_recipe
     _register()
     torch.set_num_threads(1)
-    data = out / "data"
-    sizes = dict(n_train=96, n_val=24, n_test=24, num_frames=4) if quick else \
-        dict(n_train=2000, n_val=200, n_test=200, num_frames=8)
-    if not (data / "test.jsonl").is_file():
-        generate_moving_shapes(data, seed=0, image_size=32, workers=1, progress=not quick, **sizes)
-    T = sizes["num_frames"]
-    steps = steps or (40 if quick else 2000)
-    model = ["model.name=tiny"] if quick else [
-        "model.name=tiny", "model.overrides={vision.width: 64, vision.heads: 4, text.width: 64, text.heads: 4, "
-                           "embed_dim: 64}"]
+    runs = Path(args.runs)
+    data = runs / "data"
+    sizes = world_sizes(args)
+    make_world(data, sizes, args.compound_fraction, args.quick)
+    T = sizes["num_frames"]                 # every frame: a frame subset would break the compounds' frame-set equality
+    steps = args.steps or (40 if args.quick else 2000)
+    w = args.width
+    model = ["model.name=tiny"] if args.quick else [
+        "model.name=tiny", f"model.overrides={{vision.width: {w}, vision.heads: 4, text.width: {w}, text.heads: 4, "
+                           f"embed_dim: {w}}}"]
     results: dict = {}
-    for name, section in VARIANTS.items():
-        for seed in seeds:
-            run_dir = out / "runs" / f"{name}_s{seed}"
-            scene = {"classes": str(data / "classes.json"), "model": {"layers": 1 if quick else 2, **section["model"]},
+    for name in args.variants:
+        section = VARIANTS[name]
+        for seed in args.seeds:
+            run_dir = runs / f"{name}_s{seed}"
+            scene = {"classes": str(data / "classes.json"),
+                     "model": {"layers": 1 if args.quick else 2, "freeze_image": args.freeze_image, **section["model"]},
                      "distill_weight": section["distill_weight"]}
             ev = {"tasks": [{"task": "scene", "data": str(data / "test.jsonl"), "val": str(data / "val.jsonl"),
                              "num_frames": T}]}
             cfg = load_recipe(None, model + [
                 "method=scene", f"out_dir={run_dir}", f"data.train={data / 'train.jsonl'}",
-                f"data.batch_size={16 if quick else 32}", f"data.num_frames={T}", f"train.steps={steps}",
+                f"data.batch_size={args.batch_size}", f"data.num_frames={T}", f"train.steps={steps}",
                 f"train.log_every={max(1, steps // 10)}", "train.ckpt_every=0", "train.progress=false",
-                "train.threads=1", f"train.seed={seed}", f"optim.lr={3e-3 if quick else 1e-3}",
-                "optim.warmup_steps=5", f"tokenizer.vocab_size={200 if quick else 512}",
+                "train.threads=1", f"train.seed={seed}", f"optim.lr={args.lr}",
+                f"optim.warmup_steps={min(50, max(5, steps // 20))}",
+                f"tokenizer.vocab_size={200 if args.quick else 512}",
                 "tokenizer.corpus_keys=[caption, scene_labels]", f"scene={_yaml_flow(scene)}",
                 f"eval={_yaml_flow(ev)}"])
             start = time.perf_counter()
             final = run_recipe(cfg)
-            row = {k: final.get(f"eval/scene/{k}", math.nan) for k in KEYS}
+            row = {k: final.get(f"eval/scene/{k}", math.nan) for k in KEYS + STREAM_KEYS}
             row["seconds"] = time.perf_counter() - start
-            results.setdefault(name, {})[seed] = row
-            print(name, seed, {k: round(v, 2) for k, v in row.items()}, flush=True)
-    return {"sizes": sizes, "steps": steps, "seeds": seeds, "quick": quick, "runs": results}
+            results.setdefault(name, {})[str(seed)] = row
+            print(name, seed, {k: round(v, 2) for k, v in row.items() if v == v}, flush=True)
+    return {"chance": chance_map(data), "sizes": sizes, "compound_fraction": args.compound_fraction, "steps": steps, "seeds": args.seeds,
+            "lr": args.lr, "freeze_image": args.freeze_image, "batch_size": args.batch_size, "width": w, "quick": args.quick, "runs": results}
 
 
-def _mean(rows: dict, key: str) -> float:
-    vals = [r[key] for r in rows.values() if r[key] == r[key]]
-    return sum(vals) / len(vals) if vals else math.nan
+def _stats(rows: dict, key: str) -> tuple[float, float]:
+    """Mean and (population) standard deviation over seeds, NaN values left out."""
+    vals = [r[key] for r in rows.values() if key in r and r[key] == r[key]]
+    if not vals:
+        return math.nan, math.nan
+    m = sum(vals) / len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+
+
+def _fmt(rows: dict, key: str) -> str:
+    m, s = _stats(rows, key)
+    return "–" if m != m else f"{m:.1f} ± {s:.1f}"
+
+
+def verdicts(res: dict) -> list[dict]:
+    """One verdict per claim of the paper, from the seed means (a difference counts only beyond the seed spread).
+
+    A comparison a > b is "shown" when the mean difference exceeds the larger of the two standard deviations and
+    holds on every seed, "not shown" when it is reversed or within noise, "mixed" when the seeds disagree.
+    """
+    runs = res["runs"]
+
+    def cmp(a: tuple[str, str], b: tuple[str, str]) -> dict:
+        (va, ka), (vb, kb) = a, b
+        if va not in runs or vb not in runs:
+            return {"verdict": "not run"}
+        ma, sa = _stats(runs[va], ka)
+        mb, sb = _stats(runs[vb], kb)
+        per_seed = [runs[va][s][ka] - runs[vb][s][kb] for s in runs[va] if s in runs[vb]
+                    if runs[va][s].get(ka) == runs[va][s].get(ka) and runs[vb][s].get(kb) == runs[vb][s].get(kb)]
+        diff = ma - mb
+        if not per_seed:
+            v = "not measurable"            # the metric is NaN (e.g. consistency when no child label is predicted)
+        elif len(per_seed) < 2:
+            v = "not judged (1 seed)"
+        elif all(d > 0 for d in per_seed) and diff > max(sa, sb):
+            v = "shown"
+        elif any(d > 0 for d in per_seed) and any(d <= 0 for d in per_seed):
+            v = "mixed"
+        else:
+            v = "not shown"
+        return {"a": f"{va} {ka}", "b": f"{vb} {kb}", "mean_a": ma, "mean_b": mb, "diff": diff,
+                "per_seed_diff": per_seed, "verdict": v}
+
+    out = [
+        {"claim": "order labels are learned by the temporal stream (temporal-only beats frame-only on order labels)",
+         **cmp(("temporal", "mAP_order_dependent"), ("frame", "mAP_order_dependent"))},
+        {"claim": "compound order labels: temporal-only beats frame-only",
+         **cmp(("temporal", "mAP_order_compound"), ("frame", "mAP_order_compound"))},
+        {"claim": "inside the distilled pair, the temporal stream beats the frame stream on order labels",
+         **cmp(("both_distill", "temporal/mAP_order_dependent"), ("both_distill", "frame/mAP_order_dependent"))},
+        {"claim": "single-frame labels are learned by the frame stream (frame-only beats temporal-only on them)",
+         **cmp(("frame", "mAP_single_frame"), ("temporal", "mAP_single_frame"))},
+        {"claim": "inside the distilled pair, the frame stream beats the temporal stream on single-frame labels",
+         **cmp(("both_distill", "frame/mAP_single_frame"), ("both_distill", "temporal/mAP_single_frame"))},
+        {"claim": "the distilled pair beats the temporal stream alone (mAP)",
+         **cmp(("both_distill", "mAP"), ("temporal", "mAP"))},
+        {"claim": "the distilled pair beats the frame stream alone (mAP)",
+         **cmp(("both_distill", "mAP"), ("frame", "mAP"))},
+        {"claim": "distillation helps the pair (both_distill beats both, mAP)",
+         **cmp(("both_distill", "mAP"), ("both", "mAP"))},
+        {"claim": "parent refinement raises hierarchy consistency",
+         **cmp(("both_distill", "consistency"), ("both_distill_norefine", "consistency"))},
+        {"claim": "parent refinement does not cost mAP (refined minus unrefined mAP > 0)",
+         **cmp(("both_distill", "mAP"), ("both_distill_norefine", "mAP"))},
+    ]
+    return out
 
 
 def write_table(res: dict, out: Path) -> str:
-    lines = [f"Scene ablation ({'quick' if res['quick'] else 'full'}: {res['sizes']}, {res['steps']} steps, "
-             f"seeds {res['seeds']}; test split, threshold chosen on val; mean over seeds)", "",
-             "| variant | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
+    """Write results.md (tables and verdicts) and results.json into `out`; returns the markdown."""
+    s = res["sizes"]
+    lines = [f"# Scene ablation ({'quick smoke run' if res['quick'] else 'reduced run'})", "",
+             f"MovingShapes {s['n_train']} train / {s['n_val']} val / {s['n_test']} test videos, {s['num_frames']} "
+             f"frames (all used), {s['image_size']} px, compound_fraction {res['compound_fraction']}; tiny model "
+             f"width {res['width']}, {res['steps']} steps x batch {res['batch_size']}, lr {res['lr']}, seeds "
+             f"{res['seeds']}. Test split, threshold chosen on val; mean ± std over seeds (per-seed numbers in "
+             "results.json).", "",
+             "| variant | " + " | ".join(KEYS) + " | seconds |", "|---" * (len(KEYS) + 2) + "|"]
     for name, rows in res["runs"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{_mean(rows, k):.1f}" for k in KEYS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(rows, k) for k in KEYS) + f" | {_stats(rows, 'seconds')[0]:.0f} |")
+    ch = res.get("chance", {})
+    lines.append("| chance (random scores) | " + " | ".join(f"{ch[k]:.1f}" if k in ch else "" for k in KEYS) + " | |")
+    lines += ["", "Per stream inside the two-stream models (the ensemble is the table above):", "",
+              "| variant | stream | mAP | mAP_order_dependent | mAP_order_compound | mAP_single_frame | consistency |",
+              "|---|---|---|---|---|---|---|"]
+    for name, rows in res["runs"].items():
+        for st in ("temporal", "frame"):
+            if any(f"{st}/mAP" in r and r[f"{st}/mAP"] == r[f"{st}/mAP"] for r in rows.values()):
+                lines.append(f"| {name} | {st} | " + " | ".join(
+                    _fmt(rows, f"{st}/{k}") for k in ("mAP", *(f"mAP_{g}" for g in GROUPS), "consistency")) + " |")
+    res["verdicts"] = verdicts(res)
+    lines += ["", "Claims (shown: every seed agrees and the mean difference exceeds the seed std; mixed: seeds "
+              "disagree; not shown: reversed or within noise):", ""]
+    for v in res["verdicts"]:
+        if v["verdict"] == "not run":
+            lines.append(f"- {v['claim']}: not run")
+            continue
+        if v["verdict"] == "not measurable":
+            lines.append(f"- {v['claim']}: **not measurable** (NaN on every seed: {v['a']}, {v['b']})")
+            continue
+        lines.append(f"- {v['claim']}: **{v['verdict']}** ({v['a']} {v['mean_a']:.1f} vs {v['b']} {v['mean_b']:.1f}, "
+                     f"diff {v['diff']:+.1f}; per seed {', '.join(f'{d:+.1f}' for d in v['per_seed_diff'])})")
     text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return text
@@ -106,14 +249,29 @@ def write_table(res: dict, out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (data, runs, results.json, results.md)")
+    p.add_argument("--out", required=True, help="results folder (results.json, results.md)")
+    p.add_argument("--runs", default="", help="folder for the generated world and the run folders "
+                   "(default: runs/scene_ablation, or <out> with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny world and few steps: a smoke run, not a result")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=None, help="override the training steps")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 2000; 40 with --quick)")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--num-frames", type=int, default=8, help="frames per video, all of them fed to the model")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--compound-fraction", type=float, default=1.0,
+                   help="share of the unpaired action videos that do a compound order action (default 1)")
+    p.add_argument("--width", type=int, default=64, help="tower width (not with --quick)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--freeze-image", action="store_true", help="keep the (randomly initialised) image tower fixed")
+    p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(write_table(run(out, args.quick, args.seeds, args.steps), out))
+    if args.quick:
+        args.lr, args.batch_size = 3e-3, 16
+    args.runs = args.runs or (args.out if args.quick else "runs/scene_ablation")
+    print(write_table(run(args), Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -363,3 +363,121 @@ def test_cli_helpers_and_config_errors(tmp_path, capsys):
         ms.MovingShapesConfig(image_size=33)
     with pytest.raises(TypeError, match="unknown option"):
         ms.generate_moving_shapes(tmp_path / "x", n_train=1, n_test=0, colour_mode="x")
+
+
+# ---- compound order labels and single-frame labels (issue 17) ----------------------------------
+COMPOUND_CFG = dict(num_frames=8, image_size=32, pair_fraction=0.0, static_fraction=0.0,
+                    compound_fraction=1.0, **SIMPLE)
+
+
+@pytest.fixture(scope="module")
+def compound(tmp_path_factory):
+    """Only compound videos (one solid actor on plain gray), 32 px."""
+    out = tmp_path_factory.mktemp("moving_compound")
+    ms.generate_moving_shapes(out, n_train=24, n_test=1, seed=5, workers=1, progress=False, **COMPOUND_CFG)
+    return out, _read(out / "train.jsonl")
+
+
+def _single_frame_labels(r):
+    return sorted(n for n in r["scene_labels"] if n.startswith("contains ") or n.endswith((" object", " background")))
+
+
+def test_label_groups_split_order_and_single_frame_labels():
+    table = ms.class_table()
+    groups, classes = table["groups"], table["classes"]
+    order, single = set(groups["order_dependent"]), set(groups["single_frame"])
+    assert not order & single
+    # every label that is neither a parent nor "stays still" belongs to one of the two groups
+    assert order | single == set(classes) - set(table["parent_classes"]) - {"stays still"}
+    assert set(groups["order_compound"]) <= order and "moves left then right" in order
+    assert "red object" in single and "white background" in single and "contains star" in single
+    assert [i["group"] for i in table["label_info"] if i["name"] == "grows then shrinks"] == ["order"]
+    assert len(table["classes_zh"]) == len(classes) and all(CJK.search(z) for z in table["classes_zh"])
+    # version 1.0 indices keep their meaning: the old labels come first, in the old order
+    assert classes[:5] == ms.PARENTS and classes[5 + 17:5 + 17 + 8] == [f"contains {s}" for s in ms.SHAPES]
+    for child in groups["order_compound"]:
+        assert table["parents"][child] in ("motion", "size change", "visibility")
+
+
+def test_compound_videos_from_pixels(compound):
+    out, recs = compound
+    assert {r["action"] for r in recs} == set(ms.COMPOUNDS) and all(r["compound"] for r in recs)
+    h, d = 4, 0.25 * 32
+    for r in recs:
+        frames, _ = _decode(out / r["video"])
+        first, mid, last = frames[0], frames[h - 1], frames[-1]
+        a = r["action"]
+        if a.startswith("move"):
+            (x0, y0), (xm, ym), (x1, y1) = _centroid(first), _centroid(mid), _centroid(last)
+            step = {"move_left_right": x0 - xm, "move_right_left": xm - x0,
+                    "move_up_down": y0 - ym, "move_down_up": ym - y0}[a]
+            back = {"move_left_right": x1 - xm, "move_right_left": xm - x1,
+                    "move_up_down": y1 - ym, "move_down_up": ym - y1}[a]
+            assert step > d and back > d, (a, step, back)
+        elif a in ("grow_shrink", "shrink_grow"):
+            ratio = _mask(mid).sum() / _mask(first).sum()
+            assert ratio > 2.5 if a == "grow_shrink" else ratio < 0.4, (a, ratio)
+            assert abs(int(_mask(last).sum()) - int(_mask(first).sum())) <= 2
+        else:
+            shown = [_mask(f).sum() > 5 for f in (first, mid, last)]
+            assert shown == ([False, True, False] if a == "appear_disappear" else [True, False, True]), a
+        assert " and then " in r["caption"] and "然后" in r["caption_zh"]
+        assert r["verb"] in r["caption"].split() and ms.action_class(a) in r["scene_labels"]
+
+
+def test_order_labels_flip_under_reordering_that_keeps_every_frame():
+    """Reversal flips a single action's label; swapping halves flips a compound's label. In both
+    cases the video has the same frames (an order-free pool cannot tell) and the same single-frame labels."""
+    cfg = ms.MovingShapesConfig(**{**COMPOUND_CFG, "pair_fraction": 0.5, "compound_fraction": 0.5})
+    classes = ms.class_table()["classes"]
+    order = set(ms.class_table()["groups"]["order_dependent"])
+    plan = ms.split_plan(2, "train", 24, cfg)
+    seen = {"reversal": 0, "swap": 0}
+    for slot in plan:
+        spec = ms.build_video(2, "train", slot, cfg)
+        rec, frames = ms.video_record(spec, slot, cfg, classes)
+        child = classes[rec["label"]]
+        if slot.pair_id is not None and slot.member == 0:
+            rrec, rframes = ms.video_record(spec, ms.Slot(slot.kind, slot.content, 1, slot.pair_id), cfg, classes)
+            assert np.array_equal(rframes, frames[::-1])
+            assert classes[rrec["label"]] != child and {child, classes[rrec["label"]]} <= order
+            assert _single_frame_labels(rrec) == _single_frame_labels(rec)
+            seen["reversal"] += 1
+        if rec["compound"]:
+            assert np.array_equal(frames[::-1], frames)          # reversal alone does not flip a compound
+            sw = ms.half_swapped(spec)
+            sframes, _ = ms.render_frames(sw, cfg)
+            assert np.array_equal(sframes, np.roll(frames, -cfg.num_frames // 2, axis=0))
+            srec, _ = ms.video_record(sw, slot, cfg, classes)
+            assert classes[srec["label"]] != child and {child, classes[srec["label"]]} <= order
+            assert _single_frame_labels(srec) == _single_frame_labels(rec)
+            seen["swap"] += 1
+    assert seen["reversal"] >= 4 and seen["swap"] >= 4
+
+
+def test_single_frame_labels_are_readable_from_one_frame():
+    """Colour and background labels read back from the pixels of one frame (independent of the records):
+    from every frame when nothing in the video changes colour or visibility, else from the union of frames."""
+    from polymodal.data.synthetic.shapes import BACKGROUND_NAMES, Scene, render_scene
+    cfg = ms.MovingShapesConfig(num_frames=6, image_size=64, distractor_fraction=0.3)
+    classes = ms.class_table()["classes"]
+    plain = {b: np.asarray(render_scene(Scene([], 0, b), 64)) for b in BACKGROUND_NAMES}
+    table = {c: np.array(v, np.int32) for c, v in COLORS.items()}
+
+    def read(frame):
+        f = frame.astype(np.int32)
+        bg = max(plain, key=lambda b: int((f == plain[b]).all(-1).sum()))
+        cols = {c for c, v in table.items() if int((np.abs(f - v).sum(-1) <= 6).sum()) >= 3}
+        return {f"{bg} background"} | {f"{c} object" for c in cols}
+
+    checked_every = 0
+    for slot in ms.split_plan(4, "train", 30, cfg):
+        spec = ms.build_video(4, "train", slot, cfg)
+        rec, frames = ms.video_record(spec, slot, cfg, classes)
+        truth = {n for n in rec["scene_labels"] if n.endswith((" object", " background"))}
+        per_frame = [read(f) for f in frames]
+        assert set().union(*per_frame) == truth, (rec["caption"], truth, per_frame)
+        if rec["action"] not in ("change_color", "appear", "disappear") and rec["distractor"] != "unrelated":
+            assert all(p == truth for p in per_frame), rec["caption"]
+            checked_every += 1
+    assert checked_every >= 10

@@ -31,6 +31,17 @@ Study structures, all recorded per manifest record:
   "visibility", "static"), action children ("moves left", ..., "turns red", ..., "appears",
   "stays still") and frame-level labels ("contains star": a shape visible in some frame), in
   ``classes.json`` with a ``parents`` map and the ``temporal`` (order-dependent) names.
+- **compound order actions** (``compound_fraction``, default 0): single action videos may instead
+  do two opposite things in turn ("moves left then right", "grows then shrinks", "appears then
+  disappears"). The two halves of such a video, swapped, give the video of the opposite compound
+  ("moves right then left") with exactly the same frames in another order, so neither one frame
+  nor an order-free pool of frames tells the two labels apart (see :func:`half_swapped`).
+  Reversing a compound video gives the same video back; reversing a single action flips it.
+- **single-frame labels**: every record also carries "<colour> object" (an object of that colour
+  is drawn) and "<background> background" labels next to "contains <shape>". ``classes.json``
+  lists the label groups under ``groups``: ``order_dependent`` (every label that needs frame
+  order), ``single_frame`` (every label one frame can show), ``order_compound``, ``colour``,
+  ``background``.
 
 Every record is a pure function of (seed, split, index, split size, config); the output does
 not depend on the number of workers. The split size enters only through the split's *plan*
@@ -76,7 +87,7 @@ from .shapes import (
     sample_scene,
 )
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"   # 1.1: compound order actions, colour and background labels
 WORLD_TAG = 7311       # mixed into every seed so MovingShapes never shares a stream with ShapesWorld
 SPLITS = ("train", "val", "test")
 
@@ -130,6 +141,23 @@ PHRASES_ZH: dict[str, list[str]] = {
     STATIC: ["静止不动", "一动不动", "停在原处", "保持不动"],
 }
 
+# Compound order actions: (first action, second action); the second undoes the first, so the
+# video returns to its first state. COMPOUND_SWAP maps each to the one with its halves swapped.
+COMPOUNDS = {"move_left_right": ("move_left", "move_right"), "move_right_left": ("move_right", "move_left"),
+             "move_up_down": ("move_up", "move_down"), "move_down_up": ("move_down", "move_up"),
+             "grow_shrink": ("grow", "shrink"), "shrink_grow": ("shrink", "grow"),
+             "appear_disappear": ("appear", "disappear"), "disappear_appear": ("disappear", "appear")}
+COMPOUND_SWAP = {"move_left_right": "move_right_left", "move_right_left": "move_left_right",
+                 "move_up_down": "move_down_up", "move_down_up": "move_up_down",
+                 "grow_shrink": "shrink_grow", "shrink_grow": "grow_shrink",
+                 "appear_disappear": "disappear_appear", "disappear_appear": "appear_disappear"}
+for _c, (_a, _b) in COMPOUNDS.items():
+    # Paraphrase k joins paraphrase k of both halves; a time reversal gives the same compound.
+    PHRASES_EN[_c] = [(f"{pa} and then {pb}", va) for (pa, va), (pb, _) in zip(PHRASES_EN[_a], PHRASES_EN[_b])]
+    PHRASES_ZH[_c] = [f"先{za}，然后{zb}" for za, zb in zip(PHRASES_ZH[_a], PHRASES_ZH[_b])]
+    OPPOSITE[_c] = _c
+del _c, _a, _b
+
 # ----------------------------------------------------------------------------------------
 # Scene labels: parents, action children, frame-level labels (order fixes the indices)
 # ----------------------------------------------------------------------------------------
@@ -145,6 +173,17 @@ _FIXED_CHILDREN = {"move_left": ("moves left", "向左移动"), "move_right": ("
                    "grow": ("grows", "变大"), "shrink": ("shrinks", "变小"),
                    "appear": ("appears", "出现"), "disappear": ("disappears", "消失"),
                    STATIC: ("stays still", "静止不动")}
+_COMPOUND_CHILDREN = {"move_left_right": ("moves left then right", "先向左再向右移动"),
+                      "move_right_left": ("moves right then left", "先向右再向左移动"),
+                      "move_up_down": ("moves up then down", "先向上再向下移动"),
+                      "move_down_up": ("moves down then up", "先向下再向上移动"),
+                      "grow_shrink": ("grows then shrinks", "先变大再变小"),
+                      "shrink_grow": ("shrinks then grows", "先变小再变大"),
+                      "appear_disappear": ("appears then disappears", "先出现再消失"),
+                      "disappear_appear": ("disappears then appears", "先消失再出现")}
+for _c, (_a, _) in COMPOUNDS.items():
+    ACTION_PARENT[_c] = ACTION_PARENT[_a]
+del _c, _a, _
 
 
 def _child_names() -> list[tuple[str, str, str]]:
@@ -155,28 +194,66 @@ def _child_names() -> list[tuple[str, str, str]]:
     return out
 
 
+def colour_label(color: str) -> str:
+    """Single-frame label of an object colour ("red object")."""
+    return f"{color} object"
+
+
+def background_label(background: str) -> str:
+    """Single-frame label of a background ("white background")."""
+    return f"{background} background"
+
+
 def class_table() -> dict[str, Any]:
     """The scene-label classes, as written to ``classes.json``.
 
+    Index order (never reorder: record ``labels`` index it): parents, single action children,
+    "contains <shape>", then (version 1.1) compound order children, "<colour> object",
+    "<background> background". Old indices keep their meaning.
+
     Returns:
-        Dict with "classes" (English names: parents, action children, frame-level labels),
-        "classes_zh" (same order), "parents" ({child: parent}), "temporal" (names whose truth
-        flips when the video is reversed), "frame_level" (names decidable from one frame),
-        "parent_classes", "action_classes" (the names ``label`` indexes among "classes"),
-        and the vocabularies ("shapes", "colors", "sizes", "textures", "backgrounds").
+        Dict with "classes" (English names), "classes_zh" (same order), "parents"
+        ({child: parent}; compound children hang under the parent of their first half),
+        "temporal" (single action names whose truth flips when the video is reversed),
+        "frame_level" ("contains <shape>", decidable from one frame), "parent_classes",
+        "action_classes" (the names ``label`` indexes among "classes", compounds included),
+        "groups" ({"order_dependent", "single_frame", "order_compound", "colour",
+        "background"}: label names), "label_info" (per label: name, name_zh, parent,
+        group = "order" / "single_frame" / "parent" / "order_free"), and the vocabularies
+        ("shapes", "colors", "sizes", "textures", "backgrounds").
     """
     children = _child_names()
     frame = [(f"contains {s}", f"含有{SHAPES_ZH[s]}") for s in SHAPES]
-    classes = PARENTS + [c[0] for c in children] + [f[0] for f in frame]
-    classes_zh = [PARENTS_ZH[p] for p in PARENTS] + [c[1] for c in children] + [f[1] for f in frame]
+    compound = [(*_COMPOUND_CHILDREN[c], ACTION_PARENT[c]) for c in COMPOUNDS]
+    colours = [(colour_label(c), f"{COLORS_ZH[c]}物体") for c in COLOR_NAMES]
+    backgrounds = [(background_label(b), f"{BACKGROUNDS_ZH[b]}背景") for b in BACKGROUND_NAMES]
+    single = frame + colours + backgrounds
+    classes = PARENTS + [c[0] for c in children] + [f[0] for f in frame] + [c[0] for c in compound] \
+        + [c[0] for c in colours] + [b[0] for b in backgrounds]
+    classes_zh = [PARENTS_ZH[p] for p in PARENTS] + [c[1] for c in children] + [f[1] for f in frame] \
+        + [c[1] for c in compound] + [c[1] for c in colours] + [b[1] for b in backgrounds]
+    parents = {name: parent for name, _, parent in children + compound}
+    temporal = [name for name, _, parent in children if parent != "static"]
+    order = temporal + [c[0] for c in compound]
+    single_names = [f[0] for f in single]
+
+    def group(name: str) -> str:
+        if name in PARENTS:
+            return "parent"
+        return "order" if name in order else "single_frame" if name in single_names else "order_free"
     return {
         "classes": classes,
         "classes_zh": classes_zh,
-        "parents": {name: parent for name, _, parent in children},
-        "temporal": [name for name, _, parent in children if parent != "static"],
+        "parents": parents,
+        "temporal": temporal,
         "frame_level": [f[0] for f in frame],
         "parent_classes": list(PARENTS),
-        "action_classes": [c[0] for c in children],
+        "action_classes": [c[0] for c in children] + [c[0] for c in compound],
+        "groups": {"order_dependent": order, "single_frame": single_names,
+                   "order_compound": [c[0] for c in compound], "colour": [c[0] for c in colours],
+                   "background": [b[0] for b in backgrounds]},
+        "label_info": [{"name": n, "name_zh": z, "parent": parents.get(n), "group": group(n)}
+                       for n, z in zip(classes, classes_zh)],
         "shapes": list(SHAPES),
         "colors": list(COLOR_NAMES),
         "sizes": ["small", "medium", "large"],
@@ -189,6 +266,8 @@ def action_class(action: str, color_to: str | None = None) -> str:
     """English child-label name of an action ("moves left", "turns blue", "stays still")."""
     if action == "change_color":
         return f"turns {color_to}"
+    if action in COMPOUNDS:
+        return _COMPOUND_CHILDREN[action][0]
     return _FIXED_CHILDREN[action][0]
 
 
@@ -209,6 +288,7 @@ class MovingShapesConfig:
     static_fraction: float = 0.2  # order-free static records
     distractor_fraction: float = 0.0  # action videos whose action fills only part of the video
     mismatch_fraction: float = 0.0    # records whose caption is another record's
+    compound_fraction: float = 0.0    # single (unpaired) action videos that do a compound order action
     gop: int = 4                  # key-frame interval of the encoder
     crf: int = 0                  # x264 constant rate factor; 0 = lossless
     preset: str = "veryfast"      # x264 preset
@@ -224,7 +304,8 @@ class MovingShapesConfig:
         if not 1 <= self.min_objects <= self.max_objects <= 7:
             raise ValueError("MovingShapesConfig needs 1 <= min_objects <= max_objects <= 7, got "
                              f"min_objects={self.min_objects}, max_objects={self.max_objects}")
-        for name in ("pair_fraction", "static_fraction", "distractor_fraction", "mismatch_fraction"):
+        for name in ("pair_fraction", "static_fraction", "distractor_fraction", "mismatch_fraction",
+                     "compound_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"MovingShapesConfig.{name} must be in [0, 1], got {v}")
@@ -336,7 +417,8 @@ def _side(size: str) -> float:
     return SIZE_FRACTIONS[size] / 3.0
 
 
-def sample_video(rng: np.random.Generator, kind: str, cfg: MovingShapesConfig) -> VideoSpec:
+def sample_video(rng: np.random.Generator, kind: str, cfg: MovingShapesConfig,
+                 action: str | None = None) -> VideoSpec:
     """Sample the content of one video.
 
     Draw order: action, template, actor, static objects, background, then distractors last,
@@ -346,11 +428,17 @@ def sample_video(rng: np.random.Generator, kind: str, cfg: MovingShapesConfig) -
         rng: numpy Generator; the video is a pure function of its state.
         kind: "action" (one of ACTIONS) or "static".
         cfg: generator config.
+        action: a compound action (a COMPOUNDS key) to use instead of drawing one; the actor
+            is placed as for the compound's first half, and compound videos get no distractors.
 
     Returns:
-        A :class:`VideoSpec`.
+        A :class:`VideoSpec` (for a compound, ``end_*`` / ``size_to`` are the turning state).
     """
-    action = _pick(rng, ACTIONS) if kind == "action" else STATIC
+    if action is None:
+        action = _pick(rng, ACTIONS) if kind == "action" else STATIC
+    elif action not in COMPOUNDS:
+        raise ValueError(f"sample_video: action override must be one of {list(COMPOUNDS)}, got {action!r}")
+    compound, action = action, COMPOUNDS[action][0] if action in COMPOUNDS else action
     template = int(rng.integers(NUM_TEMPLATES))
     shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
     texture = _pick(rng, TEXTURES) if cfg.textures else "solid"
@@ -402,8 +490,10 @@ def sample_video(rng: np.random.Generator, kind: str, cfg: MovingShapesConfig) -
     background = _pick(rng, BACKGROUND_NAMES) if cfg.backgrounds else DEFAULT_BACKGROUND
 
     T = cfg.num_frames
-    spec = VideoSpec(action, actor, end_cx, end_cy, end_side, size_to, color_to, statics,
+    spec = VideoSpec(compound, actor, end_cx, end_cy, end_side, size_to, color_to, statics,
                      background, template, action_start=0, action_len=T)
+    if compound in COMPOUNDS:
+        return spec
     if action != STATIC and rng.random() < cfg.distractor_fraction:
         lo, hi = max(2, T // 4), max(2, T // 2)
         spec.action_len = int(rng.integers(lo, hi + 1))
@@ -417,8 +507,47 @@ def sample_video(rng: np.random.Generator, kind: str, cfg: MovingShapesConfig) -
 
 
 def build_video(seed: int, split: str, slot: Slot, cfg: MovingShapesConfig) -> VideoSpec:
-    """The content of a slot: a pure function of (seed, split, slot.content, slot.kind)."""
-    return sample_video(_rng(seed, _split_id(split), slot.content, 0), slot.kind, cfg)
+    """The content of a slot: a pure function of (seed, split, slot.content, slot.kind).
+
+    Whether a single (unpaired) action video is a compound is decided by a generator of its
+    own, so ``compound_fraction = 0`` leaves every video as it was before compounds existed.
+    """
+    rng = _rng(seed, _split_id(split), slot.content, 0)
+    if slot.kind == "action" and slot.pair_id is None and cfg.compound_fraction > 0:
+        crng = _rng(seed, _split_id(split), slot.content, 3)
+        if crng.random() < cfg.compound_fraction:
+            return sample_video(rng, slot.kind, cfg, action=_pick(crng, list(COMPOUNDS)))
+    return sample_video(rng, slot.kind, cfg)
+
+
+def half_swapped(spec: VideoSpec) -> VideoSpec:
+    """The compound video whose frames are ``spec``'s with its two halves swapped.
+
+    "moves left then right" (right -> left -> right) becomes "moves right then left"
+    (left -> right -> left) over the same positions; for an even number of frames the swapped
+    video is exactly ``np.roll(frames, -T // 2, axis=0)``.
+
+    Args:
+        spec: a compound video (``spec.action`` in COMPOUNDS).
+
+    Returns:
+        The spec of the opposite compound, same objects, background and template.
+    """
+    if spec.action not in COMPOUNDS:
+        raise ValueError(f"half_swapped needs a compound action ({list(COMPOUNDS)}), got {spec.action!r}")
+    a0 = spec.actor
+    first = replace(a0, cx=spec.end_cx, cy=spec.end_cy, side=spec.end_side, size=spec.size_to)
+    return replace(spec, action=COMPOUND_SWAP[spec.action], actor=first, end_cx=a0.cx, end_cy=a0.cy,
+                   end_side=a0.side, size_to=a0.size)
+
+
+def _progress(spec: VideoSpec, t: int, T: int) -> float:
+    """Progress of frame ``t`` from the first state (0) to the end/turning state (1)."""
+    if spec.action in COMPOUNDS:
+        h = T // 2                                  # first half goes out, second half comes back
+        return t / (h - 1) if t < h else 1.0 - (t - h) / (T - 1 - h)
+    k = t - spec.action_start
+    return min(max(k / (spec.action_len - 1), 0.0), 1.0)   # held at 0 / 1 outside the action
 
 
 def _lerp(a: float, b: float, p: float) -> float:
@@ -445,12 +574,13 @@ def render_frames(spec: VideoSpec, cfg: MovingShapesConfig) -> tuple[np.ndarray,
         return np.rint((1.0 - w) * a.astype(np.float32) + w * b.astype(np.float32)).astype(np.uint8)
 
     a0 = spec.actor
+    base = COMPOUNDS[spec.action][0] if spec.action in COMPOUNDS else spec.action
     # Two fixed images are enough for colour and visibility changes: the frame is their blend.
-    if spec.action == "change_color":
+    if base == "change_color":
         ends = (draw(spec.statics + [a0]), draw(spec.statics + [replace(a0, color=spec.color_to)]))
-    elif spec.action in ("appear", "disappear"):
+    elif base in ("appear", "disappear"):
         hidden, shown = draw(spec.statics), draw(spec.statics + [a0])
-        ends = (hidden, shown) if spec.action == "appear" else (shown, hidden)
+        ends = (hidden, shown) if base == "appear" else (shown, hidden)
     else:
         ends = None
     unrelated = np.asarray(render_scene(spec.unrelated, size, aa)) if spec.unrelated is not None else None
@@ -463,11 +593,11 @@ def render_frames(spec: VideoSpec, cfg: MovingShapesConfig) -> tuple[np.ndarray,
             frames.append(unrelated)
             boxes.append(None)
             continue
-        p = min(max(k / (spec.action_len - 1), 0.0), 1.0)   # progress; held at 0 / 1 outside
+        p = _progress(spec, t, T)
         if p not in cache:
             if ends is not None:
                 image = blend(ends[0], ends[1], p)
-                alpha = {"appear": p, "disappear": 1.0 - p}.get(spec.action, 1.0)
+                alpha = {"appear": p, "disappear": 1.0 - p}.get(base, 1.0)
                 box = object_bbox(a0, size, aa) if alpha > 0 else None
             else:
                 obj = replace(a0, cx=_lerp(a0.cx, spec.end_cx, p), cy=_lerp(a0.cy, spec.end_cy, p),
@@ -533,7 +663,8 @@ def describe(action: str, shape: str, texture: str, color: str, size: str,
         Dict with "caption", "captions" (4 paraphrases), "caption_zh", "captions_zh",
         "verb", "nouns", "adjectives" (words of "caption" in caption order).
     """
-    with_size, with_color = action not in ("grow", "shrink"), action != "change_color"
+    with_size = action not in ("grow", "shrink", "grow_shrink", "shrink_grow")
+    with_color = action != "change_color"
     adjectives = ([size] if with_size else []) + ([color] if with_color else []) \
         + ([texture] if texture != "solid" else [])
     subject = " ".join(adjectives + [shape])
@@ -576,14 +707,23 @@ def video_record(spec: VideoSpec, slot: Slot, cfg: MovingShapesConfig,
     if rev:
         frames, boxes = frames[::-1], boxes[::-1]
         action = OPPOSITE[action]
-        color, color_to, size = color_to, color, spec.size_to
+        if action not in COMPOUNDS:         # a compound returns to its first state
+            color, color_to, size = color_to, color, spec.size_to
         action_frames = sorted(T - 1 - t for t in action_frames)
     words = describe(action, a0.shape, a0.texture, color, size, color_to, spec.template)
     child = action_class(action, color_to)
-    present = {a0.shape} | {o.shape for o in spec.statics}
+    drawn = [a0, replace(a0, color=spec.color_to)] + list(spec.statics)
+    backgrounds = {spec.background}
     if spec.unrelated is not None:
-        present |= {o.shape for o in spec.unrelated.objects}
-    scene_labels = [ACTION_PARENT[action], child] + [f"contains {s}" for s in SHAPES if s in present]
+        drawn += list(spec.unrelated.objects)
+        backgrounds.add(spec.unrelated.background)
+    present = {o.shape for o in drawn}
+    colours = {o.color for o in drawn}
+    # "contains X" / "X object" / "X background": some frame shows it (in videos without a colour
+    # change, visibility change or unrelated segment, every frame shows it).
+    scene_labels = [ACTION_PARENT[action], child] + [f"contains {s}" for s in SHAPES if s in present] \
+        + [colour_label(c) for c in COLOR_NAMES if c in colours] \
+        + [background_label(b) for b in BACKGROUND_NAMES if b in backgrounds]
     rec: dict[str, Any] = {
         **words,
         "lang": "en",
@@ -598,6 +738,7 @@ def video_record(spec: VideoSpec, slot: Slot, cfg: MovingShapesConfig,
         "labels": sorted(classes.index(n) for n in scene_labels),
         "scene_labels": scene_labels,
         "order_sensitive": action != STATIC,
+        "compound": action in COMPOUNDS,
         "pair_id": slot.pair_id,
         "reversed": rev,
         "action_frames": action_frames,
@@ -698,6 +839,7 @@ def _split_stats(records: list[dict]) -> dict[str, Any]:
         "static": sum(not r["order_sensitive"] for r in records),
         "with_distractors": sum(r["distractor"] != "none" for r in records),
         "mismatched": sum(r["mismatched"] for r in records),
+        "compound": sum(r["compound"] for r in records),
         "actions": dict(sorted(actions.items())),
     }
 
@@ -830,6 +972,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="share of action videos with static distractor frames (default 0)")
     parser.add_argument("--mismatch-fraction", type=float, default=0.0,
                         help="share of records with another record's caption (default 0)")
+    parser.add_argument("--compound-fraction", type=float, default=0.0,
+                        help="share of unpaired action videos with a compound order action (default 0)")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
     return parser
 
@@ -847,7 +991,8 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
         args.out, n_train=args.n_train, n_test=args.n_test, n_val=args.n_val, seed=args.seed,
         num_frames=args.num_frames, image_size=args.image_size, fps=args.fps, workers=args.workers,
         distractor_fraction=args.distractor_fraction, mismatch_fraction=args.mismatch_fraction,
-        pair_fraction=args.pair_fraction, static_fraction=args.static_fraction)
+        pair_fraction=args.pair_fraction, static_fraction=args.static_fraction,
+        compound_fraction=getattr(args, "compound_fraction", 0.0))
     print(json.dumps({k: result[k] for k in ("out_dir", "counts", "seconds")}, indent=1))
     return result
 
