@@ -145,3 +145,27 @@ def test_eval_on_an_image_folder_with_inline_classes_and_export(shapes_model, tm
     assert cli.main(["export", str(shapes_model / "clip"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     capsys.readouterr()
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_key_of_every_bundled_recipe_is_described(recipe):
+    from polymodal.train.describe import describe_recipe
+    from polymodal.train.run import load_recipe
+    rows = describe_recipe(load_recipe(REPO / "recipes" / recipe))
+    assert rows and [r["key"] for r in rows if not r["doc"]] == []
+
+
+def test_training_on_an_image_folder(shapes_model, tmp_path, capsys):
+    import shutil
+    records = [json.loads(line) for line in (shapes_model / "shapes/test.jsonl").read_text().splitlines()]
+    folder = tmp_path / "pets"
+    for i, r in enumerate(records[:8]):
+        cls = folder / ("red_car" if i % 2 else "cat")
+        cls.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shapes_model / "shapes" / r["image"], cls / f"{i}.png")
+    args = ["train", str(REPO / "recipes/clip_shapes.yaml"), "model.name=tiny", f"data.train={folder}",
+            "data.batch_size=4", "train.steps=2", "train.progress=false", "train.report=false", "eval.retrieval=",
+            "eval.longtext=", "eval.classes=", "eval.zeroshot=", "tokenizer.vocab_size=64", f"out_dir={tmp_path / 'run'}"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
