@@ -95,7 +95,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def add_device_arguments(p: argparse.ArgumentParser, batch_size: int | None = None) -> None:
     """`--device` and `--batch-size`, shared by every command that runs a model."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
-    p.add_argument("--batch-size", type=_positive, default=batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="items per forward pass (default: each task's own)")
 
 
@@ -114,24 +114,21 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="extra recipe overrides key=value")
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0 = all records)")
-    return value
+def int_at_least(low: int, note: str = ""):
+    """An argparse `type` for integers >= `low` (`note` explains the bound in the message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}{note}")
+        return value
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+_non_negative = int_at_least(0, " (0 = all records)")
+positive_int = int_at_least(1)
 
 
 # The command table: name -> (help, description, argument adder, runner). Adders and runners are imported

@@ -125,15 +125,19 @@ def test_finetuning_from_model_path_keeps_its_tokenizer(shapes_model, tmp_path, 
     assert before(texts).tolist() == after(texts).tolist()
 
 
-def test_eval_on_an_image_folder_with_inline_classes_and_export(shapes_model, tmp_path, capsys):
+def _image_folder(shapes_model, folder: Path, n: int, classes: tuple) -> Path:
+    """n ShapesWorld test images sorted into one subfolder per class, alternating."""
     import shutil
     records = [json.loads(line) for line in (shapes_model / "shapes/test.jsonl").read_text().splitlines()]
-    folder = tmp_path / "pets"
-    for i, r in enumerate(records[:6]):
-        cls = folder / ("red car" if i % 2 else "cat")
+    for i, r in enumerate(records[:n]):
+        cls = folder / classes[i % len(classes)]
         cls.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shapes_model / "shapes" / r["image"] if not Path(r["image"]).is_absolute() else r["image"],
-                    cls / f"{i}.png")
+        shutil.copy(shapes_model / "shapes" / r["image"], cls / f"{i}.png")
+    return folder
+
+
+def test_eval_on_an_image_folder_with_inline_classes_and_export(shapes_model, tmp_path, capsys):
+    folder = _image_folder(shapes_model, tmp_path / "pets", 6, ("cat", "red car"))
     base = ["eval", str(shapes_model / "clip"), "--task", "zeroshot", "--data", str(folder), "--device", "cpu"]
     assert cli.main(base) == 0
     folder_metrics = json.loads(capsys.readouterr().out)
@@ -156,13 +160,7 @@ def test_every_key_of_every_bundled_recipe_is_described(recipe):
 
 
 def test_training_on_an_image_folder(shapes_model, tmp_path, capsys):
-    import shutil
-    records = [json.loads(line) for line in (shapes_model / "shapes/test.jsonl").read_text().splitlines()]
-    folder = tmp_path / "pets"
-    for i, r in enumerate(records[:8]):
-        cls = folder / ("red_car" if i % 2 else "cat")
-        cls.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shapes_model / "shapes" / r["image"], cls / f"{i}.png")
+    folder = _image_folder(shapes_model, tmp_path / "pets", 8, ("cat", "red_car"))
     args = ["train", str(REPO / "recipes/clip_shapes.yaml"), "model.name=tiny", f"data.train={folder}",
             "data.batch_size=4", "train.steps=2", "train.progress=false", "train.report=false", "eval.retrieval=",
             "eval.longtext=", "eval.classes=", "eval.zeroshot=", "tokenizer.vocab_size=64", f"out_dir={tmp_path / 'run'}"]

@@ -10,17 +10,9 @@ import json
 import os
 import sys
 
+from ..cli import positive_int as _positive
+
 TOKEN_ENV = "POLYMODAL_SEARCH_TOKEN"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
