@@ -21,6 +21,7 @@ and by the peak fp32 matmul rate measured in the same run (a 2048^3 matmul).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -69,31 +70,70 @@ def hf_embed(model, pixels, ids):
     return img, txt, model.logit_scale.exp().clamp(max=100)
 
 
-def make_step(model, embed, pixels, ids, optimizer: str = "fused"):
+class CompiledEmbed:
+    """`embed(model, pixels, ids)` through `torch.compile` (what `train.compile=true` does to a task's forward)."""
+
+    def __init__(self, model, embed):
+        self.embed = embed
+        self.compiled = torch.compile(lambda pixels, ids: embed(model, pixels, ids))
+
+    def __call__(self, model, pixels, ids):
+        return self.compiled(pixels, ids)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_step(model, embed, pixels, ids, optimizer: str = "fused", precision: str = "fp32"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, **{optimizer: True})
 
     def step():
         opt.zero_grad(set_to_none=True)
-        img, txt, scale = embed(model, pixels, ids)
-        loss = clip_loss(img, txt, scale)
+        with _autocast(precision, pixels.device):
+            img, txt, scale = embed(model, pixels, ids)
+            loss = clip_loss(img.float(), txt.float(), scale.float())
         loss.backward()
         opt.step()
         return loss.item()
     return step
 
 
-def make_forward(model, embed, pixels, ids):
+def make_forward(model, embed, pixels, ids, precision: str = "fp32"):
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(precision, pixels.device):
             img, txt, _ = embed(model, pixels, ids)
-        return img.sum().item() + txt.sum().item()
+        return img.float().sum().item() + txt.float().sum().item()
     return forward
 
 
 def timed(fn) -> float:
+    """Seconds one call takes (`.item()` in the step functions waits for a GPU to finish)."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def peak_memory_mb(fn, device: torch.device) -> float:
+    """Peak memory while `fn` runs: CUDA's allocator peak, or on CPU how far this process's resident set rises
+    above where it stood before (Linux: the peak is reset through /proc/self/clear_refs; NaN elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    def status(key: str) -> float:      # kB from /proc/self/status
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return float(line.split()[1])
+    try:
+        Path("/proc/self/clear_refs").write_text("5")      # resets the peak (VmHWM) to the current RSS
+    except OSError:
+        return float("nan")
+    before = status("VmRSS:")
+    fn()
+    return (status("VmHWM:") - before) / 1024
 
 
 def alternate(fn_a, fn_b, runs: int, warmup: int = 2) -> tuple[list[float], list[float]]:
@@ -106,11 +146,11 @@ def alternate(fn_a, fn_b, runs: int, warmup: int = 2) -> tuple[list[float], list
     return a, b
 
 
-def matmul_peak(n: int = 2048, runs: int = 5) -> float:
+def matmul_peak(n: int = 2048, runs: int = 5, device: torch.device = torch.device("cpu")) -> float:
     """Best measured fp32 matmul rate in FLOP/s."""
-    x, y = torch.randn(n, n), torch.randn(n, n)
+    x, y = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(x, y)
-    best = min(timed(lambda: torch.mm(x, y)) for _ in range(runs))
+    best = min(timed(lambda: torch.mm(x, y).sum().item()) for _ in range(runs))
     return 2 * n ** 3 / best
 
 
@@ -168,13 +208,16 @@ def text_batch(batch: int, scenario: str, g: torch.Generator) -> torch.Tensor:
 
 
 def run_scenario(ours, hf, pixels, ids, args) -> dict:
+    embed = CompiledEmbed(ours, ours_embed) if args.compile else ours_embed
     with torch.no_grad():  # same weights -> same features (a guard against comparing different work)
-        a, b = ours_embed(ours, pixels, ids), hf_embed(hf, pixels, ids)
+        a, b = embed(ours, pixels, ids), hf_embed(hf, pixels, ids)
     max_diff = max((a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
-    fwd_ours, fwd_hf = alternate(make_forward(ours, ours_embed, pixels, ids),
-                                 make_forward(hf, hf_embed, pixels, ids), args.forward_runs)
-    step_ours, step_hf = alternate(make_step(ours, ours_embed, pixels, ids, args.optimizer),
-                                   make_step(hf, hf_embed, pixels, ids, args.optimizer), args.steps)
+    fwd_ours, fwd_hf = alternate(make_forward(ours, embed, pixels, ids, args.precision),
+                                 make_forward(hf, hf_embed, pixels, ids, args.precision), args.forward_runs)
+    ours_step = make_step(ours, embed, pixels, ids, args.optimizer, args.precision)
+    hf_step = make_step(hf, hf_embed, pixels, ids, args.optimizer, args.precision)
+    step_ours, step_hf = alternate(ours_step, hf_step, args.steps)
+    memory = {"ours": peak_memory_mb(ours_step, pixels.device), "hf": peak_memory_mb(hf_step, pixels.device)}
     # FLOPs our model executes: a causal text tower stops at the last EOT of the batch.
     text_len = int((ids == ours.config.text.eot_token_id).int().argmax(dim=1).max()) + 1
     flops = clip_forward_flops(ours.config, len(ids), text_len)
@@ -186,6 +229,7 @@ def run_scenario(ours, hf, pixels, ids, args) -> dict:
         "forward_ratio_ours_over_hf": med(fwd_ours) / med(fwd_hf),
         "train_step_ratio_ours_over_hf": med(step_ours) / med(step_hf),
         "train_step_speedup": med(step_hf) / med(step_ours),
+        "peak_memory_mb": memory,
         "forward_flops": flops, "train_step_flops": 3 * flops["total"],
         "achieved_flops": 3 * flops["total"] / med(step_ours),
     }
@@ -201,25 +245,30 @@ def main(argv=None) -> dict:
                     help="AdamW implementation, the same for both models")
     ap.add_argument("--no-allocator-tuning", action="store_true", help="leave glibc malloc at its defaults")
     ap.add_argument("--scenarios", default="captions,full")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype for both models")
+    ap.add_argument("--compile", action="store_true", help="our forward through torch.compile (HF stays eager)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tuned = False if args.no_allocator_tuning else tune_allocator()
 
     t_start = time.perf_counter()
+    device = torch.device(args.device)
     ours, hf = build_models()
-    ours.train(), hf.train()
+    ours.to(device).train(), hf.to(device).train()
     g = torch.Generator().manual_seed(1)
-    pixels = torch.randn(args.batch, 3, 224, 224, generator=g)
+    pixels = torch.randn(args.batch, 3, 224, 224, generator=g).to(device)
     results = {}
     for scenario in args.scenarios.split(","):
-        results[scenario] = run_scenario(ours, hf, pixels, text_batch(args.batch, scenario, g), args)
-    peak = matmul_peak()
+        results[scenario] = run_scenario(ours, hf, pixels, text_batch(args.batch, scenario, g).to(device), args)
+    peak = matmul_peak(device=device)
     for r in results.values():
         r["mfu"] = r["achieved_flops"] / peak
         r["forward_mfu"] = r["forward_flops"]["total"] / r["forward_s"]["ours"] / peak
     res = {
-        "config": "ViT-B/32 (image 224, text 77)", "batch": args.batch, "dtype": "float32", "device": "cpu",
+        "config": "ViT-B/32 (image 224, text 77)", "batch": args.batch, "precision": args.precision,
+        "device": str(device), "compile": args.compile,
         "threads": args.threads, "optimizer": f"AdamW ({args.optimizer})", "allocator_tuned": tuned,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "cpu": platform.processor() or platform.machine(), "matmul_peak_flops": peak,
@@ -230,7 +279,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
 
-    print(f"ViT-B/32 CLIP, batch {args.batch}, fp32, CPU x{args.threads} threads, AdamW {args.optimizer}, "
+    print(f"ViT-B/32 CLIP, batch {args.batch}, {args.precision}, {device} x{args.threads} threads, "
+          f"compile: {args.compile}, AdamW {args.optimizer}, "
           f"allocator tuned: {tuned} (torch {torch.__version__}, transformers {res['transformers']})")
     print(f"{'scenario':10}{'':12}{'ours (s)':>9}{'HF (s)':>9}{'ours/HF':>9}{'speedup':>9}{'MFU':>7}  text pos")
     for name, r in results.items():
@@ -238,6 +288,9 @@ def main(argv=None) -> dict:
             o, h = r[key]["ours"], r[key]["hf"]
             print(f"{name:10}{what:12}{o:9.3f}{h:9.3f}{o / h:9.2f}{h / o:8.2f}x{mfu:7.1%}  "
                   f"{r['text_positions_run_by_ours']}/77 (|diff| {r['max_abs_feature_diff']:.0e})")
+    for name, r in results.items():
+        m = r["peak_memory_mb"]
+        print(f"{name:10}peak memory of a training step: ours {m['ours']:.0f} MB, HF {m['hf']:.0f} MB")
     print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; train-step FLOPs (ours): "
           + ", ".join(f"{n} {r['train_step_flops'] / 1e9:.0f} G" for n, r in results.items())
           + f"; wrote {out} ({res['wall_s']:.0f} s)")

@@ -309,3 +309,17 @@ def test_a_killed_ddp_rank_ends_the_job_within_a_bound(tmp_path):
     assert procs[1].exitcode == -9 and procs[0].exitcode not in (0, None)
     assert (out / "rank0.err").is_file(), "the surviving rank ended without an error"
     assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_within_float_tolerance(tmp_path):
+    class Regression(NoisyRegression):          # no dropout: compiled kernels draw random numbers differently
+        def __init__(self):
+            super().__init__()
+            self.net[1].p = 0.0
+
+    eager = run(tmp_path / "eager", steps=6, task=Regression())
+    compiled = run(tmp_path / "compiled", steps=6, task=Regression(), compile=True)
+    assert compiled.state.step == eager.state.step == 6
+    a, b = losses(tmp_path / "eager" / "metrics.jsonl"), losses(tmp_path / "compiled" / "metrics.jsonl")
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
