@@ -85,6 +85,8 @@ def attach_processors(model, tokenizer=None, image_transform=None) -> None:
 def save_pretrained(model, directory) -> None:
     """Write `model` as config.json + model.safetensors (+ tokenizer files + preprocessor_config.json).
 
+    Any module with a `config` (`to_dict()`) works; `tokenizer` and `image_transform` are saved when present.
+
     The files are written into a temporary folder beside `directory` and swapped in (see `replace_dir`), so
     an interrupted save never leaves a half-written model behind.
     """
@@ -95,16 +97,27 @@ def save_pretrained(model, directory) -> None:
     try:
         config = {"polymodal_version": __version__, **model.config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if model.tokenizer is not None:
+        save_file(_weights_to_save(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save(tmp)
-        if model.image_transform is not None:
+        if getattr(model, "image_transform", None) is not None:
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(model.image_transform.to_dict(), indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, directory)
+
+
+def _weights_to_save(model) -> dict:
+    """The state dict as contiguous tensors; tied weights (one storage under two names, e.g. GPT-2's embedding
+    and LM head) are copied, because safetensors refuses shared storage."""
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach()
+        ptr = tensor.untyped_storage().data_ptr()
+        state[key] = (tensor.clone() if ptr in seen else tensor).contiguous()
+        seen.add(ptr)
+    return state
 
 
 def replace_dir(tmp: Path, directory: Path) -> None:

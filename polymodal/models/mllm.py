@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE, ConfigDict, PolymodalModel, replace_dir
+from .base import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE, ConfigDict, PolymodalModel, save_pretrained
 from .coca import beam_search, greedy_search
 from .layers import Transformer, init_transformer_
 from .vision import VisionConfig, VisionTower
@@ -335,28 +335,9 @@ class MLLM(PolymodalModel):
     def save_pretrained(self, directory) -> None:
         """config.json + model.safetensors (+ tokenizer + preprocessor_config.json), swapped in atomically.
 
-        Tensors are cloned before writing: HF LMs tie their input and output embeddings, and safetensors
-        refuses tensors that share memory; loading fills both names with the same values."""
-        import tempfile
-        import shutil
-        from safetensors.torch import save_file
-        from .. import __version__
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            config = {"polymodal_version": __version__, **self.config.to_dict()}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            save_file({k: v.detach().clone().contiguous() for k, v in self.state_dict().items()},
-                      str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
-            if self.image_transform is not None:
-                (tmp / PREPROCESSOR_FILE).write_text(json.dumps(self.image_transform.to_dict(), indent=2))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_dir(tmp, directory)
+        HF LMs tie their input and output embeddings; the shared writer copies tied tensors (safetensors refuses
+        shared memory) and loading fills both names with the same values."""
+        save_pretrained(self, directory)
 
 
 def _json_ok(v) -> bool:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.preference import render_text
-from .base import CONFIG_FILE, WEIGHTS_FILE, replace_dir
+from .base import CONFIG_FILE, WEIGHTS_FILE, replace_dir, save_pretrained
 from .text import TextConfig, TextTower
 
 MODEL_TYPE = "text_reward"
@@ -200,22 +200,7 @@ class TextRewardModel(_RewardBase):
 
     def save_pretrained(self, directory) -> None:
         """config.json (with `polymodal_version`), model.safetensors and the tokenizer, swapped in atomically."""
-        from safetensors.torch import save_file
-        from .. import __version__
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            cfg = {"polymodal_version": __version__, **self.config.to_dict()}
-            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
-            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_dir(tmp, directory)
+        save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory) -> "TextRewardModel":
