@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from ..data.resample import EpochResampler
-from ..distributed import rank as dist_rank
 from ..eval.fairness import (attribute_values_of, concept_rows, option_probabilities, read_records, sample_skew,
                              skew_table)
 from ..losses.fairness import fairness_loss, fairness_weights
-from .base import Method
+from .base import Method, build_tokenizer
 
 
 @dataclass
@@ -186,22 +185,12 @@ class ASDMethod(Method):
         return [self.cfg.vision_path] if self.cfg and self.cfg.vision_path else []
 
     def build_tokenizer(self, out_dir: Path):
-        from ..data.text import Tokenizer, train_tokenizer
-        run = self.run
-        if run.tokenizer.path:
-            return Tokenizer.from_dir(run.tokenizer.path)
-        if run.model.path:
-            return None
-        saved = Path(out_dir) / "tokenizer"
-        if (saved / "tokenizer.json").is_file():
-            return Tokenizer.from_dir(saved)
-        texts = []
-        for r in read_records(run.data.train):
-            texts += [r["prompt"], *r["options"]] + ([r["answer"]] if r.get("answer") else [])
-        tok = train_tokenizer(texts, kind=run.tokenizer.kind, vocab_size=run.tokenizer.vocab_size, min_frequency=1)
-        if dist_rank() == 0:
-            tok.save(saved)
-        return tok
+        def texts() -> list[str]:
+            out = []
+            for r in read_records(self.run.data.train):
+                out += [r["prompt"], *r["options"]] + ([r["answer"]] if r.get("answer") else [])
+            return out
+        return build_tokenizer(self.run, out_dir, texts=texts, min_frequency=1)
 
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.mllm import create_mllm, load_mllm, mllm_config

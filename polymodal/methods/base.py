@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -128,8 +128,20 @@ class Method:
 
 
 # ---- shared building blocks (used by the defaults and by methods that extend them) -------------------
-def build_tokenizer(run: Any, out_dir: Path, media: str = "image"):
-    """Load the tokenizer, reuse the one saved in the run folder, or train one on the training captions."""
+def build_tokenizer(run: Any, out_dir: Path, media: str = "image", texts: Callable[[], list] | None = None,
+                    **train_options):
+    """Load the tokenizer, reuse the one saved in the run folder, or train one on the training texts.
+
+    Args:
+        run: the run config (sections `tokenizer`, `model`, `data`).
+        out_dir: the run folder (`out_dir/tokenizer` is reused on resume).
+        media: what the training manifest's records carry (for reading it).
+        texts: the training texts, when a method has its own (e.g. preference pairs); default: the manifest's
+            `tokenizer.corpus_keys` in every training language.
+        train_options: passed on to `train_tokenizer` (e.g. `context_length`, `min_frequency`).
+    Returns:
+        A tokenizer, or None when `model.path` brings its own.
+    """
     from ..data.text import Tokenizer, train_tokenizer
     if run.tokenizer.path:
         return Tokenizer.from_dir(run.tokenizer.path)
@@ -138,9 +150,21 @@ def build_tokenizer(run: Any, out_dir: Path, media: str = "image"):
     saved = Path(out_dir) / "tokenizer"
     if (saved / "tokenizer.json").is_file():           # a resumed run reuses its tokenizer
         return Tokenizer.from_dir(saved)
-    if not run.data.train:
-        raise ValueError("tokenizer.path is empty and data.train is not set: nothing to train a tokenizer on; "
-                         "give tokenizer.path (a tokenizer folder) or data.train (a manifest)")
+    if texts is not None:
+        corpus = texts()
+    else:
+        if not run.data.train:
+            raise ValueError("tokenizer.path is empty and data.train is not set: nothing to train a tokenizer on; "
+                             "give tokenizer.path (a tokenizer folder) or data.train (a manifest)")
+        corpus = _manifest_texts(run, media)
+    tok = train_tokenizer(corpus, kind=run.tokenizer.kind, vocab_size=run.tokenizer.vocab_size, **train_options)
+    if dist_rank() == 0:
+        tok.save(saved)
+    return tok
+
+
+def _manifest_texts(run: Any, media: str) -> list[str]:
+    """The texts of the training manifest under `tokenizer.corpus_keys` (and their other-language keys)."""
     from ..data.manifests import read_manifest
     manifest = read_manifest(run.data.train, on_bad_record="skip", check_images=False, media=media)
     keys = []
@@ -157,10 +181,7 @@ def build_tokenizer(run: Any, out_dir: Path, media: str = "image"):
                 texts.extend(v for v in value if isinstance(v, str))
     if not texts:
         raise ValueError(f"{run.data.train}: no caption text under {', '.join(keys)} to train a tokenizer on")
-    tok = train_tokenizer(texts, kind=run.tokenizer.kind, vocab_size=run.tokenizer.vocab_size)
-    if dist_rank() == 0:
-        tok.save(saved)
-    return tok
+    return texts
 
 
 def image_text_dataset(run: Any, model: nn.Module, rank: int, world_size: int, media: str = "image",

@@ -35,7 +35,7 @@ from ..config import ConfigError
 from ..data.samplers import SAMPLING_MODES, DimensionSampler
 from ..models.base import ConfigDict
 from ..models.reward import TEMPLATES, bradley_terry_loss
-from .base import Method
+from .base import Method, build_tokenizer
 
 EVAL_TASK = "preference"
 BACKBONES = ("auto", "text", "hf")
@@ -295,25 +295,14 @@ class RewardMethod(Method):
         return self._data
 
     def build_tokenizer(self, out_dir: Path):
-        from ..data.text import Tokenizer, train_tokenizer
-        from ..distributed import rank
-        run = self.run
-        if run.tokenizer.path:
-            return Tokenizer.from_dir(run.tokenizer.path)
-        if run.model.path:                                  # the saved model brings its tokenizer
-            return None
-        saved = Path(out_dir) / "tokenizer"
-        if (saved / "tokenizer.json").is_file():           # a resumed run reuses its tokenizer
-            return Tokenizer.from_dir(saved)
         from ..data.preference import render_text
-        texts = []
-        for p in self._train_set():
-            texts += [render_text(p.prompt, p.chosen, self.cfg.separator), render_text("", p.rejected)]
-        tok = train_tokenizer(texts, kind=run.tokenizer.kind, vocab_size=run.tokenizer.vocab_size,
-                              context_length=self.cfg.max_length)
-        if rank() == 0:
-            tok.save(saved)
-        return tok
+
+        def texts() -> list[str]:
+            out = []
+            for p in self._train_set():
+                out += [render_text(p.prompt, p.chosen, self.cfg.separator), render_text("", p.rejected)]
+            return out
+        return build_tokenizer(self.run, out_dir, texts=texts, context_length=self.cfg.max_length)
 
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.reward import HFRewardModel, TextRewardModel
