@@ -1,7 +1,8 @@
-"""Shared parts of the recipe-comparison benchmarks (`m2_bilingual.py`, `sycoca_ablation.py`; `prepare` also
-for `lotlip_ablation.py`): common command-line options, data preparation, training a recipe variant (reusing
-finished runs) and writing results. Imported by those scripts after they put the repository root on
-`sys.path`."""
+"""Shared parts of the recipe-comparison benchmarks (`m2_bilingual.py`, `sycoca_ablation.py`, `pooler_init.py`;
+`prepare` and the seed helpers also for `lotlip_ablation.py`): common command-line options, data preparation,
+training a recipe variant (reusing finished runs), several seeds (mean ± std, paired differences, a verdict
+per claim), cached evaluation numbers and writing results atomically. Imported by those scripts after they
+put the repository root on `sys.path`."""
 from __future__ import annotations
 
 import argparse
@@ -63,13 +64,8 @@ def prepare(args, n_hard: int = 0, data_seed: int | None = None) -> tuple[Path, 
     return out, runs, data, start
 
 
-def train_variant(recipe: Path, out_dir: Path, data: Path, args, seed: int, extra: list[str] = ()):
-    """Train `recipe` on `data` with the comparison's shared settings, reusing a finished identical run.
-
-    Returns:
-        (model directory, training seconds, the run's RunConfig).
-    """
-    from polymodal.train.reuse import train_or_reuse
+def variant_config(recipe: Path, out_dir: Path, data: Path, args, seed: int, extra: list[str] = ()):
+    """The RunConfig of `recipe` with the comparison's shared settings (what `train_variant` trains)."""
     from polymodal.train.run import load_recipe
 
     overrides = [f"out_dir={out_dir}", f"data.train={data / 'train.jsonl'}", f"data.batch_size={args.batch_size}",
@@ -80,7 +76,18 @@ def train_variant(recipe: Path, out_dir: Path, data: Path, args, seed: int, extr
         overrides.append(f"model.name={args.model}")
     if args.vocab_size:
         overrides.append(f"tokenizer.vocab_size={args.vocab_size}")
-    cfg = load_recipe(recipe, overrides + list(extra))
+    return load_recipe(recipe, overrides + list(extra))
+
+
+def train_variant(recipe: Path, out_dir: Path, data: Path, args, seed: int, extra: list[str] = ()):
+    """Train `recipe` on `data` with the comparison's shared settings, reusing a finished identical run.
+
+    Returns:
+        (model directory, training seconds, the run's RunConfig).
+    """
+    from polymodal.train.reuse import train_or_reuse
+
+    cfg = variant_config(recipe, out_dir, data, args, seed, extra)
     model_dir, seconds, _ = train_or_reuse(cfg, fresh=args.fresh)
     return model_dir, seconds, cfg
 
@@ -91,8 +98,12 @@ def command_line(script: str, is_main: bool) -> str:
 
 
 def claim_lines(claims: list[dict]) -> list[str]:
-    """Markdown bullets: each claim, whether it shows, and its numbers."""
-    return [f"- {'shown' if c['shown'] else 'NOT shown'}: {c['claim']} ({c['numbers']})" for c in claims]
+    """Markdown bullets: each claim, whether it shows (its "verdict" when it has one: shown / not shown /
+    mixed over seeds), and its numbers."""
+    def word(c):
+        v = c.get("verdict")
+        return ("NOT shown" if v == "not shown" else v) if v else ("shown" if c["shown"] else "NOT shown")
+    return [f"- {word(c)}: {c['claim']} ({c['numbers']})" for c in claims]
 
 
 def finish(out: Path, result: dict, start: float, render_markdown, tag: str) -> dict:
@@ -106,3 +117,132 @@ def finish(out: Path, result: dict, start: float, render_markdown, tag: str) -> 
         f.write(render_markdown(result))
     print(f"[{tag}] wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
     return result
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+def seed_summary(values: list[float]) -> dict:
+    """Mean and spread of one number over seeds.
+
+    Args:
+        values: the number, one per seed.
+    Returns:
+        {"mean", "std" (sample standard deviation, n - 1 in the denominator; 0 for one seed), "n", "values"}.
+    """
+    import statistics
+
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("seed_summary: no values (did every seed fail?)")
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
+
+
+def paired_difference(variant: list[float], reference: list[float]) -> dict:
+    """Per-seed difference variant - reference (same seed = same data order and initialisation draw).
+
+    Args:
+        variant, reference: the number for each seed, in the same seed order.
+    Returns:
+        `seed_summary` of the differences plus "min", "max" and "n_positive" (seeds where variant > reference).
+    """
+    if len(variant) != len(reference):
+        raise ValueError(f"paired_difference: {len(variant)} variant seeds vs {len(reference)} reference seeds; "
+                         "run both over the same --seeds")
+    diffs = [float(a) - float(b) for a, b in zip(variant, reference)]
+    return {**seed_summary(diffs), "min": min(diffs), "max": max(diffs), "n_positive": sum(d > 0 for d in diffs)}
+
+
+def verdict(diff: dict, direction: int = 1) -> str:
+    """"shown" when every seed's difference has the claimed sign, "not shown" when none has, else "mixed".
+
+    Args:
+        diff: a `paired_difference`.
+        direction: +1 when the claim says variant > reference, -1 when it says variant < reference.
+    """
+    agree = sum(d * direction > 0 for d in diff["values"])
+    return "shown" if agree == diff["n"] else "not shown" if agree == 0 else "mixed"
+
+
+def over_seeds(seeds: list[int], run_one) -> dict:
+    """Run one variant for every seed and summarise each number it returns.
+
+    Args:
+        seeds: training seeds.
+        run_one: `run_one(seed) -> {name: float | other}`; floats are summarised, the rest kept per seed.
+    Returns:
+        {"seeds", "per_seed": [metrics of each seed], "mean": {name: mean}, "std": {name: std}}.
+    """
+    per_seed = [run_one(seed) for seed in seeds]
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    stats = {k: seed_summary([m[k] for m in per_seed]) for k in keys}
+    return {"seeds": list(seeds), "per_seed": per_seed, "mean": {k: s["mean"] for k, s in stats.items()},
+            "std": {k: s["std"] for k, s in stats.items()}}
+
+
+def paired_over_seeds(variant: dict, reference: dict, keys) -> dict:
+    """`paired_difference` of `over_seeds` results for each of `keys`: {key: difference summary}."""
+    if variant["seeds"] != reference["seeds"]:
+        raise ValueError(f"paired_over_seeds: seeds {variant['seeds']} vs {reference['seeds']}; pair the same seeds")
+    return {k: paired_difference([m[k] for m in variant["per_seed"]], [m[k] for m in reference["per_seed"]])
+            for k in keys}
+
+
+def pm(mean: float, std: float, n: int = 2, digits: int = 1) -> str:
+    """"mean ± std" (just the mean for a single seed, n < 2)."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def pm_diff(diff: dict, digits: int = 1) -> str:
+    """A paired difference as "+mean ± std (min..max, k/n > 0)"."""
+    return (f"{diff['mean']:+.{digits}f} ± {diff['std']:.{digits}f} ({diff['min']:+.{digits}f}..{diff['max']:+.{digits}f}, "
+            f"{diff['n_positive']}/{diff['n']} > 0)")
+
+
+def cached_metrics(run_dir: Path, key: dict, compute, reused: bool) -> dict:
+    """Evaluation numbers of a finished run, reused on rerun when the run and the evaluation are unchanged.
+
+    The cache lives in the run folder, which `train_or_reuse` deletes when the run is retrained, so numbers
+    never outlive the model they were measured on.
+
+    Args:
+        run_dir: the run's `out_dir`.
+        key: what the numbers depend on besides the model (evaluation sets, options); JSON-able. Its
+            "eval" entry (a benchmark name) names the cache file, so benchmarks sharing a run keep theirs.
+        compute: `compute() -> dict` of numbers.
+        reused: whether the training run was reused (a fresh run always recomputes).
+    Returns:
+        The numbers.
+    """
+    import json
+
+    from polymodal.eval.report import write_json
+
+    path = Path(run_dir) / f"bench_eval_{key.get('eval', 'metrics')}.json"
+    want = json.loads(json.dumps(key, default=str))
+    if reused and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == want:
+            return saved["metrics"]
+    metrics = compute()
+    write_json(path, {"key": want, "metrics": metrics})
+    return metrics
+
+
+def leave_plateau_step(metrics_file: Path, key: str, threshold: float) -> int | None:
+    """First logged step whose `key` loss is below `threshold` (None if it never is).
+
+    Args:
+        metrics_file: a run's metrics.jsonl.
+        key: the logged loss, e.g. "itc".
+        threshold: e.g. ln(B) - 0.5 for an InfoNCE that starts at ln(B).
+    """
+    import json
+
+    for line in Path(metrics_file).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if key in row and "step" in row and row[key] is not None and float(row[key]) < threshold:
+            return int(row["step"])
+    return None

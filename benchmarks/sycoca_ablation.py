@@ -16,7 +16,11 @@ One command:
    * where masks fall: the fraction of masked patches that overlap the named object ("hit rate") for the
      run's training rule, for pure text relevance (the `mask_ratio` most relevant patches), and for
      random masks; the object's share of all patches is what random masking hits on average.
-5. Writes `<out>/results.json` and `<out>/results.md` (tables, caption examples, which claims show).
+5. Over `--seeds` (default: `--seed`): mean ± std of every number, the paired difference SyCoCa - CoCa per
+   seed, and a verdict per claim: shown (every seed agrees), not shown (none does) or mixed.
+6. `--pooler-init scaled` re-initialises CoCa's attentional poolers after construction
+   (`benchmarks/pooler_init.py`: queries N(0, 1), fan-in projections) for every variant.
+7. Writes `<out>/results.json` and `<out>/results.md` (tables, caption examples, which claims show).
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (claim_lines, command_line, experiment_parser, finish,  # noqa: E402
-                               prepare, train_variant)
+from benchmarks.common import (cached_metrics, claim_lines, command_line, experiment_parser,  # noqa: E402
+                               finish, over_seeds, paired_difference, pm, pm_diff, prepare, verdict)
+from benchmarks.pooler_init import INITS, itc_stats, train_with_init  # noqa: E402
 
 RANDOM_DRAWS = 10    # random masks per image for the random-mask hit rate
 VARIANTS = (  # name, recipe, label
@@ -45,7 +50,10 @@ VARIANTS = (  # name, recipe, label
 def parse_args(argv=None) -> argparse.Namespace:
     p = experiment_parser(__doc__, "docs/results/sycoca", "runs/sycoca_ablation",
                           "CoCa config name (default: the recipes' coca-small)")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--seed", type=int, default=0, help="training seed (when --seeds is not given)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: --seed)")
+    p.add_argument("--pooler-init", default="default", choices=INITS,
+                   help="CoCa attentional-pooler initialisation (see benchmarks/pooler_init.py)")
     p.add_argument("--analysis-images", type=int, default=256, help="test images for the TG-MIM analysis")
     p.add_argument("--caption-images", type=int, default=0, help="test images to caption (0 = all)")
     return p.parse_args(argv)
@@ -122,49 +130,87 @@ def _mim_analysis(model, cfg, batch: dict, boxes: list, frame: int, patch: int) 
     return out
 
 
+def _per_seed(v: dict, key) -> list[float]:
+    return [key(r) if callable(key) else r[key] for r in v["per_seed"]]
+
+
+def _retrieval(r: dict) -> float:
+    return (r["t2i_R1"] + r["i2t_R1"]) / 2
+
+
 def claims(variants: dict) -> list[dict]:
-    """The synthetic claims of METHODS.md section 3, each with its numbers and whether it shows."""
+    """The synthetic claims of METHODS.md section 3, each with its numbers, the paired per-seed difference it
+    rests on and a verdict over seeds (shown: every seed agrees; not shown: none; mixed)."""
     c, r, a = variants["coca"], variants["random"], variants["attentive"]
-    return [
+    gap = {n: paired_difference(_per_seed(v, "mim_shuffled"), _per_seed(v, "mim_true")) for n, v in
+           (("attentive", a), ("random", r))}
+    both = {"values": gap["attentive"]["values"] + gap["random"]["values"]}
+    both["n"] = len(both["values"])
+    hit = paired_difference(_per_seed(a, "hit_training_rule"), _per_seed(a, "hit_random"))
+    ret = {n: paired_difference(_per_seed(v, _retrieval), _per_seed(c, _retrieval)) for n, v in
+           (("attentive", a), ("random", r))}
+    zs = {n: paired_difference(_per_seed(v, "zeroshot_top1"), _per_seed(c, "zeroshot_top1")) for n, v in
+          (("attentive", a), ("random", r))}
+    # "At least as good": a seed agrees when SyCoCa is not below CoCa (ties count as agreement).
+    ret_agree = sum(d >= 0 for d in ret["attentive"]["values"])
+    ret_verdict = "shown" if ret_agree == ret["attentive"]["n"] else "not shown" if ret_agree == 0 else "mixed"
+    out = [
         {"claim": "masked-patch reconstruction error is lower with the true caption than with a shuffled one "
                   "(attentive and random SyCoCa)",
-         "numbers": f"attentive {a['mim_true']:.4f} vs {a['mim_shuffled']:.4f}; "
-                    f"random {r['mim_true']:.4f} vs {r['mim_shuffled']:.4f}",
-         "shown": a["mim_true"] < a["mim_shuffled"] and r["mim_true"] < r["mim_shuffled"]},
+         "numbers": f"attentive {a['mim_true']:.4f} vs {a['mim_shuffled']:.4f}, shuffled - true "
+                    f"{pm_diff(gap['attentive'], 4)}; random {r['mim_true']:.4f} vs {r['mim_shuffled']:.4f}, "
+                    f"{pm_diff(gap['random'], 4)}",
+         "verdict": verdict(both)},
         {"claim": "attentive masking hits the patches of the object the caption names more than random masking",
          "numbers": f"hit rate attentive rule {100 * a['hit_training_rule']:.1f}% vs random masks "
-                    f"{100 * a['hit_random']:.1f}% (object share {100 * a['object_share']:.1f}%)",
-         "shown": a["hit_training_rule"] > a["hit_random"]},
+                    f"{100 * a['hit_random']:.1f}% (object share {100 * a['object_share']:.1f}%), paired "
+                    f"{pm_diff({**hit, **{k: 100 * hit[k] for k in ('mean', 'std', 'min', 'max')}})} points",
+         "verdict": verdict(hit)},
         {"claim": "retrieval (mean of T2I and I2T R@1) is at least as good as CoCa alone",
-         "numbers": f"CoCa {(c['t2i_R1'] + c['i2t_R1']) / 2:.1f}, attentive {(a['t2i_R1'] + a['i2t_R1']) / 2:.1f}, "
-                    f"random {(r['t2i_R1'] + r['i2t_R1']) / 2:.1f}",
-         "shown": a["t2i_R1"] + a["i2t_R1"] >= c["t2i_R1"] + c["i2t_R1"]},
+         "numbers": f"CoCa {_retrieval(c):.1f}, attentive {_retrieval(a):.1f}, random {_retrieval(r):.1f}; "
+                    f"attentive - CoCa {pm_diff(ret['attentive'])}, random - CoCa {pm_diff(ret['random'])}",
+         "verdict": ret_verdict},
+        {"claim": "(not a paper claim; reported because single seeds flipped) attentive SyCoCa raises zero-shot "
+                  "top-1 over CoCa",
+         "numbers": f"attentive - CoCa {pm_diff(zs['attentive'])}, random - CoCa {pm_diff(zs['random'])}",
+         "verdict": verdict(zs["attentive"])},
     ]
+    for cl in out:
+        cl["shown"] = cl["verdict"] == "shown"
+    return out
 
 
 def render_markdown(result: dict) -> str:
     st, ch, variants = result["settings"], result["chance"], result["variants"]
-    pct = lambda v, k: f"{100 * v[k]:.1f}" if k in v else "n/a"
-    num = lambda v, k: f"{v[k]:.4f}" if k in v else "n/a"
+    n = len(st["seeds"])
+    f = lambda v, k, d=1, scale=1.0: (pm(scale * v[k], scale * v["std"][k], n, d) if k in v else "n/a")
     lines = [
         "# SyCoCa ablation on ShapesWorld",
         "",
         f"Command: `{st['command']}`  ",
         f"Data: ShapesWorld seed {st['data_seed']}, {st['n_train']} training images, test {st['n_test']} images "
         f"x 4 captions. Model `{st['model']}`{''.join(f' ({s})' for s in st['sets'])}, {st['steps']} steps of "
-        f"batch {st['batch_size']}, seed {st['seed']}; only `sycoca.masking` differs between the runs. Torch "
-        f"threads {st['threads']}. Total wall time {result['seconds']['total']:.0f} s.",
+        f"batch {st['batch_size']}, seeds {st['seeds']} (mean ± sample std over seeds), pooler init "
+        f"`{st['pooler_init']}`; only `sycoca.masking` differs between the runs. Torch threads {st['threads']}. "
+        f"Total wall time {result['seconds']['total']:.0f} s.",
         "",
-        "| variant | T2I R@1 | I2T R@1 | zero-shot top-1 | BLEU-4 | CIDEr-D | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | T2I R@1 | I2T R@1 | zero-shot top-1 | BLEU-4 | CIDEr-D | ITC plateau exit step | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in variants.values():
-        lines.append(f"| {v['label']} | {v['t2i_R1']:.1f} | {v['i2t_R1']:.1f} | {v['zeroshot_top1']:.1f} | "
-                     f"{v['BLEU-4']:.1f} | {v['CIDEr-D']:.1f} | {v['train_s']:.0f} |")
+        lines.append(f"| {v['label']} | {f(v, 't2i_R1')} | {f(v, 'i2t_R1')} | {f(v, 'zeroshot_top1')} | "
+                     f"{f(v, 'BLEU-4')} | {f(v, 'CIDEr-D')} | {f(v, 'plateau_step', 0)} | {v['train_s']:.0f} |")
+    if n > 1:
+        lines += ["", "Paired difference against CoCa (same seed), mean ± std (min..max, seeds > 0):", "",
+                  "| variant | T2I R@1 | I2T R@1 | zero-shot top-1 | CIDEr-D |", "|---|---|---|---|---|"]
+        for name, d in result["paired"].items():
+            lines.append(f"| {variants[name]['label']} - CoCa | {pm_diff(d['t2i_R1'])} | {pm_diff(d['i2t_R1'])} | "
+                         f"{pm_diff(d['zeroshot_top1'])} | {pm_diff(d['CIDEr-D'])} |")
     lines += [
         "", f"Chance: T2I R@1 {ch['t2i_R1']:.2f}, zero-shot top-1 {ch['zeroshot_top1']:.2f}. BLEU-4 and CIDEr-D "
         "x 100, greedy decoding. I2T R@1 is low for every model: many captions are word for word the same for "
-        "several test images, and ties are scored pessimistically.",
+        "several test images, and ties are scored pessimistically. ITC plateau exit: first logged step with ITC "
+        f"loss < ln({st['batch_size']}) - 0.5.",
         "",
         f"## TG-MIM: reconstruction and where the masks fall ({st['analysis_images']} test images, short caption)",
         "",
@@ -173,9 +219,9 @@ def render_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for v in variants.values():
-        lines.append(f"| {v['label']} | {num(v, 'mim_true')} | {num(v, 'mim_shuffled')} | "
-                     f"{pct(v, 'mim_true_lower_share')} | {pct(v, 'hit_training_rule')} | "
-                     f"{pct(v, 'hit_relevance_topk')} | {pct(v, 'hit_random')} |")
+        lines.append(f"| {v['label']} | {f(v, 'mim_true', 4)} | {f(v, 'mim_shuffled', 4)} | "
+                     f"{f(v, 'mim_true_lower_share', 1, 100)} | {f(v, 'hit_training_rule', 1, 100)} | "
+                     f"{f(v, 'hit_relevance_topk', 1, 100)} | {f(v, 'hit_random', 1, 100)} |")
     share = next(iter(variants.values()))["object_share"]
     lines += [
         "", f"Masks cover {100 * st['mask_ratio']:.0f}% of the patches. The named object overlaps {100 * share:.1f}% "
@@ -186,43 +232,70 @@ def render_markdown(result: dict) -> str:
         "head but the same relevance can be computed). MIM error: MSE on the masked patches of per-patch "
         "normalised pixels; the shuffled caption is the previous test image's caption, under the same mask. Errors "
         "compare captions within a row, not rows: attentive masks hide the object, which is harder to redraw.",
-        "", "## Greedy caption examples (attentive SyCoCa)", "",
+        "", f"## Greedy caption examples (attentive SyCoCa, seed {st['seeds'][0]})", "",
     ]
     for e in variants["attentive"]["examples"]:
         lines.append(f"- `{Path(e['image']).name}`: \"{e['caption']}\" (reference: \"{e['references'][0]}\")")
-    lines += ["", "## Claims (METHODS.md section 3) at this scale", ""]
+    lines += ["", "## Claims (METHODS.md section 3) at this scale",
+              "", "Verdict over seeds: shown = every seed's paired difference has the claimed sign, not shown = "
+              "none has, mixed = some do.", ""]
     return "\n".join(lines + claim_lines(result["claims"])) + "\n"
 
 
-def run(args) -> dict:
+def run_variant(args, data: Path, runs: Path, name: str, recipe: str, seed: int) -> dict:
+    """Train (or reuse) one variant at one seed and measure it (evaluation numbers cached in the run folder)."""
     from polymodal.hub import load_model
 
-    out, runs, data, start = prepare(args)
-    variants: dict = {}
-    sycoca_cfg = None
-    for name, recipe, label in VARIANTS:
-        print(f"[sycoca] {name}: training", flush=True)
-        model_dir, seconds, cfg = train_variant(Path(args.recipes) / recipe, runs / name, data, args, args.seed,
-                                                args.sets)
+    tag = name if args.pooler_init == "default" else f"{name}_{args.pooler_init}"
+    run_dir = runs / f"{tag}_s{seed}"
+    print(f"[sycoca] {tag} seed {seed}: training", flush=True)
+    model_dir, seconds, cfg, reused = train_with_init(Path(args.recipes) / recipe, run_dir, data, args, seed,
+                                                      args.sets, args.pooler_init, runs / f"init_{tag}_s{seed}")
+
+    def measure() -> dict:
         model = load_model(model_dir).eval()
         batch, boxes, frame, patch = _analysis_batch(model, data, args.analysis_images)
-        variants[name] = {"label": label, **_evaluate(model, data, args),
-                          **_mim_analysis(model, cfg, batch, boxes, frame, patch), "train_s": seconds}
-        sycoca_cfg = cfg.sycoca
-        print(f"[sycoca] {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in variants[name].items()
-                                                if isinstance(v, float)), flush=True)
+        return {**_evaluate(model, data, args), **_mim_analysis(model, cfg, batch, boxes, frame, patch)}
 
+    key = {"eval": "sycoca_ablation", "test": str(data / "test.jsonl"), "analysis_images": args.analysis_images,
+           "caption_images": args.caption_images}
+    out = {**cached_metrics(run_dir, key, measure, reused), **itc_stats(run_dir, args.batch_size),
+           "train_s": seconds, "sycoca": dict(cfg.sycoca.to_dict() if hasattr(cfg.sycoca, "to_dict")
+                                               else vars(cfg.sycoca))}
+    print(f"[sycoca] {tag} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()
+                                                      if isinstance(v, float)), flush=True)
+    return out
+
+
+def run(args) -> dict:
+    out, runs, data, start = prepare(args)
+    seeds = list(args.seeds) if args.seeds else [args.seed]
+    variants: dict = {}
+    for name, recipe, label in VARIANTS:
+        res = over_seeds(seeds, lambda seed, name=name, recipe=recipe: run_variant(args, data, runs, name, recipe,
+                                                                                 seed))
+        first = res["per_seed"][0]
+        variants[name] = {"label": label, **res["mean"], "std": res["std"], "seeds": seeds,
+                          "per_seed": [{k: v for k, v in r.items() if k not in ("examples", "sycoca")}
+                                       for r in res["per_seed"]],
+                          "examples": first["examples"]}
+    sycoca_cfg = first["sycoca"]
+    paired = {name: {k: paired_difference(_per_seed(variants[name], k), _per_seed(variants["coca"], k))
+                     for k in ("t2i_R1", "i2t_R1", "zeroshot_top1", "BLEU-4", "CIDEr-D")}
+              for name in ("random", "attentive")}
     n_classes = len(json.loads((data / "classes.json").read_text())["classes"])
     result = {
         "settings": {"command": command_line("sycoca_ablation.py", __name__ == "__main__"),
                      "data_seed": args.data_seed, "n_train": args.n_train, "n_test": args.n_test,
-                     "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                     "steps": args.steps, "batch_size": args.batch_size, "seed": seeds[0], "seeds": seeds,
+                     "pooler_init": args.pooler_init,
                      "model": args.model or "coca-small (recipes)", "sets": args.sets,
                      "analysis_images": min(args.analysis_images, args.n_test),
-                     "mask_ratio": sycoca_cfg.mask_ratio, "attentive_ratio": sycoca_cfg.attentive_ratio,
+                     "mask_ratio": sycoca_cfg["mask_ratio"], "attentive_ratio": sycoca_cfg["attentive_ratio"],
                      "threads": torch.get_num_threads()},
         "chance": {"t2i_R1": 100.0 / args.n_test, "zeroshot_top1": 100.0 / n_classes},
         "variants": variants,
+        "paired": paired,
     }
     result["claims"] = claims(variants)
     return finish(out, result, start, render_markdown, "sycoca")

@@ -1,0 +1,32 @@
+"""The seed helpers of benchmarks/common.py and the pooler re-initialisation of benchmarks/pooler_init.py."""
+import math
+
+import pytest
+import torch
+
+
+def test_paired_difference_and_verdict(load_benchmark):
+    common = load_benchmark("common")
+    d = common.paired_difference([3.0, 5.0, 4.0], [1.0, 6.0, 2.0])
+    assert d["values"] == [2.0, -1.0, 2.0]
+    assert d["mean"] == pytest.approx(1.0) and d["std"] == pytest.approx(math.sqrt(3.0))
+    assert d["n_positive"] == 2 and d["min"] == -1.0 and d["max"] == 2.0
+    assert common.verdict(d) == "mixed"
+    assert common.verdict(common.paired_difference([2.0, 3.0], [1.0, 1.0])) == "shown"
+    assert common.verdict(common.paired_difference([0.0, 0.0], [1.0, 1.0])) == "not shown"
+    assert common.verdict(common.paired_difference([0.0, 0.0], [1.0, 1.0]), direction=-1) == "shown"
+    one = common.seed_summary([4.0])
+    assert one["mean"] == 4.0 and one["std"] == 0.0 and one["n"] == 1
+
+
+def test_pooler_reinit_touches_only_the_poolers(load_benchmark):
+    pooler_init = load_benchmark("pooler_init")
+    from polymodal.models.factory import create_model
+    torch.manual_seed(0)
+    model = create_model("coca-tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pooler_init.reinit_poolers_(model, query_std=1.0, generator=torch.Generator().manual_seed(1))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("pooler" in k for k in changed)
+    queries = [v for k, v in model.state_dict().items() if "pooler" in k and "quer" in k]
+    assert queries and all(abs(float(q.std()) - 1.0) < 0.35 for q in queries if q.numel() > 16)
