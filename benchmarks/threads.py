@@ -7,7 +7,7 @@ machine has one competing process next to the run: a single-threaded matmul loop
 "other work" (another job, a test suite, a browser). Configurations run one after another, in an order
 that alternates idle and busy, and the whole matrix is repeated `--repeats` times (medians reported).
 
-    python benchmarks/threads.py --out docs/results/threads [--steps 60] [--repeats 2] [--threads 1 2 auto]
+    python benchmarks/threads.py --out docs/results/threads [--runs DIR] [--steps 60] [--repeats 2] [--threads 1 2 auto]
 
 The `auto` row is `train.threads=auto` (polymodal's own choice, see `polymodal/train/threads.py`).
 """
@@ -63,7 +63,7 @@ def run_one(train: Path, out: Path, threads: str, policy: str, steps: int, batch
            f"data.train={train}", f"data.batch_size={batch}", f"train.steps={steps}", "train.log_every=10",
            "train.progress=false", "train.ckpt_every=100000", "train.eval_every=0", f"train.threads={threads}",
            "eval.retrieval=", "eval.longtext=", "eval.zeroshot=", "eval.classes=", f"out_dir={run_dir}",
-           "optim.warmup_steps=5"]
+           "optim.warmup_steps=5", "train.report=false"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]
@@ -72,16 +72,18 @@ def run_one(train: Path, out: Path, threads: str, policy: str, steps: int, batch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench_threads")
+    p.add_argument("--out", default="runs/bench_threads", help="where results.md / results.json go")
+    p.add_argument("--runs", default="runs/bench_threads/runs", help="data and training runs")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", nargs="+", default=["1", "2", "auto"])
     p.add_argument("--policies", nargs="+", default=["default", "PASSIVE"])
     args = p.parse_args()
-    out = Path(args.out)
+    out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
-    train = make_data(out / "data", max(512, args.batch * 8))
+    runs.mkdir(parents=True, exist_ok=True)
+    train = make_data(runs / "data", max(512, args.batch * 8))
     configs = [(t, pol) for t in args.threads for pol in args.policies]
     results: dict = {}
     for rep in range(args.repeats):
@@ -93,7 +95,7 @@ def main() -> None:
                                            env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
                     time.sleep(1.0)
                 try:
-                    rate = run_one(train, out, threads, policy, args.steps, args.batch)
+                    rate = run_one(train, runs, threads, policy, args.steps, args.batch)
                 finally:
                     if hog is not None:
                         hog.kill()

@@ -341,20 +341,26 @@ def _dispatch(args) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def recipe_defaults() -> dict:
+    """Defaults of `polymodal train` under the recipe file. Torch's threads follow the idle cores unless the
+    recipe says otherwise: all cores of an idle machine, fewer beside other work (benchmarks/threads.py)."""
+    return {"train": {"threads": "auto"}}
+
+
 def _run_data(args) -> None:
     _resolve(_data_commands()[args.data_cmd][1])(args)
 
 
 def _run_train(args) -> None:
     from .train.run import load_recipe, run_recipe
-    final = run_recipe(load_recipe(args.recipe, args.overrides))
+    final = run_recipe(load_recipe(args.recipe, args.overrides, base=recipe_defaults()))
     print(dumps_strict(final, indent=2))
 
 
 def _run_recipe(args) -> None:
     from .train.describe import describe_recipe, format_keys
     from .train.run import load_recipe
-    rows = describe_recipe(load_recipe(args.recipe, args.overrides))
+    rows = describe_recipe(load_recipe(args.recipe, args.overrides, base=recipe_defaults()))
     print(dumps_strict(rows, indent=2, ensure_ascii=False) if args.json else format_keys(rows))
 
 

@@ -34,7 +34,8 @@ def run_demo(args) -> Path:
     every = max(1, args.steps // 4)
     # The demo writes its own report (test and hard-set numbers), so run_recipe's end-of-run one is switched off.
     train = {"steps": args.steps, "seed": args.seed, "log_every": 10, "eval_every": every, "ckpt_every": every,
-             "report": False, "val_data": str(data / "val.jsonl"), "val_loss_every": every}
+             "report": False, "val_data": str(data / "val.jsonl"), "val_loss_every": every,
+             "threads": "auto"}     # the idle cores: never much slower idle, no collapse beside other work
     base = {
         "method": "clip", "out_dir": str(out / "run"),
         "model": {"name": args.model},

@@ -32,3 +32,16 @@ def test_reads_proc_stat(tmp_path):
     assert threads._read_cpu_times(str(stat)) == (85, 100)
     stat.write_text("intr 1 2 3\n")
     assert threads._read_cpu_times(str(stat)) is None
+
+
+def test_the_command_line_defaults_to_auto_and_the_recipe_wins(tmp_path):
+    from polymodal.cli import recipe_defaults
+    from polymodal.train.run import load_recipe
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: clip\ntrain: {steps: 3}\n")
+    cfg = load_recipe(recipe, [], base=recipe_defaults())
+    assert cfg.train.threads == "auto" and cfg.train.steps == 3          # merged key by key, not replaced
+    recipe.write_text("method: clip\ntrain: {steps: 3, threads: 1}\n")
+    assert load_recipe(recipe, [], base=recipe_defaults()).train.threads == 1
+    assert load_recipe(recipe, ["train.threads=2"], base=recipe_defaults()).train.threads == 2
+    assert load_recipe(tmp_path / "r.yaml").train.threads == 1

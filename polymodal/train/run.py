@@ -61,16 +61,22 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 base: dict | None = None) -> RunConfig:
     """Read a recipe YAML, apply `key=value` overrides and validate every key and value.
 
+    `base` holds defaults under the file: a section the file also has is merged key by key.
+
     An error that only the overrides cause is blamed on the override (`override 'optim.lrr=1': ...`), not
     on the file; unknown keys get a "did you mean".
 
     Raises:
         ConfigError: naming the file (or the override) and the unknown/mistyped key or bad value.
     """
-    data = dict(base or {})
+    data = copy.deepcopy(dict(base or {}))
     where = "recipe"
-    if path is not None:
-        data.update(load_yaml(path))
+    if path is not None:        # the file's values win over `base`, section by section
+        for key, value in load_yaml(path).items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
         where = str(path)
     overrides = list(overrides or [])
     try:
