@@ -16,7 +16,8 @@ every linear layer and the patch embedding, plus 2 * L^2 * W for each of QK^T an
 counted over the full L x L even for causal text; backward = 2x forward) divided by the step time
 and by the peak fp32 matmul rate measured in the same run (a 2048^3 matmul).
 
-    python benchmarks/train_step.py [--steps 5] [--batch 8] [--threads N] [--out PATH]
+    python benchmarks/train_step.py [--steps 5] [--batch 8] [--threads N] [--device cpu|cuda] [--precision fp32|bf16]
+                                    [--compile] [--out PATH]
 """
 from __future__ import annotations
 
