@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .manifests import BAD_RECORD_POLICIES, MAX_EXAMPLES_PER_REASON, SKIP_HINT, ManifestError
+# The manifest reader's line decoding and bad-record type, so both formats report bad lines alike.
+from .manifests import _BadRecord as _Bad, _jsonl_rows as _jsonl_lines
 
 __all__ = ["PreferencePair", "PreferenceSet", "read_preferences", "render_text", "write_preferences",
            "UNKNOWN_DIMENSION", "HUMMER_DIMENSIONS", "ULTRAFEEDBACK_KEYS"]
@@ -43,7 +45,7 @@ ULTRAFEEDBACK_KEYS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejec
                       "margin": ["score_chosen", "score_rejected"]}
 FIELDS = ("prompt", "chosen", "rejected", "margin", "dimension", "subset")
 
-MALFORMED, BAD_ENCODING, MISSING_SIDE = "malformed_line", "bad_encoding", "missing_side"
+MISSING_SIDE = "missing_side"
 EMPTY_TEXT, IDENTICAL, BAD_FIELD = "empty_text", "identical_pair", "bad_field"
 
 Text = Any   # a string or a list of {"role", "content"} messages
@@ -103,12 +105,6 @@ class PreferenceSet:
         return "\n".join(f"skipped {n} pair(s) of {self.source}: {reason} (e.g. "
                          f"{'; '.join(self.skipped_examples.get(reason, []))})"
                          for reason, n in sorted(self.skipped.items()))
-
-
-class _Bad(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimension: str = "",
@@ -184,26 +180,6 @@ def _check_keys(keys: dict | None) -> dict:
             raise ValueError(f"preference key mapping: {k} must map to a non-empty key, got {v!r}")
         mapping[k] = v
     return mapping
-
-
-def _jsonl_lines(path: Path):
-    """(line number, dict or _Bad) for every non-blank line of a JSONL file."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, _Bad(BAD_ENCODING, f"not UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield n, _Bad(MALFORMED, f"not valid JSON ({e.msg}, column {e.colno})")
-                continue
-            yield n, obj if isinstance(obj, dict) else _Bad(MALFORMED, f"expected a JSON object, got "
-                                                                     f"{type(obj).__name__}")
 
 
 _MISSING = object()

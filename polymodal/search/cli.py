@@ -29,17 +29,9 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(source: str, device: str):
-    import torch
-
+    from ..cli import resolve_device
     from ..hub import load_model
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    dev = resolve_device(device)
     model = load_model(source).eval()
     return model.to(dev) if dev.type != "cpu" else model
 
