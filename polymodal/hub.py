@@ -82,13 +82,9 @@ def named_model(name: str, overrides: dict | None = None, tokenizer=None, image_
     Returns:
         The model (eval mode) with `.tokenizer` and `.image_transform` attached.
     """
-    from .data.text import MissingTokenizer, bundled_tokenizer
-    if tokenizer is None:
-        text = getattr(build_config(name, overrides), "text", None)
-        if text is not None:
-            tokenizer = bundled_tokenizer(text.vocab_size, text.eot_token_id, text.pool)
-    model = create_model(name, overrides, tokenizer=tokenizer, image_transform=image_transform)
-    if tokenizer is None:
+    from .data.text import MissingTokenizer
+    model = create_model(name, overrides, tokenizer=tokenizer, image_transform=image_transform)  # bundled BPE fits
+    if model.tokenizer is None:
         vocab = getattr(getattr(model.config, "text", None), "vocab_size", "?")
         model.tokenizer = MissingTokenizer(
             f"model config {name!r} has no bundled tokenizer (its {vocab}-id text vocabulary is trained per run); "
