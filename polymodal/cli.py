@@ -244,14 +244,13 @@ def dumps_strict(obj, **kwargs) -> str:
 
 def run_eval(args) -> dict:
     """`polymodal eval`: the eval table's task on a manifest (every path is checked before the model loads)."""
-    from .eval.tasks import EvalSpec, evaluate
+    from .eval.tasks import EvalSpec, default_classes, evaluate
     from .hub import load_model
     from .data.labels import classes_argument
     data = Path(args.data)
     if not (data.is_file() or data.is_dir()):
         raise FileNotFoundError(f"--data: manifest or image folder {data} does not exist")
-    default = data / "classes.json" if data.is_dir() else data.parent / "classes.json"
-    classes = classes_argument(args.classes) if args.classes else str(default)
+    classes = classes_argument(args.classes) if args.classes else default_classes(data)
     common = {"lang": args.lang, "limit": args.limit, "on_bad_record": args.on_bad_record}
     specs = [EvalSpec(args.task, str(data), dict(common))]
     if args.task in ("zeroshot", "multilabel"):

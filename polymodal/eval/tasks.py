@@ -29,7 +29,7 @@ def _longtext(model, manifest, lang: str = "en", limit: int = 0, progress: bool 
     return longtext_eval(model, manifest, lang, limit, progress=progress, cache=cache, on_bad_record=on_bad_record)
 
 
-def _default_classes(manifest) -> str:
+def default_classes(manifest) -> str:
     """classes.json inside an image folder, else beside the manifest."""
     path = Path(manifest)
     return str(path / "classes.json" if path.is_dir() else path.parent / "classes.json")
@@ -37,7 +37,7 @@ def _default_classes(manifest) -> str:
 
 def _zeroshot(model, manifest, classes: str = "", lang: str = "en", limit: int = 0, progress: bool = False,
               cache=None, on_bad_record: str = "error") -> dict:
-    classes = classes or _default_classes(manifest)
+    classes = classes or default_classes(manifest)
     return zeroshot_eval_manifest(model, manifest, classes, lang, limit, progress=progress, cache=cache,
                                   on_bad_record=on_bad_record)
 
@@ -45,7 +45,7 @@ def _zeroshot(model, manifest, classes: str = "", lang: str = "en", limit: int =
 def _multilabel(model, manifest, classes: str = "", lang: str = "en", limit: int = 0, progress: bool = False,
                 cache=None, on_bad_record: str = "error", adapter: str = "") -> dict:
     from .multilabel import multilabel_eval_manifest
-    classes = classes or _default_classes(manifest)
+    classes = classes or default_classes(manifest)
     return multilabel_eval_manifest(model, manifest, classes, lang=lang, limit=limit, adapter=adapter or None,
                                     progress=progress, on_bad_record=on_bad_record, cache=cache)
 
@@ -165,7 +165,7 @@ class EvalConfig:
                 out.append(EvalSpec("longtext", self.longtext, dict(common)))
             zs = self.zeroshot or self.retrieval
             if zs and (self.classes or Path(zs).is_dir()):     # an image folder names its classes itself
-                out.append(EvalSpec("zeroshot", zs, {**common, "classes": self.classes or _default_classes(zs)}))
+                out.append(EvalSpec("zeroshot", zs, {**common, "classes": self.classes or default_classes(zs)}))
         for i, item in enumerate(self.tasks):
             here = f"{where}.tasks[{i}]"
             if not isinstance(item, dict) or "task" not in item or "data" not in item:
