@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from polymodal.data.text import train_tokenizer
-from polymodal.models.reward import (HFRewardModel, TextRewardModel, bradley_terry_loss, load_reward_model,
-                                     pairwise_accuracy)
+from polymodal.eval.preference import pairwise_accuracy
+from polymodal.losses.preference import bradley_terry_loss
+from polymodal.models.reward import HFRewardModel, TextRewardModel, load_reward_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)

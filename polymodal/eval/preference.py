@@ -11,7 +11,14 @@ from collections import defaultdict
 
 import torch
 
-__all__ = ["preference_eval_task", "preference_accuracy"]
+__all__ = ["preference_eval_task", "preference_accuracy", "pairwise_accuracy"]
+
+
+def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
+    """Share of pairs with r_chosen > r_rejected (a tie counts as wrong, as in RewardBench)."""
+    if len(r_chosen) == 0:
+        return float("nan")
+    return float((r_chosen > r_rejected).float().mean())
 
 
 def preference_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, dimensions: list[str],

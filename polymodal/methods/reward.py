@@ -34,7 +34,8 @@ from torch import nn
 from ..config import ConfigError
 from ..data.samplers import SAMPLING_MODES, DimensionSampler
 from ..models.base import ConfigDict
-from ..models.reward import TEMPLATES, bradley_terry_loss
+from ..losses.preference import bradley_terry_loss
+from ..models.reward import TEMPLATES
 from .base import Method, build_tokenizer
 
 EVAL_TASK = "preference"

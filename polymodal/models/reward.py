@@ -1,4 +1,4 @@
-"""Scalar reward models and the Bradley-Terry loss (Hummer, METHODS.md section 10).
+"""Scalar reward models (Hummer, METHODS.md section 10); their loss is `losses.preference.bradley_terry_loss`.
 
 Two backbones share one interface (`format`, `encode`, `forward(ids, mask) -> (B,)`, `score`, `save_pretrained`,
 a `.tokenizer`):
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.preference import render_text
@@ -33,37 +32,8 @@ MODEL_TYPE = "text_reward"
 HF_EXTRA_FILE = "polymodal_reward.json"      # our formatting settings beside an HF reward model
 TEMPLATES = ("auto", "plain", "chat")
 
-__all__ = ["bradley_terry_loss", "pairwise_accuracy", "RewardConfig", "TextRewardModel", "HFRewardModel",
+__all__ = ["RewardConfig", "TextRewardModel", "HFRewardModel",
            "load_reward_model", "is_hf_model_dir", "encode_polymodal", "encode_hf", "TextEncoder", "MODEL_TYPE"]
-
-
-# ---- the loss -------------------------------------------------------------------------------------------
-def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None,
-                       center_coefficient: float = 0.0) -> Tensor:
-    """mean(-log sigmoid(r_w - r_l - margin)) + c * mean((r_w + r_l)^2), TRL's RewardTrainer form.
-
-    Args:
-        r_chosen: (B,) rewards of the preferred responses.
-        r_rejected: (B,) rewards of the other responses.
-        margin: (B,) or None; subtracted inside the sigmoid (a pair must win by at least this much).
-        center_coefficient: c, TRL's `center_rewards_coefficient` (pulls rewards towards zero mean); 0 = off.
-    Returns:
-        Scalar loss.
-    """
-    diff = r_chosen - r_rejected                                          # (B,)
-    if margin is not None:
-        diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
-    if center_coefficient:
-        loss = loss + center_coefficient * ((r_chosen + r_rejected) ** 2).mean()
-    return loss
-
-
-def pairwise_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> float:
-    """Share of pairs with r_chosen > r_rejected (a tie counts as wrong, as in RewardBench)."""
-    if len(r_chosen) == 0:
-        return float("nan")
-    return float((r_chosen > r_rejected).float().mean())
 
 
 # ---- tokenisation -------------------------------------------------------------------------------------
