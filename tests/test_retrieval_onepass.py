@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from polymodal.eval.retrieval import _check_finite, _median, _streaming_metrics, embed_and_score, retrieval_metrics
+from polymodal.eval.retrieval import _check_finite, _median, embed_and_score, metrics_from_rows, retrieval_metrics
 
 
 def _two_pass_reference(image_rows: Callable[[int, int], Tensor], text_rows: Callable[[int, int], Tensor],
@@ -166,9 +166,18 @@ def test_one_pass_on_gpu_equals_cpu():
 
 @pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
 def test_callable_entry_for_custom_similarities_equals_two_pass(ties):
-    """`_streaming_metrics` (used by eval/hierarchy_retrieval.py with its own similarity) keeps its results."""
+    """`metrics_from_rows` (eval/hierarchy_retrieval.py's entry, with its own similarity) keeps the results."""
     img, txt, t2i = _random_case(21, n_img=25, max_texts=4, levels=1)
     sim = img @ txt.T
-    got = _streaming_metrics(lambda i0, i1: sim[i0:i1], lambda j0, j1: sim[:, j0:j1].T, 25, len(t2i), t2i,
-                             (1, 5, 10), 4, ties, check_finite=True)
+    own = sim[t2i, torch.arange(len(t2i))]
+    got = metrics_from_rows(lambda i0, i1: sim[i0:i1], own, t2i, 25, (1, 5, 10), 4, ties)
     assert got == _old_from_similarity(sim, t2i, ties)
+
+
+def test_callable_entry_rejects_non_finite_own_scores():
+    img, txt, t2i = _random_case(22, n_img=10, max_texts=3, levels=1)
+    sim = img @ txt.T
+    own = sim[t2i, torch.arange(len(t2i))].clone()
+    own[3] = float("nan")
+    with pytest.raises(ValueError, match="first at text 3"):
+        metrics_from_rows(lambda i0, i1: sim[i0:i1], own, t2i, 10)

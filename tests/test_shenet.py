@@ -128,6 +128,9 @@ def test_hierarchical_similarity_equals_an_independent_loop(tiny):
     assert float(s.verb_attention[0, 1, 0, -1]) == 0.0                    # the padded frame gets no attention
     pairs = hierarchical_similarity(text, video[:3], cfg, pairs=True)
     torch.testing.assert_close(pairs.total[:, 0], torch.diagonal(s.total[:, :3]), atol=1e-6, rtol=1e-6)
+    owner = torch.tensor([3, 0, 3])                                        # each text's video, gathered (the eval)
+    own = hierarchical_similarity(text, video[owner], cfg, pairs=True).total[:, 0]
+    torch.testing.assert_close(own, s.total[torch.arange(3), owner], atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

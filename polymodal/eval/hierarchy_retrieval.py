@@ -151,7 +151,7 @@ def shenet_retrieval_task(model, manifest, lang: str = "en", limit: int = 0, pro
         `text_to_video_mean_rank`, `mean_recall`, `num_videos`, `num_texts`, and the `hit_rates` keys.
     """
     from ..data.syntax import ParseCache, cache_path
-    from .retrieval import _as_text_to_image, _streaming_metrics
+    from .retrieval import metrics_from_rows
     from .suite import captions_by_record, read_records
     del cache
     cfg = HierarchyConfig(verb_weight, noun_weight, adj_weight, tau, noun_frames)
@@ -165,12 +165,7 @@ def shenet_retrieval_task(model, manifest, lang: str = "en", limit: int = 0, pro
     parses.update(texts + own)
     text = encode_text_nodes(model, texts, parses.parses, max_nodes=max_nodes, max_tokens=max_node_tokens)
     Nv, Nt = len(video), len(text)
-    t2v = _as_text_to_image(torch.tensor(owner), Nv, Nt, torch.device("cpu"))
-
-    def text_rows(j0, j1):                                                   # (c, Nv)
-        t = text[j0:j1]
-        return torch.cat([hierarchical_similarity(t, video[i0:i0 + block], cfg).total
-                          for i0 in range(0, Nv, block)], dim=1)
+    t2v = torch.tensor(owner, dtype=torch.long)
 
     def video_rows(i0, i1):                                                  # (c, Nt)
         v = video[i0:i1]
@@ -178,8 +173,10 @@ def shenet_retrieval_task(model, manifest, lang: str = "en", limit: int = 0, pro
                           for j0 in range(0, Nt, block)], dim=0).T
 
     with torch.no_grad():
-        metrics = _streaming_metrics(video_rows, text_rows, Nv, Nt, t2v, (1, 5, 10), block, "pessimistic",
-                                     check_finite=True)
+        pair_scores = torch.cat([hierarchical_similarity(text[j0:j0 + block], video[t2v[j0:j0 + block]], cfg,
+                                                         pairs=True).total[:, 0]
+                                 for j0 in range(0, Nt, block)])                  # (Nt,) text with its video
+        metrics = metrics_from_rows(video_rows, pair_scores, t2v, Nv, (1, 5, 10), block)
     out = {k.replace("image", "video"): v for k, v in metrics.items()}
     out.update(num_videos=Nv, num_texts=Nt)
     if hits:

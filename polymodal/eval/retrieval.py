@@ -180,31 +180,30 @@ def _one_pass_metrics(image_rows: Callable[[int, int], Tensor], correct: Tensor,
     return out
 
 
-def _streaming_metrics(image_rows: Callable[[int, int], Tensor], text_rows: Callable[[int, int], Tensor] | None,
-                       num_images: int, num_texts: int, t2i: Tensor, ks: tuple[int, ...], chunk_size: int,
-                       ties: str, check_finite: bool) -> dict[str, float]:
-    """Metrics for a caller's own similarity function (e.g. eval/hierarchy_retrieval.py).
+def metrics_from_rows(image_rows: Callable[[int, int], Tensor], own_scores: Tensor,
+                      text_to_image: Tensor | Sequence[int], num_images: int, ks: Sequence[int] = (1, 5, 10),
+                      block_rows: int = 64, ties: str = "pessimistic", check_finite: bool = True) -> dict[str, float]:
+    """Retrieval metrics for a caller's own similarity function, in one pass (e.g. SHE-Net's hierarchy).
 
-    Without a cheap way to score a text with its own image, the correct scores come from a first
-    sweep over `image_rows` (own entries kept, the rest dropped), then `_one_pass_metrics` counts
-    both directions from a second sweep: two similarity passes, as before, with the same results.
-    A caller that can compute its (N_texts,) own-pair scores should call `_one_pass_metrics` directly.
-    `text_rows` is accepted for the old signature and not used.
+    Args:
+        image_rows: ``(i0, i1) -> (i1 - i0, N_texts)`` scores of images i0..i1-1 against every text.
+        own_scores: (N_texts,) score of every text with its own image (from the caller's pairwise path).
+        text_to_image: (N_texts,) image index of every text.
+        num_images: N_images.
+        ks, ties: as `retrieval_metrics`.
+        block_rows: image rows `image_rows` is asked for at once.
+        check_finite: reject NaN/inf scores.
+    Returns:
+        The keys of `retrieval_metrics`.
     """
-    del text_rows
-    order = torch.argsort(t2i, stable=True)
-    starts = torch.zeros(num_images + 1, dtype=torch.long, device=t2i.device)
-    starts[1:] = torch.bincount(t2i, minlength=num_images).cumsum(0)
-    correct = None
-    for i0 in range(0, num_images, chunk_size):
-        i1 = min(i0 + chunk_size, num_images)
-        scores = image_rows(i0, i1)                                            # (c, N_t)
-        if correct is None:
-            correct = torch.empty(num_texts, dtype=scores.dtype, device=scores.device)
-        own_txt = order[int(starts[i0]):int(starts[i1])]
-        correct[own_txt] = scores[t2i[own_txt] - i0, own_txt]
-        del scores
-    return _one_pass_metrics(image_rows, correct, num_images, num_texts, t2i, ks, chunk_size, ties, check_finite)
+    ks = _check_args(ks, block_rows, ties, 1)
+    num_texts = len(own_scores)
+    t2i = _as_text_to_image(text_to_image, num_images, num_texts, own_scores.device)
+    if check_finite and not torch.isfinite(own_scores).all():
+        first = int(torch.nonzero(~torch.isfinite(own_scores))[0, 0])
+        raise ValueError(f"own-pair scores contain NaN or inf (first at text {first})")
+    return _one_pass_metrics(image_rows, own_scores, num_images, num_texts, t2i, ks, int(block_rows), ties,
+                             check_finite)
 
 
 def _own_scores(img: Tensor, txt: Tensor, t2i: Tensor, max_memory: int) -> Tensor:
