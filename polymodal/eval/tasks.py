@@ -15,17 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .suite import longtext_eval, retrieval_eval, zeroshot_eval_manifest
+# Task functions import their modules (and torch) when they run: `polymodal eval --help` reads this table.
 
 
 def _retrieval(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
                on_bad_record: str = "error") -> dict:
+    from .suite import retrieval_eval
     key = "caption" if lang == "en" else f"caption_{lang}"
     return retrieval_eval(model, manifest, key, limit, progress=progress, cache=cache, on_bad_record=on_bad_record)
 
 
 def _longtext(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
               on_bad_record: str = "error") -> dict:
+    from .suite import longtext_eval
     return longtext_eval(model, manifest, lang, limit, progress=progress, cache=cache, on_bad_record=on_bad_record)
 
 
@@ -37,6 +39,7 @@ def default_classes(manifest) -> str:
 
 def _zeroshot(model, manifest, classes: str = "", lang: str = "en", limit: int = 0, progress: bool = False,
               cache=None, on_bad_record: str = "error") -> dict:
+    from .suite import zeroshot_eval_manifest
     classes = classes or default_classes(manifest)
     return zeroshot_eval_manifest(model, manifest, classes, lang, limit, progress=progress, cache=cache,
                                   on_bad_record=on_bad_record)
