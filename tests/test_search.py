@@ -303,7 +303,13 @@ def test_index_add_embeds_only_new_and_changed_files(world, model, tmp_path, mon
     np.testing.assert_allclose(index.emb.vectors[row], ref, atol=1e-5)
     loaded.clear()
     again = add_to_index(model, tmp_path / "idx", folder, progress=False)
-    assert loaded == [] and again["added"] == again["replaced"] == 0
+    assert loaded == [] and again["added"] == again["replaced"] == again["removed"] == 0
+    (folder / "a1.png").unlink()                         # a deleted file stays unless pruned
+    kept = add_to_index(model, tmp_path / "idx", folder, progress=False)
+    assert kept["removed"] == 0 and len(SearchIndex.open(tmp_path / "idx")) == 6
+    pruned = add_to_index(model, tmp_path / "idx", folder, progress=False, prune=True)
+    assert (pruned["removed"], pruned["unchanged"], pruned["added"]) == (1, 5, 0) and loaded == []
+    assert "a1.png" not in {os.path.basename(it["path"]) for it in SearchIndex.open(tmp_path / "idx").items}
 
 
 def test_failed_rebuild_leaves_the_old_index_intact(world, model, tmp_path):
@@ -488,3 +494,20 @@ def test_cli_index_build_ivf_prints_recall_and_add(world, model_dir, tmp_path, c
     result = cli.main_index(args)
     assert result["added"] == N_IMAGES + 1 and result["count"] == 2 * N_IMAGES + 1
     assert SearchIndex.open(tmp_path / "idx").info["index"]["kind"] == "hnsw"
+
+
+def test_serve_threads_option_sets_torch_and_faiss_threads():
+    import argparse
+
+    import faiss
+
+    from polymodal.search.cli import add_serve_arguments, set_threads
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["idx", "--threads", "1"])
+    assert args.threads == 1
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        set_threads(2)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])

@@ -116,13 +116,15 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     _embed_arguments(b)
     a = sub.add_parser("add", help="add the new or changed files of a folder or manifest to an index",
                        description="Embed only files whose path, size or modification time is not in INDEX yet, "
-                                   "replace entries of changed files, and rewrite the index.")
+                                   "replace entries of changed files, and rewrite the index. Entries of files "
+                                   "that are gone stay unless --prune is given.")
     a.add_argument("index", help="index folder")
     a.add_argument("--data", required=True, help="folder, manifest or .txt file")
     a.add_argument("--model", help="model (default: the one recorded in the index)")
     _model_arguments(a)
     a.add_argument("--batch-size", type=_positive, default=32)
     a.add_argument("--chunk-size", type=_positive, default=256)
+    a.add_argument("--prune", action="store_true", help="drop entries of image/video files that no longer exist")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -137,8 +139,9 @@ def main_index(args) -> dict:
         from .embed import EmbedSettings
         model = _load_model(model_src, args.device)
         result = add_to_index(model, args.index, args.data, progress=not args.quiet,
-                              settings=EmbedSettings(batch_size=args.batch_size, chunk_size=args.chunk_size))
-        summary = {k: result[k] for k in ("added", "replaced", "unchanged", "skipped")}
+                              settings=EmbedSettings(batch_size=args.batch_size, chunk_size=args.chunk_size),
+                              prune=args.prune)
+        summary = {k: result[k] for k in ("added", "replaced", "unchanged", "removed", "skipped")}
         summary.update(count=result["index"]["count"], recall_at_10=result["index"]["recall_at_10"])
         print(json.dumps(summary, indent=1))
         return summary
@@ -209,6 +212,17 @@ def main_search(args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- serve
+def set_threads(n: int) -> None:
+    """Use `n` CPU threads for torch (the query encoder) and FAISS (the search)."""
+    import torch
+    torch.set_num_threads(n)
+    try:
+        import faiss
+    except ImportError:      # the index module says how to install it when it is needed
+        return
+    faiss.omp_set_num_threads(n)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of `polymodal serve INDEX [--host 127.0.0.1 --port 8000]`."""
     from .server import DEFAULT_LIMITS
@@ -224,6 +238,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="largest image upload in MiB (default 10)")
     parser.add_argument("--max-query-chars", type=_positive, default=DEFAULT_LIMITS["max_query_chars"])
     parser.add_argument("--max-k", type=_positive, default=DEFAULT_LIMITS["max_k"])
+    parser.add_argument("--threads", type=_positive,
+                        help="CPU threads for the model and FAISS (default: torch's; 1 beside other work)")
     _model_arguments(parser)
     return parser
 
@@ -231,6 +247,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def main_serve(args) -> None:
     """Run `polymodal serve` until interrupted."""
     from .server import serve
+    if args.threads:
+        set_threads(args.threads)
     model = _load_model(args.model, args.device) if args.model or args.device != "cpu" else None
     if model is None:
         from .index import SearchIndex

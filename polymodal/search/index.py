@@ -283,11 +283,12 @@ class SearchIndex:
 
 # ----------------------------------------------------------------------------------------------- adding files
 def add_to_index(model, index_dir: str | os.PathLike, data: str | os.PathLike, progress: bool = True,
-                 settings: EmbedSettings | None = None, on_chunk=None) -> dict:
+                 settings: EmbedSettings | None = None, on_chunk=None, prune: bool = False) -> dict:
     """`polymodal index add`: embed only new or changed files of `data` and rewrite the index.
 
     A file counts as known when its (path, size, mtime) is in the index; a known path with another size or
-    mtime is re-embedded and replaces its old entry. Files of the index that `data` does not list are kept.
+    mtime is re-embedded and replaces its old entry. Files of the index that `data` does not list are kept,
+    unless `prune` is set and the file no longer exists (texts are never pruned: they are not files).
 
     Args:
         model: must be the index's model (IndexModelMismatch otherwise).
@@ -295,8 +296,9 @@ def add_to_index(model, index_dir: str | os.PathLike, data: str | os.PathLike, p
         data: folder, manifest or .txt file.
         progress: progress bar; settings: batch and chunk sizes (frames per video and float16 come from the index).
         on_chunk: see `embed.embed_items`.
+        prune: drop the entries of image/video files that are gone from disk.
     Returns:
-        Dict: added, replaced, unchanged, skipped (counts), and the new index.json under "index".
+        Dict: added, replaced, unchanged, removed, skipped (counts), and the new index.json under "index".
     """
     index = SearchIndex.open(index_dir)
     identity = model_id(model)
@@ -315,7 +317,9 @@ def add_to_index(model, index_dir: str | os.PathLike, data: str | os.PathLike, p
     parts = index_dir.parent / f".{index_dir.name}.add-parts"
     fresh = embed_items(model, new, parts, settings, progress, on_chunk, identity)
     old = index.emb
-    keep_rows = [i for i, it in enumerate(old.items) if it["path"] not in replaced]
+    gone = {it["path"] for it in old.items
+            if prune and it.get("kind") != "text" and not os.path.exists(it["path"])}
+    keep_rows = [i for i, it in enumerate(old.items) if it["path"] not in replaced and it["path"] not in gone]
     merged = join_chunks([_as_chunk(old, keep_rows), _as_chunk(fresh, range(len(fresh.items)))], old.dim,
                          identity, old.vectors.dtype)
     merged.skipped = skipped + fresh.skipped
@@ -329,7 +333,7 @@ def add_to_index(model, index_dir: str | os.PathLike, data: str | os.PathLike, p
     shutil.rmtree(parts, ignore_errors=True)
     n_replaced = len(replaced & {it["path"] for it in fresh.items})
     return {"added": len(fresh.items) - n_replaced, "replaced": n_replaced, "unchanged": len(keep_rows),
-            "skipped": len(merged.skipped), "index": meta}
+            "removed": len(gone), "skipped": len(merged.skipped), "index": meta}
 
 
 def _as_chunk(emb: Embeddings, rows) -> dict:
