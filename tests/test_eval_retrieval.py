@@ -183,3 +183,38 @@ def test_manifest_retrieval_uses_every_caption_of_each_language(tmp_path):
                            torch.tensor([0, 1, 1, 2, 2, 2]))
     assert zh["text_to_image_R@1"] == pytest.approx(want["text_to_image_R@1"])
     assert zh["image_to_text_R@1"] == pytest.approx(want["image_to_text_R@1"])
+
+
+def test_skip_mode_leaves_out_unreadable_images_and_decodes_each_file_once(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import polymodal.data.images as images
+    from polymodal.data.text import train_tokenizer
+    from polymodal.eval.suite import encode_images, encode_manifest_images
+    from polymodal.models.factory import create_model
+
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        records.append({"image": str(path), "caption": f"shape {i}"})
+    (tmp_path / "2.png").write_bytes(b"not a png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    torch.manual_seed(0)
+    model = create_model("tiny", tokenizer=train_tokenizer([r["caption"] for r in records] * 4, kind="bpe",
+                                                            vocab_size=100)).eval()
+    opened = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda p, *a, **k: opened.append(p) or real(p, *a, **k))
+    with pytest.warns(UserWarning, match="skipped 1 record"):
+        img, kept = encode_manifest_images(model, manifest, on_bad_record="skip", batch_size=2)
+    assert [r["caption"] for r in kept] == ["shape 0", "shape 1", "shape 3", "shape 4"]
+    assert sorted(opened) == sorted(r["image"] for r in records)            # every file decoded once
+    torch.testing.assert_close(img, encode_images(model, [r["image"] for r in kept]))
+    with pytest.raises(Exception, match="2.png"):
+        encode_manifest_images(model, manifest, on_bad_record="error")

@@ -24,15 +24,33 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 @torch.no_grad()
 def encode_images(model, paths: list[str], batch_size: int = 128, progress: bool = False) -> Tensor:
-    """L2-normalised image embeddings (N, E) of image files, `batch_size` at a time."""
+    """L2-normalised image embeddings (N, E) of image files, `batch_size` at a time (ImageError names a bad file)."""
+    return _encode_image_files(model, paths, batch_size, progress, skip_unreadable=False)[0]
+
+
+@torch.no_grad()
+def _encode_image_files(model, paths: list[str], batch_size: int, progress: bool, skip_unreadable: bool
+                        ) -> tuple[Tensor, list[int]]:
+    """(embeddings (M, E), indices of the M paths encoded): each file is decoded once; with `skip_unreadable`
+    a file that cannot be decoded is left out instead of raising."""
     from ..data.images import load_image
     device = next(model.parameters()).device
-    out = []
+    out, kept = [], []
     starts = range(0, len(paths), batch_size)
     for s in _progress(starts, len(starts), "images", progress):
-        pixels = torch.stack([model.image_transform(load_image(p)) for p in paths[s:s + batch_size]])
-        out.append(model.encode_image(pixels.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+        pixels = []
+        for i in range(s, min(s + batch_size, len(paths))):
+            try:
+                image = load_image(paths[i])
+            except Exception:   # decoders raise many types
+                if not skip_unreadable:
+                    raise
+                continue
+            pixels.append(model.image_transform(image))
+            kept.append(i)
+        if pixels:
+            out.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
+    return (torch.cat(out) if out else torch.zeros(0, 0)), kept
 
 
 @torch.no_grad()
@@ -86,24 +104,16 @@ def encode_manifest_images(model, manifest, limit: int = 0, on_bad_record: str =
     Under `on_bad_record="skip"` records whose image cannot be decoded are left out (and said in a warning);
     under "error" the first one stops with the manifest file, line and image named.
     """
-    from ..data.images import load_image
     from ..data.manifests import ManifestError
     records = read_records(manifest, limit, on_bad_record)
-    if on_bad_record == "skip":
-        kept = []
-        for r in records:
-            try:
-                load_image(r["image"])
-                kept.append(r)
-            except Exception:   # decoders raise many types
-                continue
-        if len(kept) < len(records):
-            import warnings
-            warnings.warn(f"{manifest}: skipped {len(records) - len(kept)} record(s) whose image cannot be read")
-        records = kept
-        if not records:
+    img, kept = _encode_image_files(model, [r["image"] for r in records], batch_size, progress,
+                                    skip_unreadable=on_bad_record == "skip")       # ImageError names the file
+    if len(kept) < len(records):
+        if not kept:
             raise ManifestError(f"{manifest}: no readable image to evaluate")
-    img = encode_images(model, [r["image"] for r in records], batch_size, progress)   # ImageError names the file
+        import warnings
+        warnings.warn(f"{manifest}: skipped {len(records) - len(kept)} record(s) whose image cannot be read")
+        records = [records[i] for i in kept]
     return img, records
 
 
