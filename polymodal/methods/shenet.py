@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..data.manifests import all_captions
+from ..distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_min, rank, world_size
 from ..models.base import ConfigDict
-from ..models.hierarchy import (HierarchyConfig, encode_text_features, encode_video_features, hierarchical_infonce,
-                                hierarchical_similarity)
+from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, encode_text_features,
+                                encode_video_features, hierarchical_infonce, hierarchical_similarity)
 from .clip import trim_padding
 from .video_clip import VideoCLIPMethod
 
@@ -100,6 +102,74 @@ class NodeCollate:
 # ---------------------------------------------------------------------------------------------------
 NODE_KEYS = ("verb_tokens", "verb_mask", "noun_tokens", "noun_mask", "noun_head", "adj_tokens", "adj_mask",
              "adj_head")
+GATHER_MODES = ("local", "global_with_grad")
+
+
+def _pad_nodes(text: TextFeatures, sizes: dict) -> TextFeatures:
+    """The same texts with each kind's nodes padded to `sizes[kind]` (invalid nodes, no head)."""
+    nodes, valid, heads = dict(text.nodes), dict(text.node_valid), dict(text.heads)
+    for kind, K in sizes.items():
+        extra = K - nodes[kind].shape[1]
+        if extra > 0:
+            nodes[kind] = F.pad(nodes[kind], (0, 0, 0, extra))
+            valid[kind] = F.pad(valid[kind], (0, extra), value=False)
+            if kind in heads:
+                heads[kind] = F.pad(heads[kind], (0, extra), value=-1)
+    return TextFeatures(text.sentence, nodes, valid, heads)
+
+
+def gather_features(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatures, VideoFeatures]:
+    """Every rank's text and video features, in rank order.
+
+    Float features are gathered with gradient (each rank's features get the gradient of every rank's loss);
+    masks and head indices as constants. Node counts differ between batches, so each kind is first padded
+    to the largest count of any rank (padded nodes are invalid, which the similarity ignores).
+    """
+    sizes = {kind: -all_reduce_min(-x.shape[1], x.device) for kind, x in text.nodes.items()}
+    text = _pad_nodes(text, sizes)
+    flag = lambda x: all_gather_no_grad(x.to(torch.uint8)).bool()              # gloo has no bool collectives
+    t = TextFeatures(all_gather_with_grad(text.sentence),
+                     {k: all_gather_with_grad(v) for k, v in text.nodes.items()},
+                     {k: flag(v) for k, v in text.node_valid.items()},
+                     {k: all_gather_no_grad(v) for k, v in text.heads.items()})
+    v = VideoFeatures(all_gather_with_grad(video.video), all_gather_with_grad(video.frames),
+                      all_gather_with_grad(video.patches), flag(video.valid))
+    return t, v
+
+
+def shenet_loss(text: TextFeatures, video: VideoFeatures, cfg: HierarchyConfig, scale: Tensor,
+                gather: str = "global_with_grad") -> tuple[Tensor, dict]:
+    """Symmetric InfoNCE on SHE-Net's hierarchical similarity, over the global batch under DDP.
+
+    With `gather="global_with_grad"` and several ranks, rank r scores its B texts against every rank's
+    videos and every rank's texts against its B videos (the two (B, W*B) blocks its rows and columns need,
+    not the whole (W*B, W*B) matrix); averaged over ranks (as DDP averages gradients) the loss and its
+    gradients equal the single-process loss on the concatenated batch. `"local"` (or one process) uses
+    the local (B, B) matrix.
+
+    Args:
+        text, video: this rank's B texts and B videos (matching pairs row by row).
+        cfg: the hierarchy's weights and temperature.
+        scale: the exp'ed logit scale.
+        gather: "local" | "global_with_grad".
+    Returns:
+        (loss, per-level mean score of the matched pairs, detached).
+    """
+    B = len(text)
+    if gather == "local" or world_size() == 1:
+        s = hierarchical_similarity(text, video, cfg)
+        loss, offset = hierarchical_infonce(s.total, scale), 0
+    else:
+        all_text, all_video = gather_features(text, video)
+        s = hierarchical_similarity(text, all_video, cfg)                       # (B, W*B) own texts
+        cols = hierarchical_similarity(all_text, video, cfg).total              # (W*B, B) own videos
+        offset = rank() * B
+        labels = offset + torch.arange(B, device=s.total.device)
+        loss = (F.cross_entropy(scale * s.total, labels) + F.cross_entropy(scale * cols.T, labels)) / 2
+    rows = torch.arange(B, device=s.total.device)
+    levels = {name: getattr(s, name)[rows, rows + offset].mean().detach()
+              for name in ("sentence", "verb", "noun", "adj") if getattr(s, name) is not None}
+    return loss, levels
 
 
 class SHENetTask(nn.Module):
@@ -111,23 +181,18 @@ class SHENetTask(nn.Module):
     Batch keys: `frames` (B, T, 3, H, W), `frame_valid` (B, T), `input_ids` (B, L) and the node keys.
     """
 
-    def __init__(self, model: nn.Module, cfg: HierarchyConfig):
+    def __init__(self, model: nn.Module, cfg: HierarchyConfig, gather: str = "global_with_grad"):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.gather = model, cfg, gather
 
     def forward(self, batch: dict) -> dict:
         video = encode_video_features(self.model, batch["frames"], batch.get("frame_valid"))
         ids = trim_padding(batch["input_ids"], self.model.config.text.pad_token_id)
         text = encode_text_features(self.model, ids, {k: batch[k] for k in NODE_KEYS})
-        s = hierarchical_similarity(text, video, self.cfg)
         scale = self.model.scale()
-        loss = hierarchical_infonce(s.total, scale)
+        loss, levels = shenet_loss(text, video, self.cfg, scale, self.gather)
         out = {"loss": loss, "contrastive": loss.detach(), "logit_scale": scale.detach()}
-        diag = torch.arange(len(s.total), device=s.total.device)
-        for name in ("sentence", "verb", "noun", "adj"):
-            level = getattr(s, name)
-            if level is not None:
-                out[f"pos_{name}"] = level[diag, diag].mean().detach()   # matched-pair score per level
+        out.update({f"pos_{name}": v for name, v in levels.items()})   # matched-pair score per level
         return out
 
 
@@ -153,6 +218,9 @@ class SHENetMethod(VideoCLIPMethod):
         if self.run.loss.kind != "infonce":
             raise ValueError(f"loss.kind: SHE-Net's loss is InfoNCE on the hierarchical similarity, not "
                              f"{self.run.loss.kind!r}")
+        if self.run.loss.gather not in GATHER_MODES:
+            raise ValueError(f"loss.gather: SHE-Net supports {' or '.join(GATHER_MODES)} (the global batch with "
+                             f"gradient, or each rank's own), not {self.run.loss.gather!r}")
 
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.hierarchy import _check_base
@@ -180,7 +248,7 @@ class SHENetMethod(VideoCLIPMethod):
                            max_tokens=self.cfg.max_node_tokens)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        return SHENetTask(model, self.cfg.hierarchy())
+        return SHENetTask(model, self.cfg.hierarchy(), self.run.loss.gather)
 
     def eval_options(self, task_name: str) -> dict:
         """The `shenet_retrieval` options the `shenet:` section sets (a spec's own options win)."""
@@ -192,4 +260,4 @@ class SHENetMethod(VideoCLIPMethod):
                 "max_node_tokens": c.max_node_tokens}
 
 
-__all__ = ["SHENetConfig", "SHENetMethod", "SHENetTask", "NodeCollate", "EVAL_TASK"]
+__all__ = ["SHENetConfig", "SHENetMethod", "SHENetTask", "NodeCollate", "EVAL_TASK", "shenet_loss", "gather_features"]
