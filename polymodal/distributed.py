@@ -41,6 +41,7 @@ __all__ = [
     "clear_group_cache",
     "all_gather_with_grad",
     "all_gather_no_grad",
+    "all_gather_padded",
     "make_contiguous_groups",
     "group_size_from_nodes",
     "count_collective_bytes",
@@ -252,6 +253,33 @@ def all_gather_no_grad(x: Tensor, group=None) -> Tensor:
     parts[r] = x
     _record(received=(size - 1) * x.numel() * x.element_size())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_padded(x: Tensor, dim: int = 1, value=0, with_grad: bool = True) -> Tensor:
+    """All-gather of tensors whose size along `dim` differs between ranks (e.g. token or node counts).
+
+    Every rank's tensor is padded with `value` along `dim` to the largest size of any rank, then gathered
+    along dim 0 (with gradient to the owner, as `all_gather_with_grad`; or, with `with_grad=False`, as
+    `all_gather_no_grad`). Bool tensors travel as uint8 (gloo has no bool collectives).
+
+    Args:
+        x: (N, ...) local tensor; all other dims equal on every rank.
+        dim: the dim whose size may differ (>= 1).
+        value: the padding value (e.g. 0 for features, False for masks, -1 for indices).
+        with_grad: gather with gradient (float tensors only).
+    Returns:
+        (W * N, ..., max size, ...) tensor in rank order; `x` itself when not distributed.
+    """
+    if not is_dist() or dist.get_world_size() == 1:
+        return x
+    size = -all_reduce_min(-x.shape[dim], x.device)
+    if size > x.shape[dim]:
+        pad = list(x.shape)
+        pad[dim] = size - x.shape[dim]
+        x = torch.cat([x, torch.full(pad, value, dtype=x.dtype, device=x.device)], dim=dim)
+    if x.dtype == torch.bool:
+        return all_gather_no_grad(x.to(torch.uint8)).bool()
+    return all_gather_with_grad(x) if with_grad else all_gather_no_grad(x)
 
 
 # --------------------------------------------------------------------------- groups

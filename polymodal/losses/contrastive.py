@@ -43,7 +43,7 @@ from polymodal.distributed import (
 )
 
 __all__ = ["GATHER_MODES", "LOSS_KINDS", "LossConfig", "build_contrastive_loss", "ContrastiveObjective", "clip_loss",
-           "siglip_loss", "ContrastiveLoss", "SigLipLoss"]
+           "siglip_loss", "block_infonce", "ContrastiveLoss", "SigLipLoss"]
 
 GATHER_MODES = ("local", "global", "global_with_grad", "grouped")
 LOSS_KINDS = ("infonce", "siglip")
@@ -124,6 +124,25 @@ def _gather(x: Tensor, gather: str, group_size: int) -> tuple[Tensor, int, int]:
     if gather == "global":
         return all_gather_no_grad(x), n, index
     return all_gather_with_grad(x), n, index
+
+
+def block_infonce(rows: Tensor, cols: Tensor, offset: int) -> Tensor:
+    """Symmetric InfoNCE of one rank's share of a global batch, from the two blocks of logits it needs.
+
+    For scores no dot product can split (SHE-Net's hierarchy, the Mug head), rank r computes its B texts
+    against the W*B gathered videos (`rows`) and the W*B gathered texts against its B videos (`cols`);
+    pairs sit at global index `offset + i`. The mean over ranks equals the symmetric InfoNCE of one process
+    on the whole (W*B, W*B) logits, and so do the gradients when the features were gathered with gradient.
+
+    Args:
+        rows: (B, W*B) logits, local texts x all videos.
+        cols: (W*B, B) logits, all texts x local videos.
+        offset: global index of this rank's first pair (rank * B).
+    Returns:
+        Scalar loss.
+    """
+    labels = offset + torch.arange(len(rows), device=rows.device)
+    return (F.cross_entropy(rows, labels) + F.cross_entropy(cols.T, labels)) / 2
 
 
 def clip_loss(

@@ -15,8 +15,8 @@ steps of the paper map onto:
 Our reconstruction (the authors released no code): the ACG fusion (`models.video_heads.ACGFusion`: gate 0 at
 init, identity projection, caption embeddings from the current text tower without gradient), where Mug reads
 its frame features (after the STAN branch; the plain image embeddings for `kind: mean`), frame-shard reading,
-and the captioner's frame choice (uniform frames). The Mug loss is computed on the local batch (no gather
-across ranks). The final `out_dir/model` is the VideoCLIP; the ACG head is saved beside its weights as
+and the captioner's frame choice (uniform frames). Under DDP the Mug loss covers the global batch
+(`loss.gather: global_with_grad`, the default; `mug_block_loss`) or each rank's own (`local`). The final `out_dir/model` is the VideoCLIP; the ACG head is saved beside its weights as
 `m2raap_heads.safetensors` with `m2raap.json` (read them back with `load_m2raap`).
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data.datasets import BadRecords, BuiltSamples, ImageTextCollate
-from ..losses.contrastive import build_contrastive_loss
+from ..distributed import all_gather_padded, all_gather_with_grad, rank, world_size
+from ..losses.contrastive import block_infonce, build_contrastive_loss
 from ..models.base import ConfigDict
 from ..models.video_heads import ACG_LEVELS, ACGFusion, mug_loss, mug_similarity, pool_frames, text_token_features
 from .base import image_text_dataset
@@ -218,6 +219,38 @@ def encode_aux(model: nn.Module, aux_ids: Tensor, aux_mask: Tensor) -> Tensor:
     return emb * aux_mask[..., None].to(emb.dtype)
 
 
+MUG_GATHER_MODES = ("local", "global_with_grad")
+
+
+def mug_block_loss(tokens: Tensor, mask: Tensor, frames: Tensor, valid: Tensor | None, tau: float,
+                   temperature: float, gather: str = "global_with_grad") -> Tensor:
+    """The Mug cross-entropy of a batch, over the global batch under DDP.
+
+    With `gather="global_with_grad"` and several ranks, token features (padded to the longest text of any
+    rank) and frame features are gathered with gradient, and rank r scores its texts against every video and
+    every text against its videos (`losses.contrastive.block_infonce`): averaged over ranks, the loss and its
+    gradients equal `mug_loss` of one process on the whole batch. `"local"` (or one process) is `mug_loss` of
+    the local batch.
+
+    Args:
+        tokens: (B, L, E) L2-normalised text token features; mask (B, L) bool, True = real token.
+        frames: (B, T, E) L2-normalised frame features; valid (B, T) bool or None (all real).
+        tau, temperature: `m2raap.mug_tau`, `m2raap.mug_temperature`.
+        gather: "local" | "global_with_grad".
+    Returns:
+        Scalar loss.
+    """
+    if gather == "local" or world_size() == 1:
+        return mug_loss(mug_similarity(tokens, mask, frames, valid, tau=tau, block_size=len(frames)), temperature)
+    if valid is None:
+        valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+    all_tokens, all_mask = all_gather_padded(tokens, 1, 0.0), all_gather_padded(mask, 1, False)
+    all_frames, all_valid = all_gather_with_grad(frames), all_gather_padded(valid, 1, False)
+    rows = mug_similarity(tokens, mask, all_frames, all_valid, tau=tau, block_size=len(all_frames))   # (B, W*B)
+    cols = mug_similarity(all_tokens, all_mask, frames, valid, tau=tau, block_size=len(all_tokens))   # (W*B, B)
+    return block_infonce(rows / temperature, cols / temperature, rank() * len(frames))
+
+
 class M2RAAPTask(nn.Module):
     """Video-text training with the optional Mug similarity and ACG fusion.
 
@@ -234,6 +267,7 @@ class M2RAAPTask(nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
         self.loss = build_contrastive_loss(loss)
+        self.gather = getattr(loss, "gather", "local")
         self.acg = ACGFusion(model.config.embed_dim, cfg.acg_level) if cfg.acg else None
 
     def frame_features(self, frames: Tensor, valid: Tensor | None, aux_ids: Tensor | None = None,
@@ -252,8 +286,8 @@ class M2RAAPTask(nn.Module):
         if self.cfg.similarity == "mug":
             tokens, mask = text_token_features(self.model, ids)                       # (B, L, E), (B, L)
             frames = torch.nn.functional.normalize(x, dim=-1)
-            scores = mug_similarity(tokens, mask, frames, valid, tau=self.cfg.mug_tau, block_size=len(frames))
-            loss = mug_loss(scores, self.cfg.mug_temperature)
+            loss = mug_block_loss(tokens, mask, frames, valid, self.cfg.mug_tau, self.cfg.mug_temperature,
+                                  self.gather)
             out["mug"] = loss.detach()
         else:
             video = pool_frames(self.model, x, valid)                                 # (B, E)
@@ -425,6 +459,9 @@ class M2RAAPMethod(VideoCLIPMethod):
         if c.similarity == "mug" and self.run.loss.kind != "infonce":
             raise ValueError(f"m2raap.similarity=mug trains with its own cross-entropy (m2raap.mug_temperature); "
                              f"loss.kind={self.run.loss.kind!r} does not apply: set loss.kind=infonce")
+        if c.similarity == "mug" and self.run.loss.gather not in MUG_GATHER_MODES:
+            raise ValueError(f"loss.gather: m2raap.similarity=mug supports {' or '.join(MUG_GATHER_MODES)}, not "
+                             f"{self.run.loss.gather!r}")
         if c.frame_shards and self.run.data.langs != ["en"]:
             raise ValueError("m2raap.frame_shards reads only the `caption` captions; set data.langs=[en]")
 
@@ -502,4 +539,4 @@ class M2RAAPMethod(VideoCLIPMethod):
 
 __all__ = ["M2RAAPConfig", "M2RAAPMethod", "M2RAAPTask", "M2RAAPCollate", "FrameShardDataset", "caption_videos",
            "add_aux_captions", "aux_captions_of", "encode_aux", "m2raap_scores", "m2raap_video_retrieval",
-           "load_m2raap"]
+           "load_m2raap", "mug_block_loss"]

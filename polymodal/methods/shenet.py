@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.manifests import all_captions
-from ..distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_min, rank, world_size
+from ..distributed import all_gather_padded, all_gather_with_grad, rank, world_size
+from ..losses.contrastive import block_infonce
 from ..models.base import ConfigDict
 from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, encode_text_features,
                                 encode_video_features, hierarchical_infonce, hierarchical_similarity)
@@ -105,35 +105,19 @@ NODE_KEYS = ("verb_tokens", "verb_mask", "noun_tokens", "noun_mask", "noun_head"
 GATHER_MODES = ("local", "global_with_grad")
 
 
-def _pad_nodes(text: TextFeatures, sizes: dict) -> TextFeatures:
-    """The same texts with each kind's nodes padded to `sizes[kind]` (invalid nodes, no head)."""
-    nodes, valid, heads = dict(text.nodes), dict(text.node_valid), dict(text.heads)
-    for kind, K in sizes.items():
-        extra = K - nodes[kind].shape[1]
-        if extra > 0:
-            nodes[kind] = F.pad(nodes[kind], (0, 0, 0, extra))
-            valid[kind] = F.pad(valid[kind], (0, extra), value=False)
-            if kind in heads:
-                heads[kind] = F.pad(heads[kind], (0, extra), value=-1)
-    return TextFeatures(text.sentence, nodes, valid, heads)
-
-
 def gather_features(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatures, VideoFeatures]:
     """Every rank's text and video features, in rank order.
 
     Float features are gathered with gradient (each rank's features get the gradient of every rank's loss);
-    masks and head indices as constants. Node counts differ between batches, so each kind is first padded
-    to the largest count of any rank (padded nodes are invalid, which the similarity ignores).
+    masks and head indices as constants. Node counts differ between batches, so each kind is padded to the
+    largest count of any rank (padded nodes are invalid, which the similarity ignores).
     """
-    sizes = {kind: -all_reduce_min(-x.shape[1], x.device) for kind, x in text.nodes.items()}
-    text = _pad_nodes(text, sizes)
-    flag = lambda x: all_gather_no_grad(x.to(torch.uint8)).bool()              # gloo has no bool collectives
     t = TextFeatures(all_gather_with_grad(text.sentence),
-                     {k: all_gather_with_grad(v) for k, v in text.nodes.items()},
-                     {k: flag(v) for k, v in text.node_valid.items()},
-                     {k: all_gather_no_grad(v) for k, v in text.heads.items()})
+                     {k: all_gather_padded(v, 1, 0.0) for k, v in text.nodes.items()},
+                     {k: all_gather_padded(v, 1, False) for k, v in text.node_valid.items()},
+                     {k: all_gather_padded(v, 1, -1, with_grad=False) for k, v in text.heads.items()})
     v = VideoFeatures(all_gather_with_grad(video.video), all_gather_with_grad(video.frames),
-                      all_gather_with_grad(video.patches), flag(video.valid))
+                      all_gather_with_grad(video.patches), all_gather_padded(video.valid, 1, False))
     return t, v
 
 
@@ -164,8 +148,7 @@ def shenet_loss(text: TextFeatures, video: VideoFeatures, cfg: HierarchyConfig, 
         s = hierarchical_similarity(text, all_video, cfg)                       # (B, W*B) own texts
         cols = hierarchical_similarity(all_text, video, cfg).total              # (W*B, B) own videos
         offset = rank() * B
-        labels = offset + torch.arange(B, device=s.total.device)
-        loss = (F.cross_entropy(scale * s.total, labels) + F.cross_entropy(scale * cols.T, labels)) / 2
+        loss = block_infonce(scale * s.total, scale * cols, offset)
     rows = torch.arange(B, device=s.total.device)
     levels = {name: getattr(s, name)[rows, rows + offset].mean().detach()
               for name in ("sentence", "verb", "noun", "adj") if getattr(s, name) is not None}

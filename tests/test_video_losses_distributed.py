@@ -1,8 +1,9 @@
-"""SHE-Net's loss over the global batch under DDP: two gloo ranks against one process on the whole batch.
+"""SHE-Net's and Mug's losses over the global batch under DDP: two gloo ranks against one process on the
+whole batch.
 
-Rank r holds rows [r*B, (r+1)*B) of every feature; the ranks' node counts differ (rank 1 has one node fewer
-of each kind), so the gather must pad. After backward the parameter gradients are averaged over ranks, as DDP
-does. float64 keeps the comparison tight.
+Rank r holds rows [r*B, (r+1)*B) of every feature; the ranks' node counts and text lengths differ (rank 1 has
+one node of each kind and one token fewer), so the gathers must pad. After backward the parameter gradients
+are averaged over ranks, as DDP does. float64 keeps the comparison tight.
 """
 import time
 
@@ -13,12 +14,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.methods.m2raap import mug_block_loss
 from polymodal.methods.shenet import shenet_loss
 from polymodal.models.hierarchy import HierarchyConfig, TextFeatures, VideoFeatures, hierarchical_infonce, \
     hierarchical_similarity
+from polymodal.models.video_heads import mug_loss, mug_similarity
 from polymodal.train import distributed as train_dist
 
-W, B, E, T, P, K = 2, 3, 4, 3, 2, 3
+W, B, E, T, P, K, L = 2, 3, 4, 3, 2, 3, 4
+MUG_TAU, MUG_TEMPERATURE = 5.0, 0.1
 CFG = HierarchyConfig(verb_weight=0.7, noun_weight=1.1, adj_weight=0.5, tau=0.2, noun_frames="verb")
 TIMEOUT_S = 90
 
@@ -29,7 +33,7 @@ class FeatureNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.maps = nn.ModuleDict({k: nn.Linear(E, E) for k in ("sentence", "verb", "noun", "adj", "video",
-                                                                 "frames", "patches")})
+                                                                 "frames", "patches", "tokens")})
         self.log_scale = nn.Parameter(torch.tensor(1.2))
 
     def forward(self, data: dict, rows: slice, keep: int) -> tuple[TextFeatures, VideoFeatures, torch.Tensor]:
@@ -42,13 +46,23 @@ class FeatureNet(nn.Module):
                               f("patches", data["patches"][rows]), data["frame_valid"][rows])
         return text, video, self.log_scale.exp()
 
+    def mug_inputs(self, data: dict, rows: slice, length: int) -> tuple:
+        """(tokens, mask, frames, valid) for the Mug head."""
+        tokens = F.normalize(self.maps["tokens"](data["tokens"][rows, :length]), dim=-1)
+        frames = F.normalize(self.maps["frames"](data["frames"][rows]), dim=-1)
+        return tokens, data["token_mask"][rows, :length], frames, data["frame_valid"][rows]
+
 
 def _setup():
     g = torch.Generator().manual_seed(0)
     n = W * B
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
     data = {"sentence": r(n, E), "verb": r(n, K, E), "noun": r(n, K, E), "adj": r(n, K, E), "video": r(n, E),
-            "frames": r(n, T, E), "patches": r(n, T, P, E)}
+            "frames": r(n, T, E), "patches": r(n, T, P, E), "tokens": r(n, L, E)}
+    mask = torch.ones(n, L, dtype=torch.bool)
+    mask[0, 2:] = False                                   # a short text on rank 0
+    mask[B:, L - 1] = False                               # rank 1's texts are one token shorter
+    data["token_mask"] = mask
     for k in ("verb", "noun", "adj"):
         valid = torch.rand(n, K, generator=g) > 0.3
         valid[:, 0] = True
@@ -82,6 +96,16 @@ def _worker(rank, init_file, out_dir):
                 dist.all_reduce(g, op=dist.ReduceOp.SUM)
                 grads[name] = g / W
             results[gather] = {"loss": loss.detach(), "grads": grads, "levels": levels}
+            net.zero_grad(set_to_none=True)
+            inputs = net.mug_inputs(data, slice(rank * B, (rank + 1) * B), L if rank == 0 else L - 1)
+            mug = mug_block_loss(*inputs, MUG_TAU, MUG_TEMPERATURE, gather)
+            mug.backward()
+            grads = {}
+            for name, p in net.maps["tokens"].named_parameters(prefix="maps.tokens"):
+                g = p.grad.detach().clone()
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                grads[name] = g / W
+            results[f"mug/{gather}"] = {"loss": mug.detach(), "grads": grads}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         train_dist.cleanup()
@@ -101,14 +125,13 @@ def ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(W)]
 
 
-def _reference(loss_fn):
+def _reference(loss_fn, mug: bool = False):
     state, data = _setup()
     net = FeatureNet().double()
     net.load_state_dict(state)
-    text, video, scale = net(data, slice(0, W * B), K)
-    loss = loss_fn(text, video, scale)
+    loss = loss_fn(*net.mug_inputs(data, slice(0, W * B), L)) if mug else loss_fn(*net(data, slice(0, W * B), K))
     loss.backward()
-    return loss.detach(), {n: p.grad.detach() for n, p in net.named_parameters()}
+    return loss.detach(), {n: p.grad.detach() for n, p in net.named_parameters() if p.grad is not None}
 
 
 def test_global_batch_loss_and_grads_equal_one_process_on_the_whole_batch(ranks):
@@ -134,3 +157,30 @@ def test_matched_pair_levels_are_the_same_in_both_modes(ranks):
     for r in ranks:
         for name, v in r["local"]["levels"].items():
             torch.testing.assert_close(r["global_with_grad"]["levels"][name], v, msg=name)
+
+
+def test_mug_global_batch_loss_and_grads_equal_one_process_on_the_whole_batch(ranks):
+    def whole(tokens, mask, frames, valid):
+        return mug_loss(mug_similarity(tokens, mask, frames, valid, tau=MUG_TAU), MUG_TEMPERATURE)
+    want_loss, want_grads = _reference(whole, mug=True)
+    torch.testing.assert_close(torch.stack([r["mug/global_with_grad"]["loss"] for r in ranks]).mean(), want_loss)
+    for r in ranks:
+        for name, g in r["mug/global_with_grad"]["grads"].items():
+            torch.testing.assert_close(g, want_grads[name], msg=name)
+
+
+def test_mug_local_gather_is_the_mean_of_per_rank_losses(ranks):
+    def per_rank(tokens, mask, frames, valid):
+        parts = [slice(k * B, (k + 1) * B) for k in range(W)]
+        return sum(mug_loss(mug_similarity(tokens[p], mask[p], frames[p], valid[p], tau=MUG_TAU), MUG_TEMPERATURE)
+                   for p in parts) / W
+    want_loss, _ = _reference(per_rank, mug=True)
+    torch.testing.assert_close(torch.stack([r["mug/local"]["loss"] for r in ranks]).mean(), want_loss)
+
+
+def test_block_infonce_in_one_process_is_the_symmetric_infonce():
+    from polymodal.losses.contrastive import block_infonce
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(5)
+    want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(block_infonce(logits, logits, 0), want)
