@@ -1,4 +1,4 @@
-"""SHE-Net's and Mug's losses over the global batch under DDP: two gloo ranks against one process on the
+"""SHE-Net's and Mug's losses over the global batch under DDP, and SNP-S3's MoCo queue filled from every rank: two gloo ranks against one process on the
 whole batch.
 
 Rank r holds rows [r*B, (r+1)*B) of every feature; the ranks' node counts and text lengths differ (rank 1 has
@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.losses.matching import KeyQueue
 from polymodal.methods.m2raap import mug_block_loss
 from polymodal.methods.shenet import shenet_loss
 from polymodal.models.hierarchy import HierarchyConfig, TextFeatures, VideoFeatures, hierarchical_infonce, \
@@ -106,6 +107,9 @@ def _worker(rank, init_file, out_dir):
                 dist.all_reduce(g, op=dist.ReduceOp.SUM)
                 grads[name] = g / W
             results[f"mug/{gather}"] = {"loss": mug.detach(), "grads": grads}
+        queue = KeyQueue(8, E).double()
+        queue.enqueue_from_all_ranks(torch.full((B, E), float(rank + 1), dtype=torch.float64))
+        results["queue"] = {"keys": queue.keys.clone(), "ptr": queue.ptr.clone(), "filled": queue.filled.clone()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         train_dist.cleanup()
@@ -184,3 +188,11 @@ def test_block_infonce_in_one_process_is_the_symmetric_infonce():
     labels = torch.arange(5)
     want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     torch.testing.assert_close(block_infonce(logits, logits, 0), want)
+
+
+def test_moco_queue_holds_every_ranks_keys_in_rank_order(ranks):
+    for r in ranks:
+        q = r["queue"]
+        assert int(q["filled"]) == W * B and int(q["ptr"]) == W * B
+        want = torch.cat([torch.full((B, E), float(k + 1), dtype=torch.float64) for k in range(W)])
+        torch.testing.assert_close(q["keys"][:W * B], want)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import all_gather_no_grad
+
 
 def mil_nce(scores: Tensor, valid: Tensor | None = None) -> Tensor:
     """MIL-NCE over (text, video, candidate) scores.
@@ -99,6 +101,12 @@ class KeyQueue(nn.Module):
         self.keys[slots] = keys
         self.ptr.fill_((p + B) % self.size)
         self.filled.fill_(min(int(self.filled) + B, self.size))
+
+    @torch.no_grad()
+    def enqueue_from_all_ranks(self, keys: Tensor) -> None:
+        """Enqueue every rank's (B, D) keys in rank order (MoCo's gather before the enqueue): under DDP all
+        queues then hold the same keys from the whole global batch; in one process this is `enqueue`."""
+        self.enqueue(all_gather_no_grad(keys.detach().contiguous()))
 
 
 @torch.no_grad()

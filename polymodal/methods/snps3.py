@@ -184,8 +184,8 @@ class SNPS3Task(nn.Module):
             out["level1"] = (moco_loss(tp.feature, kv, self.video_queue.keys.clone(), cfg.temperature)
                              + moco_loss(vp.video, kt, self.text_queue.keys.clone(), cfg.temperature)) / 2
             if self.training:
-                self.text_queue.enqueue(kt)
-                self.video_queue.enqueue(kv)
+                self.text_queue.enqueue_from_all_ranks(kt)
+                self.video_queue.enqueue_from_all_ranks(kv)
         else:
             s1 = torch.einsum("iw,jcw->ijc", tp.feature, vp.clips) / cfg.temperature     # (B, B, n)
             out["level1"] = mil_nce(s1, vp.valid)
