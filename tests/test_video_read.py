@@ -17,7 +17,7 @@ from PIL import Image
 
 from polymodal.data.manifests import ManifestError
 from polymodal.data import video
-from polymodal.data.shards import INDEX_NAME, _read_tar
+from polymodal.data.shards import INDEX_NAME, _read_tar, index_tar, read_indexed
 from polymodal.data.video import (
     VideoClip,
     VideoError,
@@ -380,3 +380,21 @@ def test_frames_cli(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["num_samples"] == 2
     _, samples = read_samples(tmp_path / "s")
     assert isinstance(read_frame_sample(samples[1][1]), VideoClip)
+
+
+def test_indexed_shard_reading_equals_streaming_and_refuses_compressed_tars(tmp_path):
+    import gzip
+    videos = [make_video(tmp_path / f"v{i}.mp4", n=12, gop=4) for i in range(3)]
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"video": os.path.basename(v), "caption": f"clip {i}"}
+                                                  for i, v in enumerate(videos)])
+    write_frame_shards(manifest, tmp_path / "shards", num_frames=2, strategy="uniform", shard_size=2, progress=False)
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    for shard in shards:
+        streamed = list(_read_tar(str(shard)))
+        indexed = index_tar(str(shard))
+        assert [k for k, _ in indexed] == [k for k, _ in streamed]
+        assert [read_indexed(str(shard), m) for _, m in indexed] == [f for _, f in streamed]
+    packed = tmp_path / "packed.tar.gz"
+    packed.write_bytes(gzip.compress(shards[0].read_bytes()))
+    with pytest.raises(ValueError, match="packed.tar.gz: a compressed tar"):
+        index_tar(str(packed))

@@ -226,6 +226,52 @@ def _read_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
+def index_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {extension: (byte offset, size)}) per sample of an uncompressed tar, for reading on demand.
+
+    Only the member headers are read (one pass); `read_indexed` fetches a sample's bytes later, so a
+    dataset over many shards holds offsets, not frames, in memory.
+
+    Raises:
+        ValueError: the tar is compressed (no random access), naming the file.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
+        raise ValueError(f"{path}: a compressed tar cannot be read on demand; write uncompressed shards "
+                         f"(`polymodal data frames` does) or decompress it")
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    key, files = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = os.path.split(member.name)
+            stem, _, ext = base.partition(".")
+            member_key = f"{folder}/{stem}" if folder else stem
+            if member_key != key:
+                if files:
+                    out.append((key, files))
+                key, files = member_key, {}
+            files[ext] = (member.offset_data, member.size)
+    if files:
+        out.append((key, files))
+    return out
+
+
+def read_indexed(path: str, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """The bytes of one sample's members from `index_tar`'s offsets: {extension: bytes}."""
+    out = {}
+    with open(path, "rb") as f:
+        for ext, (offset, size) in members.items():
+            f.seek(offset)
+            out[ext] = f.read(size)
+            if len(out[ext]) != size:
+                raise ValueError(f"{path}: member .{ext} at byte {offset} is cut short (the shard changed or is "
+                                 f"truncated)")
+    return out
+
+
 def _decode_image(data: bytes) -> Any:
     """Bytes -> upright PIL RGB image, converted like ``images.load_image`` (alpha over white,
     16-bit scaled) so shards and manifests give the same pixels; raises on a broken file."""

@@ -168,8 +168,9 @@ class M2RAAPCollate(ImageTextCollate):
 class FrameShardDataset(BuiltSamples, Dataset):
     """Map-style dataset over frame shards written by `polymodal data frames` (frames decoded once).
 
-    The shards' members are read into memory once (JPEG/PNG bytes, decoded per item), which suits the
-    small and medium sets this recipe is run on; `ShardDataset` (streaming) takes only image shards.
+    Opening the dataset reads only the tar headers (`data.shards.index_tar`: each sample's member offsets);
+    a sample's JPEG/PNG frames are read from its shard and decoded when it is used, so memory does not grow
+    with the data set. Shards must be uncompressed tars (as `polymodal data frames` writes them).
 
     Args:
         source: the shard folder (with `shards.json`).
@@ -178,14 +179,15 @@ class FrameShardDataset(BuiltSamples, Dataset):
     """
 
     def __init__(self, source: str, builder, on_bad_record: str = "error"):
-        from ..data.shards import _read_tar, resolve_shards
+        from ..data.shards import index_tar, resolve_shards
         if builder.media != "video":
             raise ValueError(f"FrameShardDataset needs a video SampleBuilder, got media {builder.media!r}")
         shards, _ = resolve_shards(source)
-        self.items: list[tuple[str, dict]] = []
+        # Offsets only: each sample's frames are read from its shard when the sample is used.
+        self.items: list[tuple[str, str, dict]] = []
         for shard in shards:
-            for key, files in _read_tar(shard):
-                self.items.append((f"{shard} key {key}", files))
+            for key, members in index_tar(shard):
+                self.items.append((shard, key, members))
         if not self.items:
             raise ValueError(f"m2raap.frame_shards: {source} holds no samples; write them with `polymodal data frames`")
         self.builder, self.bad, self.epoch = builder, BadRecords(on_bad_record), 0
@@ -195,9 +197,12 @@ class FrameShardDataset(BuiltSamples, Dataset):
 
     def __getitem__(self, i: int) -> dict:
         from ..data.datasets import _SampleError
+        from ..data.shards import read_indexed
         from ..data.video import read_frame_sample
-        where, files = self.items[i]
+        shard, key, members = self.items[i]
+        where = f"{shard} key {key}"
         try:
+            files = read_indexed(shard, members)
             record = json.loads(files["json"])
             clip = read_frame_sample(files)
         except Exception as e:  # a broken member: JSON, JPEG, missing frames
