@@ -181,3 +181,13 @@ def test_callable_entry_rejects_non_finite_own_scores():
     own[3] = float("nan")
     with pytest.raises(ValueError, match="first at text 3"):
         metrics_from_rows(lambda i0, i1: sim[i0:i1], own, t2i, 10)
+
+
+def test_finite_check_runs_in_slices_and_names_the_row():
+    x = torch.zeros(70000, 64)                                   # 16 MB slices of 65536 rows: two slices
+    _check_finite(x, "text_embeds")
+    x[65540, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"text_embeds contains NaN or inf \(first in row 65540\)"):
+        _check_finite(x, "text_embeds")
+    with pytest.raises(ValueError, match="first in row 7"):
+        _check_finite(torch.tensor([0.0] * 7 + [float("nan")]), "scores")
