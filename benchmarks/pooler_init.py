@@ -4,8 +4,9 @@
 
 1. Generates ShapesWorld once (`--data`, default <runs>/data; reused when the settings match).
 2. For each seed and each `--inits` arm, trains recipes/sycoca_coca.yaml (CoCa: ITC + captioning, no TG-MIM):
-   * `default`: the model exactly as `CoCa.__init__` builds it (queries N(0, 1/D), the attention and
-     context projections at torch's Linear default, uniform with bound 1/sqrt(fan_in));
+   * `default`: the model `CoCa.__init__` builds with `pooler_init: torch`, CoCa's default before issue #23
+     (queries N(0, 1/D), the attention and context projections at torch's Linear default, uniform with
+     bound 1/sqrt(fan_in)); the library default is now `scaled`, which this benchmark led to;
    * `scaled`: the same model (same seed, so every other weight is identical), then every attentional
      pooler re-initialised by `reinit_poolers_`: queries N(0, 1), each Linear inside the pooler
      N(0, 1/fan_in) with zero bias. The model is saved and training starts from it through `model.path`,
@@ -37,7 +38,8 @@ from benchmarks.common import (cached_metrics, command_line, experiment_parser, 
                                leave_plateau_step, over_seeds, paired_over_seeds, pm, pm_diff, prepare,
                                seed_summary, variant_config)
 
-INITS = ("default", "scaled")
+INITS = ("default", "scaled")   # "default": torch's init, CoCa's default before issue #23 (`pooler_init: torch`)
+TORCH_INIT = "torch"
 PLATEAU_MARGIN = 0.5        # ITC has left the plateau once it is this far below ln(B)
 METRICS = {  # column -> run_suite key
     "t2i_R5": "retrieval/text_to_image_R@5",
@@ -65,32 +67,18 @@ def find_poolers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-@torch.no_grad()
-def reinit_poolers_(model: nn.Module, query_std: float = 1.0, generator: torch.Generator | None = None) -> list[str]:
-    """Re-initialise every attentional pooler in place: queries N(0, query_std^2), each Linear inside the
-    pooler (context projection, fused qkv, output) N(0, 1/fan_in) with zero bias; LayerNorms untouched.
+def reinit_poolers_(model: nn.Module, generator: torch.Generator | None = None) -> list[str]:
+    """Re-initialise every attentional pooler in place with `polymodal.models.coca.scale_pooler_init_`
+    (queries N(0, 1), each Linear inside the pooler N(0, 1/fan_in), zero bias; LayerNorms untouched).
 
-    Why: with queries N(0, 1/D) and torch's default Linear init the pooling logits of a width-32 pooler have
-    a standard deviation of about 0.06, so attention starts uniform (mean pooling) and the contrastive
-    image embedding barely depends on where the objects are. Unit queries and fan-in projections give
-    query/key entries of unit variance and logits of standard deviation about 1.
-
-    Args:
-        model: a built model (e.g. `CoCa`).
-        query_std: standard deviation of the queries.
-        generator: random source (default: torch's global one).
     Returns:
         Names of the poolers re-initialised (empty when the model has none, e.g. `contrastive_pool: cls`
         and `num_image_queries: 0`).
     """
+    from polymodal.models.coca import scale_pooler_init_
     names = []
     for name, pooler in find_poolers(model):
-        pooler.query.copy_(torch.randn(pooler.query.shape, generator=generator) * query_std)
-        for lin in pooler.modules():
-            if isinstance(lin, nn.Linear):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * lin.in_features ** -0.5)
-                if lin.bias is not None:
-                    lin.bias.zero_()
+        scale_pooler_init_(pooler, generator)
         names.append(name)
     return names
 
@@ -142,6 +130,9 @@ def train_with_init(recipe: Path, run_dir: Path, data: Path, args, seed: int, ex
     """
     from polymodal.train.reuse import train_or_reuse
 
+    # Both arms start from torch's init (CoCa's default before issue #23); "scaled" re-initialises on top, so
+    # the arms differ only in the pooler weights whatever the library default is.
+    extra = list(extra) + [f"model.overrides={{pooler_init: {TORCH_INIT}}}"]
     if init != "default":
         start = prepare_init_model(variant_config(recipe, run_dir, data, args, seed, extra), init_dir, init,
                                    fresh=args.fresh)
