@@ -1,7 +1,6 @@
 """KV-cached CoCa decoding equals the uncached path (whole prefix re-run every step), token for token."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from polymodal.models.coca import CachedStep
 from polymodal.models.factory import create_model
@@ -125,15 +124,3 @@ def test_bf16_autocast_generation_runs_cached_and_uncached():
     assert got.shape == want.shape == (4, 8) and got.dtype == torch.long
     assert (got[:, 0] == m.bos_id).all()
     got[:, 0] = 0                                                            # an ordinary tensor: writable
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_attend_one_equals_fused_attention(masked):
-    from polymodal.models.layers import attend_one
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, n, 8, generator=g) for n in (1, 5, 5))
-    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)[:, None, None] \
-        if masked else None
-    torch.testing.assert_close(attend_one(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    strided = torch.randn(3, 2, 9, 8, generator=g)[:, :, :5]                   # a cache view, as in decoding
-    torch.testing.assert_close(attend_one(q, strided, v), F.scaled_dot_product_attention(q, strided, v))

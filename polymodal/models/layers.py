@@ -86,31 +86,6 @@ class KVCache:
             self.v[:, :, :length] = self.v[src, :, :length]
 
 
-def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Attention of ONE query per sequence and head, as broadcast products and sums (incremental decoding).
-
-    On a CPU the fused attention kernel spends most of a single query's time on per-(sequence, head)
-    set-up; products and sums over the keys take the strided cache views as they are and are faster at
-    decoding sizes (up to 2x per call at 64 sequences). Elsewhere (CUDA) the fused kernel is one launch
-    against six, so it is used there. The result equals `F.scaled_dot_product_attention(q, k, v,
-    attn_mask=mask)` up to float rounding.
-
-    Args:
-        q: (N, H, 1, Dh) the new query.
-        k, v: (N, H, S, Dh) keys and values (e.g. views of a `KVCache`).
-        mask: (N, 1, 1, S) bool, True = may attend; None = every key.
-    Returns:
-        (N, H, 1, Dh).
-    """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q * k).sum(-1) * (q.shape[-1] ** -0.5)                            # (N, H, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
-    weights = scores.softmax(-1)                                                # (N, H, S)
-    return (weights.unsqueeze(-1) * v).sum(2, keepdim=True)                     # (N, H, 1, Dh)
-
-
 class Attention(nn.Module):
     """Multi-head attention with a fused qkv projection.
 
@@ -190,7 +165,7 @@ class Attention(nn.Module):
         H = self.heads
         q, k, v = self.qkv(x).view(N, 1, 3, H, D // H).permute(2, 0, 3, 1, 4)   # 3 x (N, H, 1, Dh)
         keys, values = cache.write(slots, pos, k, v)                             # (N, H, pos+1, Dh)
-        y = attend_one(q, keys, values)                                          # every cached key is visible
+        y = F.scaled_dot_product_attention(q, keys, values)                      # every cached key is visible
         return self.out(y.transpose(1, 2).reshape(N, 1, D))
 
     def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,7 +185,7 @@ class Attention(nn.Module):
         b_q = self.qkv.bias[:D] if self.qkv.bias is not None else None
         q = F.linear(x, w_q, b_q).view(N, L, H, D // H).transpose(1, 2)             # (N, H, L, Dh)
         mask = None if context_mask is None else context_mask[:, None, None, :]     # (N, 1, 1, S)
-        y = attend_one(q, k, v, mask) if L == 1 else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(N, L, D))
 
 
