@@ -206,24 +206,29 @@ def resolve_shards(source: str | os.PathLike | Sequence[str]) -> tuple[list[str]
     return paths, counts
 
 
-def _read_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) per sample; members of a sample are consecutive."""
+def _grouped_members(tar: tarfile.TarFile, value) -> Iterator[tuple[str, dict]]:
+    """Yield (key, {extension: value(member)}) per sample of an open tar; members of a sample are consecutive."""
     key, files = None, {}
-    with tarfile.open(path, "r|*") as tar:            # streaming: one pass, no seeking
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = os.path.split(member.name)
-            stem, _, ext = base.partition(".")
-            member_key = f"{folder}/{stem}" if folder else stem
-            data = tar.extractfile(member).read()
-            if member_key != key:
-                if files:
-                    yield key, files
-                key, files = member_key, {}
-            files[ext] = data
+    for member in tar:
+        if not member.isfile():
+            continue
+        folder, base = os.path.split(member.name)
+        stem, _, ext = base.partition(".")
+        member_key = f"{folder}/{stem}" if folder else stem
+        item = value(member)
+        if member_key != key:
+            if files:
+                yield key, files
+            key, files = member_key, {}
+        files[ext] = item
     if files:
         yield key, files
+
+
+def _read_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) per sample; members of a sample are consecutive."""
+    with tarfile.open(path, "r|*") as tar:            # streaming: one pass, no seeking
+        yield from _grouped_members(tar, lambda m: tar.extractfile(m).read())
 
 
 def index_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -240,23 +245,8 @@ def index_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
         raise ValueError(f"{path}: a compressed tar cannot be read on demand; write uncompressed shards "
                          f"(`polymodal data frames` does) or decompress it")
-    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    key, files = None, {}
     with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = os.path.split(member.name)
-            stem, _, ext = base.partition(".")
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key:
-                if files:
-                    out.append((key, files))
-                key, files = member_key, {}
-            files[ext] = (member.offset_data, member.size)
-    if files:
-        out.append((key, files))
-    return out
+        return list(_grouped_members(tar, lambda m: (m.offset_data, m.size)))
 
 
 def read_indexed(path: str, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
