@@ -77,8 +77,25 @@ class _BadRecord(Exception):
         self.detail = detail
 
 
+class SkipNotes:
+    """What a reader skipped: for classes with `skipped` (Counter by reason) and `skipped_examples`."""
+
+    def note_skip(self, reason: str, example: str) -> None:
+        """Count one skipped item under `reason`, keeping the first few `"file:line: detail"` examples."""
+        self.skipped[reason] += 1
+        examples = self.skipped_examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES_PER_REASON:
+            examples.append(example)
+
+    def skip_report(self, what: str, source: str) -> str:
+        """One line per skip reason with its count and examples; "" when nothing was skipped."""
+        return "\n".join(f"skipped {n} {what} of {source}: {reason} (e.g. "
+                         f"{'; '.join(self.skipped_examples.get(reason, []))})"
+                         for reason, n in sorted(self.skipped.items()))
+
+
 @dataclass
-class Manifest:
+class Manifest(SkipNotes):
     """The good records of a manifest plus what was skipped.
 
     Attributes:
@@ -113,11 +130,7 @@ class Manifest:
 
     def report(self) -> str:
         """One line per skip reason with its count and examples; "" when nothing was skipped."""
-        lines = []
-        for reason, n in sorted(self.skipped.items()):
-            examples = "; ".join(self.skipped_examples.get(reason, []))
-            lines.append(f"skipped {n} record(s) of {self.path}: {reason} (e.g. {examples})")
-        return "\n".join(lines)
+        return self.skip_report("record(s)", self.path)
 
     def write(self, path: str | os.PathLike) -> None:
         """Write the records to `path` (see :func:`write_manifest`)."""
@@ -207,13 +220,9 @@ def read_manifest(
             if label_map is not None:
                 record = _map_labels(record, *label_map)
         except _BadRecord as bad:
-            where = f"{path}:{line}"
             if on_bad_record == "error":
                 raise ManifestError(f"{path} line {line}: {bad.detail} [{bad.reason}]; {SKIP_HINT}") from None
-            manifest.skipped[bad.reason] += 1
-            examples = manifest.skipped_examples.setdefault(bad.reason, [])
-            if len(examples) < MAX_EXAMPLES_PER_REASON:
-                examples.append(f"{where}: {bad.detail}")
+            manifest.note_skip(bad.reason, f"{path}:{line}: {bad.detail}")
             continue
         record["_line"] = line
         manifest.records.append(record)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .manifests import BAD_RECORD_POLICIES, MAX_EXAMPLES_PER_REASON, SKIP_HINT, ManifestError
+from .manifests import BAD_RECORD_POLICIES, SKIP_HINT, ManifestError, SkipNotes
 # The manifest reader's line decoding and bad-record type, so both formats report bad lines alike.
 from .manifests import _BadRecord as _Bad, _jsonl_rows as _jsonl_lines
 
@@ -73,7 +73,7 @@ class PreferencePair:
 
 
 @dataclass
-class PreferenceSet:
+class PreferenceSet(SkipNotes):
     """The good pairs of one or more files plus what was skipped (by reason, with `file:line` examples)."""
     pairs: list[PreferencePair] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
@@ -102,9 +102,7 @@ class PreferenceSet:
 
     def report(self) -> str:
         """One line per skip reason with its count and examples; "" when nothing was skipped."""
-        return "\n".join(f"skipped {n} pair(s) of {self.source}: {reason} (e.g. "
-                         f"{'; '.join(self.skipped_examples.get(reason, []))})"
-                         for reason, n in sorted(self.skipped.items()))
+        return self.skip_report("pair(s)", self.source)
 
 
 def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimension: str = "",
@@ -154,10 +152,7 @@ def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimensio
             except _Bad as bad:
                 if on_bad_record == "error":
                     raise ManifestError(f"{file} line {line_no}: {bad.detail} [{bad.reason}]; {SKIP_HINT}") from None
-                out.skipped[bad.reason] += 1
-                ex = out.skipped_examples.setdefault(bad.reason, [])
-                if len(ex) < MAX_EXAMPLES_PER_REASON:
-                    ex.append(f"{where}: {bad.detail}")
+                out.note_skip(bad.reason, f"{where}: {bad.detail}")
                 continue
             out.pairs.append(pair)
             if limit and len(out.pairs) >= limit:
