@@ -37,6 +37,7 @@ __all__ = [
     "barrier",
     "all_reduce_mean",
     "all_reduce_min",
+    "all_reduce_max",
     "env_int",
     "clear_group_cache",
     "all_gather_with_grad",
@@ -115,6 +116,11 @@ def all_reduce_min(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([int(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest of an integer over all ranks (the value itself in one process)."""
+    return -all_reduce_min(-int(value), device)
 
 
 def clear_group_cache() -> None:
@@ -255,7 +261,7 @@ def all_gather_no_grad(x: Tensor, group=None) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
-def all_gather_padded(x: Tensor, dim: int = 1, value=0, with_grad: bool = True) -> Tensor:
+def all_gather_padded(x: Tensor, dim: int = 1, value=0, with_grad: bool = True, size: int | None = None) -> Tensor:
     """All-gather of tensors whose size along `dim` differs between ranks (e.g. token or node counts).
 
     Every rank's tensor is padded with `value` along `dim` to the largest size of any rank, then gathered
@@ -267,12 +273,15 @@ def all_gather_padded(x: Tensor, dim: int = 1, value=0, with_grad: bool = True) 
         dim: the dim whose size may differ (>= 1).
         value: the padding value (e.g. 0 for features, False for masks, -1 for indices).
         with_grad: gather with gradient (float tensors only).
+        size: the padded size when the caller already knows it (`all_reduce_max` of the sizes, shared by the
+            tensors of one batch), which saves this call's own collective.
     Returns:
         (W * N, ..., max size, ...) tensor in rank order; `x` itself when not distributed.
     """
     if not is_dist() or dist.get_world_size() == 1:
         return x
-    size = -all_reduce_min(-x.shape[dim], x.device)
+    if size is None:
+        size = all_reduce_max(x.shape[dim], x.device)
     if size > x.shape[dim]:
         pad = list(x.shape)
         pad[dim] = size - x.shape[dim]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data.datasets import BadRecords, BuiltSamples, ImageTextCollate
-from ..distributed import all_gather_padded, all_gather_with_grad, rank, world_size
+from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
 from ..losses.contrastive import block_infonce, build_contrastive_loss
 from ..models.base import ConfigDict
 from ..models.video_heads import ACG_LEVELS, ACGFusion, mug_loss, mug_similarity, pool_frames, text_token_features
@@ -249,8 +249,10 @@ def mug_block_loss(tokens: Tensor, mask: Tensor, frames: Tensor, valid: Tensor |
         return mug_loss(mug_similarity(tokens, mask, frames, valid, tau=tau, block_size=len(frames)), temperature)
     if valid is None:
         valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
-    all_tokens, all_mask = all_gather_padded(tokens, 1, 0.0), all_gather_padded(mask, 1, False)
-    all_frames, all_valid = all_gather_with_grad(frames), all_gather_padded(valid, 1, False)
+    length = all_reduce_max(tokens.shape[1], tokens.device)                  # one collective for tokens and mask
+    all_tokens = all_gather_padded(tokens, 1, 0.0, size=length)
+    all_mask = all_gather_padded(mask, 1, False, size=length)
+    all_frames, all_valid = all_gather_with_grad(frames), all_gather_padded(valid, 1, False, size=valid.shape[1])
     rows = mug_similarity(tokens, mask, all_frames, all_valid, tau=tau, block_size=len(all_frames))   # (B, W*B)
     cols = mug_similarity(all_tokens, all_mask, frames, valid, tau=tau, block_size=len(all_tokens))   # (W*B, B)
     return block_infonce(rows / temperature, cols / temperature, rank() * len(frames))

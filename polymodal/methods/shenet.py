@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.manifests import all_captions
-from ..distributed import all_gather_padded, all_gather_with_grad, rank, world_size
+from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
 from ..losses.contrastive import block_infonce
 from ..models.base import ConfigDict
 from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, encode_text_features,
@@ -112,12 +112,14 @@ def gather_features(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatu
     masks and head indices as constants. Node counts differ between batches, so each kind is padded to the
     largest count of any rank (padded nodes are invalid, which the similarity ignores).
     """
+    sizes = {k: all_reduce_max(v.shape[1], v.device) for k, v in text.nodes.items()}   # one collective a kind
     t = TextFeatures(all_gather_with_grad(text.sentence),
-                     {k: all_gather_padded(v, 1, 0.0) for k, v in text.nodes.items()},
-                     {k: all_gather_padded(v, 1, False) for k, v in text.node_valid.items()},
-                     {k: all_gather_padded(v, 1, -1, with_grad=False) for k, v in text.heads.items()})
+                     {k: all_gather_padded(v, 1, 0.0, size=sizes[k]) for k, v in text.nodes.items()},
+                     {k: all_gather_padded(v, 1, False, size=sizes[k]) for k, v in text.node_valid.items()},
+                     {k: all_gather_padded(v, 1, -1, with_grad=False, size=sizes[k]) for k, v in text.heads.items()})
     v = VideoFeatures(all_gather_with_grad(video.video), all_gather_with_grad(video.frames),
-                      all_gather_with_grad(video.patches), all_gather_padded(video.valid, 1, False))
+                      all_gather_with_grad(video.patches),
+                      all_gather_padded(video.valid, 1, False, size=video.valid.shape[1]))   # T is the same everywhere
     return t, v
 
 
