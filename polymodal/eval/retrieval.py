@@ -60,13 +60,14 @@ def _as_text_to_image(text_to_image: Tensor | Sequence[int], num_images: int, nu
     return t2i.to(device)
 
 
-def _check_args(ks: Sequence[int], chunk_size: int | None, ties: str, max_memory: int) -> tuple[int, ...]:
+def _check_args(ks: Sequence[int], chunk_size: int | None, ties: str, max_memory: int | None = None
+                ) -> tuple[int, ...]:
     ks = tuple(dict.fromkeys(int(k) for k in ks))
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None to derive it from max_memory), got {chunk_size}")
-    if int(max_memory) < 1:
+    if max_memory is not None and int(max_memory) < 1:
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
@@ -202,7 +203,7 @@ def metrics_from_rows(image_rows: Callable[[int, int], Tensor], own_scores: Tens
     Returns:
         The keys of `retrieval_metrics`.
     """
-    ks = _check_args(ks, block_rows, ties, 1)
+    ks = _check_args(ks, block_rows, ties)
     num_texts = len(own_scores)
     t2i = _as_text_to_image(text_to_image, num_images, num_texts, own_scores.device)
     if check_finite and not torch.isfinite(own_scores).all():
