@@ -19,6 +19,29 @@ def load_benchmark():
 
 
 @pytest.fixture(scope="session")
+def spawn_ranks():
+    """`spawn_ranks(worker, args, world, out_dir, timeout_s)`: run `worker(rank, *args)` in `world` spawned
+    processes, fail the test if they are not done within the deadline, and return the `out_dir/rank{r}.pt`
+    results they wrote, in rank order."""
+    import time
+
+    import torch
+    import torch.multiprocessing as mp
+
+    def run(worker, args: tuple, world: int, out_dir, timeout_s: float = 90) -> list:
+        ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                pytest.fail(f"distributed workers (W={world}) did not finish within {timeout_s} s")
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return run
+
+
+@pytest.fixture(scope="session")
 def moving_world(tmp_path_factory):
     """`moving_world(**kw)`: the folder of a small MovingShapes world (32 px, one worker), made once per settings."""
     made: dict = {}

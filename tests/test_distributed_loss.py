@@ -10,12 +10,10 @@ gradients are averaged over ranks (all_reduce SUM / W), as DDP does. All in floa
 comparisons are tight.
 """
 
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -110,29 +108,16 @@ def _worker(rank, world, init_file, out_dir, cases):
         train_dist.cleanup()
 
 
-def _run_world(tmp_dir, world, cases):
-    """Start `world` workers, wait (with a deadline) and load their results."""
-    ctx = mp.start_processes(
-        _worker, args=(world, tmp_dir / "init", str(tmp_dir), cases), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers (W={world}) did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+@pytest.fixture(scope="module")
+def w2(tmp_path_factory, spawn_ranks):
+    tmp = tmp_path_factory.mktemp("w2")
+    return spawn_ranks(_worker, (2, tmp / "init", str(tmp), CASES_W2), 2, tmp, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
-def w2(tmp_path_factory):
-    return _run_world(tmp_path_factory.mktemp("w2"), 2, CASES_W2)
-
-
-@pytest.fixture(scope="module")
-def w4(tmp_path_factory):
-    return _run_world(tmp_path_factory.mktemp("w4"), 4, CASES_W4)
+def w4(tmp_path_factory, spawn_ranks):
+    tmp = tmp_path_factory.mktemp("w4")
+    return spawn_ranks(_worker, (4, tmp / "init", str(tmp), CASES_W4), 4, tmp, TIMEOUT_S)
 
 
 # ----------------------------------------------------------------- single-process references

@@ -5,12 +5,10 @@ Rank r holds rows [r*B, (r+1)*B) of every feature; the ranks' node counts and te
 one node of each kind and one token fewer), so the gathers must pad. After backward the parameter gradients
 are averaged over ranks, as DDP does. float64 keeps the comparison tight.
 """
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -116,17 +114,9 @@ def _worker(rank, init_file, out_dir):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, spawn_ranks):
     tmp = tmp_path_factory.mktemp("shenet_w2")
-    ctx = mp.start_processes(_worker, args=(tmp / "init", str(tmp)), nprocs=W, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(W)]
+    return spawn_ranks(_worker, (tmp / "init", str(tmp)), W, tmp, TIMEOUT_S)
 
 
 def _reference(loss_fn, mug: bool = False):
