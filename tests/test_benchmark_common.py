@@ -30,3 +30,28 @@ def test_pooler_reinit_touches_only_the_poolers(load_benchmark):
     assert changed and all("pooler" in k for k in changed)
     queries = [v for k, v in model.state_dict().items() if "pooler" in k and "quer" in k]
     assert queries and all(abs(float(q.std()) - 1.0) < 0.35 for q in queries if q.numel() > 16)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_caption_cache_mac_count_matches_torch_flop_counter(load_benchmark, use_cache):
+    """The work ratio the captioning benchmark prints rests on decode_macs: it must count what runs."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from polymodal.models.factory import create_model
+    caption_cache = load_benchmark("caption_cache")
+    torch.manual_seed(0)
+    model = create_model("coca-tiny").eval()
+    model.config.text.eot_token_id = -1                 # exactly `tokens` new tokens
+    size = model.config.vision.image_size
+    px = torch.randn(2, 3, size, size)
+    tokens = 5
+    # Grad mode on, no generate(): the counter's module hooks need autograd (inference/no_grad break them).
+    # torch's table lacks the CPU flash-attention kernel; it gets the generic attention formula.
+    cpu_flash = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                 lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_flash) as vision:
+        model.image_context(model.visual(px).tokens)
+    with FlopCounterMode(display=False, custom_mapping=cpu_flash) as total:
+        model._generate(px, "greedy", tokens + 1, 1, 1.0, 1.0, 1.0, None, use_cache)
+    counted = (total.get_total_flops() - vision.get_total_flops()) // 2 // len(px)   # MACs per caption
+    assert counted == caption_cache.decode_macs(model, tokens, cached=use_cache)
