@@ -18,8 +18,12 @@ and by the peak fp32 matmul rate measured in the same run (a 2048^3 matmul). The
 those FLOPs at that peak over HF's measured step: the lowest ours/HF any implementation of the same
 arithmetic could reach on the device.
 
+With `--profile`, one extra step of each model per scenario runs under torch's profiler and the script
+prints where the step's CPU time goes: the share in matrix multiplies and the slowest multiply shapes
+with the rate each reached inside the step (compare with the 2048^3 peak).
+
     python benchmarks/train_step.py [--steps 5] [--batch 8] [--threads N] [--device cpu|cuda] [--precision fp32|bf16]
-                                    [--compile] [--out PATH]
+                                    [--compile] [--profile] [--out PATH]
 """
 from __future__ import annotations
 
@@ -210,6 +214,36 @@ def text_batch(batch: int, scenario: str, g: torch.Generator) -> torch.Tensor:
     return ids
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_profile(step, top: int = 5) -> dict:
+    """Profile one call of `step` (CPU): share of self time in matrix multiplies, and the `top` slowest shapes.
+
+    Returns:
+        {"step_cpu_s", "matmul_share", "shapes": [{"op", "a", "b", "calls", "s", "gflops"}]}, where a and b
+        are the operand shapes (M x K, K x N; batched for bmm) and gflops the rate inside the step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    shapes = []
+    for e in events:
+        if e.key not in MATMUL_OPS:
+            continue
+        a, b = e.input_shapes[1:3] if e.key in ("aten::addmm", "aten::baddbmm") else e.input_shapes[:2]
+        batch = a[0] if len(a) == 3 else 1
+        macs = batch * a[-2] * a[-1] * b[-1]
+        secs = e.self_cpu_time_total / 1e6
+        shapes.append({"op": e.key, "a": list(a), "b": list(b), "calls": e.count, "s": secs,
+                       "gflops": 2 * macs * e.count / max(secs, 1e-12) / 1e9})
+    shapes.sort(key=lambda r: -r["s"])
+    return {"step_cpu_s": total, "matmul_share": sum(r["s"] for r in shapes) / max(total, 1e-12),
+            "shapes": shapes[:top]}
+
+
 def first_step_memory(which: str, scenario: str, args) -> float:
     """Peak memory (MB) of one training step of `which` in a fresh process (a warm allocator keeps freed memory
     resident, so in this process later steps would show no rise on CPU)."""
@@ -235,6 +269,8 @@ def run_scenario(ours, hf, pixels, ids, args, scenario: str = "") -> dict:
     hf_step = make_step(hf, hf_embed, pixels, ids, args.optimizer, args.precision)
     step_ours, step_hf = alternate(ours_step, hf_step, args.steps)
     memory = {"ours": first_step_memory("ours", scenario, args), "hf": first_step_memory("hf", scenario, args)}
+    profiles = ({"ours": matmul_profile(ours_step), "hf": matmul_profile(hf_step)}
+                if args.profile and pixels.device.type == "cpu" else None)
     # FLOPs our model executes: a causal text tower stops at the last EOT of the batch.
     text_len = int((ids == ours.config.text.eot_token_id).int().argmax(dim=1).max()) + 1
     flops = clip_forward_flops(ours.config, len(ids), text_len)
@@ -246,7 +282,7 @@ def run_scenario(ours, hf, pixels, ids, args, scenario: str = "") -> dict:
         "forward_ratio_ours_over_hf": med(fwd_ours) / med(fwd_hf),
         "train_step_ratio_ours_over_hf": med(step_ours) / med(step_hf),
         "train_step_speedup": med(step_hf) / med(step_ours),
-        "peak_memory_mb": memory,
+        "peak_memory_mb": memory, "profile": profiles,
         "forward_flops": flops, "train_step_flops": 3 * flops["total"],
         "achieved_flops": 3 * flops["total"] / med(step_ours),
     }
@@ -265,6 +301,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype for both models")
     ap.add_argument("--compile", action="store_true", help="our forward through torch.compile (HF stays eager)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more step per model (CPU): matmul share of the step and the slowest shapes")
     ap.add_argument("--memory-of", choices=["ours", "hf"], help=argparse.SUPPRESS)   # child: one step, print MB
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args(argv)
@@ -325,6 +363,12 @@ def main(argv=None) -> dict:
     for name, r in results.items():
         m = r["peak_memory_mb"]
         print(f"{name:10}peak memory of a first training step (fresh process, incl. AdamW state): ours {m['ours']:.0f} MB, HF {m['hf']:.0f} MB")
+    for name, r in results.items():
+        for who, prof in (r["profile"] or {}).items():
+            slow = "; ".join(f"{x['op'][6:]} {'x'.join(map(str, x['a']))} @ {'x'.join(map(str, x['b']))}: "
+                             f"{x['gflops']:.0f} GFLOP/s" for x in prof["shapes"][:3])
+            print(f"{name:10}profile {who}: {prof['matmul_share']:.0%} of {prof['step_cpu_s']:.2f} s CPU in "
+                  f"matmuls; slowest: {slow}")
     print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; train-step FLOPs (ours): "
           + ", ".join(f"{n} {r['train_step_flops'] / 1e9:.0f} G" for n, r in results.items())
           + f"; wrote {out} ({res['wall_s']:.0f} s)")
