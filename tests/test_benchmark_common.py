@@ -55,3 +55,20 @@ def test_caption_cache_mac_count_matches_torch_flop_counter(load_benchmark, use_
         model._generate(px, "greedy", tokens + 1, 1, 1.0, 1.0, 1.0, None, use_cache)
     counted = (total.get_total_flops() - vision.get_total_flops()) // 2 // len(px)   # MACs per caption
     assert counted == caption_cache.decode_macs(model, tokens, cached=use_cache)
+
+
+def test_train_step_profile_reports_matmul_shapes_and_share(load_benchmark):
+    train_step = load_benchmark("train_step")
+    a, b, w = torch.randn(64, 96), torch.randn(96, 128), torch.randn(40, 96)
+
+    def step():
+        torch.mm(a, b)
+        torch.nn.functional.linear(a, w, torch.zeros(40))                # addmm 64x96 @ 96x40
+        torch.randn(256, 256).exp()                                      # some non-matmul work
+
+    prof = train_step.matmul_profile(step, top=5)
+    assert 0 < prof["matmul_share"] < 1
+    shapes = {(r["op"], tuple(r["a"]), tuple(r["b"])) for r in prof["shapes"]}
+    assert ("aten::mm", (64, 96), (96, 128)) in shapes
+    assert ("aten::addmm", (64, 96), (96, 40)) in shapes
+    assert all(r["calls"] == 1 and r["gflops"] > 0 for r in prof["shapes"])
