@@ -11,10 +11,14 @@ USER_ERRORS_DOC = """Errors the user can fix (bad recipe, manifest, image, video
 line, `polymodal: error: ...`, and exit with status 2; `--debug` (or POLYMODAL_DEBUG=1) shows the traceback."""
 
 
-def _data_arguments(data: argparse.ArgumentParser) -> None:
+def _data_arguments(data: argparse.ArgumentParser, only: str | None = None) -> None:
+    """The `data` subcommands; with `only`, just that one gets its arguments (its module is imported), so
+    `polymodal data --help` lists them without importing the generators."""
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     for name, (add_arguments, _run, help_text, description) in _data_commands().items():
-        _resolve(add_arguments)(dsub.add_parser(name, help=help_text, description=description))
+        p = dsub.add_parser(name, help=help_text, description=description)
+        if only is None or only == name:
+            _resolve(add_arguments)(p)
 
 
 def _data_commands() -> dict:
@@ -193,23 +197,26 @@ def _resolve(ref):
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; with `only`, just that command gets its arguments (the others are listed by name)."""
+def build_parser(only: str | None = None, data_only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with `only`, just that command gets its arguments (the others are listed by name),
+    and with `data_only` just that `data` subcommand."""
     parser = argparse.ArgumentParser(prog="polymodal", description="Train, adapt and evaluate vision-language models.",
                                      epilog=USER_ERRORS_DOC)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, (help_text, description, add_arguments, _run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=description or help_text)
-        if only is None or only == name:
+        if name == "data" and only == name:
+            _data_arguments(p, data_only)
+        elif only is None or only == name:
             _resolve(add_arguments)(p)
     return parser
 
 
-def _command_of(argv: list[str]) -> str:
-    """The command word of argv ("" when there is none or it is unknown): the one whose arguments to build."""
+def _command_of(argv: list[str], names=None) -> str:
+    """The first word of argv if it is one of `names` (default: the commands), else "": the one whose arguments to build."""
     for item in argv:
         if not item.startswith("-"):
-            return item if item in COMMANDS else ""
+            return item if item in (COMMANDS if names is None else names) else ""
     return ""
 
 
@@ -325,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("POLYMODAL_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser(only=_command_of(argv)).parse_args(argv)
+    command = _command_of(argv)
+    data_only = _command_of(argv[argv.index(command) + 1:], _data_commands()) if command == "data" else None
+    args = build_parser(only=command, data_only=data_only).parse_args(argv)
     try:
         return _dispatch(args)
     except Exception as err:     # one line for what the user can fix; tracebacks for the rest

@@ -13,7 +13,7 @@ from polymodal import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in ("train", "eval", "embed", "index", "search", "serve")])
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in ("train", "eval", "embed", "index", "search", "serve", "data")])
 def test_help_imports_no_torch(argv):
     code = ("import sys, contextlib, io\n"
             "from polymodal.cli import main\n"
@@ -32,6 +32,14 @@ def test_every_command_has_working_help(command, capsys):
         cli.main([command, "--help"])
     assert done.value.code == 0
     assert "usage: polymodal " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(cli._data_commands()))
+def test_every_data_command_has_working_help(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["data", name, "--help"])
+    assert done.value.code == 0
+    assert "usage: polymodal data " + name in capsys.readouterr().out
 
 
 def test_recipe_show_lists_keys_values_types_and_docs(capsys):
