@@ -39,8 +39,8 @@ import torch
 
 from polymodal.data.manifests import (
     BAD_RECORD_POLICIES,
-    MAX_EXAMPLES_PER_REASON,
     SKIP_HINT,
+    Manifest,
     ManifestError,
     read_manifest,
 )
@@ -771,7 +771,9 @@ def write_frame_shards(
     if (old or os.path.exists(os.path.join(out_dir, INDEX_NAME))) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds shards; pass overwrite=True (--overwrite) to replace them")
 
-    skipped, examples = Counter(manifest.skipped), {k: list(v) for k, v in manifest.skipped_examples.items()}
+    # The manifest's own skips plus the videos that fail to decode, counted into copies (the manifest stays as read).
+    notes = Manifest(manifest.path, skipped=Counter(manifest.skipped),
+                     skipped_examples={k: list(v) for k, v in manifest.skipped_examples.items()})
     writer = _ShardWriter(out_dir, shard_size, max_shard_bytes)
     meta = {"strategy": strategy, "num_frames": num_frames, "format": image_format}
     try:
@@ -783,10 +785,7 @@ def write_frame_shards(
                 if on_bad_record == "error":
                     raise ManifestError(f"{where}: video '{record['video']}': {e}; "
                                         f"{SKIP_HINT} (--on-bad-record skip)") from e
-                skipped[e.reason] += 1
-                kept = examples.setdefault(e.reason, [])
-                if len(kept) < MAX_EXAMPLES_PER_REASON:
-                    kept.append(f"{manifest.path}:{record.get('_line', '?')}: {e}")
+                notes.note_skip(e.reason, f"{manifest.path}:{record.get('_line', '?')}: {e}")
                 continue
             writer.add(_sample_members(clip, record, f"{i:09d}", image_format, quality, meta))
         writer.close()
@@ -798,7 +797,7 @@ def write_frame_shards(
             os.unlink(path)
     index = {"manifest": manifest.path, "num_samples": sum(writer.counts),
              "shards": [{"name": os.path.basename(p), "count": c} for p, c in zip(writer.written, writer.counts)],
-             "frames": meta, "skipped": dict(skipped), "skipped_examples": examples}
+             "frames": meta, "skipped": dict(notes.skipped), "skipped_examples": notes.skipped_examples}
     with atomic_open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, ensure_ascii=False)
     return {**index, "paths": writer.written}
