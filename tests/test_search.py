@@ -454,6 +454,65 @@ def test_api_empty_index(model, tmp_path):
     assert c.get("/similar/0").status_code == 404 and c.get("/media/0").status_code == 404
 
 
+def test_api_follows_index_add_and_refuses_ids_of_an_older_version(world, model, tmp_path):
+    from fastapi.testclient import TestClient
+    from polymodal.search.server import create_app
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(photo(world, i + 1), folder / f"a{i}.png")
+    build_index(model, folder, tmp_path / "idx", progress=False)
+    c = TestClient(create_app(tmp_path / "idx", model=model))
+    health = c.get("/healthz").json()
+    assert (health["count"], health["generation"], health["reload_error"]) == (3, 0, None)
+    first = c.get("/search", params={"q": "a shape", "k": 3}).json()
+    assert first["generation"] == 0
+    assert c.get("/media/0", params={"g": 0}).status_code == 200
+
+    shutil.copy(photo(world, 6), folder / "new.png")
+    add_to_index(model, tmp_path / "idx", folder, progress=False)             # while the server runs
+    health = c.get("/healthz").json()
+    assert (health["count"], health["generation"]) == (4, 1)
+    hits = c.post("/search?k=1", content=png_bytes(folder / "new.png"), headers={"content-type": "image/png"}).json()
+    assert hits["generation"] == 1 and hits["results"][0]["path"].endswith("new.png")
+    for url in ("/media/0", "/similar/0", "/items/0"):
+        stale = c.get(url, params={"g": 0})
+        assert stale.status_code == 409 and "search again" in stale.json()["error"], url
+        assert c.get(url, params={"g": 1}).status_code == 200, url
+    assert c.get("/media/0").status_code == 200                               # without g: the current version
+
+    torch.manual_seed(3)                                                      # rebuilt with another model: refused
+    build_index(create_model("tiny"), folder, tmp_path / "idx", progress=False)
+    health = c.get("/healthz").json()
+    assert (health["count"], health["generation"]) == (4, 1) and "another model" in health["reload_error"]
+    assert c.get("/search", params={"q": "a shape"}).json()["generation"] == 1   # the old version keeps serving
+    build_index(model, folder, tmp_path / "idx", progress=False)             # the right model again: followed
+    health = c.get("/healthz").json()
+    assert (health["generation"], health["reload_error"]) == (2, None)
+
+
+def test_open_reads_again_when_the_folder_is_swapped_during_the_read(world, model, tmp_path, monkeypatch):
+    import polymodal.search.index as index_module
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for i in range(2):
+        shutil.copy(photo(world, i + 1), folder / f"a{i}.png")
+    build_index(model, folder, tmp_path / "idx", progress=False)
+    shutil.copy(photo(world, 4), folder / "b.png")
+    real, calls = index_module.load_embeddings, []
+
+    def load_then_rewrite(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not calls:                                   # a rewrite lands right after the first read
+            build_index(model, folder, tmp_path / "idx", progress=False)
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(index_module, "load_embeddings", load_then_rewrite)
+    opened = SearchIndex.open(tmp_path / "idx")
+    assert len(calls) == 2 and len(opened) == 3 and opened.stamp == index_module.folder_stamp(tmp_path / "idx")
+
+
 # ----------------------------------------------------------------------------------------------- command line
 def parser_for(add):
     p = argparse.ArgumentParser()

@@ -207,6 +207,16 @@ def _settings_extra(settings: EmbedSettings, data) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- opening
+def folder_stamp(path: str | os.PathLike) -> tuple | None:
+    """What changes whenever an index folder is rewritten (`index add`, a rebuild): the folder's inode (the new
+    folder is swapped in whole) and index.json's inode, mtime and size. None when the folder cannot be read."""
+    try:
+        folder, meta = os.stat(path), os.stat(Path(path) / "index.json")
+    except OSError:
+        return None
+    return folder.st_ino, meta.st_ino, meta.st_mtime_ns, meta.st_size
+
+
 @dataclass
 class SearchIndex:
     """An opened index folder.
@@ -219,6 +229,7 @@ class SearchIndex:
     info: dict
     emb: Embeddings
     faiss_index: object | None
+    stamp: tuple | None = None      # `folder_stamp` of the folder as read
 
     @property
     def items(self) -> list[dict]:
@@ -237,7 +248,11 @@ class SearchIndex:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"index {path} does not exist; build it with `polymodal index build`")
-        emb, info = load_embeddings(path, "index.json")
+        for _ in range(3):      # a rewrite swapped in while reading: read again, so files never mix two versions
+            stamp = folder_stamp(path)
+            emb, info = load_embeddings(path, "index.json")
+            if folder_stamp(path) == stamp:
+                break
         if info.get("format_version", 0) > FORMAT_VERSION:
             raise SearchError(f"{path}: index format {info['format_version']} is newer than this polymodal "
                               f"({FORMAT_VERSION}); upgrade polymodal")
@@ -251,7 +266,7 @@ class SearchIndex:
             else:
                 index = faiss.read_index(str(path / "index.faiss"))
                 _set_search_params(index, params)
-        return cls(path, info, emb, index)
+        return cls(path, info, emb, index, stamp)
 
     def check_model(self, model=None, identity: str | None = None) -> None:
         """Raise IndexModelMismatch unless the model (or its `model_id`) is the one the index was built with."""

@@ -8,8 +8,14 @@ Endpoints (JSON unless noted):
 - `GET /media/{id}?t=SECONDS&full=0|1`: a JPEG thumbnail of item `id` (a video's frame nearest `t`), or with
   `full=1` the file itself. Files are found only through the index's own list, by integer id: no part of a
   request is ever used as a path.
-- `GET /healthz`: status, item count, model; never needs the token.
+- `GET /healthz`: status, item count, model, index generation; never needs the token.
 - `GET /` and `GET /static/{app.js,style.css}`: the page.
+
+The server follows its index folder: when `polymodal index add` (or a rebuild) rewrites it, the next
+request re-opens it (`Searcher.refresh`) and `generation` counts up. Ids are rows of one version, so every
+answer carries its `generation`; `/similar`, `/items` and `/media` given `g=GENERATION` of an older
+version answer 409 (search again) instead of describing another item. A rewrite that cannot be opened, or
+was built with another model, is refused: the old version keeps serving and `/healthz` says why.
 
 Limits (upload bytes, query characters, k) answer 413 / 400 with a message naming the limit. With a
 `token`, every endpoint but `/healthz` and the page's own files needs `Authorization: Bearer TOKEN`.
@@ -66,12 +72,12 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
     from .index import SearchIndex
     from .query import Searcher
 
-    index = SearchIndex.open(index_dir)
+    opened = SearchIndex.open(index_dir)       # requests read the searcher's current version, never this one
     if model is None:
-        model = index.info.get("model")
+        model = opened.info.get("model")
         if not model:
             raise FileNotFoundError(f"{index_dir}: the index does not record its model; pass the model explicitly")
-    searcher = Searcher(index, _load(model))
+    searcher = Searcher(opened, _load(model))
     app = FastAPI(title="polymodal search", docs_url=None, redoc_url=None, openapi_url=None)
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
               "default_k": default_k}
@@ -96,14 +102,24 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
             raise HTTPException(400, f"k must be between 1 and {max_k}, got {value}")
         return value
 
-    def parse_id(item_id: str) -> int:
+    def version(g: str | None = None):
+        """(index, generation) for this request, after following a rewritten index folder; with `g` (the
+        generation an earlier answer carried) the ids must still mean the same items."""
+        searcher.refresh()
+        index, generation = searcher.snapshot()
+        if g not in (None, "") and g != str(generation):
+            raise HTTPException(409, f"the index changed since that result was listed (generation {g[:20]}, now "
+                                     f"{generation}); search again")
+        return index, generation
+
+    def parse_id(item_id: str, index) -> int:
         if not item_id.isdigit() or not 0 <= int(item_id) < len(index):
             raise HTTPException(404, f"no item with id {item_id[:40]!r}; ids are integers 0..{len(index) - 1}")
         return int(item_id)
 
-    def answer(hits: list[dict], start: float, **extra) -> dict:
+    def answer(hits: list[dict], start: float, generation: int, **extra) -> dict:
         return {**extra, "count": len(hits), "took_ms": round(1000 * (time.perf_counter() - start), 2),
-                "results": hits}
+                "generation": generation, "results": hits}
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):      # {"error": message} for every 4xx, the router's own 404s included
@@ -111,9 +127,11 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
 
     @app.get("/healthz")
     def healthz():
+        index, generation = version()
         return {"status": "ok", "count": len(index), "model": index.info.get("model"),
                 "model_id": index.info.get("model_id"), "index": index.info.get("index", {}).get("kind"),
-                "dim": index.emb.dim, "limits": limits, "token_required": token is not None}
+                "dim": index.emb.dim, "generation": generation, "reload_error": searcher.reload_error,
+                "limits": limits, "token_required": token is not None}
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -129,16 +147,18 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
     @app.get("/search", dependencies=[Depends(authorize)])
     def search_text(q: str | None = None, k: str | None = None):
         start = time.perf_counter()
+        index, generation = version()
         if q is None or not q.strip():
             raise HTTPException(400, "give a query: /search?q=a+red+car (or POST an image to /search)")
         if len(q) > max_query_chars:
             raise HTTPException(413, f"query is {len(q)} characters; the limit is {max_query_chars}")
-        return answer(searcher.text(q, parse_k(k)), start, query=q)
+        return answer(searcher.text(q, parse_k(k), index=index), start, generation, query=q)
 
     @app.post("/search", dependencies=[Depends(authorize)])
     async def search_image(request: Request, k: str | None = None):
         start = time.perf_counter()
         n = parse_k(k)
+        index, generation = version()
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_upload_bytes + 4096:
             raise HTTPException(413, f"upload is {int(declared)} bytes; the limit is {max_upload_bytes} bytes")
@@ -167,26 +187,32 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         except ImageError as e:
             raise HTTPException(415, f"{e}; upload a JPEG, PNG, WebP or other image Pillow reads") from None
         from starlette.concurrency import run_in_threadpool
-        hits = await run_in_threadpool(searcher.image, image, n)
-        return answer(hits, start, query={"image": len(data)})
+        hits = await run_in_threadpool(searcher.image, image, n, index)
+        return answer(hits, start, generation, query={"image": len(data)})
 
     @app.get("/similar/{item_id}", dependencies=[Depends(authorize)])
-    def similar(item_id: str, k: str | None = None):
+    def similar(item_id: str, k: str | None = None, g: str | None = None):
         start = time.perf_counter()
-        row = parse_id(item_id)
-        return answer(searcher.similar(row, parse_k(k)), start, query={"id": row})
+        index, generation = version(g)
+        row = parse_id(item_id, index)
+        return answer(searcher.similar(row, parse_k(k), index=index), start, generation, query={"id": row})
 
     @app.get("/items/{item_id}", dependencies=[Depends(authorize)])
-    def item(item_id: str):
-        row = parse_id(item_id)
+    def item(item_id: str, g: str | None = None):
+        index, generation = version(g)
+        row = parse_id(item_id, index)
         it = index.items[row]
-        return {"id": row, **{key: it.get(key) for key in ("kind", "path", "caption", "size")}}
+        return {"id": row, "generation": generation, **{key: it.get(key) for key in ("kind", "path", "caption", "size")}}
 
     @lru_cache(maxsize=512)
-    def thumbnail(row: int, t: float | None) -> bytes:
+    def thumbnail(generation: int, row: int, t: float | None) -> bytes:
+        """JPEG bytes of item `row` of the index version `generation` (cached per version)."""
         from PIL import Image
 
         from ..data.images import load_image
+        index, current = searcher.snapshot()
+        if current != generation:                        # re-opened since the request looked: its ids are gone
+            raise HTTPException(409, "the index changed during the request; search again")
         it = index.items[row]
         if it["kind"] == "video":
             image = Image.fromarray(_video_frame(it, t, int(index.info.get("num_frames", 8))))
@@ -198,8 +224,9 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         return buf.getvalue()
 
     @app.get("/media/{item_id}", dependencies=[Depends(authorize)])
-    def media(item_id: str, t: float | None = None, full: int = 0):
-        row = parse_id(item_id)
+    def media(item_id: str, t: float | None = None, full: int = 0, g: str | None = None):
+        index, generation = version(g)
+        row = parse_id(item_id, index)
         it = index.items[row]
         if it["kind"] == "text":
             raise HTTPException(404, f"item {row} is a text; it has no media")
@@ -210,7 +237,7 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         from ..data.images import ImageError
         from ..data.video import VideoError
         try:
-            data = thumbnail(row, None if t is None else round(float(t), 3))
+            data = thumbnail(generation, row, None if t is None else round(float(t), 3))
         except (ImageError, VideoError, OSError) as e:
             raise HTTPException(410, f"item {row} cannot be read any more ({e})") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

@@ -41,9 +41,11 @@
     return body;
   }
 
-  function mediaUrl(hit) {
-    let url = "/media/" + hit.id;
-    if (hit.time !== undefined && hit.time !== null) url += "?t=" + hit.time.toFixed(3);
+  // Ids are rows of one version of the index; `g` (the answer's generation) makes the server refuse
+  // them with 409 once the index has been rewritten, instead of showing another item.
+  function mediaUrl(hit, generation) {
+    let url = "/media/" + hit.id + "?g=" + generation;
+    if (hit.time !== undefined && hit.time !== null) url += "&t=" + hit.time.toFixed(3);
     return url;
   }
 
@@ -55,7 +57,7 @@
     } catch (e) { /* the card keeps its caption */ }
   }
 
-  function card(hit, rank) {
+  function card(hit, rank, generation) {
     const li = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
@@ -76,7 +78,7 @@
       const img = document.createElement("img");
       img.alt = hit.caption || hit.name || "";
       img.loading = "lazy";
-      setImage(img, mediaUrl(hit));
+      setImage(img, mediaUrl(hit, generation));
       button.appendChild(img);
     }
     const meta = document.createElement("div");
@@ -96,13 +98,13 @@
       badge.textContent = "video" + when;
       button.appendChild(badge);
     }
-    button.addEventListener("click", () => similar(hit.id, label));
+    button.addEventListener("click", () => similar(hit.id, label, generation));
     li.appendChild(button);
     return li;
   }
 
   function show(body, what) {
-    results.replaceChildren(...body.results.map((hit, i) => card(hit, i + 1)));
+    results.replaceChildren(...body.results.map((hit, i) => card(hit, i + 1, body.generation)));
     setStatus(body.count ? body.count + " results for " + what + " (" + body.took_ms + " ms)" : "No results for " + what);
   }
 
@@ -123,8 +125,8 @@
     }));
   }
 
-  function similar(id, label) {
-    return run("items like " + label, call("/similar/" + id + "?k=" + k()));
+  function similar(id, label, generation) {
+    return run("items like " + label, call("/similar/" + id + "?k=" + k() + "&g=" + generation));
   }
 
   form.addEventListener("submit", (event) => {
