@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,16 @@ def index_dir(world, model, model_dir, tmp_path_factory):
 def photo(world, i):
     """The copy of ShapesWorld image i in photos/ (every third one sits in photos/sub/)."""
     return world / "photos" / ("sub" if i % 3 == 0 else "") / f"img{i:02d}.png"
+
+
+def small_index(world, model, tmp_path, n: int) -> Path:
+    """A folder tmp_path/p of n photos (a0.png ...) indexed into tmp_path/idx; returns the folder."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for i in range(n):
+        shutil.copy(photo(world, i + 1), folder / f"a{i}.png")
+    build_index(model, folder, tmp_path / "idx", progress=False)
+    return folder
 
 
 def independent_image_embeddings(model, paths):
@@ -281,11 +292,7 @@ def test_approximate_indexes_record_recall_against_exact(kind, tmp_path):
 
 def test_index_add_embeds_only_new_and_changed_files(world, model, tmp_path, monkeypatch):
     import polymodal.data.images as images
-    folder = tmp_path / "p"
-    folder.mkdir()
-    for i in range(4):
-        shutil.copy(photo(world, i + 1), folder / f"a{i}.png")
-    build_index(model, folder, tmp_path / "idx", progress=False)
+    folder = small_index(world, model, tmp_path, 4)
     for i in range(2):
         shutil.copy(photo(world, i + 5), folder / f"b{i}.png")
     shutil.copy(photo(world, 7), folder / "a0.png")      # changed content, size and mtime
@@ -457,11 +464,7 @@ def test_api_empty_index(model, tmp_path):
 def test_api_follows_index_add_and_refuses_ids_of_an_older_version(world, model, tmp_path):
     from fastapi.testclient import TestClient
     from polymodal.search.server import create_app
-    folder = tmp_path / "p"
-    folder.mkdir()
-    for i in range(3):
-        shutil.copy(photo(world, i + 1), folder / f"a{i}.png")
-    build_index(model, folder, tmp_path / "idx", progress=False)
+    folder = small_index(world, model, tmp_path, 3)
     c = TestClient(create_app(tmp_path / "idx", model=model))
     health = c.get("/healthz").json()
     assert (health["count"], health["generation"], health["reload_error"]) == (3, 0, None)
@@ -493,11 +496,7 @@ def test_api_follows_index_add_and_refuses_ids_of_an_older_version(world, model,
 
 def test_open_reads_again_when_the_folder_is_swapped_during_the_read(world, model, tmp_path, monkeypatch):
     import polymodal.search.index as index_module
-    folder = tmp_path / "p"
-    folder.mkdir()
-    for i in range(2):
-        shutil.copy(photo(world, i + 1), folder / f"a{i}.png")
-    build_index(model, folder, tmp_path / "idx", progress=False)
+    folder = small_index(world, model, tmp_path, 2)
     shutil.copy(photo(world, 4), folder / "b.png")
     real, calls = index_module.load_embeddings, []
 
