@@ -54,11 +54,21 @@ def _features(out):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def build_models(seed: int = 0):
-    """(ours, hf): ViT-B/32 CLIPs with identical weights."""
+# --arch: "vit-b-32" (transformers' CLIPConfig defaults: ViT-B/32 at 224, 77-token text, quick_gelu) or "toy"
+# (the same layout at width 64, 2 layers: for checking the script, e.g. `gpu_check.sh`'s smoke run).
+ARCHS = {"vit-b-32": ({}, {}),
+         "toy": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
+                 {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "image_size": 64, "patch_size": 32})}
+
+
+def build_models(seed: int = 0, arch: str = "vit-b-32"):
+    """(ours, hf): CLIPs of architecture `arch` (see ARCHS) with identical weights."""
     import transformers
     torch.manual_seed(seed)
-    hf = transformers.CLIPModel(transformers.CLIPConfig())      # defaults are ViT-B/32, quick_gelu
+    text, vision = ARCHS[arch]
+    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                        projection_dim=64 if text else 512))
     cfg = build_config(config_from_hf(hf.config.to_dict()))
     ours = CLIP(cfg)
     load_state_strict(ours, convert_state_dict(hf.state_dict()), "in-memory HF CLIPModel")
@@ -249,7 +259,7 @@ def first_step_memory(which: str, scenario: str, args) -> float:
     resident, so in this process later steps would show no rise on CPU)."""
     import subprocess
     cmd = [sys.executable, __file__, "--memory-of", which, "--scenarios", scenario, "--batch", str(args.batch),
-           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision,
+           "--arch", args.arch, "--threads", str(args.threads), "--device", args.device, "--precision", args.precision,
            "--optimizer", args.optimizer] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     try:
@@ -301,6 +311,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype for both models")
     ap.add_argument("--compile", action="store_true", help="our forward through torch.compile (HF stays eager)")
+    ap.add_argument("--arch", choices=list(ARCHS), default="vit-b-32",
+                    help="vit-b-32, or toy (width 64, 2 layers) to check the script quickly")
     ap.add_argument("--profile", action="store_true",
                     help="profile one more step per model (CPU): matmul share of the step and the slowest shapes")
     ap.add_argument("--memory-of", choices=["ours", "hf"], help=argparse.SUPPRESS)   # child: one step, print MB
@@ -311,10 +323,11 @@ def main(argv=None) -> dict:
 
     t_start = time.perf_counter()
     device = torch.device(args.device)
-    ours, hf = build_models()
+    ours, hf = build_models(arch=args.arch)
     ours.to(device).train(), hf.to(device).train()
     g = torch.Generator().manual_seed(1)
-    pixels = torch.randn(args.batch, 3, 224, 224, generator=g).to(device)
+    size = hf.config.vision_config.image_size
+    pixels = torch.randn(args.batch, 3, size, size, generator=g).to(device)
     if args.memory_of:
         ids = text_batch(args.batch, args.scenarios.split(",")[0], g).to(device)
         model, fn = (ours, CompiledEmbed(ours, ours_embed) if args.compile else ours_embed) \
@@ -335,7 +348,7 @@ def main(argv=None) -> dict:
         r["roofline_step_s"] = r["train_step_flops"] / peak
         r["roofline_ratio_over_hf"] = r["roofline_step_s"] / r["train_step_s"]["hf"]
     res = {
-        "config": "ViT-B/32 (image 224, text 77)", "batch": args.batch, "precision": args.precision,
+        "config": f"{args.arch} (image {size}, text 77)", "batch": args.batch, "precision": args.precision,
         "device": str(device), "compile": args.compile,
         "threads": args.threads, "optimizer": f"AdamW ({args.optimizer})", "allocator_tuned": tuned,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -347,7 +360,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
 
-    print(f"ViT-B/32 CLIP, batch {args.batch}, {args.precision}, {device} x{args.threads} threads, "
+    print(f"{args.arch} CLIP, batch {args.batch}, {args.precision}, {device} x{args.threads} threads, "
           f"compile: {args.compile}, AdamW {args.optimizer}, "
           f"allocator tuned: {tuned} (torch {torch.__version__}, transformers {res['transformers']})")
     print(f"{'scenario':10}{'':12}{'ours (s)':>9}{'HF (s)':>9}{'ours/HF':>9}{'speedup':>9}{'MFU':>7}  text pos")

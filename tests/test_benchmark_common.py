@@ -1,8 +1,15 @@
-"""The seed helpers of benchmarks/common.py and the pooler re-initialisation of benchmarks/pooler_init.py."""
+"""Benchmark helpers: seeds and verdicts (common.py), pooler re-initialisation, the captioning work count,
+the train-step profile, and the GPU check's own plumbing (its CPU smoke mode)."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_paired_difference_and_verdict(load_benchmark):
@@ -72,3 +79,25 @@ def test_train_step_profile_reports_matmul_shapes_and_share(load_benchmark):
     assert ("aten::mm", (64, 96), (96, 128)) in shapes
     assert ("aten::addmm", (64, 96), (96, 40)) in shapes
     assert all(r["calls"] == 1 and r["gflops"] > 0 for r in prof["shapes"])
+
+
+def test_gpu_check_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
+    """The GPU check has never had a GPU here; its smoke mode runs every step's real command line at toy
+    sizes on the CPU, so a renamed option or JSON key breaks this test instead of the one GPU run."""
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    for row in ("| CUDA tests | ok |", "| train step fp32 | ok |", "| retrieval 100k x 500k | ok |",
+                "| captioning (KV cache) | ok |", "| precision fp32 vs bf16 | ok |",
+                "| train step fp32, full text (batch 2) | ours", "| retrieval 300 x 1500 (ours on cpu) |",
+                "| captions/s ours greedy (batch 2, 3 tokens) |", "| captions/s GPT-2 generate | cached",
+                "| CLIP small step fp32 / bf16 |"):
+        assert row in done.stdout, row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_script_refuses_without_cuda(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA device" in done.stderr
