@@ -362,3 +362,15 @@ def test_attention_remasking_replaces_the_collate_masks_in_training(world, parts
     assert torch.equal(seen["ids"][:: B + 1], want)           # the diagonal (matched) pairs carry the re-masked ids
     assert not torch.equal(want, batch["masked_ids"][:, :ids.shape[1]])
     assert ((want == tok.mask_id).sum(1) >= 1).all() and IGNORE_INDEX == -100
+
+
+def test_snps3_refuses_a_gather_mode_its_mil_nce_blocks_cannot_do(world, tmp_path, monkeypatch):
+    import polymodal.methods
+    from polymodal.config import ConfigError
+    from polymodal.methods.snps3 import SNPS3Method
+    from polymodal.train.run import load_recipe
+    monkeypatch.setitem(polymodal.methods.METHODS, "snps3", SNPS3Method)
+    with pytest.raises(ConfigError, match="loss.gather: SNP-S3's in-batch MIL-NCE losses support local or "
+                                          "global_with_grad"):
+        load_recipe(None, ["method=snps3", f"out_dir={tmp_path}/run", f"data.train={world}/train.jsonl",
+                           "tokenizer.kind=wordpiece", "loss.gather=grouped"])

@@ -1,5 +1,5 @@
-"""SHE-Net's and Mug's losses over the global batch under DDP, and SNP-S3's MoCo queue filled from every rank: two gloo ranks against one process on the
-whole batch.
+"""SHE-Net's, Mug's and SNP-S3's in-batch MIL-NCE losses over the global batch under DDP, and SNP-S3's MoCo queue
+filled from every rank: two gloo ranks against one process on the whole batch.
 
 Rank r holds rows [r*B, (r+1)*B) of every feature; the ranks' node counts and text lengths differ (rank 1 has
 one node of each kind and one token fewer), so the gathers must pad. After backward the parameter gradients
@@ -15,6 +15,7 @@ from torch import nn
 from polymodal.losses.matching import KeyQueue
 from polymodal.methods.m2raap import mug_block_loss
 from polymodal.methods.shenet import shenet_loss
+from polymodal.methods.snps3 import clip_contrast_losses
 from polymodal.models.hierarchy import HierarchyConfig, TextFeatures, VideoFeatures, hierarchical_infonce, \
     hierarchical_similarity
 from polymodal.models.video_heads import mug_loss, mug_similarity
@@ -22,6 +23,7 @@ from polymodal.train import distributed as train_dist
 
 W, B, E, T, P, K, L = 2, 3, 4, 3, 2, 3, 4
 MUG_TAU, MUG_TEMPERATURE = 5.0, 0.1
+SNPS3_TEMPERATURE = 0.3
 CFG = HierarchyConfig(verb_weight=0.7, noun_weight=1.1, adj_weight=0.5, tau=0.2, noun_frames="verb")
 TIMEOUT_S = 90
 
@@ -44,6 +46,12 @@ class FeatureNet(nn.Module):
         video = VideoFeatures(f("video", data["video"][rows]), f("frames", data["frames"][rows]),
                               f("patches", data["patches"][rows]), data["frame_valid"][rows])
         return text, video, self.log_scale.exp()
+
+    def clip_inputs(self, data: dict, rows: slice) -> tuple:
+        """(clips, valid, text, words) for SNP-S3's MIL-NCE losses: frames as clips, tokens as words."""
+        f = lambda k, x: F.normalize(self.maps[k](x), dim=-1)
+        return (f("frames", data["frames"][rows]), data["frame_valid"][rows], f("sentence", data["sentence"][rows]),
+                self.maps["tokens"](data["tokens"][rows]))
 
     def mug_inputs(self, data: dict, rows: slice, length: int) -> tuple:
         """(tokens, mask, frames, valid) for the Mug head."""
@@ -105,6 +113,17 @@ def _worker(rank, init_file, out_dir):
                 dist.all_reduce(g, op=dist.ReduceOp.SUM)
                 grads[name] = g / W
             results[f"mug/{gather}"] = {"loss": mug.detach(), "grads": grads}
+        for gather in ("global_with_grad", "local"):
+            net.zero_grad(set_to_none=True)
+            clips, valid, text, words = net.clip_inputs(data, slice(rank * B, (rank + 1) * B))
+            losses = clip_contrast_losses(clips, valid, SNPS3_TEMPERATURE, text, words, gather)
+            sum(losses.values()).backward()
+            grads = {}
+            for name, p in net.named_parameters():
+                g = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                grads[name] = g / W
+            results[f"snps3/{gather}"] = {"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads}
         queue = KeyQueue(8, E).double()
         queue.enqueue_from_all_ranks(torch.full((B, E), float(rank + 1), dtype=torch.float64))
         results["queue"] = {"keys": queue.keys.clone(), "ptr": queue.ptr.clone(), "filled": queue.filled.clone()}
@@ -186,3 +205,52 @@ def test_moco_queue_holds_every_ranks_keys_in_rank_order(ranks):
         assert int(q["filled"]) == W * B and int(q["ptr"]) == W * B
         want = torch.cat([torch.full((B, E), float(k + 1), dtype=torch.float64) for k in range(W)])
         torch.testing.assert_close(q["keys"][:W * B], want)
+
+
+def _snps3_reference(parts):
+    """SNP-S3's level-1 and LVWM MIL-NCE of one process: on the whole batch, or averaged over `parts`."""
+    state, data = _setup()
+    net = FeatureNet().double()
+    net.load_state_dict(state)
+
+    def part_losses(rows: slice) -> dict:
+        clips, valid, text, words = net.clip_inputs(data, rows)
+        return clip_contrast_losses(clips, valid, SNPS3_TEMPERATURE, text, words, gather="local")
+
+    per_part = [part_losses(p) for p in parts]
+    losses = {k: sum(d[k] for d in per_part) / len(parts) for k in per_part[0]}
+    sum(losses.values()).backward()
+    return ({k: v.detach() for k, v in losses.items()},
+            {n: p.grad.detach() for n, p in net.named_parameters() if p.grad is not None})
+
+
+def test_snps3_mil_nce_global_batch_losses_and_grads_equal_one_process_on_the_whole_batch(ranks):
+    want_losses, want_grads = _snps3_reference([slice(0, W * B)])
+    assert set(want_losses) == {"level1", "lvwm"}
+    for name, want in want_losses.items():
+        got = torch.stack([r["snps3/global_with_grad"]["losses"][name] for r in ranks]).mean()
+        torch.testing.assert_close(got, want, msg=name)
+    for r in ranks:
+        for name, g in want_grads.items():
+            torch.testing.assert_close(r["snps3/global_with_grad"]["grads"][name], g, msg=name)
+
+
+def test_snps3_mil_nce_local_gather_is_the_mean_of_per_rank_losses(ranks):
+    want_losses, want_grads = _snps3_reference([slice(k * B, (k + 1) * B) for k in range(W)])
+    for name, want in want_losses.items():
+        torch.testing.assert_close(torch.stack([r["snps3/local"]["losses"][name] for r in ranks]).mean(), want)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(ranks[0]["snps3/local"]["grads"][name], g, msg=name)
+
+
+def test_mil_nce_blocks_in_one_process_is_mil_nce():
+    from polymodal.losses.matching import mil_nce, mil_nce_blocks
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(4, 4, 3, generator=g)
+    valid = torch.rand(4, 3, generator=g) > 0.3
+    valid[:, 0] = True
+    torch.testing.assert_close(mil_nce_blocks(scores, scores, 0, valid, valid), mil_nce(scores, valid))
+    # the blocks of rows 2..3 of the square scores give those pairs' share of the loss
+    half = mil_nce_blocks(scores[2:], scores[:, 2:], 2, valid, valid[2:])
+    torch.testing.assert_close((mil_nce_blocks(scores[:2], scores[:, :2], 0, valid, valid[:2]) + half) / 2,
+                               mil_nce(scores, valid))

@@ -42,10 +42,13 @@ from polymodal.distributed import (
     make_contiguous_groups,
 )
 
-__all__ = ["GATHER_MODES", "LOSS_KINDS", "LossConfig", "build_contrastive_loss", "ContrastiveObjective", "clip_loss",
+__all__ = ["GATHER_MODES", "BLOCK_GATHER_MODES", "LOSS_KINDS", "LossConfig", "build_contrastive_loss", "ContrastiveObjective", "clip_loss",
            "siglip_loss", "block_infonce", "ContrastiveLoss", "SigLipLoss"]
 
 GATHER_MODES = ("local", "global", "global_with_grad", "grouped")
+# What losses scored in blocks (`block_infonce`, `matching.mil_nce_blocks`) support: each rank's own batch, or
+# the global batch with gradient (the blocks need both sides' features from every rank).
+BLOCK_GATHER_MODES = ("local", "global_with_grad")
 LOSS_KINDS = ("infonce", "siglip")
 
 

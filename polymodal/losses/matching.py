@@ -30,14 +30,41 @@ def mil_nce(scores: Tensor, valid: Tensor | None = None) -> Tensor:
     B, B2, C = scores.shape
     if B != B2:
         raise ValueError(f"mil_nce: scores must be (B, B, C), got {tuple(scores.shape)}")
-    if valid is not None:
-        scores = scores.masked_fill(~valid[None, :, :].bool(), float("-inf"))        # (B, B, C)
-    idx = torch.arange(B, device=scores.device)
-    pos = torch.logsumexp(scores[idx, idx], dim=-1)                                 # (B,)
-    rows = scores.reshape(B, B * C)                                                 # text i vs all videos
-    cols = scores.transpose(0, 1).reshape(B, B * C)                                 # all texts vs video i
-    denom = torch.logsumexp(torch.cat([rows, cols], dim=1), dim=-1)                 # (B,)
-    return (denom - pos).mean()
+    return mil_nce_blocks(scores, scores, 0, valid, valid)
+
+
+def mil_nce_blocks(rows: Tensor, cols: Tensor, offset: int, valid_rows: Tensor | None = None,
+                   valid_cols: Tensor | None = None) -> Tensor:
+    """MIL-NCE of one rank's share of a global batch, from the two blocks of scores it needs.
+
+    Pair i (global index `offset + i`): the positives are text i's scores with the candidates of video i,
+    the negatives every candidate of every video against text i and every text against video i's candidates.
+    Rank r scores its B texts against the N = W*B gathered videos (`rows`) and the N gathered texts against
+    its B videos (`cols`); the mean over ranks equals `mil_nce` of one process on the whole batch, and so do
+    the gradients when the features were gathered with gradient. In one process `mil_nce(s, v)` is
+    `mil_nce_blocks(s, s, 0, v, v)`.
+
+    Args:
+        rows: (B, N, C) local texts x all videos' candidates.
+        cols: (N, B, C) all texts x the local videos' candidates.
+        offset: global index of this rank's first pair.
+        valid_rows: optional (N, C) bool, the real candidates of all videos.
+        valid_cols: optional (B, C) bool, the real candidates of the local videos.
+    Returns:
+        Scalar mean loss over the B local pairs.
+    """
+    B = rows.shape[0]
+    if rows.shape[1] != cols.shape[0] or cols.shape[1] != B or rows.shape[2] != cols.shape[2]:
+        raise ValueError(f"mil_nce_blocks: rows {tuple(rows.shape)} and cols {tuple(cols.shape)} are not "
+                         f"(B, N, C) and (N, B, C)")
+    if valid_rows is not None:
+        rows = rows.masked_fill(~valid_rows[None].bool(), float("-inf"))           # (B, N, C)
+    if valid_cols is not None:
+        cols = cols.masked_fill(~valid_cols[None].bool(), float("-inf"))           # (N, B, C)
+    idx = torch.arange(B, device=rows.device)
+    pos = torch.logsumexp(rows[idx, offset + idx], dim=-1)                          # (B,)
+    negatives = torch.cat([rows.reshape(B, -1), cols.transpose(0, 1).reshape(B, -1)], dim=1)   # (B, 2*N*C)
+    return (torch.logsumexp(negatives, dim=-1) - pos).mean()
 
 
 def itm_loss(logits_pos: Tensor, logits_neg: Tensor) -> Tensor:
@@ -116,7 +143,7 @@ def momentum_update(target: nn.Module, source: nn.Module, momentum: float) -> No
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
 
-__all__ = ["mil_nce", "itm_loss", "moco_loss", "KeyQueue", "momentum_update"]
+__all__ = ["mil_nce", "mil_nce_blocks", "itm_loss", "moco_loss", "KeyQueue", "momentum_update"]
 
 
 def lvwm_scores(words: Tensor, clips: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..data.manifests import all_captions
 from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
-from ..losses.contrastive import block_infonce
+from ..losses.contrastive import BLOCK_GATHER_MODES, block_infonce
 from ..models.base import ConfigDict
 from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, encode_text_features,
                                 encode_video_features, hierarchical_infonce, hierarchical_similarity)
@@ -102,7 +102,6 @@ class NodeCollate:
 # ---------------------------------------------------------------------------------------------------
 NODE_KEYS = ("verb_tokens", "verb_mask", "noun_tokens", "noun_mask", "noun_head", "adj_tokens", "adj_mask",
              "adj_head")
-GATHER_MODES = ("local", "global_with_grad")
 
 
 def gather_features(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatures, VideoFeatures]:
@@ -203,8 +202,8 @@ class SHENetMethod(VideoCLIPMethod):
         if self.run.loss.kind != "infonce":
             raise ValueError(f"loss.kind: SHE-Net's loss is InfoNCE on the hierarchical similarity, not "
                              f"{self.run.loss.kind!r}")
-        if self.run.loss.gather not in GATHER_MODES:
-            raise ValueError(f"loss.gather: SHE-Net supports {' or '.join(GATHER_MODES)} (the global batch with "
+        if self.run.loss.gather not in BLOCK_GATHER_MODES:
+            raise ValueError(f"loss.gather: SHE-Net supports {' or '.join(BLOCK_GATHER_MODES)} (the global batch with "
                              f"gradient, or each rank's own), not {self.run.loss.gather!r}")
 
     def build_model(self, tokenizer) -> nn.Module:

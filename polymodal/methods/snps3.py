@@ -11,6 +11,8 @@ released code: level 1 and LVWM the unmasked caption, the cross pass (MLM, level
 - level 1: dual-encoder contrast, MoCo (momentum keys, queue negatives only; on by default) or in-batch
   MIL-NCE over clips (`snps3.moco: false`);
 - LVWM: K significant-token states h_k of the text pass, S = logsumexp_k <h_k, v_clip>, MIL-NCE over clips;
+  under DDP the two MIL-NCE losses cover the global batch (`loss.gather: global_with_grad`, the default; see
+  `clip_contrast_losses`), the cross-encoder losses below each rank's own batch;
 - level 2: the score MLP on the cross-pooled output for every text x video pair of the batch, MIL-NCE;
 - ITM: the matched pair against one false caption (another video's caption of the batch);
 - MLM on the cross pass with MSSM (`snps3.masking: mssm`) or plain MLM (`mlm`).
@@ -32,13 +34,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..data.masking import (DEFAULT_STOP_WORDS, IGNORE_INDEX, MaskingRule, batch_rng, load_or_count, mask_batch,
                             masking_rule, remask_by_importance,
                             significant_positions)
 from ..data.text import trim_padding
-from ..losses.matching import KeyQueue, itm_loss, lvwm_scores, mil_nce, moco_loss
+from ..distributed import all_gather_padded, all_gather_with_grad, rank, world_size
+from ..losses.contrastive import BLOCK_GATHER_MODES
+from ..losses.matching import KeyQueue, itm_loss, lvwm_scores, mil_nce, mil_nce_blocks, moco_loss
 from ..data.manifests import all_captions
 from ..models.base import ConfigDict
 from .base import Method
@@ -139,10 +143,10 @@ class SNPS3Task(nn.Module):
     `mlm_significant` (B, L) and `sig_pos` (B, K).
     """
 
-    def __init__(self, model: nn.Module, cfg: SNPS3Config, seed: int = 0):
+    def __init__(self, model: nn.Module, cfg: SNPS3Config, seed: int = 0, gather: str = "global_with_grad"):
         super().__init__()
         from ..models.fusion import MomentumEncoders
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.gather = model, cfg, gather
         self.seed = seed            # the run's seed: which batches are re-masked by attention
         W = model.config.text.width
         if cfg.moco:
@@ -186,14 +190,13 @@ class SNPS3Task(nn.Module):
             if self.training:
                 self.text_queue.enqueue_from_all_ranks(kt)
                 self.video_queue.enqueue_from_all_ranks(kv)
-        else:
-            s1 = torch.einsum("iw,jcw->ijc", tp.feature, vp.clips) / cfg.temperature     # (B, B, n)
-            out["level1"] = mil_nce(s1, vp.valid)
         # LVWM: significant-word states of the unmasked caption against the clips.
+        words = None
         if cfg.lvwm and w["lvwm"] > 0:
             pos = batch["sig_pos"].to(ids.device).clamp(max=L - 1)                        # (B, K)
             words = torch.gather(tp.tokens, 1, pos[..., None].expand(-1, -1, tp.tokens.shape[-1]))  # (B, K, W)
-            out["lvwm"] = mil_nce(lvwm_scores(words, vp.clips), vp.valid)
+        out.update(clip_contrast_losses(vp.clips, vp.valid, cfg.temperature, None if cfg.moco else tp.feature,
+                                        words, self.gather))
         # Cross pass on the masked caption for every text x video pair; MLM and ITM reuse its rows.
         ti = torch.arange(B, device=ids.device).repeat_interleave(B)                       # text of pair i*B+j
         vj = torch.arange(B, device=ids.device).repeat(B)                                  # video of pair i*B+j
@@ -220,6 +223,46 @@ class SNPS3Task(nn.Module):
         return {"loss": loss, **stats}
 
 
+def clip_contrast_losses(clips: Tensor, valid: Tensor, temperature: float, text: Tensor | None = None,
+                         words: Tensor | None = None, gather: str = "global_with_grad") -> dict:
+    """The in-batch MIL-NCE losses over clips: level 1 (with `text`) and LVWM (with `words`).
+
+    With `gather="global_with_grad"` and several ranks, rank r scores its B texts against every rank's clips
+    and every rank's texts against its B videos' clips (`mil_nce_blocks`), the features gathered with
+    gradient: the loss averaged over ranks and the gradients are those of one process on the global batch.
+    `"local"`: each rank's own batch.
+
+    Args:
+        clips: (B, n, W) L2-normalised clip features; valid: (B, n) bool, real clips.
+        temperature: level 1's temperature (LVWM scores are used as they are, as in one process).
+        text: (B, W) L2-normalised sentence features, or None to skip level 1.
+        words: (B, K, W) significant-token states, or None to skip LVWM.
+        gather: "global_with_grad" | "local".
+    Returns:
+        {"level1": loss, "lvwm": loss}, each key present when its input is.
+    """
+    out = {}
+    if gather == "local" or world_size() == 1:
+        if text is not None:
+            out["level1"] = mil_nce(torch.einsum("iw,jcw->ijc", text, clips) / temperature, valid)   # (B, B, n)
+        if words is not None:
+            out["lvwm"] = mil_nce(lvwm_scores(words, clips), valid)
+        return out
+    all_clips = all_gather_with_grad(clips)                                                   # (N, n, W)
+    all_valid = all_gather_padded(valid, 1, False, size=valid.shape[1])                       # n is the same everywhere
+    offset = rank() * len(clips)
+    if text is not None:
+        all_text = all_gather_with_grad(text)                                                 # (N, W)
+        rows = torch.einsum("iw,jcw->ijc", text, all_clips) / temperature                    # (B, N, n)
+        cols = torch.einsum("iw,jcw->ijc", all_text, clips) / temperature                    # (N, B, n)
+        out["level1"] = mil_nce_blocks(rows, cols, offset, all_valid, valid)
+    if words is not None:
+        all_words = all_gather_with_grad(words)                                               # (N, K, W)
+        out["lvwm"] = mil_nce_blocks(lvwm_scores(words, all_clips), lvwm_scores(all_words, clips), offset,
+                                     all_valid, valid)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Method
 # ---------------------------------------------------------------------------------------------------
@@ -244,6 +287,9 @@ class SNPS3Method(Method):
         if not self.run.tokenizer.path and self.run.tokenizer.kind != "wordpiece":
             raise ValueError(f"tokenizer.kind: SNP-S3 needs a BERT-style tokenizer with [MASK]; set "
                              f"tokenizer.kind=wordpiece (got {self.run.tokenizer.kind!r})")
+        if self.run.loss.gather not in BLOCK_GATHER_MODES:
+            raise ValueError(f"loss.gather: SNP-S3's in-batch MIL-NCE losses support {' or '.join(BLOCK_GATHER_MODES)} "
+                             f"(the global batch with gradient, or each rank's own), not {self.run.loss.gather!r}")
         if self.run.data.num_frames % self.cfg.frames_per_clip:
             raise ValueError(f"data.num_frames ({self.run.data.num_frames}) must be a multiple of "
                              f"snps3.frames_per_clip ({self.cfg.frames_per_clip})")
@@ -280,7 +326,7 @@ class SNPS3Method(Method):
                             self.cfg.mask_ratio, self.cfg.lvwm_k, self.run.train.seed)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        return SNPS3Task(model, self.cfg, seed=self.run.train.seed)
+        return SNPS3Task(model, self.cfg, seed=self.run.train.seed, gather=self.run.loss.gather)
 
 
-__all__ = ["SNPS3Config", "SNPS3Method", "SNPS3Task", "SNPS3Collate", "EVAL_TASK"]
+__all__ = ["SNPS3Config", "SNPS3Method", "SNPS3Task", "SNPS3Collate", "clip_contrast_losses", "EVAL_TASK"]
