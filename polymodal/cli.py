@@ -213,7 +213,7 @@ def build_parser(only: str | None = None, data_only: str | None = None) -> argpa
 
 
 def _command_of(argv: list[str], names=None) -> str:
-    """The first word of argv if it is one of `names` (default: the commands), else "": the one whose arguments to build."""
+    """The first word of argv if it is one of `names` (default: the commands), else "": whose arguments to build."""
     for item in argv:
         if not item.startswith("-"):
             return item if item in (COMMANDS if names is None else names) else ""

@@ -42,8 +42,8 @@ from polymodal.distributed import (
     make_contiguous_groups,
 )
 
-__all__ = ["GATHER_MODES", "BLOCK_GATHER_MODES", "LOSS_KINDS", "LossConfig", "build_contrastive_loss", "ContrastiveObjective", "clip_loss",
-           "siglip_loss", "block_infonce", "ContrastiveLoss", "SigLipLoss"]
+__all__ = ["GATHER_MODES", "BLOCK_GATHER_MODES", "LOSS_KINDS", "LossConfig", "build_contrastive_loss",
+           "ContrastiveObjective", "clip_loss", "siglip_loss", "block_infonce", "ContrastiveLoss", "SigLipLoss"]
 
 GATHER_MODES = ("local", "global", "global_with_grad", "grouped")
 # What losses scored in blocks (`block_infonce`, `matching.mil_nce_blocks`) support: each rank's own batch, or

@@ -202,7 +202,8 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         index, generation = version(g)
         row = parse_id(item_id, index)
         it = index.items[row]
-        return {"id": row, "generation": generation, **{key: it.get(key) for key in ("kind", "path", "caption", "size")}}
+        return {"id": row, "generation": generation,
+                **{key: it.get(key) for key in ("kind", "path", "caption", "size")}}
 
     @lru_cache(maxsize=512)
     def thumbnail(generation: int, row: int, t: float | None) -> bytes:
