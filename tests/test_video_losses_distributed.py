@@ -84,6 +84,16 @@ def _setup():
     return FeatureNet().double().state_dict(), data
 
 
+def _rank_mean_grads(named_parameters) -> dict:
+    """Each parameter's gradient averaged over the ranks, as DDP does (zeros where a rank has none)."""
+    grads = {}
+    for name, p in named_parameters:
+        g = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        grads[name] = g / W
+    return grads
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
@@ -97,33 +107,21 @@ def _worker(rank, init_file, out_dir):
             text, video, scale = net(data, slice(rank * B, (rank + 1) * B), K if rank == 0 else K - 1)
             loss, levels = shenet_loss(text, video, CFG, scale, gather)
             loss.backward()
-            grads = {}
-            for name, p in net.named_parameters():
-                g = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                dist.all_reduce(g, op=dist.ReduceOp.SUM)
-                grads[name] = g / W
-            results[gather] = {"loss": loss.detach(), "grads": grads, "levels": levels}
+            results[gather] = {"loss": loss.detach(), "grads": _rank_mean_grads(net.named_parameters()),
+                               "levels": levels}
             net.zero_grad(set_to_none=True)
             inputs = net.mug_inputs(data, slice(rank * B, (rank + 1) * B), L if rank == 0 else L - 1)
             mug = mug_block_loss(*inputs, MUG_TAU, MUG_TEMPERATURE, gather)
             mug.backward()
-            grads = {}
-            for name, p in net.maps["tokens"].named_parameters(prefix="maps.tokens"):
-                g = p.grad.detach().clone()
-                dist.all_reduce(g, op=dist.ReduceOp.SUM)
-                grads[name] = g / W
-            results[f"mug/{gather}"] = {"loss": mug.detach(), "grads": grads}
+            results[f"mug/{gather}"] = {"loss": mug.detach(),
+                                        "grads": _rank_mean_grads(net.maps["tokens"].named_parameters(prefix="maps.tokens"))}
         for gather in ("global_with_grad", "local"):
             net.zero_grad(set_to_none=True)
             clips, valid, text, words = net.clip_inputs(data, slice(rank * B, (rank + 1) * B))
             losses = clip_contrast_losses(clips, valid, SNPS3_TEMPERATURE, text, words, gather)
             sum(losses.values()).backward()
-            grads = {}
-            for name, p in net.named_parameters():
-                g = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                dist.all_reduce(g, op=dist.ReduceOp.SUM)
-                grads[name] = g / W
-            results[f"snps3/{gather}"] = {"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads}
+            results[f"snps3/{gather}"] = {"losses": {k: v.detach() for k, v in losses.items()},
+                                          "grads": _rank_mean_grads(net.named_parameters())}
         queue = KeyQueue(8, E).double()
         queue.enqueue_from_all_ranks(torch.full((B, E), float(rank + 1), dtype=torch.float64))
         results["queue"] = {"keys": queue.keys.clone(), "ptr": queue.ptr.clone(), "filled": queue.filled.clone()}

@@ -78,7 +78,15 @@ class _BadRecord(Exception):
 
 
 class SkipNotes:
-    """What a reader skipped: for classes with `skipped` (Counter by reason) and `skipped_examples`."""
+    """What a reader skipped: `skipped` (Counter by reason) and `skipped_examples` (reason -> examples).
+
+    A base of the readers' result dataclasses (they declare both fields), and usable alone: `SkipNotes(
+    skipped, examples)` starts from copies of another reader's notes, which stay as they are.
+    """
+
+    def __init__(self, skipped=None, skipped_examples: dict | None = None):
+        self.skipped = Counter(skipped or {})
+        self.skipped_examples = {k: list(v) for k, v in (skipped_examples or {}).items()}
 
     def note_skip(self, reason: str, example: str) -> None:
         """Count one skipped item under `reason`, keeping the first few `"file:line: detail"` examples."""

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import tarfile
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -40,8 +39,8 @@ import torch
 from polymodal.data.manifests import (
     BAD_RECORD_POLICIES,
     SKIP_HINT,
-    Manifest,
     ManifestError,
+    SkipNotes,
     read_manifest,
 )
 from polymodal.data.shards import INDEX_NAME, SHARD_PATTERN, _add_member, _member_size
@@ -771,9 +770,7 @@ def write_frame_shards(
     if (old or os.path.exists(os.path.join(out_dir, INDEX_NAME))) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds shards; pass overwrite=True (--overwrite) to replace them")
 
-    # The manifest's own skips plus the videos that fail to decode, counted into copies (the manifest stays as read).
-    notes = Manifest(manifest.path, skipped=Counter(manifest.skipped),
-                     skipped_examples={k: list(v) for k, v in manifest.skipped_examples.items()})
+    notes = SkipNotes(manifest.skipped, manifest.skipped_examples)   # + the videos that fail to decode
     writer = _ShardWriter(out_dir, shard_size, max_shard_bytes)
     meta = {"strategy": strategy, "num_frames": num_frames, "format": image_format}
     try:

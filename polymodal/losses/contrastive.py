@@ -42,7 +42,7 @@ from polymodal.distributed import (
     make_contiguous_groups,
 )
 
-__all__ = ["GATHER_MODES", "BLOCK_GATHER_MODES", "LOSS_KINDS", "LossConfig", "build_contrastive_loss",
+__all__ = ["GATHER_MODES", "BLOCK_GATHER_MODES", "check_block_gather", "LOSS_KINDS", "LossConfig", "build_contrastive_loss",
            "ContrastiveObjective", "clip_loss", "siglip_loss", "block_infonce", "ContrastiveLoss", "SigLipLoss"]
 
 GATHER_MODES = ("local", "global", "global_with_grad", "grouped")
@@ -50,6 +50,17 @@ GATHER_MODES = ("local", "global", "global_with_grad", "grouped")
 # the global batch with gradient (the blocks need both sides' features from every rank).
 BLOCK_GATHER_MODES = ("local", "global_with_grad")
 LOSS_KINDS = ("infonce", "siglip")
+
+
+def check_block_gather(gather: str, who: str) -> None:
+    """Refuse a `loss.gather` a block-scored loss cannot do; `who` starts the message (e.g. "SHE-Net supports").
+
+    Raises:
+        ValueError naming `loss.gather`, the supported modes and the value given.
+    """
+    if gather not in BLOCK_GATHER_MODES:
+        raise ValueError(f"loss.gather: {who} {' or '.join(BLOCK_GATHER_MODES)} (the global batch with gradient, "
+                         f"or each rank's own), not {gather!r}")
 
 
 @dataclass

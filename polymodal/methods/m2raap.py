@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from ..data.datasets import BadRecords, BuiltSamples, ImageTextCollate
 from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
-from ..losses.contrastive import BLOCK_GATHER_MODES, block_infonce, build_contrastive_loss
+from ..losses.contrastive import block_infonce, build_contrastive_loss, check_block_gather
 from ..models.base import ConfigDict
 from ..models.video_heads import ACG_LEVELS, ACGFusion, mug_loss, mug_similarity, pool_frames, text_token_features
 from .base import image_text_dataset
@@ -463,9 +463,8 @@ class M2RAAPMethod(VideoCLIPMethod):
         if c.similarity == "mug" and self.run.loss.kind != "infonce":
             raise ValueError(f"m2raap.similarity=mug trains with its own cross-entropy (m2raap.mug_temperature); "
                              f"loss.kind={self.run.loss.kind!r} does not apply: set loss.kind=infonce")
-        if c.similarity == "mug" and self.run.loss.gather not in BLOCK_GATHER_MODES:
-            raise ValueError(f"loss.gather: m2raap.similarity=mug supports {' or '.join(BLOCK_GATHER_MODES)}, not "
-                             f"{self.run.loss.gather!r}")
+        if c.similarity == "mug":
+            check_block_gather(self.run.loss.gather, "m2raap.similarity=mug supports")
         if c.frame_shards and self.run.data.langs != ["en"]:
             raise ValueError("m2raap.frame_shards reads only the `caption` captions; set data.langs=[en]")
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..data.manifests import all_captions
 from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
-from ..losses.contrastive import BLOCK_GATHER_MODES, block_infonce
+from ..losses.contrastive import block_infonce, check_block_gather
 from ..models.base import ConfigDict
 from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, encode_text_features,
                                 encode_video_features, hierarchical_infonce, hierarchical_similarity)
@@ -202,9 +202,7 @@ class SHENetMethod(VideoCLIPMethod):
         if self.run.loss.kind != "infonce":
             raise ValueError(f"loss.kind: SHE-Net's loss is InfoNCE on the hierarchical similarity, not "
                              f"{self.run.loss.kind!r}")
-        if self.run.loss.gather not in BLOCK_GATHER_MODES:
-            raise ValueError(f"loss.gather: SHE-Net supports {' or '.join(BLOCK_GATHER_MODES)} (the global batch with "
-                             f"gradient, or each rank's own), not {self.run.loss.gather!r}")
+        check_block_gather(self.run.loss.gather, "SHE-Net supports")
 
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.hierarchy import _check_base

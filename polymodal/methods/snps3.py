@@ -41,7 +41,7 @@ from ..data.masking import (DEFAULT_STOP_WORDS, IGNORE_INDEX, MaskingRule, batch
                             significant_positions)
 from ..data.text import trim_padding
 from ..distributed import all_gather_padded, all_gather_with_grad, rank, world_size
-from ..losses.contrastive import BLOCK_GATHER_MODES
+from ..losses.contrastive import check_block_gather
 from ..losses.matching import KeyQueue, itm_loss, lvwm_scores, mil_nce, mil_nce_blocks, moco_loss
 from ..data.manifests import all_captions
 from ..models.base import ConfigDict
@@ -287,9 +287,7 @@ class SNPS3Method(Method):
         if not self.run.tokenizer.path and self.run.tokenizer.kind != "wordpiece":
             raise ValueError(f"tokenizer.kind: SNP-S3 needs a BERT-style tokenizer with [MASK]; set "
                              f"tokenizer.kind=wordpiece (got {self.run.tokenizer.kind!r})")
-        if self.run.loss.gather not in BLOCK_GATHER_MODES:
-            raise ValueError(f"loss.gather: SNP-S3's in-batch MIL-NCE losses support {' or '.join(BLOCK_GATHER_MODES)} "
-                             f"(the global batch with gradient, or each rank's own), not {self.run.loss.gather!r}")
+        check_block_gather(self.run.loss.gather, "SNP-S3's in-batch MIL-NCE losses support")
         if self.run.data.num_frames % self.cfg.frames_per_clip:
             raise ValueError(f"data.num_frames ({self.run.data.num_frames}) must be a multiple of "
                              f"snps3.frames_per_clip ({self.cfg.frames_per_clip})")
