@@ -56,19 +56,17 @@ def _features(out):
 
 # --arch: "vit-b-32" (transformers' CLIPConfig defaults: ViT-B/32 at 224, 77-token text, quick_gelu) or "toy"
 # (the same layout at width 64, 2 layers: for checking the script, e.g. `gpu_check.sh`'s smoke run).
-ARCHS = {"vit-b-32": ({}, {}),
-         "toy": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
-                 {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "image_size": 64, "patch_size": 32})}
+_TOY_TOWER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+ARCHS = {"vit-b-32": {},                                   # CLIPConfig keyword arguments
+         "toy": {"text_config": _TOY_TOWER, "vision_config": {**_TOY_TOWER, "image_size": 64, "patch_size": 32},
+                 "projection_dim": 64}}
 
 
 def build_models(seed: int = 0, arch: str = "vit-b-32"):
     """(ours, hf): CLIPs of architecture `arch` (see ARCHS) with identical weights."""
     import transformers
     torch.manual_seed(seed)
-    text, vision = ARCHS[arch]
-    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                                        projection_dim=64 if text else 512))
+    hf = transformers.CLIPModel(transformers.CLIPConfig(**ARCHS[arch]))
     cfg = build_config(config_from_hf(hf.config.to_dict()))
     ours = CLIP(cfg)
     load_state_strict(ours, convert_state_dict(hf.state_dict()), "in-memory HF CLIPModel")
