@@ -37,7 +37,7 @@ def _data_commands() -> dict:
                    "decode a video manifest once into webdataset shards of frames",
                    "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "
                    "training never decodes the same video twice."),
-        "filter": ("polymodal.eval.filtering:add_cli_arguments", "polymodal.eval.filtering:main_from_args",
+        "filter": ("polymodal.prepare.filtering:add_cli_arguments", "polymodal.prepare.filtering:main_from_args",
                    "score video-caption pairs with a frozen model and keep the best",
                    "M2-RAAP step 1 (our reconstruction): every pair of a video manifest is scored by a frozen image-text "
                    "model (mean frame embedding vs caption); pairs above --threshold or the top --keep fraction are "
@@ -55,6 +55,10 @@ def _data_commands() -> dict:
                            "gender/age/race; no real people or groups) changes while all else is fixed, with concept "
                            "questions (roles, traits), a training set biased towards some attribute values "
                            "(--bias) and a balanced evaluation set, plus non-social task questions."),
+        "aux-captions": ("polymodal.prepare.aux_captions:add_aux_arguments", "polymodal.prepare.aux_captions:aux_main",
+                         "caption each video of a manifest with a CoCa (M2-RAAP's auxiliary captions)",
+                         "Writes a copy of the manifest whose records carry the captions a captioner gives to N uniformly "
+                         "spread frames of each video, in the field M2-RAAP's ACG reads (m2raap.aux_field)."),
         "shard": ("polymodal.data.shards:add_shard_arguments", "polymodal.data.shards:shard_main",
                   "write a manifest as webdataset tar shards", None),
     }
@@ -92,6 +96,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="video_retrieval: how frames are chosen")
     p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
                    help="error: stop at the first bad record; skip: leave bad records out (counted)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the task, as in a recipe's eval.tasks entry (repeatable), e.g. "
+                        "-o val=data/val.jsonl (scene), -o rerank_top_k=10 (snps3_retrieval)")
     add_device_arguments(p)
     p.add_argument("--out", help="write the metrics here (JSON); default: print only")
 
@@ -250,10 +257,15 @@ def dumps_strict(obj, **kwargs) -> str:
 
 
 def run_eval(args) -> dict:
-    """`polymodal eval`: the eval table's task on a manifest (every path is checked before the model loads)."""
-    from .eval.tasks import EvalSpec, default_classes, evaluate
-    from .hub import load_model
+    """`polymodal eval`: the eval table's task on a manifest (every path is checked before the model loads).
+
+    The model is loaded as saved (`polymodal.load_model`: one loader for every family), so a training run's
+    numbers come back from its `out_dir/model` with the same task options.
+    """
+    from .config import ConfigError, apply_overrides
     from .data.labels import classes_argument
+    from .eval.tasks import EvalSpec, check_model, check_task, default_classes, evaluate, task_options
+    from .hub import load_model
     data = Path(args.data)
     if not (data.is_file() or data.is_dir()):
         raise FileNotFoundError(f"--data: manifest or image folder {data} does not exist")
@@ -262,29 +274,34 @@ def run_eval(args) -> dict:
     specs = [EvalSpec(args.task, str(data), dict(common))]
     if args.task in ("zeroshot", "multilabel"):
         specs[0].options["classes"] = classes
-    if args.task == "scene":           # the scene heads are saved beside the video model
-        specs[0].options["heads"] = args.model
-    if args.task == "video_retrieval":
+    if "num_frames" in task_options(args.task):
         if args.num_frames < 1:
             raise ValueError(f"--num-frames {args.num_frames} must be >= 1")
         specs[0].options.update(num_frames=args.num_frames, strategy=args.strategy)
+    try:
+        extra = apply_overrides({}, args.option)
+    except ConfigError as e:
+        raise ValueError(f"--option: {e}") from None
+    nested = [k for k, v in extra.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(f"--option {nested[0]}.…: task options are flat KEY=VALUE pairs; allowed keys for "
+                         f"{args.task!r}: {', '.join(task_options(args.task))}")
+    specs[0].options.update(extra)
+    check_task(args.task, specs[0].options, where="--option")
     if args.task == "longtext":     # long-text retrieval beside short-caption retrieval and zero-shot
         short = args.short_data or str(data.parent / "test.jsonl")
         specs = ([EvalSpec("retrieval", short, dict(common))] if Path(short).is_file() else []) + specs
         if (not isinstance(classes, str) or Path(classes).is_file()) and Path(short).is_file():
             specs.append(EvalSpec("zeroshot", short, {**common, "classes": classes}))
-    from .eval.tasks import task_options
     if args.batch_size:             # every task that batches takes the size; the others ignore it
         for spec in specs:
             if "batch_size" in task_options(spec.task):
                 spec.options["batch_size"] = args.batch_size
     device = resolve_device(args.device)
-    if args.task == "preference":     # our text reward models and any local HF sequence-classification dir
-        from .models.reward import load_reward_model
-        model = load_reward_model(args.model)
-    else:
-        model = load_model(args.model)
-    if model.tokenizer is None:
+    model = load_model(args.model)
+    for spec in specs:
+        check_model(spec.task, model)
+    if getattr(model, "tokenizer", None) is None:
         raise ValueError(f"{args.model}: the model has no tokenizer files; save it with its tokenizer")
     from .data.languages import warn_if_unseen
     warn_if_unseen(model.tokenizer, args.lang, where=args.model)

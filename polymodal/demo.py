@@ -21,7 +21,7 @@ def ensure_shapes(data_dir: Path, n_train: int, n_test: int, n_val: int, n_hard:
 
 def run_demo(args) -> Path:
     """Run the demo described by the CLI `args`; returns the report path."""
-    from .eval.suite import run_suite
+    from .eval.tasks import run_suite
     from .hub import load_model
     from .run_report import GALLERY_NOTE, write_run_report
     from .eval.html_report import gallery_rows

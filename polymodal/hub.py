@@ -14,7 +14,7 @@ import torch
 from .convert.common import (WRAPPER_PREFIXES, CheckpointError, load_state_strict, read_json,  # noqa: F401
                              read_weights, strip_prefixes)
 from .models.base import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE, save_pretrained  # noqa: F401 (public)
-from .models.factory import attach_processors, build_config, create_model, list_configs
+from .models.factory import build_config, create_model, list_configs
 
 
 def is_polymodal_dir(path: Path) -> bool:
@@ -29,29 +29,41 @@ def is_polymodal_dir(path: Path) -> bool:
     return isinstance(config, dict) and "polymodal_version" in config
 
 
-# Families whose saved config has its own schema (not the towers' `build_config`): model_type -> "module:loader".
-OWN_SCHEMA_LOADERS = {
-    "snps3": "polymodal.models.fusion:load_snps3_model",
-    "text_reward": "polymodal.models.reward:load_reward_model",
-    "mllm": "polymodal.models.mllm:load_mllm",
+# Folders saved before M2-RAAP and scene models were families of their own: a side file -> the function that
+# turns the loaded video model plus the folder's side files into the family's model.
+LEGACY_SIDE_FILES = {
+    "scene_config.json": "polymodal.models.scene:from_legacy_folder",
+    "m2raap.json": "polymodal.models.video_heads:from_legacy_folder",
 }
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
 
 
 def load_pretrained(directory) -> torch.nn.Module:
-    """Load a directory written by `save_pretrained`."""
+    """Load a directory written by `save_pretrained`: the one loader of every model family.
+
+    The config is read strictly (`models.families`: the family's `config_class`; an unknown key or a wrong
+    type names the file and the key), the weights through the strict loader (every key and shape must match),
+    and the processors by one rule: the tokenizer from the folder's tokenizer files, the image transform from
+    `preprocessor_config.json` (else the family's default).
+
+    Args:
+        directory: the folder.
+    Returns:
+        The model in eval mode, exactly as it was saved (wrapping families with their heads and settings).
+    Raises:
+        CheckpointError / ConfigError: a file that cannot be read or does not fit, naming it.
+    """
+    from .models.families import build_model
     directory = Path(directory)
-    config = read_json(directory / CONFIG_FILE)
-    loader = OWN_SCHEMA_LOADERS.get(config.get("model_type")) if isinstance(config, dict) else None
-    if loader is not None:
-        import importlib
-        module, _, name = loader.partition(":")
-        return getattr(importlib.import_module(module), name)(directory).eval()
-    cfg = build_config(config, where=str(directory / CONFIG_FILE))
-    from .models.factory import _families
-    model = _families()[cfg.model_type][1](cfg)
+    path = directory / CONFIG_FILE
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (a model config), got {type(config).__name__}")
+    cfg = build_config(config, where=str(path))
+    model = build_model(cfg)
     load_state_strict(model, read_weights(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE))
     tokenizer = None
-    if any((directory / f).exists() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+    if any((directory / f).exists() for f in TOKENIZER_FILES):
         from .data.text import Tokenizer
         tokenizer = Tokenizer.from_dir(directory)
     transform = None
@@ -65,7 +77,11 @@ def load_pretrained(directory) -> torch.nn.Module:
                 raise
             raise CheckpointError(f"{path}: not a usable preprocessing config ({e}); fix it or delete the file to "
                                   f"use the model's default image transform") from None
-    attach_processors(model, tokenizer, transform)
+    model.attach_processors(tokenizer, transform)
+    for side, loader in LEGACY_SIDE_FILES.items():
+        if (directory / side).is_file():
+            module, _, name = loader.partition(":")
+            model = getattr(importlib.import_module(module), name)(directory, model)
     return model.eval()
 
 

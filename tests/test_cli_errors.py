@@ -78,7 +78,7 @@ def _recipe(tmp_path):
 
 def test_eval_errors_are_one_line(tmp_path, shapes, saved_clip, capsys):
     _one_line_error(*_run(["eval", str(saved_clip), "--task", "captioning", "--data", f"{shapes}/test.jsonl"],
-                          capsys), "not a captioner")
+                          capsys), "needs a model with generate")
     _one_line_error(*_run(["eval", str(saved_clip), "--task", "retrieval", "--data", f"{tmp_path}/nope.jsonl"],
                           capsys), "nope.jsonl")
     empty = tmp_path / "empty.jsonl"

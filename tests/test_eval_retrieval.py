@@ -158,7 +158,8 @@ def test_manifest_retrieval_uses_every_caption_of_each_language(tmp_path):
     from PIL import Image
 
     from polymodal.data.text import train_tokenizer
-    from polymodal.eval.suite import encode_images, encode_texts, retrieval_eval
+    from polymodal.encode import encode_images, encode_texts
+    from polymodal.eval.suite import retrieval_eval
     from polymodal.models.factory import create_model
 
     rng = np.random.default_rng(0)
@@ -193,7 +194,8 @@ def test_skip_mode_leaves_out_unreadable_images_and_decodes_each_file_once(tmp_p
 
     import polymodal.data.images as images
     from polymodal.data.text import train_tokenizer
-    from polymodal.eval.suite import encode_images, encode_manifest_images
+    from polymodal.encode import encode_images
+    from polymodal.eval.suite import encode_manifest_images
     from polymodal.models.factory import create_model
 
     rng = np.random.default_rng(1)

@@ -114,7 +114,7 @@ def test_a_tiny_reward_model_trains_above_chance_through_run_recipe(reward_table
 
 
 def test_hybrid_sampling_resumes_exactly_through_the_trainer(reward_tables, world, tmp_path):
-    from polymodal.models.reward import load_reward_model
+    from polymodal.hub import load_model
     from polymodal.train.run import run_recipe
     common = [f"data.train={world}/conflicting/train.jsonl", "reward.sampling=hybrid", "reward.refresh_every=3",
               f"reward.val={world}/val.jsonl", "train.steps=10", "train.ckpt_every=4", "eval.tasks=[]",
@@ -123,8 +123,8 @@ def test_hybrid_sampling_resumes_exactly_through_the_trainer(reward_tables, worl
     run_recipe(_recipe(tmp_path / "parts", world, *common, "train.stop_after=6"))    # killed after step 6
     assert not (tmp_path / "parts" / "model").exists()
     run_recipe(_recipe(tmp_path / "parts", world, *common))                          # resumes from step 6
-    a = load_reward_model(tmp_path / "whole" / "model").state_dict()
-    b = load_reward_model(tmp_path / "parts" / "model").state_dict()
+    a = load_model(tmp_path / "whole" / "model").state_dict()
+    b = load_model(tmp_path / "parts" / "model").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ckpt = torch.load(sorted((tmp_path / "whole" / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
     state = ckpt["task"]["_extra_state"]

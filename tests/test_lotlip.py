@@ -207,7 +207,7 @@ def test_encoders_agree_with_the_full_tower_forward(causal):
 
 def test_retrieval_and_zeroshot_paths_ignore_corners(tmp_path):
     """The eval suite's text encoders (retrieval texts, zero-shot classifier) use only CLS."""
-    from polymodal.eval.suite import encode_texts
+    from polymodal.encode import encode_texts
     from polymodal.eval.zeroshot import build_classifier
     from polymodal.models.factory import create_model
     tok = _tokenizer()

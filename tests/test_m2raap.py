@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import polymodal.methods
-from polymodal.eval.filtering import CausalLMRewriter, filter_manifest, normalize_caption, select
 from polymodal.data.manifests import read_manifest, write_manifest
 from polymodal.data.text import train_tokenizer
 from polymodal.data.video import read_video
-from polymodal.methods.m2raap import M2RAAPConfig, M2RAAPMethod, M2RAAPTask
+from polymodal.methods.m2raap import M2RAAPMethod, M2RAAPTask
 from polymodal.models.factory import create_model
 from polymodal.models.video import VideoCLIP
-from polymodal.models.video_heads import ACGFusion, mug_loss, mug_similarity, text_token_features
+from polymodal.models.video_heads import ACGFusion, M2RAAPModel, mug_loss, mug_similarity, text_token_features
+from polymodal.prepare.filtering import CausalLMRewriter, filter_manifest, normalize_caption, select
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_text_token_features_hold_the_pooled_embedding_at_eot(clip):
 def test_acg_with_gate_zero_equals_the_plain_video_embedding(clip, kind, level):
     torch.manual_seed(1)
     model = VideoCLIP.from_image_model(clip, {"kind": kind, "stan_layers": 1} if kind == "stan" else {}).eval()
-    task = M2RAAPTask(model, M2RAAPConfig(temporal={"kind": kind}, acg=True, acg_level=level))
+    m2 = M2RAAPModel.from_video_model(model, acg=True, acg_level=level)
     frames, valid = torch.randn(2, 3, 3, 32, 32), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     K = 3 if level == "frame" else 2
     aux = clip.tokenizer(["a red circle"] * (2 * K)).view(2, K, -1)
@@ -179,10 +179,10 @@ def test_acg_with_gate_zero_equals_the_plain_video_embedding(clip, kind, level):
     from polymodal.models.video_heads import pool_frames
     with torch.no_grad():
         plain = model.encode_video(frames, valid)
-        fused = pool_frames(model, task.frame_features(frames, valid, aux, aux_mask), valid)
+        fused = pool_frames(m2, m2.fused_frames(frames, valid, aux, aux_mask), valid)
         assert torch.allclose(fused, plain, atol=1e-6)
-        task.acg.gate.fill_(0.5)
-        moved = pool_frames(model, task.frame_features(frames, valid, aux, aux_mask), valid)
+        m2.acg.gate.fill_(0.5)
+        moved = pool_frames(m2, m2.fused_frames(frames, valid, aux, aux_mask), valid)
     assert not torch.allclose(moved, plain, atol=1e-3)
 
 
@@ -199,7 +199,7 @@ def test_acg_fusion_formula():
 def test_stan_branch_gets_the_lr_multiplier(clip):
     from polymodal.train.loop import param_groups
     model = VideoCLIP.from_image_model(clip, {"kind": "stan", "stan_layers": 1})
-    task = M2RAAPTask(model, M2RAAPConfig(temporal={"kind": "stan", "stan_layers": 1}, acg=True))
+    task = M2RAAPTask(M2RAAPModel.from_video_model(model, acg=True))
     groups = param_groups(task, 0.05, {"temporal.": 10})
     ids = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     names = dict(task.named_parameters())
@@ -208,16 +208,28 @@ def test_stan_branch_gets_the_lr_multiplier(clip):
     assert any("temporal." in n for n in names)
 
 
-def test_m2raap_retrieval_without_heads_equals_the_shared_video_eval(world, clip):
+def test_m2raap_retrieval_without_heads_equals_the_plain_video_model(world, clip):
     from polymodal.eval.video_retrieval import video_retrieval_eval
-    from polymodal.methods.m2raap import m2raap_video_retrieval
     model = VideoCLIP.from_image_model(clip).eval()
     manifest = world / "train.jsonl"
     want = video_retrieval_eval(model, manifest, limit=10, num_frames=2)
-    got = m2raap_video_retrieval(M2RAAPTask(model, M2RAAPConfig()), manifest, limit=10, num_frames=2)
+    got = video_retrieval_eval(M2RAAPModel.from_video_model(model), manifest, limit=10, num_frames=2)
     assert got == pytest.approx(want)
-    mug = m2raap_video_retrieval(M2RAAPTask(model, M2RAAPConfig(similarity="mug")), manifest, limit=10, num_frames=2)
+    mug = video_retrieval_eval(M2RAAPModel.from_video_model(model, similarity="mug"), manifest, limit=10,
+                               num_frames=2)
     assert mug["num_texts"] == want["num_texts"] and 0 <= mug["text_to_video_R@1"] <= 100
+
+
+def test_mug_retrieval_scores_equal_the_full_mug_matrix(world, clip):
+    """The one retrieval loop scores Mug in blocks: its ranks equal those of the whole score matrix."""
+    from polymodal.eval.retrieval import retrieval_metrics
+    from polymodal.eval.video_retrieval import retrieval_features, retrieval_metrics_of
+    model = M2RAAPModel.from_video_model(VideoCLIP.from_image_model(clip), similarity="mug", mug_block=3).eval()
+    feats = retrieval_features(model, world / "train.jsonl", limit=7, num_frames=2)
+    full = mug_similarity(feats.text.tokens, feats.text.mask, feats.video.frames, feats.video.valid, tau=100.0)
+    want = {k.replace("image", "video"): v for k, v in retrieval_metrics(full.T, torch.tensor(feats.owner)).items()}
+    got = retrieval_metrics_of(model, feats, block=2)
+    assert {k: got[k] for k in want} == pytest.approx(want)
 
 
 def test_text_token_features_of_an_m2_encoder_hold_its_cls_embedding():
@@ -251,7 +263,7 @@ def test_frame_shards_give_the_frames_decoded_once(world, clip, tmp_path):
 
 
 def test_a_coca_captioner_writes_aux_captions(world, tmp_path):
-    from polymodal.methods.m2raap import add_aux_captions
+    from polymodal.prepare.aux_captions import add_aux_captions
     texts = [json.loads(line)["caption"] for line in (world / "train.jsonl").read_text().splitlines()]
     torch.manual_seed(0)
     coca = create_model("coca-tiny", tokenizer=train_tokenizer(texts, kind="bpe", vocab_size=200)).eval()
@@ -290,6 +302,6 @@ def test_filter_then_train_the_tiny_recipe_above_chance(world, tmp_path, monkeyp
     assert losses[-1] < losses[0] - 0.1, losses
     assert final["eval/video_retrieval/text_to_video_R@5"] > 17.0, final
     assert final["eval/video_retrieval/num_without_aux"] == 0
-    from polymodal.methods.m2raap import load_m2raap
-    task = load_m2raap(tmp_path / "run" / "model")
-    assert task.acg is not None and task.cfg.similarity == "mug" and float(task.acg.gate.detach().abs().sum()) > 0
+    model = load_model(tmp_path / "run" / "model")
+    assert isinstance(model, M2RAAPModel) and model.config.similarity == "mug"
+    assert float(model.acg.gate.detach().abs().sum()) > 0

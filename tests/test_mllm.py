@@ -8,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 from polymodal.data.text import train_tokenizer  # noqa: E402
-from polymodal.models.mllm import MLLM, create_mllm, load_mllm, mllm_config  # noqa: E402
+from polymodal.hub import load_model  # noqa: E402
+from polymodal.models.mllm import MLLM, create_mllm, mllm_config  # noqa: E402
 
 WORDS = "which role fits the figure leader helper artist how many other objects are there one two three yes no"
 
@@ -108,7 +109,7 @@ def test_save_and_load_round_trip(tok, tmp_path, kind):
     pixels = torch.randn(2, 3, 32, 32)
     before = model.answer_probabilities(pixels, ["which role fits the figure?"] * 2, ["leader", "helper", "artist"])
     model.save_pretrained(tmp_path / "m")
-    loaded = load_mllm(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
     assert isinstance(loaded, MLLM) and loaded.tokenizer is not None
     after = loaded.answer_probabilities(pixels, ["which role fits the figure?"] * 2, ["leader", "helper", "artist"])
     torch.testing.assert_close(after, before)

@@ -9,7 +9,8 @@ import torch
 from polymodal.data.text import train_tokenizer
 from polymodal.eval.preference import pairwise_accuracy
 from polymodal.losses.preference import bradley_terry_loss
-from polymodal.models.reward import HFRewardModel, TextRewardModel, load_reward_model
+from polymodal.hub import load_model
+from polymodal.models.reward import HFRewardModel, TextRewardModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -56,7 +57,7 @@ def test_text_reward_model_keeps_the_end_of_long_texts_and_round_trips(tokenizer
     content = tokenizer.encode(long)
     assert ids[0].tolist() == [tokenizer.bos_id, *content[-6:], tokenizer.eos_id]   # cut from the left
     m.save_pretrained(tmp_path / "rm")
-    back = load_reward_model(tmp_path / "rm")
+    back = load_model(tmp_path / "rm")
     texts = [m.format(p, c) for p, c, _ in _toy_pairs(6)]
     assert torch.equal(back.score(texts), m.eval().score(texts))
 
@@ -98,7 +99,7 @@ def _hf_dir(tmp_path, tokenizer, kind):
 def test_hf_reward_model_trains_saves_and_reloads_in_transformers(tokenizer, tmp_path, kind):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     torch.manual_seed(0)
-    model = load_reward_model(_hf_dir(tmp_path, tokenizer, kind), max_length=64)
+    model = HFRewardModel.from_pretrained(_hf_dir(tmp_path, tokenizer, kind), max_length=64)   # a causal LM + new head
     assert isinstance(model, HFRewardModel) and model.hf.config.num_labels == 1
     assert model.hf.config.pad_token_id == tokenizer.pad_id
     pairs = _toy_pairs()
@@ -118,7 +119,7 @@ def test_hf_reward_model_trains_saves_and_reloads_in_transformers(tokenizer, tmp
         theirs = hf(**enc).logits[:, 0]
     ours = model.score(texts)
     assert torch.allclose(theirs, ours, atol=1e-5), (theirs, ours)
-    assert torch.allclose(load_reward_model(tmp_path / f"{kind}_rm").score(texts), ours, atol=1e-6)
+    assert torch.allclose(load_model(tmp_path / f"{kind}_rm").score(texts), ours, atol=1e-6)   # detected as a reward model
 
 
 class _P:
@@ -127,5 +128,5 @@ class _P:
 
 
 def test_missing_reward_model_folder_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_reward_model(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        load_model(tmp_path / "nothing")

@@ -170,7 +170,8 @@ def world(moving_world):
 def test_scene_recipe_trains_a_two_stream_model_above_chance(world, tmp_path, monkeypatch):
     from polymodal.eval.scene import scene_eval_task
     from polymodal.methods.scene import SceneMethod
-    from polymodal.models.scene import SceneModel, load_scene_model
+    from polymodal.hub import load_model
+    from polymodal.models.scene import SceneModel
     from polymodal.train.run import load_recipe, run_recipe
     monkeypatch.setitem(polymodal.methods.METHODS, "scene", SceneMethod)
     monkeypatch.setitem(polymodal.eval.tasks.TASKS, "scene", polymodal.eval.tasks._lazy("scene", "scene_eval_task"))
@@ -195,7 +196,7 @@ def test_scene_recipe_trains_a_two_stream_model_above_chance(world, tmp_path, mo
     chance = 100 * float(prev[prev > 0].mean())
     assert final["eval/scene/mAP"] > chance + 8, (final, chance)
     assert final["eval/scene/num_videos"] == 48
-    model = load_scene_model(tmp_path / "run" / "model")
+    model = load_model(tmp_path / "run" / "model")
     assert isinstance(model, SceneModel) and model.hierarchy.names == h.names
     again = scene_eval_task(model, str(world / "train.jsonl"), num_frames=2, limit=48)
     assert again["mAP"] == pytest.approx(final["eval/scene/mAP"], abs=1e-4)

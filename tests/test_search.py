@@ -106,7 +106,7 @@ def small_index(world, model, tmp_path, n: int) -> Path:
 
 
 def independent_image_embeddings(model, paths):
-    from polymodal.eval.suite import encode_images
+    from polymodal.encode import encode_images
     return encode_images(model, [str(p) for p in paths], batch_size=3).numpy()
 
 

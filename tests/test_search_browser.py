@@ -164,7 +164,7 @@ def browser(tmp_path_factory):
 
 def expected_first(model, folder, captions):
     """(query, file name ranked first) by brute force, for the caption with the clearest winner."""
-    from polymodal.eval.suite import encode_images, encode_texts
+    from polymodal.encode import encode_images, encode_texts
     paths = sorted(str(p) for p in folder.iterdir())
     images = encode_images(model, paths, batch_size=4).numpy()
     texts = encode_texts(model, captions).numpy()

@@ -5,15 +5,13 @@ import json
 import pytest
 import torch
 
-import polymodal.eval.tasks
 import polymodal.methods
 from polymodal.data.syntax import batch_nodes
 from polymodal.data.text import train_tokenizer
-from polymodal.eval.hierarchy_retrieval import shenet_retrieval_task
 from polymodal.methods.shenet import SHENetMethod
 from polymodal.models.factory import create_model
 from polymodal.models.hierarchy import (HierarchyConfig, attention_hit, encode_text_features, encode_video_features,
-                                        hierarchical_similarity, patch_box_mask, similarity_blocks)
+                                        hierarchical_similarity, patch_box_mask)
 from polymodal.models.video import VideoCLIP
 
 TEXTS = ["a small red circle moves to the left", "a large star becomes larger", "a blue square slides up"]
@@ -80,7 +78,23 @@ def test_all_level_weights_zero_give_the_sentence_similarity(tiny):
         want = tiny.encode_text(ids) @ tiny.encode_video(frames, valid).T  # the plain video-text model
     assert s.verb is None and s.noun is None and s.adj is None
     torch.testing.assert_close(s.total, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(similarity_blocks(text, video, cfg, block=2), want, atol=1e-5, rtol=1e-5)
+
+
+def test_retrieval_in_blocks_equals_metrics_of_the_full_hierarchy_matrix(tiny):
+    """The one retrieval loop scores an SHE-Net model in blocks of rows; its metrics equal the full matrix's."""
+    from polymodal.eval.retrieval import retrieval_metrics
+    from polymodal.eval.video_retrieval import RetrievalFeatures, retrieval_metrics_of
+    from polymodal.models.hierarchy import SHENetModel
+    model = SHENetModel.from_video_model(tiny, verb_weight=0.7, noun_weight=1.3, adj_weight=0.4)
+    text, video, *_ = _features(tiny)
+    video, owner = video[:3], [2, 0, 1]                                    # text i describes video owner[i]
+    feats = RetrievalFeatures([{}] * 3, [], video, TEXTS, owner, text)
+    full = model.similarity(text, video)                                   # (3, 3)
+    want = {k.replace("image", "video"): v for k, v in retrieval_metrics(full.T, torch.tensor(owner)).items()}
+    got = retrieval_metrics_of(model, feats, block=2)
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    pairs = model.similarity(text, video[torch.tensor(owner)], pairs=True)
+    torch.testing.assert_close(pairs, full[torch.arange(3), torch.tensor(owner)])
 
 
 def _loop_score(text, video, cfg, n, m):
@@ -141,7 +155,6 @@ def world(moving_world):
 def test_shenet_recipe_trains_a_tiny_model_above_chance(world, tmp_path, monkeypatch):
     from polymodal.train.run import load_recipe, run_recipe
     monkeypatch.setitem(polymodal.methods.METHODS, "shenet", SHENetMethod)
-    monkeypatch.setitem(polymodal.eval.tasks.TASKS, "shenet_retrieval", shenet_retrieval_task)
     cfg = load_recipe(None, [
         "method=shenet", f"out_dir={tmp_path}/run", "model.name=tiny", f"data.train={world}/train.jsonl",
         "data.batch_size=16", "data.num_frames=4", "train.steps=100", "train.log_every=10", "train.ckpt_every=0",

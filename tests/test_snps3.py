@@ -273,13 +273,10 @@ def test_task_checkpoint_resumes_moco_state_exactly(world, parts):
 
 
 def test_snps3_recipe_trains_a_tiny_model_above_chance(world, tmp_path, monkeypatch):
-    import polymodal.eval.tasks
     import polymodal.methods
-    from polymodal.eval.snps3_retrieval import snps3_retrieval_task
     from polymodal.methods.snps3 import SNPS3Method
     from polymodal.train.run import load_recipe, run_recipe
     monkeypatch.setitem(polymodal.methods.METHODS, "snps3", SNPS3Method)
-    monkeypatch.setitem(polymodal.eval.tasks.TASKS, "snps3_retrieval", snps3_retrieval_task)
     cfg = load_recipe(None, [
         "method=snps3", f"out_dir={tmp_path}/run", f"data.train={world}/train.jsonl", "data.batch_size=16",
         "data.num_frames=2", "train.steps=100", "train.log_every=10", "train.ckpt_every=0", "train.progress=false",
@@ -299,9 +296,17 @@ def test_snps3_recipe_trains_a_tiny_model_above_chance(world, tmp_path, monkeypa
     assert final[p + "text_to_video_R@10"] > 25.0, final
     assert final[p + "masked_acc_significant"] > 10.0, final
     assert final[p + "word_mAP"] > final[p + "word_chance"], final
-    from polymodal.models.fusion import load_snps3_model
-    model = load_snps3_model(tmp_path / "run" / "model")
+    from polymodal.cli import main
+    from polymodal.hub import load_model
+    model = load_model(tmp_path / "run" / "model")
     assert model.config.shared and model.tokenizer.mask_id is not None
+    # The saved model carries its significant words: the CLI reproduces every number of the training eval.
+    out = tmp_path / "again.json"
+    assert main(["eval", str(tmp_path / "run" / "model"), "--task", "snps3_retrieval", "--data",
+                 f"{world}/train.jsonl", "--num-frames", "2", "--limit", "48", "-o", "rerank_top_k=5",
+                 "-o", "max_mask_queries=300", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again == pytest.approx({k[len(p):]: v for k, v in final.items() if k.startswith(p)}, abs=1e-4)
 
 
 def test_attention_importance_matches_explicit_softmax_weights_and_remask_picks_the_top_tokens():

@@ -80,7 +80,7 @@ def test_bad_videos_are_named_or_skipped(world, clip, tmp_path):
         run_task("video_retrieval", clip, str(manifest), num_frames=2)
     with pytest.warns(UserWarning, match="skipped 1 video"):
         out = run_task("video_retrieval", clip, str(manifest), num_frames=2, on_bad_record="skip")
-    assert out["num_videos"] == 3
+    assert out["num_videos"] == 3 and out["num_skipped"] == 1       # the count lands in the JSON too
 
 
 def test_video_clip_recipe_trains_a_tiny_video_model_above_chance(world, tmp_path):

@@ -201,9 +201,7 @@ class SampleBuilder:
         if self.media == "image":
             return {"pixels": self.transform(media)}
         if self.media == "video":
-            from PIL import Image
-            frames = torch.stack([self.transform(Image.fromarray(f.numpy())) for f in media.frames])  # (T, 3, S, S)
-            return {"frames": frames, "frame_valid": media.valid.clone()}
+            return {"frames": media.pixels(self.transform), "frame_valid": media.valid.clone()}   # (T, 3, S, S)
         return {}
 
     def build(self, record: dict, index: int, epoch: int, media: Any = None) -> dict:

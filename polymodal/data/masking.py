@@ -88,14 +88,22 @@ class SignificantWords:
             json.dump(self.to_dict(), f, indent=1, ensure_ascii=False)
 
     @classmethod
+    def from_dict(cls, d: dict, where: str = "significant words") -> "SignificantWords":
+        """A list from its `to_dict` form (`where` names the source in the error)."""
+        try:
+            return cls(list(d["words"]), [int(c) for c in d["counts"]], dict(d.get("lemmas", {})),
+                       dict(d.get("settings", {})))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{where}: not a significant-word list ({type(e).__name__}: {e})") from None
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> "SignificantWords":
         """Read a list written by `save`."""
         try:
             d = json.loads(Path(path).read_text())
-            return cls(list(d["words"]), [int(c) for c in d["counts"]], dict(d.get("lemmas", {})),
-                       dict(d.get("settings", {})))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a significant-word list ({e}); delete it to recount") from e
+        return cls.from_dict(d, f"{path} (delete it to recount)")
 
 
 def count_significant_words(captions: Iterable[str], vocab, top_k: int = 3000,

@@ -115,6 +115,11 @@ class VideoClip:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def pixels(self, transform) -> torch.Tensor:
+        """The frames through an image transform (PIL image -> (3, H, W) tensor): (T, 3, H, W)."""
+        from PIL import Image
+        return torch.stack([transform(Image.fromarray(f.numpy())) for f in self.frames])
+
 
 # ----------------------------------------------------------------------------------------
 # Small pure helpers

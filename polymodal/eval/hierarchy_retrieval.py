@@ -1,69 +1,12 @@
-"""SHE-Net evaluation: video-text retrieval with the hierarchical (syntax-guided) similarity, scored in blocks,
-and the attention-hit rates on the MovingShapes ground truth (the `shenet_retrieval` row of `eval/tasks.py`)."""
+"""SHE-Net evaluation (the `shenet_retrieval` row of `eval/tasks.py`): video-text retrieval with the model's
+hierarchical (syntax-guided) similarity, through the one retrieval loop (`eval.video_retrieval`), plus the
+attention-hit rates on the MovingShapes ground truth."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from ..data.text import trim_padding
-from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, attention_hit, encode_text_features,
-                                encode_video_features, hierarchical_similarity, patch_box_mask)
-
-
-@torch.no_grad()
-def _encode_videos(model, records, num_frames, strategy, batch_size, progress, on_bad_record, where):
-    """Video features of the readable records, their sampled frames' source indices, and the records kept."""
-    from .video_retrieval import clip_batches
-    feats, kept, sources, side = [], [], [], None
-    for idx, frames, valid, clips in clip_batches(model, records, num_frames, strategy, batch_size, progress,
-                                                  on_bad_record, where):
-        f = encode_video_features(model, frames, valid)
-        feats.append(VideoFeatures(f.video.float().cpu(), f.frames.float().cpu(), f.patches.float().cpu(),
-                                   f.valid.cpu()))
-        side = frames.shape[-1]
-        for i, clip in zip(idx, clips):
-            kept.append(records[i])
-            fps = float(records[i].get("fps") or 0)
-            # Which frame of the source video each sampled frame is (the world's ground truth is per source frame).
-            sources.append([int(round(float(t) * fps)) if fps else k for k, t in enumerate(clip.times)])
-    cat = lambda name: torch.cat([getattr(f, name) for f in feats])
-    return VideoFeatures(cat("video"), cat("frames"), cat("patches"), cat("valid")), kept, sources, side
-
-
-@torch.no_grad()
-def encode_text_nodes(model, texts: list[str], parses: dict, batch_size: int = 256, max_nodes: int = 4,
-                      max_tokens: int = 8) -> TextFeatures:
-    """Text features (sentence + nodes) of captions whose parses are in `parses`, `batch_size` at a time."""
-    from ..data.syntax import batch_nodes, readout_shift
-    device = next(model.parameters()).device
-    tok, pad = model.tokenizer, model.config.text.pad_token_id
-    shift = readout_shift(model.config.text)
-    parts = []
-    for s in range(0, len(texts), batch_size):
-        chunk = texts[s:s + batch_size]
-        ids = trim_padding(tok(chunk), pad)
-        nodes = batch_nodes(tok, chunk, [parses[t] for t in chunk], tok.context_length, shift,
-                            {k: max_nodes for k in ("verb", "noun", "adj")}, max_tokens)
-        parts.append(encode_text_features(model, ids.to(device), {k: v.to(device) for k, v in nodes.items()}))
-    return _cat_text(parts)
-
-
-def _cat_text(parts: list[TextFeatures]) -> TextFeatures:
-    """Concatenate text features whose node counts (K) may differ: pad K with invalid nodes."""
-    def pad(x: Tensor, K: int, value) -> Tensor:
-        if x.shape[1] == K:
-            return x
-        shape = list(x.shape)
-        shape[1] = K - x.shape[1]
-        return torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], 1)
-    kinds = parts[0].nodes.keys()
-    Ks = {k: max(p.nodes[k].shape[1] for p in parts) for k in kinds}
-    return TextFeatures(
-        torch.cat([p.sentence.float().cpu() for p in parts]),
-        {k: torch.cat([pad(p.nodes[k].float().cpu(), Ks[k], 0.0) for p in parts]) for k in kinds},
-        {k: torch.cat([pad(p.node_valid[k].cpu(), Ks[k], False) for p in parts]) for k in kinds},
-        {k: torch.cat([pad(p.heads[k].cpu(), Ks[k], -1) for p in parts]) for k in parts[0].heads})
-
+from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, attention_hit,
+                                hierarchical_similarity, patch_box_mask)
 
 
 def hit_rates(model, records: list[dict], sources: list[list[int]], video: VideoFeatures, text: TextFeatures,
@@ -131,57 +74,50 @@ def hit_rates(model, records: list[dict], sources: list[list[int]], video: Video
 
 def shenet_retrieval_task(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
                           on_bad_record: str = "error", num_frames: int = 8, strategy: str = "uniform",
-                          verb_weight: float = 1.0, noun_weight: float = 1.0, adj_weight: float = 0.0,
-                          tau: float = 0.1, noun_frames: str = "verb", block: int = 64, max_nodes: int = 4,
-                          max_node_tokens: int = 8, hits: bool = True) -> dict:
+                          hits: bool = True) -> dict:
     """Video-text retrieval with SHE-Net's hierarchical similarity, plus attention-hit rates (the TASKS row).
 
+    The hierarchy (level weights, temperature, node limits) is the model's own (`SHENetConfig`): the numbers
+    equal `video_retrieval` on the same model, with the hit rates added.
+
     Args:
-        model: a `VideoCLIP` over a CLIP (or a CLIP: frames are mean-pooled).
+        model: an `SHENetModel` (a saved SHE-Net run's `out_dir/model`).
         manifest: video records with captions (`caption` and/or `captions`).
         lang: "en" (spaCy) or "zh" (jieba, no attachments): which captions are parsed and scored.
         limit, progress, on_bad_record, num_frames, strategy: as `video_retrieval`.
         cache: unused (the eval table passes it to every task).
-        verb_weight, noun_weight, adj_weight, tau, noun_frames: the hierarchy (`HierarchyConfig`).
-        block: texts x videos scored at once (memory ~ block^2 * K * T * P floats).
-        max_nodes, max_node_tokens: node limits, as in training.
         hits: also compute the attention-hit rates (records need `action_frames`, `boxes`, `nouns`).
     Returns:
-        `text_to_video_R@{1,5,10}`, `video_to_text_R@{1,5,10}`, `text_to_video_median_rank` (MdR),
-        `text_to_video_mean_rank`, `mean_recall`, `num_videos`, `num_texts`, and the `hit_rates` keys.
+        The `video_retrieval` keys and the `hit_rates` keys.
     """
     from ..data.syntax import ParseCache, cache_path
-    from .retrieval import metrics_from_rows
-    from .suite import captions_by_record, read_records
+    from ..encode import captions_by_record, read_records
+    from ..models.features import concat, to_cpu
+    from ..models.hierarchy import SHENetModel
+    from .video_retrieval import retrieval_features, retrieval_metrics_of
     del cache
-    cfg = HierarchyConfig(verb_weight, noun_weight, adj_weight, tau, noun_frames)
+    if not isinstance(model, SHENetModel):
+        raise ValueError(f"shenet_retrieval: the model is a {type(model).__name__}, not an SHE-Net model (model_type "
+                         f"'shenet', the out_dir/model of a `method: shenet` run); use --task video_retrieval for it")
     key = "caption" if lang == "en" else f"caption_{lang}"
     records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
-    video, records, sources, side = _encode_videos(model, records, num_frames, strategy, 16, progress, on_bad_record,
-                                             str(manifest))
-    texts, owner = captions_by_record(records, key, manifest)
-    own = [r[key] for r in records] if hits else []
-    parses = ParseCache(cache_path(manifest, lang), lang=lang)
-    parses.update(texts + own)
-    text = encode_text_nodes(model, texts, parses.parses, max_nodes=max_nodes, max_tokens=max_node_tokens)
-    Nv, Nt = len(video), len(text)
-    t2v = torch.tensor(owner, dtype=torch.long)
-
-    def video_rows(i0, i1):                                                  # (c, Nt)
-        v = video[i0:i1]
-        return torch.cat([hierarchical_similarity(text[j0:j0 + block], v, cfg).total
-                          for j0 in range(0, Nt, block)], dim=0).T
-
-    with torch.no_grad():
-        pair_scores = torch.cat([hierarchical_similarity(text[j0:j0 + block], video[t2v[j0:j0 + block]], cfg,
-                                                         pairs=True).total[:, 0]
-                                 for j0 in range(0, Nt, block)])                  # (Nt,) text with its video
-        metrics = metrics_from_rows(video_rows, pair_scores, t2v, Nv, (1, 5, 10), block)
-    out = {k.replace("image", "video"): v for k, v in metrics.items()}
-    out.update(num_videos=Nv, num_texts=Nt)
+    parses = ParseCache(cache_path(manifest, lang), lang=lang)      # parsed once per manifest, kept beside it
+    texts, _ = captions_by_record(records, key, manifest)
+    parses.update(texts + ([r[key] for r in records if isinstance(r.get(key), str)] if hits else []))
+    model.parses.update(parses.parses)
+    feats = retrieval_features(model, manifest, key, limit, num_frames, strategy, 16, progress, on_bad_record)
+    out = retrieval_metrics_of(model, feats)
     if hits:
-        own_text = encode_text_nodes(model, own, parses.parses, max_nodes=max_nodes, max_tokens=max_node_tokens)
-        out.update(hit_rates(model, records, sources, video, own_text, [parses.parses[c] for c in own], cfg, side))
+        own = [r[key] for r in feats.records]
+        sources = [_source_frames(r, c) for r, c in zip(feats.records, feats.clips)]
+        own_text = concat([to_cpu(model.text_features(own[s:s + 256])) for s in range(0, len(own), 256)])
+        side = int(model.image_transform.image_size[-1])                  # square, uncropped frames
+        out.update(hit_rates(model, feats.records, sources, feats.video, own_text, [model.parses[c] for c in own],
+                             model.config.hierarchy(), side))
     return out
 
 
+def _source_frames(record: dict, clip) -> list[int]:
+    """Which frame of the source video each sampled frame is (the world's ground truth is per source frame)."""
+    fps = float(record.get("fps") or 0)
+    return [int(round(float(t) * fps)) if fps else k for k, t in enumerate(clip.times)]

@@ -233,7 +233,7 @@ def gallery_rows(model, manifest, caption_key: str = "caption", n_queries: int =
         ranked image): what tells the right image apart.
     """
     from ..data.manifests import read_manifest
-    from .suite import encode_images, encode_texts
+    from ..encode import encode_images, encode_texts
     records = [r for r in read_manifest(manifest).records if r.get(caption_key)][:pool]
     if not records:
         return []

@@ -277,7 +277,8 @@ def multilabel_eval_manifest(model, manifest, classes, lang: str = "en", limit: 
     """
     from ..data.manifests import ManifestError
     from ..models.multilabel import load_adapter
-    from .suite import encode_manifest_images, read_records
+    from ..encode import read_records
+    from .suite import encode_manifest_images
     names, prompt_names = load_label_names(classes, lang)
     if isinstance(adapter, (str, os.PathLike)):
         adapter = load_adapter(adapter)
@@ -392,7 +393,7 @@ def cached_text_embeddings(model, texts: Sequence[str], cache_dir: str | os.Path
     Returns:
         (N, E) float32 tensor on the CPU.
     """
-    from .suite import encode_texts
+    from ..encode import encode_texts
     texts = list(texts)
     path = None
     if cache_dir is not None:

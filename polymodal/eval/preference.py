@@ -75,8 +75,8 @@ def preference_eval_task(model, manifest, limit: int = 0, progress: bool = False
     """
     from ..data.preference import read_preferences
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from ..models.reward import load_reward_model
-        model = load_reward_model(model)
+        from ..hub import load_model
+        model = load_model(model)
     if not hasattr(model, "score_pairs"):
         raise ValueError(f"preference: the model is a {type(model).__name__}, not a reward model "
                          f"(polymodal.models.reward); train one with `method: reward`")

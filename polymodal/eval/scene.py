@@ -1,9 +1,8 @@
 """Multi-label video scene recognition: mAP, micro/macro F1 at a threshold, hit@k, hierarchy consistency.
 
 `scene_eval_task(model, manifest, **options)` is the `scene` row of `eval/tasks.py::TASKS`. The model is a
-`polymodal.models.scene.SceneModel`, or the plain video model `polymodal.load_model` returns for a scene model
-folder together with `heads=<that folder>`. Each record has a `video` and `labels` (names or indices of the
-label hierarchy: `classes`, default ``classes.json`` beside the manifest).
+`polymodal.models.scene.SceneModel` (what `polymodal.load_model` returns for a saved scene model). Each record has a
+`video` and `labels` (names or indices of the model's label hierarchy, or of `classes` when given).
 
 Numbers (percent):
 
@@ -79,7 +78,7 @@ def scene_scores(model, records: list[dict], num_frames: int = 8, strategy: str 
     Returns:
         ({"ensemble": (N, C), "temporal": (N, C) or absent, "frame": ...}, the N records kept).
     """
-    from .video_retrieval import clip_batches
+    from ..encode import clip_batches
     device = next(model.parameters()).device
     out: dict[str, list[Tensor]] = {}
     kept = []
@@ -97,23 +96,13 @@ def scene_scores(model, records: list[dict], num_frames: int = 8, strategy: str 
     return {k: torch.cat(v) for k, v in out.items()}, kept
 
 
-def _scene_model(model, heads: str):
-    from ..models.scene import SceneModel, load_scene_model
-    if isinstance(model, SceneModel):
-        return model
-    if heads:
-        return load_scene_model(heads, video=model)
-    raise ValueError(f"scene: the model is a {type(model).__name__}, not a scene model; give heads=<the scene model "
-                     f"folder> (the one with scene_config.json) or evaluate a SceneModel")
-
-
 def scene_eval_task(model, manifest, classes: str = "", lang: str = "en", limit: int = 0, progress: bool = False,
                     cache=None, on_bad_record: str = "error", num_frames: int = 8, strategy: str = "uniform",
-                    threshold: float = 0.0, val: str = "", heads: str = "", batch_size: int = 16) -> dict:
+                    threshold: float = 0.0, val: str = "", batch_size: int = 16) -> dict:
     """The `scene` eval task.
 
     Args:
-        model: a SceneModel (or the video model of a scene folder, with `heads`).
+        model: a SceneModel (a saved scene run's `out_dir/model`).
         manifest: records with `video` and `labels`.
         classes: the label hierarchy file (default: the model's own labels).
         lang: which record text feeds a model with `use_text` (``caption`` or ``caption_<lang>``).
@@ -123,15 +112,18 @@ def scene_eval_task(model, manifest, classes: str = "", lang: str = "en", limit:
         num_frames, strategy: frame sampling (as for training).
         threshold: decision threshold on the logits when no `val` manifest is given.
         val: a validation manifest; the threshold becomes the one with the best micro F1 on it.
-        heads: a scene model folder whose heads go on a plain video model.
         batch_size: videos per forward call.
     Returns:
         The numbers listed in the module docstring plus ``num_videos`` and ``num_labels``.
     """
     from ..data.labels import load_hierarchy
     from ..data.manifests import ManifestError
-    from .suite import read_records
-    scene = _scene_model(model, heads)
+    from ..encode import read_records
+    from ..models.scene import SceneModel
+    if not isinstance(model, SceneModel):
+        raise ValueError(f"scene: the model is a {type(model).__name__}, not a scene model (model_type 'scene', the "
+                         f"out_dir/model of a `method: scene` run)")
+    scene = model
     hierarchy = load_hierarchy(classes) if classes else scene.hierarchy
     if hierarchy.names != scene.hierarchy.names:
         raise ValueError(f"scene: {classes} has {len(hierarchy)} labels that differ from the model's "

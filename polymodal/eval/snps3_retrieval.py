@@ -1,31 +1,14 @@
 """SNP-S3 evaluation (the `snps3_retrieval` row of `eval/tasks.py`): dual-encoder video-text retrieval (with
 optional re-ranking of the top-k by the cross encoder), masked-token accuracy on significant vs other words,
-and word-level retrieval through the LVWM scores."""
+and word-level retrieval through the LVWM scores. Retrieval and the features the extras read come from the one
+retrieval loop (`eval.video_retrieval`)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.text import trim_padding
 from ..losses.matching import lvwm_scores
-
-
-@torch.no_grad()
-def _video_passes(model, records, num_frames, strategy, batch_size, on_bad_record="error", where="manifest"):
-    """The model's video pass over the readable records: (means, valid, clips, video) and the records kept."""
-    from .video_retrieval import clip_batches
-    means, valid, clips, video, kept = [], [], [], [], []
-    for idx, frames, frame_valid, _ in clip_batches(model, records, num_frames, strategy, batch_size,
-                                                    on_bad_record=on_bad_record, where=where):
-        vp = model.video_pass(frames, frame_valid)
-        means.append(vp.means)
-        valid.append(vp.valid)
-        clips.append(vp.clips)
-        video.append(vp.video)
-        kept.extend(records[i] for i in idx)
-    return torch.cat(means), torch.cat(valid), torch.cat(clips), torch.cat(video), kept
 
 
 def _ranks_after_rerank(sim: Tensor, owner: Tensor, cross: Tensor, top: Tensor) -> Tensor:
@@ -44,57 +27,52 @@ def _ranks_after_rerank(sim: Tensor, owner: Tensor, cross: Tensor, top: Tensor) 
 
 @torch.no_grad()
 def snps3_retrieval_task(model, manifest, limit: int = 0, num_frames: int = 8, strategy: str = "uniform",
-                         rerank_top_k: int = 0, significant_words: str = "", batch_size: int = 16,
-                         max_mask_queries: int = 2000, progress: bool = False, cache=None, lang: str = "en",
-                         on_bad_record: str = "error") -> dict:
+                         rerank_top_k: int = 0, batch_size: int = 16, max_mask_queries: int = 2000,
+                         progress: bool = False, cache=None, lang: str = "en", on_bad_record: str = "error") -> dict:
     """SNP-S3 evaluation on a video manifest (see the module docstring for the numbers).
 
+    Retrieval goes through the one retrieval loop (`eval.video_retrieval`: the numbers equal `video_retrieval`
+    on the same model); the masking rule is the one the saved model carries (its significant words).
+
     Args:
-        model: an `SNPS3Model` with its tokenizer and image transform attached.
+        model: an `SNPS3Model` (a saved snps3 run's `out_dir/model`).
         manifest: JSONL/CSV manifest with `video` and `caption`/`captions`.
         limit: the first `limit` records (0 = all).
         num_frames, strategy: frame sampling.
         rerank_top_k: re-rank each text's top-k videos by the level-2 cross score (0 = off).
-        significant_words: the run's significant-word JSON (default: the list attached to the model).
         max_mask_queries: at most this many (caption, position) queries for masked-token accuracy.
     Returns:
         `text_to_video_R@{1,5,10}`, `video_to_text_R@{1,5,10}`, ranks, `rerank_text_to_video_R@k` (with
         re-ranking), `masked_acc_significant`, `masked_acc_other`, `word_P@1`, `word_mAP`, `word_chance`.
     """
-    from ..data.masking import SignificantWords, masking_rule
-    from .retrieval import retrieval_metrics
-    from .suite import captions_by_record, read_records
-    tok = model.tokenizer
-    rule = (masking_rule(tok, SignificantWords.load(significant_words)) if significant_words
-            else getattr(model, "masking_rule", None))
+    from .video_retrieval import retrieval_features, retrieval_metrics_of
+    del cache
+    rule = getattr(model, "masking_rule", None)
     if rule is None:
-        raise ValueError("snps3_retrieval: no significant-word list; give the option significant_words "
-                         "(the run's significant_words.json)")
+        raise ValueError(f"snps3_retrieval: the model ({type(model).__name__}) carries no significant-word list; "
+                         f"evaluate the out_dir/model of a `method: snps3` run (its config.json holds the list)")
     device = next(model.parameters()).device
     key = "caption" if lang == "en" else f"caption_{lang}"
-    records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
-    means, cvalid, clips, video, records = _video_passes(model, records, num_frames, strategy, batch_size,
-                                                         on_bad_record, str(manifest))
-    texts, owner = captions_by_record(records, key, manifest)
-    owner = torch.tensor(owner)
-    ids_all = tok(texts).to(device)
-    tps = [model.text_pass(trim_padding(ids_all[s:s + 256], tok.pad_id)) for s in range(0, len(texts), 256)]
-    feats = torch.cat([t.feature for t in tps])                                           # (N_t, W)
-    sim = (feats @ video.T).float().cpu()                                                  # (N_t, N_v)
-    out = {k.replace("image", "video"): v for k, v in retrieval_metrics(sim.T, owner).items()}
-    out.update(num_videos=len(records), num_texts=len(texts))
+    feats = retrieval_features(model, manifest, key, limit, num_frames, strategy, batch_size, progress,
+                               on_bad_record)
+    out = retrieval_metrics_of(model, feats)
+    text, video, records, texts = feats.text, feats.video, feats.records, feats.texts
+    owner = torch.tensor(feats.owner)
+    ids_all, means, cvalid, clips = text.ids.to(device), video.means, video.valid, video.clips
     # Re-ranking by the cross encoder.
     if rerank_top_k > 0:
+        sim = model.similarity(text, video)                                                # (N_t, N_v)
         k = min(rerank_top_k, len(records))
         top = sim.topk(k, dim=1).indices                                                   # (N_t, k)
         tt = torch.arange(len(texts)).repeat_interleave(k)                                 # (N_t * k,)
         vv = top.flatten()
-        cross = torch.cat([model.cross_score(ids_all[tt[s:s + 256].to(device)], means[vv[s:s + 256].to(device)],
-                                             cvalid[vv[s:s + 256].to(device)]).float().cpu()
+        cross = torch.cat([model.cross_score(ids_all[tt[s:s + 256].to(device)], means[vv[s:s + 256]].to(device),
+                                             cvalid[vv[s:s + 256]].to(device)).float().cpu()
                            for s in range(0, len(tt), 256)]).view(len(texts), k)
         ranks = _ranks_after_rerank(sim, owner, cross, top)
         for kk in (1, 5, 10):
             out[f"rerank_text_to_video_R@{kk}"] = 100.0 * float((ranks <= kk).float().mean())
+    dmeans, dvalid = means.to(device), cvalid.to(device)
     # Masked-token accuracy: every content token masked alone, with the caption's own video.
     queries = []
     for t in range(len(texts)):
@@ -113,7 +91,7 @@ def snps3_retrieval_task(model, manifest, limit: int = 0, num_frames: int = 8, s
         target = rows[torch.arange(len(chunk)), pp]
         rows[torch.arange(len(chunk)), pp] = rule.mask_id
         vids = owner.to(device)[tt]
-        h, _ = model.cross_pass(rows, means[vids], cvalid[vids])
+        h, _ = model.cross_pass(rows, dmeans[vids], dvalid[vids])
         pred = model.mlm_logits(h[torch.arange(len(chunk)), pp]).argmax(-1)
         sig = rule.is_significant(target)
         for hit, is_sig in zip((pred == target).tolist(), sig.tolist()):
@@ -125,7 +103,7 @@ def snps3_retrieval_task(model, manifest, limit: int = 0, num_frames: int = 8, s
     for t in range(len(texts)):
         contains[int(owner[t])].update(ids_all[t][rule.is_significant(ids_all[t])].tolist())
     p1, aps, chance = [], [], []
-    tokens = torch.cat([F.pad(t.tokens, (0, 0, 0, ids_all.shape[1] - t.tokens.shape[1])) for t in tps])
+    tokens = text.tokens
     for t in range(len(texts)):
         row = ids_all[t]
         for p in torch.nonzero(rule.is_significant(row)).flatten().tolist():

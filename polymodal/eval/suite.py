@@ -1,7 +1,7 @@
 """Evaluation of a model on manifests: retrieval, long-text retrieval and zero-shot classification.
 
-These functions are the glue between a model (`encode_image`, `encode_text`, `tokenizer`,
-`image_transform`) and the pure metrics in `retrieval.py` / `zeroshot.py`.
+These functions are the glue between a model (encoded through `polymodal.encode`) and the pure metrics in
+`retrieval.py` / `zeroshot.py`.
 """
 from __future__ import annotations
 
@@ -11,60 +11,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..encode import captions_by_record, encode_image_files, encode_texts, read_records
 from .retrieval import embed_and_score
 from .zeroshot import accuracy, build_classifier, load_templates
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-@torch.no_grad()
-def encode_images(model, paths: list[str], batch_size: int = 128, progress: bool = False) -> Tensor:
-    """L2-normalised image embeddings (N, E) of image files, `batch_size` at a time (ImageError names a bad file)."""
-    return _encode_image_files(model, paths, batch_size, progress, skip_unreadable=False)[0]
-
-
-@torch.no_grad()
-def _encode_image_files(model, paths: list[str], batch_size: int, progress: bool, skip_unreadable: bool
-                        ) -> tuple[Tensor, list[int]]:
-    """(embeddings (M, E), indices of the M paths encoded): each file is decoded once; with `skip_unreadable`
-    a file that cannot be decoded is left out instead of raising."""
-    from ..data.images import load_image
-    device = next(model.parameters()).device
-    out, kept = [], []
-    starts = range(0, len(paths), batch_size)
-    for s in _progress(starts, len(starts), "images", progress):
-        pixels = []
-        for i in range(s, min(s + batch_size, len(paths))):
-            try:
-                image = load_image(paths[i])
-            except Exception:   # decoders raise many types
-                if not skip_unreadable:
-                    raise
-                continue
-            pixels.append(model.image_transform(image))
-            kept.append(i)
-        if pixels:
-            out.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
-    return (torch.cat(out) if out else torch.zeros(0, 0)), kept
-
-
-@torch.no_grad()
-def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool = False) -> Tensor:
-    """L2-normalised text embeddings (N, E), using only the CLS/EOT feature."""
-    device = next(model.parameters()).device
-    pad = model.config.text.pad_token_id
-    from ..data.text import trim_padding
-    out = []
-    starts = range(0, len(texts), batch_size)
-    for s in _progress(starts, len(starts), "texts", progress):
-        ids = trim_padding(model.tokenizer(texts[s:s + batch_size]), pad)
-        out.append(model.encode_text(ids.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 class FeatureCache:
@@ -84,19 +33,6 @@ class FeatureCache:
         return self._store[key]
 
 
-def read_records(manifest, limit: int = 0, on_bad_record: str = "error", required=None, media: str = "image"
-                 ) -> list[dict]:
-    """The first `limit` records (0 = all) of a manifest, read with the bad-record policy."""
-    from ..data.manifests import ManifestError, read_manifest
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0 (0 = all records), got {limit}")
-    records = read_manifest(manifest, on_bad_record=on_bad_record, required=required, media=media).records
-    records = records[:limit] if limit else records
-    if not records:
-        raise ManifestError(f"{manifest}: no records to evaluate")
-    return records
-
-
 def encode_manifest_images(model, manifest, limit: int = 0, on_bad_record: str = "error", batch_size: int = 128,
                            progress: bool = False) -> tuple[Tensor, list[dict]]:
     """(N, E) embeddings of a manifest's images and the N records they belong to.
@@ -106,8 +42,8 @@ def encode_manifest_images(model, manifest, limit: int = 0, on_bad_record: str =
     """
     from ..data.manifests import ManifestError
     records = read_records(manifest, limit, on_bad_record)
-    img, kept = _encode_image_files(model, [r["image"] for r in records], batch_size, progress,
-                                    skip_unreadable=on_bad_record == "skip")       # ImageError names the file
+    img, kept = encode_image_files(model, [r["image"] for r in records], batch_size, progress,
+                                   skip_unreadable=on_bad_record == "skip")        # ImageError names the file
     if len(kept) < len(records):
         if not kept:
             raise ManifestError(f"{manifest}: no readable image to evaluate")
@@ -144,24 +80,6 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
     if return_embeddings:
         return metrics, img, txt, text_to_image
     return metrics
-
-
-def captions_by_record(records: list[dict], caption_key: str, manifest) -> tuple[list[str], list[int]]:
-    """Every caption of `caption_key` (or its plural list: `captions`, `captions_zh`) and the record it belongs to.
-
-    Raises:
-        KeyError: a record without the key, naming the manifest and line.
-    """
-    plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else None
-    texts, owner = [], []
-    for i, r in enumerate(records):
-        caps = r.get(plural) or r.get(caption_key)
-        if caps is None:
-            raise KeyError(f"{manifest}: record on line {r.get('_line', i + 1)} has no {caption_key!r}")
-        for c in ([caps] if isinstance(caps, str) else caps):
-            texts.append(c)
-            owner.append(i)
-    return texts, owner
 
 
 def longtext_eval(model, manifest, lang: str = "en", limit: int = 0, batch_size: int = 128, progress: bool = False,
@@ -231,24 +149,3 @@ def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limi
     result = accuracy(logits, targets)
     result["num_classes"] = len(names)
     return result
-
-
-def run_suite(model, retrieval: str | None = None, longtext: str | None = None, zeroshot: str | None = None,
-              classes: str | None = None, langs: tuple[str, ...] = ("en",), limit: int = 0,
-              progress: bool = False) -> dict:
-    """Every evaluation that has data, as one flat dict of numbers (the `eval` shorthand keys of a recipe).
-
-    Args:
-        retrieval: manifest for short-caption retrieval (and zero-shot when `zeroshot` is None).
-        longtext: manifest with `long_caption` (e.g. ShapesWorld's hard set) for long-text retrieval.
-        zeroshot: manifest with `label` for zero-shot classification.
-        classes: classes file for zero-shot.
-        langs: caption/prompt languages; "zh" uses `caption_zh`, `long_caption_zh`, `classes_zh`.
-    Returns:
-        Keys like `retrieval/text_to_image_R@1`, `longtext/image_to_text_R@1`, `zeroshot/top1`,
-        with a `_zh` suffix on the prefix for Chinese.
-    """
-    from .tasks import EvalConfig, evaluate
-    cfg = EvalConfig(retrieval=retrieval or "", longtext=longtext or "", zeroshot=zeroshot or "",
-                     classes=classes or "", langs=list(langs), limit=limit)
-    return evaluate(model, cfg.specs(), progress=progress)

@@ -49,7 +49,8 @@ def _multilabel(model, manifest, classes: str = "", lang: str = "en", limit: int
                 cache=None, on_bad_record: str = "error", adapter: str = "") -> dict:
     from .multilabel import multilabel_eval_manifest
     classes = classes or default_classes(manifest)
-    return multilabel_eval_manifest(model, manifest, classes, lang=lang, limit=limit, adapter=adapter or None,
+    return multilabel_eval_manifest(model, manifest, classes, lang=lang, limit=limit,
+                                    adapter=adapter or getattr(model, "adapter", None),
                                     progress=progress, on_bad_record=on_bad_record, cache=cache)
 
 
@@ -101,6 +102,38 @@ TASKS: dict[str, Callable[..., dict]] = {
 }
 
 
+# What a task calls on the model (each tuple: one of these names must exist), checked before anything runs.
+NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "retrieval": (("encode_image",), ("encode_text",)),
+    "longtext": (("encode_image",), ("encode_text",)),
+    "zeroshot": (("encode_image",), ("encode_text",)),
+    "multilabel": (("encode_image",), ("encode_text",)),
+    "captioning": (("generate",),),
+    "video_retrieval": (("video_features", "encode_video", "encode_image"), ("text_features", "encode_text")),
+    "shenet_retrieval": (("node_batch",),),
+    "scene": (("label_embeddings",),),
+    "snps3_retrieval": (("cross_pass",),),
+    "preference": (("score_pairs",),),
+    "fairness": (("answer_probabilities",),),
+}
+SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",
+           "cross_pass": "snps3_retrieval", "node_batch": "shenet_retrieval", "generate": "captioning",
+           "encode_video": "video_retrieval", "encode_image": "retrieval"}
+
+
+def check_model(name: str, model) -> None:
+    """Raise a one-line ValueError when `model` lacks what task `name` calls (naming the model and a task it fits)."""
+    missing = [alts for alts in NEEDS.get(name, ()) if not any(hasattr(model, a) for a in alts)]
+    if not missing:
+        return
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    fits = [task for attr, task in SUGGEST.items() if hasattr(model, attr) and not
+            any(not any(hasattr(model, a) for a in alts) for alts in NEEDS[task])]
+    raise ValueError(f"eval task {name!r} needs a model with {' and '.join('/'.join(a) for a in missing)}, but the "
+                     f"model is a {type(model).__name__}" + (f" (model_type {kind!r})" if kind else "") +
+                     (f"; tasks it supports: {', '.join(dict.fromkeys(fits))}" if fits else ""))
+
+
 def task_options(name: str) -> list[str]:
     """The option names task `name` accepts."""
     fn = TASKS[name]
@@ -122,6 +155,7 @@ def check_task(name: str, options: dict, where: str = "eval") -> None:
 def run_task(name: str, model, manifest, **options) -> dict:
     """Run eval task `name` on `manifest`; returns its numbers (unprefixed)."""
     check_task(name, options)
+    check_model(name, model)
     return TASKS[name](model, manifest, **options)
 
 
@@ -203,3 +237,23 @@ def evaluate(model, specs: list[EvalSpec], progress: bool = False) -> dict:
     finally:
         model.train(was_training)
     return out
+
+
+def run_suite(model, retrieval: str | None = None, longtext: str | None = None, zeroshot: str | None = None,
+              classes: str | None = None, langs: tuple[str, ...] = ("en",), limit: int = 0,
+              progress: bool = False) -> dict:
+    """Every evaluation that has data, as one flat dict of numbers (the `eval` shorthand keys of a recipe).
+
+    Args:
+        retrieval: manifest for short-caption retrieval (and zero-shot when `zeroshot` is None).
+        longtext: manifest with `long_caption` (e.g. ShapesWorld's hard set) for long-text retrieval.
+        zeroshot: manifest with `label` for zero-shot classification.
+        classes: classes file for zero-shot.
+        langs: caption/prompt languages; "zh" uses `caption_zh`, `long_caption_zh`, `classes_zh`.
+    Returns:
+        Keys like `retrieval/text_to_image_R@1`, `longtext/image_to_text_R@1`, `zeroshot/top1`,
+        with a `_zh` suffix on the prefix for Chinese.
+    """
+    cfg = EvalConfig(retrieval=retrieval or "", longtext=longtext or "", zeroshot=zeroshot or "",
+                     classes=classes or "", langs=list(langs), limit=limit)
+    return evaluate(model, cfg.specs(), progress=progress)

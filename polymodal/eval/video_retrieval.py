@@ -1,93 +1,142 @@
 """Video-text retrieval: text->video and video->text R@1/5/10, median and mean rank, on a manifest of videos.
 
-Works with any image-text model (zero-shot: the mean of its frame embeddings, the baseline every video
-paper reports) and with video models (anything with `encode_video(frames, valid)`). Each record has a
-`video` (file, GIF or frame folder) and one or more captions; metrics come from the same exact, streaming
-`embed_and_score` as image retrieval, with "image" renamed "video" in the keys.
+The one retrieval loop of every video model. The model supplies what is compared, as LAVIS lets a model
+supply its similarity matrix:
+
+* `video_features(frames, valid, records)` and `text_features(texts)`: feature batches (plain (N, E)
+  embeddings, or a `polymodal.models.features.Rows` of token/frame features);
+* `similarity(text_features, video_features, pairs=False)`: the (N_t, N_v) scores (or, with `pairs`, the
+  (N,) scores of text i with video i).
+
+`VideoCLIP` gives the pooled cosine; M2-RAAP's Mug/ACG, SHE-Net's hierarchy and SNP-S3 override the three.
+An image-text model without them gets the zero-shot baseline every video paper reports (the mean of its
+frame embeddings, `encode.encode_clips`) scored by cosine. Plain embedding tensors on both sides are
+scored by their dot product with the exact streaming `embed_and_score`; anything else in blocks with the
+model's similarity (`metrics_from_rows`), also exactly. Method extras (SHE-Net's attention hits, SNP-S3's
+re-ranking and word retrieval) reuse the features of `retrieval_features` rather than encoding again.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..encode import captions_by_record, clip_batches, encode_clips, progress_bar, read_records
+from ..models.features import concat, to_cpu
 
-def encode_clips(model, frames: Tensor, valid: Tensor | None = None) -> Tensor:
-    """(B, T, 3, H, W) frames -> (B, E) L2-normalised video embeddings.
 
-    A model with `encode_video` uses it; any other image-text model gets the zero-shot baseline: the mean of
-    its normalised frame embeddings over the valid frames, normalised again.
+@dataclass
+class RetrievalFeatures:
+    """What one pass over a manifest gives: the kept records, their clips, and the features the model compares.
+
+    Attributes:
+        records: the records whose video could be read (N_v).
+        clips: their decoded `VideoClip`s (frame times and validity; the frames themselves are dropped).
+        video: `video_features` of the N_v videos (CPU).
+        texts: every caption (N_t); owner: the record index of each.
+        text: `text_features` of the N_t captions (CPU).
+        counts: `num_skipped` (unreadable videos under on_bad_record=skip) and the model's own counts.
     """
-    if hasattr(model, "encode_video"):
-        return model.encode_video(frames, valid)
-    B, T = frames.shape[:2]
-    per_frame = model.encode_image(frames.flatten(0, 1)).view(B, T, -1)          # (B, T, E)
-    w = torch.ones(B, T, device=frames.device) if valid is None else valid.to(per_frame.dtype)
-    mean = (per_frame * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # (B, E)
-    return F.normalize(mean, dim=-1)
+    records: list
+    clips: list
+    video: object
+    texts: list
+    owner: list
+    text: object
+    counts: dict = field(default_factory=dict)
 
 
-def clip_batches(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
-                 progress: bool = False, on_bad_record: str = "error", where: str = "manifest"):
-    """Decode the records' videos and yield them in batches ready for the model.
+def video_features(model, frames: Tensor, valid: Tensor | None, records: list[dict]):
+    """The model's `video_features`, or the zero-shot frame mean of an image-text model."""
+    if hasattr(model, "video_features"):
+        return model.video_features(frames, valid, records)
+    return encode_clips(model, frames, valid)
 
-    Under `on_bad_record="skip"` a video that cannot be read is left out and counted in a warning; under
-    "error" it stops with a `ManifestError` naming the manifest line and the video's error.
 
-    Yields:
-        (indices into `records`, frames (B, T, 3, H, W) and valid (B, T) on the model's device, the `VideoClip`s).
-    Raises:
-        ManifestError: a bad video under "error", or no readable video at all.
-    """
-    from PIL import Image
-
-    from ..data.manifests import SKIP_HINT, ManifestError
-    from ..data.video import VideoError, read_video
-    from .suite import _progress
-    device = next(model.parameters()).device
-    pending: list[tuple[int, Tensor, object]] = []
-    skipped = yielded = 0
-
-    def batch():
-        frames = torch.stack([p[1] for p in pending]).to(device)                     # (B, T, 3, H, W)
-        valid = torch.stack([p[2].valid for p in pending]).to(device)                # (B, T)
-        return [p[0] for p in pending], frames, valid, [p[2] for p in pending]
-
-    for i, r in enumerate(_progress(records, len(records), "videos", progress)):
-        try:
-            clip = read_video(r["video"], num_frames=num_frames, strategy=strategy)
-        except VideoError as e:
-            if on_bad_record == "error":
-                raise ManifestError(f"{where} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
-            skipped += 1
-            continue
-        frames = torch.stack([model.image_transform(Image.fromarray(f.numpy())) for f in clip.frames])
-        pending.append((i, frames, clip))
-        if len(pending) == batch_size:
-            yield batch()
-            yielded += len(pending)
-            pending.clear()
-    if pending:
-        yield batch()
-        yielded += len(pending)
-    if skipped:
-        import warnings
-        warnings.warn(f"{where}: skipped {skipped} video(s) that cannot be read")
-    if not yielded:
-        raise ManifestError(f"{where}: no readable video to evaluate")
+def text_features(model, texts: list[str]):
+    """The model's `text_features`, or the text embeddings of an image-text model."""
+    if hasattr(model, "text_features"):
+        return model.text_features(texts)
+    from ..data.text import trim_padding
+    ids = trim_padding(model.tokenizer(list(texts)), model.config.text.pad_token_id)
+    return model.encode_text(ids.to(next(model.parameters()).device))
 
 
 @torch.no_grad()
-def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
-                  progress: bool = False, on_bad_record: str = "error", where: str = "manifest"
-                  ) -> tuple[Tensor, list[dict]]:
-    """(N, E) embeddings of the records' readable videos and the N records kept (see `clip_batches`)."""
-    out, kept = [], []
-    for idx, frames, valid, _ in clip_batches(model, records, num_frames, strategy, batch_size, progress,
-                                              on_bad_record, where):
-        out.append(encode_clips(model, frames, valid).float().cpu())
-        kept.extend(records[i] for i in idx)
-    return torch.cat(out), kept
+def retrieval_features(model, manifest, caption_key: str = "caption", limit: int = 0, num_frames: int = 8,
+                       strategy: str = "uniform", batch_size: int = 16, progress: bool = False,
+                       on_bad_record: str = "error", text_batch: int = 256) -> RetrievalFeatures:
+    """Read a video manifest and encode its readable videos and all their captions with the model.
+
+    Args:
+        model: a video model (or any image-text model, for the zero-shot frame mean).
+        manifest: JSONL/CSV manifest with `video` and captions.
+        caption_key: "caption", "caption_zh", ... (a record's plural list, e.g. `captions`, when present).
+        limit: the first `limit` records only (0 = all).
+        num_frames, strategy: frame sampling (see `polymodal.data.video.read_video`).
+        batch_size: videos per forward call; text_batch: captions per call.
+        on_bad_record: "error" | "skip" (unreadable videos left out and counted).
+    Returns:
+        A `RetrievalFeatures`.
+    """
+    records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
+    batches = clip_batches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, str(manifest))
+    video, kept, clips = [], [], []
+    for idx, frames, valid, batch_clips in batches:
+        rows = [records[i] for i in idx]
+        video.append(to_cpu(video_features(model, frames, valid, rows)))
+        kept.extend(rows)
+        clips.extend(batch_clips)
+    for c in clips:
+        c.frames = c.frames[:0]                                        # times and validity are what extras need
+    texts, owner = captions_by_record(kept, caption_key, manifest)
+    starts = range(0, len(texts), text_batch)
+    text = concat([to_cpu(text_features(model, texts[s:s + text_batch]))
+                   for s in progress_bar(starts, len(starts), "texts", progress)])
+    counts = {}
+    if batches.skipped:
+        import warnings
+        warnings.warn(f"{manifest}: skipped {batches.skipped} video(s) that cannot be read "
+                      f"({'; '.join(batches.skip_examples)})")
+        counts["num_skipped"] = batches.skipped
+    if hasattr(model, "retrieval_counts"):
+        counts.update(model.retrieval_counts(kept))
+    return RetrievalFeatures(kept, clips, concat(video), texts, owner, text, counts)
+
+
+def similarity_of(model):
+    """`(text, video, pairs=False) -> scores`: the model's similarity, or the dot product of embeddings."""
+    if hasattr(model, "similarity"):
+        return model.similarity
+    return lambda t, v, pairs=False: (t * v).sum(-1) if pairs else t @ v.T
+
+
+@torch.no_grad()
+def retrieval_metrics_of(model, feats: RetrievalFeatures, block: int = 64) -> dict:
+    """Exact text<->video metrics of the features, with "image" named "video" in the keys.
+
+    Plain embedding tensors are scored with `embed_and_score` (their dot product, streamed); other features
+    by the model's `similarity` in blocks of `block` videos x `block` texts (`metrics_from_rows`).
+    """
+    from .retrieval import embed_and_score, metrics_from_rows
+    owner = torch.tensor(feats.owner, dtype=torch.long)
+    if isinstance(feats.video, Tensor) and isinstance(feats.text, Tensor):
+        metrics = embed_and_score(feats.video, feats.text, owner)
+    else:
+        sim, text, video = similarity_of(model), feats.text, feats.video
+        n_t = len(feats.texts)
+        own = torch.cat([sim(text[j:j + block], video[owner[j:j + block]], pairs=True)
+                         for j in range(0, n_t, block)])                                    # (N_t,)
+
+        def video_rows(i0: int, i1: int) -> Tensor:                                         # (i1 - i0, N_t)
+            v = video[i0:i1]
+            return torch.cat([sim(text[j:j + block], v) for j in range(0, n_t, block)], dim=0).T
+
+        metrics = metrics_from_rows(video_rows, own, owner, len(feats.records), (1, 5, 10), block)
+    out = {k.replace("image", "video"): v for k, v in metrics.items()}
+    out.update(num_videos=len(feats.records), num_texts=len(feats.texts), **feats.counts)
+    return out
 
 
 def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0, num_frames: int = 8,
@@ -96,7 +145,7 @@ def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: i
     """Video-text retrieval on a manifest of `video` records; every caption of `caption_key` (or its plural list).
 
     Args:
-        model: a video model (`encode_video`) or any image-text model (zero-shot frame mean).
+        model: a video model or any image-text model (zero-shot frame mean); see the module docstring.
         manifest: JSONL/CSV manifest with `video` and captions.
         caption_key: "caption", "caption_zh", ...
         limit: the first `limit` records only (0 = all).
@@ -104,16 +153,13 @@ def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: i
         on_bad_record: "error" | "skip".
     Returns:
         `text_to_video_R@{1,5,10}`, `video_to_text_R@{1,5,10}`, `text_to_video_median_rank` (MdR),
-        `text_to_video_mean_rank` (MnR), `mean_recall`, `num_videos`, `num_texts`.
+        `text_to_video_mean_rank` (MnR), `mean_recall`, `num_videos`, `num_texts`, `num_skipped` (when videos
+        were skipped) and the model's own counts (e.g. M2-RAAP's `num_without_aux`).
     """
-    from .retrieval import embed_and_score
-    from .suite import captions_by_record, encode_texts, read_records
-    records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
-    vid, records = encode_videos(model, records, num_frames, strategy, batch_size, progress, on_bad_record,
-                                 str(manifest))
-    texts, text_to_video = captions_by_record(records, caption_key, manifest)
-    txt = encode_texts(model, texts, progress=progress)
-    metrics = embed_and_score(vid, txt, torch.tensor(text_to_video))
-    out = {k.replace("image", "video"): v for k, v in metrics.items()}
-    out.update(num_videos=len(records), num_texts=len(texts))
-    return out
+    feats = retrieval_features(model, manifest, caption_key, limit, num_frames, strategy, batch_size, progress,
+                               on_bad_record)
+    return retrieval_metrics_of(model, feats)
+
+
+__all__ = ["RetrievalFeatures", "retrieval_features", "retrieval_metrics_of", "video_retrieval_eval",
+           "video_features", "text_features", "similarity_of"]

@@ -193,16 +193,19 @@ class ASDMethod(Method):
         return build_tokenizer(self.run, out_dir, texts=texts, min_frequency=1)
 
     def build_model(self, tokenizer) -> nn.Module:
-        from ..models.mllm import create_mllm, load_mllm, mllm_config
+        from ..hub import load_model
+        from ..models.mllm import MLLM, create_mllm, mllm_config
         spec = self.run.model
         if spec.path:
-            model = load_mllm(spec.path)
+            model = load_model(spec.path)
+            if not isinstance(model, MLLM):
+                raise ValueError(f"model.path {spec.path}: a {type(model).__name__}, not an MLLM (model_type 'mllm'); "
+                                 f"give a saved asd run's out_dir/model")
             if tokenizer is not None:
                 model.tokenizer = tokenizer
             return model.train()
         vision = None
         if self.cfg.vision_path:
-            from ..hub import load_model
             vision = load_model(self.cfg.vision_path).visual
         cfg = mllm_config(spec.name, dict(spec.overrides), tokenizer)
         return create_mllm(cfg, tokenizer, vision=vision)
@@ -219,22 +222,3 @@ class ASDMethod(Method):
 
     def collate(self, model: nn.Module):
         return QACollate(model)
-
-    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
-        """`fairness` specs run here (so they work before the eval table lists the task); the rest as usual."""
-        from ..eval.fairness import fairness_task
-        out, rest = {}, []
-        for s in specs:
-            if s.task == "fairness":
-                opts = {k: v for k, v in s.options.items() if k in ("limit", "batch_size")}
-                was = task.model.training
-                task.model.eval()
-                try:
-                    out.update({f"{s.prefix}/{k}": v for k, v in fairness_task(task.model, s.data, **opts).items()})
-                finally:
-                    task.model.train(was)
-            else:
-                rest.append(s)
-        if rest:
-            out.update(super().evaluate(task, rest, progress))
-        return out

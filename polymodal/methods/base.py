@@ -9,8 +9,10 @@ A method is a subclass of `Method` in its own module plus one row of the table i
 - `build_tokenizer(out_dir)`, `build_model(tokenizer)`: the model (from `model.path` or a named config);
 - `build_dataset(model, rank, world_size)` and `collate(model)`: the data for its batch keys;
 - `build_task(model)`: an nn.Module, `batch -> dict of scalar losses` with a "loss" entry;
-- `evaluate(task, specs)`: the numbers of the recipe's `eval` tasks (default: `eval.tasks.evaluate`);
-- `final_model(task)`: what is saved as `out_dir/model` (default `task.model`).
+- `final_model(task)`: what is saved as `out_dir/model` (default `task.model`), a model of one family of
+  `polymodal.models.families` that carries everything its evaluation needs;
+- `evaluate(task, specs)`: the numbers of the recipe's `eval` tasks, always on `final_model(task)` through the
+  eval table (`eval.tasks.evaluate`), so training reports what `polymodal eval out_dir/model` reproduces.
 
 The run config handed to a method (`self.run`) is duck-typed: it has the sections `model`, `tokenizer`,
 `data`, `loss`, `optim`, `train`, `eval` and `out_dir`; methods never import `polymodal.train`.
@@ -112,18 +114,15 @@ class Method:
         from .clip import ContrastiveTask
         return ContrastiveTask(model, self.run.loss)
 
-    def eval_options(self, task_name: str) -> dict:
-        """Options this method's config sets for eval task `task_name` (a recipe's own options win)."""
-        return {}
-
     def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
-        """The eval tasks' numbers (`prefix/metric` keys) for the model inside `task`."""
-        from ..eval.tasks import EvalSpec, evaluate
-        specs = [EvalSpec(s.task, s.data, {**self.eval_options(s.task), **s.options}) for s in specs]
-        return evaluate(task.model, specs, progress=progress)
+        """The eval tasks' numbers (`prefix/metric` keys) for `final_model(task)`: the model that is saved, so
+        every number equals `polymodal eval out_dir/model --task T` on the same data."""
+        from ..eval.tasks import evaluate
+        return evaluate(self.final_model(task), specs, progress=progress)
 
     def final_model(self, task: nn.Module) -> nn.Module:
-        """The model written to `out_dir/model` with `save_pretrained`."""
+        """The model written to `out_dir/model` with `save_pretrained` (and evaluated): one model family, so
+        `polymodal.load_model(out_dir/model)` returns it as it is."""
         return task.model
 
 

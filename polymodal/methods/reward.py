@@ -312,7 +312,11 @@ class RewardMethod(Method):
             return HFRewardModel.from_pretrained(path, max_length=c.max_length, template=c.template,
                                                  separator=c.separator).train()
         if path:
-            model = TextRewardModel.from_pretrained(path)
+            from ..hub import load_model
+            model = load_model(path)
+            if not isinstance(model, TextRewardModel):
+                raise ValueError(f"model.path {path}: a {type(model).__name__}, not a text reward model (model_type "
+                                 f"'text_reward'); give a saved reward run's out_dir/model or a local HF model folder")
             if tokenizer is not None:
                 model.tokenizer = tokenizer
             return model.train()
@@ -327,18 +331,6 @@ class RewardMethod(Method):
 
     def build_task(self, model: nn.Module) -> nn.Module:
         return RewardTask(model, self.cfg, self.preference_data(model))
-
-    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
-        """The `preference` tasks on the reward model (other tasks need an image-text model)."""
-        from ..eval.preference import preference_eval_task
-        out = {}
-        for spec in specs:
-            if spec.task != EVAL_TASK:
-                raise ValueError(f"eval task {spec.task!r} does not apply to a reward model; use task: {EVAL_TASK}")
-            options = {k: v for k, v in spec.options.items() if k not in ("progress", "cache")}
-            m = preference_eval_task(task.model, spec.data, progress=progress, **options)
-            out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
-        return out
 
 
 __all__ = ["RewardSection", "RewardTask", "RewardMethod", "PreferenceData", "PreferenceDataset",

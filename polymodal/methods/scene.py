@@ -10,8 +10,8 @@ Loss per batch: the multi-label loss of each stream (`scene.loss`: softmax | asl
 `scene.distill_weight` times the self-distillation KL of each stream towards the detached ensemble
 (`losses.distill.self_distillation`), when both streams are on.
 
-Evaluation task `scene` (`polymodal.eval.scene.scene_eval_task`) runs on the SceneModel; other tasks of the recipe
-run on the wrapped video model.
+Evaluation task `scene` (`polymodal.eval.scene.scene_eval_task`) runs on the SceneModel; the video-text tasks run
+on it too (through its video model). The saved `out_dir/model` is the SceneModel (one family, `model_type: scene`).
 """
 from __future__ import annotations
 
@@ -43,8 +43,11 @@ class SceneSection(ConfigDict):
     distill_kind: str = "softmax"   # "softmax" (over labels) | "bernoulli" (per label)
 
     def __post_init__(self):
-        from ..models.scene import SceneConfig
-        SceneConfig(**self.model)                  # validates the keys now, naming scene.model.<key>
+        own = [k for k in ("video", "labels", "model_type") if k in self.model]
+        if own:
+            raise ConfigError(f"scene.model: {', '.join(own)} are set by the model itself (the video model and "
+                              f"scene.classes), not in the recipe")
+        self.scene_config()                        # validates the keys now, naming scene.model.<key>
         if self.loss not in LOSS_KINDS:
             raise ConfigError(f"scene.loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
         if self.distill_kind not in DISTILL_KINDS:
@@ -57,8 +60,9 @@ class SceneSection(ConfigDict):
 
     def scene_config(self):
         """The model's `SceneConfig`."""
+        from ..config import from_dict
         from ..models.scene import SceneConfig
-        return SceneConfig(**self.model)
+        return from_dict(SceneConfig, dict(self.model), "scene.model")
 
 
 class SceneTask(nn.Module):
@@ -131,15 +135,14 @@ class SceneMethod(Method):
         return [self.classes_path()] if (self.cfg.classes or self.run.data.train) else []
 
     def build_model(self, tokenizer) -> nn.Module:
-        from ..models.scene import SCENE_CONFIG, SceneModel, load_scene_model
+        from ..models.scene import SceneModel
         from ..models.video import VideoCLIP
-        if self.run.model.path and (Path(self.run.model.path) / SCENE_CONFIG).is_file():
-            model = load_scene_model(self.run.model.path).train()   # continue training a scene model
-            if model.hierarchy.names != self.hierarchy().names:
+        base = super().build_model(tokenizer)
+        if isinstance(base, SceneModel):                # continue training a scene model
+            if base.hierarchy.names != self.hierarchy().names:
                 raise ValueError(f"model.path {self.run.model.path} was trained on other labels than "
                                  f"{self.classes_path()}")
-            return model
-        base = super().build_model(tokenizer)
+            return base
         video = base if isinstance(base, VideoCLIP) else VideoCLIP.from_image_model(base)
         return SceneModel(video, self.hierarchy(), self.cfg.scene_config()).train()
 
@@ -149,19 +152,6 @@ class SceneMethod(Method):
 
     def build_task(self, model: nn.Module) -> nn.Module:
         return SceneTask(model, self.cfg)
-
-    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
-        """The `scene` tasks on the SceneModel, every other task on its video model."""
-        from ..eval.scene import scene_eval_task
-        from ..eval.tasks import evaluate
-        own = [s for s in specs if s.task == EVAL_TASK]
-        rest = [s for s in specs if s.task != EVAL_TASK]
-        out = evaluate(task.model.video, rest, progress=progress) if rest else {}
-        for spec in own:
-            options = {k: v for k, v in spec.options.items() if k not in ("progress", "cache")}
-            m = scene_eval_task(task.model, spec.data, progress=progress, **options)
-            out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
-        return out
 
 
 __all__ = ["SceneSection", "SceneTask", "SceneMethod", "EVAL_TASK"]

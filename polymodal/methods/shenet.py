@@ -1,12 +1,12 @@
 """SHE-Net (`method: shenet`): the caption's syntax hierarchy guides frame and patch attention and the similarity.
 
-The model is a `VideoCLIP` over a CLIP (temporal kind mean or transformer), built as `video_clip` builds it;
-SHE-Net adds no parameters (`polymodal.models.hierarchy`), so the saved model is a plain video model and the
-hierarchy lives in the recipe's `shenet:` section and the eval task's options. Captions are parsed once per
-data set (`polymodal.data.syntax`, a cache beside the manifest); batches carry node token positions.
+The model is an `SHENetModel` (`polymodal.models.hierarchy`): a `VideoCLIP` over a CLIP (temporal kind mean or
+transformer), built as `video_clip` builds it, whose config carries the hierarchy (SHE-Net adds no parameters),
+so the saved model scores retrieval with it wherever it is loaded. Captions are parsed once per data set
+(`polymodal.data.syntax`, a cache beside the manifest); batches carry node token positions.
 
-Evaluation `shenet_retrieval` (a row of `eval.tasks.TASKS`, see `shenet_retrieval_task`): exact text<->video
-R@1/5/10, MdR and MnR with the hierarchical similarity, scored in blocks, plus attention-hit rates on the
+Evaluation: `video_retrieval` scores with the model's hierarchical similarity; `shenet_retrieval`
+(`polymodal.eval.hierarchy_retrieval`) gives the same numbers plus attention-hit rates on the
 MovingShapes ground truth (`action_frames`, `boxes`): the share of verb attention on the action frames and of
 noun attention on the actor's patches, each beside the share uniform attention would give.
 """
@@ -22,17 +22,21 @@ from ..data.manifests import all_captions
 from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
 from ..losses.contrastive import block_infonce, check_block_gather
 from ..models.base import ConfigDict
-from ..models.hierarchy import (HierarchyConfig, TextFeatures, VideoFeatures, encode_text_features,
-                                encode_video_features, hierarchical_infonce, hierarchical_similarity)
+from ..models.hierarchy import (HierarchyConfig, SHENetConfig, SHENetModel, TextFeatures, VideoFeatures,
+                                encode_text_features, encode_video_features, hierarchical_infonce,
+                                hierarchical_similarity)
 from .clip import trim_padding
 from .video_clip import VideoCLIPMethod
 
 EVAL_TASK = "shenet_retrieval"
 
 
+MODEL_KEYS = ("verb_weight", "noun_weight", "adj_weight", "tau", "noun_frames", "max_nodes", "max_node_tokens")
+
+
 @dataclass
-class SHENetConfig(ConfigDict):
-    """The recipe's `shenet:` section."""
+class SHENetSection(ConfigDict):
+    """The recipe's `shenet:` section (all but `parse_cache` are the saved model's own keys, `SHENetConfig`)."""
     temporal: dict = field(default_factory=dict)   # TemporalConfig keys (kind mean | transformer)
     verb_weight: float = 1.0        # l_v
     noun_weight: float = 1.0        # l_n
@@ -44,16 +48,12 @@ class SHENetConfig(ConfigDict):
     parse_cache: str = ""           # parse cache file; "" = `<train manifest stem>.syntax.json` beside it
 
     def __post_init__(self):
-        from ..config import ConfigError
-        from ..models.temporal import TemporalConfig
-        t = TemporalConfig(**self.temporal)
-        if t.kind == "stan":
-            raise ConfigError("shenet.temporal.kind: 'stan' has no per-frame embeddings to attend over; "
-                              "use mean or transformer")
-        self.hierarchy()
-        if self.max_nodes < 1 or self.max_node_tokens < 1:
-            raise ConfigError(f"shenet.max_nodes ({self.max_nodes}) and shenet.max_node_tokens "
-                              f"({self.max_node_tokens}) must be >= 1")
+        from ..config import from_dict
+        from_dict(SHENetConfig, {"temporal": dict(self.temporal), **self.model_settings()}, "shenet")  # the model's checks
+
+    def model_settings(self) -> dict:
+        """The keys the saved model carries."""
+        return {k: getattr(self, k) for k in MODEL_KEYS}
 
     def hierarchy(self) -> HierarchyConfig:
         """The similarity's weights and temperature."""
@@ -186,12 +186,11 @@ class SHENetTask(nn.Module):
 class SHENetMethod(VideoCLIPMethod):
     """`method: shenet`."""
 
-    config_cls = SHENetConfig
+    config_cls = SHENetSection
     media = "video"
 
     def __init__(self, run: Any, cfg: Any = None):
-        super().__init__(run, cfg if cfg is not None else SHENetConfig())
-        self.parses: dict = {}
+        super().__init__(run, cfg if cfg is not None else SHENetSection())
 
     def validate(self) -> None:
         d = self.run.data
@@ -205,13 +204,13 @@ class SHENetMethod(VideoCLIPMethod):
         check_block_gather(self.run.loss.gather, "SHE-Net supports")
 
     def build_model(self, tokenizer) -> nn.Module:
-        from ..models.hierarchy import _check_base
+        """The video model (as `video_clip` builds it) as an `SHENetModel` with the recipe's hierarchy; a saved
+        SHE-Net model continues with the recipe's settings (it has no parameters of its own)."""
         from ..models.video import VideoCLIP
         model = super(VideoCLIPMethod, self).build_model(tokenizer)
         if not isinstance(model, VideoCLIP):
             model = VideoCLIP.from_image_model(model, dict(self.cfg.temporal)).train()
-        _check_base(model)
-        return model
+        return SHENetModel.from_video_model(model, **self.cfg.model_settings())
 
     def build_dataset(self, model: nn.Module, rank: int, world_size: int):
         from ..data.syntax import ParseCache, cache_path
@@ -219,27 +218,18 @@ class SHENetMethod(VideoCLIPMethod):
         path = self.cfg.parse_cache or cache_path(self.run.data.train)
         cache = ParseCache(path)
         cache.update(all_captions(dataset.manifest.records, self.run.data.caption_key))
-        self.parses = cache.parses
+        model.parses.update(cache.parses)
         return dataset, per_epoch
 
     def collate(self, model: nn.Module):
         from ..data.syntax import readout_shift
         tok = model.tokenizer
-        return NodeCollate(tok, getattr(tok, "context_length", None), self.parses,
+        return NodeCollate(tok, getattr(tok, "context_length", None), model.parses,
                            shift=readout_shift(model.config.text), max_nodes=self.cfg.max_nodes,
                            max_tokens=self.cfg.max_node_tokens)
 
     def build_task(self, model: nn.Module) -> nn.Module:
         return SHENetTask(model, self.cfg.hierarchy(), self.run.loss.gather)
 
-    def eval_options(self, task_name: str) -> dict:
-        """The `shenet_retrieval` options the `shenet:` section sets (a spec's own options win)."""
-        if task_name != EVAL_TASK:
-            return {}
-        c = self.cfg
-        return {"verb_weight": c.verb_weight, "noun_weight": c.noun_weight, "adj_weight": c.adj_weight,
-                "tau": c.tau, "noun_frames": c.noun_frames, "max_nodes": c.max_nodes,
-                "max_node_tokens": c.max_node_tokens}
 
-
-__all__ = ["SHENetConfig", "SHENetMethod", "SHENetTask", "NodeCollate", "EVAL_TASK", "shenet_loss", "gather_features"]
+__all__ = ["SHENetSection", "MODEL_KEYS", "SHENetMethod", "SHENetTask", "NodeCollate", "EVAL_TASK", "shenet_loss", "gather_features"]

@@ -17,8 +17,9 @@ released code: level 1 and LVWM the unmasked caption, the cross pass (MLM, level
 - ITM: the matched pair against one false caption (another video's caption of the batch);
 - MLM on the cross pass with MSSM (`snps3.masking: mssm`) or plain MLM (`mlm`).
 
-Significant words are counted once on the training captions (`polymodal.data.masking`) and saved as
-`significant_words.json` in the run folder.
+Significant words are counted once on the training captions (`polymodal.data.masking`), saved as
+`significant_words.json` in the run folder and carried in the model's config (so a saved model evaluates with the
+masking rule it was trained with).
 
 Evaluation `snps3_retrieval` (this module's `snps3_retrieval_task`): dual-encoder text<->video R@1/5/10 (and
 re-ranking of each text's top-k videos by the level-2 cross score, `rerank_top_k`), masked-token accuracy of
@@ -37,8 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.masking import (DEFAULT_STOP_WORDS, IGNORE_INDEX, MaskingRule, batch_rng, load_or_count, mask_batch,
-                            masking_rule, remask_by_importance,
-                            significant_positions)
+                            remask_by_importance, significant_positions)
 from ..data.text import trim_padding
 from ..distributed import all_gather_padded, all_gather_with_grad, rank, world_size
 from ..losses.contrastive import check_block_gather
@@ -296,9 +296,13 @@ class SNPS3Method(Method):
         return Path(self.cfg.significant_words or Path(self.run.out_dir) / WORDS_FILE)
 
     def build_model(self, tokenizer) -> nn.Module:
-        from ..models.fusion import create_snps3_model, load_snps3_model
+        from ..models.fusion import SNPS3Model, create_snps3_model
         if self.run.model.path:
-            model = load_snps3_model(self.run.model.path)
+            from ..hub import load_model
+            model = load_model(self.run.model.path)
+            if not isinstance(model, SNPS3Model):
+                raise ValueError(f"model.path {self.run.model.path}: a {type(model).__name__}, not an SNP-S3 model "
+                                 f"(model_type 'snps3'); start from a saved snps3 run's out_dir/model")
             model.train()
         else:
             model = create_snps3_model(self.cfg.model_config(), tokenizer)
@@ -312,8 +316,8 @@ class SNPS3Method(Method):
         dataset, per_epoch = image_text_dataset(self.run, model, rank, world_size, media="video")
         captions = all_captions(dataset.manifest.records, self.run.data.caption_key)
         words = load_or_count(self.words_path(), captions, model.tokenizer, self.cfg.top_k, self.cfg.stop_words)
-        self.rule = masking_rule(model.tokenizer, words)
-        model.masking_rule = self.rule             # used by the eval task; not part of the state dict
+        model.config.significant_words = words.to_dict()   # saved with the model: its eval uses the same rule
+        self.rule = model.masking_rule
         return dataset, per_epoch
 
     def collate(self, model: nn.Module):

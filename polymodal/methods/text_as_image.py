@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.sentences import SentenceConfig, extract_labels, generate_sentences, load_synonyms
@@ -152,7 +151,6 @@ class TextAsImageMethod(Method):
     def __init__(self, run, cfg=None):
         super().__init__(run, cfg)
         self._data: tuple[list[str], Tensor] | None = None
-        self._features = None                     # image embeddings of eval manifests (the model is frozen)
 
     # ---- checks ---------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -262,31 +260,12 @@ class TextAsImageMethod(Method):
             adapter = MultiLabelAdapter(acfg, w, names)
         return TextAsImageTask(adapter, self.cfg, frozen_model=model)
 
-    # ---- evaluation and the saved model ---------------------------------------------------------------
-    def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
-        """`multilabel` entries with the trained adapter; other tasks run on the frozen model."""
-        from ..eval.multilabel import multilabel_eval_manifest
-        from ..eval.suite import FeatureCache
-        from ..eval.tasks import run_task
-        model = task.frozen_model
-        model.to(task.adapter.label_embeds.device)
-        if self._features is None:
-            self._features = FeatureCache()
-        out: dict = {}
-        for spec in specs:
-            opts = dict(spec.options)
-            if spec.task == "multilabel":
-                classes = opts.pop("classes", "") or self.cfg.classes
-                m = multilabel_eval_manifest(model, spec.data, classes, adapter=task.adapter, templates=self.cfg.prompts,
-                                             progress=progress, cache=self._features, **opts)
-            else:
-                m = run_task(spec.task, model, spec.data, progress=progress, cache=self._features, **opts)
-            out.update({f"{spec.prefix}/{k}": v for k, v in m.items()})
-        return out
-
+    # ---- the saved model ------------------------------------------------------------------------------
     def final_model(self, task: nn.Module) -> nn.Module:
-        """The adapter (its `save_pretrained` writes `adapter_config.json` + `adapter.safetensors`)."""
-        return task.adapter
+        """The frozen encoder with the trained adapter (`AdaptedEncoder`): evaluated and saved as one model."""
+        from ..models.multilabel import AdaptedEncoder
+        model = task.frozen_model.to(task.adapter.label_embeds.device)
+        return AdaptedEncoder(model, task.adapter)
 
 
 __all__ = ["SentenceEmbeddingDataset", "TextAsImageConfig", "TextAsImageMethod", "TextAsImageTask",

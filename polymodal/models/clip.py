@@ -34,6 +34,8 @@ class CLIPOutput:
 class CLIP(PolymodalModel):
     """Image tower + text tower + linear projections into a shared, L2-normalised space."""
 
+    config_class = CLIPConfig
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.config = cfg

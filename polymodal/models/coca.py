@@ -171,6 +171,8 @@ class CoCa(PolymodalModel):
     """Contrastive captioner: `encode_image`, `encode_text`, `forward` (embeddings + caption logits),
     `generate` (captions as token ids) and `save_pretrained`."""
 
+    config_class = CoCaConfig
+
     def __init__(self, cfg: CoCaConfig):
         super().__init__()
         t, v = cfg.text, cfg.vision

@@ -6,26 +6,8 @@ import json
 from importlib import resources
 
 from ..config import ConfigError, from_dict, set_dotted
-from .base import attach_processors
-
-
-def _families() -> dict:
-    """model_type -> (config class, model class). Imported lazily so one family's deps stay its own."""
-    from .clip import CLIP, CLIPConfig
-    families = {"clip": (CLIPConfig, CLIP)}
-    try:
-        from .multiway import M2Config, M2Encoder
-        families["m2"] = (M2Config, M2Encoder)
-    except ImportError:
-        pass
-    try:
-        from .coca import CoCaConfig, CoCa
-        families["coca"] = (CoCaConfig, CoCa)
-    except ImportError:
-        pass
-    from .video import VideoCLIP, VideoCLIPConfig
-    families["video_clip"] = (VideoCLIPConfig, VideoCLIP)
-    return families
+from .base import attach_processors  # noqa: F401 (re-exported for the converters)
+from .families import build_model, family_class
 
 
 def list_configs() -> list[str]:
@@ -43,16 +25,16 @@ def named_config(name: str) -> dict:
 
 
 def build_config(spec: str | dict, overrides: dict | None = None, where: str = "model"):
-    """Turn a name or dict (+ dotted overrides like {"text.context_length": 128}) into a config dataclass."""
+    """Turn a name or dict (+ dotted overrides like {"text.context_length": 128}) into a config dataclass.
+
+    The dict's `model_type` (default "clip") picks the family (`models.families`); its keys are checked
+    strictly against the family's `config_class` (an unknown key or a wrong type names `where` and the key).
+    """
     data = copy.deepcopy(named_config(spec) if isinstance(spec, str) else spec)
     data.pop("polymodal_version", None)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
-    model_type = data.get("model_type", "clip")
-    families = _families()
-    if model_type not in families:
-        raise ConfigError(f"{where}: unknown model_type {model_type!r}; known: {', '.join(families)}")
-    return from_dict(families[model_type][0], data, where)
+    return from_dict(family_class(data.get("model_type", "clip"), where).config_class, data, where)
 
 
 def create_model(spec, overrides: dict | None = None, tokenizer=None, image_transform=None):
@@ -81,8 +63,8 @@ def create_model(spec, overrides: dict | None = None, tokenizer=None, image_tran
         text = cfg.text
         tokenizer = bundled_tokenizer(text.vocab_size, text.eot_token_id, getattr(text, "pool", "eot"),
                                       getattr(text, "context_length", 77))
-    model = _families()[cfg.model_type][1](cfg)
-    attach_processors(model, tokenizer, image_transform)
+    model = build_model(cfg)
+    model.attach_processors(tokenizer, image_transform)
     return model
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import PolymodalModel
+from .features import Rows
 from .layers import Transformer, init_transformer_
 from .vision import VisionConfig, VisionTower
 
@@ -58,6 +59,7 @@ class FusionConfig:
     frames_per_clip: int = 1       # frames averaged into one visual token
     head_dropout: float = 0.1      # dropout in the level-2 score MLP
     pool: str = "cls"              # what the poolers read: "cls" (BERT, the authors) | "mean" (of real tokens)
+    significant_words: dict = field(default_factory=dict)   # the run's significant-word list (masking.SignificantWords)
     model_type: str = "snps3"
 
     def __post_init__(self):
@@ -180,16 +182,39 @@ class VideoPass:
     video: Tensor
 
 
+@dataclass
+class SNPS3VideoFeatures(Rows):
+    """Retrieval's video side: the `VideoPass` of each video (video (N, W), means (N, n, Wv), valid, clips)."""
+    video: Tensor
+    means: Tensor
+    valid: Tensor
+    clips: Tensor
+
+
+@dataclass
+class SNPS3TextFeatures(Rows):
+    """Retrieval's text side: level-1 features (N, W), token states (N, L, W) and ids (N, L), L = the context."""
+    feature: Tensor
+    tokens: Tensor
+    ids: Tensor
+
+
 class SNPS3Model(PolymodalModel):
     """ViT + the shared BERT network + heads (level 1, cross pooler, level-2 score, ITM, MLM).
+
+    The config also carries the run's significant-word list, so a saved model knows its masking rule
+    (`masking_rule`) wherever it is evaluated.
 
     Args:
         cfg: the model config.
     """
 
+    config_class = FusionConfig
+
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         self.config = cfg
+        self._rule = None
         t, W = cfg.text, cfg.text.width
         self.vision = VisionTower(cfg.vision)
         self.text_encoder = BertStack(t)
@@ -284,6 +309,36 @@ class SNPS3Model(PolymodalModel):
         """(B, 3, H, W) -> (B, W): an image as a one-frame video."""
         return self.encode_video(pixels[:, None], None)
 
+    # ---- retrieval (one loop: polymodal.eval.video_retrieval) --------------------------------------
+    def video_features(self, frames: Tensor, valid: Tensor | None = None, records: list[dict] | None = None
+                       ) -> SNPS3VideoFeatures:
+        """The video pass of a batch (the dual-encoder embedding and what re-ranking and word retrieval read)."""
+        vp = self.video_pass(frames, valid)
+        return SNPS3VideoFeatures(vp.video, vp.means, vp.valid, vp.clips)
+
+    def text_features(self, texts: list[str]) -> SNPS3TextFeatures:
+        """The text pass of captions; ids and token states padded to the tokenizer's context length."""
+        from ..data.text import trim_padding
+        ids = self.tokenizer(list(texts)).to(next(self.parameters()).device)               # (N, L)
+        tp = self.text_pass(trim_padding(ids, self.config.text.pad_token_id))
+        tokens = F.pad(tp.tokens, (0, 0, 0, ids.shape[1] - tp.tokens.shape[1]))           # (N, L, W)
+        return SNPS3TextFeatures(tp.feature, tokens, ids)
+
+    def similarity(self, text: SNPS3TextFeatures, video: SNPS3VideoFeatures, pairs: bool = False) -> Tensor:
+        """Level-1 (dual-encoder) cosine: (N_t, N_v), or (N,) for aligned `pairs`."""
+        return (text.feature * video.video).sum(-1) if pairs else text.feature @ video.video.T
+
+    @property
+    def masking_rule(self):
+        """The `MaskingRule` of the attached tokenizer and the config's significant words (None without them)."""
+        if not self.config.significant_words or self.tokenizer is None:
+            return None
+        if self._rule is None or self._rule[0] is not self.tokenizer:
+            from ..data.masking import SignificantWords, masking_rule
+            words = SignificantWords.from_dict(self.config.significant_words, "config.json significant_words")
+            self._rule = (self.tokenizer, masking_rule(self.tokenizer, words))
+        return self._rule[1]
+
     def mlm_logits(self, h: Tensor) -> Tensor:
         """(..., W) cross-pass states -> (..., V) logits (decoder tied to the cross network's word embeddings)."""
         return self.mlm_head(h, self.cross_encoder.embeddings.word.weight)
@@ -346,33 +401,5 @@ def create_snps3_model(cfg: FusionConfig | dict, tokenizer=None) -> SNPS3Model:
 
 
 __all__ = ["BertConfig", "FusionConfig", "BertStack", "SNPS3Model", "MomentumEncoders", "create_snps3_model",
-           "TextPass", "VideoPass", "load_snps3_model"]
+           "TextPass", "VideoPass", "SNPS3VideoFeatures", "SNPS3TextFeatures"]
 
-
-def load_snps3_model(path) -> SNPS3Model:
-    """A model written by `save_pretrained` (config.json + model.safetensors + tokenizer) from `path`."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from .base import CONFIG_FILE, WEIGHTS_FILE
-    d = Path(path)
-    if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{d}: no {CONFIG_FILE} + {WEIGHTS_FILE}; give a folder saved by an snps3 run "
-                                f"(<out_dir>/model)")
-    raw = json.loads((d / CONFIG_FILE).read_text())
-    if raw.get("model_type") != "snps3":
-        raise ValueError(f"{d / CONFIG_FILE}: model_type {raw.get('model_type')!r} is not an SNP-S3 model")
-    raw.pop("polymodal_version", None)
-    model = SNPS3Model(FusionConfig(**raw))
-    missing, unexpected = model.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{d / WEIGHTS_FILE}: weights do not match the config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    tokenizer = None
-    if (d / "tokenizer.json").is_file():
-        from ..data.text import Tokenizer
-        tokenizer = Tokenizer.from_dir(d)
-    model.attach_processors(tokenizer)
-    return model

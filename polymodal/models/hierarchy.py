@@ -1,4 +1,6 @@
-"""SHE-Net's hierarchical text-video similarity over a `VideoCLIP` (no parameters of its own).
+"""SHE-Net's hierarchical text-video similarity over a `VideoCLIP` (no parameters of its own), and the
+`SHENetModel` family: a VideoCLIP whose config carries the hierarchy, so a saved SHE-Net model scores
+retrieval with it (`similarity`) wherever it is loaded.
 
 Text side, four levels: the sentence (the tower's EOT/CLS embedding) and the verb, noun and adjective nodes
 of the caption's parse (`polymodal.data.syntax`), each node the mean of its tokens' final text-tower states,
@@ -17,8 +19,8 @@ For a text n and a video m (frames t, patches p; only valid frames take part):
 - s = s_sentence + l_v mean_k s_verb_k + l_n mean_k s_noun_k + l_a mean_k s_adj_k; a level a caption has no
   node of contributes 0; a weight of 0 skips its level, so all weights 0 give exactly the sentence score.
 
-Scores need text-video interaction, so they are computed for blocks of texts x videos
-(:func:`similarity_blocks`); memory per block is about ``Nt * Nv * K * T * P`` floats.
+Scores need text-video interaction, so retrieval computes them for blocks of texts x videos
+(`polymodal.eval.video_retrieval`); memory per block is about ``Nt * Nv * K * T * P`` floats.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from .base import ConfigDict
+from .features import Rows
+from .video import VideoCLIP, VideoCLIPConfig
 
 KINDS = ("verb", "noun", "adj")
 
@@ -57,18 +61,12 @@ class HierarchyConfig(ConfigDict):
 
 
 @dataclass
-class VideoFeatures:
+class VideoFeatures(Rows):
     """video (N, E), frames (N, T, E), patches (N, T, P, E), all L2-normalised; valid (N, T) bool."""
     video: Tensor
     frames: Tensor
     patches: Tensor
     valid: Tensor
-
-    def __getitem__(self, s: slice) -> "VideoFeatures":
-        return VideoFeatures(self.video[s], self.frames[s], self.patches[s], self.valid[s])
-
-    def __len__(self) -> int:
-        return len(self.video)
 
 
 @dataclass
@@ -86,6 +84,22 @@ class TextFeatures:
 
     def __len__(self) -> int:
         return len(self.sentence)
+
+    def cpu(self) -> "TextFeatures":
+        """On the CPU, features as float32."""
+        return TextFeatures(self.sentence.float().cpu(), {k: v.float().cpu() for k, v in self.nodes.items()},
+                            {k: v.cpu() for k, v in self.node_valid.items()}, {k: v.cpu() for k, v in self.heads.items()})
+
+    @classmethod
+    def cat(cls, parts: list["TextFeatures"]) -> "TextFeatures":
+        """The texts of `parts` in order; node counts (K) that differ are padded with invalid nodes."""
+        def pad(x: Tensor, K: int, value) -> Tensor:
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, K - x.shape[1]), value=value)
+        Ks = {k: max(p.nodes[k].shape[1] for p in parts) for k in parts[0].nodes}
+        return cls(torch.cat([p.sentence for p in parts]),
+                   {k: torch.cat([pad(p.nodes[k], Ks[k], 0.0) for p in parts]) for k in Ks},
+                   {k: torch.cat([pad(p.node_valid[k], Ks[k], False) for p in parts]) for k in Ks},
+                   {k: torch.cat([pad(p.heads[k], Ks[k], -1) for p in parts]) for k in parts[0].heads})
 
 
 @dataclass
@@ -275,16 +289,6 @@ def hierarchical_similarity(text: TextFeatures, video: VideoFeatures, cfg: Hiera
     return out
 
 
-def similarity_blocks(text: TextFeatures, video: VideoFeatures, cfg: HierarchyConfig, block: int = 64) -> Tensor:
-    """(Nt, Nv) total scores, computed `block` x `block` at a time (bounded temporary memory)."""
-    rows = []
-    for j0 in range(0, len(text), block):
-        t = text[j0:j0 + block]
-        rows.append(torch.cat([hierarchical_similarity(t, video[i0:i0 + block], cfg).total
-                               for i0 in range(0, len(video), block)], dim=1))
-    return torch.cat(rows, dim=0)
-
-
 def hierarchical_infonce(scores: Tensor, scale: Tensor) -> Tensor:
     """Symmetric InfoNCE on a (B, B) text x video score matrix (diagonal = matching pairs).
 
@@ -336,3 +340,81 @@ def patch_box_mask(box, grid: tuple[int, int], patch: int, scale: float = 1.0) -
     in_x = (cols < x1) & (cols + patch > x0)                                          # (gw,)
     in_y = (rows < y1) & (rows + patch > y0)                                          # (gh,)
     return (in_y[:, None] & in_x[None, :]).flatten()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model family
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class SHENetConfig(VideoCLIPConfig):
+    """A video model (`VideoCLIPConfig`) with SHE-Net's hierarchy: what a saved SHE-Net model's config.json holds."""
+    verb_weight: float = 1.0        # l_v
+    noun_weight: float = 1.0        # l_n
+    adj_weight: float = 0.0         # l_a (0 = adjective level off)
+    tau: float = 0.1                # attention temperature
+    noun_frames: str = "verb"       # "verb": a noun's frames weighted by its verb's attention | "mean"
+    max_nodes: int = 4              # nodes kept per kind and caption (first in caption order)
+    max_node_tokens: int = 8        # tokens kept per node
+    model_type: str = "shenet"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temporal.kind == "stan":
+            raise ConfigError("shenet.temporal.kind: 'stan' has no per-frame embeddings to attend over; "
+                              "use mean or transformer")
+        self.hierarchy()
+        if self.max_nodes < 1 or self.max_node_tokens < 1:
+            raise ConfigError(f"shenet.max_nodes ({self.max_nodes}) and shenet.max_node_tokens "
+                              f"({self.max_node_tokens}) must be >= 1")
+
+    def hierarchy(self) -> HierarchyConfig:
+        """The similarity's weights and temperature."""
+        return HierarchyConfig(self.verb_weight, self.noun_weight, self.adj_weight, self.tau, self.noun_frames)
+
+
+class SHENetModel(VideoCLIP):
+    """A `VideoCLIP` over a CLIP whose retrieval similarity is SHE-Net's syntax hierarchy.
+
+    Captions are parsed (spaCy, `polymodal.data.syntax`) when their features are asked for; `parses` (caption ->
+    parse) holds the parses known so far, and callers with a parse cache (training, the `shenet_retrieval`
+    task) fill it first. It is not saved.
+
+    Args:
+        cfg: an `SHENetConfig`.
+        base, temporal: existing modules, as for `VideoCLIP` (see `from_video_model`).
+    """
+
+    config_class = SHENetConfig
+
+    def __init__(self, cfg: SHENetConfig, base: nn.Module | None = None, temporal: nn.Module | None = None):
+        super().__init__(cfg, base, temporal)
+        _check_base(self)
+        self.parses: dict = {}
+        self._parser = None
+
+    def node_batch(self, texts: list[str], length: int | None = None) -> dict:
+        """`polymodal.data.syntax.batch_nodes` tensors of `texts` (parsed now when not in `parses`)."""
+        from ..data.syntax import SpacyParser, batch_nodes, readout_shift
+        missing = list(dict.fromkeys(t for t in texts if t not in self.parses))
+        if missing:
+            self._parser = self._parser or SpacyParser()
+            self.parses.update(zip(missing, self._parser(missing)))
+        tok, c = self.tokenizer, self.config
+        return batch_nodes(tok, list(texts), [self.parses[t] for t in texts], length or tok.context_length,
+                           readout_shift(c.text), {k: c.max_nodes for k in KINDS}, c.max_node_tokens)
+
+    def video_features(self, frames: Tensor, valid: Tensor | None = None, records: list[dict] | None = None
+                       ) -> VideoFeatures:
+        """Video, frame and patch features (`encode_video_features`)."""
+        return encode_video_features(self, frames, valid)
+
+    def text_features(self, texts: list[str]) -> TextFeatures:
+        """Sentence and node features (`encode_text_features`) of captions."""
+        ids = self.tokenize(texts)
+        nodes = self.node_batch(texts, self.tokenizer.context_length)
+        return encode_text_features(self, ids, {k: v.to(ids.device) for k, v in nodes.items()})
+
+    def similarity(self, text: TextFeatures, video: VideoFeatures, pairs: bool = False) -> Tensor:
+        """The hierarchy's total score: (N_t, N_v), or (N,) for aligned `pairs`."""
+        total = hierarchical_similarity(text, video, self.config.hierarchy(), pairs=pairs).total
+        return total[:, 0] if pairs else total

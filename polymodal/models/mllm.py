@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE, ConfigDict, PolymodalModel, save_pretrained
+from .base import ConfigDict, PolymodalModel, save_pretrained
 from .coca import beam_search, greedy_search
 from .layers import Transformer, init_transformer_
 from .vision import VisionConfig, VisionTower
@@ -174,6 +174,8 @@ class MLLM(PolymodalModel):
             its config is copied into `cfg.vision` so the saved model rebuilds it.
         lm: a transformers causal LM module to use as is (its config goes to `cfg.hf_lm`).
     """
+
+    config_class = MLLMConfig
 
     def __init__(self, cfg: MLLMConfig, vision: VisionTower | None = None, lm: nn.Module | None = None):
         super().__init__()
@@ -332,6 +334,12 @@ class MLLM(PolymodalModel):
         return self._tok().batch_decode(self.generate(pixels, prompts, **kwargs))
 
     # ---- files ----------------------------------------------------------------------------------
+    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
+        """Attach the tokenizer and an image transform (default: `ImageTransform` at the tower's size)."""
+        from ..data.images import ImageTransform
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform or ImageTransform(self.config.vision.image_size)
+
     def save_pretrained(self, directory) -> None:
         """config.json + model.safetensors (+ tokenizer + preprocessor_config.json), swapped in atomically.
 
@@ -381,44 +389,6 @@ def mllm_config(name: str = "mllm-tiny", overrides: dict | None = None, tokenize
 def create_mllm(cfg: MLLMConfig, tokenizer=None, vision: VisionTower | None = None, lm: nn.Module | None = None,
                 image_transform=None) -> MLLM:
     """Build an `MLLM` and attach its tokenizer and image transform (default: `ImageTransform` at the tower's size)."""
-    from ..data.images import ImageTransform
     model = MLLM(cfg, vision=vision, lm=lm)
-    model.tokenizer = tokenizer
-    model.image_transform = image_transform or ImageTransform(cfg.vision.image_size)
+    model.attach_processors(tokenizer, image_transform)
     return model
-
-
-def load_mllm(directory) -> MLLM:
-    """Load a directory written by `MLLM.save_pretrained` (strict: every weight must match)."""
-    from safetensors.torch import load_file
-    from ..config import from_dict
-    directory = Path(directory)
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; not a saved MLLM directory")
-    data = json.loads(path.read_text())
-    data.pop("polymodal_version", None)
-    if data.get("model_type") != "mllm":
-        raise ValueError(f"{path}: model_type is {data.get('model_type')!r}, not 'mllm'")
-    cfg = from_dict(MLLMConfig, data, str(path))
-    cfg.lm_path = ""                       # the weights are in model.safetensors; never re-read the source LM
-    model = MLLM(cfg)
-    state = load_file(str(directory / WEIGHTS_FILE))
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: weights do not match the config (missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}); re-save the model")
-    tokenizer = None
-    if any((directory / f).exists() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
-        from ..data.text import Tokenizer
-        tokenizer = Tokenizer.from_dir(directory)
-    transform = None
-    if (directory / PREPROCESSOR_FILE).is_file():
-        from ..data.images import ImageTransform
-        transform = ImageTransform.from_dict(json.loads((directory / PREPROCESSOR_FILE).read_text()))
-    model.tokenizer = tokenizer
-    if transform is None:
-        from ..data.images import ImageTransform
-        transform = ImageTransform(cfg.vision.image_size)
-    model.image_transform = transform
-    return model.eval()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -135,6 +135,84 @@ class MultiLabelAdapter(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the adapter into ``directory`` (see :func:`save_adapter`); read it back with :func:`load_adapter`."""
         save_adapter(self, directory)
+
+
+@dataclass
+class AdaptedEncoderConfig:
+    """A frozen image-text model plus a multi-label adapter: what a saved Text-as-Image run's config.json holds."""
+    base: dict = field(default_factory=dict)           # the frozen image-text model's config
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    label_names: list = field(default_factory=list)    # the adapter's C labels, in order
+    model_type: str = "multilabel_adapter"
+
+    def __post_init__(self):
+        self._base = None
+
+    def base_config(self):
+        """The frozen model's config dataclass, built once from `base`."""
+        if self._base is None:
+            from .factory import build_config
+            self._base = build_config(self.base, where="multilabel_adapter.base")
+        return self._base
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self._base is not None:
+            data["base"] = self._base.to_dict()
+        return data
+
+
+class AdaptedEncoder(nn.Module):
+    """A frozen dual encoder with a trained `MultiLabelAdapter` on its image embeddings (one saved model).
+
+    The image-text interface is the frozen model's, so every eval task runs on it as on that model; the
+    `multilabel` task scores with `adapter` (see `polymodal.eval.multilabel`).
+
+    Args:
+        base: the frozen image-text model (CLIP, M2-Encoder ...).
+        adapter: the trained adapter (its label names are saved in the config).
+    """
+
+    def __init__(self, base: nn.Module, adapter: MultiLabelAdapter):
+        super().__init__()
+        self.base, self.adapter = base, adapter
+        self.config = AdaptedEncoderConfig(base=base.config.to_dict(), adapter=adapter.config,
+                                           label_names=list(adapter.label_names))
+        self.config._base = base.config
+
+    config_class = AdaptedEncoderConfig
+
+    @classmethod
+    def from_config(cls, cfg: AdaptedEncoderConfig) -> "AdaptedEncoder":
+        """A randomly initialised model of a saved config (label embeddings zero until the weights load)."""
+        from .families import build_model
+        names = list(cfg.label_names)
+        adapter = MultiLabelAdapter(cfg.adapter, torch.zeros(len(names), cfg.adapter.embed_dim), names)
+        return cls(build_model(cfg.base_config()), adapter)
+
+    tokenizer = property(lambda self: self.base.tokenizer)
+    image_transform = property(lambda self: self.base.image_transform)
+
+    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
+        """Attach the processors to the frozen model."""
+        self.base.attach_processors(tokenizer, image_transform)
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """The frozen model's (B, E) image embedding."""
+        return self.base.encode_image(pixels, normalize=normalize)
+
+    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
+        """The frozen model's (N, E) text embedding."""
+        return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B, 3, H, W) images -> (B, C) adapter logits."""
+        return self.adapter(self.encode_image(pixels))
+
+    def save_pretrained(self, directory) -> None:
+        """One folder: config.json (frozen model config, adapter config, labels), model.safetensors, processors."""
+        from .base import save_pretrained
+        save_pretrained(self, directory)
 
 
 def save_adapter(adapter: MultiLabelAdapter, directory: str | os.PathLike) -> None:

@@ -182,6 +182,8 @@ class M2Encoder(PolymodalModel):
     `image_transform`.
     """
 
+    config_class = M2Config
+
     def __init__(self, cfg: M2Config):
         super().__init__()
         if cfg.text.pool not in ("cls", "eot"):

@@ -10,7 +10,9 @@ a `.tokenizer`):
 - `TextRewardModel`: polymodal's text tower (`models/text.py`) plus a linear head on the pooled (EOT) state,
   for CPU-size work; saved as `config.json` (`model_type: "text_reward"`) + `model.safetensors` + tokenizer.
 
-`load_reward_model(path)` reads either kind.
+`polymodal.load_model(path)` reads either kind (our folders through the one loader, HF sequence-classification
+folders through `polymodal.convert.hf_reward`); `HFRewardModel.from_pretrained` also starts one from an HF
+causal-LM folder.
 """
 from __future__ import annotations
 
@@ -25,15 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from ..data.preference import render_text
-from .base import CONFIG_FILE, WEIGHTS_FILE, replace_dir, save_pretrained
+from .base import CONFIG_FILE, replace_dir, save_pretrained
 from .text import TextConfig, TextTower
 
 MODEL_TYPE = "text_reward"
 HF_EXTRA_FILE = "polymodal_reward.json"      # our formatting settings beside an HF reward model
 TEMPLATES = ("auto", "plain", "chat")
 
-__all__ = ["RewardConfig", "TextRewardModel", "HFRewardModel",
-           "load_reward_model", "is_hf_model_dir", "encode_polymodal", "encode_hf", "TextEncoder", "MODEL_TYPE"]
+__all__ = ["RewardConfig", "TextRewardModel", "HFRewardModel", "is_hf_model_dir", "encode_polymodal", "encode_hf",
+           "TextEncoder", "MODEL_TYPE", "HF_EXTRA_FILE"]
 
 
 # ---- tokenisation -------------------------------------------------------------------------------------
@@ -122,6 +124,8 @@ class TextRewardModel(_RewardBase):
         tokenizer: a `polymodal.data.text.Tokenizer` (attached, not part of the state dict).
     """
 
+    config_class = RewardConfig
+
     def __init__(self, config: RewardConfig, tokenizer=None):
         super().__init__()
         self.config = config
@@ -168,33 +172,13 @@ class TextRewardModel(_RewardBase):
         out = self.tower(ids, attention_mask=None if self.config.text.causal else mask, pooled_only=True)
         return self.head(out.pooled).squeeze(-1)                              # (B,)
 
+    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
+        """Attach the tokenizer (a reward model reads no images)."""
+        self.tokenizer = tokenizer
+
     def save_pretrained(self, directory) -> None:
         """config.json (with `polymodal_version`), model.safetensors and the tokenizer, swapped in atomically."""
         save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory) -> "TextRewardModel":
-        """Load a folder written by `save_pretrained` (strict: every weight must match)."""
-        from safetensors.torch import load_file
-        from ..data.text import Tokenizer
-        directory = Path(directory)
-        raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-        raw.pop("polymodal_version", None)
-        if raw.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"{directory / CONFIG_FILE}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
-        text = raw.pop("text", {})
-        unknown = [k for k in text if k not in TextConfig.__dataclass_fields__]
-        if unknown:
-            raise ValueError(f"{directory / CONFIG_FILE}: unknown text key(s) {unknown}")
-        cfg = RewardConfig(text=TextConfig(**text), separator=raw.get("separator", "\n"))
-        tok = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
-        model = cls(cfg, tok)
-        state = load_file(str(directory / WEIGHTS_FILE))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_FILE}: weights do not match the config (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-        return model
 
 
 # ---- any local HF model ---------------------------------------------------------------------------------
@@ -300,22 +284,3 @@ def is_hf_model_dir(path) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(raw, dict) and "polymodal_version" not in raw and "model_type" in raw
-
-
-def load_reward_model(path, **hf_options) -> nn.Module:
-    """A `TextRewardModel` (our folder) or an `HFRewardModel` (any HF folder), in eval mode.
-
-    Args:
-        path: the folder.
-        **hf_options: `HFRewardModel.from_pretrained` options (max_length, template, separator, dtype).
-    Raises:
-        FileNotFoundError: no such folder / no config.json.
-        ValueError: a polymodal folder that is not a reward model.
-    """
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"reward model {path}: no config.json there (give a saved reward model or a local "
-                                f"HF model folder)")
-    if is_hf_model_dir(path):
-        return HFRewardModel.from_pretrained(path, **hf_options).eval()
-    return TextRewardModel.from_pretrained(path).eval()

@@ -18,14 +18,15 @@ tower gives per-frame features, its text tower embeds the label names (the "know
 * the ensemble prediction is the mean of the two streams' refined logits.
 
 `freeze_image` / `freeze_text` run the towers without gradients (frozen features from a pretrained model).
-Save with `save_pretrained` (the video model's files plus ``scene_config.json`` and ``scene_heads.safetensors``),
-load with `load_scene_model`.
+A scene model is one family (`model_type: scene`): its config nests the video model's config and the labels, its
+weights are one `model.safetensors`, and `polymodal.load_model` reads it back.
 """
 from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,13 +35,13 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..data.labels import LabelHierarchy, hierarchy_from_classes
-from .base import ConfigDict
+from .base import ConfigDict, save_pretrained
 from .layers import Transformer, init_transformer_
 
 STREAMS = ("both", "temporal", "frame")
 FRAME_POOLS = ("max", "mean")
-SCENE_CONFIG = "scene_config.json"
-SCENE_HEADS = "scene_heads.safetensors"
+LEGACY_CONFIG = "scene_config.json"         # the side files of scene model folders from before the family
+LEGACY_HEADS = "scene_heads.safetensors"
 
 
 @dataclass
@@ -61,6 +62,10 @@ class SceneConfig(ConfigDict):
     label_template: str = "{}"     # prompt around each label name, e.g. "a video that {}"
     init_scale: float = 10.0       # initial cosine -> logit scale of each stream
     center_labels: bool = True     # subtract the mean label embedding before normalising (see label_embeddings)
+    # Filled by the model (not recipe keys): what a saved scene model's config.json holds beside the settings.
+    video: dict = field(default_factory=dict)     # the wrapped video model's config
+    labels: dict = field(default_factory=dict)    # the label hierarchy (names, parents, groups)
+    model_type: str = "scene"
 
     def __post_init__(self):
         if self.streams not in STREAMS:
@@ -80,6 +85,13 @@ class SceneConfig(ConfigDict):
                               f"{self.label_template!r}")
         if not self.init_scale > 0:
             raise ConfigError(f"scene.model.init_scale must be > 0, got {self.init_scale!r}")
+
+    def to_dict(self) -> dict:
+        """The JSON-ready config; `video` is the wrapped model's current config when the model set it."""
+        video = self.video
+        data = asdict(replace(self, video={}))
+        data["video"] = video.to_dict() if hasattr(video, "to_dict") else copy.deepcopy(video)
+        return data
 
     @property
     def has_temporal(self) -> bool:
@@ -228,27 +240,58 @@ class SceneModel(nn.Module):
         cfg: the scene config.
     """
 
+    config_class = SceneConfig
+
     def __init__(self, video: nn.Module, hierarchy: LabelHierarchy, cfg: SceneConfig | None = None):
         super().__init__()
-        cfg = cfg or SceneConfig()
-        if video.tokenizer is None:
-            raise ConfigError("SceneModel: the video model has no tokenizer to embed the label names with; "
-                              "attach one (tokenizer.path) or train one (tokenizer.corpus_keys)")
+        cfg = replace(cfg or SceneConfig(), video=video.config, labels=hierarchy.to_dict())
         self.config, self.hierarchy, self.video = cfg, hierarchy, video
         dim = video.config.embed_dim
         heads = cfg.heads or max(1, dim // 32)
         if dim % heads:
             raise ConfigError(f"scene.model.heads={heads} does not divide the embedding size {dim}")
         C = len(hierarchy)
-        names = [cfg.label_template.format(n) for n in hierarchy.display_names(cfg.label_lang)]
-        self.register_buffer("label_ids", video.tokenizer(names), persistent=False)        # (C, L)
+        self._label_ids = None                                               # (tokenizer, (C, L) ids), on first use
         self.register_buffer("parent_index", hierarchy.parent_index(), persistent=False)   # (C,)
         self.temporal = TemporalStream(dim, C, cfg, heads) if cfg.has_temporal else None
         self.frame = FrameStream(dim, C, cfg, heads) if cfg.has_frame else None
 
+    @classmethod
+    def from_config(cls, cfg: SceneConfig) -> "SceneModel":
+        """A randomly initialised scene model of a saved config (its video model and labels nested in it)."""
+        from .factory import build_config
+        from .families import build_model
+        video = build_model(build_config(cfg.video, where="scene.video"))
+        return cls(video, hierarchy_from_classes(cfg.labels, "scene.labels"), cfg)
+
     # ---- processors and towers ------------------------------------------------------------------------
     tokenizer = property(lambda self: self.video.tokenizer)
     image_transform = property(lambda self: self.video.image_transform)
+
+    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
+        """Attach the tokenizer (it embeds the label names) and the image transform to the video model."""
+        self.video.attach_processors(tokenizer, image_transform)
+
+    # Aliases so the video-text eval tasks run on a scene model as on its video model.
+    def encode_video(self, frames: Tensor, valid: Tensor | None = None, normalize: bool = True) -> Tensor:
+        """The video model's (B, E) video embedding."""
+        return self.video.encode_video(frames, valid, normalize)
+
+    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
+        """The video model's (N, E) text embedding."""
+        return self.video.encode_text(ids, normalize, attention_mask)
+
+    def label_ids(self) -> Tensor:
+        """(C, L) token ids of the label prompts, tokenized by the attached tokenizer on first use."""
+        tok = self.tokenizer
+        if tok is None:
+            raise ConfigError("SceneModel: the video model has no tokenizer to embed the label names with; "
+                              "attach one (tokenizer.path) or train one (tokenizer.corpus_keys)")
+        if self._label_ids is None or self._label_ids[0] is not tok:
+            c = self.config
+            names = [c.label_template.format(n) for n in self.hierarchy.display_names(c.label_lang)]
+            self._label_ids = (tok, tok(names))
+        return self._label_ids[1].to(self.parent_index.device)
 
     def label_embeddings(self) -> Tensor:
         """(C, E) unit label-name embeddings from the text tower.
@@ -259,7 +302,7 @@ class SceneModel(nn.Module):
         first, so only what tells the names apart is kept.
         """
         with torch.no_grad() if self.config.freeze_text else nullcontext():
-            e = self.video.encode_text(self.label_ids)                    # (C, E)
+            e = self.video.encode_text(self.label_ids())                  # (C, E)
         if self.config.center_labels and len(e) > 1:
             e = F.normalize(e - e.mean(0, keepdim=True), dim=-1)
         return e
@@ -300,49 +343,40 @@ class SceneModel(nn.Module):
     def _refine(self, z: Tensor) -> Tensor:
         return refine_with_parents(z, self.parent_index) if self.config.refine else z
 
-    # ---- saving ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        """The video model's files, then ``scene_config.json`` (config + labels) and ``scene_heads.safetensors``."""
-        from safetensors.torch import save_file
-
-        from ..fileio import atomic_open
-        self.video.save_pretrained(directory)
-        directory = Path(directory)
-        heads = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("video.")}
-        save_file(heads, str(directory / SCENE_HEADS))
-        with atomic_open(directory / SCENE_CONFIG, "w", encoding="utf-8") as f:
-            json.dump({"scene": asdict(self.config), "labels": self.hierarchy.to_dict()}, f, indent=1,
-                      ensure_ascii=False)
+        """One folder: config.json (settings, the video model's config, the labels), model.safetensors, the
+        tokenizer and the preprocessing config."""
+        save_pretrained(self, directory)
 
 
-def load_scene_model(directory, video: nn.Module | None = None) -> SceneModel:
-    """A folder written by `SceneModel.save_pretrained` back as a SceneModel (eval mode).
+def from_legacy_folder(directory, video: nn.Module) -> SceneModel:
+    """A scene model folder written before scene models were one family (a video model's files plus
+    ``scene_config.json`` and ``scene_heads.safetensors``), as a `SceneModel` (eval mode).
 
     Args:
         directory: the folder.
-        video: the folder's video model when already loaded (`polymodal.load_model(directory)`); else loaded here.
+        video: its video model, already loaded from the folder's config.json and model.safetensors.
     """
     from safetensors.torch import load_file
 
     from ..config import from_dict
-    from ..hub import load_model
     directory = Path(directory)
-    cfg_file = directory / SCENE_CONFIG
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: {directory} is not a scene model folder (train one with "
-                                f"method: scene, or load the plain video model with polymodal.load_model)")
-    data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    cfg = from_dict(SceneConfig, data["scene"], str(cfg_file))
-    hierarchy = hierarchy_from_classes(data["labels"], str(cfg_file))
-    video = load_model(directory) if video is None else video
+    cfg_file = directory / LEGACY_CONFIG
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+        cfg = from_dict(SceneConfig, data["scene"], str(cfg_file))
+        hierarchy = hierarchy_from_classes(data["labels"], str(cfg_file))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{cfg_file}: not a readable scene config ({type(e).__name__}: {e}); re-save the model with "
+                          f"`polymodal train` (method: scene)") from None
     model = SceneModel(video, hierarchy, cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(directory / SCENE_HEADS)), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(str(directory / LEGACY_HEADS)), strict=False)
     missing = [k for k in missing if not k.startswith("video.")]
     if missing or unexpected:
-        raise ValueError(f"{directory / SCENE_HEADS}: missing {missing[:5]}, unexpected {unexpected[:5]} keys for "
-                         f"the config in {cfg_file}")
+        raise ConfigError(f"{directory / LEGACY_HEADS}: missing {missing[:5]}, unexpected {unexpected[:5]} keys for "
+                          f"the config in {cfg_file}")
     return model.eval()
 
 
 __all__ = ["SceneConfig", "SceneOutput", "SceneModel", "TemporalStream", "FrameStream", "LabelClassifier",
-           "refine_with_parents", "load_scene_model", "SCENE_CONFIG", "SCENE_HEADS"]
+           "refine_with_parents", "from_legacy_folder", "LEGACY_CONFIG", "LEGACY_HEADS"]

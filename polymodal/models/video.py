@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, from_dict
 from .base import attach_processors, save_pretrained
 from .clip import CLIPOutput
-from .factory import _families, build_config
+from .factory import build_config
+from .families import IMAGE_TEXT, build_model
 from .temporal import (STANBranch, TemporalConfig, build_temporal, masked_mean, sample_keep,
                        vision_hidden_states)
 from .vision import VisionTower
@@ -44,9 +45,9 @@ class VideoCLIPConfig:
     def base_config(self):
         """The wrapped model's config dataclass, built once from `base` (later edits to it are kept)."""
         if self._base is None:
-            if self.base.get("model_type") == self.model_type:
-                raise ConfigError("video_clip.base: the wrapped model cannot itself be a video_clip; "
-                                  "give the image-text model's config (model_type clip or m2)")
+            if self.base.get("model_type", "clip") not in IMAGE_TEXT:
+                raise ConfigError(f"{self.model_type}.base: the wrapped model must be an image-text model (model_type "
+                                  f"{', '.join(IMAGE_TEXT)}), got {self.base.get('model_type')!r}")
             self._base = build_config(self.base, where="video_clip.base")
         return self._base
 
@@ -75,13 +76,20 @@ class VideoCLIP(nn.Module):
     Args:
         cfg: the config; the wrapped model is built from `cfg.base` (random init) unless `base` is given.
         base: an existing CLIP / M2Encoder to wrap (used as is, not copied); see `from_image_model`.
+        temporal: an existing temporal module for `cfg.temporal` (used as is); see `from_video_model`.
+
+    Video-text retrieval (`polymodal.eval.video_retrieval`) asks the model for `video_features`,
+    `text_features` and `similarity`; here they are the pooled, normalised embeddings and their cosine.
+    Families built on this one (M2-RAAP's Mug/ACG, SHE-Net's hierarchy) override those three.
     """
 
-    def __init__(self, cfg: VideoCLIPConfig, base: nn.Module | None = None):
+    config_class = VideoCLIPConfig
+
+    def __init__(self, cfg: VideoCLIPConfig, base: nn.Module | None = None, temporal: nn.Module | None = None):
         super().__init__()
         if base is None:
             base_cfg = cfg.base_config()
-            base = _families()[base_cfg.model_type][1](base_cfg)
+            base = build_model(base_cfg)
         self.config = cfg
         self.base = base
         tower = getattr(base, "visual", None)
@@ -89,7 +97,7 @@ class VideoCLIP(nn.Module):
             raise ConfigError(f"temporal.kind='stan' needs a ViT image tower (CLIP's `visual`), but the wrapped "
                               f"model is a {type(base).__name__} (model_type {base.config.model_type!r}); use "
                               f"temporal.kind=transformer (or mean) for it")
-        self.temporal = build_temporal(cfg.temporal, base.config.embed_dim, tower)
+        self.temporal = temporal if temporal is not None else build_temporal(cfg.temporal, base.config.embed_dim, tower)
 
     @classmethod
     def from_image_model(cls, model: nn.Module, temporal: TemporalConfig | dict | None = None) -> "VideoCLIP":
@@ -110,6 +118,20 @@ class VideoCLIP(nn.Module):
         cfg._base = model.config   # the same object: the wrapped model and the video config agree
         video = cls(cfg, base=model)
         return video.train(model.training)
+
+    @classmethod
+    def from_video_model(cls, video: "VideoCLIP", **settings) -> "VideoCLIP":
+        """`video`'s image-text model and temporal module (shared, not copied) as a model of family `cls`.
+
+        Args:
+            video: a VideoCLIP (e.g. a saved plain video model an M2-RAAP or SHE-Net run starts from).
+            **settings: the fields `cls.config_class` adds to `VideoCLIPConfig`.
+        Returns:
+            The model (in `video`'s train/eval mode).
+        """
+        cfg = cls.config_class(base=video.config.base, temporal=copy.deepcopy(video.config.temporal), **settings)
+        cfg._base = video.config.base_config()
+        return cls(cfg, base=video.base, temporal=video.temporal).train(video.training)
 
     # ---- processors live on the wrapped model (kept off the state dict) ----
     tokenizer = property(lambda self: self.base.tokenizer, lambda self, v: setattr(self.base, "tokenizer", v))
@@ -184,6 +206,38 @@ class VideoCLIP(nn.Module):
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, E): each image as a one-frame video."""
         return self.encode_video(pixels[:, None], normalize=normalize)
+
+    # ---- what video-text retrieval compares (one loop: polymodal.eval.video_retrieval) ----
+    def video_features(self, frames: Tensor, valid: Tensor | None = None, records: list[dict] | None = None):
+        """A batch of videos as the features `similarity` compares: here (B, E) normalised embeddings.
+
+        Args:
+            frames: (B, T, 3, H, W); valid: (B, T) bool or None.
+            records: the batch's manifest records (read by families that use more than frames, e.g. ACG's
+                auxiliary captions); unused here.
+        """
+        return self.encode_video(frames, valid)
+
+    def text_features(self, texts: list[str]):
+        """A batch of captions as the features `similarity` compares: here (N, E) normalised embeddings."""
+        return self.encode_text(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        """(N, L) token ids of `texts` on the model's device, padding columns no text uses removed."""
+        from ..data.text import trim_padding
+        ids = trim_padding(self.tokenizer(list(texts)), self.config.text.pad_token_id)
+        return ids.to(next(self.parameters()).device)
+
+    def similarity(self, text: Tensor, video: Tensor, pairs: bool = False) -> Tensor:
+        """Scores of texts against videos (the cosine of the pooled embeddings here).
+
+        Args:
+            text: `text_features` of N_t texts; video: `video_features` of N_v videos.
+            pairs: score text i with video i only (N_t == N_v).
+        Returns:
+            (N_t, N_v), or (N_t,) with `pairs`.
+        """
+        return (text * video).sum(-1) if pairs else text @ video.T
 
     def forward(self, frames: Tensor, ids: Tensor, attention_mask: Tensor | None = None,
                 valid: Tensor | None = None) -> CLIPOutput:

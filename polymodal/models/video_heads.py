@@ -14,9 +14,17 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..data.text import trim_padding
+from .features import Rows
+from .video import VideoCLIP, VideoCLIPConfig
 
 NEG = -1e4           # masked logits (finite, so a row without real entries gives zeros, not NaN)
 ACG_LEVELS = ("video", "frame")
@@ -175,4 +183,172 @@ def pool_frames(model: nn.Module, frames: Tensor, valid: Tensor | None = None, n
     return F.normalize(x, dim=-1) if normalize else x
 
 
-__all__ = ["text_token_features", "mug_similarity", "mug_loss", "ACGFusion", "pool_frames", "ACG_LEVELS"]
+# ---- the M2-RAAP model family ---------------------------------------------------------------------------
+SIMILARITIES = ("mean", "mug")
+
+
+@dataclass
+class M2RAAPConfig(VideoCLIPConfig):
+    """A video model (`VideoCLIPConfig`: the wrapped image-text model and the temporal module) with M2-RAAP's
+    video-text similarity and ACG head; what a saved M2-RAAP model's config.json holds."""
+    similarity: str = "mean"        # "mean": cosine of pooled video and text embeddings | "mug": the Mug head
+    mug_tau: float = 100.0          # Mug: softmax(tau R) inside the head
+    mug_block: int = 64             # Mug scoring: texts/videos per block (bounded memory)
+    acg: bool = False               # auxiliary-caption guidance on/off (an `acg` head in the weights)
+    acg_level: str = "video"        # "video": mean caption embedding added to every frame | "frame": caption k, frame k
+    aux_field: str = "aux_captions"  # record field with the auxiliary caption(s): a string or a list
+    max_aux: int = 8                # at most this many aux captions per video (the first ones)
+    model_type: str = "m2raap"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.similarity not in SIMILARITIES:
+            raise ConfigError(f"m2raap.similarity: {self.similarity!r} is not one of {', '.join(SIMILARITIES)}")
+        if self.acg_level not in ACG_LEVELS:
+            raise ConfigError(f"m2raap.acg_level: {self.acg_level!r} is not one of {', '.join(ACG_LEVELS)}")
+        if not self.mug_tau > 0:
+            raise ConfigError(f"m2raap.mug_tau: {self.mug_tau} must be > 0")
+        for key in ("mug_block", "max_aux"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"m2raap.{key}: {getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class TokenFeatures(Rows):
+    """Mug's text side: (N, L, E) L2-normalised token features and the (N, L) mask of real tokens."""
+    tokens: Tensor
+    mask: Tensor
+    PAD: ClassVar[dict] = {"tokens": 0.0, "mask": False}
+
+
+@dataclass
+class FrameFeatures(Rows):
+    """Mug's video side: (N, T, E) L2-normalised frame features and the (N, T) mask of real frames."""
+    frames: Tensor
+    valid: Tensor
+
+
+def aux_captions_of(record: dict, aux_field: str, max_aux: int) -> list[str]:
+    """The record's auxiliary captions (a string or a list in `aux_field`), at most `max_aux`; [] if none."""
+    value = record.get(aux_field)
+    if value is None:
+        return []
+    caps = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)]
+    return [c for c in caps if c.strip()][:max_aux]
+
+
+class M2RAAPModel(VideoCLIP):
+    """A `VideoCLIP` with M2-RAAP's feature enhancement: the ACG head fuses auxiliary-caption embeddings into
+    the frame features, and the Mug head scores texts against videos token by frame (or the pooled cosine).
+
+    Args:
+        cfg: an `M2RAAPConfig`.
+        base, temporal: existing modules to use, as for `VideoCLIP` (see `from_video_model`).
+    """
+
+    config_class = M2RAAPConfig
+
+    def __init__(self, cfg: M2RAAPConfig, base: nn.Module | None = None, temporal: nn.Module | None = None):
+        super().__init__(cfg, base, temporal)
+        self.acg = ACGFusion(self.config.embed_dim, cfg.acg_level) if cfg.acg else None
+
+    # ---- features ---------------------------------------------------------------------------------------
+    def aux_ids(self, captions: list[list[str]]) -> tuple[Tensor, Tensor]:
+        """Token ids (B, K, L) and mask (B, K) of each video's auxiliary captions (K = the most of any video)."""
+        K = max(1, max(len(c) for c in captions))
+        ids = self.tokenize([c[k] if k < len(c) else "" for c in captions for k in range(K)])   # (B*K, L)
+        mask = torch.tensor([[k < len(c) for k in range(K)] for c in captions], device=ids.device)
+        return ids.view(len(captions), K, -1), mask
+
+    def encode_aux(self, aux_ids: Tensor, aux_mask: Tensor) -> Tensor:
+        """(B, K, L) aux-caption ids -> (B, K, E) normalised text embeddings (no gradient; padding rows zero)."""
+        B, K, L = aux_ids.shape
+        ids = trim_padding(aux_ids.reshape(B * K, L), self.config.text.pad_token_id)
+        with torch.no_grad():
+            emb = self.encode_text(ids).view(B, K, -1)                                 # (B, K, E)
+        return emb * aux_mask[..., None].to(emb.dtype)
+
+    def fused_frames(self, frames: Tensor, valid: Tensor | None = None, aux_ids: Tensor | None = None,
+                     aux_mask: Tensor | None = None) -> Tensor:
+        """(B, T, E) frame features (unnormalised), ACG-fused when the head is on and aux ids are given."""
+        x = self.encode_frames(frames, valid)                                          # (B, T, E)
+        if self.acg is not None and aux_ids is not None:
+            x = self.acg(x, self.encode_aux(aux_ids, aux_mask), aux_mask)
+        return x
+
+    def video_features(self, frames: Tensor, valid: Tensor | None = None, records: list[dict] | None = None):
+        """Pooled embeddings (B, E), or `FrameFeatures` for Mug; ACG reads each record's `aux_field`."""
+        aux_ids = aux_mask = None
+        if self.acg is not None and records is not None:
+            aux_ids, aux_mask = self.aux_ids([aux_captions_of(r, self.config.aux_field, self.config.max_aux)
+                                              for r in records])
+        x = self.fused_frames(frames, valid, aux_ids, aux_mask)                        # (B, T, E)
+        if self.config.similarity == "mug":
+            if valid is None:
+                valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            return FrameFeatures(F.normalize(x, dim=-1), valid.bool())
+        return pool_frames(self, x, valid)
+
+    def text_features(self, texts: list[str]):
+        """Pooled embeddings (N, E), or `TokenFeatures` for Mug."""
+        ids = self.tokenize(texts)
+        if self.config.similarity == "mug":
+            return TokenFeatures(*text_token_features(self, ids))
+        return self.encode_text(ids)
+
+    def similarity(self, text, video, pairs: bool = False) -> Tensor:
+        """Mug scores (or cosines) of texts against videos: (N_t, N_v), or (N_t,) for aligned `pairs`."""
+        if self.config.similarity != "mug":
+            return super().similarity(text, video, pairs)
+        c = self.config
+        if not pairs:
+            return mug_similarity(text.tokens, text.mask, video.frames, video.valid, tau=c.mug_tau,
+                                  block_size=c.mug_block)
+        b = c.mug_block
+        return torch.cat([mug_similarity(text.tokens[i:i + b], text.mask[i:i + b], video.frames[i:i + b],
+                                         video.valid[i:i + b], tau=c.mug_tau, block_size=b).diagonal()
+                          for i in range(0, len(text), b)])
+
+    def retrieval_counts(self, records: list[dict]) -> dict:
+        """`num_without_aux`: evaluated videos without an auxiliary caption (only with the ACG head)."""
+        if self.acg is None:
+            return {}
+        c = self.config
+        return {"num_without_aux": sum(not aux_captions_of(r, c.aux_field, c.max_aux) for r in records)}
+
+
+def from_legacy_folder(directory, video: VideoCLIP) -> M2RAAPModel:
+    """An M2-RAAP model folder written before M2-RAAP models were one family (a video model's files plus
+    ``m2raap.json`` and, with ACG, ``m2raap_heads.safetensors``), as an `M2RAAPModel` (eval mode).
+
+    Args:
+        directory: the folder.
+        video: its video model, already loaded from the folder's config.json and model.safetensors.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    cfg_file = directory / "m2raap.json"
+    try:
+        section = json.loads(cfg_file.read_text(encoding="utf-8"))
+        settings = {k: section[k] for k in ("similarity", "mug_tau", "mug_block", "acg", "acg_level", "aux_field",
+                                            "max_aux") if k in section}
+        model = M2RAAPModel.from_video_model(video, **settings)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{cfg_file}: not a readable M2-RAAP config ({type(e).__name__}: {e}); re-save the model "
+                          f"with `polymodal train` (method: m2raap)") from None
+    if model.acg is not None:
+        heads = directory / "m2raap_heads.safetensors"
+        try:
+            model.acg.load_state_dict(load_file(str(heads)))
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"{heads}: the ACG head cannot be read ({type(e).__name__}); re-save the model with "
+                              f"`polymodal train` (method: m2raap)") from None
+    return model.eval()
+
+
+__all__ = ["text_token_features", "mug_similarity", "mug_loss", "ACGFusion", "pool_frames", "ACG_LEVELS",
+           "M2RAAPConfig", "M2RAAPModel", "TokenFeatures", "FrameFeatures", "aux_captions_of", "SIMILARITIES",
+           "from_legacy_folder"]

@@ -233,6 +233,10 @@ def run_recipe(cfg: RunConfig) -> dict:
     dist_utils.barrier()
     model = method.build_model(tokenizer)
     task = method.build_task(model)
+    from ..eval.tasks import check_model
+    evaluated = method.final_model(task)
+    for spec in cfg.eval.specs():                  # a task the saved model cannot run fails now, not at the first eval
+        check_model(spec.task, evaluated)
     make_loader = build_loader_factory(cfg, method, model)
     trainer = Trainer(task, make_loader, cfg.optim, cfg.train, out_dir, build_evaluate(cfg, method),
                       val_loader=build_val_loader(cfg, method, model))

@@ -2,8 +2,8 @@
 
 Every video-caption pair of a manifest is scored with a frozen image-text model: the cosine similarity of the
 video embedding (the mean of its L2-normalised frame embeddings, normalised again, as
-`eval.video_retrieval.encode_clips` computes it; a video model's own `encode_video` when it has one) and the
-caption embedding (`eval.suite.encode_texts`). A record with several captions (`captions`) scores the mean over
+`encode.encode_clips` computes it; a video model's own `encode_video` when it has one) and the
+caption embedding (`encode.encode_texts`). A record with several captions (`captions`) scores the mean over
 them. Pairs are kept by a threshold (score >= t) or as the top fraction (the round(keep * N) best, at least
 one; ties keep the earlier record); the kept records keep their manifest order. Kept captions then go through a
 rewriting hook: any callable str -> str; by default `normalize_caption` (a template rewriter); optionally a
@@ -55,8 +55,7 @@ def score_pairs(model, records: list[dict], caption_key: str = "caption", num_fr
     Returns:
         (scores (N,) float32 of the kept records, the N records whose video could be read).
     """
-    from .suite import encode_texts
-    from .video_retrieval import encode_videos
+    from ..encode import encode_texts, encode_videos
     was_training = model.training
     model.eval()
     try:

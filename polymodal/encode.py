@@ -1,0 +1,201 @@
+"""Encoding with a model: texts, image files and video clips -> features, batch by batch.
+
+The floor between the models (and data readers) and everything that uses a model on data: evaluation,
+search, data filtering, methods and benchmarks all encode through these functions, so batching, devices,
+progress and unreadable files are handled once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """`iterable`, with a tqdm bar when `enabled`."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def device_of(model) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+# ---- manifests -----------------------------------------------------------------------------------------------
+def read_records(manifest, limit: int = 0, on_bad_record: str = "error", required=None, media: str = "image"
+                 ) -> list[dict]:
+    """The first `limit` records (0 = all) of a manifest, read with the bad-record policy.
+
+    Raises:
+        ManifestError: no record to use.
+    """
+    from .data.manifests import ManifestError, read_manifest
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0 = all records), got {limit}")
+    records = read_manifest(manifest, on_bad_record=on_bad_record, required=required, media=media).records
+    records = records[:limit] if limit else records
+    if not records:
+        raise ManifestError(f"{manifest}: no records to evaluate")
+    return records
+
+
+def captions_by_record(records: list[dict], caption_key: str, manifest) -> tuple[list[str], list[int]]:
+    """Every caption of `caption_key` (or its plural list: `captions`, `captions_zh`) and the record it belongs to.
+
+    Raises:
+        KeyError: a record without the key, naming the manifest and line.
+    """
+    plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else None
+    texts, owner = [], []
+    for i, r in enumerate(records):
+        caps = r.get(plural) or r.get(caption_key)
+        if caps is None:
+            raise KeyError(f"{manifest}: record on line {r.get('_line', i + 1)} has no {caption_key!r}")
+        for c in ([caps] if isinstance(caps, str) else caps):
+            texts.append(c)
+            owner.append(i)
+    return texts, owner
+
+
+# ---- texts and images ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool = False) -> Tensor:
+    """L2-normalised text embeddings (N, E) on the CPU, using only the CLS/EOT feature."""
+    from .data.text import trim_padding
+    device, pad = device_of(model), model.config.text.pad_token_id
+    out = []
+    starts = range(0, len(texts), batch_size)
+    for s in progress_bar(starts, len(starts), "texts", progress):
+        ids = trim_padding(model.tokenizer(texts[s:s + batch_size]), pad)
+        out.append(model.encode_text(ids.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def encode_image_files(model, paths: list[str], batch_size: int = 128, progress: bool = False,
+                       skip_unreadable: bool = False) -> tuple[Tensor, list[int]]:
+    """(embeddings (M, E) on the CPU, indices of the M paths encoded): each file is decoded once.
+
+    Args:
+        skip_unreadable: leave out a file that cannot be decoded instead of raising (its `ImageError` names it).
+    """
+    from .data.images import load_image
+    device = device_of(model)
+    out, kept = [], []
+    starts = range(0, len(paths), batch_size)
+    for s in progress_bar(starts, len(starts), "images", progress):
+        pixels = []
+        for i in range(s, min(s + batch_size, len(paths))):
+            try:
+                image = load_image(paths[i])
+            except Exception:   # decoders raise many types
+                if not skip_unreadable:
+                    raise
+                continue
+            pixels.append(model.image_transform(image))
+            kept.append(i)
+        if pixels:
+            out.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
+    return (torch.cat(out) if out else torch.zeros(0, 0)), kept
+
+
+def encode_images(model, paths: list[str], batch_size: int = 128, progress: bool = False) -> Tensor:
+    """L2-normalised image embeddings (N, E) of image files (an `ImageError` names a bad file)."""
+    return encode_image_files(model, paths, batch_size, progress)[0]
+
+
+# ---- videos --------------------------------------------------------------------------------------------------
+def encode_clips(model, frames: Tensor, valid: Tensor | None = None) -> Tensor:
+    """(B, T, 3, H, W) frames -> (B, E) L2-normalised video embeddings.
+
+    A model with `encode_video` uses it; any other image-text model gets the zero-shot baseline: the mean of
+    its normalised frame embeddings over the valid frames, normalised again.
+    """
+    if hasattr(model, "encode_video"):
+        return model.encode_video(frames, valid)
+    B, T = frames.shape[:2]
+    per_frame = model.encode_image(frames.flatten(0, 1)).view(B, T, -1)          # (B, T, E)
+    w = torch.ones(B, T, device=frames.device) if valid is None else valid.to(per_frame.dtype)
+    mean = (per_frame * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # (B, E)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
+class ClipBatches:
+    """Decode the records' videos and yield them in batches ready for the model.
+
+    Under `on_bad_record="skip"` a video that cannot be read is left out and counted (`skipped`, with the
+    first reasons in `skip_examples`); under "error" it stops with a `ManifestError` naming the manifest line
+    and the video's error.
+
+    Yields:
+        (indices into `records`, frames (B, T, 3, H, W) and valid (B, T) on the model's device, the `VideoClip`s).
+    Raises:
+        ManifestError: a bad video under "error", or no readable video at all.
+    """
+
+    def __init__(self, model, records: list[dict], num_frames: int = 8, strategy: str = "uniform",
+                 batch_size: int = 16, progress: bool = False, on_bad_record: str = "error", where: str = "manifest"):
+        self.model, self.records, self.where = model, records, where
+        self.num_frames, self.strategy, self.batch_size = num_frames, strategy, batch_size
+        self.progress, self.on_bad_record = progress, on_bad_record
+        self.skipped = 0
+        self.skip_examples: list[str] = []
+
+    def __iter__(self):
+        from .data.manifests import SKIP_HINT, ManifestError
+        from .data.video import VideoError, read_video
+        device = device_of(self.model)
+        pending: list[tuple[int, object]] = []
+        yielded = 0
+
+        def batch():
+            frames = torch.stack([c.pixels(self.model.image_transform) for _, c in pending]).to(device)  # (B, T, 3, H, W)
+            valid = torch.stack([c.valid for _, c in pending]).to(device)                            # (B, T)
+            return [i for i, _ in pending], frames, valid, [c for _, c in pending]
+
+        records = self.records
+        for i, r in enumerate(progress_bar(records, len(records), "videos", self.progress)):
+            try:
+                clip = read_video(r["video"], num_frames=self.num_frames, strategy=self.strategy)
+            except VideoError as e:
+                if self.on_bad_record == "error":
+                    raise ManifestError(f"{self.where} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
+                self.skipped += 1
+                if len(self.skip_examples) < 3:
+                    self.skip_examples.append(f"line {r.get('_line', '?')}: {e}")
+                continue
+            pending.append((i, clip))
+            if len(pending) == self.batch_size:
+                yield batch()
+                yielded += len(pending)
+                pending.clear()
+        if pending:
+            yield batch()
+            yielded += len(pending)
+        if not yielded:
+            raise ManifestError(f"{self.where}: no readable video to evaluate")
+
+
+def clip_batches(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
+                 progress: bool = False, on_bad_record: str = "error", where: str = "manifest") -> ClipBatches:
+    """The batches of `ClipBatches` (iterate it; its `skipped` count is set once the iteration ends)."""
+    return ClipBatches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, where)
+
+
+@torch.no_grad()
+def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
+                  progress: bool = False, on_bad_record: str = "error", where: str = "manifest"
+                  ) -> tuple[Tensor, list[dict]]:
+    """(N, E) embeddings (CPU) of the records' readable videos and the N records kept (see `ClipBatches`)."""
+    out, kept = [], []
+    for idx, frames, valid, _ in clip_batches(model, records, num_frames, strategy, batch_size, progress,
+                                              on_bad_record, where):
+        out.append(encode_clips(model, frames, valid).float().cpu())
+        kept.extend(records[i] for i in idx)
+    return torch.cat(out), kept
+
+
+__all__ = ["progress_bar", "device_of", "read_records", "captions_by_record", "encode_texts", "encode_image_files",
+           "encode_images", "encode_clips", "ClipBatches", "clip_batches", "encode_videos"]
