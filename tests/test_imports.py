@@ -111,6 +111,12 @@ def test_no_import_cycles_in_data():
     assert find_cycles(data) == []
 
 
+def test_frame_shard_dataset_lives_in_data_and_the_method_reuses_it():
+    from polymodal.data.frame_shards import FrameShardDataset
+    from polymodal.methods.m2raap import FrameShardDataset as from_method
+    assert from_method is FrameShardDataset and FrameShardDataset.__module__ == "polymodal.data.frame_shards"
+
+
 if __name__ == "__main__":                      # print every circle in the package
     for cycle in find_cycles(import_graph(module_files())):
         print(" <-> ".join(cycle))
