@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
         a.pretrain_steps, a.pretrain_images = 80, 400
     torch.set_num_threads(1)
     from polymodal.eval.filtering import filter_manifest
-    from polymodal.data.video import write_frame_shards
+    from polymodal.data.frame_shards import write_frame_shards
     from polymodal.hub import load_model
     runs = Path(a.runs)
     noisy, test = prepare(runs / "data", a.n_train, a.n_test, 0, 8, a.image_size, a.mismatch)

@@ -33,7 +33,7 @@ def _data_commands() -> dict:
                           "generate a MovingShapes synthetic video-text data set",
                           "Deterministic H.264 videos of moving, growing, recolouring shapes with English and Chinese "
                           "captions, order-sensitive pairs and hierarchical scene labels."),
-        "frames": ("polymodal.data.video:add_cli_arguments", "polymodal.data.video:main_from_args",
+        "frames": ("polymodal.data.frame_shards:add_cli_arguments", "polymodal.data.frame_shards:main_from_args",
                    "decode a video manifest once into webdataset shards of frames",
                    "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "
                    "training never decodes the same video twice."),

@@ -244,7 +244,7 @@ def test_text_token_features_of_an_m2_encoder_hold_its_cls_embedding():
 
 def test_frame_shards_give_the_frames_decoded_once(world, clip, tmp_path):
     from polymodal.data.config import DataConfig, builder_from_config
-    from polymodal.data.video import write_frame_shards
+    from polymodal.data.frame_shards import write_frame_shards
     from polymodal.methods.m2raap import FrameShardDataset
     records = read_manifest(world / "train.jsonl", media="video").records[:3]
     write_manifest(records, tmp_path / "m.jsonl")

@@ -17,17 +17,9 @@ from PIL import Image
 
 from polymodal.data.manifests import ManifestError
 from polymodal.data import video
-from polymodal.data.shards import INDEX_NAME, _read_tar, index_tar, read_indexed
-from polymodal.data.video import (
-    VideoClip,
-    VideoError,
-    add_cli_arguments,
-    main_from_args,
-    read_frame_sample,
-    read_video,
-    video_info,
-    write_frame_shards,
-)
+from polymodal.data.frame_shards import add_cli_arguments, main_from_args, read_frame_sample, write_frame_shards
+from polymodal.data.shards import INDEX_NAME, index_tar, read_indexed, read_tar
+from polymodal.data.video import VideoClip, VideoError, read_video, video_info
 
 W, H = 64, 48
 
@@ -324,7 +316,7 @@ def write_jsonl(path, records):
 
 def read_samples(out_dir):
     index = json.load(open(os.path.join(out_dir, INDEX_NAME)))
-    return index, [s for shard in index["shards"] for s in _read_tar(os.path.join(out_dir, shard["name"]))]
+    return index, [s for shard in index["shards"] for s in read_tar(os.path.join(out_dir, shard["name"]))]
 
 
 @pytest.mark.parametrize("strategy", ["keyframes", "uniform"])
@@ -390,7 +382,7 @@ def test_indexed_shard_reading_equals_streaming_and_refuses_compressed_tars(tmp_
     write_frame_shards(manifest, tmp_path / "shards", num_frames=2, strategy="uniform", shard_size=2, progress=False)
     shards = sorted((tmp_path / "shards").glob("*.tar"))
     for shard in shards:
-        streamed = list(_read_tar(str(shard)))
+        streamed = list(read_tar(str(shard)))
         indexed = index_tar(str(shard))
         assert [k for k, _ in indexed] == [k for k, _ in streamed]
         assert [read_indexed(str(shard), m) for _, m in indexed] == [f for _, f in streamed]

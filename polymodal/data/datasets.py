@@ -40,13 +40,16 @@ from polymodal.data.manifests import (
     captions_of_record,
     read_manifest,
 )
+from polymodal.data.video import read_video
 
 __all__ = [
     "split_sentences",
     "sentence_spans",
     "sample_subcaptions",
     "SampleBuilder",
+    "SampleError",
     "BadRecords",
+    "BuiltSamples",
     "ManifestDataset",
     "ImageTextCollate",
     "ShardedSampler",
@@ -125,7 +128,14 @@ def sample_subcaptions(
     return out
 
 
-class _SampleError(Exception):
+class SampleError(Exception):
+    """A record that cannot become a sample (no caption, a bad label); the datasets apply `on_bad_record` to it.
+
+    Attributes:
+        reason: short tag the skip counts use (``"missing_key"``, ``"bad_label"`` ...).
+        detail: what is wrong, for the message (the dataset adds where).
+    """
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
@@ -205,11 +215,11 @@ class SampleBuilder:
         return {}
 
     def build(self, record: dict, index: int, epoch: int, media: Any = None) -> dict:
-        """Build the sample dict. Raises _SampleError for a record that cannot be used."""
+        """Build the sample dict. Raises SampleError for a record that cannot be used."""
         sample: dict[str, Any] = {**self.media_tensors(media), "index": index}
         captions = captions_of_record(record, self.caption_key)
         if not captions:
-            raise _SampleError("missing_key", f"no '{self.caption_key}' field")
+            raise SampleError("missing_key", f"no '{self.caption_key}' field")
         pick = 0 if len(captions) == 1 else int(_rng(self.seed, epoch, index, 0).integers(len(captions)))
         sample["caption"] = captions[pick]
         if self.num_subcaptions > 0:
@@ -237,10 +247,10 @@ class SampleBuilder:
         for label in labels:
             if isinstance(label, str):
                 if self.class_index is None or label not in self.class_index:
-                    raise _SampleError(BAD_LABEL, f"label {label!r} is not one of the class_names")
+                    raise SampleError(BAD_LABEL, f"label {label!r} is not one of the class_names")
                 label = self.class_index[label]
             if not 0 <= label < self.num_classes:
-                raise _SampleError(BAD_LABEL, f"label {label} outside [0, {self.num_classes})")
+                raise SampleError(BAD_LABEL, f"label {label} outside [0, {self.num_classes})")
             target[label] = 1.0
         return target
 
@@ -337,7 +347,6 @@ class ManifestDataset(BuiltSamples, Dataset):
             return self.image_loader(record["image"])
         if kind == "video":
             if self.video_loader is None:
-                from polymodal.data.video import read_video
                 return read_video(record["video"])
             return self.video_loader(record["video"], index=index, epoch=self.epoch)
         return None
@@ -354,7 +363,7 @@ class ManifestDataset(BuiltSamples, Dataset):
                             f"{where}: {kind} '{record.get(kind)}' cannot be read ({type(e).__name__}: {e})", e)
         try:
             return self.builder.build(record, i, self.epoch, media)
-        except _SampleError as e:
+        except SampleError as e:
             return self.bad(i, e.reason, f"{where}: {e.detail}", e)
 
 

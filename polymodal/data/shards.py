@@ -1,4 +1,8 @@
-"""WebDataset-style tar shards: write them from a manifest, read them as an IterableDataset.
+"""WebDataset-style tar shards: the one shard writer and readers, and image shards from a manifest.
+
+:class:`ShardWriter` writes every kind of shard (image shards here, frame shards in
+:mod:`polymodal.data.frame_shards`); :func:`read_tar` streams a shard's samples, :func:`index_tar` /
+:func:`read_indexed` read them on demand, :func:`resolve_shards` turns a folder or pattern into shard paths.
 
 Layout of a shard directory::
 
@@ -29,10 +33,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from polymodal.data.datasets import UNREADABLE_IMAGE, BadRecords, BuiltSamples, SampleBuilder, _SampleError
+from polymodal.data.datasets import UNREADABLE_IMAGE, BadRecords, BuiltSamples, SampleBuilder, SampleError
 from polymodal.data.manifests import BAD_RECORD_POLICIES, read_manifest
 
-__all__ = ["write_shards", "resolve_shards", "ShardDataset", "add_shard_arguments", "shard_main", "INDEX_NAME"]
+__all__ = ["ShardWriter", "write_shards", "resolve_shards", "read_tar", "index_tar", "read_indexed", "ShardDataset",
+           "add_shard_arguments", "shard_main", "INDEX_NAME", "SHARD_PATTERN"]
 
 INDEX_NAME = "shards.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -60,6 +65,100 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class ShardWriter:
+    """Writes tar shards ``shard-%06d.tar`` and their ``shards.json`` index; the one writer of image and frame shards.
+
+    A sample is a list of tar members sharing a key. A shard is closed when it holds `max_count` samples or
+    when the next sample would push it past `max_size` bytes (a single larger sample still gets its own
+    shard). Each shard is written under a temporary name and renamed, members carry mtime 0 and uid 0 (the
+    same samples give the same bytes), and the index is written atomically last. Use it as a context
+    manager: an exception deletes the shard being written and leaves earlier files as they were.
+
+    Args:
+        out_dir: the shard directory (created if needed).
+        max_count: samples per shard at most.
+        max_size: bytes of tar members per shard at most (headers and block padding included; the file
+            can be up to 10 KiB larger: tar pads its end to a 10 KiB record).
+        overwrite: replace shards already in `out_dir` (otherwise FileExistsError).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_count: int = 1000, max_size: int = 1 << 30,
+                 overwrite: bool = False):
+        if max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
+        self.out_dir = os.path.abspath(os.fspath(out_dir))
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.old = sorted(glob.glob(os.path.join(self.out_dir, "shard-*.tar")))
+        if (self.old or os.path.exists(os.path.join(self.out_dir, INDEX_NAME))) and not overwrite:
+            raise FileExistsError(f"{self.out_dir} already holds shards; pass overwrite=True (--overwrite) to "
+                                  f"replace them")
+        self.max_count, self.max_size = max_count, max_size
+        self.written: list[str] = []
+        self.counts: list[int] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp, self._count, self._size = "", 0, 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.abort()
+
+    def add(self, members: Sequence[tuple[str, bytes]]) -> None:
+        """Append one sample: its (member name, bytes), names ``{key}.{extension}``."""
+        size = sum(_member_size(len(data)) for _, data in members)
+        if self._tar is not None and (self._count >= self.max_count or self._size + size > self.max_size):
+            self._close_shard()
+        if self._tar is None:
+            self._tmp = os.path.join(self.out_dir, "." + SHARD_PATTERN % len(self.written) + ".tmp")
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        for name, data in members:
+            _add_member(self._tar, name, data)
+        self._count += 1
+        self._size += size
+
+    def finish(self, manifest: str, **fields: Any) -> dict:
+        """Close the last shard, delete stale shards of an earlier, longer run and write ``shards.json``.
+
+        Args:
+            manifest: the source manifest's path, recorded in the index.
+            **fields: more index entries (``skipped``, ``skipped_examples``, ``frames`` ...).
+
+        Returns:
+            the index written: ``manifest``, ``num_samples``, ``shards`` ([{name, count}]) and `fields`.
+        """
+        from polymodal.fileio import atomic_open
+
+        self._close_shard()
+        for path in self.old:
+            if path not in self.written:
+                os.unlink(path)
+        index = {"manifest": manifest, "num_samples": sum(self.counts),
+                 "shards": [{"name": os.path.basename(p), "count": c} for p, c in zip(self.written, self.counts)],
+                 **fields}
+        with atomic_open(os.path.join(self.out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, ensure_ascii=False)
+        return index
+
+    def abort(self) -> None:
+        """Drop the shard being written (closed shards stay)."""
+        if self._tar is not None:
+            self._tar.close()
+            os.unlink(self._tmp)
+            self._tar = None
+
+    def _close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        final = os.path.join(self.out_dir, SHARD_PATTERN % len(self.written))
+        os.replace(self._tmp, final)
+        self.written.append(final)
+        self.counts.append(self._count)
+        self._tar, self._tmp, self._count, self._size = None, "", 0, 0
+
+
 def write_shards(
     manifest_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -69,18 +168,13 @@ def write_shards(
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[str]:
-    """Write a manifest's samples into tar shards plus a ``shards.json`` index.
-
-    A shard is closed when it holds `max_count` samples or when the next sample would push it
-    past `max_size` bytes (a single larger sample still gets its own shard). Each shard is
-    written to a temporary file and renamed, so a crash never leaves a partial shard.
+    """Write a manifest's image samples into tar shards plus a ``shards.json`` index (see :class:`ShardWriter`).
 
     Args:
         manifest_path: the JSONL/CSV manifest.
         out_dir: the shard directory (created if needed).
         max_count: samples per shard at most.
-        max_size: bytes of tar members per shard at most (headers and block padding included;
-            the file can be up to 10 KiB larger: tar pads its end to a 10 KiB record).
+        max_size: bytes of tar members per shard at most (see :class:`ShardWriter`).
         on_bad_record: policy for bad manifest records (see ``read_manifest``); skipped counts
             are recorded in the index.
         overwrite: replace existing shards in `out_dir` (otherwise FileExistsError).
@@ -94,64 +188,15 @@ def write_shards(
     if max_count < 1:
         raise ValueError(f"max_count must be >= 1, got {max_count}")
     manifest = read_manifest(manifest_path, on_bad_record=on_bad_record)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    old = sorted(glob.glob(os.path.join(out_dir, "shard-*.tar")))
-    if (old or os.path.exists(os.path.join(out_dir, INDEX_NAME))) and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds shards; pass overwrite=True (--overwrite) to replace them")
-
-    written: list[str] = []
-    counts: list[int] = []
-    state: dict[str, Any] = {"tar": None, "tmp": None, "count": 0, "size": 0}
-
-    def close() -> None:
-        if state["tar"] is None:
-            return
-        state["tar"].close()
-        final = os.path.join(out_dir, SHARD_PATTERN % len(written))
-        os.replace(state["tmp"], final)
-        written.append(final)
-        counts.append(state["count"])
-        state.update(tar=None, tmp=None, count=0, size=0)
-
-    try:
+    with ShardWriter(out_dir, max_count, max_size, overwrite) as writer:
         for i, record in enumerate(tqdm(manifest.records, desc="shards", unit="sample", disable=not progress)):
             key = f"{i:09d}"
             with open(record["image"], "rb") as f:
                 image_bytes = f.read()
             meta = json.dumps({k: v for k, v in record.items() if k != "image"}, ensure_ascii=False).encode()
-            size = _member_size(len(image_bytes)) + _member_size(len(meta))
-            if state["tar"] is not None and (state["count"] >= max_count or state["size"] + size > max_size):
-                close()
-            if state["tar"] is None:
-                state["tmp"] = os.path.join(out_dir, "." + SHARD_PATTERN % len(written) + ".tmp")
-                state["tar"] = tarfile.open(state["tmp"], "w", format=tarfile.PAX_FORMAT)
-            _add_member(state["tar"], f"{key}.{_image_ext(record['image'])}", image_bytes)
-            _add_member(state["tar"], f"{key}.json", meta)
-            state["count"] += 1
-            state["size"] += size
-        close()
-    except BaseException:
-        if state["tar"] is not None:
-            state["tar"].close()
-            os.unlink(state["tmp"])
-        raise
-
-    for path in old:                                 # stale shards of an earlier, longer run
-        if path not in written:
-            os.unlink(path)
-    index = {
-        "manifest": manifest.path,
-        "num_samples": sum(counts),
-        "shards": [{"name": os.path.basename(p), "count": c} for p, c in zip(written, counts)],
-        "skipped": dict(manifest.skipped),
-        "skipped_examples": manifest.skipped_examples,
-    }
-    tmp = os.path.join(out_dir, "." + INDEX_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
-    return written
+            writer.add([(f"{key}.{_image_ext(record['image'])}", image_bytes), (f"{key}.json", meta)])
+        writer.finish(manifest.path, skipped=dict(manifest.skipped), skipped_examples=manifest.skipped_examples)
+    return writer.written
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -225,8 +270,15 @@ def _grouped_members(tar: tarfile.TarFile, value) -> Iterator[tuple[str, dict]]:
         yield key, files
 
 
-def _read_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) per sample; members of a sample are consecutive."""
+def read_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream the samples of a tar shard (one pass, no seeking; compressed tars work too).
+
+    Args:
+        path: the shard file.
+
+    Returns:
+        an iterator of (key, {extension: bytes}) per sample; members of a sample are consecutive.
+    """
     with tarfile.open(path, "r|*") as tar:            # streaming: one pass, no seeking
         yield from _grouped_members(tar, lambda m: tar.extractfile(m).read())
 
@@ -354,7 +406,7 @@ class ShardDataset(BuiltSamples, IterableDataset):
         position = 0
         for shard in shards:
             try:
-                for key, files in _read_tar(shard):
+                for key, files in read_tar(shard):
                     if not per_sample or position % num_splits == split:
                         yield shard, key, files
                     position += 1
@@ -402,7 +454,7 @@ class ShardDataset(BuiltSamples, IterableDataset):
                              f"{where}: image '{key}.{image_ext}' cannot be read ({type(e).__name__}: {e})", e)
         try:
             return self.builder.build(record, index, self.epoch, image)
-        except _SampleError as e:
+        except SampleError as e:
             return self.bad(index, e.reason, f"{where}: {e.detail}", e)
 
 

@@ -1,4 +1,4 @@
-"""Video reading with PyAV: frame sampling strategies, clear errors, and frame shards.
+"""Video reading with PyAV: frame sampling strategies and clear errors.
 
 ``read_video(path, num_frames=8, strategy=...)`` returns a :class:`VideoClip` of T frames:
 
@@ -16,37 +16,20 @@ frame images (sorted by name, ``folder_fps`` frames per second). Bad inputs rais
 :class:`VideoError` with a ``reason`` tag a skip policy can count; PyAV's own exceptions never
 leak out.
 
-``write_frame_shards`` decodes every video of a manifest once into WebDataset tar shards (one
-sample per video: ``{key}.json`` the record, ``{key}.frames.json`` times and validity,
-``{key}.000.jpg`` ... the frames); ``read_frame_sample`` turns such a sample back into a
-:class:`VideoClip`. Command line: ``polymodal data frames MANIFEST --out DIR``.
+Videos decoded once into tar shards of frames (``polymodal data frames``) live in
+:mod:`polymodal.data.frame_shards`.
 """
 from __future__ import annotations
 
-import argparse
-import glob
 import heapq
-import io
-import json
 import os
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from polymodal.data.manifests import (
-    BAD_RECORD_POLICIES,
-    SKIP_HINT,
-    ManifestError,
-    SkipNotes,
-    read_manifest,
-)
-from polymodal.data.shards import INDEX_NAME, SHARD_PATTERN, _add_member, _member_size
-
-__all__ = ["VideoError", "VideoClip", "read_video", "video_info", "STRATEGIES", "write_frame_shards",
-           "read_frame_sample", "add_cli_arguments", "main_from_args"]
+__all__ = ["VideoError", "VideoClip", "read_video", "video_info", "check_read_args", "STRATEGIES"]
 
 STRATEGIES = ("uniform", "keyframes", "scene")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -120,6 +103,23 @@ class VideoClip:
         from PIL import Image
         return torch.stack([transform(Image.fromarray(f.numpy())) for f in self.frames])
 
+    @classmethod
+    def from_frames(cls, frames: list[np.ndarray], times, valid, duration: float, source: str) -> "VideoClip":
+        """A clip from decoded frames.
+
+        Args:
+            frames: T uint8 (H, W, 3) RGB arrays of one size.
+            times: T presentation times in seconds.
+            valid: T booleans (False: a padding repeat).
+            duration: seconds the clip spans.
+            source: the file or folder read.
+
+        Returns:
+            the clip, frames stacked to (T, H, W, 3).
+        """
+        return cls(frames=torch.from_numpy(np.stack(frames)), times=torch.tensor(times, dtype=torch.float64),
+                   valid=torch.as_tensor(np.asarray(valid, dtype=bool)), duration=float(duration), source=source)
+
 
 # ----------------------------------------------------------------------------------------
 # Small pure helpers
@@ -169,11 +169,11 @@ def _first_occurrence(indices: np.ndarray) -> np.ndarray:
 
 
 def _clip(frames: list[np.ndarray], times: list[float], valid, duration: float, source: str) -> VideoClip:
-    return VideoClip(frames=torch.from_numpy(np.stack(frames)), times=torch.tensor(times, dtype=torch.float64),
-                     valid=torch.as_tensor(np.asarray(valid, dtype=bool)), duration=float(duration), source=source)
+    return VideoClip.from_frames(frames, times, valid, duration, source)
 
 
-def _check_args(num_frames: int, strategy: str) -> None:
+def check_read_args(num_frames: int, strategy: str) -> None:
+    """Raise ValueError unless `num_frames` >= 1 and `strategy` is one of :data:`STRATEGIES`."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if strategy not in STRATEGIES:
@@ -591,7 +591,7 @@ def read_video(
     Raises:
         VideoError: the video is missing, empty, unreadable, truncated or has no video stream.
     """
-    _check_args(num_frames, strategy)
+    check_read_args(num_frames, strategy)
     path = os.fspath(path)
     if os.path.isdir(path):
         if folder_fps <= 0:
@@ -644,235 +644,3 @@ def video_info(path: str | os.PathLike, count_keyframes: bool = True, folder_fps
         return info
     finally:
         container.close()
-
-
-# ----------------------------------------------------------------------------------------
-# Frame shards
-# ----------------------------------------------------------------------------------------
-def _encode_image(frame: np.ndarray, image_format: str, quality: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    if image_format == "png":
-        Image.fromarray(frame).save(buf, format="PNG")
-    else:
-        Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _sample_members(clip: VideoClip, record: dict, key: str, image_format: str, quality: int, meta: dict):
-    """(name, bytes) tar members of one video sample."""
-    members = [(f"{key}.json", json.dumps(record, ensure_ascii=False).encode())]
-    frames_meta = {"times": clip.times.tolist(), "valid": clip.valid.tolist(), "duration": clip.duration,
-                   "source": clip.source, **meta}
-    members.append((f"{key}.frames.json", json.dumps(frames_meta).encode()))
-    ext = "png" if image_format == "png" else "jpg"
-    for t, frame in enumerate(clip.frames.numpy()):
-        members.append((f"{key}.{t:03d}.{ext}", _encode_image(frame, image_format, quality)))
-    return members
-
-
-class _ShardWriter:
-    """Rotating tar writer: shard-%06d.tar files, each written to a temporary name and renamed.
-
-    (``shards.write_shards`` keeps this logic inline for image records; see the report.)
-    """
-
-    def __init__(self, out_dir: str, max_count: int, max_size: int):
-        self.out_dir, self.max_count, self.max_size = out_dir, max_count, max_size
-        self.tar, self.tmp, self.count, self.size = None, None, 0, 0
-        self.written: list[str] = []
-        self.counts: list[int] = []
-
-    def add(self, members: list[tuple[str, bytes]]) -> None:
-        size = sum(_member_size(len(data)) for _, data in members)
-        if self.tar is not None and (self.count >= self.max_count or self.size + size > self.max_size):
-            self.close()
-        if self.tar is None:
-            self.tmp = os.path.join(self.out_dir, "." + SHARD_PATTERN % len(self.written) + ".tmp")
-            self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
-        for name, data in members:
-            _add_member(self.tar, name, data)
-        self.count += 1
-        self.size += size
-
-    def close(self) -> None:
-        if self.tar is None:
-            return
-        self.tar.close()
-        final = os.path.join(self.out_dir, SHARD_PATTERN % len(self.written))
-        os.replace(self.tmp, final)
-        self.written.append(final)
-        self.counts.append(self.count)
-        self.tar, self.tmp, self.count, self.size = None, None, 0, 0
-
-    def abort(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            os.unlink(self.tmp)
-            self.tar = None
-
-
-def _video_path(record: dict, root: str) -> str:
-    video = record["video"]
-    if not isinstance(video, str) or not video.strip():
-        raise VideoError(str(video), BAD_FIELD, "'video' must be a non-empty path string")
-    return os.path.normpath(os.path.join(root, os.path.expanduser(video)))
-
-
-def write_frame_shards(
-    manifest_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    num_frames: int = 8,
-    strategy: str = "keyframes",
-    on_bad_record: str = "error",
-    shard_size: int = 1000,
-    max_shard_bytes: int = 1 << 30,
-    max_side: int | None = None,
-    image_format: str = "jpg",
-    quality: int = 95,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Decode each record's ``video`` once into tar shards of frames plus a ``shards.json`` index.
-
-    A sample per video (key = the record's index among the manifest's good records, 9 digits):
-    ``{key}.json`` the record (its ``video`` path as written, ``_line`` kept),
-    ``{key}.frames.json`` with ``times``, ``valid``, ``duration``, ``source``, ``strategy``,
-    and ``{key}.000.jpg`` ... one image per frame. Read samples back with :func:`read_frame_sample`.
-
-    Args:
-        manifest_path: JSONL/CSV manifest whose records have a ``video`` field (a file or a
-            frame folder, relative to the manifest's folder or absolute).
-        out_dir: shard directory (created if needed).
-        num_frames, strategy, max_side: as in :func:`read_video` (no jitter: shards are fixed).
-        on_bad_record: ``"error"`` raises ManifestError naming the manifest line; ``"skip"``
-            skips bad records and videos and counts them by reason in the index.
-        shard_size: videos per shard at most.
-        max_shard_bytes: tar member bytes per shard at most.
-        image_format: ``"jpg"`` or ``"png"`` (lossless).
-        quality: JPEG quality.
-        overwrite: replace shards already in `out_dir` (otherwise FileExistsError).
-        progress: show a tqdm progress bar.
-
-    Returns:
-        the index dict written to ``shards.json`` (plus ``paths``: the shard files).
-    """
-    from tqdm import tqdm
-
-    from polymodal.fileio import atomic_open
-
-    _check_args(num_frames, strategy)
-    if image_format not in ("jpg", "png"):
-        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    manifest = read_manifest(manifest_path, on_bad_record=on_bad_record, check_images=False, required=("video",))
-    root = os.path.dirname(manifest.path)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    old = sorted(glob.glob(os.path.join(out_dir, "shard-*.tar")))
-    if (old or os.path.exists(os.path.join(out_dir, INDEX_NAME))) and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds shards; pass overwrite=True (--overwrite) to replace them")
-
-    notes = SkipNotes(manifest.skipped, manifest.skipped_examples)   # + the videos that fail to decode
-    writer = _ShardWriter(out_dir, shard_size, max_shard_bytes)
-    meta = {"strategy": strategy, "num_frames": num_frames, "format": image_format}
-    try:
-        for i, record in enumerate(tqdm(manifest.records, desc="frames", unit="video", disable=not progress)):
-            where = f"{manifest.path} line {record.get('_line', '?')}"
-            try:
-                clip = read_video(_video_path(record, root), num_frames, strategy, max_side=max_side)
-            except VideoError as e:
-                if on_bad_record == "error":
-                    raise ManifestError(f"{where}: video '{record['video']}': {e}; "
-                                        f"{SKIP_HINT} (--on-bad-record skip)") from e
-                notes.note_skip(e.reason, f"{manifest.path}:{record.get('_line', '?')}: {e}")
-                continue
-            writer.add(_sample_members(clip, record, f"{i:09d}", image_format, quality, meta))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    for path in old:                                  # stale shards of an earlier, longer run
-        if path not in writer.written:
-            os.unlink(path)
-    index = {"manifest": manifest.path, "num_samples": sum(writer.counts),
-             "shards": [{"name": os.path.basename(p), "count": c} for p, c in zip(writer.written, writer.counts)],
-             "frames": meta, "skipped": dict(notes.skipped), "skipped_examples": notes.skipped_examples}
-    with atomic_open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, ensure_ascii=False)
-    return {**index, "paths": writer.written}
-
-
-def read_frame_sample(sample: dict) -> VideoClip:
-    """Decode a frame-shard sample back into a :class:`VideoClip`.
-
-    Args:
-        sample: {extension: bytes} of one sample, as ``shards._read_tar`` or the ``webdataset``
-            package give it (``frames.json``, ``000.jpg`` ...; ``__key__`` and other keys ignored).
-
-    Returns:
-        the clip as stored (JPEG frames carry its compression loss).
-    """
-    from PIL import Image
-
-    if "frames.json" not in sample:
-        raise ValueError(f"not a frame sample: no 'frames.json' member (has {sorted(sample)})")
-    meta = json.loads(sample["frames.json"])
-    names = sorted(k for k in sample if k.split(".")[0].isdigit() and k.endswith((".jpg", ".png")))
-    if len(names) != len(meta["times"]):
-        raise ValueError(f"frame sample has {len(names)} frame images for {len(meta['times'])} times")
-    frames = []
-    for name in names:
-        with Image.open(io.BytesIO(sample[name])) as im:
-            frames.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    return _clip(frames, meta["times"], meta["valid"], meta["duration"], meta.get("source", ""))
-
-
-# ----------------------------------------------------------------------------------------
-# Command line: polymodal data frames MANIFEST --out DIR
-# ----------------------------------------------------------------------------------------
-def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``polymodal data frames`` options to `parser`.
-
-    Args:
-        parser: an (sub)parser.
-
-    Returns:
-        The same parser.
-    """
-    parser.add_argument("manifest", help="JSONL or CSV manifest whose records have a 'video' field")
-    parser.add_argument("--out", required=True, help="output directory for shard-*.tar and shards.json")
-    parser.add_argument("--num-frames", type=int, default=8, help="frames per video (default 8)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="keyframes",
-                        help="frame choice: codec key frames, uniform in time, or scene changes (default keyframes)")
-    parser.add_argument("--max-side", type=int, default=None, help="shrink frames so the longer side is at most this")
-    parser.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg",
-                        help="frame image format (default jpg)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="videos per shard at most (default 1000)")
-    parser.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="error",
-                        help="error: stop at the first bad record or video; skip: skip and count them")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main_from_args(args: argparse.Namespace) -> dict:
-    """Run ``polymodal data frames`` from parsed arguments and print a JSON summary.
-
-    Args:
-        args: namespace produced by a parser set up with :func:`add_cli_arguments`.
-
-    Returns:
-        The dict returned by :func:`write_frame_shards`.
-    """
-    result = write_frame_shards(args.manifest, args.out, num_frames=args.num_frames, strategy=args.strategy,
-                                on_bad_record=args.on_bad_record, shard_size=args.shard_size,
-                                max_side=args.max_side, image_format=args.image_format, quality=args.quality,
-                                overwrite=args.overwrite, progress=not args.no_progress)
-    summary = {"out_dir": os.path.abspath(args.out), "num_samples": result["num_samples"],
-               "shards": len(result["paths"]), "skipped": result["skipped"]}
-    print(json.dumps(summary, indent=1))
-    return result

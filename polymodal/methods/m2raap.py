@@ -24,15 +24,14 @@ reading. Under DDP the Mug loss covers the global batch (`loss.gather: global_wi
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..data.datasets import BadRecords, BuiltSamples, ImageTextCollate
+from ..data.datasets import ImageTextCollate
+from ..data.frame_shards import FrameShardDataset
 from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
 from ..losses.contrastive import block_infonce, build_contrastive_loss, check_block_gather
 from ..models.base import ConfigDict
@@ -98,55 +97,6 @@ class M2RAAPCollate(ImageTextCollate):
         batch["aux_input_ids"] = ids.view(len(good), K, ids.shape[-1])                # (B, K, L)
         batch["aux_mask"] = torch.tensor([[k < len(c) for k in range(K)] for c in caps])  # (B, K)
         return batch
-
-
-class FrameShardDataset(BuiltSamples, Dataset):
-    """Map-style dataset over frame shards written by `polymodal data frames` (frames decoded once).
-
-    Opening the dataset reads only the tar headers (`data.shards.index_tar`: each sample's member offsets);
-    a sample's JPEG/PNG frames are read from its shard and decoded when it is used, so memory does not grow
-    with the data set. Shards must be uncompressed tars (as `polymodal data frames` writes them).
-
-    Args:
-        source: the shard folder (with `shards.json`).
-        builder: a `SampleBuilder` with media "video".
-        on_bad_record: "error" | "skip".
-    """
-
-    def __init__(self, source: str, builder, on_bad_record: str = "error"):
-        from ..data.shards import index_tar, resolve_shards
-        if builder.media != "video":
-            raise ValueError(f"FrameShardDataset needs a video SampleBuilder, got media {builder.media!r}")
-        shards, _ = resolve_shards(source)
-        # Offsets only: each sample's frames are read from its shard when the sample is used.
-        self.items: list[tuple[str, str, dict]] = []
-        for shard in shards:
-            for key, members in index_tar(shard):
-                self.items.append((shard, key, members))
-        if not self.items:
-            raise ValueError(f"m2raap.frame_shards: {source} holds no samples; write them with `polymodal data frames`")
-        self.builder, self.bad, self.epoch = builder, BadRecords(on_bad_record), 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        from ..data.datasets import _SampleError
-        from ..data.shards import read_indexed
-        from ..data.video import read_frame_sample
-        shard, key, members = self.items[i]
-        where = f"{shard} key {key}"
-        try:
-            files = read_indexed(shard, members)
-            record = json.loads(files["json"])
-            clip = read_frame_sample(files)
-        except Exception as e:  # a broken member: JSON, JPEG, missing frames
-            return self.bad(i, "unreadable_frames", f"frame shard {where}: cannot be read ({type(e).__name__}: {e})",
-                            e)
-        try:
-            return self.builder.build(record, i, self.epoch, clip)
-        except _SampleError as e:
-            return self.bad(i, e.reason, f"frame shard {where}: {e.detail}", e)
 
 
 # ---- the objective --------------------------------------------------------------------------------------

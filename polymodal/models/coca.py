@@ -146,6 +146,10 @@ class AttentionalPooler(nn.Module):
         self.attn = Attention(dim, heads)
         self.norm = nn.LayerNorm(dim)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the learned queries."""
+        return {"query"}
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, P, Dc) -> (B, N, D)."""
         ctx = self.context_proj(self.norm_context(x))                       # (B, P, D)

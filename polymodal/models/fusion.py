@@ -89,6 +89,10 @@ class BertEmbeddings(nn.Module):
         for e in (self.word, self.pos, self.token_type):
             nn.init.normal_(e.weight, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the word, position and token-type embedding tables."""
+        return {"word.weight", "pos.weight", "token_type.weight"}
+
     def forward(self, ids: Tensor | None = None, inputs_embeds: Tensor | None = None, token_type: int = 0) -> Tensor:
         """ids (B, L) or inputs_embeds (B, L, W) -> (B, L, W); positions 0..L-1, one token type for the row."""
         x = self.word(ids) if inputs_embeds is None else inputs_embeds                    # (B, L, W)

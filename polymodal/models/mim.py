@@ -156,6 +156,10 @@ class MaskedImageDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         init_transformer_(self.blocks, width, layers)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: mask token and position embeddings (the `embed` Linears decay)."""
+        return {"mask_token", "pos"}
+
     def forward(self, visible: Tensor, keep: Tensor, text_tokens: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """Predict every patch.
 

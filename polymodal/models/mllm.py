@@ -109,6 +109,10 @@ class CausalDecoder(nn.Module):
     def width(self) -> int:
         return self.config.width
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: position embeddings and the token-embedding table (tied to the head)."""
+        return {"pos", "token_embed.weight"}
+
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.token_embed(ids)                                       # (B, L, D)
 

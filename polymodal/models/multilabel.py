@@ -114,6 +114,11 @@ class MultiLabelAdapter(nn.Module):
         w = F.normalize(label_embeds, dim=-1)
         self.label_embeds = nn.Parameter(w) if cfg.train_classifier else nn.Buffer(w)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the label embeddings when trained (used normalised: decay would only
+        shrink their norm and so raise their effective learning rate)."""
+        return {"label_embeds"} if isinstance(self.label_embeds, nn.Parameter) else set()
+
     @property
     def num_labels(self) -> int:
         return self.label_embeds.shape[0]

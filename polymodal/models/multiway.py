@@ -205,6 +205,10 @@ class M2Encoder(PolymodalModel):
         self.init_logit_scale(cfg.init_logit_scale)
         self._init_weights()
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: class token, both position embeddings, the token-embedding table."""
+        return {"cls", "vision_pos", "text_pos", "token_embed.weight"}
+
     def _init_weights(self) -> None:
         """Linear weights normal(fan_in^-0.5) (CLIP-style), embeddings normal(0.02), zero biases; residual
         outputs not scaled (sub-LN already normalises them). BEiT's flat std 0.02 left small models (width 32-128) stuck at

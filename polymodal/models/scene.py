@@ -189,6 +189,10 @@ class TemporalStream(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the class and text-type tokens and the time embeddings."""
+        return {"cls", "time", "text_type"}
+
     def forward(self, frames: Tensor, valid: Tensor | None, labels: Tensor, text: Tensor | None = None) -> Tensor:
         """frames (B, T, E), valid (B, T), labels (C, E), text (B, E) or None -> (B, C)."""
         B, T, _ = frames.shape

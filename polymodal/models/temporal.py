@@ -127,6 +127,10 @@ class TemporalTransformer(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the time (frame-position) embeddings."""
+        return {"time"}
+
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """x: (B, T, E), valid: (B, T) bool or None -> (B, E)."""
         T = x.shape[1]
@@ -272,6 +276,10 @@ class STANBranch(nn.Module):
             patches = torch.gather(patches, 1, keep[..., None].expand(-1, -1, pos.shape[-1]))  # (N, K, D)
             cls = cls.expand(len(keep), -1, -1)
         return torch.cat([cls, patches], dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the time (frame-position) embeddings."""
+        return {"time"}
 
     def forward(self, states: list[Tensor], T: int, valid: Tensor | None = None,
                 pos: Tensor | None = None) -> Tensor:

@@ -90,6 +90,10 @@ class TextTower(nn.Module):
         # No EOT (a truncated sequence from a foreign tokenizer): fall back to the last position.
         return torch.where(is_eot.any(dim=-1), first, torch.full_like(first, ids.shape[1] - 1))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: position embeddings, the token-embedding table, readout tokens."""
+        return {"pos", "token_embed.weight"} | ({"readout"} if self.readout is not None else set())
+
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, pooled_only: bool = False) -> TextOutput:
         """Encode token ids.
 

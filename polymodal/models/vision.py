@@ -67,6 +67,10 @@ class VisionTower(nn.Module):
         x = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)     # (B, P, W)
         return x, gh, gw
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the class token and the position embeddings (the patch conv decays)."""
+        return {"cls", "pos"}
+
     def embed(self, pixels: Tensor) -> Tensor:
         """Patch + position embeddings with the CLS token first: (B, 3, H, W) -> (B, 1+P, W)."""
         x, gh, gw = self.patchify(pixels)                             # (B, P, W)

@@ -36,7 +36,7 @@ from .schedule import SCHEDULES, lr_at
 @dataclass
 class OptimConfig:
     lr: float = 5e-4                # peak learning rate (after warm-up)
-    weight_decay: float = 0.1       # AdamW decoupled weight decay (not on biases, norms, embeddings)
+    weight_decay: float = 0.1       # AdamW decoupled weight decay (not on 1-d tensors nor what modules declare)
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW moment decay rates
     eps: float = 1e-6               # AdamW denominator epsilon
     warmup_steps: int = 50          # linear warm-up from 0 to lr over this many steps
@@ -207,12 +207,42 @@ class DataExhausted(RuntimeError):
     """The data gives no usable sample (every record of many batches, or of a whole epoch, was skipped)."""
 
 
-# Parameters that should not be decayed: biases, norms, embeddings, tokens, scales.
-_NO_DECAY_HINTS = ("embed", "pos", "cls", "readout", "logit_scale", "logit_bias", "mask_token", "query")
+def no_decay_names(module: nn.Module) -> set[str]:
+    """The parameters AdamW must not decay, by the names `module.named_parameters()` gives them.
+
+    Two sources, and no name matching: the generic rule (every tensor with fewer than 2 dimensions: biases,
+    norm weights, scales, single tokens), and what each submodule declares with ``no_weight_decay() ->
+    set[str]``, names relative to itself (position and time embeddings, class tokens, token-embedding
+    tables, learned queries), as open_clip's towers do. A module shared under two prefixes counts once.
+
+    Args:
+        module: the task or model the optimizer trains.
+
+    Returns:
+        the set of parameter names.
+
+    Raises:
+        ValueError: a declaration names something that is not a parameter of its module.
+    """
+    named = dict(module.named_parameters())
+    canonical = {id(p): n for n, p in named.items()}
+    out = {n for n, p in named.items() if p.ndim < 2}
+    for prefix, sub in module.named_modules():
+        declared = getattr(sub, "no_weight_decay", None)
+        if not callable(declared):
+            continue
+        for name in declared():
+            try:
+                p = sub.get_parameter(name)
+            except AttributeError as e:
+                raise ValueError(f"{type(sub).__name__} ({prefix or 'the root'}).no_weight_decay() names {name!r}, "
+                                 f"which is not one of its parameters") from e
+            out.add(canonical[id(p)])
+    return out
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = None) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms (1-D tensors), embeddings and learned tokens.
+    """AdamW groups: decay on every trainable parameter except those of :func:`no_decay_names`.
 
     Args:
         model: the module whose trainable parameters are grouped.
@@ -222,13 +252,13 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = 
     Returns:
         Groups with `weight_decay` and `lr_scale` (1.0 for the plain two groups).
     """
+    skip = no_decay_names(model)
     scales = [1.0] + sorted({float(v) for v in (lr_scale or {}).values()} - {1.0})
     groups = {(decayed, s): [] for s in scales for decayed in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.split(".")[-1]
-        decayed = not (p.ndim < 2 or leaf == "bias" or any(h in name for h in _NO_DECAY_HINTS))
+        decayed = name not in skip
         scale = next((float(v) for k, v in (lr_scale or {}).items() if k in name), 1.0)
         groups[(decayed, scale)].append(p)
     return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
