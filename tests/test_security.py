@@ -1,7 +1,6 @@
 """The search server and inputs under attack (issue #30): what the server serves, which hosts and tokens it
 accepts, what a build follows or skips, and one-line errors for damaged or unwritable index folders."""
 import errno
-import json
 import os
 import shutil
 import subprocess
@@ -77,7 +76,7 @@ def row_of(index, path):
     return next(i for i, it in enumerate(index.items) if it["path"] == str(path))
 
 
-# ----------------------------------------------------------------------------------------------- serving only what was indexed
+# ------------------------------------------------------------------------------------- serving only what was indexed
 def test_a_file_swapped_for_a_symlink_after_indexing_is_not_served(model, model_dir, photos, tmp_path):
     index = build(model, model_dir, photos, tmp_path / "idx")
     c = local_client(app_for(tmp_path / "idx", model))
@@ -228,7 +227,7 @@ def test_unicode_digits_as_ids_are_404_not_500(served, model, item_id):
         assert r.status_code == 404 and "ids are integers" in r.json()["error"], url
 
 
-# ----------------------------------------------------------------------------------------------- damaged and unwritable folders
+# ----------------------------------------------------------------------------------- damaged and unwritable folders
 def test_index_json_that_is_not_json_is_one_line_naming_the_file(served, capsys):
     (served / "index.json").write_text('{"model": "m", "count": 3,')
     with pytest.raises(SearchError, match=r"index\.json: not valid JSON .*index build"):
