@@ -177,3 +177,86 @@ def test_sampler_resumes_exactly_from_its_state():
     assert [fresh.next() for _ in range(50)] == first            # the stream is a pure function of the seed
     with pytest.raises(ValueError, match="training data changed"):
         DimensionSampler(["x", "y"], [5, 6], seed=9).load_state_dict(state)
+
+
+# ---- conversational records, near-identical pairs and record length (issue #30) ---------------------------
+def _msgs(*turns):
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+CONVERSATIONAL_BAD = [
+    ({"chosen": _msgs(("user", "q"), ("banana", "a1")), "rejected": _msgs(("user", "q"), ("assistant", "a2"))},
+     "bad_role", "chosen[1] has role 'banana'"),
+    ({"chosen": _msgs(("", "q"), ("assistant", "a1")), "rejected": _msgs(("", "q"), ("assistant", "a2"))},
+     "bad_role", "chosen[0] has role ''"),
+    ({"chosen": [{"content": "q"}, {"role": "assistant", "content": "a"}], "rejected": _msgs(("assistant", "b"))},
+     "bad_role", "chosen[0] has no role"),
+    ({"chosen": _msgs(("user", "q"), ("user", "never mind")), "rejected": _msgs(("user", "q"), ("assistant", "a"))},
+     "bad_role", "the response holds a 'user' turn"),
+    ({"prompt": "q", "chosen": _msgs(("user", "tell me")), "rejected": _msgs(("assistant", "a"))},
+     "bad_role", "the response holds a 'user' turn"),
+    ({"chosen": _msgs(("user", "q"), ("assistant", "a"), ("tool", "42")),
+      "rejected": _msgs(("user", "q"), ("assistant", "b"), ("tool", "42"))}, "bad_role", "ends with a 'tool' turn"),
+    ({"prompt": "q", "chosen": _msgs(("assistant", "a")), "rejected": "b"}, "mixed_forms",
+     "chosen is a message list but rejected is a string"),
+    ({"prompt": "q", "chosen": "a", "rejected": _msgs(("assistant", "b"))}, "mixed_forms",
+     "chosen is a string but rejected is a message list"),
+    ({"prompt": "q", "chosen": "a  good\tanswer", "rejected": " a good answer\n"}, "identical_pair", "white space"),
+    ({"chosen": _msgs(("user", "q"), ("assistant", "same  words")),
+      "rejected": _msgs(("user", "q"), ("assistant", "same words "))}, "identical_pair", "white space"),
+    ({"prompt": "q", "chosen": [], "rejected": _msgs(("assistant", "b"))}, "empty_text", "empty message list"),
+]
+
+
+@pytest.mark.parametrize("record,reason,words", CONVERSATIONAL_BAD)
+def test_conversational_records_are_checked_for_roles_forms_and_near_identity(tmp_path, record, reason, words):
+    f = _write(tmp_path / "chat.jsonl", [{"chosen": "ok", "rejected": "no"}, record])
+    with pytest.raises(ManifestError, match=rf"chat.jsonl line 2: .*\[{reason}\]") as err:
+        read_preferences(f)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    s = read_preferences(f, on_bad_record="skip")
+    assert len(s) == 1 and dict(s.skipped) == {reason: 1}
+
+
+def test_good_conversations_still_read(tmp_path):
+    f = _write(tmp_path / "chat.jsonl", [
+        {"chosen": _msgs(("system", "be kind"), ("user", "q"), ("assistant", "a1")),
+         "rejected": _msgs(("system", "be kind"), ("user", "q"), ("assistant", "a2"))},
+        {"prompt": _msgs(("user", "q")), "chosen": _msgs(("assistant", "x")), "rejected": _msgs(("assistant", "y"))},
+        {"prompt": "q", "chosen": "Good answer.", "rejected": "good answer"}])      # differs beyond white space
+    s = read_preferences(f)
+    assert [p.chosen for p in s] == [_msgs(("assistant", "a1")), _msgs(("assistant", "x")), "Good answer."]
+    assert s[0].prompt == _msgs(("system", "be kind"), ("user", "q"))
+
+
+def test_a_record_over_the_length_limit_is_refused_before_any_tokenizer_work(tmp_path):
+    import time
+    huge = "x" * 1_000_000                                          # one megabyte without a space
+    f = _write(tmp_path / "long.jsonl", [{"prompt": "p", "chosen": "fine", "rejected": "also fine"},
+                                         {"prompt": "p", "chosen": huge, "rejected": "short"}])
+    start = time.perf_counter()
+    with pytest.raises(ManifestError, match=r"long.jsonl line 2: chosen \(key 'chosen'\) is 1000000 characters; "
+                                            r"the limit is 65536 .*\[too_long\]"):
+        read_preferences(f)
+    s = read_preferences(f, on_bad_record="skip")
+    assert time.perf_counter() - start < 5
+    assert len(s) == 1 and dict(s.skipped) == {"too_long": 1}
+    assert len(read_preferences(f, max_chars=0)) == 2                 # 0 = no limit, asked for explicitly
+    with pytest.raises(ValueError, match="max_chars"):
+        read_preferences(f, max_chars=-1)
+
+
+def test_reward_training_with_a_megabyte_record_stops_at_once_naming_the_line(tmp_path):
+    """The reward method reads its pairs before training a tokenizer: the long record stops the run, instead of
+    stalling tokenizer training for minutes (issue #30)."""
+    import time
+    from polymodal.train.run import load_recipe
+    good = [{"prompt": f"q{i}", "chosen": f"kind answer {i}", "rejected": f"rude answer {i}"} for i in range(20)]
+    f = _write(tmp_path / "train.jsonl", good + [{"prompt": "q", "chosen": "y" * 1_000_000, "rejected": "n"}])
+    cfg = load_recipe(None, ["method=reward", f"data.train={f}", f"out_dir={tmp_path / 'run'}",
+                             "reward.text.width=32", "reward.text.layers=1", "reward.text.heads=2",
+                             "tokenizer.vocab_size=300"])
+    start = time.perf_counter()
+    with pytest.raises(ManifestError, match=r"train.jsonl line 21: .*\[too_long\]"):
+        cfg.method_impl.build_tokenizer(tmp_path / "run")
+    assert time.perf_counter() - start < 10

@@ -621,3 +621,94 @@ def test_a_stuck_loader_worker_is_an_error_not_a_hang(tmp_path):
                       TrainConfig(steps=10, ckpt_every=0, progress=False), tmp_path)
     with pytest.raises(DataLoaderStuck, match="data.worker_timeout"):
         trainer.fit()
+
+
+# --------------------------------------------------------------------------- 8. probes of issue #30
+
+
+def test_resuming_with_another_model_is_one_line_naming_the_checkpoint_and_the_fix(tmp_path):
+    from polymodal.train.checkpoint import CheckpointError, restore_task_state
+    trainer(tmp_path, stop_after=5).fit()
+    path = latest_checkpoint(tmp_path / "checkpoints")
+    other = Regression(width=8)                                        # same names, other shapes
+    before = [p.clone() for p in other.parameters()]
+    with pytest.raises(CheckpointError) as info:
+        restore_task_state(other, load_checkpoint(path)["task"], path)
+    text = str(info.value)
+    assert "\n" not in text and str(path) in text and "another model" in text and "train.resume=never" in text
+    assert "net.0.weight (16, 4) vs (8, 4)" in text and "3 of another shape" in text
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))   # nothing half-loaded
+    renamed = nn.Module()
+    renamed.body = nn.Linear(4, 1)
+    with pytest.raises(CheckpointError, match=r"2 weight\(s\) of this model missing \(body.weight, body.bias\); "
+                                              r"4 unknown to it"):
+        restore_task_state(renamed, load_checkpoint(path)["task"], path)
+    restore_task_state(Regression(), load_checkpoint(path)["task"], path)   # the right model loads
+
+
+def test_a_checkpoint_error_is_a_user_error_on_the_command_line():
+    from polymodal import cli
+    from polymodal.train.checkpoint import CheckpointError
+    try:
+        raise CheckpointError("checkpoint x.pt was written for another model")
+    except CheckpointError as err:
+        assert cli._is_user_error(err)
+
+
+def test_passed_over_checkpoints_are_named_with_the_one_used(tmp_path):
+    from polymodal.train.checkpoint import load_newest_readable
+    trainer(tmp_path, stop_after=10, keep_last=3).fit()                 # step 5 and step 10
+    ckpts = tmp_path / "checkpoints"
+    data = (ckpts / "step_00000010.pt").read_bytes()
+    (ckpts / "step_00000020.pt").write_bytes(data[: len(data) // 2])    # newest, truncated
+    import pickle
+    (ckpts / "step_00000015.pt").write_bytes(pickle.dumps({"task": {}}))  # a plain pickle in the folder
+    with pytest.warns(UserWarning) as record:
+        path, state = load_newest_readable(ckpts)
+    assert path.name == "step_00000010.pt" and state["step"] == 10
+    (message,) = [str(w.message) for w in record]
+    assert "step_00000020.pt is incomplete (truncated?)" in message
+    assert "step_00000015.pt is a plain pickle" in message and "using step_00000010.pt" in message
+    with pytest.warns(UserWarning, match=r"step_00000015\.pt is a plain pickle.*using step_00000010\.pt"):
+        assert latest_checkpoint(ckpts).name == "step_00000010.pt"
+
+
+@pytest.mark.parametrize("value,words", [
+    ("cat", "is a class name, but no classes file maps names to indices"),
+    ("3.5", "is not an integer class index"), (2.0, "is not an integer class index"),
+    (-1, "is negative"), (True, "neither a class index nor a class name")])
+def test_a_label_that_is_no_class_index_is_one_line_saying_what_to_write(value, words):
+    from polymodal.data.labels import LabelError, label_index
+    with pytest.raises(LabelError, match=words) as info:
+        label_index(value)
+    assert "\n" not in str(info.value)
+    assert label_index(3) == 3 and label_index(" 4 ") == 4 and label_index("cat", {"dog": 0, "cat": 1}) == 1
+
+
+def _recipe(tmp_path, out_dir):
+    from polymodal.train.run import load_recipe
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"caption": "x"}\n')
+    return load_recipe(None, [f"data.train={manifest}", f"out_dir={out_dir}"])
+
+
+def test_out_dir_that_is_a_file_is_refused_before_anything_is_built(tmp_path):
+    from polymodal.train.run import check_paths
+    (tmp_path / "notes.txt").write_text("mine")
+    for out, words in ((tmp_path / "notes.txt", "notes.txt is a file"),
+                       (tmp_path / "notes.txt" / "run", "has a file on its way")):
+        with pytest.raises(ConfigError, match=rf"out_dir: .*{words}.*give a folder path") as info:
+            check_paths(_recipe(tmp_path, out))
+        assert "\n" not in str(info.value)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    check_paths(_recipe(tmp_path, tmp_path / "new" / "run"))            # a folder still to be made is fine
+
+
+def test_out_dir_on_a_read_only_place_is_refused(tmp_path, monkeypatch):
+    from polymodal.train.run import check_paths
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(tmp_path / "ro") else
+                        real_access(p, mode, **k))
+    with pytest.raises(ConfigError, match=r"out_dir: cannot write in .*ro \(read-only file system"):
+        check_paths(_recipe(tmp_path, tmp_path / "ro" / "run"))

@@ -105,6 +105,12 @@ def small_index(world, model, tmp_path, n: int) -> Path:
     return folder
 
 
+def local_client(app):
+    """A test client that addresses the app as http://127.0.0.1:8000 (a trusted Host, as a local browser does)."""
+    from fastapi.testclient import TestClient
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
 def independent_image_embeddings(model, paths):
     from polymodal.encode import encode_images
     return encode_images(model, [str(p) for p in paths], batch_size=3).numpy()
@@ -341,9 +347,8 @@ def test_folder_without_media_is_an_error(model, tmp_path):
 # ----------------------------------------------------------------------------------------------- HTTP API
 @pytest.fixture(scope="module")
 def client(index_dir, model):
-    from fastapi.testclient import TestClient
     from polymodal.search.server import create_app
-    return TestClient(create_app(index_dir, model=model, max_upload_bytes=20_000, max_query_chars=100, max_k=30))
+    return local_client(create_app(index_dir, model=model, max_upload_bytes=20_000, max_query_chars=100, max_k=30))
 
 
 def png_bytes(path):
@@ -428,9 +433,8 @@ def test_api_page_and_static_files(client):
 
 
 def test_api_bearer_token(index_dir, model):
-    from fastapi.testclient import TestClient
     from polymodal.search.server import create_app
-    c = TestClient(create_app(index_dir, model=model, token="s3cret"))
+    c = local_client(create_app(index_dir, model=model, token="s3cret"))
     assert c.get("/healthz").status_code == 200 and c.get("/healthz").json()["token_required"] is True
     assert c.get("/").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -441,20 +445,18 @@ def test_api_bearer_token(index_dir, model):
 
 
 def test_api_wrong_model_is_refused_and_model_comes_from_the_index(index_dir, model_dir):
-    from fastapi.testclient import TestClient
     from polymodal.search.server import create_app
     torch.manual_seed(1)
     with pytest.raises(IndexModelMismatch):
         create_app(index_dir, model=create_model("tiny"))
-    c = TestClient(create_app(index_dir))                          # the model path recorded at build time
-    assert c.get("/healthz").json()["model"] == str(model_dir)
+    c = local_client(create_app(index_dir))                          # the model path recorded at build time
+    assert c.get("/healthz").json()["model_id"] == model_id(load_model(model_dir))
 
 
 def test_api_empty_index(model, tmp_path):
-    from fastapi.testclient import TestClient
     from polymodal.search.server import create_app
     empty_index(tmp_path / "empty", model)
-    c = TestClient(create_app(tmp_path / "empty", model=model))
+    c = local_client(create_app(tmp_path / "empty", model=model))
     assert c.get("/healthz").json()["count"] == 0
     r = c.get("/search?q=anything")
     assert r.status_code == 200 and r.json()["results"] == []
@@ -462,10 +464,9 @@ def test_api_empty_index(model, tmp_path):
 
 
 def test_api_follows_index_add_and_refuses_ids_of_an_older_version(world, model, tmp_path):
-    from fastapi.testclient import TestClient
     from polymodal.search.server import create_app
     folder = small_index(world, model, tmp_path, 3)
-    c = TestClient(create_app(tmp_path / "idx", model=model))
+    c = local_client(create_app(tmp_path / "idx", model=model))
     health = c.get("/healthz").json()
     assert (health["count"], health["generation"], health["reload_error"]) == (3, 0, None)
     first = c.get("/search", params={"q": "a shape", "k": 3}).json()

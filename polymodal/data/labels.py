@@ -388,6 +388,41 @@ def resolve_label(value, index: dict, where: str):
                      f"or add the class there")
 
 
+def label_index(value, index: dict | None = None, source: str = "") -> int:
+    """A record's `label` as the integer class index a training batch holds.
+
+    Args:
+        value: the record's label: an int, or a class name (also a CSV cell such as "cat" or "3.5").
+        index: {class name: index} when a classes file maps names; None when the run has none.
+        source: the classes' source, for messages.
+    Returns:
+        The index (>= 0; < len(index) when `index` is given).
+    Raises:
+        LabelError: a class name without a classes file, a number that is not an integer, a negative index,
+            or a name that is not a class; one line saying what to write instead.
+    """
+    if index is not None:
+        return resolve_label(value, index, source or "the classes file")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise LabelError(f"label {value} is negative; class indices start at 0")
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value.strip())
+    if isinstance(value, (float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None:
+            raise LabelError(f"label {value!r} is not an integer class index; write 0, 1, 2, ... (or a class name "
+                             f"with a classes file)")
+        raise LabelError(f"label {value!r} is a class name, but no classes file maps names to indices here; write "
+                         f"class indices 0, 1, 2, ... in the manifest, or give a classes file where the command "
+                         f"takes one (--classes)")
+    raise LabelError(f"label {value!r} is neither a class index nor a class name")
+
+
 def label_indices(records, classes, key: str = "label", where: str = "manifest", source: str | None = None) -> list:
     """Map the `key` field of records (names or indices) to class indices.
 
@@ -420,4 +455,5 @@ def label_indices(records, classes, key: str = "label", where: str = "manifest",
     return out
 
 __all__ = ["LabelHierarchy", "hierarchy_from_classes", "hierarchy_from_tree", "load_hierarchy", "GROUP_KEYS",
-           "LabelError", "parse_class_list", "classes_argument", "class_names", "resolve_label", "label_indices"]
+           "LabelError", "parse_class_list", "classes_argument", "class_names", "resolve_label", "label_index",
+           "label_indices"]

@@ -6,7 +6,10 @@ The default layout is the one TRL's `RewardTrainer` reads, plus two columns of o
 
 - `prompt` is optional (TRL's "implicit prompt" form puts the whole conversation in `chosen` and `rejected`);
 - `chosen` / `rejected` are strings or chat message lists (`[{"role": "user", "content": "..."}, ...]`); when
-  both are message lists their longest common prefix is the prompt and the rest are the two responses;
+  both are message lists their longest common prefix is the prompt and the rest are the two responses.
+  Both sides must have the same form (a message list beside a string renders differently, a shortcut a
+  reward model learns instead of the preference); roles are `system`, `user`, `assistant` or `tool`, and
+  a response holds only `assistant` (or `tool`) turns and ends with an `assistant` turn;
 - `margin` (optional) is the number TRL subtracts inside the Bradley-Terry loss;
 - `dimension` names the alignment dimension (Hummer: accuracy, conciseness, depth, empathy, specificity, tone);
 - `subset` is a RewardBench-style category used by the evaluation's per-subset column.
@@ -17,9 +20,12 @@ difference of two fields, e.g. UltraFeedback's `{"margin": ["score_chosen", "sco
 A folder is read as one file per dimension, `<folder>/<dimension>/<split>.jsonl` (the layout of the Hummer
 release), the dimension taken from the sub-folder's name when a record has none.
 
-Bad records (malformed line, bad encoding, a missing side, empty text, chosen identical to rejected, a
-non-numeric margin) raise `ManifestError` naming the file and line (`on_bad_record="error"`) or are skipped and
-counted by reason (`"skip"`).
+Bad records (malformed line, bad encoding, a missing side, empty text, chosen identical to rejected up to
+white space, a non-numeric margin, an unknown role, a user turn as the response, sides of different forms, a
+text longer than `max_chars`) raise `ManifestError` naming the file, line and key (`on_bad_record="error"`) or
+are skipped and counted by reason (`"skip"`). The length limit comes before any expensive work: a megabyte
+string without spaces would stall tokenizer training for minutes, and a reward model reads only its first
+`max_length` tokens anyway.
 """
 from __future__ import annotations
 
@@ -47,6 +53,10 @@ FIELDS = ("prompt", "chosen", "rejected", "margin", "dimension", "subset")
 
 MISSING_SIDE = "missing_side"
 EMPTY_TEXT, IDENTICAL, BAD_FIELD = "empty_text", "identical_pair", "bad_field"
+BAD_ROLE, MIXED_FORMS, TOO_LONG = "bad_role", "mixed_forms", "too_long"
+ROLES = ("system", "user", "assistant", "tool")      # chat roles a message may have
+RESPONSE_ROLES = ("assistant", "tool")               # roles a response (after the shared prompt) may hold
+DEFAULT_MAX_CHARS = 65_536                           # characters of one text (prompt, chosen or rejected)
 
 Text = Any   # a string or a list of {"role", "content"} messages
 
@@ -107,7 +117,7 @@ class PreferenceSet(SkipNotes):
 
 def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimension: str = "",
                      on_bad_record: str = "error", split: str = "train", limit: int = 0,
-                     allow_empty: bool = False) -> PreferenceSet:
+                     allow_empty: bool = False, max_chars: int = DEFAULT_MAX_CHARS) -> PreferenceSet:
     """Read preference pairs from a JSONL file or a folder of one file per dimension.
 
     Args:
@@ -120,6 +130,8 @@ def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimensio
         split: the file name (without .jsonl) read inside each dimension folder.
         limit: keep the first N good pairs (0 = all).
         allow_empty: accept a source with no usable pair.
+        max_chars: the longest prompt, chosen or rejected text in characters (all of a message list's
+            contents together); a longer one is a bad record (reason "too_long"). 0 = no limit.
     Returns:
         A `PreferenceSet`.
     Raises:
@@ -129,6 +141,8 @@ def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimensio
     """
     if on_bad_record not in BAD_RECORD_POLICIES:
         raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 0:
+        raise ValueError(f"max_chars must be an integer >= 0 (0 = no limit), got {max_chars!r}")
     mapping = _check_keys(keys)
     path = Path(path)
     if path.is_dir():
@@ -148,7 +162,7 @@ def read_preferences(path: str | os.PathLike, keys: dict | None = None, dimensio
             try:
                 if isinstance(raw, _Bad):
                     raise raw
-                pair = _normalise(raw, mapping, dimension or "", folder_dim, where)
+                pair = _normalise(raw, mapping, dimension or "", folder_dim, where, max_chars)
             except _Bad as bad:
                 if on_bad_record == "error":
                     raise ManifestError(f"{file} line {line_no}: {bad.detail} [{bad.reason}]; {SKIP_HINT}") from None
@@ -196,14 +210,19 @@ def _get(record: dict, dotted: str):
 
 
 def _text(value, name: str):
-    """A string or a validated message list; _Bad otherwise."""
+    """A string or a validated message list; _Bad otherwise (naming the key and the message)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         for i, m in enumerate(value):
-            if not isinstance(m.get("content"), str) or not isinstance(m.get("role", "user"), str):
+            if not isinstance(m.get("content"), str):
                 raise _Bad(BAD_FIELD, f"{name}[{i}] must be a message {{role, content}} with string content")
-        return [{"role": m.get("role", "user"), "content": m["content"]} for m in value]
+            if m.get("role") not in ROLES:
+                got = "no role" if "role" not in m else f"role {m['role']!r}"
+                raise _Bad(BAD_ROLE, f"{name}[{i}] has {got}; a message's role is one of {', '.join(ROLES)}")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if isinstance(value, list) and not value:
+        raise _Bad(EMPTY_TEXT, f"{name} is an empty message list")
     raise _Bad(BAD_FIELD, f"{name} must be a string or a list of messages, got {type(value).__name__}")
 
 
@@ -213,7 +232,35 @@ def _is_empty(value) -> bool:
     return not value or all(not m["content"].strip() for m in value)
 
 
-def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where: str) -> PreferencePair:
+def _length(value) -> int:
+    return len(value) if isinstance(value, str) else sum(len(m["content"]) for m in value)
+
+
+def _canonical(value):
+    """The text with every run of white space as one space: pairs equal up to white space are identical."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    return [(m["role"], " ".join(m["content"].split())) for m in value]
+
+
+def _check_response(value, name: str, key: str) -> None:
+    """A message-list response holds only assistant (or tool) turns and ends with the assistant's."""
+    if isinstance(value, str):
+        return
+    for i, m in enumerate(value):
+        if m["role"] not in RESPONSE_ROLES:
+            raise _Bad(BAD_ROLE, f"{name} (key {key!r}): the response holds a {m['role']!r} turn "
+                                 f"({m['content'][:40]!r}); a response is the assistant's answer: put the conversation before it in the "
+                                 f"prompt (or in the messages both sides share)")
+    if value[-1]["role"] != "assistant":
+        raise _Bad(BAD_ROLE, f"{name} (key {key!r}): the response ends with a {value[-1]['role']!r} turn; it must end "
+                             f"with the assistant's answer")
+
+
+def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where: str,
+               max_chars: int = DEFAULT_MAX_CHARS) -> PreferencePair:
+    if not isinstance(record, dict):
+        raise _Bad(BAD_FIELD, f"a record must be a JSON object, got {type(record).__name__}")
     values = {}
     for name in ("chosen", "rejected"):
         v = _get(record, keys[name])
@@ -222,7 +269,17 @@ def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where
         values[name] = _text(v, name)
     prompt = _get(record, keys["prompt"])
     prompt = "" if prompt is _MISSING or prompt is None else _text(prompt, "prompt")
+    for name, v in (("prompt", prompt), *values.items()):      # before anything costs time
+        if max_chars and _length(v) > max_chars:
+            raise _Bad(TOO_LONG, f"{name} (key {keys[name]!r}) is {_length(v)} characters; the limit is {max_chars} "
+                                 f"(a reward model reads only its first max_length tokens): shorten it, or raise "
+                                 f"the limit (read_preferences max_chars=)")
     chosen, rejected = values["chosen"], values["rejected"]
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        forms = {n: "a message list" if isinstance(v, list) else "a string" for n, v in values.items()}
+        raise _Bad(MIXED_FORMS, f"chosen is {forms['chosen']} but rejected is {forms['rejected']}; give both sides in "
+                                f"the same form (they would be rendered differently, a shortcut a reward model "
+                                f"learns instead of the preference)")
     if isinstance(chosen, list) and isinstance(rejected, list):
         n = 0                                     # implicit prompt: the messages both sides share
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -233,8 +290,9 @@ def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where
     for name, v in (("chosen", chosen), ("rejected", rejected)):
         if _is_empty(v):
             raise _Bad(EMPTY_TEXT, f"{name} response is empty")
-    if chosen == rejected:
-        raise _Bad(IDENTICAL, "chosen and rejected are identical (no preference to learn)")
+        _check_response(v, name, keys[name])
+    if _canonical(chosen) == _canonical(rejected):
+        raise _Bad(IDENTICAL, "chosen and rejected are identical (up to white space): no preference to learn")
     margin = _margin(record, keys["margin"])
     dim = forced_dim
     if not dim:

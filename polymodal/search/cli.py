@@ -61,7 +61,9 @@ def _settings(args):
 def _report_skipped(skipped: list[dict], limit: int = 5) -> None:
     if not skipped:
         return
-    print(f"skipped {len(skipped)} file(s) that cannot be read:", file=sys.stderr)
+    from collections import Counter
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(Counter(s.get("reason", "?") for s in skipped).items()))
+    print(f"skipped {len(skipped)} file(s) ({reasons}):", file=sys.stderr)
     for s in skipped[:limit]:
         print(f"  {s.get('detail') or s['path']}", file=sys.stderr)
     if len(skipped) > limit:
@@ -233,7 +235,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model", help="model (default: the one recorded in the index)")
     parser.add_argument("--token", default=None,
                         help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} when set); open the page "
-                             f"as http://HOST:PORT/#token=TOKEN")
+                             f"as http://HOST:PORT/#token=TOKEN. An empty token is an error")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests addressed to NAME (the Host header), e.g. this machine's name on "
+                             "the network; 127.0.0.1, localhost, [::1] and --host always are (repeatable)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_LIMITS["max_upload_bytes"] / 2**20,
                         help="largest image upload in MiB (default 10)")
     parser.add_argument("--max-query-chars", type=_positive, default=DEFAULT_LIMITS["max_query_chars"])
@@ -244,9 +249,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def serve_token(given: str | None, environ=os.environ) -> str | None:
+    """The token `polymodal serve` uses: `--token` when given, else $POLYMODAL_SEARCH_TOKEN when set, else None.
+
+    Raises:
+        ValueError: the one given is empty (`--token "$TOKEN"` with TOKEN unset, an empty variable): an open
+            server is never started in place of a protected one.
+    """
+    from .server import check_token
+    if given is not None:
+        return check_token(given, "--token")
+    if TOKEN_ENV in environ:
+        return check_token(environ[TOKEN_ENV], f"${TOKEN_ENV}")
+    return None
+
+
 def main_serve(args) -> None:
     """Run `polymodal serve` until interrupted."""
     from .server import serve
+    token = serve_token(args.token)          # before loading anything
     if args.threads:
         set_threads(args.threads)
     model = _load_model(args.model, args.device) if args.model or args.device != "cpu" else None
@@ -256,6 +277,5 @@ def main_serve(args) -> None:
         if not recorded:
             raise FileNotFoundError(f"{args.index}: the index does not record its model; pass --model")
         model = _load_model(recorded, args.device)
-    serve(args.index, host=args.host, port=args.port, model=model,
-          token=args.token or os.environ.get(TOKEN_ENV) or None,
+    serve(args.index, host=args.host, port=args.port, model=model, token=token, allow_hosts=args.allow_host,
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_query_chars=args.max_query_chars, max_k=args.max_k)

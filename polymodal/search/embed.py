@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -66,22 +67,52 @@ def model_id(model) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- collecting items
-def _stat(path: str) -> tuple[int, int]:
-    """(size in bytes, mtime in ns) of a file; a frame folder counts its files' bytes and newest mtime."""
-    if os.path.isdir(path):
-        size, mtime = 0, os.stat(path).st_mtime_ns
-        for entry in os.scandir(path):
-            if entry.is_file():
-                st = entry.stat()
-                size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
-        return size, mtime
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+SYMLINK, NOT_A_FILE, MISSING_FILE, UNREADABLE = "symlink", "not_a_file", "missing_file", "unreadable"
+
+
+class _Skip(Exception):
+    """A path that is not indexed: `reason` (one of the names above) and a one-line `detail`."""
+
+    def __init__(self, path: str, reason: str, detail: str):
+        super().__init__(detail)
+        self.entry = {"path": path, "reason": reason, "detail": f"{path}: {detail}"}
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+            "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+
+
+def _stat(path: str, folder_ok: bool = False) -> os.stat_result:
+    """`os.lstat` of a file to index; _Skip for a link, a FIFO, a device, a socket, or one that is gone.
+
+    A frame folder (`folder_ok`, a manifest's `video`) counts its files' bytes and newest mtime."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise _Skip(path, MISSING_FILE, "file not found") from None
+    except OSError as e:
+        raise _Skip(path, UNREADABLE, f"cannot be read ({e.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _Skip(path, SYMLINK, "a symbolic link; symbolic links are not followed (to files or folders "
+                                   "alike): index the target's own folder instead")
+    if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):
+        return st
+    raise _Skip(path, NOT_A_FILE, f"{_file_kind(st.st_mode)}, not a file; only regular files are indexed")
 
 
 def _media_item(path: str, kind: str, caption: str | None = None) -> dict:
-    size, mtime = _stat(path)
-    return {"kind": kind, "path": path, "caption": caption, "size": size, "mtime_ns": mtime}
+    """An item dict for a media file (size, mtime and inode recorded: the server serves only that file)."""
+    st = _stat(path, folder_ok=kind == "video")
+    size, mtime = st.st_size, st.st_mtime_ns
+    if stat.S_ISDIR(st.st_mode):
+        for entry in os.scandir(path):
+            if entry.is_file(follow_symlinks=False):
+                est = entry.stat(follow_symlinks=False)
+                size, mtime = size + est.st_size, max(mtime, est.st_mtime_ns)
+    return {"kind": kind, "path": path, "caption": caption, "size": size, "mtime_ns": mtime, "ino": st.st_ino}
 
 
 def _text_item(text: str, source: str) -> dict:
@@ -89,25 +120,48 @@ def _text_item(text: str, source: str) -> dict:
     return {"kind": "text", "path": f"{source}#{digest}", "caption": text, "size": len(text.encode()), "mtime_ns": 0}
 
 
-def scan_folder(folder: str | os.PathLike) -> list[dict]:
+def scan_folder(folder: str | os.PathLike, skipped: list[dict] | None = None) -> list[dict]:
     """Image and video files under `folder` (recursive; hidden files and folders skipped), sorted by path.
+
+    Only regular files are indexed. Symbolic links are never followed, to files and to folders alike (a link
+    could make files outside the folder searchable and downloadable); they, FIFOs, sockets, devices and
+    folders that cannot be listed are left out and reported in `skipped`.
 
     Args:
         folder: the folder.
+        skipped: a list that receives one entry {"path", "reason", "detail"} per left-out path (reasons:
+            "symlink", "not_a_file", "missing_file", "unreadable").
     Returns:
-        Item dicts: kind ("image" / "video"), absolute path, caption None, size, mtime_ns.
+        Item dicts: kind ("image" / "video"), absolute path, caption None, size, mtime_ns, ino.
     """
     root = os.path.abspath(os.fspath(folder))
+    skipped = [] if skipped is None else skipped
     items = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+
+    def cannot_list(err: OSError) -> None:
+        skipped.append(_Skip(err.filename or root, UNREADABLE, f"folder cannot be listed ({err.strerror})").entry)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list):     # never follows folder links
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if os.path.islink(os.path.join(dirpath, d)):
+                skipped.append(_Skip(os.path.join(dirpath, d), SYMLINK, "a symbolic link to a folder; symbolic "
+                                     "links are not followed (to files or folders alike)").entry)
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             suffix = os.path.splitext(name)[1].lower()
             kind = "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
             if kind:
-                items.append(_media_item(os.path.join(dirpath, name), kind))
+                try:
+                    items.append(_media_item(os.path.join(dirpath, name), kind))
+                except _Skip as skip:
+                    skipped.append(skip.entry)
     return sorted(items, key=lambda it: it["path"])
 
 
@@ -117,9 +171,11 @@ def collect_items(data: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     Args:
         data: a folder (see `scan_folder`); a `.txt` file (one text per non-empty line); or a JSONL/CSV
             manifest whose records carry `image`, `video` or only `caption` (a text item). A record's
-            `caption` is kept as the item's caption.
+            `caption` is kept as the item's caption. A manifest names its files itself: a path that is a
+            symbolic link is indexed as the file it points to (its real path is recorded), a missing file or
+            one that is not a regular file (FIFO, device) is skipped.
     Returns:
-        (items sorted by path, skipped entries {"path", "reason"}).
+        (items sorted by path, skipped entries {"path", "reason", "detail"}).
     Raises:
         FileNotFoundError: `data` does not exist.
     """
@@ -127,19 +183,28 @@ def collect_items(data: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     if not path.exists():
         raise FileNotFoundError(f"--data: {data} does not exist (give a folder of images/videos or a manifest)")
     if path.is_dir():
-        return scan_folder(path), []
+        skipped: list[dict] = []
+        return scan_folder(path, skipped), skipped
+    if not path.is_file():
+        raise SearchError(f"--data: {data} is {_file_kind(path.stat().st_mode)}; give a folder of images/videos, "
+                          f"a manifest or a .txt file")
     if path.suffix.lower() == ".txt":
         lines = path.read_text(encoding="utf-8").splitlines()
         return sorted((_text_item(t.strip(), str(path.resolve())) for t in lines if t.strip()),
                       key=lambda it: it["path"]), []
     from ..data.manifests import read_manifest
     manifest = read_manifest(path, on_bad_record="skip", required=(), media="none", allow_empty=True)
-    items, seen = [], set()
+    items, seen, skipped = [], set(), []
     for r in manifest.records:
         caption = r.get("caption") or (r.get("captions") or [None])[0]
         if "image" in r or "video" in r:
             kind = "image" if "image" in r else "video"
-            item = _media_item(r[kind], kind, caption)
+            file = os.path.realpath(r[kind]) if os.path.islink(r[kind]) else r[kind]   # the user named it
+            try:
+                item = _media_item(file, kind, caption)
+            except _Skip as skip:
+                skipped.append(skip.entry)
+                continue
         elif caption:
             item = _text_item(caption, manifest.path)
         else:
@@ -148,7 +213,7 @@ def collect_items(data: str | os.PathLike) -> tuple[list[dict], list[dict]]:
             seen.add(item["path"])
             items.append(item)
     skipped = [{"path": ex.split(": ", 1)[0], "reason": reason, "detail": ex}
-               for reason, examples in manifest.skipped_examples.items() for ex in examples]
+               for reason, examples in manifest.skipped_examples.items() for ex in examples] + skipped
     return sorted(items, key=lambda it: it["path"]), skipped
 
 
@@ -457,14 +522,27 @@ def load_embeddings(folder: str | os.PathLike, meta_name: str = "embed.json") ->
     if not meta_path.is_file():
         raise SearchError(f"{folder}: no {meta_name}; it is not a finished "
                           f"{'index' if meta_name == 'index.json' else 'embedding'} folder (build it again)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    again = "build it again" + (" with `polymodal index build`" if meta_name == "index.json" else "")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise SearchError(f"{meta_path}: not valid JSON{where}; the folder is damaged: {again}") from None
+    except OSError as e:
+        raise SearchError(f"{meta_path} cannot be read ({e.strerror or e}); {again}") from None
+    if not isinstance(meta, dict):
+        raise SearchError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}; {again}")
     try:
         emb = Embeddings(np.load(folder / "vectors.npy"), read_jsonl(folder / "items.jsonl"),
                          np.load(folder / "frames.npy"), np.load(folder / "frame_owner.npy"),
                          np.load(folder / "frame_times.npy"), read_jsonl(folder / "skipped.jsonl"),
                          meta.get("model_id", ""))
     except (OSError, ValueError) as e:
-        raise SearchError(f"{folder}: a part is missing or damaged ({e}); build it again") from None
+        raise SearchError(f"{folder}: a part is missing or damaged ({' '.join(str(e).split())[:200]}); "
+                          f"{again}") from None
+    if not all(isinstance(it, dict) and isinstance(it.get("path"), str) and it.get("kind") in KINDS
+               for it in emb.items):
+        raise SearchError(f"{folder}/items.jsonl: an entry is not an item {{kind, path, ...}}; {again}")
     if len(emb.vectors) != len(emb.items):
         raise SearchError(f"{folder}: vectors.npy has {len(emb.vectors)} rows but items.jsonl {len(emb.items)}; "
                           f"build it again")
@@ -488,6 +566,8 @@ def embed_collection(model, data: str | os.PathLike, out: str | os.PathLike, set
     Raises:
         SearchError: `data` holds no image, video or text.
     """
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SearchError(f"--out: {out} is a file, not a folder; give a folder path for the embeddings")
     items, skipped = collect_items(data)
     if not items:
         raise SearchError(f"{data}: no image ({', '.join(IMAGE_SUFFIXES)}), video ({', '.join(VIDEO_SUFFIXES)}) "

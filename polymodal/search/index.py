@@ -12,9 +12,11 @@ that changed, keeps everything else, and rebuilds the FAISS structure over all v
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -119,6 +121,83 @@ def recall_at_k(index, vectors: np.ndarray, k: int = 10, queries: int = RECALL_Q
     return float(np.mean(hits) / k)
 
 
+def _temp_prefix(out: Path) -> str:
+    """Name prefix of the folder an index is written into before it is swapped in (the writer's pid inside)."""
+    return f".{out.name}.tmp-"
+
+
+def remove_stale_temp_dirs(out: str | os.PathLike) -> list[Path]:
+    """Delete the half-written index folders that killed builds left beside `out`.
+
+    They are `.<name>.tmp-<pid>-XXXX` folders whose process is gone, and the `.<name>.XXXXXXXX` folders of
+    earlier versions. The embedding caches `.<name>.parts` / `.<name>.add-parts` are kept (a build resumes
+    from them) and are removed by the run that finishes.
+
+    Args:
+        out: the index folder (it need not exist).
+    Returns:
+        The removed folders.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    ours = re.compile(rf"^{re.escape(_temp_prefix(out))}(\d+)-[A-Za-z0-9_]+$")
+    legacy = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]{{8}}$")     # tempfile.mkdtemp's 8 characters
+    removed = []
+    for p in out.parent.iterdir():
+        m = ours.match(p.name)
+        if not (m and not _process_alive(int(m.group(1))) or legacy.match(p.name)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                  # another user's process: alive
+        return True
+    return True
+
+
+def check_out_dir(out: str | os.PathLike, what: str = "--out") -> Path:
+    """`out` as a folder this run can write: not an existing file, on a writable file system.
+
+    Raises:
+        SearchError: `out` (or a folder on its way) is a file, or the place is read-only (one line, with the fix).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"{what}: {out} is a file, not a folder; give a folder path for the index")
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SearchError(f"{what}: {probe} (on the way to {out}) is a file, not a folder; give another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SearchError(f"{what}: cannot write in {probe} (read-only file system or no permission); give a "
+                          f"folder you can write, e.g. under your home folder")
+    return out
+
+
+def _write_failure(e: OSError, out: Path, kept: str) -> SearchError:
+    """One line for a write that failed (disk full, I/O error, read-only): what is kept and what to do."""
+    try:
+        free = f"{shutil.disk_usage(out.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    cause = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+        "the file system is read-only" if e.errno == errno.EROFS else f"{e.strerror or e}"
+    return SearchError(f"cannot write index {out}: {cause} ({free} on {out.parent}); {kept}. Free space (or "
+                       f"fix the cause) and run the same command again")
+
+
 def _write_index_dir(emb: Embeddings, out: Path, kind: str, params: dict, model_source: str | None,
                      extra: dict | None = None) -> dict:
     """Build the FAISS part, measure recall and write everything into a temporary folder swapped in at `out`."""
@@ -128,8 +207,10 @@ def _write_index_dir(emb: Embeddings, out: Path, kind: str, params: dict, model_
     index, used = make_faiss_index(emb.vectors, kind, **params) if len(emb.items) else (None, {"kind": kind})
     build_s = time.perf_counter() - start
     recall = recall_at_k(index, emb.vectors) if index is not None and used["kind"] != "flat" else 1.0
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temp_dirs(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         info = {"model": model_source, "index": used, "recall_at_10": recall, "build_seconds": round(build_s, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {})}
@@ -140,8 +221,11 @@ def _write_index_dir(emb: Embeddings, out: Path, kind: str, params: dict, model_
         meta = {**json.loads((tmp / "embed-meta.json").read_text()), **info}
         (tmp / "embed-meta.json").unlink()
         (tmp / "index.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _write_failure(e, out, "the old index is kept as it was" if out.exists() else
+                                 "nothing was written") from e
         raise
     replace_dir(tmp, out)
     return meta
@@ -186,13 +270,17 @@ def build_index(model, data: str | os.PathLike, out: str | os.PathLike, kind: st
         The index.json dict, plus "skipped" (count).
     """
     settings = settings or EmbedSettings()
-    out = Path(out)
+    out = check_out_dir(out)                  # before any file is read or embedded
     items, skipped = collect_items(data)
     if not items and not allow_empty:
         raise SearchError(f"{data}: no image, video or text found; point --data at a folder of photos or a manifest")
     parts = out.parent / f".{out.name}.parts"
     identity = model_id(model)
-    emb = embed_items(model, items, parts, settings, progress, on_chunk, identity)
+    try:
+        emb = embed_items(model, items, parts, settings, progress, on_chunk, identity)
+    except OSError as e:
+        raise _write_failure(e, out, f"{'the old index is kept; ' if out.exists() else ''}the finished chunks in "
+                                     f"{parts} are reused by the next run") from e
     emb.skipped = skipped + emb.skipped
     if not emb.items and not allow_empty:
         raise SearchError(f"{data}: none of the {len(items)} files could be read (e.g. "
@@ -328,9 +416,13 @@ def add_to_index(model, index_dir: str | os.PathLike, data: str | os.PathLike, p
     paths = {it["path"] for it in index.items}
     new = [it for it in items if item_key(it) not in known]
     replaced = {it["path"] for it in new if it["path"] in paths}
-    index_dir = Path(index_dir)
+    index_dir = check_out_dir(index_dir, "INDEX")
     parts = index_dir.parent / f".{index_dir.name}.add-parts"
-    fresh = embed_items(model, new, parts, settings, progress, on_chunk, identity)
+    try:
+        fresh = embed_items(model, new, parts, settings, progress, on_chunk, identity)
+    except OSError as e:
+        raise _write_failure(e, index_dir, f"the old index is kept; the finished chunks in {parts} are reused by "
+                                           f"the next run") from e
     old = index.emb
     gone = {it["path"] for it in old.items
             if prune and it.get("kind") != "text" and not os.path.exists(it["path"])}
@@ -344,7 +436,12 @@ def add_to_index(model, index_dir: str | os.PathLike, data: str | os.PathLike, p
     params = {"hnsw_m": used.get("m", 32), "ef_search": used.get("ef_search", 128)} if kind == "hnsw" else {}
     sources = sorted(set(info.get("sources", [])) | {str(Path(data).resolve())})
     extra = {"num_frames": settings.num_frames, "float16": settings.float16, "sources": sources}
-    meta = build_index_from_embeddings(merged, index_dir, kind, info.get("model"), extra=extra, **params)
+    try:
+        meta = build_index_from_embeddings(merged, index_dir, kind, info.get("model"), extra=extra, **params)
+    except SearchError as e:
+        if parts.is_dir():
+            raise SearchError(f"{e} (the new files' embeddings stay in {parts} for that run)") from e
+        raise
     shutil.rmtree(parts, ignore_errors=True)
     n_replaced = len(replaced & {it["path"] for it in fresh.items})
     return {"added": len(fresh.items) - n_replaced, "replaced": n_replaced, "unchanged": len(keep_rows),

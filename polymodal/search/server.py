@@ -7,9 +7,17 @@ Endpoints (JSON unless noted):
 - `GET /similar/{id}?k=K`: items most like item `id`.
 - `GET /media/{id}?t=SECONDS&full=0|1`: a JPEG thumbnail of item `id` (a video's frame nearest `t`), or with
   `full=1` the file itself. Files are found only through the index's own list, by integer id: no part of a
-  request is ever used as a path.
-- `GET /healthz`: status, item count, model, index generation; never needs the token.
+  request is ever used as a path. A file is read only while it is still the file that was indexed
+  (`open_indexed`: no symbolic link followed, a regular file with the recorded inode, size and modification
+  time); anything else (a file swapped for a link to `/etc/passwd`, replaced, edited) answers 410.
+- `GET /healthz`: status and whether a token is needed; with the token (or on a server without one) also the
+  item count, model id, index kind, generation and limits. It never names a path.
 - `GET /` and `GET /static/{app.js,style.css}`: the page.
+
+Every request must name a trusted host in its `Host` header (`trusted_hosts`: 127.0.0.1, localhost, [::1], the
+`--host` value and any `--allow-host` names; on a server bound to every interface also any IP address), else
+it answers 421. This stops DNS rebinding: a web page whose name an attacker re-points at 127.0.0.1 sends its
+own name as the Host, so it cannot read answers (paths of the user's files) or media from a local server.
 
 The server follows its index folder: when `polymodal index add` (or a rebuild) rewrites it, the next
 request re-opens it (`Searcher.refresh`) and `generation` counts up. Ids are rows of one version, so every
@@ -18,11 +26,16 @@ version answer 409 (search again) instead of describing another item. A rewrite 
 was built with another model, is refused: the old version keeps serving and `/healthz` says why.
 
 Limits (upload bytes, query characters, k) answer 413 / 400 with a message naming the limit. With a
-`token`, every endpoint but `/healthz` and the page's own files needs `Authorization: Bearer TOKEN`.
+`token`, every endpoint but the page's own files needs `Authorization: Bearer TOKEN` (`/healthz` without it
+says only that a token is needed). An empty token is an error, never an open server.
 """
 
 import io
+import ipaddress
+import mimetypes
+import os
 import secrets
+import stat
 import time
 from functools import lru_cache
 from importlib import resources
@@ -32,6 +45,115 @@ WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascrip
              "style.css": "text/css; charset=utf-8"}
 DEFAULT_LIMITS = {"max_upload_bytes": 10 * 2**20, "max_query_chars": 2000, "max_k": 200, "default_k": 20,
                   "thumb_size": 256}
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")     # always trusted in the Host header
+ALL_INTERFACES = ("0.0.0.0", "::", "")               # bind addresses that listen on every interface
+
+
+class ItemChanged(OSError):
+    """An indexed file is not the file that was indexed any more (gone, replaced, a link, another kind)."""
+
+
+def check_token(token: str | None, where: str = "token") -> str | None:
+    """`token` as the server uses it: None (no token) or a non-empty string.
+
+    Raises:
+        ValueError: an empty or blank token (`--token "$TOKEN"` with TOKEN unset must not start an open
+            server), or one with spaces around it (a header cannot carry them).
+    """
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError(f"{where} is empty; a server with an empty token would be open to everyone. Give a "
+                         f"non-empty token (e.g. --token \"$(openssl rand -hex 16)\"), or leave it out (and "
+                         f"unset POLYMODAL_SEARCH_TOKEN) for a server on 127.0.0.1 only")
+    if token != token.strip():
+        raise ValueError(f"{where} starts or ends with white space, which an Authorization header cannot carry; "
+                         f"remove it")
+    return token
+
+
+def trusted_hosts(host: str = "127.0.0.1", allow: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The names a request's Host header may carry: `LOCAL_HOSTS`, the bind address `host` and `allow`.
+
+    Args:
+        host: the address the server binds (`--host`); 0.0.0.0 / :: add nothing by themselves.
+        allow: more names or addresses (`--allow-host`), e.g. the machine's name on the network.
+    Returns:
+        Lower-case names, IPv6 addresses without brackets.
+    """
+    names = [*LOCAL_HOSTS, *([] if host in ALL_INTERFACES else [host]), *allow]
+    return tuple(dict.fromkeys(n.strip().strip("[]").lower() for n in names if n and n.strip()))
+
+
+def host_name(header: str) -> str | None:
+    """The host part of a Host header (`name`, `name:port`, `[v6]:port`), lower case; None when malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1:] if end > 1 else None
+        if rest is None or (rest and not (rest[0] == ":" and rest[1:].isascii() and rest[1:].isdigit())):
+            return None
+        return header[1:end]
+    name, _, port = header.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return None
+    return name or None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def open_indexed(item: dict, folder_ok: bool = False) -> tuple[int, os.stat_result]:
+    """Open an indexed file for reading, only while it is the file that was indexed.
+
+    The last path component is opened without following a symbolic link (O_NOFOLLOW), without blocking on a
+    FIFO, and must be a regular file whose inode (when the index recorded it), size and modification time
+    are the index entry's. So a file swapped for a link (to /etc/passwd, a key file), a folder on the way
+    swapped for a link elsewhere, or a file replaced or edited since indexing is refused.
+
+    Args:
+        item: an index entry (`path`, `size`, `mtime_ns`, optional `ino`).
+        folder_ok: accept a video's folder of frames with the recorded inode (its size and time sum its files).
+    Returns:
+        (an open read-only file descriptor, its `os.fstat`); the caller closes the descriptor.
+    Raises:
+        ItemChanged: the file is gone or is not the indexed file any more (the message says which).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    path = item["path"]
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ItemChanged(f"{os.path.basename(path)} cannot be opened as the indexed file "
+                          f"({'a symbolic link is in its place' if _is_link(path) else e.strerror})") from None
+    st = os.fstat(fd)
+    frames = folder_ok and stat.S_ISDIR(st.st_mode) and "ino" in item
+    why = ("it is not a regular file any more" if not (stat.S_ISREG(st.st_mode) or frames) else
+           "another file is in its place" if "ino" in item and st.st_ino != int(item["ino"]) else
+           "it changed since it was indexed" if not frames and (st.st_size, st.st_mtime_ns) != (
+               int(item["size"]), int(item["mtime_ns"])) else "")
+    if why:
+        os.close(fd)
+        raise ItemChanged(f"{os.path.basename(path)}: {why}")
+    return fd, st
+
+
+def _is_link(path: str) -> bool:
+    try:
+        return os.path.islink(path)
+    except OSError:
+        return False
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A path that opens exactly the file behind `fd` (Linux's /proc/self/fd), else `path`."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else path
 
 
 def web_file(name: str) -> bytes:
@@ -49,13 +171,18 @@ def _load(model):
 def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes: int = DEFAULT_LIMITS[
         "max_upload_bytes"], max_query_chars: int = DEFAULT_LIMITS["max_query_chars"],
         max_k: int = DEFAULT_LIMITS["max_k"], default_k: int = DEFAULT_LIMITS["default_k"],
-        thumb_size: int = DEFAULT_LIMITS["thumb_size"]):
+        thumb_size: int = DEFAULT_LIMITS["thumb_size"], hosts: tuple[str, ...] | list[str] | None = None,
+        any_ip: bool = False):
     """Build the FastAPI app serving one index.
 
     Args:
         index_dir: an index folder (`polymodal index build`).
         model: the model object, its path or bundled name, or None for the model recorded in the index.
-        token: when set, requests need `Authorization: Bearer <token>` (not /healthz and the page's files).
+        token: when set, requests need `Authorization: Bearer <token>` (not the page's files; /healthz without
+            it says only that a token is needed). An empty token is a ValueError.
+        hosts: the names a request's Host header may carry (default `trusted_hosts()`: 127.0.0.1, localhost,
+            ::1); other hosts answer 421.
+        any_ip: also trust any IP address as the Host (a server bound to every interface, reached by address).
         max_upload_bytes: largest image upload (413 above).
         max_query_chars: longest text query (413 above).
         max_k: largest k (400 above); default_k: k when none is given.
@@ -64,14 +191,17 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         A `fastapi.FastAPI` app (run it with uvicorn; `polymodal serve` does).
     Raises:
         IndexModelMismatch: the model is not the index's.
+        ValueError: an empty token.
     """
     from fastapi import Depends, FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .index import SearchIndex
     from .query import Searcher
 
+    token = check_token(token)
+    allowed = set(trusted_hosts("", hosts or ()))
     opened = SearchIndex.open(index_dir)       # requests read the searcher's current version, never this one
     if model is None:
         model = opened.info.get("model")
@@ -82,14 +212,28 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
               "default_k": default_k}
 
-    def authorize(request: Request) -> None:
+    def has_token(request: Request) -> bool:
         if token is None:
-            return
+            return True
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), token.encode())
+
+    def authorize(request: Request) -> None:
+        if not has_token(request):
             raise HTTPException(401, "missing or wrong bearer token: send the header 'Authorization: Bearer TOKEN'",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def _trusted_host_only(request: Request, call_next):
+        """Answer only requests addressed to a trusted host (DNS rebinding sends the attacker's name)."""
+        given = request.headers.get("host", "")
+        name = host_name(given)
+        if name is None or not (name in allowed or (any_ip and _is_ip(name))):
+            return JSONResponse({"error": f"Host {given[:60]!r} is not a host this server answers to "
+                                          f"({', '.join(sorted(allowed))}); open it by one of those names, or "
+                                          f"start it with --allow-host NAME"}, status_code=421)
+        return await call_next(request)
 
     def parse_k(k: str | None) -> int:
         if k is None or k == "":
@@ -113,7 +257,8 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         return index, generation
 
     def parse_id(item_id: str, index) -> int:
-        if not item_id.isdigit() or not 0 <= int(item_id) < len(index):
+        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses
+        if not (item_id.isascii() and item_id.isdigit()) or not 0 <= int(item_id) < len(index):
             raise HTTPException(404, f"no item with id {item_id[:40]!r}; ids are integers 0..{len(index) - 1}")
         return int(item_id)
 
@@ -126,12 +271,14 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz")
-    def healthz():
+    def healthz(request: Request):
+        if not has_token(request):             # alive, and a token is needed: nothing about the index
+            return {"status": "ok", "token_required": True}
         index, generation = version()
-        return {"status": "ok", "count": len(index), "model": index.info.get("model"),
+        return {"status": "ok", "token_required": token is not None, "count": len(index),
                 "model_id": index.info.get("model_id"), "index": index.info.get("index", {}).get("kind"),
                 "dim": index.emb.dim, "generation": generation, "reload_error": searcher.reload_error,
-                "limits": limits, "token_required": token is not None}
+                "limits": limits}
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -210,15 +357,21 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         """JPEG bytes of item `row` of the index version `generation` (cached per version)."""
         from PIL import Image
 
-        from ..data.images import load_image
+        from ..data.images import load_image_bytes
         index, current = searcher.snapshot()
         if current != generation:                        # re-opened since the request looked: its ids are gone
             raise HTTPException(409, "the index changed during the request; search again")
         it = index.items[row]
-        if it["kind"] == "video":
-            image = Image.fromarray(_video_frame(it, t, int(index.info.get("num_frames", 8))))
-        else:
-            image = load_image(it["path"])
+        fd, st = open_indexed(it, folder_ok=True)        # ItemChanged unless it is still the indexed file
+        try:
+            if it["kind"] == "video":
+                image = Image.fromarray(_video_frame(_fd_path(fd, it["path"]), t,
+                                                     int(index.info.get("num_frames", 8))))
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    image = load_image_bytes(f.read(), it["path"])
+        finally:
+            os.close(fd)
         image.thumbnail((thumb_size, thumb_size))
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=85)
@@ -232,13 +385,23 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         if it["kind"] == "text":
             raise HTTPException(404, f"item {row} is a text; it has no media")
         if full:
-            if not Path(it["path"]).is_file():
-                raise HTTPException(410, f"item {row}'s file is gone from disk; rebuild or `polymodal index add`")
-            return FileResponse(it["path"], filename=Path(it["path"]).name)
+            try:
+                fd, st = open_indexed(it)
+            except ItemChanged as e:
+                raise HTTPException(410, f"item {row} is not served: {e}; run `polymodal index add` (or rebuild) "
+                                         f"to index the folder as it is now") from None
+            name = Path(it["path"]).name
+            return StreamingResponse(_read_chunks(fd), media_type=mimetypes.guess_type(name)[0] or
+                                     "application/octet-stream",
+                                     headers={"Content-Length": str(st.st_size), "Content-Disposition":
+                                              _attachment(name), "Cache-Control": "private, no-store"})
         from ..data.images import ImageError
         from ..data.video import VideoError
         try:
             data = thumbnail(generation, row, None if t is None else round(float(t), 3))
+        except ItemChanged as e:
+            raise HTTPException(410, f"item {row} is not served: {e}; run `polymodal index add` (or rebuild) to "
+                                     f"index the folder as it is now") from None
         except (ImageError, VideoError, OSError) as e:
             raise HTTPException(410, f"item {row} cannot be read any more ({e})") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
@@ -247,31 +410,48 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
     return app
 
 
-def _video_frame(item: dict, t: float | None, num_frames: int):
-    """(H, W, 3) uint8: the sampled frame of a video nearest time `t` (the middle frame without `t`).
+def _read_chunks(fd: int, size: int = 2**16):
+    """The bytes of an open file in pieces; closes it at the end (or when the client goes away)."""
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+def _attachment(name: str) -> str:
+    """A Content-Disposition header value for a download named `name` (RFC 6266, any characters)."""
+    from urllib.parse import quote
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=utf-8''{quote(name)}"
+
+
+def _video_frame(path: str, t: float | None, num_frames: int):
+    """(H, W, 3) uint8: the sampled frame of the video at `path` nearest time `t` (the middle frame without `t`).
 
     The frames are the same uniform samples the index embedded, so the best-frame time of a hit is exact."""
     import numpy as np
 
     from ..data.video import read_video
-    clip = read_video(item["path"], num_frames=num_frames, strategy="uniform")
+    clip = read_video(path, num_frames=num_frames, strategy="uniform")
     times = clip.times.numpy()
     i = len(times) // 2 if t is None else int(np.argmin(np.abs(times - t)))
     return clip.frames[i].numpy()
 
 
 def serve(index_dir, host: str = "127.0.0.1", port: int = 8000, model=None, token: str | None = None,
-          **limits) -> None:
+          allow_hosts: tuple[str, ...] | list[str] = (), **limits) -> None:
     """Run the app with uvicorn until interrupted (`polymodal serve`).
 
     Args:
         index_dir, model, token, **limits: see `create_app`.
-        host: interface; 127.0.0.1 (this machine only) by default.
+        host: interface; 127.0.0.1 (this machine only) by default. It is a trusted Host name too.
         port: TCP port.
+        allow_hosts: more names requests may address the server by (`--allow-host`); bound to every interface
+            (0.0.0.0, ::), any IP address is trusted as well.
     """
     import uvicorn
-    app = create_app(index_dir, model=model, token=token, **limits)
-    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+    app = create_app(index_dir, model=model, token=token, hosts=trusted_hosts(host, allow_hosts),
+                     any_ip=host in ALL_INTERFACES, **limits)
+    if host not in LOCAL_HOSTS and token is None:
         import warnings
         warnings.warn(f"serving {index_dir} on {host} without a token: anyone who reaches this port can search "
                       f"and read the indexed files; pass --token")

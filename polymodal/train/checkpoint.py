@@ -4,7 +4,9 @@ A crash during a save leaves the previous checkpoints untouched; a checkpoint ap
 final name in one rename. What a crash can still leave behind is handled here too: the temporary
 files of interrupted writes (`.step_N.pt.XXXX.tmp`, removed by `remove_stale_temp_files`), and a
 newest checkpoint that is incomplete for another reason (a copy cut short, a disk that lied about
-fsync): `latest_checkpoint` skips files whose zip directory cannot be read, with a warning.
+fsync): `latest_checkpoint` and `load_newest_readable` skip files whose zip directory cannot be read (or
+that are plain pickles), with one warning naming them and the checkpoint used instead; `restore_task_state`
+says in one line when a checkpoint was written for another model.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..convert.common import CheckpointError as _LoadError
 from ..fileio import atomic_open
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -27,8 +30,9 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 _TEMP_NAME = re.compile(r"^\.step_\d+\.pt\..+\.tmp$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read (truncated, not a checkpoint, or refused for safety)."""
+class CheckpointError(_LoadError, RuntimeError):
+    """A checkpoint file cannot be read (truncated, not a checkpoint, refused for safety) or does not fit the
+    model being trained. A user error (the loaders' `CheckpointError`): the command line prints one line."""
 
 
 class CheckpointWriteError(OSError):
@@ -120,17 +124,99 @@ def is_complete_checkpoint(path: Path) -> bool:
         return False
 
 
+def why_incomplete(path: Path) -> str:
+    """Why `is_complete_checkpoint(path)` is False, in words ("" when it is complete)."""
+    if is_complete_checkpoint(path):
+        return ""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head[:1] == b"\x80":
+        return "is a plain pickle, not a torch checkpoint (refused: unpickling could run code)"
+    if head == b"PK":
+        return "is incomplete (truncated?)"
+    return "is not a checkpoint (no zip archive)" if head else "is incomplete (truncated?): the file is empty"
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint in `folder`, or None.
 
-    Newer files that are incomplete (see `is_complete_checkpoint`) are passed over with a warning.
+    Newer files that are incomplete (see `is_complete_checkpoint`) are passed over with one warning that
+    names each of them and the checkpoint used instead.
     """
+    passed = []
     for _, path in reversed(list_checkpoints(folder)):
-        if is_complete_checkpoint(path):
+        why = why_incomplete(path)
+        if not why:
+            _warn_passed_over(passed, path)
             return path
-        warnings.warn(f"checkpoint {path} is incomplete or not a checkpoint (truncated?); ignoring it and "
-                      f"using an older one", stacklevel=2)
+        passed.append(f"checkpoint {path} {why}")
+    _warn_passed_over(passed, None)
     return None
+
+
+def _warn_passed_over(passed: list[str], used: Path | None) -> None:
+    if passed:
+        warnings.warn(f"{'; '.join(passed)}; ignoring {'it' if len(passed) == 1 else 'them'} and "
+                      f"{f'using {used.name}, the newest readable one' if used else 'finding no older checkpoint'}",
+                      stacklevel=3)
+
+
+def load_newest_readable(folder: Path) -> tuple[Path | None, dict | None]:
+    """(path, contents) of the newest checkpoint in `folder` that loads, or (None, None).
+
+    Newer ones that are incomplete, plain pickles, or refused by `load_checkpoint` are passed over with one
+    warning naming each of them, why, and the checkpoint used instead (so a resume says where it resumed from).
+    """
+    passed = []
+    for _, path in reversed(list_checkpoints(folder)):
+        why = why_incomplete(path)
+        if why:
+            passed.append(f"checkpoint {path} {why}")
+            continue
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            passed.append(str(e).split("; ")[0])
+            continue
+        _warn_passed_over(passed, path)
+        return path, state
+    _warn_passed_over(passed, None)
+    return None, None
+
+
+def restore_task_state(task: torch.nn.Module, state: dict, path: Path) -> None:
+    """Load a checkpoint's task weights into `task`, or say in one line why it was written for another model.
+
+    Keys and shapes are compared before anything is loaded, so a refused checkpoint changes nothing.
+
+    Args:
+        task: the module being trained (its `state_dict()` keys are the reference).
+        state: the checkpoint's "task" entry.
+        path: the checkpoint file, for the message.
+    Raises:
+        CheckpointError: missing or unexpected keys, or tensors of another shape (counts and first names).
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no task weights (got {type(state).__name__}); it is not a "
+                              f"polymodal training checkpoint")
+    own = task.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts = [f"{len(missing)} weight(s) of this model missing ({some(missing)})" if missing else "",
+                 f"{len(unexpected)} unknown to it ({some(unexpected)})" if unexpected else "",
+                 f"{len(reshaped)} of another shape ({some(reshaped)})" if reshaped else ""]
+        raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(p for p in parts if p)}. "
+                              f"Resume it with the recipe that wrote it, or start afresh in another out_dir (or with "
+                              f"train.resume=never)")
+    task.load_state_dict(state)
 
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:

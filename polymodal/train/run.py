@@ -139,11 +139,24 @@ def validate_run(cfg: RunConfig, where: str = "recipe") -> None:
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Every file the run will open must exist now, not after training: data, eval, tokenizer, model.
+    """Every file the run will open must exist now, not after training: data, eval, tokenizer, model; and
+    `out_dir` must be a folder the run can write (not a file, not on a read-only file system).
 
     Raises:
         FileNotFoundError: naming the recipe key and the path.
+        ConfigError: `out_dir` (or a folder on its way) is a file, or cannot be written.
     """
+    import os
+    out = Path(cfg.out_dir)
+    probe = out                                  # the nearest part of out_dir that exists
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == out else f"has a file on its way ({probe})"
+        raise ConfigError(f"out_dir: {out} {where}, not a folder; give a folder path, e.g. out_dir=runs/my_run")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir: cannot write in {probe} (read-only file system or no permission); give a "
+                          f"folder you can write, e.g. out_dir=runs/my_run")
     wanted = [("data.train", cfg.data.train), ("data.shards", cfg.data.shards), ("model.path", cfg.model.path),
               ("train.val_data", cfg.train.val_data), ("tokenizer.path", cfg.tokenizer.path)]
     wanted += [("eval", p) for p in cfg.eval.paths()]
