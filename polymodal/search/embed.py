@@ -10,7 +10,7 @@ others; a chunk whose files changed gets a new key and is recomputed. At the end
 `skipped.jsonl` and `embed.json`, each written atomically.
 
 Videos get one pooled embedding (the model's `encode_video`, or the mean of its frame embeddings, see
-`polymodal.eval.video_retrieval.encode_clips`) plus one embedding per sampled frame with its time, so a
+`polymodal.encode.encode_clips`) plus one embedding per sampled frame with its time, so a
 search can say where in the video the match is.
 """
 from __future__ import annotations
@@ -312,10 +312,8 @@ def _embed_images(model, items: list[dict], batch_size: int) -> tuple[dict[int, 
 @torch.no_grad()
 def _embed_videos(model, items: list[dict], settings: EmbedSettings):
     """Embed the video items: {position: (pooled (D,), frames (T', D), times (T',))} and the skipped entries."""
-    from PIL import Image
-
     from ..data.video import VideoError, read_video
-    from ..eval.video_retrieval import encode_clips
+    from ..encode import encode_clips
     device = next(model.parameters()).device
     out, skipped = {}, []
     for pos, it in enumerate(items):
@@ -324,7 +322,7 @@ def _embed_videos(model, items: list[dict], settings: EmbedSettings):
         except (VideoError, OSError) as e:
             skipped.append({"path": it["path"], "reason": "unreadable_video", "detail": str(e)})
             continue
-        frames = torch.stack([model.image_transform(Image.fromarray(f.numpy())) for f in clip.frames])  # (T, 3, H, W)
+        frames = clip.pixels(model.image_transform)                                   # (T, 3, H, W)
         frames, valid = frames[None].to(device), clip.valid[None].to(device)          # (1, T, 3, H, W), (1, T)
         pooled = encode_clips(model, frames, valid)[0].float().cpu().numpy()          # (D,)
         keep = clip.valid.numpy()
@@ -337,7 +335,7 @@ def _embed_videos(model, items: list[dict], settings: EmbedSettings):
 
 
 def _embed_texts(model, items: list[dict], batch_size: int) -> dict[int, np.ndarray]:
-    from ..eval.suite import encode_texts
+    from ..encode import encode_texts
     if not items:
         return {}
     vecs = encode_texts(model, [it["caption"] for it in items], batch_size=batch_size).numpy()
