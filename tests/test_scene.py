@@ -45,6 +45,17 @@ def test_label_tree_loads_names_parents_groups_and_order(tmp_path):
     assert t.tolist() == [[1, 1, 1, 0, 0], [0, 0, 0, 0, 1]]
 
 
+def test_label_hierarchy_round_trips_through_its_dict_with_every_group():
+    """A saved scene model stores its labels as this dict: names, parents and every group must come back (a group
+    outside the standard keys was lost, and with it the model's per-group mAPs)."""
+    from polymodal.data.labels import hierarchy_from_classes
+    tree = TREE + [{"name": "red object", "groups": ["colour", "single_frame"]}]
+    h = hierarchy_from_tree(tree)
+    back = hierarchy_from_classes(json.loads(json.dumps(h.to_dict())))
+    assert back.names == h.names and back.parents == h.parents and back.names_zh == h.names_zh
+    assert back.groups == h.groups and "colour" in back.groups
+
+
 def test_label_hierarchy_rejects_cycles_unknown_parents_and_bad_zh(tmp_path):
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"classes": ["a", "b"], "parents": {"a": "b", "b": "a"}}))

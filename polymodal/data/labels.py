@@ -202,7 +202,12 @@ class LabelHierarchy:
         out = {"classes": list(self.names), "parents": dict(self.parents)}
         if self.names_zh is not None:
             out["classes_zh"] = list(self.names_zh)
-        out.update({k: list(v) for k, v in self.groups.items()})
+        # The standard group keys stand at the top, as in a classes file; any other group under "groups", where
+        # `hierarchy_from_classes` reads it back (a group written at the top under another name would be lost).
+        out.update({k: list(v) for k, v in self.groups.items() if k in GROUP_KEYS})
+        other = {k: list(v) for k, v in self.groups.items() if k not in GROUP_KEYS}
+        if other:
+            out["groups"] = other
         return out
 
 

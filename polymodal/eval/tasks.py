@@ -222,6 +222,29 @@ class EvalConfig:
         return files
 
 
+# Task options with a flag of their own in `polymodal eval`; every other option goes through `-o KEY=VALUE`.
+CLI_FLAGS = {"lang": "--lang", "limit": "--limit", "classes": "--classes", "on_bad_record": "--on-bad-record",
+             "num_frames": "--num-frames", "strategy": "--strategy", "batch_size": "--batch-size"}
+
+
+def eval_command(spec: EvalSpec, model: str) -> list[str]:
+    """The `polymodal eval` arguments that run `spec` on the saved model folder `model` (as argv, after the
+    program name), so a number a training run reports can be reproduced from its `out_dir/model`.
+
+    Returns:
+        e.g. ["eval", "runs/x/model", "--task", "scene", "--data", "test.jsonl", "--num-frames", "8",
+        "-o", "val=val.jsonl"]; its output holds the spec's numbers without the `prefix/`.
+    """
+    import json
+    argv = ["eval", str(model), "--task", spec.task, "--data", str(spec.data)]
+    for key, value in spec.options.items():
+        if key in ("progress", "cache"):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        argv += [CLI_FLAGS[key], text] if key in CLI_FLAGS else ["-o", f"{key}={text}"]
+    return argv
+
+
 def evaluate(model, specs: list[EvalSpec], progress: bool = False) -> dict:
     """Run every spec; returns one flat dict `{prefix/metric: value}` (e.g. `retrieval/text_to_image_R@1`,
     `zeroshot_zh/top1`). Images of a manifest are encoded once for all its tasks."""

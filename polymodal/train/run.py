@@ -226,9 +226,22 @@ def build_evaluate(cfg: RunConfig, method):
     return evaluate
 
 
+def write_eval_commands(cfg: RunConfig, out_dir: Path) -> None:
+    """`out_dir/eval_commands.json`: for every eval of the recipe, the `polymodal eval` command that gives its
+    numbers again from `out_dir/model` ({prefix: command line})."""
+    import shlex
+
+    from ..eval.report import write_json
+    from ..eval.tasks import eval_command
+    commands = {spec.prefix: shlex.join(["polymodal", *eval_command(spec, str(out_dir / "model"))])
+                for spec in cfg.eval.specs()}
+    if commands:
+        write_json(out_dir / "eval_commands.json", commands)
+
+
 def run_recipe(cfg: RunConfig) -> dict:
     """Train (or resume) the run described by `cfg`; writes `out_dir/{config.json, metrics.jsonl,
-    checkpoints/, model/, final_metrics.json}`, the run's `report.html` / `report.md` / `curves.png`
+    checkpoints/, model/, final_metrics.json, eval_commands.json}`, the run's `report.html` / `report.md` / `curves.png`
     (`train.report`) and `tensorboard/` (`train.log_to`), and returns the final metrics.
 
     Every path the run opens is checked before anything is built, and the method builds its model, data and
@@ -260,6 +273,7 @@ def run_recipe(cfg: RunConfig) -> dict:
         method.final_model(task).save_pretrained(out_dir / "model")
         from ..eval.report import write_json
         write_json(out_dir / "final_metrics.json", {"step": trainer.state.step, **final})
+        write_eval_commands(cfg, out_dir)
         if cfg.train.report:
             from ..run_report import report_after_training
             report_after_training(out_dir)
