@@ -11,8 +11,8 @@ also the frozen filter model. Rows (equal optimizer steps and batch size):
                colour, shape of the subject; no action), fused by the gated residual
 
 Training differs per row; the test protocol does not (uniform frames, decoded from the videos).
-Table: text->video R@1/5/10 and MdR on a clean test split, order accuracy (a text of an order-sensitive pair
-scores its own video above the time-reversed partner; chance 50%), data kept, decode and training seconds; mean
+Table: text->video R@1/5/10 and MdR on a clean test split, order accuracy (`polymodal.eval.order`: a text of an
+order-sensitive pair scores its own video above the time-reversed partner, a tie counts half; chance 50%), data kept, decode and training seconds; mean
 over seeds. Run: `python benchmarks/m2raap_ablation.py` (full) or `--quick` (minutes, proves it works).
 """
 from __future__ import annotations
@@ -82,25 +82,14 @@ def pretrain_clip(runs: Path, texts_manifest: Path, n_images: int, steps: int, b
 
 
 def order_accuracy(run_model: Path, test: Path, frames: int, strategy: str) -> float:
-    """% of texts of order-sensitive pairs whose own video outscores the reversed partner (chance 50)."""
+    """`polymodal.eval.order.order_pair_accuracy` of the run's own scores (Mug or cosine; ties count half)."""
     from polymodal.data.manifests import read_manifest
+    from polymodal.eval.order import order_pair_accuracy
     from polymodal.methods.m2raap import load_m2raap, m2raap_scores
     task = load_m2raap(run_model)
     records = read_manifest(test, media="video").records
-    scores, owner, kept, _ = m2raap_scores(task, records, num_frames=frames, strategy=strategy)
-    partner = {}
-    for i, r in enumerate(kept):
-        if r.get("pair_id") is not None:
-            partner.setdefault(r["pair_id"], []).append(i)
-    hits = total = 0
-    for j, v in enumerate(owner):
-        pid = kept[v].get("pair_id")
-        mates = [u for u in partner.get(pid, []) if u != v] if pid is not None else []
-        if mates:
-            total += 1
-            own, other = float(scores[j, v]), float(scores[j, mates[0]])
-            hits += 1.0 if own > other else 0.5 if own == other else 0.0          # a tie is a coin flip
-    return 100.0 * hits / max(total, 1)
+    scores, owner, kept, _ = m2raap_scores(task, records, num_frames=frames, strategy=strategy)  # (T, V)
+    return order_pair_accuracy(scores, owner, [r.get("pair_id") for r in kept])["pair_accuracy"]
 
 
 def train(out: Path, train_manifest: Path, test: Path, steps: int, batch: int, frames: int, seed: int,

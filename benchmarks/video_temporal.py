@@ -6,11 +6,12 @@
 2. Trains `recipes/video_{mean,transformer,stan}.yaml` (identical but for `video_clip.temporal.kind`) for each
    seed, reusing finished runs with the same config.
 3. Evaluates on the test split:
-   - pair accuracy: for each order-sensitive pair (A, A reversed), the share of the two captions that score
-     their own video above the reversed one (a tie, |difference| <= 1e-5, counts one half). With every frame used (`--num-frames`
-     equal to `--frames`, the default) mean pooling sees the same set of frames in both videos and scores
-     exactly 50% by construction: the claim's reference point. With fewer frames the two clips sample
-     different frames, so mean pooling can differ from 50%;
+   - pair accuracy (`polymodal.eval.order.order_pair_accuracy`): for each order-sensitive pair (A, A reversed),
+     the share of the two captions that score their own video above the reversed one (a tie, |difference|
+     <= 1e-5, counts one half). With every frame used (`--num-frames` equal to `--frames`, the default) mean
+     pooling sees the same set of frames in both videos and scores exactly 50% by construction: the claim's
+     reference point. With fewer frames the two clips sample different frames, so mean pooling can differ
+     from 50%;
    - text->video R@1/5/10 and MdR on the order-sensitive videos and on the order-free (static) ones separately.
 
 Claim (METHODS.md §5): temporal modelling beats mean pooling on order-sensitive captions and ties it on
@@ -31,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 KINDS = ("mean", "transformer", "stan")
-TIE_TOLERANCE = 1e-5     # cosine differences below this are ties
 
 
 def parse_args(argv=None):
@@ -91,30 +91,15 @@ def subsets(data: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def pair_accuracy(model, manifest: Path, num_frames: int) -> dict:
-    """Share of order-sensitive captions that score their own video above its reversed partner."""
+    """`polymodal.eval.order.order_pair_accuracy` of the order-sensitive test videos (ties count half)."""
     from polymodal.data.manifests import read_manifest
+    from polymodal.eval.order import order_pair_accuracy
     from polymodal.eval.suite import encode_texts
     from polymodal.eval.video_retrieval import encode_videos
     records = read_manifest(manifest, media="video").records
-    vid, records = encode_videos(model.eval(), records, num_frames=num_frames)
-    txt = encode_texts(model, [r["caption"] for r in records])
-    by_pair: dict = {}
-    for i, r in enumerate(records):
-        by_pair.setdefault(r["pair_id"], []).append(i)
-    right = ties = total = 0
-    for members in by_pair.values():
-        if len(members) != 2:
-            continue
-        a, b = members
-        for own, other in ((a, b), (b, a)):
-            s_own, s_other = float(txt[own] @ vid[own]), float(txt[own] @ vid[other])
-            # Mean pooling of the same frames in another order differs only by float summation order.
-            tie = abs(s_own - s_other) <= TIE_TOLERANCE
-            right += 0.5 if tie else float(s_own > s_other)
-            ties += tie
-            total += 1
-    return {"pair_accuracy": 100.0 * right / max(total, 1), "pair_ties": 100.0 * ties / max(total, 1),
-            "pairs": total // 2}
+    vid, records = encode_videos(model.eval(), records, num_frames=num_frames)     # (N, E), one caption each
+    txt = encode_texts(model, [r["caption"] for r in records])                     # (N, E)
+    return order_pair_accuracy(txt @ vid.T, list(range(len(records))), [r["pair_id"] for r in records])
 
 
 def run(args) -> dict:
