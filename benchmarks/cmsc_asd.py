@@ -32,15 +32,6 @@ VARIANTS = [("fine-tune", "finetune"), ("resample only", "resample"), ("loss onl
 KEYS = ["min_skew", "max_skew", "task_accuracy"]
 
 
-def register() -> None:
-    """Make `asd` and `fairness` known in this process if the tables do not list them yet."""
-    from polymodal import methods
-    from polymodal.eval import tasks
-    from polymodal.eval.fairness import fairness_task
-    methods.METHODS.setdefault("asd", "polymodal.methods.asd:ASDMethod")
-    tasks.TASKS.setdefault("fairness", fairness_task)
-
-
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
     """Run (or reuse a finished) recipe; returns its final fairness numbers (unprefixed)."""
     from polymodal.train.run import load_recipe, run_recipe
@@ -77,7 +68,6 @@ def main(argv=None) -> dict:
     if args.quick:
         args.n_train_sets, args.n_eval_sets, args.base_steps, args.ft_steps = 36, 12, 60, 15
     torch.set_num_threads(args.threads)
-    register()
     from polymodal.data.synthetic.counterfactual import CounterfactualConfig, generate_counterfactual
     start = time.time()
     runs, out = Path(args.runs) / ("quick" if args.quick else "default"), Path(args.out)

@@ -42,14 +42,6 @@ COMMON = ["train.progress=false", "train.threads=1", "train.resume=never", "trai
           "reward.text={width: 32, layers: 2, heads: 2}", "reward.max_length=64", "train.log_every=1000"]
 
 
-def _register():
-    """The method and eval rows, when the tables do not have them yet (the lead adds them)."""
-    from polymodal import methods
-    from polymodal.eval import tasks
-    methods.METHODS.setdefault("reward", "polymodal.methods.reward:RewardMethod")
-    tasks.TASKS.setdefault("preference", tasks._lazy("preference", "preference_eval_task"))
-
-
 def train(out: Path, data: Path, steps: int, lr: float, seed: int, extra: list[str], batch_size: int = 32) -> Path:
     """One reward-model run through run_recipe; returns the saved model folder."""
     from polymodal.train.run import load_recipe, run_recipe
@@ -161,7 +153,6 @@ def main(argv=None) -> dict:
     p.add_argument("--beta", type=float, default=10.0, help="hybrid sampling: softmax(-beta * valAcc) sharpness")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    _register()
     size = dict(SIZES["quick" if args.quick else "default"])
     if args.seeds:
         size["seeds"] = args.seeds

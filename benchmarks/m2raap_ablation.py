@@ -95,10 +95,7 @@ def order_accuracy(run_model: Path, test: Path, frames: int, strategy: str) -> f
 def train(out: Path, train_manifest: Path, test: Path, steps: int, batch: int, frames: int, seed: int,
           m2raap: dict, data_extra: list[str], lr_scale: bool, strategy: str, base: Path) -> tuple[dict, float]:
     """One run of `method: m2raap`; returns (final metrics, seconds)."""
-    import polymodal.methods
-    from polymodal.methods.m2raap import M2RAAPMethod
     from polymodal.train.run import load_recipe, run_recipe
-    polymodal.methods.METHODS.setdefault("m2raap", M2RAAPMethod)   # until the table row lands
     overrides = [
         "method=m2raap", f"out_dir={out}", f"model.path={base}", f"data.train={train_manifest}",
         f"data.batch_size={batch}", f"data.num_frames={frames}", f"train.steps={steps}", f"train.seed={seed}",

@@ -44,14 +44,6 @@ STREAM_KEYS = tuple(f"{s}/{k}" for s in ("temporal", "frame") for k in
                     ("mAP", *(f"mAP_{g}" for g in GROUPS), "consistency"))
 
 
-def _register() -> None:
-    """Use the scene rows of the method and eval tables, adding them for this process if the tree lacks them."""
-    import polymodal.eval.tasks as tasks
-    import polymodal.methods as methods
-    methods.METHODS.setdefault("scene", "polymodal.methods.scene:SceneMethod")
-    tasks.TASKS.setdefault("scene", tasks._lazy("scene", "scene_eval_task"))
-
-
 def _yaml_flow(obj) -> str:
     return json.dumps(obj)          # JSON is YAML flow syntax
 
@@ -96,7 +88,6 @@ def chance_map(data: Path) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Train and evaluate every variant and seed; returns the raw results."""
     from polymodal.train.run import load_recipe, run_recipe
-    _register()
     torch.set_num_threads(1)
     runs = Path(args.runs)
     data = runs / "data"

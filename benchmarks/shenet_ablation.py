@@ -71,16 +71,6 @@ def parse_args(argv=None):
     return args
 
 
-def register() -> None:
-    """Make `method: shenet` and the `shenet_retrieval` eval task known in this process (no-ops once the
-    rows are in `polymodal.methods.METHODS` and `polymodal.eval.tasks.TASKS`)."""
-    import polymodal.eval.tasks as tasks
-    import polymodal.methods as methods
-    from polymodal.eval.hierarchy_retrieval import shenet_retrieval_task
-    methods.METHODS.setdefault("shenet", "polymodal.methods.shenet:SHENetMethod")
-    tasks.TASKS.setdefault("shenet_retrieval", shenet_retrieval_task)
-
-
 def world(args) -> Path:
     from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
     data = Path(args.data) if args.data else Path(args.runs) / "data"
@@ -102,7 +92,6 @@ def run(args) -> dict:
     from polymodal.train.reuse import train_or_reuse
     from polymodal.train.run import load_recipe
     torch.set_num_threads(args.threads)
-    register()
     start = time.time()
     data = world(args)
     rows = []

@@ -65,16 +65,6 @@ def parse_args(argv=None):
     return args
 
 
-def register() -> None:
-    """Add the snps3 rows to the method and eval tables for this process if the tree lacks them."""
-    import polymodal.eval.tasks
-    import polymodal.methods
-    polymodal.methods.METHODS.setdefault("snps3", "polymodal.methods.snps3:SNPS3Method")
-    if "snps3_retrieval" not in polymodal.eval.tasks.TASKS:
-        from polymodal.eval.snps3_retrieval import snps3_retrieval_task
-        polymodal.eval.tasks.TASKS["snps3_retrieval"] = snps3_retrieval_task
-
-
 def world(args) -> Path:
     from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
     data = Path(args.data or Path(args.runs) / "data")
@@ -89,7 +79,6 @@ def run(args) -> dict:
     from polymodal.models.fusion import load_snps3_model
     from polymodal.train.run import load_recipe, run_recipe
     torch.set_num_threads(args.threads)
-    register()
     data = world(args)
     rows = []
     for name, label in VARIANTS:
