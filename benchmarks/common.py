@@ -309,18 +309,21 @@ VERDICT_RULE = ("shown = every seed's paired difference has the claimed sign, no
                 "mixed = some do")
 
 
-def verdict(diff: dict, direction: int = 1, margin: float = 0.0) -> str:
+def verdict(diff: dict, direction: int = 1, margin: float = 0.0, ties_agree: bool = False) -> str:
     """"shown" when every seed's difference has the claimed sign, "not shown" when none has, else "mixed".
 
     Args:
-        diff: a `paired_difference` (or any {"values", "n"}).
+        diff: a `paired_difference` (any {"values"}: the per-seed differences).
         direction: +1 when the claim says variant > reference, -1 when it says variant < reference.
         margin: with every seed agreeing, the mean difference must also exceed this (e.g. the seed std of
             either side) to count as "shown"; within it the claim is "not shown" (within noise).
+        ties_agree: a zero difference agrees (claims of "at least as good").
     """
-    agree = sum(d * direction > 0 for d in diff["values"])
-    if agree == diff["n"]:
-        return "shown" if diff["mean"] * direction > margin else "not shown"
+    values = list(diff["values"])
+    agree = sum(d * direction > 0 or (ties_agree and d == 0) for d in values)
+    if values and agree == len(values):
+        mean = direction * sum(values) / len(values)
+        return "shown" if mean > margin or (ties_agree and mean >= margin) else "not shown"
     return "not shown" if agree == 0 else "mixed"
 
 

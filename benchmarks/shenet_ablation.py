@@ -133,8 +133,7 @@ def claims(rows) -> list[dict]:
     full = (("full", r1), ("mean", r1))
     d_verb, d_noun, d_full = paired(*verb), paired(*noun), paired(*full)
     d_v, d_n = paired(("verb", r1), ("mean", r1)), paired(("noun", r1), ("mean", r1))
-    both = {"values": [min(a, b) for a, b in zip(d_v["values"], d_n["values"])], "n": d_v["n"]}
-    both["mean"] = min(d_v["mean"], d_n["mean"])
+    both = {"values": [min(a, b) for a, b in zip(d_v["values"], d_n["values"])]}     # > 0: both levels beat mean
     return [
         claim("verb attention concentrates on action frames (full: hit > uniform)", numbers(*verb, d_verb, "%"),
               verdict(d_verb)),
