@@ -24,7 +24,7 @@ HIDDEN = argparse.SUPPRESS       # help= of an option kept out of --help
 # ----------------------------------------------------------------------------- command line, threads, machine
 
 def base_parser(doc: str, out: str | None = None, runs: str | None = None, seeds: list[int] | None = None,
-                threads: int = 0, out_help: str = "where the results go") -> argparse.ArgumentParser:
+                threads: int | None = 0, out_help: str = "where the results go") -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark spells the same way.
 
     Args:
@@ -32,7 +32,8 @@ def base_parser(doc: str, out: str | None = None, runs: str | None = None, seeds
         out: default of `--out` (None: `--out` is required).
         runs: default of `--runs` (training runs, generated data); None: no `--runs`.
         seeds: default of `--seeds` (training seeds, `--seeds 0 1 2`); None: no `--seeds`.
-        threads: default of `--threads` (torch threads; 0 = torch's default).
+        threads: default of `--threads` (torch threads; 0 = torch's default); None: no `--threads` (a script
+            whose `--threads` means something else).
         out_help: help text of `--out`.
     """
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +45,9 @@ def base_parser(doc: str, out: str | None = None, runs: str | None = None, seeds
         p.add_argument("--runs", default=runs, help="training runs and generated data")
     if seeds is not None:
         p.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="training seeds")
-    p.add_argument("--threads", type=int, default=threads,
-                   help=f"torch threads (0 = torch's default; default {threads or 'torch'})")
+    if threads is not None:
+        p.add_argument("--threads", type=int, default=threads,
+                       help=f"torch threads (0 = torch's default; default {threads or 'torch'})")
     return p
 
 
@@ -56,14 +58,14 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-VECTOR_FLAG_PREFIXES = ("avx2", "avx512", "amx", "fma")     # the CPU flags that decide matmul speed
+VECTOR_FLAG_PREFIXES = ("avx2", "avx512", "amx", "fma", "bf16")   # the CPU flags that decide matmul speed
 
 
 def machine_info() -> dict:
     """The machine a benchmark ran on, from lscpu (platform's guess where lscpu is missing).
 
     Returns:
-        {"cpu": model name, "cores": logical CPUs, "flags": the vector flags (avx2, avx512*, amx*, fma),
+        {"cpu": model name, "cores": logical CPUs, "flags": the vector flags (avx2, avx512*, amx*, fma, bf16),
         "torch": version, "torch_cpu_capability", "gpu": CUDA device name or None}.
     """
     import os
