@@ -176,7 +176,8 @@ def main(argv=None) -> list[dict]:
           f"decode only {uncached_decode_s / max(greedy['cached_s'] - vision_s, 1e-9):.1f}x)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_info(), "model": args.model, "batch": args.batch, "tokens": args.tokens,
+    out.write_text(json.dumps({"machine": machine_info(),
+                               "model": args.model, "batch": args.batch, "tokens": args.tokens,
                                "threads": args.threads, "device": args.device, "vision_s": vision_s,
                                "rows": rows, "gpt2_caps_per_s": gpt2_rate,
                                "gpt2_uncached_caps_per_s": args.batch / gpt2_s[False][0],

@@ -49,7 +49,8 @@ def train(out: Path, data: Path, steps: int, lr: float, seed: int, extra: list[s
     """One reward-model run through run_recipe (torch's current threads); returns the saved model folder."""
     from polymodal.train.run import load_recipe, run_recipe
     cfg = load_recipe(ROOT / "recipes" / "reward_tiny.yaml",
-                      COMMON + [f"train.threads={torch.get_num_threads()}", f"out_dir={out}", f"data.train={data}", f"train.steps={steps}", f"optim.lr={lr}",
+                      COMMON + [f"train.threads={torch.get_num_threads()}",
+                                f"out_dir={out}", f"data.train={data}", f"train.steps={steps}", f"optim.lr={lr}",
                                 f"train.seed={seed}", f"data.batch_size={batch_size}", *extra])
     run_recipe(cfg)
     return out / "model"

@@ -62,7 +62,8 @@ SWEEP_COLUMNS = ("context_length", "long_i2t_R1", "long_t2i_R1", "zeroshot_top1"
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__, "docs/results/lotlip", "runs/lotlip_ablation", out_help="where results.json / results.md go")
+    p = base_parser(__doc__, "docs/results/lotlip", "runs/lotlip_ablation",
+                    out_help="where results.json / results.md go")
     p.add_argument("--data", default="", help="ShapesWorld folder (default <runs>/data)")
     p.add_argument("--recipes", default=str(ROOT / "recipes"), help="folder holding lotlip_*.yaml")
     p.add_argument("--n-train", type=int, default=8000)

@@ -101,7 +101,8 @@ def render_markdown(result: dict) -> str:
         for lang in LANGS:
             m, s = v["mean"][lang], v["std"][lang]
             cells = " | ".join(pm(m[c], s[c], n) for c in ("t2i_R1", "i2t_R1", "t2i_R10", "zeroshot_top1"))
-            lines.append(f"| {v['label']} | {'English' if lang == 'en' else 'Chinese'} | {cells} | {v['train_s']:.0f} |")
+            language = "English" if lang == "en" else "Chinese"
+            lines.append(f"| {v['label']} | {language} | {cells} | {v['train_s']:.0f} |")
     lines += ["", f"Chance: T2I R@1 {ch['t2i_R1']:.2f}, T2I R@10 {ch['t2i_R10']:.1f}, zero-shot top-1 "
               f"{ch['zeroshot_top1']:.2f}. I2T R@1 is low for every model: many ShapesWorld captions are word for word "
               "the same for several test images, and a tie between the right caption and its twin of another "

@@ -13,7 +13,8 @@ also the frozen filter model. Rows (equal optimizer steps and batch size):
 Training differs per row; the test protocol does not (uniform frames, decoded from the videos).
 Table: text->video R@1/5/10 and MdR on a clean test split, order accuracy (`polymodal.eval.order`: a text of an
 order-sensitive pair scores its own video above the time-reversed partner, a tie counts half; chance 50%), data
-kept, decode and training seconds; mean ± sample std over seeds. Run: `python benchmarks/m2raap_ablation.py` (full) or `--quick` (minutes, proves it works).
+kept, decode and training seconds; mean ± sample std over seeds. Run: `python benchmarks/m2raap_ablation.py`
+(full) or `--quick` (minutes, proves it works).
 """
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ def main(argv=None) -> dict:
         means[name]["per_seed_R1"] = [round(v, 2) for v in per_seed[keys[0]]]
         cells = [pm_values(per_seed[k]) for k in (*keys, "order_acc")]
         m = means[name]
-        table.append(f"| {name} | " + " | ".join(cells) + f" | {m['kept']:.0f} | {m['decode']:.1f} | {m['train']:.1f} |")
+        table.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {m['kept']:.0f} | {m['decode']:.1f} | {m['train']:.1f} |")
     results["means"] = means
     results["command"] = command_line("m2raap_ablation.py", __name__ == "__main__")
     write_results(Path(a.out), json.loads(json.dumps(results, default=str)),

@@ -235,7 +235,8 @@ def write_table(res: dict, out: Path) -> str:
 
 
 def main(argv=None) -> None:
-    p = base_parser(__doc__, None, runs="", seeds=[0, 1], threads=1, out_help="results folder (results.json, results.md)")
+    p = base_parser(__doc__, None, runs="", seeds=[0, 1], threads=1,
+                    out_help="results folder (results.json, results.md)")
     p.epilog = "--runs: the generated world and the run folders (default: runs/scene_ablation, or <out> with --quick)"
     p.add_argument("--quick", action="store_true", help="tiny world and few steps: a smoke run, not a result")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

@@ -285,7 +285,8 @@ def to_markdown(res: dict) -> str:
         sig = "–" if r["sigma"] is None else f"{r['sigma']:g}"
         mark = " **(chosen on val)**" if r["method"] == "adapter" and r["sigma"] == res["chosen_sigma_on_val"] else ""
         lines.append(f"| {r['method']}{mark} | {sig} | {_f(r['perturbed_cosine'], 3)} | "
-                     f"{pm(r['val_mAP'], r['val_std'], r['seeds'], 2)} | {pm(r['test_mAP'], r['test_std'], r['seeds'], 2)} | "
+                     f"{pm(r['val_mAP'], r['val_std'], r['seeds'], 2)} | "
+                     f"{pm(r['test_mAP'], r['test_std'], r['seeds'], 2)} | "
                      f"{_f(r['text_mAP'])} |")
     g = res["modality_gap"]
     lines += [

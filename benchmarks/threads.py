@@ -93,7 +93,8 @@ def main(argv=None) -> None:
     best_idle = max(v for k, v in table.items() if k.endswith("|idle"))
     best_busy = max(v for k, v in table.items() if k.endswith("|busy"))
     machine = machine_info()
-    lines = [f"Machine: {machine_line(machine)}", f"Command: python benchmarks/threads.py --out {args.out} --steps {args.steps} "
+    lines = [f"Machine: {machine_line(machine)}",
+             f"Command: python benchmarks/threads.py --out {args.out} --steps {args.steps} "
              f"--repeats {args.repeats} --threads {' '.join(args.threads)}", "",
              "| train.threads | OMP_WAIT_POLICY | idle samples/s | vs best idle | busy samples/s | vs best busy |",
              "|---|---|---|---|---|---|"]

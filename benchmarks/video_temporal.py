@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (base_parser, claim, claim_lines, command_line, finish,  # noqa: E402
+from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, command_line, finish,  # noqa: E402
                                moving_shapes_world, paired_difference, pm_diff, pm_values, set_threads, verdict)
 
 KINDS = ("mean", "transformer", "stan")
@@ -122,7 +122,8 @@ def run(args) -> dict:
                 row[f"{name}/num_videos"] = m["num_videos"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"rows": rows, "claims": claims(rows), "command": command_line("video_temporal.py", __name__ == "__main__"),
+    result = {"rows": rows, "claims": claims(rows),
+              "command": command_line("video_temporal.py", __name__ == "__main__"),
               "world": {"n_train": args.n_train, "n_test": args.n_test, "frames": args.frames,
                         "image_size": args.image_size}}
     return finish(out, result, start, markdown, "video_temporal")
@@ -162,8 +163,8 @@ def markdown(result) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['kind']} | {r['seed']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
     return "\n".join(["# Temporal modelling vs mean pooling (MovingShapes)", "", f"Command: `{result['command']}`", "",
-                      *lines, "", "Claims (verdict over seeds: shown = every seed agrees, not shown = none, mixed = some):",
-                      "", *claim_lines(result["claims"]), ""])
+                      *lines, "", f"Claims (verdict over seeds: {VERDICT_RULE}):", "",
+                      *claim_lines(result["claims"]), ""])
 
 
 if __name__ == "__main__":

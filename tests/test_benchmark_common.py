@@ -1,5 +1,6 @@
-"""Benchmark helpers: seeds, verdicts, mean ± sd, parser, worlds and machine info (common.py), pooler re-initialisation, the captioning work count,
-the train-step profile, and the GPU check's own plumbing (its CPU smoke mode)."""
+"""Benchmark helpers: seeds, verdicts, mean ± sd, parser, worlds and machine info (common.py), pooler
+re-initialisation, the captioning work count, the train-step profile, and the GPU check's own plumbing (its CPU
+smoke mode)."""
 import math
 import os
 import subprocess
