@@ -24,7 +24,6 @@ one-token steps run at a lower rate, so this is an upper bound), with the image 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -33,8 +32,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import base_parser, machine_info, set_threads  # noqa: E402
 from polymodal.models.factory import create_model  # noqa: E402
 
 
@@ -100,22 +102,21 @@ def gpt2_like(model, device: str):
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = base_parser(__doc__, str(Path(__file__).parent / "results" / "caption_cache.json"), threads=1,
+                     out_help="JSON results file")
     ap.add_argument("--model", default="coca-small")
     ap.add_argument("--batch", type=int, default=16, help="images captioned at once")
     ap.add_argument("--tokens", type=int, default=20, help="new tokens per caption")
     ap.add_argument("--beams", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--quick", action="store_true", help="batch 4, 1 repeat, no beam")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "caption_cache.json"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("caption_cache.py: --device cuda but torch sees no CUDA device; use --device cpu")
     if args.quick:
         args.batch, args.repeats, args.beams = 4, 1, 0
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(args.model).eval().to(args.device)
     model.config.text.eot_token_id = -1                     # never stop early: exactly --tokens per caption
@@ -175,7 +176,8 @@ def main(argv=None) -> list[dict]:
           f"decode only {uncached_decode_s / max(greedy['cached_s'] - vision_s, 1e-9):.1f}x)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "batch": args.batch, "tokens": args.tokens,
+    out.write_text(json.dumps({"machine": machine_info(),
+                               "model": args.model, "batch": args.batch, "tokens": args.tokens,
                                "threads": args.threads, "device": args.device, "vision_s": vision_s,
                                "rows": rows, "gpt2_caps_per_s": gpt2_rate,
                                "gpt2_uncached_caps_per_s": args.batch / gpt2_s[False][0],

@@ -7,7 +7,6 @@ Each command runs in a fresh process; medians of `--repeats` interleaved runs ar
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -17,6 +16,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import base_parser, machine_info  # noqa: E402
+
 CASES = {
     "python -c pass (interpreter start)": [sys.executable, "-c", "pass"],
     "polymodal --help": [sys.executable, "-m", "polymodal.cli", "--help"],
@@ -26,9 +30,8 @@ CASES = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = base_parser(__doc__, str(ROOT / "benchmarks/results/cli_help.json"), threads=None, out_help="JSON results file")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/cli_help.json"))
     args = p.parse_args()
     times: dict[str, list[float]] = {name: [] for name in CASES}
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -43,7 +46,7 @@ def main() -> None:
     for name, t in med.items():
         print(f"| {name} | {t:.3f} | {t / base:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"median_s": med, "runs": times}, indent=2))
+    Path(args.out).write_text(json.dumps({"machine": machine_info(), "median_s": med, "runs": times}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,30 +15,21 @@ ASD; MinSkew/MaxSkew on the balanced set and task accuracy, before and after; tw
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (base_parser, cached_world, claim, claim_lines, command_line,  # noqa: E402
+                               machine_info, machine_line, pm_values, set_threads, write_results)
 
 VARIANTS = [("fine-tune", "finetune"), ("resample only", "resample"), ("loss only", "loss"), ("ASD", "full")]
 KEYS = ["min_skew", "max_skew", "task_accuracy"]
-
-
-def register() -> None:
-    """Make `asd` and `fairness` known in this process if the tables do not list them yet."""
-    from polymodal import methods
-    from polymodal.eval import tasks
-    from polymodal.eval.fairness import fairness_task
-    methods.METHODS.setdefault("asd", "polymodal.methods.asd:ASDMethod")
-    tasks.TASKS.setdefault("fairness", fairness_task)
 
 
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
@@ -53,17 +44,13 @@ def train(recipe: str, out: Path, overrides: list[str]) -> dict:
 
 
 def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.3f}"
-    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
+    return pm_values(values, digits=3, sign=True)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cmsc_asd"))
-    p.add_argument("--runs", default=str(ROOT / "runs" / "cmsc_asd"))
+    p = base_parser(__doc__, str(ROOT / "benchmarks" / "results" / "cmsc_asd"), str(ROOT / "runs" / "cmsc_asd"),
+                    seeds=[0, 1], threads=1, out_help="where results.json / results.md go")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data and few steps")
-    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--bias", type=float, default=0.8)
     p.add_argument("--biased-attributes", default="race")
     p.add_argument("--n-train-sets", type=int, default=150)
@@ -72,24 +59,24 @@ def main(argv=None) -> dict:
     p.add_argument("--ft-steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--lr-high", type=float, default=1e-2, help="the learning-rate row")
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.quick:
         args.n_train_sets, args.n_eval_sets, args.base_steps, args.ft_steps = 36, 12, 60, 15
-    torch.set_num_threads(args.threads)
-    register()
+    set_threads(args.threads)
     from polymodal.data.synthetic.counterfactual import CounterfactualConfig, generate_counterfactual
     start = time.time()
     runs, out = Path(args.runs) / ("quick" if args.quick else "default"), Path(args.out)
     data = runs / "data"
-    if not (data / "eval.jsonl").is_file():
-        generate_counterfactual(data, args.n_train_sets, args.n_eval_sets, seed=0,
-                                cfg=CounterfactualConfig(bias=args.bias,
-                                                         biased_attributes=args.biased_attributes.split(",")))
+    world = {"world": "counterfactual", "n_train_sets": args.n_train_sets, "n_eval_sets": args.n_eval_sets, "seed": 0,
+             "bias": args.bias, "biased_attributes": args.biased_attributes.split(",")}
+    cached_world(data, world, lambda: generate_counterfactual(
+        data, args.n_train_sets, args.n_eval_sets, seed=0,
+        cfg=CounterfactualConfig(bias=args.bias, biased_attributes=world["biased_attributes"])),
+        needs=("train.jsonl", "eval.jsonl"))
     common = [f"data.train={data}/train.jsonl", f"eval.tasks=[{{task: fairness, data: {data}/eval.jsonl}}]",
               "train.progress=false", f"train.threads={args.threads}"]
     rows: dict[str, list[dict]] = {}
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in args.seeds:
         base_dir = runs / f"seed{seed}" / "base"
         rows.setdefault("base", []).append(train("asd_base.yaml", base_dir, [*common, f"train.seed={seed}",
                                                                               f"train.steps={args.base_steps}"]))
@@ -110,24 +97,30 @@ def main(argv=None) -> dict:
     order = ["fine-tune", "resample only", "loss only", "ASD"]
     ab = [abs(mean[n]["min_skew"]) for n in order]
     mx = [mean[n]["max_skew"] for n in order]
-    claim = {"abs_min_skew_fine-tune>resample,loss>ASD": ab[0] > max(ab[1], ab[2]) and min(ab[1], ab[2]) > ab[3],
-             "max_skew_fine-tune>resample,loss>ASD": mx[0] > max(mx[1], mx[2]) and min(mx[1], mx[2]) > mx[3],
-             "ASD_task_accuracy_within_0.05_of_fine-tune":
-                 abs(mean["ASD"]["task_accuracy"] - mean["fine-tune"]["task_accuracy"]) <= 0.05}
-    result = {"args": vars(args), "rows": rows, "mean": mean, "claims": claim, "seconds": time.time() - start}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    claims = [
+        claim("|MinSkew|: fine-tune > resample only, loss only > ASD (seed means)",
+              ", ".join(f"{n} {fmt(summary[n]['min_skew'])}" for n in order),
+              ab[0] > max(ab[1], ab[2]) and min(ab[1], ab[2]) > ab[3]),
+        claim("MaxSkew: fine-tune > resample only, loss only > ASD (seed means)",
+              ", ".join(f"{n} {fmt(summary[n]['max_skew'])}" for n in order),
+              mx[0] > max(mx[1], mx[2]) and min(mx[1], mx[2]) > mx[3]),
+        claim("ASD task accuracy within 0.05 of fine-tune (seed means)",
+              f"ASD {fmt(summary['ASD']['task_accuracy'])} vs fine-tune {fmt(summary['fine-tune']['task_accuracy'])}",
+              abs(mean["ASD"]["task_accuracy"] - mean["fine-tune"]["task_accuracy"]) <= 0.05),
+    ]
+    machine = machine_info()
+    result = {"command": command_line("cmsc_asd.py", __name__ == "__main__"), "args": vars(args), "rows": rows,
+              "mean": mean, "claims": claims, "seconds": time.time() - start, "machine": machine}
     lines = ["# CMSC/ASD ablation (counterfactual ShapesWorld proxy)", "",
              f"Biased training set: bias {args.bias} on {args.biased_attributes}; {args.n_train_sets} training / "
              f"{args.n_eval_sets} balanced eval sets; base {args.base_steps} steps, fine-tuning {args.ft_steps} steps "
-             f"at lr {args.lr:g}; seeds {args.seeds} (mean ± std). Skews on the balanced eval set (0 = fair).", "",
-             "| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+             f"at lr {args.lr:g}; seeds {args.seeds} (mean ± sample std). Skews on the balanced eval set (0 = fair).",
+             "", "| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for name, s in summary.items():
         lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in cols) + " |")
-    verdicts = ", ".join(f"{k}: {'shown' if v else 'not shown'}" for k, v in claim.items())
-    lines += ["", "Claims (on the means): " + verdicts,
-              "", f"Wall time {result['seconds']:.0f} s, {args.threads} thread(s)."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "Claims:", "", *claim_lines(claims),
+              "", f"Wall time {result['seconds']:.0f} s, {args.threads} thread(s) on {machine_line(machine)}."]
+    write_results(out, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

@@ -1,11 +1,16 @@
-"""Shared parts of the recipe-comparison benchmarks (`m2_bilingual.py`, `sycoca_ablation.py`, `pooler_init.py`;
-`prepare` and the seed helpers also for `lotlip_ablation.py`): common command-line options, data preparation,
-training a recipe variant (reusing finished runs), several seeds (mean ± std, paired differences, a verdict
-per claim), cached evaluation numbers and writing results atomically. Imported by those scripts after they
-put the repository root on `sys.path`."""
+"""What every benchmark shares: the command line basics (`base_parser`: --out, --runs, --seeds, --threads),
+threads (`set_threads`), the machine it ran on (`machine_info`, recorded beside every result), cached synthetic
+worlds (`moving_shapes_world`, `shapes_world`), several seeds (`over_seeds`, `seed_summary`, `paired_difference`,
+`verdict`: shown / not shown / mixed), mean ± sd text (`pm`, `pm_values`, `pm_diff`), claims as Markdown
+(`claim_lines`), results written atomically (`write_results`, `finish`), and for the recipe comparisons
+(`m2_bilingual.py`, `sycoca_ablation.py`, `pooler_init.py`, `lotlip_ablation.py`) their common options, data
+preparation, training a recipe variant (reusing finished runs) and cached evaluation numbers.
+
+Scripts put the repository root on `sys.path` and import it as `benchmarks.common`."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +18,129 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+HIDDEN = argparse.SUPPRESS       # help= of an option kept out of --help
 
+
+# ----------------------------------------------------------------------------- command line, threads, machine
+
+def base_parser(doc: str, out: str | None = None, runs: str | None = None, seeds: list[int] | None = None,
+                threads: int | None = 0, out_help: str = "where the results go") -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark spells the same way.
+
+    Args:
+        doc: the script's docstring (its first paragraph is the description).
+        out: default of `--out` (None: `--out` is required).
+        runs: default of `--runs` (training runs, generated data); None: no `--runs`.
+        seeds: default of `--seeds` (training seeds, `--seeds 0 1 2`); None: no `--seeds`.
+        threads: default of `--threads` (torch threads; 0 = torch's default); None: no `--threads` (a script
+            whose `--threads` means something else).
+        out_help: help text of `--out`.
+    """
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    if out is None:
+        p.add_argument("--out", required=True, help=out_help)
+    else:
+        p.add_argument("--out", default=out, help=out_help)
+    if runs is not None:
+        p.add_argument("--runs", default=runs, help="training runs and generated data")
+    if seeds is not None:
+        p.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="training seeds")
+    if threads is not None:
+        p.add_argument("--threads", type=int, default=threads,
+                       help=f"torch threads (0 = torch's default; default {threads or 'torch'})")
+    return p
+
+
+def set_threads(threads: int) -> int:
+    """`torch.set_num_threads(threads)` unless 0; returns the threads torch uses."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+VECTOR_FLAG_PREFIXES = ("avx2", "avx512", "amx", "fma", "bf16")   # the CPU flags that decide matmul speed
+
+
+def machine_info() -> dict:
+    """The machine a benchmark ran on, from lscpu (platform's guess where lscpu is missing).
+
+    Returns:
+        {"cpu": model name, "cores": logical CPUs, "flags": the vector flags (avx2, avx512*, amx*, fma, bf16),
+        "torch": version, "torch_cpu_capability", "gpu": CUDA device name or None}.
+    """
+    import os
+    import platform
+    import subprocess
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+    flags = sorted(f for f in fields.get("Flags", "").split() if f.startswith(VECTOR_FLAG_PREFIXES))
+    return {"cpu": fields.get("Model name", platform.processor() or platform.machine()), "cores": os.cpu_count(),
+            "flags": flags, "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def machine_line(info: dict) -> str:
+    """One line for a report: "CPU model (N cores; flags), torch version[, GPU name]"."""
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return (f"{info['cpu']} ({info['cores']} cores; {' '.join(info['flags']) or 'no avx2'}), "
+            f"torch {info['torch']}{gpu}")
+
+
+# ----------------------------------------------------------------------------- cached synthetic worlds
+
+WORLD_STAMP = "benchmark_world.json"      # the settings a benchmark generated a world folder with
+
+
+def cached_world(data: Path, settings: dict, generate, needs: tuple[str, ...] = ("train.jsonl",)) -> Path:
+    """Generate a world into `data` unless the same settings made what is there.
+
+    Args:
+        data: the world folder.
+        settings: everything the world depends on (JSON-able); stored in `data/benchmark_world.json`.
+        generate: `generate()` writes the world into `data`.
+        needs: files that must exist for a stored world to be reused.
+    Returns:
+        `data`.
+    """
+    import json
+
+    from polymodal.eval.report import write_json
+
+    data = Path(data)
+    stamp = data / WORLD_STAMP
+    want = json.loads(json.dumps(settings))
+    if stamp.is_file() and json.loads(stamp.read_text()) == want and all((data / f).is_file() for f in needs):
+        return data
+    generate()
+    write_json(stamp, want)
+    return data
+
+
+def moving_shapes_world(data: Path, progress: bool = False, **settings) -> Path:
+    """A MovingShapes world (`generate_moving_shapes(data, **settings)`, seed 0 unless given, one worker),
+    reused when the same settings made it."""
+    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
+
+    settings = {"seed": 0, **settings}
+    return cached_world(data, {"world": "moving_shapes", **settings},
+                        lambda: generate_moving_shapes(data, workers=1, progress=progress, **settings),
+                        needs=("train.jsonl", "test.jsonl"))
+
+
+def shapes_world(data: Path, n_train: int, n_test: int, n_val: int, n_hard: int = 0, seed: int = 0) -> Path:
+    """A ShapesWorld data set in `data` (`polymodal.demo.ensure_shapes`: reused when its meta.json has the
+    same counts and seed)."""
+    from polymodal.demo import ensure_shapes
+
+    return ensure_shapes(Path(data), n_train, n_test, n_val, n_hard, seed)
+
+
+# ----------------------------------------------------------------------------- recipe comparisons
 
 def experiment_parser(doc: str, out: str, runs: str, model_help: str, steps: int = 600) -> argparse.ArgumentParser:
     """An argument parser with the options every recipe comparison takes.
@@ -24,9 +151,7 @@ def experiment_parser(doc: str, out: str, runs: str, model_help: str, steps: int
         model_help: help text of `--model` (names the recipes' default config).
         steps: default optimizer steps per run.
     """
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=out, help="where results.json / results.md go")
-    p.add_argument("--runs", default=runs, help="training runs (checkpoints, models)")
+    p = base_parser(doc, out, runs, out_help="where results.json / results.md go")
     p.add_argument("--data", default="", help="ShapesWorld folder (default <runs>/data)")
     p.add_argument("--recipes", default=str(ROOT / "recipes"), help="folder holding the recipes")
     p.add_argument("--n-train", type=int, default=8000)
@@ -39,7 +164,6 @@ def experiment_parser(doc: str, out: str, runs: str, model_help: str, steps: int
     p.add_argument("--vocab-size", type=int, default=0, help="tokenizer vocabulary (0 = the recipes' value)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for the compared runs, e.g. 'optim.lr=5e-4' (repeatable)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--fresh", action="store_true", help="retrain even when a finished run with the same config exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -52,15 +176,12 @@ def prepare(args, n_hard: int = 0, data_seed: int | None = None) -> tuple[Path, 
     Returns:
         (out folder, runs folder, data folder, start time).
     """
-    from polymodal.demo import ensure_shapes
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     start = time.time()
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
-    data = ensure_shapes(Path(args.data) if args.data else runs / "data", args.n_train, args.n_test, args.n_val,
-                         n_hard, args.data_seed if data_seed is None else data_seed)
+    data = shapes_world(Path(args.data) if args.data else runs / "data", args.n_train, args.n_test, args.n_val,
+                        n_hard, args.data_seed if data_seed is None else data_seed)
     return out, runs, data, start
 
 
@@ -97,40 +218,73 @@ def command_line(script: str, is_main: bool) -> str:
     return f"python benchmarks/{script} " + " ".join(sys.argv[1:]) if is_main else "run(parse_args(...))"
 
 
+def claim(text: str, numbers: str, outcome: str | bool | None) -> dict:
+    """One claim for `claim_lines` and the JSON: {"claim", "numbers", "verdict", "shown"}.
+
+    Args:
+        outcome: a `verdict` ("shown" / "not shown" / "mixed"), a bool (a claim judged once, e.g. on the seed
+            means), or None when the numbers cannot tell ("n/a").
+    """
+    v = "n/a" if outcome is None else ("shown" if outcome else "not shown") if isinstance(outcome, bool) else outcome
+    return {"claim": text, "numbers": numbers, "verdict": v, "shown": v == "shown"}
+
+
 def claim_lines(claims: list[dict]) -> list[str]:
     """Markdown bullets: each claim, whether it shows (its "verdict" when it has one: shown / not shown /
-    mixed over seeds), and its numbers."""
+    mixed over seeds, n/a), and its numbers."""
     def word(c):
         v = c.get("verdict")
         return ("NOT shown" if v == "not shown" else v) if v else ("shown" if c["shown"] else "NOT shown")
     return [f"- {word(c)}: {c['claim']} ({c['numbers']})" for c in claims]
 
 
-def finish(out: Path, result: dict, start: float, render_markdown, tag: str) -> dict:
-    """Add the total time, write `results.json` and `results.md` (`render_markdown(result)`) atomically."""
+def write_results(out: Path, result: dict, markdown: str | None = None, name: str = "results") -> None:
+    """Write `<out>/<name>.json` (with `machine_info()` added as "machine" unless there) and, given the text,
+    `<out>/<name>.md`, each atomically."""
     from polymodal.eval.report import write_json
     from polymodal.fileio import atomic_open
 
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.setdefault("machine", machine_info())
+    write_json(out / f"{name}.json", result)
+    if markdown is not None:
+        with atomic_open(out / f"{name}.md", "w", encoding="utf-8") as f:
+            f.write(markdown)
+
+
+def finish(out: Path, result: dict, start: float, render_markdown, tag: str) -> dict:
+    """Add the total time and the machine, write `results.json` and `results.md` (`render_markdown(result)`)
+    atomically."""
     result["seconds"] = {"total": time.time() - start}
-    write_json(out / "results.json", result)
-    with atomic_open(out / "results.md", "w", encoding="utf-8") as f:
-        f.write(render_markdown(result))
-    print(f"[{tag}] wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
+    result.setdefault("machine", machine_info())
+    write_results(out, result, render_markdown(result))
+    print(f"[{tag}] wrote {Path(out) / 'results.md'} and {Path(out) / 'results.json'}", flush=True)
     return result
 
 
 # ----------------------------------------------------------------------------- several seeds
 
-def seed_summary(values: list[float]) -> dict:
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def seed_summary(values: list[float], drop_missing: bool = False) -> dict:
     """Mean and spread of one number over seeds.
 
     Args:
         values: the number, one per seed.
+        drop_missing: leave out None and NaN (a metric some seeds cannot measure); when nothing is left the
+            mean and std are NaN. Without it an empty list is an error.
     Returns:
         {"mean", "std" (sample standard deviation, n - 1 in the denominator; 0 for one seed), "n", "values"}.
     """
     import statistics
 
+    if drop_missing:
+        values = [v for v in values if not _missing(v)]
+        if not values:
+            return {"mean": math.nan, "std": math.nan, "n": 0, "values": []}
     values = [float(v) for v in values]
     if not values:
         raise ValueError("seed_summary: no values (did every seed fail?)")
@@ -153,15 +307,26 @@ def paired_difference(variant: list[float], reference: list[float]) -> dict:
     return {**seed_summary(diffs), "min": min(diffs), "max": max(diffs), "n_positive": sum(d > 0 for d in diffs)}
 
 
-def verdict(diff: dict, direction: int = 1) -> str:
+VERDICT_RULE = ("shown = every seed's paired difference has the claimed sign, not shown = none has, "
+                "mixed = some do")
+
+
+def verdict(diff: dict, direction: int = 1, margin: float = 0.0, ties_agree: bool = False) -> str:
     """"shown" when every seed's difference has the claimed sign, "not shown" when none has, else "mixed".
 
     Args:
-        diff: a `paired_difference`.
+        diff: a `paired_difference` (any {"values"}: the per-seed differences).
         direction: +1 when the claim says variant > reference, -1 when it says variant < reference.
+        margin: with every seed agreeing, the mean difference must also exceed this (e.g. the seed std of
+            either side) to count as "shown"; within it the claim is "not shown" (within noise).
+        ties_agree: a zero difference agrees (claims of "at least as good").
     """
-    agree = sum(d * direction > 0 for d in diff["values"])
-    return "shown" if agree == diff["n"] else "not shown" if agree == 0 else "mixed"
+    values = list(diff["values"])
+    agree = sum(d * direction > 0 or (ties_agree and d == 0) for d in values)
+    if values and agree == len(values):
+        mean = direction * sum(values) / len(values)
+        return "shown" if mean > margin or (ties_agree and mean >= margin) else "not shown"
+    return "not shown" if agree == 0 else "mixed"
 
 
 def over_seeds(seeds: list[int], run_one) -> dict:
@@ -188,9 +353,18 @@ def paired_over_seeds(variant: dict, reference: dict, keys) -> dict:
             for k in keys}
 
 
-def pm(mean: float, std: float, n: int = 2, digits: int = 1) -> str:
-    """"mean ± std" (just the mean for a single seed, n < 2)."""
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+def pm(mean: float, std: float, n: int = 2, digits: int = 1, sign: bool = False) -> str:
+    """"mean ± std" (just the mean for a single seed, n < 2; "–" for a NaN mean); `sign`: "+" on positives."""
+    if _missing(mean):
+        return "–"
+    m = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return f"{m} ± {std:.{digits}f}" if n > 1 else m
+
+
+def pm_values(values: list[float], digits: int = 1, sign: bool = False) -> str:
+    """`pm` of a number over seeds (None and NaN left out): "mean ± sample std"."""
+    s = seed_summary(values, drop_missing=True)
+    return pm(s["mean"], s["std"], s["n"], digits, sign)
 
 
 def pm_diff(diff: dict, digits: int = 1) -> str:

@@ -17,7 +17,6 @@ The backward all-reduce payload is G * B * D * 4 * 2; a ring all-reduce moves ab
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,23 +28,30 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from polymodal.losses.contrastive import clip_loss
-from polymodal import distributed as pdist
-from polymodal.train import distributed as train_dist
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import base_parser, machine_info  # noqa: E402
+from polymodal import distributed as pdist  # noqa: E402
+from polymodal.losses.contrastive import clip_loss  # noqa: E402
+from polymodal.train import distributed as train_dist  # noqa: E402
 
 BYTES_PER_FLOAT = 4
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    p = base_parser(__doc__, "benchmarks/results/grouped_itc.json", threads=None,
+                    out_help="JSON results file (threads: OMP_NUM_THREADS, as torchrun sets it)")
     p.add_argument("--batch", type=int, default=64, help="rows per rank (B)")
     p.add_argument("--dim", type=int, default=256, help="embedding width (D)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per group size")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per group size")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/grouped_itc.json"))
     p.add_argument("--project-world", type=int, default=64, help="GPUs for the formula projection")
     p.add_argument("--project-per-node", type=int, default=8, help="GPUs per machine for the projection")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = Path(args.out)
+    return args
 
 
 def formula_bytes(g: int, b: int, d: int) -> int:
@@ -56,7 +62,7 @@ def formula_logits(g: int, b: int) -> int:
     return b * g * b * BYTES_PER_FLOAT * 2
 
 
-def measure(g: int, args: argparse.Namespace) -> dict:
+def measure(g: int, args) -> dict:
     """Time and count one group size; collective over all ranks."""
     pdist.make_contiguous_groups(g)  # create the groups outside the timed region
     gen = torch.Generator().manual_seed(1000 + pdist.rank())
@@ -90,7 +96,7 @@ def measure(g: int, args: argparse.Namespace) -> dict:
     }
 
 
-def check_equal_to_global(args: argparse.Namespace) -> float:
+def check_equal_to_global(args) -> float:
     """|grouped(G=W) - global_with_grad| loss and gradient difference on the same data."""
     gen = torch.Generator().manual_seed(7 + pdist.rank())
     img = torch.randn(args.batch, args.dim, generator=gen, requires_grad=True)
@@ -108,7 +114,7 @@ def check_equal_to_global(args: argparse.Namespace) -> float:
     return d.item()
 
 
-def projection(args: argparse.Namespace) -> dict:
+def projection(args) -> dict:
     """Formula ratios for one machine per group against all ranks, at --project-world GPUs."""
     w, g = args.project_world, args.project_per_node
     return {
@@ -168,6 +174,7 @@ def main(argv=None) -> int:
             "grouped_full_vs_global_max_diff": max_diff,
             "projection": proj,
             "command": " ".join(["torchrun", f"--nproc_per_node={w}", *sys.argv]),
+            "machine": machine_info(),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

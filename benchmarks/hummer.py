@@ -17,7 +17,6 @@ Writes `results.json`, `results.md` and the ADC heatmaps under `--out`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,10 +25,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from benchmarks.common import (base_parser, command_line, machine_info, machine_line, pm_values,  # noqa: E402
+                               set_threads, write_results)
 
 SIZES = {
     # world: pairs per dimension; steps and learning rates of the three kinds of run
@@ -38,23 +41,16 @@ SIZES = {
     "quick": dict(n_train=64, n_base=40, n_val=16, n_test=24, base_steps=40, ft_steps=8, joint_steps=30,
                   seeds=[0], batch_size=16),
 }
-COMMON = ["train.progress=false", "train.threads=1", "train.resume=never", "train.ckpt_every=0", "eval.tasks=[]",
+COMMON = ["train.progress=false", "train.resume=never", "train.ckpt_every=0", "eval.tasks=[]",
           "reward.text={width: 32, layers: 2, heads: 2}", "reward.max_length=64", "train.log_every=1000"]
 
 
-def _register():
-    """The method and eval rows, when the tables do not have them yet (the lead adds them)."""
-    from polymodal import methods
-    from polymodal.eval import tasks
-    methods.METHODS.setdefault("reward", "polymodal.methods.reward:RewardMethod")
-    tasks.TASKS.setdefault("preference", tasks._lazy("preference", "preference_eval_task"))
-
-
 def train(out: Path, data: Path, steps: int, lr: float, seed: int, extra: list[str], batch_size: int = 32) -> Path:
-    """One reward-model run through run_recipe; returns the saved model folder."""
+    """One reward-model run through run_recipe (torch's current threads); returns the saved model folder."""
     from polymodal.train.run import load_recipe, run_recipe
     cfg = load_recipe(ROOT / "recipes" / "reward_tiny.yaml",
-                      COMMON + [f"out_dir={out}", f"data.train={data}", f"train.steps={steps}", f"optim.lr={lr}",
+                      COMMON + [f"train.threads={torch.get_num_threads()}",
+                                f"out_dir={out}", f"data.train={data}", f"train.steps={steps}", f"optim.lr={lr}",
                                 f"train.seed={seed}", f"data.batch_size={batch_size}", *extra])
     run_recipe(cfg)
     return out / "model"
@@ -114,9 +110,7 @@ def _fmt(acc: dict) -> str:
 
 
 def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return pm_values(values, digits=3)
 
 
 def summarise(results: list[dict]) -> str:
@@ -151,17 +145,16 @@ def summarise(results: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder (results.md, results.json, heatmaps, runs)")
+    p = base_parser(__doc__, None, seeds=[], threads=1,
+                    out_help="output folder (results.md, results.json, heatmaps, runs)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny data, few steps, one seed")
-    p.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     p.add_argument("--ft-lr", type=float, default=3e-4, help="per-dimension fine-tune learning rate")
     p.add_argument("--joint-lr", type=float, default=5e-4, help="mix/hybrid training learning rate")
     p.add_argument("--alpha", type=float, default=0.5, help="hybrid sampling: adaptive share")
     p.add_argument("--beta", type=float, default=10.0, help="hybrid sampling: softmax(-beta * valAcc) sharpness")
+    p.epilog = "--seeds: default 0 1 (0 with --quick)"
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    _register()
+    threads = set_threads(args.threads)
     size = dict(SIZES["quick" if args.quick else "default"])
     if args.seeds:
         size["seeds"] = args.seeds
@@ -177,13 +170,15 @@ def main(argv=None) -> dict:
     table = summarise(results)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     settings = {k: v for k, v in size.items()}
-    settings.update(ft_lr=args.ft_lr, joint_lr=args.joint_lr, alpha=args.alpha, beta=args.beta, quick=args.quick)
-    (out / "results.json").write_text(json.dumps({"settings": settings, "results": results, "wall_s": wall,
-                                                  "cpu_s": cpu}, indent=1) + "\n", encoding="utf-8")
+    settings.update(ft_lr=args.ft_lr, joint_lr=args.joint_lr, alpha=args.alpha, beta=args.beta, quick=args.quick,
+                    threads=threads)
+    machine = machine_info()
     header = (f"# Hummer ablation ({'quick smoke run' if args.quick else 'default size'})\n\n"
               f"Synthetic preference world, text-tower reward model (width 32, 2 layers); "
-              f"{wall:.0f} s wall, {cpu:.0f} s CPU, one thread. Settings: {json.dumps(settings)}\n\n")
-    (out / "results.md").write_text(header + table + "\n", encoding="utf-8")
+              f"{wall:.0f} s wall, {cpu:.0f} s CPU, {threads} thread(s) on {machine_line(machine)}. "
+              f"Settings: {json.dumps(settings)}\n\n")
+    write_results(out, {"command": command_line("hummer.py", __name__ == "__main__"), "settings": settings,
+                        "results": results, "wall_s": wall, "cpu_s": cpu, "machine": machine}, header + table + "\n")
     print(table)
     return {"results": results, "table": table}
 

@@ -26,7 +26,6 @@ context-length sweep. One command, measured in one run:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -39,6 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (VERDICT_RULE, base_parser, cached_metrics, claim, claim_lines,  # noqa: E402
+                               command_line, machine_info, over_seeds, paired_difference, pm, pm_diff, prepare,
+                               verdict)
 
 VARIANTS = (  # name, recipe, label
     ("short", "lotlip_short.yaml", "short only (K=0, M=0)"),
@@ -58,11 +61,9 @@ SWEEP_COLUMNS = ("context_length", "long_i2t_R1", "long_t2i_R1", "zeroshot_top1"
                  "text_ms_without_corners", "corner_overhead_pct", "train_s")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="docs/results/lotlip", help="where results.json / results.md go")
-    p.add_argument("--runs", default="runs/lotlip_ablation", help="training runs (checkpoints, models)")
+def parse_args(argv=None):
+    p = base_parser(__doc__, "docs/results/lotlip", "runs/lotlip_ablation",
+                    out_help="where results.json / results.md go")
     p.add_argument("--data", default="", help="ShapesWorld folder (default <runs>/data)")
     p.add_argument("--recipes", default=str(ROOT / "recipes"), help="folder holding lotlip_*.yaml")
     p.add_argument("--n-train", type=int, default=8000)
@@ -85,7 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-corners", type=int, nargs="+", default=[0, 2], help="corner counts K of the sweep grid")
     p.add_argument("--variants", nargs="+", default=[n for n, _, _ in VARIANTS], choices=[n for n, _, _ in VARIANTS],
                    help="main-table variants to train (short, long_k0 and long_k2 are needed for the claims)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--fresh", action="store_true", help="retrain even when a finished run with the same config exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -150,7 +150,6 @@ def _evaluate(model, data: Path) -> dict:
 def _measure(args, recipes: Path, runs: Path, data: Path, K: int, M: int, w: float | None, ctx: int,
              seed: int) -> dict:
     """Train (or reuse) one run and evaluate it (numbers cached in the run folder)."""
-    from benchmarks.common import cached_metrics
     from polymodal.hub import load_model
 
     run_dir = runs / run_name(K, M, w, ctx, seed, args.context_length)
@@ -197,36 +196,32 @@ def _seeds_of(v: dict, key) -> list[float]:
     return [key(r) if callable(key) else r[key] for r in v["per_seed"]]
 
 
-def _claim(text: str, numbers: str, verdict_: str) -> dict:
-    return {"claim": text, "numbers": numbers, "verdict": verdict_, "shown": verdict_ == "shown"}
-
-
 def _keeps_gain(k2: dict, k0: dict, short: dict) -> str:
-    """(c2) per seed: K=2 keeps >= 50% of the long-text gain K=0 has over short-only training."""
-    agree = [g0 > 0 and g2 >= 0.5 * g0 for g0, g2 in
-             ((a - s, b - s) for a, b, s in zip(_seeds_of(k0, "long_R1"), _seeds_of(k2, "long_R1"),
-                                                _seeds_of(short, "long_R1")))]
-    return "shown" if all(agree) else "not shown" if not any(agree) else "mixed"
+    """(c2) per seed: K=2 keeps >= 50% of the long-text gain K=0 has over short-only training (a seed without a
+    gain does not agree)."""
+    margins = [(g2 - 0.5 * g0) if g0 > 0 else -1.0 for g0, g2 in
+               ((a - s, b - s) for a, b, s in zip(_seeds_of(k0, "long_R1"), _seeds_of(k2, "long_R1"),
+                                                  _seeds_of(short, "long_R1")))]
+    return verdict({"values": margins}, ties_agree=True)
 
 
 def claims(variants: dict, sweep: list[dict]) -> list[dict]:
     """The synthetic claims of METHODS.md section 1, each with the numbers it rests on (means over seeds and the
     paired per-seed difference) and a verdict over seeds (shown / not shown / mixed)."""
-    from benchmarks.common import paired_difference, pm_diff, verdict
 
     s, k0, k2 = variants["short"], variants["long_k0"], variants["long_k2"]
     d = lambda a, b, key: paired_difference(_seeds_of(a, key), _seeds_of(b, key))
     gain, zs_drop, zs_rec = d(k0, s, "long_R1"), d(k0, s, "zeroshot_top1"), d(k2, k0, "zeroshot_top1")
     out = [
-        _claim("(a)+(b1) long captions raise long-text R@1 (mean I2T/T2I) over short-only training",
+        claim("(a)+(b1) long captions raise long-text R@1 (mean I2T/T2I) over short-only training",
                f"short {s['long_R1']:.1f} -> long K=0 {k0['long_R1']:.1f}; paired {pm_diff(gain)}", verdict(gain)),
-        _claim("(b2) long captions lower short-text zero-shot top-1",
+        claim("(b2) long captions lower short-text zero-shot top-1",
                f"short {s['zeroshot_top1']:.1f} -> long K=0 {k0['zeroshot_top1']:.1f}; paired {pm_diff(zs_drop)}",
                verdict(zs_drop, direction=-1)),
-        _claim("(c1) corner tokens (K=2) recover zero-shot top-1 against long K=0",
+        claim("(c1) corner tokens (K=2) recover zero-shot top-1 against long K=0",
                f"long K=0 {k0['zeroshot_top1']:.1f} -> K=2 {k2['zeroshot_top1']:.1f}; paired {pm_diff(zs_rec)}",
                verdict(zs_rec)),
-        _claim("(c2) K=2 keeps most (>= 50%) of the long-text gain",
+        claim("(c2) K=2 keeps most (>= 50%) of the long-text gain",
                f"gain K=0 {k0['long_R1'] - s['long_R1']:.1f}, K=2 {k2['long_R1'] - s['long_R1']:.1f}",
                _keeps_gain(k2, k0, s)),
     ]
@@ -236,7 +231,7 @@ def claims(variants: dict, sweep: list[dict]) -> list[dict]:
         r_last = _mean(last["long_i2t_R1"], last["long_t2i_R1"])
         ms_first, ms_last = first["text_ms_with_corners"], last["text_ms_with_corners"]
         shown = r_last > r_first and ms_last > ms_first
-        out.append(_claim("(d) longer training context raises long-text R@1 at a higher text cost (first seed)",
+        out.append(claim("(d) longer training context raises long-text R@1 at a higher text cost (first seed)",
                           f"ctx {first['context_length']}: R@1 {r_first:.1f}, {ms_first:.0f} ms; "
                           f"ctx {last['context_length']}: R@1 {r_last:.1f}, {ms_last:.0f} ms",
                           "shown" if shown else "not shown"))
@@ -254,7 +249,6 @@ def grid_analysis(grid: dict, short: dict, Ks: list[int], Ms: list[int], ws: lis
     Returns:
         {"points": [{M, w, zeroshot/val_zeroshot/long diffs, verdict}], "chosen": {K: key}, "chosen_claims": [...]}
     """
-    from benchmarks.common import paired_difference, pm_diff, verdict
 
     out: dict = {"points": [], "chosen": {}, "claims": []}
     if 0 not in Ks or len(Ks) < 2:
@@ -274,13 +268,13 @@ def grid_analysis(grid: dict, short: dict, Ks: list[int], Ms: list[int], ws: lis
     zs = d(a, b, "zeroshot_top1")
     anywhere = [p for p in out["points"] if p["verdict"] == "shown"]
     out["claims"] = [
-        _claim(f"(c1, chosen on validation) K={kc} at its best validation setting ({out['chosen'][kc]}) has a higher "
+        claim(f"(c1, chosen on validation) K={kc} at its best validation setting ({out['chosen'][kc]}) has a higher "
                f"test zero-shot top-1 than K=0 at its best ({out['chosen'][0]})",
                f"K={kc} {a['zeroshot_top1']:.1f} vs K=0 {b['zeroshot_top1']:.1f}; paired {pm_diff(zs)}", verdict(zs)),
-        _claim(f"(c2, chosen on validation) K={kc} keeps >= 50% of the long-text gain of K=0 over short-only",
+        claim(f"(c2, chosen on validation) K={kc} keeps >= 50% of the long-text gain of K=0 over short-only",
                f"long R@1 short {short['long_R1']:.1f}, K=0 {b['long_R1']:.1f}, K={kc} {a['long_R1']:.1f}",
                _keeps_gain(a, b, short)),
-        _claim(f"(c1, anywhere in the sweep, test) some (M, w) where K={kc} beats K=0 on zero-shot in every seed",
+        claim(f"(c1, anywhere in the sweep, test) some (M, w) where K={kc} beats K=0 on zero-shot in every seed",
                ", ".join(f"M={p['M']} w={p['w']:g}: {pm_diff(p['zeroshot'])}" for p in out["points"]),
                "shown" if anywhere else "not shown"),
     ]
@@ -288,7 +282,6 @@ def grid_analysis(grid: dict, short: dict, Ks: list[int], Ms: list[int], ws: lis
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    from benchmarks.common import claim_lines, pm, pm_diff
 
     st, variants, sweep = result["settings"], result["variants"], result["sweep"]
     n = len(st["seeds"])
@@ -350,8 +343,7 @@ def write_markdown(path: Path, result: dict) -> None:
               "context - K and trimmed to the longest; the same ids through the same tower without corners; median "
               f"of {st['time_repeats']} interleaved runs. The CPU was shared with other work, so times are indicative.",
               "", "## Claims (METHODS.md section 1) at this scale", "",
-              "Verdict over seeds: shown = every seed's paired difference has the claimed sign, not shown = none "
-              "has, mixed = some do.", ""]
+              f"Verdict over seeds: {VERDICT_RULE}.", ""]
     lines += claim_lines(result["claims"] + result.get("grid_claims", []))
     from polymodal.fileio import atomic_open
     with atomic_open(path, "w", encoding="utf-8") as fh:
@@ -361,7 +353,6 @@ def write_markdown(path: Path, result: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 def run(args) -> dict:
-    from benchmarks.common import over_seeds, prepare
     from polymodal.eval.report import write_json
     from polymodal.hub import load_model
 
@@ -427,8 +418,7 @@ def run(args) -> dict:
 
     n_classes = len(json.loads((data / "classes.json").read_text())["classes"])
     result = {
-        "settings": {"command": ("python benchmarks/lotlip_ablation.py " + " ".join(sys.argv[1:])
-                                 if __name__ == "__main__" else "run(parse_args(...))"),
+        "settings": {"command": command_line("lotlip_ablation.py", __name__ == "__main__"),
                      "seed": seeds[0], "seeds": seeds, "data_seed": data_seed, "n_train": args.n_train,
                      "n_test": args.n_test, "n_val": args.n_val, "n_hard": args.n_hard,
                      "steps": args.steps, "batch_size": args.batch_size, "model": args.model or "small (recipes)",
@@ -447,6 +437,7 @@ def run(args) -> dict:
     result["claims"] = claims(variants, sweep) if need <= set(variants) else []
     result["grid_claims"] = grid_result.get("claims", [])
     result["seconds"] = {"total": time.time() - t_start}
+    result["machine"] = machine_info()
     write_json(out / "results.json", result)
     write_markdown(out / "results.md", result)
     print(f"[lotlip] wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)

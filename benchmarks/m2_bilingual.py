@@ -16,9 +16,7 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (claim_lines, command_line, experiment_parser, finish,  # noqa: E402
-                               prepare, train_variant)
+from benchmarks.common import (claim, claim_lines, command_line, experiment_parser, finish,  # noqa: E402
+                               over_seeds, pm, prepare, seed_summary, train_variant)
 
 VARIANTS = (  # name, recipe, label
     ("bilingual", "m2_shapes.yaml", "M2, bilingual (EN+ZH captions)"),
@@ -44,7 +42,7 @@ METRICS = {  # column -> run_suite key ({s} = "" for English, "_zh" for Chinese)
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     p = experiment_parser(__doc__, "docs/results/m2_bilingual", "runs/m2_bilingual",
                           "M2 config name (default: the recipes' m2-small)")
     p.add_argument("--reference", default="small", help="CLIP config trained on the bilingual recipe ('none' = skip)")
@@ -60,8 +58,9 @@ def _evaluate(model, data: Path) -> dict:
             for lang in LANGS}
 
 
-def _mean_over_seeds(per_seed: list[dict]) -> dict:
-    return {lang: {col: statistics.fmean(s[lang][col] for s in per_seed) for col in METRICS} for lang in LANGS}
+def _over_langs(per_seed: list[dict], stat: str) -> dict:
+    """{lang: {column: `seed_summary(...)[stat]`}} of `_evaluate` results, one per seed."""
+    return {lang: {col: seed_summary([r[lang][col] for r in per_seed])[stat] for col in METRICS} for lang in LANGS}
 
 
 def claims(variants: dict) -> list[dict]:
@@ -69,18 +68,16 @@ def claims(variants: dict) -> list[dict]:
     bi, en = variants["bilingual"]["mean"], variants["english"]["mean"]
     t2i = lambda v, lang: v[lang]["t2i_R1"]
     return [
-        {"claim": "the bilingual model retrieves with Chinese captions far better than the English-only model",
-         "numbers": f"ZH T2I R@1 {t2i(bi, 'zh'):.1f} vs {t2i(en, 'zh'):.1f}",
-         "shown": t2i(bi, "zh") > 2 * max(t2i(en, "zh"), 1.0)},
-        {"claim": "the bilingual model classifies with Chinese prompts far better than the English-only model",
-         "numbers": f"ZH zero-shot {bi['zh']['zeroshot_top1']:.1f} vs {en['zh']['zeroshot_top1']:.1f}",
-         "shown": bi["zh"]["zeroshot_top1"] > 2 * max(en["zh"]["zeroshot_top1"], 1.0)},
-        {"claim": "in Chinese the bilingual model is within 80% of its English T2I R@1",
-         "numbers": f"ZH {t2i(bi, 'zh'):.1f} vs EN {t2i(bi, 'en'):.1f}",
-         "shown": t2i(bi, "zh") >= 0.8 * t2i(bi, "en")},
-        {"claim": "sharing the model with Chinese costs English T2I R@1 less than 20% (relative)",
-         "numbers": f"EN {t2i(bi, 'en'):.1f} (bilingual) vs {t2i(en, 'en'):.1f} (English only)",
-         "shown": t2i(bi, "en") >= 0.8 * t2i(en, "en")},
+        claim("the bilingual model retrieves with Chinese captions far better than the English-only model",
+              f"ZH T2I R@1 {t2i(bi, 'zh'):.1f} vs {t2i(en, 'zh'):.1f}", t2i(bi, "zh") > 2 * max(t2i(en, "zh"), 1.0)),
+        claim("the bilingual model classifies with Chinese prompts far better than the English-only model",
+              f"ZH zero-shot {bi['zh']['zeroshot_top1']:.1f} vs {en['zh']['zeroshot_top1']:.1f}",
+              bi["zh"]["zeroshot_top1"] > 2 * max(en["zh"]["zeroshot_top1"], 1.0)),
+        claim("in Chinese the bilingual model is within 80% of its English T2I R@1",
+              f"ZH {t2i(bi, 'zh'):.1f} vs EN {t2i(bi, 'en'):.1f}", t2i(bi, "zh") >= 0.8 * t2i(bi, "en")),
+        claim("sharing the model with Chinese costs English T2I R@1 less than 20% (relative)",
+              f"EN {t2i(bi, 'en'):.1f} (bilingual) vs {t2i(en, 'en'):.1f} (English only)",
+              t2i(bi, "en") >= 0.8 * t2i(en, "en")),
     ]
 
 
@@ -93,17 +90,19 @@ def render_markdown(result: dict) -> str:
         f"Data: ShapesWorld seed {st['data_seed']}, {st['n_train']} training images (each with an English and a "
         f"Chinese caption), test {st['n_test']} images x 4 captions per language. Model `{st['model']}`"
         f"{''.join(f' ({s})' for s in st['sets'])}, {st['steps']} steps of batch {st['batch_size']}, grouped "
-        f"contrastive loss (one process: the group is this machine). Seeds {st['seeds']} (mean shown). "
+        f"contrastive loss (one process: the group is this machine). Seeds {st['seeds']} (mean ± sample std). "
         f"Torch threads {st['threads']}. Total wall time {result['seconds']['total']:.0f} s.",
         "",
         "| model | eval language | T2I R@1 | I2T R@1 | T2I R@10 | zero-shot top-1 | train s |",
         "|---|---|---|---|---|---|---|",
     ]
+    n = len(st["seeds"])
     for v in result["variants"].values():
         for lang in LANGS:
-            m = v["mean"][lang]
-            lines.append(f"| {v['label']} | {'English' if lang == 'en' else 'Chinese'} | {m['t2i_R1']:.1f} | "
-                         f"{m['i2t_R1']:.1f} | {m['t2i_R10']:.1f} | {m['zeroshot_top1']:.1f} | {v['train_s']:.0f} |")
+            m, s = v["mean"][lang], v["std"][lang]
+            cells = " | ".join(pm(m[c], s[c], n) for c in ("t2i_R1", "i2t_R1", "t2i_R10", "zeroshot_top1"))
+            language = "English" if lang == "en" else "Chinese"
+            lines.append(f"| {v['label']} | {language} | {cells} | {v['train_s']:.0f} |")
     lines += ["", f"Chance: T2I R@1 {ch['t2i_R1']:.2f}, T2I R@10 {ch['t2i_R10']:.1f}, zero-shot top-1 "
               f"{ch['zeroshot_top1']:.2f}. I2T R@1 is low for every model: many ShapesWorld captions are word for word "
               "the same for several test images, and a tie between the right caption and its twin of another "
@@ -123,17 +122,19 @@ def run(args) -> dict:
         plan.append(("reference", recipes / "m2_shapes.yaml", f"CLIP `{args.reference}`, bilingual (reference)",
                      ["method=clip", f"model.name={args.reference}", "loss.gather=global_with_grad"]))
 
+    def run_one(name, recipe, extra, seed) -> dict:
+        print(f"[m2] {name} seed {seed}: training", flush=True)
+        model_dir, secs, _ = train_variant(recipe, runs / f"{name}_s{seed}", data, args, seed, extra)
+        metrics = _evaluate(load_model(model_dir), data)
+        print(f"[m2] {name} seed {seed}: {metrics}", flush=True)
+        return {**metrics, "train_s": secs}
+
     variants: dict = {}
     for name, recipe, label, extra in plan:
-        per_seed, seconds = [], []
-        for seed in args.seeds:
-            print(f"[m2] {name} seed {seed}: training", flush=True)
-            model_dir, secs, _ = train_variant(recipe, runs / f"{name}_s{seed}", data, args, seed, extra)
-            per_seed.append(_evaluate(load_model(model_dir), data))
-            seconds.append(secs)
-            print(f"[m2] {name} seed {seed}: {per_seed[-1]}", flush=True)
-        variants[name] = {"label": label, "mean": _mean_over_seeds(per_seed), "per_seed": per_seed,
-                          "train_s": statistics.fmean(seconds)}
+        res = over_seeds(args.seeds, lambda seed, n=name, r=recipe, e=extra: run_one(n, r, e, seed))
+        per_seed = [{lang: r[lang] for lang in LANGS} for r in res["per_seed"]]
+        variants[name] = {"label": label, "mean": _over_langs(per_seed, "mean"), "std": _over_langs(per_seed, "std"),
+                          "per_seed": per_seed, "train_s": res["mean"]["train_s"]}
 
     n_classes = len(json.loads((data / "classes.json").read_text())["classes"])
     result = {

@@ -11,36 +11,37 @@ also the frozen filter model. Rows (equal optimizer steps and batch size):
                colour, shape of the subject; no action), fused by the gated residual
 
 Training differs per row; the test protocol does not (uniform frames, decoded from the videos).
-Table: text->video R@1/5/10 and MdR on a clean test split, order accuracy (a text of an order-sensitive pair
-scores its own video above the time-reversed partner; chance 50%), data kept, decode and training seconds; mean
-over seeds. Run: `python benchmarks/m2raap_ablation.py` (full) or `--quick` (minutes, proves it works).
+Table: text->video R@1/5/10 and MdR on a clean test split, order accuracy (`polymodal.eval.order`: a text of an
+order-sensitive pair scores its own video above the time-reversed partner, a tie counts half; chance 50%), data
+kept, decode and training seconds; mean ± sample std over seeds. Run: `python benchmarks/m2raap_ablation.py`
+(full) or `--quick` (minutes, proves it works).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (base_parser, command_line, moving_shapes_world, pm_values, seed_summary,  # noqa: E402
+                               set_threads, write_results)
 
 ROWS = ("base", "+filter", "+keyframes", "+stan", "+mug", "+acg")
 
 
 def prepare(data: Path, n_train: int, n_test: int, seed: int, num_frames: int, image_size: int,
             mismatch: float) -> tuple[Path, Path]:
-    """A clean MovingShapes world, then a noisy copy of its train split (`mismatch` of the captions swapped)."""
+    """A clean MovingShapes world (cached), then a noisy copy of its train split (`mismatch` of the captions
+    swapped) and the test split with oracle aux captions."""
     from polymodal.data.manifests import read_manifest, write_manifest
-    from polymodal.data.synthetic.moving_shapes import apply_mismatches, generate_moving_shapes
+    from polymodal.data.synthetic.moving_shapes import apply_mismatches
     noisy, test = data / "train_noisy.jsonl", data / "test_aux.jsonl"
-    if noisy.is_file() and test.is_file():
-        return noisy, test
-    generate_moving_shapes(data, n_train=n_train, n_test=n_test, n_val=0, seed=seed, num_frames=num_frames,
-                           image_size=image_size, workers=1, progress=False)
+    moving_shapes_world(data, n_train=n_train, n_test=n_test, n_val=0, seed=seed, num_frames=num_frames,
+                        image_size=image_size)
 
     def with_aux(records):
         for r in records:
@@ -55,7 +56,8 @@ def prepare(data: Path, n_train: int, n_test: int, seed: int, num_frames: int, i
     return noisy, test
 
 
-def pretrain_clip(runs: Path, texts_manifest: Path, n_images: int, steps: int, batch: int, image_size: int) -> Path:
+def pretrain_clip(runs: Path, texts_manifest: Path, n_images: int, steps: int, batch: int, image_size: int,
+                  threads: int = 1) -> Path:
     """A tiny CLIP trained on ShapesWorld images (the "image-text model" M2-RAAP adapts), with a tokenizer that
     also knows the MovingShapes action words."""
     import json as _json
@@ -76,44 +78,31 @@ def pretrain_clip(runs: Path, texts_manifest: Path, n_images: int, steps: int, b
     run_recipe(load_recipe(None, [
         "method=clip", f"out_dir={runs / 'clip_shapes'}", "model.name=tiny", f"tokenizer.path={tok_dir}",
         f"data.train={shapes / 'train.jsonl'}", f"data.batch_size={batch}", f"train.steps={steps}",
-        "train.log_every=20", "train.ckpt_every=0", "train.progress=false", "train.threads=1", "train.resume=never",
-        "optim.lr=2e-3", "optim.warmup_steps=10"]))
+        "train.log_every=20", "train.ckpt_every=0", "train.progress=false", f"train.threads={threads}",
+        "train.resume=never", "optim.lr=2e-3", "optim.warmup_steps=10"]))
     return model
 
 
 def order_accuracy(run_model: Path, test: Path, frames: int, strategy: str) -> float:
-    """% of texts of order-sensitive pairs whose own video outscores the reversed partner (chance 50)."""
+    """`polymodal.eval.order.order_pair_accuracy` of the run's own scores (Mug or cosine; ties count half)."""
     from polymodal.data.manifests import read_manifest
+    from polymodal.eval.order import order_pair_accuracy
     from polymodal.methods.m2raap import load_m2raap, m2raap_scores
     task = load_m2raap(run_model)
     records = read_manifest(test, media="video").records
-    scores, owner, kept, _ = m2raap_scores(task, records, num_frames=frames, strategy=strategy)
-    partner = {}
-    for i, r in enumerate(kept):
-        if r.get("pair_id") is not None:
-            partner.setdefault(r["pair_id"], []).append(i)
-    hits = total = 0
-    for j, v in enumerate(owner):
-        pid = kept[v].get("pair_id")
-        mates = [u for u in partner.get(pid, []) if u != v] if pid is not None else []
-        if mates:
-            total += 1
-            own, other = float(scores[j, v]), float(scores[j, mates[0]])
-            hits += 1.0 if own > other else 0.5 if own == other else 0.0          # a tie is a coin flip
-    return 100.0 * hits / max(total, 1)
+    scores, owner, kept, _ = m2raap_scores(task, records, num_frames=frames, strategy=strategy)  # (T, V)
+    return order_pair_accuracy(scores, owner, [r.get("pair_id") for r in kept])["pair_accuracy"]
 
 
 def train(out: Path, train_manifest: Path, test: Path, steps: int, batch: int, frames: int, seed: int,
-          m2raap: dict, data_extra: list[str], lr_scale: bool, strategy: str, base: Path) -> tuple[dict, float]:
+          m2raap: dict, data_extra: list[str], lr_scale: bool, strategy: str, base: Path,
+          threads: int = 1) -> tuple[dict, float]:
     """One run of `method: m2raap`; returns (final metrics, seconds)."""
-    import polymodal.methods
-    from polymodal.methods.m2raap import M2RAAPMethod
     from polymodal.train.run import load_recipe, run_recipe
-    polymodal.methods.METHODS.setdefault("m2raap", M2RAAPMethod)   # until the table row lands
     overrides = [
         "method=m2raap", f"out_dir={out}", f"model.path={base}", f"data.train={train_manifest}",
         f"data.batch_size={batch}", f"data.num_frames={frames}", f"train.steps={steps}", f"train.seed={seed}",
-        "train.log_every=10", "train.ckpt_every=0", "train.progress=false", "train.threads=1",
+        "train.log_every=10", "train.ckpt_every=0", "train.progress=false", f"train.threads={threads}",
         "train.resume=never", "optim.lr=1e-3", "optim.warmup_steps=5",
         f"m2raap={json.dumps(m2raap)}",
         f"eval={{tasks: [{{task: video_retrieval, data: {test}, num_frames: {frames}, strategy: {strategy}}}]}}",
@@ -126,9 +115,8 @@ def train(out: Path, train_manifest: Path, test: Path, steps: int, batch: int, f
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "m2raap_ablation"))
-    p.add_argument("--runs", default="runs/m2raap_ablation")
+    p = base_parser(__doc__, str(ROOT / "benchmarks" / "results" / "m2raap_ablation"), "runs/m2raap_ablation",
+                    seeds=[0, 1], threads=1, out_help="where results.json / results.md go")
     p.add_argument("--n-train", type=int, default=1200)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--steps", type=int, default=400)
@@ -137,7 +125,6 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--mismatch", type=float, default=0.3)
     p.add_argument("--keep", type=float, default=0.7, help="filter: top fraction kept")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--pretrain-steps", type=int, default=600, help="CLIP steps on ShapesWorld images")
     p.add_argument("--pretrain-images", type=int, default=4000)
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs (minutes)")
@@ -145,7 +132,7 @@ def main(argv=None) -> dict:
     if a.quick:
         a.n_train, a.n_test, a.steps, a.batch_size, a.num_frames = 96, 32, 40, 16, 2
         a.pretrain_steps, a.pretrain_images = 80, 400
-    torch.set_num_threads(1)
+    set_threads(a.threads)
     from polymodal.eval.filtering import filter_manifest
     from polymodal.data.frame_shards import write_frame_shards
     from polymodal.hub import load_model
@@ -153,12 +140,12 @@ def main(argv=None) -> dict:
     noisy, test = prepare(runs / "data", a.n_train, a.n_test, 0, 8, a.image_size, a.mismatch)
     n_noisy = sum(1 for _ in open(noisy))
     t0 = time.perf_counter()
-    base = pretrain_clip(runs, noisy, a.pretrain_images, a.pretrain_steps, 64, a.image_size)
+    base = pretrain_clip(runs, noisy, a.pretrain_images, a.pretrain_steps, 64, a.image_size, a.threads)
     pretrain_secs = time.perf_counter() - t0
     results: dict = {"args": vars(a), "rows": {r: [] for r in ROWS}, "pretrain_seconds": pretrain_secs}
     for seed in a.seeds:
         final, secs = train(runs / f"s{seed}" / "base", noisy, test, a.steps, a.batch_size, a.num_frames, seed, {}, [],
-                            False, "uniform", base)
+                            False, "uniform", base, a.threads)
         results["rows"]["base"].append({**final, "seconds": secs, "decode_seconds": 0.0, "kept": n_noisy})
         # +filter: the base model (frozen) scores the noisy pairs
         clean = runs / f"s{seed}" / "train_filtered.jsonl"
@@ -166,7 +153,7 @@ def main(argv=None) -> dict:
         summary = filter_manifest(noisy, load_model(base), clean, keep=a.keep, num_frames=a.num_frames)
         filter_secs = time.perf_counter() - t0
         final, secs = train(runs / f"s{seed}" / "filter", clean, test, a.steps, a.batch_size, a.num_frames, seed,
-                            {}, [], False, "uniform", base)
+                            {}, [], False, "uniform", base, a.threads)
         results["rows"]["+filter"].append({**final, "seconds": secs, "decode_seconds": 0.0, "kept": summary["num_kept"],
                                            "filter_seconds": filter_secs,
                                            "mismatched_kept": summary.get("mismatched_kept")})
@@ -180,7 +167,7 @@ def main(argv=None) -> dict:
                  ("+acg", {"temporal": {"kind": "stan", "stan_layers": 2}, "similarity": "mug", "acg": True}, True)]
         for name, m2, scale in steps:
             final, secs = train(runs / f"s{seed}" / name.strip("+"), clean, test, a.steps, a.batch_size, a.num_frames,
-                                seed, {**m2, "frame_shards": str(shards)}, [], scale, "uniform", base)
+                                seed, {**m2, "frame_shards": str(shards)}, [], scale, "uniform", base, a.threads)
             results["rows"][name].append({**final, "seconds": secs, "decode_seconds": decode,
                                           "kept": summary["num_kept"]})
     keys = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "text_to_video_median_rank")
@@ -189,23 +176,19 @@ def main(argv=None) -> dict:
     means = {}
     for name in ROWS:
         rs = results["rows"][name]
-        m = {k: sum(r[f"eval/video_retrieval/{k}"] for r in rs) / len(rs) for k in keys}
-        m["order_acc"] = sum(r["order_acc"] for r in rs) / len(rs)
-        m.update(kept=sum(r["kept"] for r in rs) / len(rs), decode=sum(r["decode_seconds"] for r in rs) / len(rs),
-                 train=sum(r["seconds"] for r in rs) / len(rs),
-                 per_seed_R1=[round(r["eval/video_retrieval/text_to_video_R@1"], 2) for r in rs])
-        means[name] = m
-        table.append(f"| {name} | {m[keys[0]]:.1f} | {m[keys[1]]:.1f} | {m[keys[2]]:.1f} | {m[keys[3]]:.1f} | "
-                     f"{m['order_acc']:.1f} | {m['kept']:.0f} | {m['decode']:.1f} | {m['train']:.1f} |")
+        per_seed = {k: [r[f"eval/video_retrieval/{k}"] for r in rs] for k in keys}
+        per_seed.update(order_acc=[r["order_acc"] for r in rs], kept=[r["kept"] for r in rs],
+                        decode=[r["decode_seconds"] for r in rs], train=[r["seconds"] for r in rs])
+        means[name] = {k: seed_summary(v)["mean"] for k, v in per_seed.items()}
+        means[name]["per_seed_R1"] = [round(v, 2) for v in per_seed[keys[0]]]
+        cells = [pm_values(per_seed[k]) for k in (*keys, "order_acc")]
+        m = means[name]
+        table.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {m['kept']:.0f} | {m['decode']:.1f} | {m['train']:.1f} |")
     results["means"] = means
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from polymodal.eval.report import write_json
-    from polymodal.fileio import atomic_open
-    write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
-    cmd = "python benchmarks/m2raap_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    with atomic_open(out / "results.md", "w", encoding="utf-8") as f:
-        f.write(f"`{cmd.strip()}`\n\n" + "\n".join(table) + "\n")
+    results["command"] = command_line("m2raap_ablation.py", __name__ == "__main__")
+    write_results(Path(a.out), json.loads(json.dumps(results, default=str)),
+                  f"`{results['command']}`\n\nMean ± sample std over seeds {a.seeds}.\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
     return results
 

@@ -21,7 +21,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -165,7 +164,7 @@ def itc_stats(run_dir: Path, batch_size: int) -> dict:
 
 # ----------------------------------------------------------------------------- benchmark
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     p = experiment_parser(__doc__, "docs/results/pooler_init", "runs/pooler_init",
                           "CoCa config name (default: the recipe's coca-small)", steps=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")

@@ -11,7 +11,6 @@ benchmarks/caption_cache.py), wall time on CUDA.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,12 +19,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import base_parser, machine_info, set_threads  # noqa: E402
 from polymodal.config import ConfigError  # noqa: E402
 from polymodal.losses.contrastive import clip_loss  # noqa: E402
 from polymodal.models.factory import create_model  # noqa: E402
-from polymodal.precision import autocast, check_precision, cpu_flags, cpu_has_native_bf16  # noqa: E402
+from polymodal.precision import autocast, check_precision, cpu_has_native_bf16  # noqa: E402
 
 
 def step_seconds(precision: str, args) -> float:
@@ -59,16 +61,15 @@ def step_seconds(precision: str, args) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = base_parser(__doc__, str(Path(__file__).parent / "results" / "precision.json"), threads=1,
+                     out_help="JSON results file")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision.json"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("precision.py: --device cuda but torch sees no CUDA device; use --device cpu")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         check_precision("bf16", args.device, where="benchmark")
         verdict = "accepted"
@@ -76,12 +77,11 @@ def main(argv=None) -> dict:
         verdict = f"refused: {e}"
     fp32 = step_seconds("fp32", args)
     bf16 = step_seconds("bf16", args)
+    info = machine_info()
     if args.device == "cuda":
-        where = torch.cuda.get_device_name()
+        where = info["gpu"]
     else:
-        from retrieval_scale import cpu_info
-        info = cpu_info()
-        where = f"{info['model']} ({', '.join(info['flags'])}; native bf16: {cpu_has_native_bf16()})"
+        where = f"{info['cpu']} ({', '.join(info['flags'])}; native bf16: {cpu_has_native_bf16()})"
     print(f"{where}; CLIP small, batch {args.batch}, {args.threads} thread(s)")
     print("\n| device | fp32 step ms | bf16 step ms | bf16/fp32 | check_precision('bf16') |")
     print("|---|---|---|---|---|")
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     print(f"\ncheck_precision says: {verdict}")
     row = {"device": where, "fp32_s": fp32, "bf16_s": bf16, "ratio": bf16 / fp32, "check": verdict,
            "threads": args.threads, "batch": args.batch,
-           "bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f)}
+           "bf16_flags": [f for f in info["flags"] if "bf16" in f], "machine": info}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2))

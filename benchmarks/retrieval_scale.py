@@ -22,12 +22,8 @@ scores tie within float rounding). The CPU model and its vector flags (lscpu) ar
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,25 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import base_parser, machine_info, machine_line, set_threads  # noqa: E402
 from polymodal.eval.retrieval import embed_and_score  # noqa: E402
-
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
-
-
-def cpu_info() -> dict:
-    """CPU model name and which of the interesting vector flags it has (from lscpu)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        text = ""
-    model = re.search(r"Model name:\s*(.+)", text)
-    flags = re.search(r"Flags:\s*(.+)", text)
-    flag_set = set(flags.group(1).split()) if flags else set()
-    return {"model": model.group(1).strip() if model else platform.processor(),
-            "cores": os.cpu_count(), "flags": [f for f in VECTOR_FLAGS if f in flag_set],
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _status_kb(key: str) -> int:
@@ -159,25 +142,24 @@ def run_size(n_img: int, n_txt: int, args) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = base_parser(__doc__, str(Path(__file__).parent / "results" / "retrieval_scale.json"), threads=1,
+                     out_help="JSON results file")
     ap.add_argument("--sizes", default="10000x50000,100000x500000", help="comma-separated N_imagesxN_texts")
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
     ap.add_argument("--max-memory", type=float, default=float(1 << 30), help="bytes of scores per block (ours)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where ours runs (FAISS: CPU)")
     ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2000x10000 only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each; the best time is kept")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "retrieval_scale.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)                   # FAISS gets the same count in run_size
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("retrieval_scale.py: --device cuda but torch sees no CUDA device; use --device cpu")
     sizes = "2000x10000" if args.quick else args.sizes
-    info = cpu_info()
-    print(f"CPU: {info['model']} ({info['cores']} cores; flags {', '.join(info['flags'])}; "
-          f"torch capability {info['torch_cpu_capability']}); threads {args.threads}; device {args.device}")
+    info = machine_info()
+    print(f"machine: {machine_line(info)}, torch capability {info['torch_cpu_capability']}; threads {args.threads}; "
+          f"device {args.device}")
     rows = []
     for size in sizes.split(","):
         n_img, n_txt = (int(v) for v in size.lower().split("x"))
@@ -193,7 +175,7 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['images']} x {r['texts']} | {r['ours_s']:.2f} ({r['ours_cpu_s']:.2f}) | {r['ours_extra_mb']:.0f} | {f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": info, "threads": args.threads, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"machine": info, "threads": args.threads, "rows": rows}, indent=2))
     return rows
 
 

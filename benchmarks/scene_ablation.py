@@ -22,13 +22,18 @@ per claim. Writes `results.json` and `results.md` into `--out`; data and run fol
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (VERDICT_RULE, base_parser, moving_shapes_world, paired_difference, pm,  # noqa: E402
+                               seed_summary, set_threads, verdict, write_results)
 
 VARIANTS = {
     "temporal": {"model": {"streams": "temporal"}, "distill_weight": 0.0},
@@ -44,19 +49,11 @@ STREAM_KEYS = tuple(f"{s}/{k}" for s in ("temporal", "frame") for k in
                     ("mAP", *(f"mAP_{g}" for g in GROUPS), "consistency"))
 
 
-def _register() -> None:
-    """Use the scene rows of the method and eval tables, adding them for this process if the tree lacks them."""
-    import polymodal.eval.tasks as tasks
-    import polymodal.methods as methods
-    methods.METHODS.setdefault("scene", "polymodal.methods.scene:SceneMethod")
-    tasks.TASKS.setdefault("scene", tasks._lazy("scene", "scene_eval_task"))
-
-
 def _yaml_flow(obj) -> str:
     return json.dumps(obj)          # JSON is YAML flow syntax
 
 
-def world_sizes(args: argparse.Namespace) -> dict:
+def world_sizes(args) -> dict:
     """Generator settings of the ablation world (quick: a smoke-test world)."""
     if args.quick:
         return dict(n_train=96, n_val=24, n_test=24, num_frames=4, image_size=32)
@@ -66,13 +63,8 @@ def world_sizes(args: argparse.Namespace) -> dict:
 
 def make_world(data: Path, sizes: dict, compound_fraction: float, quick: bool) -> None:
     """Generate the MovingShapes world into `data` unless a world with the same settings is there."""
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    want = {**sizes, "compound_fraction": compound_fraction, "pair_fraction": 0.4, "static_fraction": 0.1}
-    stamp = data / "ablation_world.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == want and (data / "test.jsonl").is_file():
-        return
-    generate_moving_shapes(data, seed=0, workers=1, progress=not quick, **want)
-    stamp.write_text(json.dumps(want))
+    moving_shapes_world(data, progress=not quick, **sizes, compound_fraction=compound_fraction, pair_fraction=0.4,
+                        static_fraction=0.1)
 
 
 def chance_map(data: Path) -> dict:
@@ -93,11 +85,10 @@ def chance_map(data: Path) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args) -> dict:
     """Train and evaluate every variant and seed; returns the raw results."""
     from polymodal.train.run import load_recipe, run_recipe
-    _register()
-    torch.set_num_threads(1)
+    set_threads(args.threads)
     runs = Path(args.runs)
     data = runs / "data"
     sizes = world_sizes(args)
@@ -122,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
                 "method=scene", f"out_dir={run_dir}", f"data.train={data / 'train.jsonl'}",
                 f"data.batch_size={args.batch_size}", f"data.num_frames={T}", f"train.steps={steps}",
                 f"train.log_every={max(1, steps // 10)}", "train.ckpt_every=0", "train.progress=false",
-                "train.threads=1", f"train.seed={seed}", f"optim.lr={args.lr}",
+                f"train.threads={args.threads}", f"train.seed={seed}", f"optim.lr={args.lr}",
                 f"optim.warmup_steps={min(50, max(5, steps // 20))}",
                 f"tokenizer.vocab_size={200 if args.quick else 512}",
                 "tokenizer.corpus_keys=[caption, scene_labels]", f"scene={_yaml_flow(scene)}",
@@ -137,25 +128,27 @@ def run(args: argparse.Namespace) -> dict:
             "lr": args.lr, "freeze_image": args.freeze_image, "batch_size": args.batch_size, "width": w, "quick": args.quick, "runs": results}
 
 
+def _values(rows: dict, key: str) -> list[float]:
+    return [r.get(key, math.nan) for r in rows.values()]
+
+
 def _stats(rows: dict, key: str) -> tuple[float, float]:
-    """Mean and (population) standard deviation over seeds, NaN values left out."""
-    vals = [r[key] for r in rows.values() if key in r and r[key] == r[key]]
-    if not vals:
-        return math.nan, math.nan
-    m = sum(vals) / len(vals)
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+    """Mean and sample standard deviation over seeds, NaN values left out (NaN, NaN when none is left)."""
+    s = seed_summary(_values(rows, key), drop_missing=True)
+    return s["mean"], s["std"]
 
 
 def _fmt(rows: dict, key: str) -> str:
-    m, s = _stats(rows, key)
-    return "–" if m != m else f"{m:.1f} ± {s:.1f}"
+    s = seed_summary(_values(rows, key), drop_missing=True)
+    return pm(s["mean"], s["std"], s["n"])
 
 
 def verdicts(res: dict) -> list[dict]:
     """One verdict per claim of the paper, from the seed means (a difference counts only beyond the seed spread).
 
-    A comparison a > b is "shown" when the mean difference exceeds the larger of the two standard deviations and
-    holds on every seed, "not shown" when it is reversed or within noise, "mixed" when the seeds disagree.
+    A comparison a > b is `common.verdict` of the paired per-seed differences with a margin: "shown" when every
+    seed agrees and the mean difference exceeds the larger of the two standard deviations, "not shown" when no
+    seed agrees or the difference is within that noise, "mixed" when the seeds disagree.
     """
     runs = res["runs"]
 
@@ -165,20 +158,17 @@ def verdicts(res: dict) -> list[dict]:
             return {"verdict": "not run"}
         ma, sa = _stats(runs[va], ka)
         mb, sb = _stats(runs[vb], kb)
-        per_seed = [runs[va][s][ka] - runs[vb][s][kb] for s in runs[va] if s in runs[vb]
-                    if runs[va][s].get(ka) == runs[va][s].get(ka) and runs[vb][s].get(kb) == runs[vb][s].get(kb)]
-        diff = ma - mb
+        seeds = [s for s in runs[va] if s in runs[vb]
+                 if not math.isnan(runs[va][s].get(ka, math.nan)) and not math.isnan(runs[vb][s].get(kb, math.nan))]
+        per_seed = [runs[va][s][ka] - runs[vb][s][kb] for s in seeds]
         if not per_seed:
             v = "not measurable"            # the metric is NaN (e.g. consistency when no child label is predicted)
         elif len(per_seed) < 2:
             v = "not judged (1 seed)"
-        elif all(d > 0 for d in per_seed) and diff > max(sa, sb):
-            v = "shown"
-        elif any(d > 0 for d in per_seed) and any(d <= 0 for d in per_seed):
-            v = "mixed"
         else:
-            v = "not shown"
-        return {"a": f"{va} {ka}", "b": f"{vb} {kb}", "mean_a": ma, "mean_b": mb, "diff": diff,
+            v = verdict(paired_difference([runs[va][s][ka] for s in seeds], [runs[vb][s][kb] for s in seeds]),
+                        margin=max(sa, sb))
+        return {"a": f"{va} {ka}", "b": f"{vb} {kb}", "mean_a": ma, "mean_b": mb, "diff": ma - mb,
                 "per_seed_diff": per_seed, "verdict": v}
 
     out = [
@@ -213,7 +203,7 @@ def write_table(res: dict, out: Path) -> str:
              f"MovingShapes {s['n_train']} train / {s['n_val']} val / {s['n_test']} test videos, {s['num_frames']} "
              f"frames (all used), {s['image_size']} px, compound_fraction {res['compound_fraction']}; tiny model "
              f"width {res['width']}, {res['steps']} steps x batch {res['batch_size']}, lr {res['lr']}, seeds "
-             f"{res['seeds']}. Test split, threshold chosen on val; mean ± std over seeds (per-seed numbers in "
+             f"{res['seeds']}. Test split, threshold chosen on val; mean ± sample std over seeds (per-seed numbers in "
              "results.json).", "",
              "| variant | " + " | ".join(KEYS) + " | seconds |", "|---" * (len(KEYS) + 2) + "|"]
     for name, rows in res["runs"].items():
@@ -229,8 +219,7 @@ def write_table(res: dict, out: Path) -> str:
                 lines.append(f"| {name} | {st} | " + " | ".join(
                     _fmt(rows, f"{st}/{k}") for k in ("mAP", *(f"mAP_{g}" for g in GROUPS), "consistency")) + " |")
     res["verdicts"] = verdicts(res)
-    lines += ["", "Claims (shown: every seed agrees and the mean difference exceeds the seed std; mixed: seeds "
-              "disagree; not shown: reversed or within noise):", ""]
+    lines += ["", f"Claims ({VERDICT_RULE}; shown also needs the mean difference beyond the larger seed std):", ""]
     for v in res["verdicts"]:
         if v["verdict"] == "not run":
             lines.append(f"- {v['claim']}: not run")
@@ -241,19 +230,15 @@ def write_table(res: dict, out: Path) -> str:
         lines.append(f"- {v['claim']}: **{v['verdict']}** ({v['a']} {v['mean_a']:.1f} vs {v['b']} {v['mean_b']:.1f}, "
                      f"diff {v['diff']:+.1f}; per seed {', '.join(f'{d:+.1f}' for d in v['per_seed_diff'])})")
     text = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_results(out, res, text)
     return text
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="results folder (results.json, results.md)")
-    p.add_argument("--runs", default="", help="folder for the generated world and the run folders "
-                   "(default: runs/scene_ablation, or <out> with --quick)")
+def main(argv=None) -> None:
+    p = base_parser(__doc__, None, runs="", seeds=[0, 1], threads=1,
+                    out_help="results folder (results.json, results.md)")
+    p.epilog = "--runs: the generated world and the run folders (default: runs/scene_ablation, or <out> with --quick)"
     p.add_argument("--quick", action="store_true", help="tiny world and few steps: a smoke run, not a result")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=None, help="training steps (default 2000; 40 with --quick)")
     p.add_argument("--n-train", type=int, default=2000)
@@ -267,7 +252,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--freeze-image", action="store_true", help="keep the (randomly initialised) image tower fixed")
     p.add_argument("--batch-size", type=int, default=32)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.lr, args.batch_size = 3e-3, 16
     args.runs = args.runs or (args.out if args.quick else "runs/scene_ablation")

@@ -17,10 +17,8 @@ full run on an idle machine.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,17 +29,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 
-
-def cpu_model() -> dict:
-    """CPU model name and core count, from lscpu (platform's guess where lscpu is missing)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    return {"model": fields.get("Model name", platform.processor() or platform.machine()), "cores": os.cpu_count()}
+from benchmarks.common import base_parser, machine_info, machine_line, set_threads, write_results  # noqa: E402
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -201,12 +192,10 @@ def query_latency(model, model_dir: Path, captions: list[str], work: Path, sizes
     return rows
 
 
-def write_results(out: Path, results: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+def markdown(results: dict) -> str:
     e = results["embed"]
     lines = [f"# polymodal search benchmark{' (--quick)' if results['quick'] else ''}", "",
-             f"CPU: {results['cpu']['model']} ({results['cpu']['cores']} cores visible), torch threads "
+             f"Machine: {machine_line(results['machine'])}; torch threads "
              f"{results['threads']}, faiss {results['faiss']}; model `small` CLIP (dim {results['dim']}, random weights).",
              "", "## Embedding throughput", "",
              "| | images/s |", "|---|---|",
@@ -232,18 +221,17 @@ def write_results(out: Path, results: dict) -> None:
               "time against brute-force inner product with 1000 stored vectors as queries. Text queries include "
               "tokenising and the text tower; HTTP adds FastAPI, JSON and a localhost round trip to a uvicorn server in another process (same thread "
               "count), with one keep-alive client.", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search"))
+    p = base_parser(__doc__, str(ROOT / "benchmarks" / "results" / "search"), threads=1,
+                    out_help="where results.json / results.md go")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    p.add_argument("--threads", type=int, default=1, help="torch and faiss threads (default 1)")
     p.add_argument("--queries", type=int, default=0, help="queries per setting (default 200, quick 30)")
     args = p.parse_args(argv)
     import faiss
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = [2_000, 10_000] if args.quick else [10_000, 100_000]
@@ -255,9 +243,9 @@ def main(argv=None) -> dict:
         print(json.dumps(embed), flush=True)
         latency = query_latency(model, work / "model", captions, work, sizes, queries, args.threads)
     from polymodal.search.embed import embedding_dim
-    results = {"quick": args.quick, "cpu": cpu_model(), "threads": args.threads, "faiss": faiss.__version__,
+    results = {"quick": args.quick, "machine": machine_info(), "threads": args.threads, "faiss": faiss.__version__,
                "dim": embedding_dim(model), "embed": embed, "latency": latency}
-    write_results(Path(args.out), results)
+    write_results(Path(args.out), results, markdown(results))
     print((Path(args.out) / "results.md").read_text())
     return results
 

@@ -17,17 +17,17 @@ Usage: `python benchmarks/shenet_ablation.py --out docs/results/shenet --seeds 0
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, command_line,  # noqa: E402
+                               moving_shapes_world, paired_difference, pm_diff, pm_values, seed_summary,
+                               set_threads, verdict, write_results)
 
 VARIANTS = (  # name, label
     ("mean", "mean pooling (all level weights 0)"),
@@ -40,9 +40,8 @@ METRICS = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "text
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="docs/results/shenet")
-    p.add_argument("--runs", default="runs/shenet_ablation")
+    p = base_parser(__doc__, "docs/results/shenet", "runs/shenet_ablation", seeds=[0, 1], threads=1,
+                    out_help="where results.json / results.md go")
     p.add_argument("--data", default="", help="MovingShapes folder (default <runs>/data)")
     p.add_argument("--recipes", default=str(ROOT / "recipes"))
     p.add_argument("--n-train", type=int, default=2000)
@@ -53,8 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--distractor-fraction", type=float, default=0.8)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every run (repeatable)")
     p.add_argument("--fresh", action="store_true", help="retrain even when a finished identical run exists")
@@ -71,29 +68,10 @@ def parse_args(argv=None):
     return args
 
 
-def register() -> None:
-    """Make `method: shenet` and the `shenet_retrieval` eval task known in this process (no-ops once the
-    rows are in `polymodal.methods.METHODS` and `polymodal.eval.tasks.TASKS`)."""
-    import polymodal.eval.tasks as tasks
-    import polymodal.methods as methods
-    from polymodal.eval.hierarchy_retrieval import shenet_retrieval_task
-    methods.METHODS.setdefault("shenet", "polymodal.methods.shenet:SHENetMethod")
-    tasks.TASKS.setdefault("shenet_retrieval", shenet_retrieval_task)
-
-
 def world(args) -> Path:
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    data = Path(args.data) if args.data else Path(args.runs) / "data"
-    want = {"n_train": args.n_train, "n_test": args.n_test, "frames": args.frames, "image_size": args.image_size,
-            "distractor_fraction": args.distractor_fraction}
-    marker = data / "shenet_world.json"
-    if marker.is_file() and json.loads(marker.read_text()) == want:
-        return data
-    generate_moving_shapes(data, n_train=args.n_train, n_test=args.n_test, seed=0, num_frames=args.frames,
-                           image_size=args.image_size, distractor_fraction=args.distractor_fraction,
-                           workers=1, progress=not args.quiet)
-    marker.write_text(json.dumps(want))
-    return data
+    return moving_shapes_world(Path(args.data) if args.data else Path(args.runs) / "data", progress=not args.quiet,
+                               n_train=args.n_train, n_test=args.n_test, num_frames=args.frames,
+                               image_size=args.image_size, distractor_fraction=args.distractor_fraction)
 
 
 def run(args) -> dict:
@@ -101,8 +79,7 @@ def run(args) -> dict:
     from polymodal.eval.hierarchy_retrieval import shenet_retrieval_task
     from polymodal.train.reuse import train_or_reuse
     from polymodal.train.run import load_recipe
-    torch.set_num_threads(args.threads)
-    register()
+    set_threads(args.threads)
     start = time.time()
     data = world(args)
     rows = []
@@ -124,57 +101,63 @@ def run(args) -> dict:
                          **{k: m[k] for k in METRICS}, "verb_videos": m["verb_videos"],
                          "noun_videos": m["noun_videos"]})
             print(f"[shenet] {name} seed {seed}: " + ", ".join(f"{k}={m[k]:.2f}" for k in METRICS), flush=True)
-    result = {"command": "python benchmarks/shenet_ablation.py " + " ".join(sys.argv[1:]),
+    result = {"command": command_line("shenet_ablation.py", __name__ == "__main__"),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs", "data", "recipes")},
               "rows": rows, "means": {n: {k: _mean(rows, n, k) for k in METRICS} for n, _ in VARIANTS}}
-    result["claims"] = claims(result["means"])
+    result["claims"] = claims(rows)
     result["seconds"] = time.time() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from polymodal.eval.report import write_json
-    from polymodal.fileio import atomic_open
-    write_json(out / "results.json", result)
-    with atomic_open(out / "results.md", "w", encoding="utf-8") as f:
-        f.write(markdown(result))
-    print(f"[shenet] wrote {out / 'results.md'}", flush=True)
+    write_results(Path(args.out), result, markdown(result))
+    print(f"[shenet] wrote {Path(args.out) / 'results.md'}", flush=True)
     return result
 
 
+def _values(rows, name, key) -> list[float]:
+    return [r[key] for r in rows if r["variant"] == name]
+
+
 def _mean(rows, name, key) -> float:
-    vals = [r[key] for r in rows if r["variant"] == name and r[key] == r[key]]      # NaN-free
-    return sum(vals) / len(vals) if vals else float("nan")
+    return seed_summary(_values(rows, name, key), drop_missing=True)["mean"]          # NaN-free
 
 
-def claims(means) -> list[dict]:
-    m, v, n, f = (means[k] for k in ("mean", "verb", "noun", "full"))
+def claims(rows) -> list[dict]:
+    """The claims of METHODS.md §6, each a verdict over seeds of a paired per-seed difference."""
+    def paired(a: tuple[str, str], b: tuple[str, str]) -> dict:
+        return paired_difference(_values(rows, *a), _values(rows, *b))
+
+    def numbers(a, b, d, unit=""):
+        return f"{pm_values(_values(rows, *a))}{unit} vs {pm_values(_values(rows, *b))}{unit}; paired {pm_diff(d)}"
+
+    verb = (("full", "verb_hit"), ("full", "verb_uniform"))
+    noun = (("full", "noun_hit"), ("full", "noun_uniform"))
+    r1 = "text_to_video_R@1"
+    full = (("full", r1), ("mean", r1))
+    d_verb, d_noun, d_full = paired(*verb), paired(*noun), paired(*full)
+    d_v, d_n = paired(("verb", r1), ("mean", r1)), paired(("noun", r1), ("mean", r1))
+    both = {"values": [min(a, b) for a, b in zip(d_v["values"], d_n["values"])]}     # > 0: both levels beat mean
     return [
-        {"claim": "verb attention concentrates on action frames (full: hit > uniform)",
-         "shown": f["verb_hit"] > f["verb_uniform"], "numbers": f"{f['verb_hit']:.1f}% vs {f['verb_uniform']:.1f}%"},
-        {"claim": "noun attention finds the object (full: hit > uniform)",
-         "shown": f["noun_hit"] > f["noun_uniform"], "numbers": f"{f['noun_hit']:.1f}% vs {f['noun_uniform']:.1f}%"},
-        {"claim": "R@1 beats mean pooling with many distractor frames (full > mean)",
-         "shown": f["text_to_video_R@1"] > m["text_to_video_R@1"],
-         "numbers": f"{f['text_to_video_R@1']:.1f} vs {m['text_to_video_R@1']:.1f}"},
-        {"claim": "each level ablates (verb > mean and noun > mean on R@1)",
-         "shown": v["text_to_video_R@1"] > m["text_to_video_R@1"] and n["text_to_video_R@1"] > m["text_to_video_R@1"],
-         "numbers": f"verb {v['text_to_video_R@1']:.1f}, noun {n['text_to_video_R@1']:.1f}, "
-                    f"mean {m['text_to_video_R@1']:.1f}"},
+        claim("verb attention concentrates on action frames (full: hit > uniform)", numbers(*verb, d_verb, "%"),
+              verdict(d_verb)),
+        claim("noun attention finds the object (full: hit > uniform)", numbers(*noun, d_noun, "%"), verdict(d_noun)),
+        claim("R@1 beats mean pooling with many distractor frames (full > mean)", numbers(*full, d_full),
+              verdict(d_full)),
+        claim("each level ablates (verb > mean and noun > mean on R@1, both on a seed)",
+              f"verb - mean {pm_diff(d_v)}, noun - mean {pm_diff(d_n)}", verdict(both)),
     ]
 
 
 def markdown(result) -> str:
     labels = dict(VARIANTS)
     head = "| variant | R@1 | R@5 | R@10 | MdR | verb hit % (uniform) | noun hit % (uniform) |"
-    lines = [f"# SHE-Net ablation (MovingShapes, distractor segments)", "", f"`{result['command']}`", "",
-             f"Mean over seeds {result['settings']['seeds']}; text->video on the test split.", "", head,
+    lines = ["# SHE-Net ablation (MovingShapes, distractor segments)", "", f"`{result['command']}`", "",
+             f"Mean over seeds {result['settings']['seeds']} (per-seed rows below); text->video on the test split.",
+             "", head,
              "|---|---|---|---|---|---|---|"]
     for name, means in result["means"].items():
         lines.append(f"| {labels[name]} | {means['text_to_video_R@1']:.1f} | {means['text_to_video_R@5']:.1f} | "
                      f"{means['text_to_video_R@10']:.1f} | {means['text_to_video_median_rank']:.1f} | "
                      f"{means['verb_hit']:.1f} ({means['verb_uniform']:.1f}) | "
                      f"{means['noun_hit']:.1f} ({means['noun_uniform']:.1f}) |")
-    lines += ["", "Claims:"]
-    lines += [f"- {'shown' if c['shown'] else 'NOT shown'}: {c['claim']} ({c['numbers']})" for c in result["claims"]]
+    lines += ["", f"Claims ({VERDICT_RULE}):", ""] + claim_lines(result["claims"])
     lines += ["", "Per seed:", "", "| variant | seed | R@1 | R@5 | MdR | verb hit | noun hit | train s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

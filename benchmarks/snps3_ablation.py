@@ -16,17 +16,17 @@ Usage: `python benchmarks/snps3_ablation.py --out docs/results/snps3 --seeds 0 1
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (base_parser, claim, claim_lines, command_line, moving_shapes_world,  # noqa: E402
+                               pm_values, seed_summary, set_threads, write_results)
 
 VARIANTS = (  # name, label
     ("mlm", "MLM + LVWM (plain masking)"),
@@ -39,9 +39,8 @@ METRICS = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "rera
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="docs/results/snps3")
-    p.add_argument("--runs", default="runs/snps3_ablation")
+    p = base_parser(__doc__, "docs/results/snps3", "runs/snps3_ablation", seeds=[0, 1], threads=1,
+                    out_help="where results.json / results.md go")
     p.add_argument("--data", default="", help="MovingShapes folder (default <runs>/data)")
     p.add_argument("--recipes", default=str(ROOT / "recipes"))
     p.add_argument("--n-train", type=int, default=2000)
@@ -51,8 +50,6 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every run (repeatable)")
     p.add_argument("--fresh", action="store_true", help="retrain even when a finished run exists")
@@ -65,31 +62,16 @@ def parse_args(argv=None):
     return args
 
 
-def register() -> None:
-    """Add the snps3 rows to the method and eval tables for this process if the tree lacks them."""
-    import polymodal.eval.tasks
-    import polymodal.methods
-    polymodal.methods.METHODS.setdefault("snps3", "polymodal.methods.snps3:SNPS3Method")
-    if "snps3_retrieval" not in polymodal.eval.tasks.TASKS:
-        from polymodal.eval.snps3_retrieval import snps3_retrieval_task
-        polymodal.eval.tasks.TASKS["snps3_retrieval"] = snps3_retrieval_task
-
-
 def world(args) -> Path:
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    data = Path(args.data or Path(args.runs) / "data")
-    if (data / "train.jsonl").is_file() and (data / "test.jsonl").is_file():
-        return data
-    generate_moving_shapes(data, n_train=args.n_train, n_test=args.n_test, n_val=0, seed=0, num_frames=args.frames,
-                           image_size=args.image_size, workers=1, progress=False)
-    return data
+    return moving_shapes_world(Path(args.data or Path(args.runs) / "data"), n_train=args.n_train,
+                               n_test=args.n_test, n_val=0, num_frames=args.frames, image_size=args.image_size)
 
 
 def run(args) -> dict:
+    from polymodal.eval.report import write_json
     from polymodal.models.fusion import load_snps3_model
     from polymodal.train.run import load_recipe, run_recipe
-    torch.set_num_threads(args.threads)
-    register()
+    set_threads(args.threads)
     data = world(args)
     rows = []
     for name, label in VARIANTS:
@@ -110,7 +92,7 @@ def run(args) -> dict:
                 counts = load_snps3_model(out / "model").parameter_counts()
                 final = {**{k: v for k, v in final.items() if isinstance(v, (int, float))},
                          "params_shared": counts["shared"], "params_three_encoder": counts["three_encoder"]}
-                done.write_text(json.dumps(final, indent=1))
+                write_json(done, final)
             shared = name != "three_encoder"
             row = {"variant": name, "label": label, "seed": seed, "seconds": round(time.time() - t0, 1),
                    "params": final["params_shared" if shared else "params_three_encoder"]}
@@ -118,48 +100,44 @@ def run(args) -> dict:
             rows.append(row)
             print(json.dumps(row), flush=True)
     means = {name: {k: _mean(rows, name, k) for k in (*METRICS, "params")} for name, _ in VARIANTS}
-    return {"settings": {k: v for k, v in vars(args).items()}, "rows": rows, "means": means,
-            "claims": claims(means)}
+    return {"command": command_line("snps3_ablation.py", __name__ == "__main__"),
+            "settings": {k: v for k, v in vars(args).items()}, "rows": rows, "means": means,
+            "claims": claims(means, rows)}
+
+
+def _values(rows, name, key) -> list[float]:
+    return [r.get(key) for r in rows if r["variant"] == name]
 
 
 def _mean(rows, name, key) -> float:
-    vals = [r[key] for r in rows if r["variant"] == name and r.get(key) is not None]
-    return sum(vals) / len(vals) if vals else float("nan")
+    return seed_summary(_values(rows, name, key), drop_missing=True)["mean"]
 
 
-def claims(m) -> list[dict]:
-    """Which synthetic claims of METHODS.md §7 the means show (None: the numbers cannot tell)."""
+def claims(m, rows) -> list[dict]:
+    """Which synthetic claims of METHODS.md §7 the seed means show (n/a: the numbers cannot tell)."""
     # Identical R@5 and R@10 in every variant means the dual encoder ranks videos the same way for every text
     # (not learned at this scale): a comparison of retrieval would then be a tie by construction.
     tied = all(len({round(m[v][k], 6) for v, _ in VARIANTS}) == 1 for k in ("text_to_video_R@5", "text_to_video_R@10"))
-    out = [
-        {"claim": "MSSM raises masked-token accuracy on significant words over plain MLM",
-         "holds": m["full"]["masked_acc_significant"] > m["mlm"]["masked_acc_significant"],
-         "numbers": f"{m['full']['masked_acc_significant']:.1f} vs {m['mlm']['masked_acc_significant']:.1f}"},
-        {"claim": "LVWM gives above-chance word-level retrieval (mAP)",
-         "holds": m["full"]["word_mAP"] > m["full"]["word_chance"],
-         "numbers": f"{m['full']['word_mAP']:.1f} vs chance {m['full']['word_chance']:.1f} "
-                    f"(no LVWM: {m['no_lvwm']['word_mAP']:.1f})"},
-        {"claim": "LVWM helps R@5/10 (not judged by R@1)",
-         "holds": (m["full"]["text_to_video_R@5"] + m["full"]["text_to_video_R@10"]
-                   >= m["no_lvwm"]["text_to_video_R@5"] + m["no_lvwm"]["text_to_video_R@10"]),
-         "numbers": f"R@5/10 {m['full']['text_to_video_R@5']:.1f}/{m['full']['text_to_video_R@10']:.1f} vs "
-                    f"{m['no_lvwm']['text_to_video_R@5']:.1f}/{m['no_lvwm']['text_to_video_R@10']:.1f}"},
-        {"claim": "sharing saves parameters with equal-or-better retrieval",
-         "holds": (m["full"]["params"] < m["three_encoder"]["params"]
-                   and m["full"]["text_to_video_R@5"] >= m["three_encoder"]["text_to_video_R@5"]),
-         "numbers": f"{m['full']['params']:,.0f} vs {m['three_encoder']['params']:,.0f} params; R@5 "
-                    f"{m['full']['text_to_video_R@5']:.1f} vs {m['three_encoder']['text_to_video_R@5']:.1f}"},
+    f = lambda name, key: pm_values(_values(rows, name, key))          # noqa: E731
+    r5, r10 = "text_to_video_R@5", "text_to_video_R@10"
+    retrieval = (lambda ok: None if tied else ok)
+    note = " (R@5/10 identical in every variant: retrieval not learned at this scale)" if tied else ""
+    return [
+        claim("MSSM raises masked-token accuracy on significant words over plain MLM",
+              f"{f('full', 'masked_acc_significant')} vs {f('mlm', 'masked_acc_significant')}",
+              m["full"]["masked_acc_significant"] > m["mlm"]["masked_acc_significant"]),
+        claim("LVWM gives above-chance word-level retrieval (mAP)",
+              f"{f('full', 'word_mAP')} vs chance {m['full']['word_chance']:.1f} (no LVWM: {f('no_lvwm', 'word_mAP')})",
+              m["full"]["word_mAP"] > m["full"]["word_chance"]),
+        claim("LVWM helps R@5/10 (not judged by R@1)",
+              f"R@5/10 {f('full', r5)} / {f('full', r10)} vs {f('no_lvwm', r5)} / {f('no_lvwm', r10)}{note}",
+              retrieval(m["full"][r5] + m["full"][r10] >= m["no_lvwm"][r5] + m["no_lvwm"][r10])),
+        claim("sharing saves parameters with equal-or-better retrieval",
+              f"{m['full']['params']:,.0f} vs {m['three_encoder']['params']:,.0f} params; R@5 {f('full', r5)} vs "
+              f"{f('three_encoder', r5)}{note}",
+              retrieval(m["full"]["params"] < m["three_encoder"]["params"]
+                        and m["full"][r5] >= m["three_encoder"][r5])),
     ]
-    if tied:
-        for c in out[2:]:
-            c["holds"] = None
-            c["numbers"] += " (R@5/10 identical in every variant: retrieval not learned at this scale)"
-    return out
-
-
-def _verdict(holds) -> str:
-    return "n/a" if holds is None else "yes" if holds else "no"
 
 
 def markdown(result) -> str:
@@ -168,25 +146,21 @@ def markdown(result) -> str:
             "masked_acc_significant", "masked_acc_other", "word_P@1", "word_mAP", "word_chance")
     lines = [f"SNP-S3 ablation on MovingShapes ({s['n_train']} train / {s['n_test']} test videos, "
              f"{s['steps']} steps, batch {s['batch_size']}, {s['num_frames']} frames, seeds {s['seeds']}"
-             f"{', quick' if s['quick'] else ''}). "
+             f"{', quick' if s['quick'] else ''}; mean ± sample std over seeds). "
              "Synthetic numbers; not a reproduction of the paper's.", "",
              "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, label in VARIANTS:
         m = result["means"][name]
-        lines.append(f"| {label} | " + " | ".join(f"{m[c]:,.0f}" if c == "params" else f"{m[c]:.1f}" for c in cols)
-                     + " |")
-    lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {_verdict(c['holds'])} | {c['numbers']} |" for c in result["claims"]]
+        lines.append(f"| {label} | " + " | ".join(f"{m[c]:,.0f}" if c == "params" else
+                                                  pm_values(_values(result["rows"], name, c)) for c in cols) + " |")
+    lines += ["", "Claims (judged on the seed means):", ""] + claim_lines(result["claims"])
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "results.md").write_text(markdown(result))
+    write_results(Path(args.out), result, markdown(result))
     print(markdown(result))
 
 

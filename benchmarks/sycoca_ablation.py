@@ -24,7 +24,6 @@ One command:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (cached_metrics, claim_lines, command_line, experiment_parser,  # noqa: E402
+from benchmarks.common import (VERDICT_RULE, cached_metrics, claim_lines, command_line, experiment_parser,  # noqa: E402
                                finish, over_seeds, paired_difference, pm, pm_diff, prepare, verdict)
 from benchmarks.pooler_init import INITS, itc_stats, train_with_init  # noqa: E402
 
@@ -47,7 +46,7 @@ VARIANTS = (  # name, recipe, label
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     p = experiment_parser(__doc__, "docs/results/sycoca", "runs/sycoca_ablation",
                           "CoCa config name (default: the recipes' coca-small)")
     p.add_argument("--seed", type=int, default=0, help="training seed (when --seeds is not given)")
@@ -144,16 +143,14 @@ def claims(variants: dict) -> list[dict]:
     c, r, a = variants["coca"], variants["random"], variants["attentive"]
     gap = {n: paired_difference(_per_seed(v, "mim_shuffled"), _per_seed(v, "mim_true")) for n, v in
            (("attentive", a), ("random", r))}
-    both = {"values": gap["attentive"]["values"] + gap["random"]["values"]}
-    both["n"] = len(both["values"])
+    both = {"values": gap["attentive"]["values"] + gap["random"]["values"]}          # every seed of both variants
     hit = paired_difference(_per_seed(a, "hit_training_rule"), _per_seed(a, "hit_random"))
     ret = {n: paired_difference(_per_seed(v, _retrieval), _per_seed(c, _retrieval)) for n, v in
            (("attentive", a), ("random", r))}
     zs = {n: paired_difference(_per_seed(v, "zeroshot_top1"), _per_seed(c, "zeroshot_top1")) for n, v in
           (("attentive", a), ("random", r))}
     # "At least as good": a seed agrees when SyCoCa is not below CoCa (ties count as agreement).
-    ret_agree = sum(d >= 0 for d in ret["attentive"]["values"])
-    ret_verdict = "shown" if ret_agree == ret["attentive"]["n"] else "not shown" if ret_agree == 0 else "mixed"
+    ret_verdict = verdict(ret["attentive"], ties_agree=True)
     out = [
         {"claim": "masked-patch reconstruction error is lower with the true caption than with a shuffled one "
                   "(attentive and random SyCoCa)",
@@ -237,8 +234,7 @@ def render_markdown(result: dict) -> str:
     for e in variants["attentive"]["examples"]:
         lines.append(f"- `{Path(e['image']).name}`: \"{e['caption']}\" (reference: \"{e['references'][0]}\")")
     lines += ["", "## Claims (METHODS.md section 3) at this scale",
-              "", "Verdict over seeds: shown = every seed's paired difference has the claimed sign, not shown = "
-              "none has, mixed = some do.", ""]
+              "", f"Verdict over seeds: {VERDICT_RULE}.", ""]
     return "\n".join(lines + claim_lines(result["claims"])) + "\n"
 
 

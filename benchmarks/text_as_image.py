@@ -20,7 +20,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,17 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (base_parser, command_line, machine_info, machine_line, pm, seed_summary,  # noqa: E402
+                               set_threads, shapes_world)
+from benchmarks.common import write_results as write_files  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "text_as_image.yaml"   # the adapter's recipe; its prompts are ShapesWorld's wording
 # Caption frames of the scene captions the CLIP is trained on (the recipe's sentence frames are the same).
 SHAPES_SENTENCE_FRAMES = ["{objects}.", "a picture of {objects}.", "an image with {objects}.",
                           "{objects} in the picture."]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="docs/results/text_as_image", help="writes <out>.json and <out>.md")
-    p.add_argument("--runs", default="runs/text_as_image", help="CLIP and adapter run folders, embedding cache")
+def parse_args(argv=None):
+    p = base_parser(__doc__, "docs/results/text_as_image", "runs/text_as_image", seeds=[0, 1, 2],
+                    out_help="writes <out>.json and <out>.md")
     p.add_argument("--data", default="", help="ShapesWorld folder (default <runs>/data)")
     p.add_argument("--n-train", type=int, default=10000)
     p.add_argument("--n-val", type=int, default=500)
@@ -64,14 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-labels", type=int, default=4, help="labels per sentence: 1..k")
     p.add_argument("--lm", default="", help="local causal LM folder for the sentences (default: templates)")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2])
-    p.add_argument("--seeds", type=int, default=3, help="adapter seeds per sigma")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--adapter-batch", type=int, default=128)
     p.add_argument("--adapter-lr", type=float, default=1e-3)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--loss", choices=("asl", "ranking"), default="asl")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="CLIP training seed and sentence seed (--seeds: adapters)")
     p.add_argument("--fresh", action="store_true", help="retrain the CLIP even when a finished run exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -80,15 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data and CLIP
 
 def _ensure_data(args, data: Path) -> None:
-    from polymodal.data.synthetic.shapes import generate_shapes
-    want = {"train": args.n_train, "val": args.n_val, "test": args.n_test, "hard": 0}
-    meta = data / "meta.json"
-    if meta.is_file():
-        m = json.loads(meta.read_text())
-        if m.get("counts") == want and m.get("seed") == args.data_seed:
-            return
-    generate_shapes(data, n_train=args.n_train, n_test=args.n_test, n_val=args.n_val, n_hard=0,
-                    seed=args.data_seed, progress=not args.quiet)
+    shapes_world(data, args.n_train, args.n_test, args.n_val, 0, args.data_seed)
 
 
 def scene_caption(record: dict, rng: random.Random, adjective_prob: float = 0.5) -> str:
@@ -164,10 +155,6 @@ def _adapter_recipe(args, model_dir: Path, data: Path, runs: Path, sigma: float,
     return load_recipe(RECIPE, overrides)
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def run(args) -> dict:
     """The whole experiment; returns the results dict (also written to `<out>.json/.md`)."""
     from polymodal.data.manifests import read_manifest
@@ -178,8 +165,7 @@ def run(args) -> dict:
     from polymodal.hub import load_model
     from polymodal.models.multilabel import load_adapter, perturb
     from polymodal.train.reuse import train_or_reuse
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     t0 = time.perf_counter()
     runs = Path(args.runs)
     data = Path(args.data) if args.data else runs / "data"
@@ -223,14 +209,14 @@ def run(args) -> dict:
                                       image_embeds=sets[s][1])["mAP"] for s in ("val", "test")}
     zs_text = average_precision(emb_held @ w.T, y_held)["mAP"]
     rows.append({"method": "zero-shot prompts", "sigma": None, "val_mAP": zs["val"], "val_std": 0.0,
-                 "test_mAP": zs["test"], "test_std": 0.0, "text_mAP": zs_text, "perturbed_cosine": None})
+                 "test_mAP": zs["test"], "test_std": 0.0, "seeds": 1, "text_mAP": zs_text, "perturbed_cosine": None})
     E = emb_text.shape[1]
     gen = torch.Generator().manual_seed(args.seed)
     adapter_s = 0.0
     for sigma in args.sigmas:
         val, test, text = [], [], []
-        for k in range(args.seeds):
-            cfg = _adapter_recipe(args, model_dir, data, runs, sigma, args.seed + k, len(sentences))
+        for seed in args.seeds:
+            cfg = _adapter_recipe(args, model_dir, data, runs, sigma, seed, len(sentences))
             adapter_dir, seconds, _ = train_or_reuse(cfg, fresh=args.fresh)
             adapter_s += seconds
             adapter = load_adapter(adapter_dir).eval()
@@ -239,11 +225,13 @@ def run(args) -> dict:
                     acc.append(average_precision(adapter(sets[split][1]), sets[split][2])["mAP"])
                 text.append(average_precision(adapter(emb_held), y_held)["mAP"])
         cos = float((perturb(emb_text, sigma, gen) * emb_text).sum(1).mean())
-        (vm, vs), (tm, ts) = _mean_std(val), _mean_std(test)
-        rows.append({"method": "adapter", "sigma": sigma, "val_mAP": vm, "val_std": vs, "test_mAP": tm,
-                     "test_std": ts, "text_mAP": statistics.fmean(text), "perturbed_cosine": cos})
+        v, t = seed_summary(val), seed_summary(test)
+        rows.append({"method": "adapter", "sigma": sigma, "val_mAP": v["mean"], "val_std": v["std"],
+                     "test_mAP": t["mean"], "test_std": t["std"], "seeds": t["n"], "text_mAP": statistics.fmean(text),
+                     "perturbed_cosine": cos})
         if progress:
-            print(f"sigma={sigma:g}: val mAP {vm:.2f}, test mAP {tm:.2f} +- {ts:.2f}", file=sys.stderr)
+            print(f"sigma={sigma:g}: val mAP {v['mean']:.2f}, test mAP {pm(t['mean'], t['std'], t['n'], 2)}",
+                  file=sys.stderr)
 
     adapters = [r for r in rows if r["method"] == "adapter"]
     chosen = max(adapters, key=lambda r: r["val_mAP"])
@@ -287,7 +275,8 @@ def to_markdown(res: dict) -> str:
         f"{res['labels_per_sentence']:.2f} labels each; test images have {res['labels_per_test_image']:.2f} "
         f"shapes each (8 labels). Adapter (`recipes/text_as_image.yaml`, trained by `run_recipe`): alpha "
         f"{s['alpha']}, loss {s['loss']}, {s['epochs']} epochs ({res.get('adapter_steps', '?')} steps x "
-        f"{s['adapter_batch']}), {s['seeds']} seeds (mean ± std). mAP in %; sigma chosen on val.",
+        f"{s['adapter_batch']}), seeds {s['seeds']} (mean ± sample std). mAP in %; sigma chosen on val. "
+        f"Machine: {machine_line(res['machine'])}.",
         "",
         "| method | sigma | cos(text, perturbed) | val mAP | test mAP | held-out text mAP |",
         "|---|---|---|---|---|---|",
@@ -296,7 +285,8 @@ def to_markdown(res: dict) -> str:
         sig = "–" if r["sigma"] is None else f"{r['sigma']:g}"
         mark = " **(chosen on val)**" if r["method"] == "adapter" and r["sigma"] == res["chosen_sigma_on_val"] else ""
         lines.append(f"| {r['method']}{mark} | {sig} | {_f(r['perturbed_cosine'], 3)} | "
-                     f"{_f(r['val_mAP'])} ± {_f(r['val_std'])} | {_f(r['test_mAP'])} ± {_f(r['test_std'])} | "
+                     f"{pm(r['val_mAP'], r['val_std'], r['seeds'], 2)} | "
+                     f"{pm(r['test_mAP'], r['test_std'], r['seeds'], 2)} | "
                      f"{_f(r['text_mAP'])} |")
     g = res["modality_gap"]
     lines += [
@@ -321,13 +311,10 @@ def to_markdown(res: dict) -> str:
 
 
 def write_results(res: dict, out: Path) -> None:
-    from polymodal.eval.report import write_json
-    write_json(out.with_suffix(".json"), res)
-    md = out.with_suffix(".md")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(to_markdown(res), encoding="utf-8")
-    os.replace(tmp, md)
+    """`<out>.json` and `<out>.md` (the machine added to `res`)."""
+    res.setdefault("command", command_line("text_as_image.py", __name__ == "__main__"))
+    res.setdefault("machine", machine_info())
+    write_files(out.parent, res, to_markdown(res), name=out.name)
 
 
 def main(argv=None) -> dict:

@@ -13,10 +13,8 @@ The `auto` row is `train.threads=auto` (polymodal's own choice, see `polymodal/t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,7 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import base_parser, machine_info, machine_line, shapes_world, write_results  # noqa: E402
 
 HOG = ("import numpy as np, time\n"
        "a = np.random.rand(384, 384).astype('float32')\n"
@@ -33,22 +34,8 @@ HOG = ("import numpy as np, time\n"
        "    a = (a @ a) / 384.0\n")
 
 
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), [])
-    keep = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2")))
-    return f"{name} ({os.cpu_count()} cores; {' '.join(keep) or 'no avx2'})"
-
-
 def make_data(folder: Path, n: int) -> Path:
-    from polymodal.data.synthetic.shapes import generate_shapes
-    if not (folder / "train.jsonl").is_file():
-        generate_shapes(folder, n_train=n, n_test=16, n_val=8, n_hard=4, seed=0, progress=False)
-    return folder / "train.jsonl"
+    return shapes_world(folder, n, 16, 8, 4, seed=0) / "train.jsonl"
 
 
 def run_one(train: Path, out: Path, threads: str, policy: str, steps: int, batch: int) -> float:
@@ -70,16 +57,16 @@ def run_one(train: Path, out: Path, threads: str, policy: str, steps: int, batch
     return statistics.median(rates)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench_threads", help="where results.md / results.json go")
-    p.add_argument("--runs", default="runs/bench_threads/runs", help="data and training runs")
+def main(argv=None) -> None:
+    p = base_parser(__doc__, "runs/bench_threads", "runs/bench_threads/runs", threads=None,
+                    out_help="where results.md / results.json go")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", nargs="+", default=["1", "2", "auto"])
+    p.add_argument("--threads", nargs="+", default=["1", "2", "auto"],
+                   help="train.threads values compared (each run in its own process)")
     p.add_argument("--policies", nargs="+", default=["default", "PASSIVE"])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
@@ -105,7 +92,9 @@ def main() -> None:
     table = {k: statistics.median(v) for k, v in results.items()}
     best_idle = max(v for k, v in table.items() if k.endswith("|idle"))
     best_busy = max(v for k, v in table.items() if k.endswith("|busy"))
-    lines = [f"CPU: {cpu_model()}", f"Command: python benchmarks/threads.py --out {args.out} --steps {args.steps} "
+    machine = machine_info()
+    lines = [f"Machine: {machine_line(machine)}",
+             f"Command: python benchmarks/threads.py --out {args.out} --steps {args.steps} "
              f"--repeats {args.repeats} --threads {' '.join(args.threads)}", "",
              "| train.threads | OMP_WAIT_POLICY | idle samples/s | vs best idle | busy samples/s | vs best busy |",
              "|---|---|---|---|---|---|"]
@@ -113,10 +102,8 @@ def main() -> None:
         idle, busy = table[f"{threads}|{policy}|idle"], table[f"{threads}|{policy}|busy"]
         lines.append(f"| {threads} | {policy} | {idle:.1f} | {idle / best_idle:.2f} | {busy:.1f} | {busy / best_busy:.2f} |")
     text = "\n".join(lines) + "\n"
-    from polymodal.eval.report import write_json
-    write_json(out / "results.json", {"cpu": cpu_model(), "samples_per_s": table, "runs": results,
-                                      "steps": args.steps, "batch": args.batch})
-    (out / "results.md").write_text(text)
+    write_results(out, {"machine": machine, "samples_per_s": table, "runs": results, "steps": args.steps,
+                        "batch": args.batch}, text)
     print(text)
 
 

@@ -27,12 +27,10 @@ with the rate each reached inside the step (compare with the 2048^3 peak).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,8 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import HIDDEN, base_parser, machine_info, set_threads  # noqa: E402
 from polymodal.convert.hf_clip import config_from_hf, convert_state_dict  # noqa: E402
 from polymodal.hub import load_state_strict  # noqa: E402
 from polymodal.losses.contrastive import clip_loss  # noqa: E402
@@ -297,11 +298,11 @@ def run_scenario(ours, hf, pixels, ids, args, scenario: str = "") -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = base_parser(__doc__, str(Path(__file__).parent / "results" / "train_step.json"), threads=os.cpu_count(),
+                     out_help="JSON results file")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per model and scenario (median)")
     ap.add_argument("--forward-runs", type=int, default=5, help="timed forward passes per model and scenario")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
                     help="AdamW implementation, the same for both models")
     ap.add_argument("--no-allocator-tuning", action="store_true", help="leave glibc malloc at its defaults")
@@ -313,10 +314,9 @@ def main(argv=None) -> dict:
                     help="vit-b-32, or toy (width 64, 2 layers) to check the script quickly")
     ap.add_argument("--profile", action="store_true",
                     help="profile one more step per model (CPU): matmul share of the step and the slowest shapes")
-    ap.add_argument("--memory-of", choices=["ours", "hf"], help=argparse.SUPPRESS)   # child: one step, print MB
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    ap.add_argument("--memory-of", choices=["ours", "hf"], help=HIDDEN)   # child: one step, print MB
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     tuned = False if args.no_allocator_tuning else tune_allocator()
 
     t_start = time.perf_counter()
@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
         "device": str(device), "compile": args.compile,
         "threads": args.threads, "optimizer": f"AdamW ({args.optimizer})", "allocator_tuned": tuned,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "cpu": platform.processor() or platform.machine(), "matmul_peak_flops": peak,
+        "machine": machine_info(), "matmul_peak_flops": peak,
         "scenarios": results,
     }
     res["wall_s"] = time.perf_counter() - t_start

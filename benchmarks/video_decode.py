@@ -20,12 +20,9 @@ key-frame spacing. Then, median of `--repeats` runs each:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,26 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import base_parser, machine_info, machine_line  # noqa: E402
 from polymodal.data import video  # noqa: E402
 
 SIDE, FPS = 224, 25
-
-
-def cpu_summary() -> dict:
-    """CPU model name and which of avx2 / avx512* / amx* the flags list (from lscpu)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = fields.get("Flags", "").split()
-    return {"model": fields.get("Model name", platform.processor() or platform.machine()),
-            "cores": os.cpu_count(), "avx2": "avx2" in flags,
-            "avx512": sorted(f for f in flags if f.startswith("avx512")),
-            "amx": sorted(f for f in flags if f.startswith("amx"))}
 
 
 def frame_content(i: int) -> np.ndarray:
@@ -148,11 +133,10 @@ def seek_vs_sequential(path: Path, repeats: int, num_frames: int = 8) -> dict:
 
 
 def run(args) -> dict:
-    """Print the CPU, make (or reuse) the clips, measure, print and write the JSON results."""
+    """Print the machine, make (or reuse) the clips, measure, print and write the JSON results."""
     torch.set_num_threads(1)
-    cpu = cpu_summary()
-    print(f"cpu: {cpu['model']} ({cpu['cores']} cores); avx2={cpu['avx2']} avx512={','.join(cpu['avx512']) or 'no'} "
-          f"amx={','.join(cpu['amx']) or 'no'}", flush=True)
+    cpu = machine_info()
+    print(f"machine: {machine_line(cpu)}", flush=True)
     if args.work:
         return measure(args, Path(args.work), cpu)
     with tempfile.TemporaryDirectory(prefix="video_decode_") as tmp:     # clips deleted afterwards
@@ -167,7 +151,7 @@ def measure(args, work: Path, cpu: dict) -> dict:
     shorts = [make_clip(work / f"short{i}_5s_gop50.mp4", 5, 50) for i in range(args.clips)]
     print(f"clips ready in {work} ({time.time() - t0:.1f} s)", flush=True)
 
-    result = {"cpu": cpu, "av": __import__("av").__version__, "torch": torch.__version__,
+    result = {"machine": cpu, "av": __import__("av").__version__, "torch": torch.__version__,
               "video": f"{SIDE}x{SIDE} H.264 (libx264 veryfast, yuv420p) {FPS} fps", "repeats": args.repeats,
               "seek_vs_sequential": {}}
     for name, path in (("60s_gop250", long_250), ("60s_gop12", long_12)):
@@ -203,11 +187,11 @@ def measure(args, work: Path, cpu: dict) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = base_parser(__doc__, str(Path(__file__).resolve().parent / "results" / "video_decode.json"), threads=None,
+                    out_help="JSON results file")
     p.add_argument("--work", default="", help="folder for the generated clips (default: a new temp folder)")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     p.add_argument("--clips", type=int, default=8, help="short clips for the loader throughput")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "video_decode.json"))
     return p.parse_args(argv)
 
 

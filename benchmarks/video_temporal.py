@@ -6,11 +6,12 @@
 2. Trains `recipes/video_{mean,transformer,stan}.yaml` (identical but for `video_clip.temporal.kind`) for each
    seed, reusing finished runs with the same config.
 3. Evaluates on the test split:
-   - pair accuracy: for each order-sensitive pair (A, A reversed), the share of the two captions that score
-     their own video above the reversed one (a tie, |difference| <= 1e-5, counts one half). With every frame used (`--num-frames`
-     equal to `--frames`, the default) mean pooling sees the same set of frames in both videos and scores
-     exactly 50% by construction: the claim's reference point. With fewer frames the two clips sample
-     different frames, so mean pooling can differ from 50%;
+   - pair accuracy (`polymodal.eval.order.order_pair_accuracy`): for each order-sensitive pair (A, A reversed),
+     the share of the two captions that score their own video above the reversed one (a tie, |difference|
+     <= 1e-5, counts one half). With every frame used (`--num-frames` equal to `--frames`, the default) mean
+     pooling sees the same set of frames in both videos and scores exactly 50% by construction: the claim's
+     reference point. With fewer frames the two clips sample different frames, so mean pooling can differ
+     from 50%;
    - text->video R@1/5/10 and MdR on the order-sensitive videos and on the order-free (static) ones separately.
 
 Claim (METHODS.md §5): temporal modelling beats mean pooling on order-sensitive captions and ties it on
@@ -18,26 +19,25 @@ order-free ones. Usage: `python benchmarks/video_temporal.py --out docs/results/
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if str(ROOT) not in sys.path:          # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, command_line, finish,  # noqa: E402
+                               moving_shapes_world, paired_difference, pm_diff, pm_values, set_threads, verdict)
 
 KINDS = ("mean", "transformer", "stan")
-TIE_TOLERANCE = 1e-5     # cosine differences below this are ties
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="docs/results/video_temporal")
-    p.add_argument("--runs", default="runs/video_temporal")
+    p = base_parser(__doc__, "docs/results/video_temporal", "runs/video_temporal", seeds=[0, 1],
+                    out_help="where results.json / results.md go")
     p.add_argument("--data", default="", help="MovingShapes folder (default <runs>/data)")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
@@ -45,30 +45,18 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-frames", type=int, default=8, help="frames per clip in training and evaluation")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every run (repeatable)")
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
 def world(args) -> Path:
-    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
-    data = Path(args.data) if args.data else Path(args.runs) / "data"
-    marker = data / "world.json"
-    want = {"n_train": args.n_train, "n_test": args.n_test, "frames": args.frames, "image_size": args.image_size}
-    if marker.is_file() and json.loads(marker.read_text()).get("benchmark_key") == want:
-        return data
-    generate_moving_shapes(data, n_train=args.n_train, n_test=args.n_test, seed=0, num_frames=args.frames,
-                           image_size=args.image_size, workers=1, progress=not args.quiet)
-    info = json.loads(marker.read_text())
-    info["benchmark_key"] = want
-    from polymodal.eval.report import write_json
-    write_json(marker, info)
-    return data
+    return moving_shapes_world(Path(args.data) if args.data else Path(args.runs) / "data", progress=not args.quiet,
+                               n_train=args.n_train, n_test=args.n_test, num_frames=args.frames,
+                               image_size=args.image_size)
 
 
 def subsets(data: Path) -> dict[str, Path]:
@@ -91,47 +79,31 @@ def subsets(data: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def pair_accuracy(model, manifest: Path, num_frames: int) -> dict:
-    """Share of order-sensitive captions that score their own video above its reversed partner."""
+    """`polymodal.eval.order.order_pair_accuracy` of the order-sensitive test videos (ties count half)."""
     from polymodal.data.manifests import read_manifest
+    from polymodal.eval.order import order_pair_accuracy
     from polymodal.eval.suite import encode_texts
     from polymodal.eval.video_retrieval import encode_videos
     records = read_manifest(manifest, media="video").records
-    vid, records = encode_videos(model.eval(), records, num_frames=num_frames)
-    txt = encode_texts(model, [r["caption"] for r in records])
-    by_pair: dict = {}
-    for i, r in enumerate(records):
-        by_pair.setdefault(r["pair_id"], []).append(i)
-    right = ties = total = 0
-    for members in by_pair.values():
-        if len(members) != 2:
-            continue
-        a, b = members
-        for own, other in ((a, b), (b, a)):
-            s_own, s_other = float(txt[own] @ vid[own]), float(txt[own] @ vid[other])
-            # Mean pooling of the same frames in another order differs only by float summation order.
-            tie = abs(s_own - s_other) <= TIE_TOLERANCE
-            right += 0.5 if tie else float(s_own > s_other)
-            ties += tie
-            total += 1
-    return {"pair_accuracy": 100.0 * right / max(total, 1), "pair_ties": 100.0 * ties / max(total, 1),
-            "pairs": total // 2}
+    vid, records = encode_videos(model.eval(), records, num_frames=num_frames)     # (N, E), one caption each
+    txt = encode_texts(model, [r["caption"] for r in records])                     # (N, E)
+    return order_pair_accuracy(txt @ vid.T, list(range(len(records))), [r["pair_id"] for r in records])
 
 
 def run(args) -> dict:
-    from common import finish
+    import time
+
     from polymodal.eval.tasks import run_task
     from polymodal.hub import load_model
     from polymodal.train.reuse import train_or_reuse
     from polymodal.train.run import load_recipe
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     start = time.time()
     out, runs = Path(args.out), Path(args.runs)
-    out.mkdir(parents=True, exist_ok=True)
     data = world(args)
     parts = subsets(data)
     rows = []
-    for seed in args.seeds:
+    for seed in args.seeds:            # seed-major: an interrupted run still has every kind at the first seeds
         for kind in args.kinds:
             overrides = [f"out_dir={runs}/{kind}_s{seed}", f"data.train={data}/train.jsonl", f"train.seed={seed}",
                          f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"data.num_frames={args.num_frames}",
@@ -150,43 +122,49 @@ def run(args) -> dict:
                 row[f"{name}/num_videos"] = m["num_videos"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"rows": rows, "claims": claims(rows), "command": "python benchmarks/video_temporal.py " +
-              " ".join(sys.argv[1:]), "world": {"n_train": args.n_train, "n_test": args.n_test,
-                                                "frames": args.frames, "image_size": args.image_size}}
+    result = {"rows": rows, "claims": claims(rows),
+              "command": command_line("video_temporal.py", __name__ == "__main__"),
+              "world": {"n_train": args.n_train, "n_test": args.n_test, "frames": args.frames,
+                        "image_size": args.image_size}}
     return finish(out, result, start, markdown, "video_temporal")
 
 
-def _mean(rows, kind, key):
-    vals = [r[key] for r in rows if r["kind"] == kind]
-    return sum(vals) / len(vals) if vals else float("nan")
+def _per_seed(rows, kind, key, seeds) -> list[float]:
+    return [next(r[key] for r in rows if r["kind"] == kind and r["seed"] == s) for s in seeds]
 
 
 def claims(rows) -> list[dict]:
+    """Per temporal kind: beats mean pooling on pair accuracy (paired over seeds, a verdict) and ties it on the
+    order-free videos (R@5 seed means within 5 points)."""
     out = []
     kinds = sorted({r["kind"] for r in rows})
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows if r["kind"] == "mean"})
+    if not seeds:
+        return out
     for kind in (k for k in kinds if k != "mean"):
-        per_seed = [(next(r for r in rows if r["kind"] == kind and r["seed"] == s)["pair_accuracy"],
-                     next(r for r in rows if r["kind"] == "mean" and r["seed"] == s)["pair_accuracy"])
-                    for s in seeds if any(r["kind"] == "mean" and r["seed"] == s for r in rows)]
-        shown = bool(per_seed) and all(t > m for t, m in per_seed)
-        out.append({"claim": f"{kind} beats mean pooling on order-sensitive pairs (every seed)", "shown": shown,
-                    "numbers": ", ".join(f"{t:.1f} vs {m:.1f}" for t, m in per_seed)})
-        a, b = _mean(rows, kind, "order_free/text_to_video_R@5"), _mean(rows, "mean", "order_free/text_to_video_R@5")
-        out.append({"claim": f"{kind} ties mean pooling on order-free videos (R@5 within 5 points, seed mean)",
-                    "shown": abs(a - b) <= 5.0, "numbers": f"{a:.1f} vs {b:.1f}"})
+        d = paired_difference(_per_seed(rows, kind, "pair_accuracy", seeds),
+                              _per_seed(rows, "mean", "pair_accuracy", seeds))
+        out.append(claim(f"{kind} beats mean pooling on order-sensitive pairs (pair accuracy)",
+                         f"{pm_values(_per_seed(rows, kind, 'pair_accuracy', seeds))} vs "
+                         f"{pm_values(_per_seed(rows, 'mean', 'pair_accuracy', seeds))}; paired {pm_diff(d)}",
+                         verdict(d)))
+        key = "order_free/text_to_video_R@5"
+        a, b = _per_seed(rows, kind, key, seeds), _per_seed(rows, "mean", key, seeds)
+        gap = abs(sum(a) / len(a) - sum(b) / len(b))
+        out.append(claim(f"{kind} ties mean pooling on order-free videos (R@5 within 5 points, seed mean)",
+                         f"{pm_values(a)} vs {pm_values(b)}", gap <= 5.0))
     return out
 
 
 def markdown(result) -> str:
-    from common import claim_lines
     cols = ["pair_accuracy", "pair_ties", "order_sensitive/text_to_video_R@1", "order_sensitive/text_to_video_R@5",
             "order_free/text_to_video_R@1", "order_free/text_to_video_R@5", "train_seconds"]
     lines = ["| temporal | seed | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for r in result["rows"]:
         lines.append(f"| {r['kind']} | {r['seed']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
     return "\n".join(["# Temporal modelling vs mean pooling (MovingShapes)", "", f"Command: `{result['command']}`", "",
-                      *lines, "", *claim_lines(result["claims"]), ""])
+                      *lines, "", f"Claims (verdict over seeds: {VERDICT_RULE}):", "",
+                      *claim_lines(result["claims"]), ""])
 
 
 if __name__ == "__main__":

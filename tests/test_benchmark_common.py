@@ -1,5 +1,6 @@
-"""Benchmark helpers: seeds and verdicts (common.py), pooler re-initialisation, the captioning work count,
-the train-step profile, and the GPU check's own plumbing (its CPU smoke mode)."""
+"""Benchmark helpers: seeds, verdicts, mean ± sd, parser, worlds and machine info (common.py), pooler
+re-initialisation, the captioning work count, the train-step profile, and the GPU check's own plumbing (its CPU
+smoke mode)."""
 import math
 import os
 import subprocess
@@ -10,6 +11,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_common():
+    """benchmarks/common.py as `benchmarks.common` (the name the scripts import it by)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import benchmarks.common
+    return benchmarks.common
 
 
 def test_paired_difference_and_verdict(load_benchmark):
@@ -24,6 +33,94 @@ def test_paired_difference_and_verdict(load_benchmark):
     assert common.verdict(common.paired_difference([0.0, 0.0], [1.0, 1.0]), direction=-1) == "shown"
     one = common.seed_summary([4.0])
     assert one["mean"] == 4.0 and one["std"] == 0.0 and one["n"] == 1
+
+
+def test_verdict_margin_and_ties():
+    common = load_common()
+    d = common.paired_difference([3.0, 3.5], [2.0, 2.0])           # +1.0, +1.5: every seed agrees
+    assert common.verdict(d, margin=1.0) == "shown" and common.verdict(d, margin=2.0) == "not shown"
+    tie = common.paired_difference([1.0, 2.0], [1.0, 1.0])         # 0, +1
+    assert common.verdict(tie) == "mixed" and common.verdict(tie, ties_agree=True) == "shown"
+    assert common.verdict({"values": [0.0, 0.0]}, ties_agree=True) == "shown"
+
+
+def test_seed_summary_drops_missing_values_on_request():
+    common = load_common()
+    s = common.seed_summary([1.0, float("nan"), None, 3.0], drop_missing=True)
+    assert s["values"] == [1.0, 3.0] and s["mean"] == 2.0 and s["std"] == pytest.approx(math.sqrt(2.0))
+    empty = common.seed_summary([float("nan")], drop_missing=True)
+    assert empty["n"] == 0 and math.isnan(empty["mean"])
+    with pytest.raises(ValueError, match="no values"):
+        common.seed_summary([])
+
+
+def test_mean_sd_text():
+    common = load_common()
+    assert common.pm_values([1.0, 2.0, 3.0]) == "2.0 ± 1.0"                     # sample std (n - 1)
+    assert common.pm_values([0.25], digits=3, sign=True) == "+0.250"             # one seed: the value alone
+    assert common.pm_values([float("nan"), None]) == "–"
+    assert common.pm(-0.5, 0.25, 3, 2, sign=True) == "-0.50 ± 0.25"
+
+
+def test_claim_records_its_outcome():
+    common = load_common()
+    assert common.claim("c", "1 vs 2", True) == {"claim": "c", "numbers": "1 vs 2", "verdict": "shown", "shown": True}
+    assert common.claim("c", "", "mixed")["shown"] is False
+    lines = common.claim_lines([common.claim("a", "x", False), common.claim("b", "y", None)])
+    assert lines == ["- NOT shown: a (x)", "- n/a: b (y)"]
+
+
+def test_base_parser_options():
+    common = load_common()
+    p = common.base_parser("Title.\n\nMore.", "out/x", runs="runs/x", seeds=[0, 1], threads=1)
+    a = p.parse_args([])
+    assert (a.out, a.runs, a.seeds, a.threads) == ("out/x", "runs/x", [0, 1], 1)
+    assert p.parse_args(["--seeds", "3", "4", "--threads", "2"]).seeds == [3, 4]
+    assert p.description == "Title."
+    bare = common.base_parser("T", None, threads=None)
+    with pytest.raises(SystemExit):
+        bare.parse_args([])                                   # --out is required
+    assert not hasattr(bare.parse_args(["--out", "o"]), "threads")
+
+
+def test_cached_world_regenerates_only_when_the_settings_change(tmp_path):
+    common = load_common()
+    made = []
+
+    def generate(tag):
+        (tmp_path / "train.jsonl").write_text(tag)
+        made.append(tag)
+
+    common.cached_world(tmp_path, {"n": 1}, lambda: generate("a"))
+    common.cached_world(tmp_path, {"n": 1}, lambda: generate("b"))          # same settings: reused
+    common.cached_world(tmp_path, {"n": 2}, lambda: generate("c"))          # other settings: generated again
+    (tmp_path / "train.jsonl").unlink()
+    common.cached_world(tmp_path, {"n": 2}, lambda: generate("d"))          # a needed file is missing
+    assert made == ["a", "c", "d"]
+
+
+def test_machine_info_names_the_cpu_and_only_vector_flags():
+    common = load_common()
+    info = common.machine_info()
+    assert info["cpu"] and info["cores"] >= 1 and info["torch"] == torch.__version__
+    assert all(f.startswith(common.VECTOR_FLAG_PREFIXES) for f in info["flags"])
+    assert info["cpu"] in common.machine_line(info)
+
+
+def test_write_results_adds_the_machine(tmp_path):
+    import json
+    common = load_common()
+    common.write_results(tmp_path / "o", {"x": float("nan")}, "# t\n", name="r")
+    saved = json.loads((tmp_path / "o" / "r.json").read_text())
+    assert saved["x"] is None and saved["machine"]["cpu"] and (tmp_path / "o" / "r.md").read_text() == "# t\n"
+
+
+def test_no_benchmark_patches_the_method_or_task_tables():
+    """The rows live in polymodal.methods.METHODS / polymodal.eval.tasks.TASKS; a benchmark only reads them."""
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        text = path.read_text()
+        for table in ("METHODS", "TASKS"):
+            assert f"{table}.setdefault" not in text and f"{table}[" not in text, (path.name, table)
 
 
 def test_pooler_reinit_touches_only_the_poolers(load_benchmark):
