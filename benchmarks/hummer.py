@@ -59,8 +59,8 @@ def train(out: Path, data: Path, steps: int, lr: float, seed: int, extra: list[s
 def accuracy(model_dir: Path, test: Path) -> dict:
     """Held-out accuracy per dimension of a saved reward model."""
     from polymodal.eval.preference import preference_eval_task
-    from polymodal.models.reward import load_reward_model
-    m = preference_eval_task(load_reward_model(model_dir), test, batch_size=128)
+    from polymodal.hub import load_model
+    m = preference_eval_task(load_model(model_dir), test, batch_size=128)
     return {k[len("accuracy_"):]: v for k, v in m.items() if k.startswith("accuracy_")}
 
 

@@ -137,7 +137,7 @@ def _train(recipes: Path, out_dir: Path, data: Path, args, K: int, M: int, w: fl
 
 def _evaluate(model, data: Path) -> dict:
     """Test numbers (METRICS) and validation numbers (`val_*`, what the sweep chooses on)."""
-    from polymodal.eval.suite import run_suite
+    from polymodal.eval.tasks import run_suite
     m = run_suite(model, retrieval=str(data / "test.jsonl"), longtext=str(data / "hard.jsonl"),
                   classes=str(data / "classes.json"))
     out = {col: float(m[key]) for col, key in METRICS.items()}

@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 def _evaluate(model, data: Path) -> dict:
     """{lang: {column: value}} on the test split."""
-    from polymodal.eval.suite import run_suite
+    from polymodal.eval.tasks import run_suite
     m = run_suite(model, retrieval=str(data / "test.jsonl"), classes=str(data / "classes.json"), langs=LANGS)
     return {lang: {col: float(m[key.format(s="" if lang == "en" else f"_{lang}")]) for col, key in METRICS.items()}
             for lang in LANGS}

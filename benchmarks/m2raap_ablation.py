@@ -84,14 +84,14 @@ def pretrain_clip(runs: Path, texts_manifest: Path, n_images: int, steps: int, b
 
 
 def order_accuracy(run_model: Path, test: Path, frames: int, strategy: str) -> float:
-    """`polymodal.eval.order.order_pair_accuracy` of the run's own scores (Mug or cosine; ties count half)."""
-    from polymodal.data.manifests import read_manifest
+    """`polymodal.eval.order.order_pair_accuracy` of the saved model's own scores (Mug or cosine; ties count half)."""
     from polymodal.eval.order import order_pair_accuracy
-    from polymodal.methods.m2raap import load_m2raap, m2raap_scores
-    task = load_m2raap(run_model)
-    records = read_manifest(test, media="video").records
-    scores, owner, kept, _ = m2raap_scores(task, records, num_frames=frames, strategy=strategy)  # (T, V)
-    return order_pair_accuracy(scores, owner, [r.get("pair_id") for r in kept])["pair_accuracy"]
+    from polymodal.eval.video_retrieval import retrieval_features
+    from polymodal.hub import load_model
+    model = load_model(run_model)
+    feats = retrieval_features(model, test, num_frames=frames, strategy=strategy)
+    scores = model.similarity(feats.text, feats.video)                                         # (T, V)
+    return order_pair_accuracy(scores, feats.owner, [r.get("pair_id") for r in feats.records])["pair_accuracy"]
 
 
 def train(out: Path, train_manifest: Path, test: Path, steps: int, batch: int, frames: int, seed: int,
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
         a.n_train, a.n_test, a.steps, a.batch_size, a.num_frames = 96, 32, 40, 16, 2
         a.pretrain_steps, a.pretrain_images = 80, 400
     set_threads(a.threads)
-    from polymodal.eval.filtering import filter_manifest
+    from polymodal.prepare.filtering import filter_manifest
     from polymodal.data.frame_shards import write_frame_shards
     from polymodal.hub import load_model
     runs = Path(a.runs)

@@ -174,7 +174,7 @@ def parse_args(argv=None):
 
 
 def _evaluate(model, data: Path) -> dict:
-    from polymodal.eval.suite import run_suite
+    from polymodal.eval.tasks import run_suite
     m = run_suite(model, retrieval=str(data / "test.jsonl"), classes=str(data / "classes.json"))
     return {col: float(m[key]) for col, key in METRICS.items()}
 

@@ -59,7 +59,7 @@ def make_model(work: Path):
 def embed_throughput(model, work: Path, n_images: int, batch_size: int, repeats: int) -> dict:
     """images/s of embed_collection vs a plain encode_image loop over the same ShapesWorld files."""
     from polymodal.data.synthetic.shapes import ShapesConfig, generate_shapes
-    from polymodal.eval.suite import encode_images
+    from polymodal.encode import encode_images
     from polymodal.search.embed import EmbedSettings, embed_collection
     folder = work / "photos"
     generate_shapes(folder, n_train=n_images, n_test=0, n_val=0, n_hard=0, cfg=ShapesConfig(image_size=64),

@@ -92,11 +92,8 @@ def run(args) -> dict:
                 f"train.threads={args.threads}", f"train.progress={'false' if args.quiet else 'true'}",
                 f"optim.warmup_steps={min(50, max(1, args.steps // 10))}", "eval={}", *args.sets])
             model_dir, seconds, reused = train_or_reuse(cfg, fresh=args.fresh)
-            model = load_model(model_dir).eval()
-            s = cfg.method_config                                    # the recipe's `shenet:` section
-            opts = {"verb_weight": s.verb_weight, "noun_weight": s.noun_weight, "adj_weight": s.adj_weight,
-                    "tau": s.tau, "noun_frames": s.noun_frames}
-            m = shenet_retrieval_task(model, data / "test.jsonl", num_frames=args.num_frames, **opts)
+            model = load_model(model_dir).eval()                     # an SHE-Net model: it carries its hierarchy
+            m = shenet_retrieval_task(model, data / "test.jsonl", num_frames=args.num_frames)
             rows.append({"variant": name, "seed": seed, "train_seconds": seconds, "reused": reused,
                          **{k: m[k] for k in METRICS}, "verb_videos": m["verb_videos"],
                          "noun_videos": m["noun_videos"]})

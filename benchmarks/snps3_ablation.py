@@ -69,7 +69,7 @@ def world(args) -> Path:
 
 def run(args) -> dict:
     from polymodal.eval.report import write_json
-    from polymodal.models.fusion import load_snps3_model
+    from polymodal.hub import load_model
     from polymodal.train.run import load_recipe, run_recipe
     set_threads(args.threads)
     data = world(args)
@@ -89,7 +89,7 @@ def run(args) -> dict:
                     f"eval={{tasks: [{{task: snps3_retrieval, data: {data}/test.jsonl, num_frames: {args.num_frames},"
                     f" rerank_top_k: 10}}]}}", *args.sets])
                 final = run_recipe(cfg)
-                counts = load_snps3_model(out / "model").parameter_counts()
+                counts = load_model(out / "model").parameter_counts()
                 final = {**{k: v for k, v in final.items() if isinstance(v, (int, float))},
                          "params_shared": counts["shared"], "params_three_encoder": counts["three_encoder"]}
                 write_json(done, final)

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 def _evaluate(model, data: Path, args) -> dict:
     from polymodal.eval.captioning import captioning_eval_manifest
-    from polymodal.eval.suite import run_suite
+    from polymodal.eval.tasks import run_suite
 
     m = run_suite(model, retrieval=str(data / "test.jsonl"), classes=str(data / "classes.json"))
     cap = captioning_eval_manifest(model, data / "test.jsonl", limit=args.caption_images, method="greedy",

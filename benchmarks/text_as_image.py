@@ -161,7 +161,7 @@ def run(args) -> dict:
     from polymodal.data.sentences import extract_labels, generate_sentences
     from polymodal.eval.multilabel import (average_precision, cached_text_embeddings, label_embeddings,
                                            modality_gap, multilabel_eval_manifest, multilabel_targets)
-    from polymodal.eval.suite import encode_images, encode_texts
+    from polymodal.encode import encode_images, encode_texts
     from polymodal.hub import load_model
     from polymodal.models.multilabel import load_adapter, perturb
     from polymodal.train.reuse import train_or_reuse

@@ -82,8 +82,7 @@ def pair_accuracy(model, manifest: Path, num_frames: int) -> dict:
     """`polymodal.eval.order.order_pair_accuracy` of the order-sensitive test videos (ties count half)."""
     from polymodal.data.manifests import read_manifest
     from polymodal.eval.order import order_pair_accuracy
-    from polymodal.eval.suite import encode_texts
-    from polymodal.eval.video_retrieval import encode_videos
+    from polymodal.encode import encode_texts, encode_videos
     records = read_manifest(manifest, media="video").records
     vid, records = encode_videos(model.eval(), records, num_frames=num_frames)     # (N, E), one caption each
     txt = encode_texts(model, [r["caption"] for r in records])                     # (N, E)

@@ -35,7 +35,7 @@ def old_no_decay_names(module: nn.Module) -> set[str]:
 
 def train_once(rule: str, data: Path, out: Path, args) -> dict:
     """Train the demo recipe under `rule` ("old" | "new") and evaluate on the test set."""
-    from polymodal.eval.suite import run_suite
+    from polymodal.eval.tasks import run_suite
     from polymodal.hub import load_model
     from polymodal.train.run import load_recipe, run_recipe
 
