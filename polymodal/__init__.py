@@ -2,7 +2,7 @@
 
 Public API: `load_model`, `create_model`, `load_tokenizer`, `__version__`.
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load_model(path_or_name, **kwargs):

@@ -212,7 +212,7 @@ def test_float16_storage_is_close_to_float32(world, model, tmp_path):
 
 def test_video_gets_pooled_vector_frame_vectors_and_times(world, model, tmp_path):
     from polymodal.data.video import read_video
-    from polymodal.eval.video_retrieval import encode_clips
+    from polymodal.encode import encode_clips
     emb = embed_collection(model, world / "photos", tmp_path / "e", EmbedSettings(num_frames=4), progress=False)
     row = next(i for i, it in enumerate(emb.items) if it["kind"] == "video")
     it = emb.items[row]

@@ -296,7 +296,7 @@ def test_an_out_folder_on_a_read_only_place_is_refused_before_embedding(model, p
 def test_vectors_are_unchanged_by_the_security_checks(model, model_dir, photos, tmp_path):
     """The stat and inode recording adds fields, not different embeddings."""
     index = build(model, model_dir, photos, tmp_path / "idx")
-    from polymodal.eval.suite import encode_images
+    from polymodal.encode import encode_images
     expected = encode_images(model, [it["path"] for it in index.items], batch_size=2).numpy()
     np.testing.assert_allclose(index.emb.vectors, expected, atol=1e-5)
     assert all(it["ino"] == os.stat(it["path"]).st_ino for it in index.items)

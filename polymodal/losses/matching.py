@@ -136,14 +136,7 @@ class KeyQueue(nn.Module):
         self.enqueue(all_gather_no_grad(keys.detach().contiguous()))
 
 
-@torch.no_grad()
-def momentum_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (same structure)."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-
-
-__all__ = ["mil_nce", "mil_nce_blocks", "itm_loss", "moco_loss", "KeyQueue", "momentum_update"]
+__all__ = ["mil_nce", "mil_nce_blocks", "itm_loss", "moco_loss", "KeyQueue"]
 
 
 def lvwm_scores(words: Tensor, clips: Tensor) -> Tensor:

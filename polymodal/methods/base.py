@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..data.text import trim_padding
 from ..distributed import rank as dist_rank
+from ..losses.contrastive import LossConfig, build_contrastive_loss
 
 
 @dataclass
@@ -111,7 +113,6 @@ class Method:
 
     def build_task(self, model: nn.Module) -> nn.Module:
         """The training objective: `task(batch) -> {"loss": scalar, ...}`; `task.model` is the model."""
-        from .clip import ContrastiveTask
         return ContrastiveTask(model, self.run.loss)
 
     def evaluate(self, task: nn.Module, specs: list, progress: bool = False) -> dict:
@@ -124,6 +125,30 @@ class Method:
         """The model written to `out_dir/model` with `save_pretrained` (and evaluated): one model family, so
         `polymodal.load_model(out_dir/model)` returns it as it is."""
         return task.model
+
+
+class ContrastiveTask(nn.Module):
+    """Image-text contrastive objective over a dual encoder.
+
+    Args:
+        model: anything with `encode_image`, `encode_text` and `scale()` (CLIP, M2Encoder).
+        loss: the recipe's `loss` section (kind, gather mode, groups).
+    """
+
+    def __init__(self, model: nn.Module, loss: LossConfig | None = None):
+        super().__init__()
+        self.model = model
+        self.loss = build_contrastive_loss(loss)
+
+    def text_ids(self, batch: dict) -> Tensor:
+        pad = self.model.config.text.pad_token_id
+        return trim_padding(batch["input_ids"], pad)
+
+    def forward(self, batch: dict) -> dict:
+        image = self.model.encode_image(batch["pixels"])          # (B, E)
+        text = self.model.encode_text(self.text_ids(batch))       # (B, E)
+        loss = self.loss(image, text, self.model.scale())
+        return {"loss": loss, "contrastive": loss.detach(), "logit_scale": self.model.scale().detach()}
 
 
 # ---- shared building blocks (used by the defaults and by methods that extend them) -------------------

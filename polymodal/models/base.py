@@ -90,7 +90,7 @@ def save_pretrained(model, directory) -> None:
     The files are written into a temporary folder beside `directory` and swapped in (see `replace_dir`), so
     an interrupted save never leaves a half-written model behind.
     """
-    from .. import __version__
+    from ..version import __version__
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))

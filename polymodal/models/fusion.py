@@ -360,6 +360,13 @@ class SNPS3Model(PolymodalModel):
         return {"shared": total - stack, "three_encoder": total}
 
 
+@torch.no_grad()
+def momentum_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (same structure)."""
+    for t, p in zip(target.parameters(), source.parameters()):
+        t.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
+
+
 class MomentumEncoders(nn.Module):
     """Frozen EMA copies of the level-1 encoders (MoCo keys): ViT, video head, text network, pooler, head."""
 
@@ -378,7 +385,6 @@ class MomentumEncoders(nn.Module):
     @torch.no_grad()
     def update(self, model: SNPS3Model, momentum: float) -> None:
         """EMA step towards the online model's parts."""
-        from ..losses.matching import momentum_update
         for name in self.PARTS:
             momentum_update(getattr(self, name), getattr(model, name), momentum)
 

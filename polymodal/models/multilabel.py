@@ -160,6 +160,11 @@ class AdaptedEncoderConfig:
             self._base = build_config(self.base, where="multilabel_adapter.base")
         return self._base
 
+    # The frozen model's towers, read through (code that reads `model.config.text.pad_token_id` works unchanged).
+    vision = property(lambda self: self.base_config().vision)
+    text = property(lambda self: self.base_config().text)
+    embed_dim = property(lambda self: self.base_config().embed_dim)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         if self._base is not None:
