@@ -5,6 +5,7 @@ is an error that says so.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -60,6 +61,7 @@ def load_pretrained(directory) -> torch.nn.Module:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object (a model config), got {type(config).__name__}")
     cfg = build_config(config, where=str(path))
+    check_size(cfg, directory / WEIGHTS_FILE, str(path))       # before anything is allocated
     model = build_model(cfg)
     load_state_strict(model, read_weights(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE))
     tokenizer = None
@@ -83,6 +85,47 @@ def load_pretrained(directory) -> torch.nn.Module:
             module, _, name = loader.partition(":")
             model = getattr(importlib.import_module(module), name)(directory, model)
     return model.eval()
+
+
+def check_size(cfg, weights: Path, where: str) -> None:
+    """Refuse a config whose model would not fit its weights file before allocating it.
+
+    The model is built on the meta device (shapes only, no memory) and its tensor elements are counted against
+    the safetensors header's; a tampered or mistaken size (say `text.width: 10000000`) is then a one-line error,
+    not an allocation of many gigabytes. Families that cannot be built on the meta device skip the check (the
+    strict weight loading still compares every shape).
+
+    Raises:
+        FileNotFoundError: no weights file; CheckpointError: unreadable header, or a size mismatch.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .models.families import build_model
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e}); is it truncated? Save the model "
+                              f"again") from None
+    try:
+        with torch.device("meta"):
+            shapes = build_model(copy.deepcopy(cfg)).state_dict()
+    except Exception:  # noqa: BLE001 - a family the meta device cannot build: the strict load checks shapes
+        return
+    wanted = sum(t.numel() for t in shapes.values())
+    if wanted != stored:
+        raise CheckpointError(f"{where}: the config describes a model of {wanted:,} weights but {weights.name} holds "
+                              f"{stored:,}; the config does not match the weights (a changed size such as a width or "
+                              f"a layer count?): restore the config.json saved with them")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def named_model(name: str, overrides: dict | None = None, tokenizer=None, image_transform=None) -> torch.nn.Module:

@@ -319,3 +319,16 @@ def test_sampler_refuses_state_from_other_layout():
         ShardedSampler(10, 4, 0).load_state_dict(state)
     with pytest.raises(ValueError, match="n=10"):
         ShardedSampler(11, 2, 0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("label,words", [("cat", "no classes file maps names"), ("3.5", "not an integer class index")])
+def test_a_label_that_is_no_class_index_names_the_manifest_line(tmp_path, label, words):
+    """A class name without a classes file, or a CSV cell like 3.5, stops with the manifest line (a TypeError in
+    the collate before), or is counted under on_bad_record=skip."""
+    path = make_manifest(tmp_path, [{"caption": "a", "label": 1}, {"caption": "b", "label": label}])
+    ds = ManifestDataset(path, SampleBuilder(transform=transform), image_loader=pil_loader)
+    assert ds[0]["label"] == 1
+    with pytest.raises(ManifestError, match=rf"line 2: .*{words}"):
+        ds[1]
+    skip = ManifestDataset(path, SampleBuilder(transform=transform), on_bad_record="skip", image_loader=pil_loader)
+    assert skip[1]["_bad"] == "bad_label"

@@ -181,3 +181,12 @@ def test_manifest_is_a_plain_dataclass():
     m = Manifest(path="/x.jsonl", records=[{"image": "/a.png", "caption": "c", "_line": 7}])
     assert len(m) == 1 and m.where(0) == "/x.jsonl:7" and m.report() == ""
     assert list(m) == m.records and m[0]['caption'] == 'c'
+
+
+def test_a_fifo_named_as_an_image_is_called_what_it_is(tmp_path):
+    """Not "not found" (issue 30, finding 10): the path exists but is no image file."""
+    import os
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "m.jsonl").write_text('{"image": "pipe.png", "caption": "a"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl line 1: image 'pipe.png' is not a regular file \(a FIFO"):
+        read_manifest(tmp_path / "m.jsonl")

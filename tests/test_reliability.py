@@ -272,7 +272,7 @@ def test_unloadable_checkpoint_with_intact_zip_directory_also_falls_back(tmp_pat
     data[200:4000] = bytes(3800)                                        # corrupt the middle, keep the end
     newest.write_bytes(bytes(data))
     t = trainer(tmp_path, keep_last=3)
-    with pytest.warns(UserWarning, match=r"step_00000010\.pt cannot be read.*trying the previous"):
+    with pytest.warns(UserWarning, match=r"step_00000010\.pt cannot be read.*using step_00000005\.pt"):
         t.maybe_resume()
     assert t.state.step == 5
 
@@ -644,6 +644,10 @@ def test_resuming_with_another_model_is_one_line_naming_the_checkpoint_and_the_f
                                               r"4 unknown to it"):
         restore_task_state(renamed, load_checkpoint(path)["task"], path)
     restore_task_state(Regression(), load_checkpoint(path)["task"], path)   # the right model loads
+    # The Trainer resumes through it: another model in the same run folder is the same one line.
+    resumed = trainer(tmp_path, task=Regression(width=8))
+    with pytest.raises(CheckpointError, match=r"another model.*train\.resume=never"):
+        resumed.maybe_resume()
 
 
 def test_a_checkpoint_error_is_a_user_error_on_the_command_line():

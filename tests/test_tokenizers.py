@@ -324,3 +324,14 @@ def test_saved_tokenizer_loads_in_transformers_autotokenizer_with_the_same_ids(t
     assert hf.pad_token_id == tok.pad_id and hf.eos_token_id == tok.eos_id
     # Our own reader still prefers polymodal_tokenizer.json and is unaffected by the post-processor.
     assert torch.equal(Tokenizer.from_dir(tmp_path)(caps), tok(caps))
+
+
+def test_tokenizer_training_cuts_runs_without_spaces_and_keeps_ordinary_words():
+    """A megabyte without white space stalled tokenizer training for minutes (issue 30, finding 4)."""
+    from polymodal.data.text import bounded_words
+    assert list(bounded_words(["a bb " + "x" * 7], limit=3)) == ["a bb xxx xxx x"]
+    assert list(bounded_words(["ordinary words stay"])) == ["ordinary words stay"]     # the default: 256
+    texts = ["a red circle moves left"] * 20
+    plain = train_tokenizer(texts, kind="bpe", vocab_size=80)
+    with_blob = train_tokenizer(texts + ["q" * 1_000_000], kind="bpe", vocab_size=80)
+    assert plain("a red circle").tolist() == with_blob("a red circle").tolist()

@@ -232,6 +232,12 @@ class SampleBuilder:
         for key in self.extra_keys:
             if key in record:
                 sample[key] = record[key]
+        if "label" in sample:            # the batch holds class indices: a name or a CSV cell becomes one, or is bad
+            from .labels import LabelError, label_index
+            try:
+                sample["label"] = label_index(sample["label"], self.class_index)
+            except LabelError as e:
+                raise SampleError(BAD_LABEL, str(e)) from None
         if self.num_classes is not None:
             sample["multi_hot"] = self._multi_hot(record)
         if self.tokenizer is not None:

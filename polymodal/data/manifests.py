@@ -504,6 +504,9 @@ def _validate(record: dict, root: str, required: Sequence[str], check_images: bo
             raise _BadRecord(BAD_FIELD, f"'image' must be a non-empty path string, got {image!r}")
         resolved = os.path.normpath(os.path.join(root, os.path.expanduser(image)))
         if check_images and not os.path.isfile(resolved):
+            if os.path.exists(resolved):
+                raise _BadRecord(BAD_FIELD, f"image '{image}' is not a regular file (a FIFO, device or folder: "
+                                            f"{resolved}); list image files only")
             raise _BadRecord(MISSING_IMAGE, f"image '{image}' not found (looked for {resolved})")
         record = {**record, "image": resolved}
     if "video" in record:

@@ -273,7 +273,7 @@ def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where
         if max_chars and _length(v) > max_chars:
             raise _Bad(TOO_LONG, f"{name} (key {keys[name]!r}) is {_length(v)} characters; the limit is {max_chars} "
                                  f"(a reward model reads only its first max_length tokens): shorten it, or raise "
-                                 f"the limit (read_preferences max_chars=)")
+                                 f"the limit (reward.max_chars=, or read_preferences(max_chars=))")
     chosen, rejected = values["chosen"], values["rejected"]
     if isinstance(chosen, list) != isinstance(rejected, list):
         forms = {n: "a message list" if isinstance(v, list) else "a string" for n, v in values.items()}

@@ -680,11 +680,11 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        backend.train_from_iterator((t for t in texts), trainer=trainer)
+        backend.train_from_iterator(bounded_words(texts), trainer=trainer)
     else:
         if BERT_UNK not in specials:
             specials = [*specials, BERT_UNK]
-        backend = _train_wordpiece(texts, vocab_size, specials, lowercase, min_frequency)
+        backend = _train_wordpiece(bounded_words(texts), vocab_size, specials, lowercase, min_frequency)
     ids = {t: backend.token_to_id(t) for t in specials}
     if style == "clip":
         cfg = TokenizerConfig(style="clip", bos_id=ids[CLIP_SOT], eos_id=ids[CLIP_EOT], pad_id=ids[CLIP_PAD],
@@ -697,6 +697,21 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4
 
 
 _WORD_START = "\u2581"  # marks word-initial symbols while learning WordPiece pieces with BPE
+
+
+MAX_TRAIN_WORD_CHARS = 256   # runs without white space longer than this are cut for training (encoding is unchanged)
+
+
+def bounded_words(texts: Iterable[str], limit: int = MAX_TRAIN_WORD_CHARS):
+    """The texts with every run of more than `limit` non-space characters split into `limit`-sized pieces.
+
+    Tokenizer training counts pairs within words, so one megabyte "word" costs far more than a megabyte of
+    ordinary words (minutes instead of seconds); merges never reach such lengths, so the vocabulary learnt
+    from real text is the same.
+    """
+    long_run = re.compile(rf"\S{{{limit + 1},}}")
+    for t in texts:
+        yield long_run.sub(lambda m: " ".join(m.group(0)[i:i + limit] for i in range(0, len(m.group(0)), limit)), t)
 
 
 def _train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str], lowercase: bool,

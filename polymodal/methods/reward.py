@@ -48,6 +48,7 @@ class RewardSection(ConfigDict):
     backbone: str = "auto"          # "auto" (the kind of model.path; a new text tower without one) | "text" | "hf"
     text: dict = field(default_factory=dict)   # TextConfig keys of a new tower (width, layers, heads ...)
     max_length: int = 128           # tokens per (prompt, response) text, cut from the left
+    max_chars: int = 65536          # longest prompt / chosen / rejected text in characters, checked on reading (0 = none)
     separator: str = "\n"           # between prompt and response (plain template)
     template: str = "auto"          # HF models: "auto" | "plain" | "chat" (the tokenizer's chat template)
     keys: dict = field(default_factory=dict)   # field mapping for other layouts (see data.preference)
@@ -74,6 +75,8 @@ class RewardSection(ConfigDict):
             raise ConfigError(f"reward.sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.sampling!r}")
         if self.max_length < 4:
             raise ConfigError(f"reward.max_length must be >= 4, got {self.max_length}")
+        if self.max_chars < 0:
+            raise ConfigError(f"reward.max_chars must be >= 0 (0 = no limit), got {self.max_chars}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"reward.alpha must be in [0, 1], got {self.alpha}")
         if self.beta < 0:
@@ -279,7 +282,8 @@ class RewardMethod(Method):
             from ..data.preference import read_preferences
             c = self.cfg
             self._train = read_preferences(self.run.data.train, keys=c.keys, dimension=c.dimension,
-                                           on_bad_record=self.run.data.on_bad_record, split=c.split)
+                                           on_bad_record=self.run.data.on_bad_record, split=c.split,
+                                           max_chars=c.max_chars)
             if self._train.skipped:
                 print(f"warning: {self._train.report()}")
         return self._train
@@ -291,6 +295,7 @@ class RewardMethod(Method):
             val = None
             if self.cfg.sampling == "hybrid" and self.cfg.val:
                 val = read_preferences(self.cfg.val, keys=self.cfg.keys, on_bad_record=self.run.data.on_bad_record,
+                                       max_chars=self.cfg.max_chars,
                                        split="val" if Path(self.cfg.val).is_dir() else self.cfg.split)
             self._data = PreferenceData(self._train_set(), val, self.cfg, model, self.run.train.seed)
         return self._data

@@ -26,9 +26,8 @@ from . import distributed as dist_utils
 from .logging import RunLogger, check_log_to
 from ..precision import PRECISIONS, autocast, check_precision
 from .threads import resolve_threads
-from .checkpoint import (CheckpointError, atomic_torch_save, is_complete_checkpoint, latest_checkpoint,
-                         list_checkpoints, load_checkpoint, prune_checkpoints, remove_stale_temp_files, rng_state,
-                         set_rng_state)
+from .checkpoint import (atomic_torch_save, latest_checkpoint, load_checkpoint, load_newest_readable,
+                         prune_checkpoints, remove_stale_temp_files, restore_task_state, rng_state, set_rng_state)
 from .schedule import SCHEDULES, lr_at
 
 
@@ -357,7 +356,7 @@ class Trainer:
             self._truncate_metrics(0)
             return
         if resume == "auto":
-            path, ckpt = self._load_newest_readable()
+            path, ckpt = load_newest_readable(self.ckpt_dir)      # one warning: what was passed over, what is used
         else:
             path = Path(resume)
             if not path.is_file():
@@ -366,27 +365,12 @@ class Trainer:
         if ckpt is None:
             self._truncate_metrics(0)
             return
-        self.task.load_state_dict(ckpt["task"])
+        restore_task_state(self.task, ckpt["task"], path)         # another model: one line, nothing half-loaded
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], Counter(ckpt["bad_records"]))
         set_rng_state(ckpt["rng"])
         self._truncate_metrics(self.state.step)
         self.log({"event": "resumed", "checkpoint": str(path), "step": self.state.step})
-
-    def _load_newest_readable(self) -> tuple[Path | None, dict | None]:
-        """(path, contents) of the newest checkpoint that loads; unreadable newer ones are passed with a warning.
-
-        Every rank reads the same files, so every rank resumes from the same step."""
-        for _, candidate in reversed(list_checkpoints(self.ckpt_dir)):
-            if not is_complete_checkpoint(candidate):   # cheap: the zip directory at the end is cut off
-                warnings.warn(f"checkpoint {candidate} is incomplete (truncated?); ignoring it and trying the "
-                              f"previous one", stacklevel=3)
-                continue
-            try:
-                return candidate, load_checkpoint(candidate)
-            except CheckpointError as e:
-                warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=3)
-        return None, None
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after `step` by the run that died, so the curve has no duplicates.
