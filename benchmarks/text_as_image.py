@@ -163,7 +163,7 @@ def run(args) -> dict:
                                            modality_gap, multilabel_eval_manifest, multilabel_targets)
     from polymodal.encode import encode_images, encode_texts
     from polymodal.hub import load_model
-    from polymodal.models.multilabel import load_adapter, perturb
+    from polymodal.models.multilabel import perturb
     from polymodal.train.reuse import train_or_reuse
     set_threads(args.threads)
     t0 = time.perf_counter()
@@ -219,7 +219,7 @@ def run(args) -> dict:
             cfg = _adapter_recipe(args, model_dir, data, runs, sigma, seed, len(sentences))
             adapter_dir, seconds, _ = train_or_reuse(cfg, fresh=args.fresh)
             adapter_s += seconds
-            adapter = load_adapter(adapter_dir).eval()
+            adapter = load_model(adapter_dir).adapter.eval()           # the saved frozen encoder + adapter
             with torch.no_grad():
                 for split, acc in (("val", val), ("test", test)):
                     acc.append(average_precision(adapter(sets[split][1]), sets[split][2])["mAP"])

@@ -72,6 +72,7 @@ def hit_rates(model, records: list[dict], sources: list[list[int]], video: Video
             "noun_hit": mean(nh), "noun_uniform": mean(nu), "noun_videos": len(nh)}
 
 
+@torch.no_grad()
 def shenet_retrieval_task(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
                           on_bad_record: str = "error", num_frames: int = 8, strategy: str = "uniform",
                           hits: bool = True) -> dict:
