@@ -35,40 +35,26 @@ from ..data.frame_shards import FrameShardDataset
 from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
 from ..losses.contrastive import block_infonce, build_contrastive_loss, check_block_gather
 from ..models.base import ConfigDict
-from ..models.video_heads import (M2RAAPConfig, M2RAAPModel, aux_captions_of, mug_loss, mug_similarity,
+from ..models.video_heads import (M2RAAPModel, M2RAAPSettings, aux_captions_of, mug_loss, mug_similarity,
                                   pool_frames, text_token_features)
 from .base import image_text_dataset
 from .clip import trim_padding
 from .video_clip import VideoCLIPMethod
 
-# The keys of the recipe section that are the model's own (saved in its config.json).
-MODEL_KEYS = ("similarity", "mug_tau", "mug_block", "acg", "acg_level", "aux_field", "max_aux")
-
-
 @dataclass
-class M2RAAPSection(ConfigDict):
-    """The recipe's `m2raap:` section."""
+class M2RAAPSection(M2RAAPSettings, ConfigDict):
+    """The recipe's `m2raap:` section: the model's own settings (`M2RAAPSettings`), its temporal module, the Mug
+    training temperature and where decoded frames are read from."""
     temporal: dict = field(default_factory=dict)   # TemporalConfig keys, as video_clip: kind mean|transformer|stan ...
-    similarity: str = "mean"        # "mean": cosine of pooled video and text embeddings | "mug": the Mug head
-    mug_tau: float = 100.0          # Mug: softmax(tau R) inside the head
     mug_temperature: float = 0.01   # Mug: cross-entropy temperature (training only)
-    mug_block: int = 64             # Mug evaluation: texts/videos per block (bounded memory)
-    acg: bool = False               # auxiliary-caption guidance on/off
-    acg_level: str = "video"        # "video": mean caption embedding added to every frame | "frame": caption k, frame k
-    aux_field: str = "aux_captions"  # record field with the auxiliary caption(s): a string or a list
-    max_aux: int = 8                # at most this many aux captions per video (the first ones)
     frame_shards: str = ""          # frames decoded once by `polymodal data frames` (used instead of data.train)
 
     def __post_init__(self):
         from ..models.temporal import TemporalConfig
         TemporalConfig(**self.temporal)            # validates the keys and values now, naming temporal.<key>
-        M2RAAPConfig(**self.model_settings())      # the model's own keys, checked by the model's config
+        self.check_settings()
         if not self.mug_temperature > 0:
             raise ConfigError(f"m2raap.mug_temperature: {self.mug_temperature} must be > 0")
-
-    def model_settings(self) -> dict:
-        """The keys the saved model carries (`M2RAAPConfig` fields beside the video model's)."""
-        return {k: getattr(self, k) for k in MODEL_KEYS}
 
 
 # ---- data: samples carry their aux captions; frame shards -------------------------------------------------
@@ -199,7 +185,7 @@ class M2RAAPMethod(VideoCLIPMethod):
         """The video model (as `video_clip` builds it) with the recipe's M2-RAAP settings; a saved M2-RAAP model
         continues with its own heads (its settings must equal the recipe's)."""
         model = super().build_model(tokenizer)
-        settings = self.cfg.model_settings()
+        settings = self.cfg.settings()
         if isinstance(model, M2RAAPModel):
             differ = [k for k, v in settings.items() if getattr(model.config, k) != v]
             if differ:
@@ -235,5 +221,4 @@ class M2RAAPMethod(VideoCLIPMethod):
     def build_task(self, model: nn.Module) -> nn.Module:
         return M2RAAPTask(model, self.cfg.mug_temperature, self.run.loss)
 
-__all__ = ["M2RAAPSection", "M2RAAPMethod", "M2RAAPTask", "M2RAAPCollate", "FrameShardDataset", "mug_block_loss",
-           "MODEL_KEYS"]
+__all__ = ["M2RAAPSection", "M2RAAPMethod", "M2RAAPTask", "M2RAAPCollate", "FrameShardDataset", "mug_block_loss"]

@@ -22,8 +22,8 @@ from ..data.manifests import all_captions
 from ..distributed import all_gather_padded, all_gather_with_grad, all_reduce_max, rank, world_size
 from ..losses.contrastive import block_infonce, check_block_gather
 from ..models.base import ConfigDict
-from ..models.hierarchy import (HierarchyConfig, SHENetConfig, SHENetModel, TextFeatures, VideoFeatures,
-                                encode_text_features, encode_video_features, hierarchical_infonce,
+from ..models.hierarchy import (HierarchyConfig, SHENetConfig, SHENetModel, SHENetSettings, TextFeatures,
+                                VideoFeatures, encode_text_features, encode_video_features, hierarchical_infonce,
                                 hierarchical_similarity)
 from .clip import trim_padding
 from .video_clip import VideoCLIPMethod
@@ -31,33 +31,16 @@ from .video_clip import VideoCLIPMethod
 EVAL_TASK = "shenet_retrieval"
 
 
-MODEL_KEYS = ("verb_weight", "noun_weight", "adj_weight", "tau", "noun_frames", "max_nodes", "max_node_tokens")
-
-
 @dataclass
-class SHENetSection(ConfigDict):
-    """The recipe's `shenet:` section (all but `parse_cache` are the saved model's own keys, `SHENetConfig`)."""
+class SHENetSection(SHENetSettings, ConfigDict):
+    """The recipe's `shenet:` section: the model's own settings (`SHENetSettings`), its temporal module and where
+    the parses are cached."""
     temporal: dict = field(default_factory=dict)   # TemporalConfig keys (kind mean | transformer)
-    verb_weight: float = 1.0        # l_v
-    noun_weight: float = 1.0        # l_n
-    adj_weight: float = 0.0         # l_a (0 = adjective level off)
-    tau: float = 0.1                # attention temperature
-    noun_frames: str = "verb"       # "verb": a noun's frames weighted by its verb's attention | "mean"
-    max_nodes: int = 4              # nodes kept per kind and caption (first in caption order)
-    max_node_tokens: int = 8        # tokens kept per node
     parse_cache: str = ""           # parse cache file; "" = `<train manifest stem>.syntax.json` beside it
 
     def __post_init__(self):
         from ..config import from_dict
-        from_dict(SHENetConfig, {"temporal": dict(self.temporal), **self.model_settings()}, "shenet")  # the model's checks
-
-    def model_settings(self) -> dict:
-        """The keys the saved model carries."""
-        return {k: getattr(self, k) for k in MODEL_KEYS}
-
-    def hierarchy(self) -> HierarchyConfig:
-        """The similarity's weights and temperature."""
-        return HierarchyConfig(self.verb_weight, self.noun_weight, self.adj_weight, self.tau, self.noun_frames)
+        from_dict(SHENetConfig, {"temporal": dict(self.temporal), **self.settings()}, "shenet")  # the model's checks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,7 +193,7 @@ class SHENetMethod(VideoCLIPMethod):
         model = super(VideoCLIPMethod, self).build_model(tokenizer)
         if not isinstance(model, VideoCLIP):
             model = VideoCLIP.from_image_model(model, dict(self.cfg.temporal)).train()
-        return SHENetModel.from_video_model(model, **self.cfg.model_settings())
+        return SHENetModel.from_video_model(model, **self.cfg.settings())
 
     def build_dataset(self, model: nn.Module, rank: int, world_size: int):
         from ..data.syntax import ParseCache, cache_path
@@ -232,4 +215,4 @@ class SHENetMethod(VideoCLIPMethod):
         return SHENetTask(model, self.cfg.hierarchy(), self.run.loss.gather)
 
 
-__all__ = ["SHENetSection", "MODEL_KEYS", "SHENetMethod", "SHENetTask", "NodeCollate", "EVAL_TASK", "shenet_loss", "gather_features"]
+__all__ = ["SHENetSection", "SHENetMethod", "SHENetTask", "NodeCollate", "EVAL_TASK", "shenet_loss", "gather_features"]

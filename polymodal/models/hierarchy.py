@@ -346,8 +346,8 @@ def patch_box_mask(box, grid: tuple[int, int], patch: int, scale: float = 1.0) -
 # The model family
 # ---------------------------------------------------------------------------------------------------
 @dataclass
-class SHENetConfig(VideoCLIPConfig):
-    """A video model (`VideoCLIPConfig`) with SHE-Net's hierarchy: what a saved SHE-Net model's config.json holds."""
+class SHENetSettings:
+    """What a SHE-Net model carries beside its video model (the recipe's `shenet:` section sets them)."""
     verb_weight: float = 1.0        # l_v
     noun_weight: float = 1.0        # l_n
     adj_weight: float = 0.0         # l_a (0 = adjective level off)
@@ -355,6 +355,27 @@ class SHENetConfig(VideoCLIPConfig):
     noun_frames: str = "verb"       # "verb": a noun's frames weighted by its verb's attention | "mean"
     max_nodes: int = 4              # nodes kept per kind and caption (first in caption order)
     max_node_tokens: int = 8        # tokens kept per node
+
+    def check_settings(self) -> None:
+        """Raise ConfigError for a bad value (naming `shenet.<key>`)."""
+        self.hierarchy()
+        if self.max_nodes < 1 or self.max_node_tokens < 1:
+            raise ConfigError(f"shenet.max_nodes ({self.max_nodes}) and shenet.max_node_tokens "
+                              f"({self.max_node_tokens}) must be >= 1")
+
+    def settings(self) -> dict:
+        """The settings as a dict (the keys `SHENetModel.from_video_model` takes)."""
+        from dataclasses import fields
+        return {f.name: getattr(self, f.name) for f in fields(SHENetSettings)}
+
+    def hierarchy(self) -> HierarchyConfig:
+        """The similarity's weights and temperature."""
+        return HierarchyConfig(self.verb_weight, self.noun_weight, self.adj_weight, self.tau, self.noun_frames)
+
+
+@dataclass
+class SHENetConfig(VideoCLIPConfig, SHENetSettings):
+    """A video model (`VideoCLIPConfig`) with SHE-Net's settings: what a saved SHE-Net model's config.json holds."""
     model_type: str = "shenet"
 
     def __post_init__(self):
@@ -362,14 +383,7 @@ class SHENetConfig(VideoCLIPConfig):
         if self.temporal.kind == "stan":
             raise ConfigError("shenet.temporal.kind: 'stan' has no per-frame embeddings to attend over; "
                               "use mean or transformer")
-        self.hierarchy()
-        if self.max_nodes < 1 or self.max_node_tokens < 1:
-            raise ConfigError(f"shenet.max_nodes ({self.max_nodes}) and shenet.max_node_tokens "
-                              f"({self.max_node_tokens}) must be >= 1")
-
-    def hierarchy(self) -> HierarchyConfig:
-        """The similarity's weights and temperature."""
-        return HierarchyConfig(self.verb_weight, self.noun_weight, self.adj_weight, self.tau, self.noun_frames)
+        self.check_settings()
 
 
 class SHENetModel(VideoCLIP):

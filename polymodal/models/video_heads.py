@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -188,9 +188,8 @@ SIMILARITIES = ("mean", "mug")
 
 
 @dataclass
-class M2RAAPConfig(VideoCLIPConfig):
-    """A video model (`VideoCLIPConfig`: the wrapped image-text model and the temporal module) with M2-RAAP's
-    video-text similarity and ACG head; what a saved M2-RAAP model's config.json holds."""
+class M2RAAPSettings:
+    """What an M2-RAAP model carries beside its video model (the recipe's `m2raap:` section sets them)."""
     similarity: str = "mean"        # "mean": cosine of pooled video and text embeddings | "mug": the Mug head
     mug_tau: float = 100.0          # Mug: softmax(tau R) inside the head
     mug_block: int = 64             # Mug scoring: texts/videos per block (bounded memory)
@@ -198,10 +197,9 @@ class M2RAAPConfig(VideoCLIPConfig):
     acg_level: str = "video"        # "video": mean caption embedding added to every frame | "frame": caption k, frame k
     aux_field: str = "aux_captions"  # record field with the auxiliary caption(s): a string or a list
     max_aux: int = 8                # at most this many aux captions per video (the first ones)
-    model_type: str = "m2raap"
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check_settings(self) -> None:
+        """Raise ConfigError for a bad value (naming `m2raap.<key>`)."""
         if self.similarity not in SIMILARITIES:
             raise ConfigError(f"m2raap.similarity: {self.similarity!r} is not one of {', '.join(SIMILARITIES)}")
         if self.acg_level not in ACG_LEVELS:
@@ -211,6 +209,21 @@ class M2RAAPConfig(VideoCLIPConfig):
         for key in ("mug_block", "max_aux"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"m2raap.{key}: {getattr(self, key)} must be >= 1")
+
+    def settings(self) -> dict:
+        """The settings as a dict (the keys `M2RAAPModel.from_video_model` takes)."""
+        return {f.name: getattr(self, f.name) for f in fields(M2RAAPSettings)}
+
+
+@dataclass
+class M2RAAPConfig(VideoCLIPConfig, M2RAAPSettings):
+    """A video model (`VideoCLIPConfig`: the wrapped image-text model and the temporal module) with M2-RAAP's
+    video-text similarity and ACG head; what a saved M2-RAAP model's config.json holds."""
+    model_type: str = "m2raap"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_settings()
 
 
 @dataclass
@@ -333,8 +346,7 @@ def from_legacy_folder(directory, video: VideoCLIP) -> M2RAAPModel:
     cfg_file = directory / "m2raap.json"
     try:
         section = json.loads(cfg_file.read_text(encoding="utf-8"))
-        settings = {k: section[k] for k in ("similarity", "mug_tau", "mug_block", "acg", "acg_level", "aux_field",
-                                            "max_aux") if k in section}
+        settings = {f.name: section[f.name] for f in fields(M2RAAPSettings) if f.name in section}
         model = M2RAAPModel.from_video_model(video, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ConfigError(f"{cfg_file}: not a readable M2-RAAP config ({type(e).__name__}: {e}); re-save the model "
@@ -350,5 +362,5 @@ def from_legacy_folder(directory, video: VideoCLIP) -> M2RAAPModel:
 
 
 __all__ = ["text_token_features", "mug_similarity", "mug_loss", "ACGFusion", "pool_frames", "ACG_LEVELS",
-           "M2RAAPConfig", "M2RAAPModel", "TokenFeatures", "FrameFeatures", "aux_captions_of", "SIMILARITIES",
+           "M2RAAPConfig", "M2RAAPSettings", "M2RAAPModel", "TokenFeatures", "FrameFeatures", "aux_captions_of", "SIMILARITIES",
            "from_legacy_folder"]
