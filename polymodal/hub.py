@@ -88,44 +88,35 @@ def load_pretrained(directory) -> torch.nn.Module:
 
 
 def check_size(cfg, weights: Path, where: str) -> None:
-    """Refuse a config whose model would not fit its weights file before allocating it.
+    """Refuse a config whose model does not fit its weights file, before anything is allocated.
 
-    The model is built on the meta device (shapes only, no memory) and its tensor elements are counted against
-    the safetensors header's; a tampered or mistaken size (say `text.width: 10000000`) is then a one-line error,
-    not an allocation of many gigabytes. Families that cannot be built on the meta device skip the check (the
-    strict weight loading still compares every shape).
+    The model is built on the meta device (shapes only, no memory) and its keys and shapes are compared with the
+    safetensors header's; a tampered or mistaken size (say `text.width: 10000000`) is then an error naming the
+    config and the tensors, not an allocation of many gigabytes. Families that cannot be built on the meta device
+    skip the check (the strict weight loading still compares every key and shape).
 
     Raises:
-        FileNotFoundError: no weights file; CheckpointError: unreadable header, or a size mismatch.
+        FileNotFoundError: no weights file; CheckpointError: an unreadable header, or keys / shapes that differ.
     """
     from safetensors import SafetensorError, safe_open
 
+    from .convert.common import check_state_match
     from .models.families import build_model
     if not weights.is_file():
         raise FileNotFoundError(f"weights file {weights} does not exist")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            stored = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e}); is it truncated? Save the model "
                               f"again") from None
     try:
         with torch.device("meta"):
-            shapes = build_model(copy.deepcopy(cfg)).state_dict()
+            own = {k: tuple(v.shape) for k, v in build_model(copy.deepcopy(cfg)).state_dict().items()}
     except Exception:  # noqa: BLE001 - a family the meta device cannot build: the strict load checks shapes
         return
-    wanted = sum(t.numel() for t in shapes.values())
-    if wanted != stored:
-        raise CheckpointError(f"{where}: the config describes a model of {wanted:,} weights but {weights.name} holds "
-                              f"{stored:,}; the config does not match the weights (a changed size such as a width or "
-                              f"a layer count?): restore the config.json saved with them")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+    check_state_match(own, stored, f"{weights} (for the model {where} describes; a changed size such as a width "
+                                   f"or a layer count? restore the config.json saved with the weights)")
 
 
 def named_model(name: str, overrides: dict | None = None, tokenizer=None, image_transform=None) -> torch.nn.Module:

@@ -172,8 +172,8 @@ def _ddp_worker(rank, world_size, port, out_dir, batches, steps):
     trainer.fit()
     if rank == 0:
         torch.save({k: v.detach() for k, v in trainer.task.state_dict().items()}, os.path.join(out_dir, "final.pt"))
-    import torch.distributed as dist
-    dist.destroy_process_group()
+    from polymodal.train.distributed import cleanup
+    cleanup()                                         # waits for every rank before gloo is torn down
 
 
 def _assert_ddp_matches_single(tmp_path, batches, reference, steps):

@@ -35,11 +35,22 @@ class CheckpointError(ValueError):
 
 def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
     """Load `state` into `model`; any missing/unexpected key or shape mismatch raises CheckpointError."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    check_state_match({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                      {k: tuple(v.shape) for k, v in state.items()}, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_match(own: dict, stored: dict, source: str) -> None:
+    """Compare a model's {key: shape} with a checkpoint's; CheckpointError listing what differs.
+
+    Args:
+        own: the model's state-dict shapes; stored: the checkpoint's.
+        source: what the checkpoint is, for the message (its file).
+    """
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(stored[k])} vs model {tuple(own[k])}"
+              for k in own if k in stored and tuple(stored[k]) != tuple(own[k])]
     if missing or unexpected or shapes:
         lines = [f"{source} does not match the model:"]
         if missing:
@@ -49,7 +60,6 @@ def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
         if shapes:
             lines.append("  shape mismatches: " + "; ".join(shapes[:10]))
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
 
 
 # Prefixes of wrapped models, stripped from every key that has them (nested ones too).

@@ -102,7 +102,11 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def cleanup() -> None:
-    """Destroy the process group (if any) and forget the cached sub-groups."""
+    """Destroy the process group (if any) and forget the cached sub-groups.
+
+    Every rank waits for the others first: a rank that tears gloo down while a peer still talks to it can abort
+    the peer ("terminate called without an active exception")."""
     clear_group_cache()
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()
