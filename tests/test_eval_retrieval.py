@@ -214,9 +214,12 @@ def test_skip_mode_leaves_out_unreadable_images_and_decodes_each_file_once(tmp_p
     real = images.load_image
     monkeypatch.setattr(images, "load_image", lambda p, *a, **k: opened.append(p) or real(p, *a, **k))
     with pytest.warns(UserWarning, match="skipped 1 record"):
-        img, kept = encode_manifest_images(model, manifest, on_bad_record="skip", batch_size=2)
-    assert [r["caption"] for r in kept] == ["shape 0", "shape 1", "shape 3", "shape 4"]
+        img, kept, skipped = encode_manifest_images(model, manifest, on_bad_record="skip", batch_size=2)
+    assert [r["caption"] for r in kept] == ["shape 0", "shape 1", "shape 3", "shape 4"] and skipped == 1
     assert sorted(opened) == sorted(r["image"] for r in records)            # every file decoded once
     torch.testing.assert_close(img, encode_images(model, [r["image"] for r in kept]))
+    with pytest.warns(UserWarning, match="skipped 1 record"):               # the task's JSON counts it too
+        from polymodal.eval.tasks import run_task
+        assert run_task("retrieval", model, str(manifest), on_bad_record="skip")["num_skipped"] == 1
     with pytest.raises(Exception, match="2.png"):
         encode_manifest_images(model, manifest, on_bad_record="error")

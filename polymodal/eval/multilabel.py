@@ -282,6 +282,7 @@ def multilabel_eval_manifest(model, manifest, classes, lang: str = "en", limit: 
     names, prompt_names = load_label_names(classes, lang)
     if isinstance(adapter, (str, os.PathLike)):
         adapter = load_adapter(adapter)
+    skipped = 0
     if image_embeds is not None:
         records = read_records(manifest, limit, on_bad_record, required=("image", "labels"))
         if len(image_embeds) != len(records):
@@ -291,10 +292,11 @@ def multilabel_eval_manifest(model, manifest, classes, lang: str = "en", limit: 
         model.eval()
         try:
             if cache is not None:
-                image_embeds, records = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
+                image_embeds, records, skipped = cache.images(model, manifest, limit, on_bad_record, batch_size,
+                                                              progress)
             else:
-                image_embeds, records = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size,
-                                                               progress)
+                image_embeds, records, skipped = encode_manifest_images(model, manifest, limit, on_bad_record,
+                                                                        batch_size, progress)
         finally:
             model.train(was_training)
         keep = [i for i, r in enumerate(records) if "labels" in r]
@@ -305,6 +307,7 @@ def multilabel_eval_manifest(model, manifest, classes, lang: str = "en", limit: 
                                     f"or use on_bad_record=skip to leave such records out")
             if not keep:
                 raise ManifestError(f"{manifest}: no record has 'labels'")
+            skipped += len(records) - len(keep)
             records, image_embeds = [records[i] for i in keep], image_embeds[keep]
     targets = multilabel_targets(records, names, str(manifest))
     scores = multilabel_scores(model, image_embeds, prompt_names, adapter, templates or lang)
@@ -312,6 +315,8 @@ def multilabel_eval_manifest(model, manifest, classes, lang: str = "en", limit: 
         scores = torch.sigmoid(scores)
     out = multilabel_metrics(scores, targets)
     out.update(num_images=len(records), num_labels=len(names))
+    if skipped:
+        out["num_skipped"] = skipped
     return out
 
 

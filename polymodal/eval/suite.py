@@ -19,14 +19,14 @@ from .zeroshot import accuracy, build_classifier, load_templates
 class FeatureCache:
     """Image embeddings of the manifests one evaluation reads, so tasks on the same manifest encode once.
 
-    Keys are (manifest path, limit, on_bad_record); values the (N, E) embeddings and the kept records.
+    Keys are (manifest path, limit, on_bad_record); values as `encode_manifest_images` returns them.
     """
 
     def __init__(self):
-        self._store: dict[tuple, tuple[Tensor, list[dict]]] = {}
+        self._store: dict[tuple, tuple[Tensor, list[dict], int]] = {}
 
     def images(self, model, manifest, limit: int, on_bad_record: str, batch_size: int, progress: bool
-               ) -> tuple[Tensor, list[dict]]:
+               ) -> tuple[Tensor, list[dict], int]:
         key = (str(manifest), limit, on_bad_record)
         if key not in self._store:
             self._store[key] = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
@@ -34,11 +34,12 @@ class FeatureCache:
 
 
 def encode_manifest_images(model, manifest, limit: int = 0, on_bad_record: str = "error", batch_size: int = 128,
-                           progress: bool = False) -> tuple[Tensor, list[dict]]:
-    """(N, E) embeddings of a manifest's images and the N records they belong to.
+                           progress: bool = False) -> tuple[Tensor, list[dict], int]:
+    """(N, E) embeddings of a manifest's images, the N records they belong to, and how many were skipped.
 
-    Under `on_bad_record="skip"` records whose image cannot be decoded are left out (and said in a warning);
-    under "error" the first one stops with the manifest file, line and image named.
+    Under `on_bad_record="skip"` records whose image cannot be decoded are left out (said in a warning and
+    counted: the tasks report it as `num_skipped`); under "error" the first one stops with the manifest file,
+    line and image named.
     """
     from ..data.manifests import ManifestError
     records = read_records(manifest, limit, on_bad_record)
@@ -49,8 +50,10 @@ def encode_manifest_images(model, manifest, limit: int = 0, on_bad_record: str =
             raise ManifestError(f"{manifest}: no readable image to evaluate")
         import warnings
         warnings.warn(f"{manifest}: skipped {len(records) - len(kept)} record(s) whose image cannot be read")
+    skipped = len(records) - len(kept)
+    if skipped:
         records = [records[i] for i in kept]
-    return img, records
+    return img, records, skipped
 
 
 def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0, batch_size: int = 128,
@@ -67,16 +70,19 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
         cache: a `FeatureCache` shared with other tasks of the same evaluation.
         on_bad_record: "error" | "skip" (records with a bad image or line are left out).
     Returns:
-        The metrics of `retrieval_metrics` (percent), plus `num_images`, `num_texts`.
+        The metrics of `retrieval_metrics` (percent), plus `num_images`, `num_texts` and `num_skipped` (records
+        left out under on_bad_record=skip, when there were any).
     """
     if cache is not None:
-        img, records = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
+        img, records, skipped = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
     else:
-        img, records = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
+        img, records, skipped = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
     texts, text_to_image = captions_by_record(records, caption_key, manifest)
     txt = encode_texts(model, texts, batch_size, progress)
     metrics = embed_and_score(img, txt, torch.tensor(text_to_image))
     metrics.update(num_images=len(records), num_texts=len(texts))
+    if skipped:
+        metrics["num_skipped"] = skipped
     if return_embeddings:
         return metrics, img, txt, text_to_image
     return metrics
@@ -133,13 +139,14 @@ def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limi
     names = classes["classes"] if lang == "en" else classes.get(f"classes_{lang}")
     if names is None:
         raise KeyError(f"{classes_file}: no 'classes_{lang}' list for language {lang!r}")
+    skipped = 0
     if image_embeds is not None:
         records = read_records(manifest, limit, on_bad_record)
         img = image_embeds
     elif cache is not None:
-        img, records = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
+        img, records, skipped = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
     else:
-        img, records = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
+        img, records, skipped = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
     where = "the inline class list" if isinstance(classes_file, (list, tuple)) else str(classes_file)
     if folder:        # folder records carry their class name: index it in the classes used here
         records = [{**r, "label": r.get("class", r["label"])} for r in records]
@@ -148,4 +155,6 @@ def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limi
     logits = img.to(classifier.device, classifier.dtype) @ classifier.T          # (N, C)
     result = accuracy(logits, targets)
     result["num_classes"] = len(names)
+    if skipped:
+        result["num_skipped"] = skipped
     return result
