@@ -204,3 +204,41 @@ def test_unknown_model_type_names_the_file_and_the_known_types(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"config.json: unknown model_type 'nope'; known: .*scene.*multilabel_adapter"):
         load_model(tmp_path / "m")
+
+
+def test_folders_written_before_the_families_still_load(data, tmp_path):
+    """Scene and M2-RAAP folders of the previous layout (a plain video model plus side files) load as their family
+    with the same outputs."""
+    from safetensors.torch import save_file
+
+    from polymodal.data.labels import load_hierarchy
+    from polymodal.models.scene import SceneConfig, SceneModel
+    from polymodal.models.video_heads import M2RAAPModel
+    bpe, _ = _tokenizers()
+    scene = _perturb(SceneModel(_video(bpe), load_hierarchy(data["moving"] / "classes.json"),
+                                SceneConfig(layers=1, fusion_layers=1))).eval()
+    old = tmp_path / "scene"
+    scene.video.save_pretrained(old)                                     # what the old save wrote, file by file
+    save_file({k: v.contiguous() for k, v in scene.state_dict().items() if not k.startswith("video.")},
+              str(old / "scene_heads.safetensors"))
+    settings = {k: v for k, v in scene.config.to_dict().items() if k not in ("video", "labels", "model_type")}
+    (old / "scene_config.json").write_text(json.dumps({"scene": settings, "labels": scene.hierarchy.to_dict()}))
+    loaded = load_model(old)
+    assert isinstance(loaded, SceneModel)
+    torch.testing.assert_close(_outputs(loaded, data)["logits"], _outputs(scene, data)["logits"])
+
+    m2 = _perturb(M2RAAPModel.from_video_model(_video(bpe), similarity="mug", acg=True)).eval()
+    old = tmp_path / "m2raap"
+    m2.save_pretrained(old)
+    cfg = json.loads((old / "config.json").read_text())
+    section = {k: cfg.pop(k) for k in ("similarity", "mug_tau", "mug_block", "acg", "acg_level", "aux_field", "max_aux")}
+    cfg["model_type"] = "video_clip"
+    (old / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file
+    state = load_file(str(old / "model.safetensors"))
+    save_file({k[len("acg."):]: v for k, v in state.items() if k.startswith("acg.")}, str(old / "m2raap_heads.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("acg.")}, str(old / "model.safetensors"))
+    (old / "m2raap.json").write_text(json.dumps({**section, "temporal": {}, "mug_temperature": 0.01}))
+    loaded = load_model(old)
+    assert isinstance(loaded, M2RAAPModel) and loaded.config.similarity == "mug"
+    torch.testing.assert_close(_outputs(loaded, data)["similarity"], _outputs(m2, data)["similarity"])
