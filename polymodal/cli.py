@@ -59,6 +59,10 @@ def _data_commands() -> dict:
                          "caption each video of a manifest with a CoCa (M2-RAAP's auxiliary captions)",
                          "Writes a copy of the manifest whose records carry the captions a captioner gives to N uniformly "
                          "spread frames of each video, in the field M2-RAAP's ACG reads (m2raap.aux_field)."),
+        "import": ("polymodal.data.importers.cli:add_arguments", "polymodal.data.importers.cli:main",
+                   "read a public dataset layout (COCO/Flickr Karpathy JSON, MSR-VTT, ...) into a manifest",
+                   "Reads the dataset's root folder as shipped (or its annotation file) and writes our manifest: "
+                   "media paths resolved, captions grouped per image or video, splits kept."),
         "shard": ("polymodal.data.shards:add_shard_arguments", "polymodal.data.shards:shard_main",
                   "write a manifest as webdataset tar shards", None),
     }

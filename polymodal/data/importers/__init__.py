@@ -1,0 +1,41 @@
+"""Readers of the public dataset layouts: `polymodal data import FORMAT SRC --out MANIFEST [--split S]`.
+
+One small module per layout, each a function `read(src, split, **options) -> Imported` (see `common.py`), listed in
+the table `FORMATS` (format name -> "module:function", imported only when used). A reader takes the dataset's root
+folder exactly as shipped (it finds its annotation files and media folders there) or, for single-file layouts, the
+annotation file itself, and returns our records: media paths resolved, captions grouped per image / video, splits
+kept. `import_dataset` writes them as a manifest (and a classes file where the layout has one).
+
+Each reader's docstring names the public code its layout was read from; the tests build small fixtures in each
+exact layout. No reader unpickles generally or executes anything from the data.
+"""
+from __future__ import annotations
+
+import importlib
+
+FORMATS: dict[str, str] = {
+    "karpathy": "polymodal.data.importers.karpathy:read",
+}
+
+
+def reader(fmt: str):
+    """The `read` function of format `fmt` (ValueError listing the formats when unknown)."""
+    if fmt not in FORMATS:
+        from ...config import did_you_mean
+        raise ValueError(f"unknown dataset format {fmt!r}{did_you_mean(fmt, FORMATS)}; known: {', '.join(FORMATS)}")
+    module, _, name = FORMATS[fmt].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def import_dataset(fmt: str, src, out, split: str | None = None, **options) -> dict:
+    """Read `src` in layout `fmt` and write our manifest to `out` (see `common.write_imported`).
+
+    Returns:
+        A summary: format, source, out, split, counts and notes (what was grouped, dropped or guessed).
+    """
+    from .common import write_imported
+    imported = reader(fmt)(src, split, **options)
+    return write_imported(imported, out, fmt, src, split)
+
+
+__all__ = ["FORMATS", "reader", "import_dataset"]

@@ -1,0 +1,76 @@
+"""`polymodal data import`: readers of public layouts, each on a small fixture built in its exact layout."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from polymodal.cli import main
+from polymodal.data.importers import FORMATS, import_dataset
+from polymodal.data.importers.common import LayoutError
+from polymodal.data.manifests import read_manifest
+
+
+def _image(path: Path, color=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path)
+    return path
+
+
+def _karpathy_coco(root: Path) -> Path:
+    """COCO root as shipped: train2014/, val2014/ and caption_datasets' dataset_coco.json (in a subfolder)."""
+    images = []
+    for k, (folder, split) in enumerate([("val2014", "test"), ("val2014", "test"), ("train2014", "train"),
+                                         ("val2014", "restval")]):
+        name = f"COCO_{folder}_{k:012d}.jpg"
+        _image(root / folder / name, (40 * k, 10, 10))
+        images.append({"filepath": folder, "filename": name, "imgid": k, "cocoid": k, "split": split,
+                       "sentids": [2 * k, 2 * k + 1],
+                       "sentences": [{"raw": f"image {k} caption a ", "tokens": ["image"], "imgid": k, "sentid": 2 * k},
+                                     {"raw": f"image {k} caption b", "tokens": ["image"], "imgid": k,
+                                      "sentid": 2 * k + 1}]})
+    (root / "karpathy").mkdir(parents=True, exist_ok=True)
+    (root / "karpathy" / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return root
+
+
+def test_karpathy_coco_groups_captions_per_image_and_keeps_splits(tmp_path):
+    root = _karpathy_coco(tmp_path / "coco")
+    summary = import_dataset("karpathy", root, tmp_path / "all.jsonl")
+    assert summary["num_records"] == 4 and summary["num_texts"] == 8 and summary["splits"] == ["restval", "test", "train"]
+    recs = read_manifest(tmp_path / "all.jsonl").records
+    assert recs[2]["image"] == str((root / "train2014" / "COCO_train2014_000000000002.jpg").resolve())
+    assert recs[0]["captions"] == ["image 0 caption a", "image 0 caption b"]
+    test = import_dataset("karpathy", root / "karpathy" / "dataset_coco.json", tmp_path / "t.jsonl", split="test")
+    assert test["num_records"] == 2
+    with pytest.raises(LayoutError, match="no split 'dev'; it has restval, test, train"):
+        import_dataset("karpathy", root, tmp_path / "x.jsonl", split="dev")
+
+
+def test_karpathy_flickr_finds_its_image_folder_and_notes_missing_images(tmp_path):
+    root = tmp_path / "flickr30k"
+    _image(root / "flickr30k-images" / "1.jpg")
+    images = [{"filename": "1.jpg", "split": "test", "sentences": [{"raw": "a dog"}]},
+              {"filename": "2.jpg", "split": "test", "sentences": [{"raw": "a cat"}]}]
+    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    summary = import_dataset("karpathy", root, tmp_path / "f.jsonl", split="test")
+    assert summary["num_records"] == 1 and "1 image(s) listed in dataset_flickr30k.json" in summary["notes"][0]
+
+
+def test_data_import_command_prints_the_summary_and_errors_are_one_line(tmp_path, capsys):
+    root = _karpathy_coco(tmp_path / "coco")
+    assert main(["data", "import", "karpathy", str(root), "--out", str(tmp_path / "m.jsonl"), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_records"] == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dataset_coco.json").write_text("{not json")
+    assert main(["data", "import", "karpathy", str(tmp_path / "bad"), "--out", str(tmp_path / "b.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "dataset_coco.json: not valid JSON (line 1" in err
+
+
+def test_every_format_has_a_reader_with_a_layout_docstring():
+    from polymodal.data.importers import reader
+    for fmt in FORMATS:
+        fn = reader(fmt)
+        doc = __import__(fn.__module__, fromlist=["x"]).__doc__
+        assert doc and f"`{fmt}`" in doc, fmt
