@@ -59,6 +59,78 @@ def captions_by_record(records: list[dict], caption_key: str, manifest) -> tuple
     return texts, owner
 
 
+def group_by_media(records: list[dict], key: str, manifest) -> tuple[list[dict], list[int]]:
+    """Records that name the same image / video merged into one item (retrieval scores items, not rows).
+
+    A one-row-per-caption file (a CSV of `image,caption` rows, a flattened COCO) would otherwise count every row
+    as its own image. The merged record keeps the first row's fields and every row's captions (`captions`, and
+    `captions_<lang>` / `text_ids` when present), in order; a warning says how many rows became how many items.
+
+    Returns:
+        (the merged records, the index of each merged record's first row in `records`).
+    """
+    first: dict[str, int] = {}
+    merged: list[dict] = []
+    rows: list[int] = []
+    for i, r in enumerate(records):
+        path = r.get(key)
+        if path not in first:
+            first[path] = len(merged)
+            merged.append({**r})
+            rows.append(i)
+            continue
+        m = merged[first[path]]
+        for field in [k for k in r if k == "caption" or k.startswith(("caption_", "captions", "text_ids"))]:
+            plural = field.replace("caption", "captions", 1) if field.startswith("caption") and \
+                not field.startswith("captions") else field
+            have = m.get(plural) if plural in m else ([m[field]] if isinstance(m.get(field), str) else [])
+            add = r[field] if isinstance(r[field], list) else [r[field]]
+            m[plural] = list(have) + list(add)
+            if plural != field:
+                m.pop(field, None)
+    if len(merged) < len(records):
+        import warnings
+        warnings.warn(f"{manifest}: {len(records)} records name {len(merged)} distinct {key}s; their captions were "
+                      f"grouped per {key} (retrieval scores each {key} once)")
+    return merged, rows
+
+
+def text_queries(records: list[dict], caption_key: str, manifest) -> tuple[list[str], list]:
+    """The retrieval queries of records: every caption, and the item(s) it is correct for.
+
+    Records whose captions carry parallel `text_ids` (layouts where one text describes several images, e.g.
+    MUGE / Chinese-CLIP) give one query per text id whose correct items are every record listing it; otherwise
+    each caption is its own query with its record as the one correct item (`captions_by_record`).
+
+    Returns:
+        (texts, owner): owner[j] is the record index of text j, or the list of them when any text has several.
+    """
+    if not any("text_ids" in r for r in records):
+        return captions_by_record(records, caption_key, manifest)
+    plural = caption_key.replace("caption", "captions", 1) if caption_key.startswith("caption") else caption_key
+    index: dict = {}
+    texts: list[str] = []
+    owner: list[list[int]] = []
+    for i, r in enumerate(records):
+        caps = r.get(plural) or r.get(caption_key)
+        caps = [caps] if isinstance(caps, str) else list(caps or [])
+        ids = r.get("text_ids") or [None] * len(caps)
+        if len(ids) != len(caps):
+            raise KeyError(f"{manifest}: record on line {r.get('_line', i + 1)} has {len(ids)} text_ids for "
+                           f"{len(caps)} captions under {plural!r}")
+        for text, tid in zip(caps, ids):
+            key = ("id", tid) if tid is not None else ("row", i, len(texts))
+            if key not in index:
+                index[key] = len(texts)
+                texts.append(text)
+                owner.append([])
+            if i not in owner[index[key]]:
+                owner[index[key]].append(i)
+    if not texts:
+        raise KeyError(f"{manifest}: no record has {caption_key!r}")
+    return texts, owner
+
+
 # ---- texts and images ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool = False) -> Tensor:
@@ -197,5 +269,5 @@ def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str
     return torch.cat(out), kept
 
 
-__all__ = ["progress_bar", "device_of", "read_records", "captions_by_record", "encode_texts", "encode_image_files",
+__all__ = ["progress_bar", "device_of", "read_records", "captions_by_record", "group_by_media", "text_queries", "encode_texts", "encode_image_files",
            "encode_images", "encode_clips", "ClipBatches", "clip_batches", "encode_videos"]

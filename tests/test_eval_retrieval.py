@@ -223,3 +223,71 @@ def test_skip_mode_leaves_out_unreadable_images_and_decodes_each_file_once(tmp_p
         assert run_task("retrieval", model, str(manifest), on_bad_record="skip")["num_skipped"] == 1
     with pytest.raises(Exception, match="2.png"):
         encode_manifest_images(model, manifest, on_bad_record="error")
+
+
+def _brute_force_multi(sim, positives, k):
+    """Recall@k of both directions by sorting, with several correct images per text (pessimistic ties)."""
+    n_img, n_txt = sim.shape
+    t_hits, i_hits = 0, 0
+    for j in range(n_txt):
+        best = max(float(sim[i, j]) for i in positives[j])
+        ahead = sum(1 for i in range(n_img) if i not in positives[j] and float(sim[i, j]) >= best)
+        t_hits += ahead + 1 <= k
+    own = [[j for j in range(n_txt) if i in positives[j]] for i in range(n_img)]
+    for i in range(n_img):
+        best = max(float(sim[i, j]) for j in own[i])
+        ahead = sum(1 for j in range(n_txt) if j not in own[i] and float(sim[i, j]) >= best)
+        i_hits += ahead + 1 <= k
+    return 100.0 * t_hits / n_txt, 100.0 * i_hits / n_img
+
+
+def test_several_correct_images_per_text_match_a_brute_force_count_with_ties():
+    g = torch.Generator().manual_seed(3)
+    sim = torch.randint(0, 4, (9, 7), generator=g).float()                    # many ties
+    positives = [[0, 3], [1], [2, 4, 5], [6], [7, 0], [8], [3, 6]]
+    for rows in (1, 2, 9):
+        got = retrieval_metrics(sim, positives, ks=(1, 2, 5), chunk_size=rows)
+        for k in (1, 2, 5):
+            t, i = _brute_force_multi(sim, positives, k)
+            assert got[f"text_to_image_R@{k}"] == pytest.approx(t) and got[f"image_to_text_R@{k}"] == pytest.approx(i)
+    # The embedding path agrees, and one image per text given as lists equals the plain index form.
+    img, txt = torch.randn(9, 5, generator=g), torch.randn(7, 5, generator=g)
+    assert embed_and_score(img, txt, positives) == pytest.approx(retrieval_metrics(img @ txt.T, positives))
+    single = [0, 1, 2, 3, 4, 5, 6]
+    assert retrieval_metrics(sim[:7], [[i] for i in single]) == retrieval_metrics(sim[:7], single)
+    with pytest.raises(ValueError, match=r"text_to_image\[1\] lists no image"):
+        retrieval_metrics(sim, [[0], [], [1], [2], [3], [4], [5, 6, 7, 8]])
+
+
+def test_rows_naming_the_same_image_are_one_image_with_a_warning(tmp_path):
+    """A one-row-per-caption CSV (clip_benchmark's Flickr30k `image,caption` layout) was read as one image per row:
+    15 "images" for 3 files. Now its numbers equal the same set written as one record per image."""
+    import csv
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from polymodal.data.text import train_tokenizer
+    from polymodal.eval.suite import retrieval_eval
+    from polymodal.models.factory import create_model
+    rng = np.random.default_rng(1)
+    grouped, rows = [], []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        caps = [f"shape {i} view {k}" for k in range(5)]
+        grouped.append({"image": str(path), "captions": caps})
+        rows += [{"image": str(path), "caption": c} for c in caps]
+    (tmp_path / "grouped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grouped))
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["image", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    torch.manual_seed(0)
+    model = create_model("tiny", tokenizer=train_tokenizer([r["caption"] for r in rows] * 3, kind="bpe",
+                                                            vocab_size=120)).eval()
+    want = retrieval_eval(model, tmp_path / "grouped.jsonl")
+    with pytest.warns(UserWarning, match="15 records name 3 distinct images; their captions were grouped"):
+        got = retrieval_eval(model, tmp_path / "rows.csv")
+    assert got["num_images"] == 3 and got == pytest.approx(want)

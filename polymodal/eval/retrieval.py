@@ -2,17 +2,19 @@
 
 Conventions (record them beside any reported number):
 
-* ``similarity`` is (N_images, N_texts); ``text_to_image[j]`` is the image of text j.
+* ``similarity`` is (N_images, N_texts); ``text_to_image[j]`` is the image of text j, or (for
+  layouts where a text has several correct images, MUGE / Chinese-CLIP) the list of its images.
   An image may own any number (>= 1) of texts.
 * Image -> text: the rank of an image is the rank of its best-placed own text among all
   texts; the image is a hit at k when that rank is <= k (i.e. ANY of its texts is in its
-  top k). Text -> image: the rank of the text's single correct image among all images.
+  top k). Text -> image: the rank of the text's best-placed correct image among all images
+  (its single image in the usual case).
 * Ranks are 1-based and come from counting, never from sorting:
   ``rank = 1 + #{negatives scoring strictly higher}`` plus, with ``ties="pessimistic"``
   (the default), ``+ #{negatives scoring exactly equal}``. Pessimistic ties mean that a
   collapsed model (all scores equal) gets rank N, not rank 1, and that low-precision
   (bf16/fp16) scores cannot inflate recall; ``ties="optimistic"`` gives the other bound.
-  Other own texts of the same image are never negatives.
+  Other own texts of the same image (other correct images of the same text) are never negatives.
 * Recalls are in percent. ``mean_recall`` is the mean of all recalls of both directions
   (the six of the default ``ks``; M2-Encoder calls it MR). The median rank of an even
   number of ranks is the mean of the two middle ones (as ``numpy.median``).
@@ -36,28 +38,43 @@ TIES = ("pessimistic", "optimistic")
 DEFAULT_MAX_MEMORY = 1 << 30    # bytes of similarity scores held at once
 
 
-def _as_text_to_image(text_to_image: Tensor | Sequence[int], num_images: int, num_texts: int,
-                      device: torch.device) -> Tensor:
-    """Validate ``text_to_image`` and return it as a LongTensor on ``device``."""
-    t2i = torch.as_tensor(text_to_image)
-    if t2i.dim() != 1:
-        raise ValueError(f"text_to_image must be 1-D (one image index per text), got shape {tuple(t2i.shape)}")
-    if t2i.is_floating_point() or t2i.is_complex() or t2i.dtype == torch.bool:
-        raise ValueError(f"text_to_image must hold integer image indices, got dtype {t2i.dtype}")
-    if len(t2i) != num_texts:
-        raise ValueError(f"text_to_image has {len(t2i)} entries but there are {num_texts} texts "
-                         f"(similarity is (N_images, N_texts) = ({num_images}, {num_texts}))")
-    t2i = t2i.long()
-    if len(t2i) and (int(t2i.min()) < 0 or int(t2i.max()) >= num_images):
-        bad = int(torch.nonzero((t2i < 0) | (t2i >= num_images))[0])
-        raise ValueError(f"text_to_image[{bad}] = {int(t2i[bad])} is not an image index in [0, {num_images})")
-    counts = torch.bincount(t2i, minlength=num_images)
+def _as_text_to_image(text_to_image, num_images: int, num_texts: int, device: torch.device
+                      ) -> tuple[Tensor, Tensor]:
+    """Validate ``text_to_image`` and return the positive (image, text) pairs, sorted by image, on ``device``.
+
+    ``text_to_image`` is (N_texts,) image indices, or a sequence of N_texts sequences of image indices (every
+    correct image of each text)."""
+    if isinstance(text_to_image, (list, tuple)) and any(isinstance(t, (list, tuple)) for t in text_to_image):
+        if len(text_to_image) != num_texts:
+            raise ValueError(f"text_to_image has {len(text_to_image)} entries but there are {num_texts} texts")
+        lists = [list(t) if isinstance(t, (list, tuple)) else [t] for t in text_to_image]
+        empty = [j for j, t in enumerate(lists) if not t]
+        if empty:
+            raise ValueError(f"text_to_image[{empty[0]}] lists no image; every text needs at least one")
+        img = torch.tensor([i for t in lists for i in t], dtype=torch.long)
+        txt = torch.tensor([j for j, t in enumerate(lists) for _ in t], dtype=torch.long)
+    else:
+        img = torch.as_tensor(text_to_image)
+        if img.dim() != 1:
+            raise ValueError(f"text_to_image must be 1-D (one image index per text), got shape {tuple(img.shape)}")
+        if img.is_floating_point() or img.is_complex() or img.dtype == torch.bool:
+            raise ValueError(f"text_to_image must hold integer image indices, got dtype {img.dtype}")
+        if len(img) != num_texts:
+            raise ValueError(f"text_to_image has {len(img)} entries but there are {num_texts} texts "
+                             f"(similarity is (N_images, N_texts) = ({num_images}, {num_texts}))")
+        img = img.long().cpu()
+        txt = torch.arange(num_texts)
+    if len(img) and (int(img.min()) < 0 or int(img.max()) >= num_images):
+        bad = int(torch.nonzero((img < 0) | (img >= num_images))[0])
+        raise ValueError(f"text_to_image[{int(txt[bad])}] = {int(img[bad])} is not an image index in [0, {num_images})")
+    counts = torch.bincount(img, minlength=num_images)
     if (counts == 0).any():
         missing = torch.nonzero(counts == 0).flatten()
         raise ValueError(f"{len(missing)} image(s) have no text in text_to_image (first: "
                          f"{missing[:5].tolist()}); every image needs at least one text, so drop "
                          "caption-less images before scoring")
-    return t2i.to(device)
+    order = torch.argsort(img, stable=True)
+    return img[order].to(device), txt[order].to(device)
 
 
 def _check_args(ks: Sequence[int], chunk_size: int | None, ties: str, max_memory: int | None = None
@@ -113,25 +130,25 @@ def _sub_rows(num_texts: int, device: torch.device) -> int:
 
 
 def _one_pass_metrics(image_rows: Callable[[int, int], Tensor], correct: Tensor, num_images: int,
-                      num_texts: int, t2i: Tensor, ks: tuple[int, ...], block_rows: int, ties: str,
+                      num_texts: int, pairs: tuple[Tensor, Tensor], ks: tuple[int, ...], block_rows: int, ties: str,
                       check_finite: bool) -> dict[str, float]:
     """Core of both entry points: both directions from one pass over image-row blocks.
 
     Args:
         image_rows: ``(i0, i1) -> (i1 - i0, N_texts)`` scores of images i0..i1-1 against all texts.
-        correct: (N_texts,) score of every text with its own image, in the dtype of the rows.
-        t2i: validated (N_texts,) LongTensor on the device the rows come back on.
+        correct: (N_texts,) score of every text with its best correct image, in the dtype of the rows.
+        pairs: the validated positive (image, text) index pairs, sorted by image, on the rows' device.
         block_rows: image rows scored at once.
         check_finite: reject NaN/inf scores (checked on the image rows, which cover every score).
     """
     pessimistic = ties == "pessimistic"
-    device = t2i.device
+    pair_img, pair_txt = pairs
+    device = pair_img.device
 
-    # Image -> text: rank of the best-scoring own text. Texts sorted by image make the own
+    # Image -> text: rank of the best-scoring own text. Pairs sorted by image make the own
     # texts of an image block one contiguous slice, so no (block, N_texts) mask is needed.
-    order = torch.argsort(t2i, stable=True)
     starts = torch.zeros(num_images + 1, dtype=torch.long, device=device)
-    starts[1:] = torch.bincount(t2i, minlength=num_images).cumsum(0)
+    starts[1:] = torch.bincount(pair_img, minlength=num_images).cumsum(0)
     i2t_ahead = torch.empty(num_images, dtype=torch.long, device=device)
     # Text -> image: for every text, the images scoring >= (pessimistic) or > (optimistic) its
     # correct score, counted column-wise over the same blocks. The correct image itself is taken
@@ -146,13 +163,16 @@ def _one_pass_metrics(image_rows: Callable[[int, int], Tensor], correct: Tensor,
         scores = image_rows(i0, i1)                                            # (c, N_t)
         if check_finite:
             _check_finite(scores, "similarity", i0)
-        own_txt = order[int(starts[i0]):int(starts[i1])]                       # (m,) own texts of the block
-        own_row = t2i[own_txt] - i0                                            # (m,) their row in the block
+        own_txt = pair_txt[int(starts[i0]):int(starts[i1])]                    # (m,) own texts of the block
+        own_row = pair_img[int(starts[i0]):int(starts[i1])] - i0               # (m,) their row in the block
         own_scores = scores[own_row, own_txt]                                  # (m,)
         best = torch.full((i1 - i0,), float("-inf"), dtype=scores.dtype, device=device)
         best = best.scatter_reduce(0, own_row, own_scores, reduce="amax")      # (c,)
         own_correct = correct[own_txt]
-        self_counted[own_txt] = (own_scores >= own_correct if pessimistic else own_scores > own_correct).long()
+        # A text's correct images that the column count includes are not negatives (a text's images may sit in
+        # several blocks, so this accumulates).
+        self_counted.scatter_add_(0, own_txt, (own_scores >= own_correct if pessimistic
+                                               else own_scores > own_correct).long())
         ahead_blk = torch.empty(i1 - i0, dtype=torch.int64, device=device)
         for r0 in range(0, i1 - i0, sub):
             r1 = min(r0 + sub, i1 - i0)
@@ -194,8 +214,9 @@ def metrics_from_rows(image_rows: Callable[[int, int], Tensor], own_scores: Tens
 
     Args:
         image_rows: ``(i0, i1) -> (i1 - i0, N_texts)`` scores of images i0..i1-1 against every text.
-        own_scores: (N_texts,) score of every text with its own image (from the caller's pairwise path).
-        text_to_image: (N_texts,) image index of every text.
+        own_scores: (N_texts,) score of every text with its own image (from the caller's pairwise path; with
+            several correct images, the best of them).
+        text_to_image: (N_texts,) image index of every text, or a list of every text's image indices.
         num_images: N_images.
         ks, ties: as `retrieval_metrics`.
         block_rows: image rows `image_rows` is asked for at once.
@@ -205,21 +226,22 @@ def metrics_from_rows(image_rows: Callable[[int, int], Tensor], own_scores: Tens
     """
     ks = _check_args(ks, block_rows, ties)
     num_texts = len(own_scores)
-    t2i = _as_text_to_image(text_to_image, num_images, num_texts, own_scores.device)
+    pairs = _as_text_to_image(text_to_image, num_images, num_texts, own_scores.device)
     if check_finite and not torch.isfinite(own_scores).all():
         first = int(torch.nonzero(~torch.isfinite(own_scores))[0, 0])
         raise ValueError(f"own-pair scores contain NaN or inf (first at text {first})")
-    return _one_pass_metrics(image_rows, own_scores, num_images, num_texts, t2i, ks, int(block_rows), ties,
+    return _one_pass_metrics(image_rows, own_scores, num_images, num_texts, pairs, ks, int(block_rows), ties,
                              check_finite)
 
 
-def _own_scores(img: Tensor, txt: Tensor, t2i: Tensor, max_memory: int) -> Tensor:
-    """(N_texts,) dot product of every text with its own image, in chunks that fit ``max_memory``."""
-    out = torch.empty(len(txt), dtype=txt.dtype, device=txt.device)
+def _own_scores(img: Tensor, txt: Tensor, pairs: tuple[Tensor, Tensor], max_memory: int) -> Tensor:
+    """(N_texts,) dot product of every text with its (best) correct image, in chunks that fit ``max_memory``."""
+    pair_img, pair_txt = pairs
+    out = torch.full((len(txt),), float("-inf"), dtype=txt.dtype, device=txt.device)
     step = max(1, int(max_memory) // (8 * img.shape[1] * img.element_size()))   # two temporaries <= budget / 4
-    for j0 in range(0, len(txt), step):
-        j1 = min(j0 + step, len(txt))
-        out[j0:j1] = (img[t2i[j0:j1]] * txt[j0:j1]).sum(dim=1)
+    for p0 in range(0, len(pair_img), step):
+        pi, pt = pair_img[p0:p0 + step], pair_txt[p0:p0 + step]
+        out.scatter_reduce_(0, pt, (img[pi] * txt[pt]).sum(dim=1), reduce="amax")
     return out
 
 
@@ -237,7 +259,7 @@ def embed_and_score(image_embeds: Tensor, text_embeds: Tensor, text_to_image: Te
     Args:
         image_embeds: (N_images, E) tensor.
         text_embeds: (N_texts, E) tensor on the same device.
-        text_to_image: (N_texts,) image index of every text.
+        text_to_image: (N_texts,) image index of every text, or a list of every text's image indices.
         chunk_size: image rows scored at once; None (default) derives it from ``max_memory``.
         ks: the K of Recall@K.
         ties: ``"pessimistic"`` or ``"optimistic"`` (see the module docstring).
@@ -258,17 +280,17 @@ def embed_and_score(image_embeds: Tensor, text_embeds: Tensor, text_to_image: Te
         raise ValueError(f"image_embeds is on {img.device} but text_embeds is on {txt.device}")
     dtype = torch.float64 if torch.float64 in (img.dtype, txt.dtype) else torch.float32
     img, txt = img.to(dtype), txt.to(dtype)
-    t2i = _as_text_to_image(text_to_image, len(img), len(txt), img.device)
+    pairs = _as_text_to_image(text_to_image, len(img), len(txt), img.device)
     _check_finite(img, "image_embeds")
     _check_finite(txt, "text_embeds")
     rows = int(chunk_size) if chunk_size is not None else _rows_per_block(max_memory, len(img), len(txt), img.element_size())
     with torch.no_grad():
         txt_t = txt.T                                                        # (E, N_t) view
-        correct = _own_scores(img, txt, t2i, max_memory)
+        correct = _own_scores(img, txt, pairs, max_memory)
         # One block buffer reused by every block: fresh multi-GB allocations would each pay page faults.
         buf = torch.empty(min(rows, len(img)), len(txt), dtype=dtype, device=img.device)   # (c, N_t)
         return _one_pass_metrics(lambda i0, i1: torch.matmul(img[i0:i1], txt_t, out=buf[:i1 - i0]), correct,
-                                 len(img), len(txt), t2i, ks, rows, ties, check_finite=False)
+                                 len(img), len(txt), pairs, ks, rows, ties, check_finite=False)
 
 
 def retrieval_metrics(similarity: Tensor | None, text_to_image: Tensor | Sequence[int],
@@ -282,8 +304,8 @@ def retrieval_metrics(similarity: Tensor | None, text_to_image: Tensor | Sequenc
 
     Args:
         similarity: (N_images, N_texts) scores, higher = more similar; or None.
-        text_to_image: (N_texts,) index of the image each text belongs to; every image
-            needs at least one text (uneven counts are fine).
+        text_to_image: (N_texts,) index of the image each text belongs to, or a list of every text's
+            correct images; every image needs at least one text (uneven counts are fine).
         ks: the K of Recall@K.
         chunk_size: image rows compared at once; None (default) derives it from ``max_memory``.
         image_embeds: (N_images, E), only with ``similarity=None``.
@@ -314,10 +336,11 @@ def retrieval_metrics(similarity: Tensor | None, text_to_image: Tensor | Sequenc
     if not sim.is_floating_point():
         raise ValueError(f"similarity must be a floating-point tensor, got dtype {sim.dtype}")
     num_images, num_texts = sim.shape
-    t2i = _as_text_to_image(text_to_image, num_images, num_texts, sim.device)
+    pairs = _as_text_to_image(text_to_image, num_images, num_texts, sim.device)
     # Blocks are views of `similarity`; the budget bounds the temporaries made from them.
     rows = int(chunk_size) if chunk_size is not None else _rows_per_block(max_memory, num_images, num_texts, sim.element_size())
     with torch.no_grad():
-        correct = sim[t2i, torch.arange(num_texts, device=sim.device)]       # (N_t,)
-        return _one_pass_metrics(lambda i0, i1: sim[i0:i1], correct, num_images, num_texts, t2i, ks, rows, ties,
+        correct = torch.full((num_texts,), float("-inf"), dtype=sim.dtype, device=sim.device)
+        correct.scatter_reduce_(0, pairs[1], sim[pairs[0], pairs[1]], reduce="amax")  # (N_t,) best correct image
+        return _one_pass_metrics(lambda i0, i1: sim[i0:i1], correct, num_images, num_texts, pairs, ks, rows, ties,
                                  check_finite=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..encode import captions_by_record, encode_image_files, encode_texts, read_records
+from ..encode import encode_image_files, encode_texts, group_by_media, read_records, text_queries
 from .retrieval import embed_and_score
 from .zeroshot import accuracy, build_classifier, load_templates
 
@@ -77,9 +77,12 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
         img, records, skipped = cache.images(model, manifest, limit, on_bad_record, batch_size, progress)
     else:
         img, records, skipped = encode_manifest_images(model, manifest, limit, on_bad_record, batch_size, progress)
-    texts, text_to_image = captions_by_record(records, caption_key, manifest)
+    records, rows = group_by_media(records, "image", manifest)               # an image named twice is one item
+    if len(rows) < len(img):
+        img = img[rows]
+    texts, text_to_image = text_queries(records, caption_key, manifest)
     txt = encode_texts(model, texts, batch_size, progress)
-    metrics = embed_and_score(img, txt, torch.tensor(text_to_image))
+    metrics = embed_and_score(img, txt, text_to_image)
     metrics.update(num_images=len(records), num_texts=len(texts))
     if skipped:
         metrics["num_skipped"] = skipped

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..encode import captions_by_record, clip_batches, encode_clips, progress_bar, read_records
+from ..encode import clip_batches, encode_clips, group_by_media, progress_bar, read_records, text_queries
 from ..models.features import concat, to_cpu
 
 
@@ -34,7 +34,7 @@ class RetrievalFeatures:
         records: the records whose video could be read (N_v).
         clips: their decoded `VideoClip`s (frame times and validity; the frames themselves are dropped).
         video: `video_features` of the N_v videos (CPU).
-        texts: every caption (N_t); owner: the record index of each.
+        texts: every caption (N_t); owner: the record index of each (a list of them where a text has several).
         text: `text_features` of the N_t captions (CPU).
         counts: `num_skipped` (unreadable videos under on_bad_record=skip) and the model's own counts.
     """
@@ -81,6 +81,7 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
         A `RetrievalFeatures`.
     """
     records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
+    records, _ = group_by_media(records, "video", manifest)                 # a video named twice is one item
     batches = clip_batches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, str(manifest))
     video, kept, clips = [], [], []
     for idx, frames, valid, batch_clips in batches:
@@ -90,7 +91,7 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
         clips.extend(batch_clips)
     for c in clips:
         c.frames = c.frames[:0]                                        # times and validity are what extras need
-    texts, owner = captions_by_record(kept, caption_key, manifest)
+    texts, owner = text_queries(kept, caption_key, manifest)
     starts = range(0, len(texts), text_batch)
     text = concat([to_cpu(text_features(model, texts[s:s + text_batch]))
                    for s in progress_bar(starts, len(starts), "texts", progress)])
@@ -120,20 +121,25 @@ def retrieval_metrics_of(model, feats: RetrievalFeatures, block: int = 64) -> di
     by the model's `similarity` in blocks of `block` videos x `block` texts (`metrics_from_rows`).
     """
     from .retrieval import embed_and_score, metrics_from_rows
-    owner = torch.tensor(feats.owner, dtype=torch.long)
+    owner = feats.owner
     if isinstance(feats.video, Tensor) and isinstance(feats.text, Tensor):
         metrics = embed_and_score(feats.video, feats.text, owner)
     else:
         sim, text, video = similarity_of(model), feats.text, feats.video
         n_t = len(feats.texts)
-        own = torch.cat([sim(text[j:j + block], video[owner[j:j + block]], pairs=True)
-                         for j in range(0, n_t, block)])                                    # (N_t,)
+        # Every (text, correct video) pair scored aligned, then each text's best: (N_t,).
+        pt = torch.tensor([j for j, o in enumerate(owner) for _ in (o if isinstance(o, list) else [o])])
+        pv = torch.tensor([v for o in owner for v in (o if isinstance(o, list) else [o])])
+        pair = torch.cat([sim(text[pt[p:p + block]], video[pv[p:p + block]], pairs=True)
+                          for p in range(0, len(pt), block)])
+        own = torch.full((n_t,), float("-inf"), dtype=pair.dtype).scatter_reduce(0, pt, pair, reduce="amax")
 
         def video_rows(i0: int, i1: int) -> Tensor:                                         # (i1 - i0, N_t)
             v = video[i0:i1]
             return torch.cat([sim(text[j:j + block], v) for j in range(0, n_t, block)], dim=0).T
 
-        metrics = metrics_from_rows(video_rows, own, owner, len(feats.records), (1, 5, 10), block)
+        metrics = metrics_from_rows(video_rows, own, owner if any(isinstance(o, list) for o in owner)
+                                    else torch.tensor(owner), len(feats.records), (1, 5, 10), block)
     out = {k.replace("image", "video"): v for k, v in metrics.items()}
     out.update(num_videos=len(feats.records), num_texts=len(feats.texts), **feats.counts)
     return out
