@@ -131,6 +131,15 @@ def text_queries(records: list[dict], caption_key: str, manifest) -> tuple[list[
     return texts, owner
 
 
+def count_truncated(tokenizer, texts: list[str]) -> int:
+    """How many texts are longer than the tokenizer's context (their end is cut); 0 for tokenizers that cannot say."""
+    content = getattr(tokenizer, "_content", None)
+    if content is None or not texts:
+        return 0
+    budget = tokenizer.context_length - 2                                    # start and end tokens
+    return sum(len(ids) > budget for ids in content(list(texts)))
+
+
 # ---- texts and images ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool = False) -> Tensor:
@@ -269,5 +278,5 @@ def encode_videos(model, records: list[dict], num_frames: int = 8, strategy: str
     return torch.cat(out), kept
 
 
-__all__ = ["progress_bar", "device_of", "read_records", "captions_by_record", "group_by_media", "text_queries", "encode_texts", "encode_image_files",
+__all__ = ["progress_bar", "device_of", "read_records", "captions_by_record", "group_by_media", "text_queries", "count_truncated", "encode_texts", "encode_image_files",
            "encode_images", "encode_clips", "ClipBatches", "clip_batches", "encode_videos"]

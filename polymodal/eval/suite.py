@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..encode import encode_image_files, encode_texts, group_by_media, read_records, text_queries
+from ..encode import count_truncated, encode_image_files, encode_texts, group_by_media, read_records, text_queries
 from .retrieval import embed_and_score
 from .zeroshot import accuracy, build_classifier, load_templates
 
@@ -84,6 +84,9 @@ def retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0
     txt = encode_texts(model, texts, batch_size, progress)
     metrics = embed_and_score(img, txt, text_to_image)
     metrics.update(num_images=len(records), num_texts=len(texts))
+    truncated = count_truncated(model.tokenizer, texts)
+    if truncated:
+        metrics["num_truncated_texts"] = truncated                          # cut to the text context length
     if skipped:
         metrics["num_skipped"] = skipped
     if return_embeddings:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..encode import clip_batches, encode_clips, group_by_media, progress_bar, read_records, text_queries
+from ..encode import (captions_by_record, clip_batches, count_truncated, encode_clips, group_by_media, progress_bar,
+                      read_records, text_queries)
 from ..models.features import concat, to_cpu
 
 
@@ -66,7 +67,8 @@ def text_features(model, texts: list[str]):
 @torch.no_grad()
 def retrieval_features(model, manifest, caption_key: str = "caption", limit: int = 0, num_frames: int = 8,
                        strategy: str = "uniform", batch_size: int = 16, progress: bool = False,
-                       on_bad_record: str = "error", text_batch: int = 256) -> RetrievalFeatures:
+                       on_bad_record: str = "error", text_batch: int = 256, paragraph: bool = False
+                       ) -> RetrievalFeatures:
     """Read a video manifest and encode its readable videos and all their captions with the model.
 
     Args:
@@ -77,6 +79,8 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
         num_frames, strategy: frame sampling (see `polymodal.data.video.read_video`).
         batch_size: videos per forward call; text_batch: captions per call.
         on_bad_record: "error" | "skip" (unreadable videos left out and counted).
+        paragraph: one text per video, its sentences joined in order (a record's `paragraph` field when it has
+            one): the DiDeMo / ActivityNet paragraph-to-video protocol.
     Returns:
         A `RetrievalFeatures`.
     """
@@ -91,11 +95,18 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
         clips.extend(batch_clips)
     for c in clips:
         c.frames = c.frames[:0]                                        # times and validity are what extras need
-    texts, owner = text_queries(kept, caption_key, manifest)
+    if paragraph:
+        texts = [r.get("paragraph") or " ".join(captions_by_record([r], caption_key, manifest)[0]) for r in kept]
+        owner = list(range(len(kept)))
+    else:
+        texts, owner = text_queries(kept, caption_key, manifest)
     starts = range(0, len(texts), text_batch)
     text = concat([to_cpu(text_features(model, texts[s:s + text_batch]))
                    for s in progress_bar(starts, len(starts), "texts", progress)])
     counts = {}
+    truncated = count_truncated(getattr(model, "tokenizer", None), texts)
+    if truncated:
+        counts["num_truncated_texts"] = truncated                            # cut to the text context length
     if batches.skipped:
         import warnings
         warnings.warn(f"{manifest}: skipped {batches.skipped} video(s) that cannot be read "
@@ -114,12 +125,16 @@ def similarity_of(model):
 
 
 @torch.no_grad()
-def retrieval_metrics_of(model, feats: RetrievalFeatures, block: int = 64) -> dict:
+def retrieval_metrics_of(model, feats: RetrievalFeatures, block: int = 64, dsl: float = 0.0) -> dict:
     """Exact text<->video metrics of the features, with "image" named "video" in the keys.
 
     Plain embedding tensors are scored with `embed_and_score` (their dot product, streamed); other features
-    by the model's `similarity` in blocks of `block` videos x `block` texts (`metrics_from_rows`).
+    by the model's `similarity` in blocks of `block` videos x `block` texts (`metrics_from_rows`). With `dsl` > 0
+    the scores are re-weighted by dual softmax (`dual_softmax`) before ranking, and the output says so
+    (`dsl_inverse_temperature`).
     """
+    if dsl:
+        return _dsl_metrics(model, feats, block, dsl)
     from .retrieval import embed_and_score, metrics_from_rows
     owner = feats.owner
     if isinstance(feats.video, Tensor) and isinstance(feats.text, Tensor):
@@ -145,9 +160,45 @@ def retrieval_metrics_of(model, feats: RetrievalFeatures, block: int = 64) -> di
     return out
 
 
+def dual_softmax(scores: Tensor, inverse_temperature: float, dim: int) -> Tensor:
+    """Dual-softmax re-scoring (DSL, as CAMoE / CLIP2Video apply it at inference): each score times the softmax of
+    the scores along `dim` (for text->video ranks, over the texts of each video: dim 0 of (N_t, N_v)), which
+    down-weights a video every text prefers. It uses every query of the test set at once (a transductive prior),
+    so numbers with it are labelled and off by default.
+
+    Args:
+        scores: (N_t, N_v) similarities.
+        inverse_temperature: the softmax sharpness (100 in those papers' code).
+        dim: 0 for text->video ranks, 1 for video->text ranks.
+    """
+    return scores * torch.softmax(scores * inverse_temperature, dim=dim)
+
+
+def _dsl_metrics(model, feats: RetrievalFeatures, block: int, dsl: float) -> dict:
+    """Metrics with dual-softmax re-scoring: the whole (N_t, N_v) matrix, each direction from its own re-scoring."""
+    from .retrieval import retrieval_metrics
+    n_t, n_v = len(feats.texts), len(feats.records)
+    if n_t * n_v > 400_000_000:
+        raise ValueError(f"dsl: dual-softmax needs the whole {n_t} x {n_v} score matrix in memory; evaluate a "
+                         f"smaller set (--limit) or without dsl")
+    sim, text, video = similarity_of(model), feats.text, feats.video
+    scores = torch.cat([torch.cat([sim(text[j:j + block], video[i:i + block]) for i in range(0, n_v, block)], 1)
+                        for j in range(0, n_t, block)])                                # (N_t, N_v)
+    owner = feats.owner if any(isinstance(o, list) for o in feats.owner) else torch.tensor(feats.owner)
+    t2v = retrieval_metrics(dual_softmax(scores, dsl, 0).T.contiguous(), owner)
+    v2t = retrieval_metrics(dual_softmax(scores, dsl, 1).T.contiguous(), owner)
+    out = {k: v for k, v in t2v.items() if k.startswith("text_to_image")}
+    out.update({k: v for k, v in v2t.items() if k.startswith("image_to_text")})
+    recalls = [v for k, v in out.items() if "_R@" in k]
+    out["mean_recall"] = sum(recalls) / len(recalls)
+    out = {k.replace("image", "video"): v for k, v in out.items()}
+    out.update(num_videos=n_v, num_texts=n_t, dsl_inverse_temperature=float(dsl), **feats.counts)
+    return out
+
+
 def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0, num_frames: int = 8,
                          strategy: str = "uniform", batch_size: int = 16, progress: bool = False,
-                         on_bad_record: str = "error") -> dict:
+                         on_bad_record: str = "error", paragraph: bool = False, dsl: float = 0.0) -> dict:
     """Video-text retrieval on a manifest of `video` records; every caption of `caption_key` (or its plural list).
 
     Args:
@@ -157,15 +208,20 @@ def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: i
         limit: the first `limit` records only (0 = all).
         num_frames, strategy: frame sampling (see `polymodal.data.video.read_video`).
         on_bad_record: "error" | "skip".
+        paragraph: one text per video, its sentences joined (DiDeMo / ActivityNet paragraph-to-video retrieval).
+        dsl: dual-softmax re-scoring with this inverse temperature (0 = off, the default; labelled when used).
     Returns:
         `text_to_video_R@{1,5,10}`, `video_to_text_R@{1,5,10}`, `text_to_video_median_rank` (MdR),
         `text_to_video_mean_rank` (MnR), `mean_recall`, `num_videos`, `num_texts`, `num_skipped` (when videos
-        were skipped) and the model's own counts (e.g. M2-RAAP's `num_without_aux`).
+        were skipped), `num_truncated_texts` (texts cut to the context), `dsl_inverse_temperature` (with dsl)
+        and the model's own counts (e.g. M2-RAAP's `num_without_aux`).
     """
+    if dsl < 0:
+        raise ValueError(f"dsl: {dsl} must be >= 0 (0 = off)")
     feats = retrieval_features(model, manifest, caption_key, limit, num_frames, strategy, batch_size, progress,
-                               on_bad_record)
-    return retrieval_metrics_of(model, feats)
+                               on_bad_record, paragraph=paragraph)
+    return retrieval_metrics_of(model, feats, dsl=dsl)
 
 
-__all__ = ["RetrievalFeatures", "retrieval_features", "retrieval_metrics_of", "video_retrieval_eval",
+__all__ = ["RetrievalFeatures", "retrieval_features", "retrieval_metrics_of", "video_retrieval_eval", "dual_softmax",
            "video_features", "text_features", "similarity_of"]
