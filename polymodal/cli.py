@@ -160,6 +160,12 @@ COMMANDS: dict[str, tuple[str, str | None, object, object]] = {
     "eval": ("evaluate a model on a manifest and write JSON",
              "Evaluate MODEL (a saved directory, an HF CLIP dir, an OpenCLIP checkpoint, or a config name) on a "
              "manifest.", _eval_arguments, "polymodal.cli:_run_eval"),
+    "benchmark": ("run the papers' evaluation protocols (coco-5k, msrvtt-1ka, imagenet-1k ...) and write a table",
+                  "Run MODEL on named public benchmarks, each read from its root folder as shipped (split, captions per "
+                  "item, frames and templates fixed by the protocol; polymodal benchmark --list): one row per "
+                  "--dataset, as markdown, CSV and JSON. Imported manifests and finished numbers are cached, so a "
+                  "stopped run continues where it stopped.",
+                  "polymodal.eval.benchmark:add_arguments", "polymodal.eval.benchmark:main"),
     "caption": ("generate captions with a captioning model (CoCa / SyCoCa)", None, _caption_arguments,
                 "polymodal.caption:caption_main"),
     "embed": ("embed a folder or manifest of images, videos and texts (resumable)",

@@ -74,3 +74,48 @@ def test_every_format_has_a_reader_with_a_layout_docstring():
         fn = reader(fmt)
         doc = __import__(fn.__module__, fromlist=["x"]).__doc__
         assert doc and f"`{fmt}`" in doc, fmt
+
+
+@pytest.fixture
+def saved_clip(tmp_path):
+    import torch
+
+    from polymodal.data.text import train_tokenizer
+    from polymodal.models.factory import create_model
+    torch.manual_seed(0)
+    texts = [f"image {k} caption {c}" for k in range(4) for c in "ab"]
+    create_model("tiny", tokenizer=train_tokenizer(texts * 3, kind="bpe", vocab_size=100)).save_pretrained(
+        tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_benchmark_runs_named_protocols_into_one_table_and_continues_from_its_cache(tmp_path, saved_clip, capsys):
+    coco = _karpathy_coco(tmp_path / "data" / "coco")
+    out = tmp_path / "bench" / "table.md"
+    args = ["benchmark", str(saved_clip), "--dataset", "coco-5k", "--root", str(tmp_path / "data"),
+            "--out", str(out), "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "| coco-5k | retrieval |" in first and "importing" in first
+    table = json.loads(out.with_suffix(".json").read_text())
+    row = table["rows"][0]
+    assert row["metrics"]["num_images"] == 2 and row["metrics"]["num_texts"] == 4         # the test split only
+    assert out.with_suffix(".csv").read_text().startswith("dataset,task,text_to_image_R@1")
+    # The protocol's numbers equal `polymodal eval` on the same set written by hand as our manifest.
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"image": str(coco / "val2014" / f"COCO_val2014_{k:012d}.jpg"),
+                                        "captions": [f"image {k} caption a", f"image {k} caption b"]}) + "\n"
+                            for k in (0, 1)))
+    assert main(["eval", str(saved_clip), "--task", "retrieval", "--data", str(hand)]) == 0
+    by_hand = json.loads(capsys.readouterr().out)
+    assert row["metrics"] == pytest.approx(by_hand)
+    # Run again: the finished dataset comes from the cache.
+    assert main(args) == 0
+    assert "coco-5k: cached" in capsys.readouterr().out
+
+
+def test_benchmark_errors_name_the_flag(tmp_path, saved_clip, capsys):
+    assert main(["benchmark", str(saved_clip), "--dataset", "coco5k", "--root", str(tmp_path)]) == 2
+    assert "unknown protocol 'coco5k' (did you mean 'coco-5k'?)" in capsys.readouterr().err
+    assert main(["benchmark", str(saved_clip), "--dataset", "coco-5k", "--root", str(tmp_path / "nope")]) == 2
+    assert "--root:" in capsys.readouterr().err
