@@ -185,7 +185,7 @@ def test_incomplete_sample_and_broken_shard(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ManifestError, match="needs an image and a .json member"):
+    with pytest.raises(ManifestError, match="needs an image and a .json, .txt or .cls member"):
         list(ShardDataset(shard, SampleBuilder(transform), shuffle=False))
     broken = tmp_path / "broken.tar"
     broken.write_bytes(b"\x00garbage" * 200)
@@ -214,3 +214,69 @@ def test_cli_helpers(tmp_path, capsys):
     assert shard_main(args) == 0
     assert "wrote 5 samples in 3 shards" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "shards.json").read_text())["num_samples"] == 5
+
+
+def _img2dataset_folder(root, n=4, with_counts=False):
+    """A folder as img2dataset writes it: 00000.tar, 00001.tar with <key>.jpg + <key>.txt (the caption) +
+    <key>.json (metadata without the caption), and its _stats.json files; no shards.json."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for s in range(2):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for i in range(n):
+                key = f"{s:05d}{i:04d}"
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"caption {key}".encode()),
+                                  ("json", json.dumps({"key": key, "status": "success", "width": 10}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (root / f"{s:05d}_stats.json").write_text(json.dumps({"successes": n}))
+    return root
+
+
+def test_img2dataset_folders_read_without_an_index_with_captions_from_txt(tmp_path):
+    from polymodal.data.shards import count_samples
+    root = _img2dataset_folder(tmp_path / "img2dataset")
+    paths, counts = resolve_shards(root)
+    assert [os.path.basename(p) for p in paths] == ["00000.tar", "00001.tar"] and counts is None
+    assert count_samples(paths) == {paths[0]: 4, paths[1]: 4}
+    samples = list(ShardDataset(root, SampleBuilder(transform), shuffle=False))
+    assert sorted(s["caption"] for s in samples) == sorted(f"caption {s:05d}{i:04d}" for s in range(2) for i in range(4))
+
+
+def test_a_cls_member_is_the_label(tmp_path):
+    shard = tmp_path / "0.tar"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("s0000000.png", buf.getvalue()), ("s0000000.cls", b"7"), ("s0000000.txt", b"a cat")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,) = list(ShardDataset(str(shard), SampleBuilder(transform), shuffle=False))
+    assert sample["label"] == 7 and sample["caption"] == "a cat"
+
+
+def test_shard_globs_and_ranges_pass_the_start_up_check(tmp_path):
+    from polymodal.train.run import check_paths, load_recipe
+    path = make_manifest(tmp_path, 6)
+    write_shards(path, tmp_path / "s", max_count=2, progress=False)
+    for source in (f"{tmp_path}/s/shard-*.tar", f"{tmp_path}/s/shard-{{000000..000002}}.tar"):
+        check_paths(load_recipe(None, [f"data.shards={source}", f"out_dir={tmp_path}/run"]))
+    with pytest.raises(FileNotFoundError, match=r"data.shards: shard not found: .*shard-000008.tar"):
+        check_paths(load_recipe(None, [f"data.shards={tmp_path}/s/shard-{{000008..000009}}.tar",
+                                       f"out_dir={tmp_path}/run"]))
+
+
+def test_a_named_config_with_its_own_tokenizer_needs_no_training_data(tmp_path):
+    from types import SimpleNamespace
+
+    from polymodal.methods.base import ModelSpec, TokenizerSpec, build_tokenizer
+    run = SimpleNamespace(tokenizer=TokenizerSpec(), model=ModelSpec(name="vit-b-32"),
+                          data=SimpleNamespace(train="", shards="some/shards", langs=["en"]))
+    assert build_tokenizer(run, tmp_path) is None                 # create_model attaches the bundled CLIP BPE
+    run.model = ModelSpec(name="tiny")
+    with pytest.raises(ValueError, match="tokenizer.path is empty and data.train is not set"):
+        build_tokenizer(run, tmp_path)

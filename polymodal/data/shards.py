@@ -233,10 +233,11 @@ def resolve_shards(source: str | os.PathLike | Sequence[str]) -> tuple[list[str]
                     index = json.load(f)
                 paths = [os.path.join(source, s["name"]) for s in index["shards"]]
                 counts = {p: s["count"] for p, s in zip(paths, index["shards"])}
-            else:
-                paths = sorted(glob.glob(os.path.join(source, "shard-*.tar")))
+            else:                                    # ours (shard-*.tar), or img2dataset's / webdataset's (*.tar)
+                paths = sorted(glob.glob(os.path.join(source, "shard-*.tar"))) or \
+                    sorted(glob.glob(os.path.join(source, "*.tar")))
             if not paths:
-                raise FileNotFoundError(f"no shards in {source} (expected {INDEX_NAME} or shard-*.tar)")
+                raise FileNotFoundError(f"no shards in {source} (expected {INDEX_NAME}, shard-*.tar or *.tar)")
         elif "{" in source:
             paths = _expand_braces(source)
         elif any(c in source for c in "*?["):
@@ -299,6 +300,21 @@ def index_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                          f"(`polymodal data frames` does) or decompress it")
     with tarfile.open(path, "r:") as tar:
         return list(_grouped_members(tar, lambda m: (m.offset_data, m.size)))
+
+
+def count_samples(paths: Sequence[str]) -> dict[str, int]:
+    """Samples per shard, from the member headers (one pass each; shards without a `shards.json` index).
+
+    Args:
+        paths: tar shards (compressed ones are read through, uncompressed ones by headers only).
+    Returns:
+        {path: number of samples}.
+    """
+    counts = {}
+    for path in paths:
+        with tarfile.open(path, "r:*") as tar:
+            counts[path] = sum(1 for _ in _grouped_members(tar, lambda m: None))
+    return counts
 
 
 def read_indexed(path: str, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
@@ -438,13 +454,22 @@ class ShardDataset(BuiltSamples, IterableDataset):
         index = int(os.path.basename(key)) if os.path.basename(key).isdigit() else -1
         where = f"shard {shard} key {key}"
         image_ext = next((ext for ext in files if ext not in ("json", "txt", "cls")), None)
-        if "json" not in files or image_ext is None:
-            message = f"{where}: needs an image and a .json member, has {sorted(files)}"
+        if image_ext is None or not ({"json", "txt", "cls"} & set(files)):
+            message = f"{where}: needs an image and a .json, .txt or .cls member, has {sorted(files)}"
             return self.bad(index, INCOMPLETE_SAMPLE, message, None)
         try:
-            record = json.loads(files["json"])
+            record = json.loads(files["json"]) if "json" in files else {}
+            # img2dataset keeps the caption in `<key>.txt` (its .json is metadata); clip_benchmark's webdataset
+            # sets keep a class index in `<key>.cls`.
+            if "txt" in files and "caption" not in record and "captions" not in record:
+                record["caption"] = files["txt"].decode("utf-8").strip()
+            if "cls" in files and "label" not in record:
+                record["label"] = int(files["cls"].decode("utf-8").strip())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return self.bad(index, "malformed_line", f"{where}: .json member is not valid JSON ({e})", e)
+            return self.bad(index, "malformed_line", f"{where}: .json / .txt member is not valid UTF-8 JSON / text "
+                                                     f"({e})", e)
+        except ValueError as e:
+            return self.bad(index, "malformed_line", f"{where}: .cls member is not an integer class index ({e})", e)
         if "_line" in record:
             where += f" (manifest line {record['_line']})"
         try:

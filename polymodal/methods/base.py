@@ -171,6 +171,8 @@ def build_tokenizer(run: Any, out_dir: Path, media: str = "image", texts: Callab
         return Tokenizer.from_dir(run.tokenizer.path)
     if run.model.path:                                  # pretrained weights come with their tokenizer
         return None
+    if _named_config_has_tokenizer(run.model):          # e.g. vit-b-32: the bundled CLIP BPE tokenizer
+        return None
     saved = Path(out_dir) / "tokenizer"
     if (saved / "tokenizer.json").is_file():           # a resumed run reuses its tokenizer
         return Tokenizer.from_dir(saved)
@@ -185,6 +187,21 @@ def build_tokenizer(run: Any, out_dir: Path, media: str = "image", texts: Callab
     if dist_rank() == 0:
         tok.save(saved)
     return tok
+
+
+def _named_config_has_tokenizer(spec: Any) -> bool:
+    """True when the bundled config `model.name` (with its overrides) ships its own tokenizer (OpenAI's CLIP
+    vocabulary): nothing to train, with `data.train` or with `data.shards`."""
+    from ..data.text import bundled_tokenizer
+    from ..models.factory import build_config, list_configs
+    if spec.name not in list_configs():
+        return False
+    try:
+        text = getattr(build_config(spec.name, dict(spec.overrides)), "text", None)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return text is not None and bundled_tokenizer(text.vocab_size, text.eot_token_id, getattr(text, "pool", "eot"),
+                                                  8) is not None
 
 
 def _manifest_texts(run: Any, media: str) -> list[str]:
@@ -232,7 +249,10 @@ def image_text_dataset(run: Any, model: nn.Module, rank: int, world_size: int, m
                                world_size=world_size, image_decoder=_pixel_limited_decoder(d.max_image_pixels))
         # Whole shards per rank give ranks different sample counts; DDP needs equal step counts,
         # so every rank stops an epoch after the same number of batches.
-        _, counts = resolve_shards(d.shards)
+        shards, counts = resolve_shards(d.shards)
+        if counts is None and world_size > 1:         # no shards.json (e.g. img2dataset's folders): count once
+            from ..data.shards import count_samples
+            counts = count_samples(shards)
         per_epoch = sum(counts.values()) // (world_size * d.batch_size) if counts else None
         return dataset, per_epoch
     if not d.train:

@@ -157,7 +157,14 @@ def check_paths(cfg: RunConfig) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"out_dir: cannot write in {probe} (read-only file system or no permission); give a "
                           f"folder you can write, e.g. out_dir=runs/my_run")
-    wanted = [("data.train", cfg.data.train), ("data.shards", cfg.data.shards), ("model.path", cfg.model.path),
+    if cfg.data.shards:                           # a folder, a glob or a brace range: every shard must exist
+        from ..data.shards import resolve_shards
+        try:
+            resolve_shards(cfg.data.shards)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.shards: {e} (checked before training; fix the path, e.g. "
+                                    f"data.shards=data/shards or data.shards='data/shards/{{00000..00009}}.tar')") from None
+    wanted = [("data.train", cfg.data.train), ("model.path", cfg.model.path),
               ("train.val_data", cfg.train.val_data), ("tokenizer.path", cfg.tokenizer.path)]
     wanted += [("eval", p) for p in cfg.eval.paths()]
     wanted += [(cfg.method, p) for p in cfg.method_impl.paths()]
