@@ -346,12 +346,24 @@ def _is_user_error(err: BaseException) -> bool:
     return False
 
 
-def _one_line(err: BaseException) -> str:
+# Hints written with a recipe's keys, as the commands without a recipe spell them.
+FLAG_HINTS = {
+    "data.on_bad_record=skip": "--on-bad-record skip",
+    "point data.train at another one": "give another --data",
+}
+FLAG_COMMANDS = ("eval", "benchmark", "embed", "index", "caption")
+
+
+def _one_line(err: BaseException, command: str = "") -> str:
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename and \
             str(err.filename) not in text:
         text = f"{err.filename}: {text}"
-    return " ".join(str(text).split())
+    text = " ".join(str(text).split())
+    if command in FLAG_COMMANDS:                     # the hint names the flag of the command that is running
+        for key, flag in FLAG_HINTS.items():
+            text = text.replace(key, flag)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:     # one line for what the user can fix; tracebacks for the rest
         if debug or not _is_user_error(err):
             raise
-        print(f"polymodal: error: {_one_line(err)}", file=sys.stderr)
+        print(f"polymodal: error: {_one_line(err, command)}", file=sys.stderr)
         return 2
 
 

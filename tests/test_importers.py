@@ -119,3 +119,44 @@ def test_benchmark_errors_name_the_flag(tmp_path, saved_clip, capsys):
     assert "unknown protocol 'coco5k' (did you mean 'coco-5k'?)" in capsys.readouterr().err
     assert main(["benchmark", str(saved_clip), "--dataset", "coco-5k", "--root", str(tmp_path / "nope")]) == 2
     assert "--root:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,hint", [
+    (lambda p: __import__("gzip").open(p, "wt").write('{"chosen": "a"}\n'), "data import hh-rlhf"),
+    (lambda p: __import__("pickle").dump({"v1": [["a", "dog"]]}, open(p, "wb")), "data import msvd"),
+    (lambda p: p.write_text(json.dumps([{"image": "x.jpg", "caption": "a"}])), "data import lavis"),
+    (lambda p: p.write_text(json.dumps({"images": [{"filename": "a.jpg", "sentences": [{"raw": "a"}]}]})),
+     "data import karpathy"),
+    (lambda p: p.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a"}]})),
+     "data import coco-captions"),
+])
+def test_a_file_of_another_layout_is_named_with_the_import_that_reads_it(tmp_path, content, hint):
+    from polymodal.data.manifests import ManifestError
+    path = tmp_path / "data.jsonl"
+    content(path)
+    with pytest.raises(ManifestError, match=hint):
+        read_manifest(path)
+
+
+def test_a_tar_and_an_openclip_csv_are_named_too(tmp_path):
+    import io
+    import tarfile
+
+    from polymodal.data.sniff import sniff
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"a"))
+    assert "data.shards" in sniff(tmp_path / "x.tar")
+    (tmp_path / "t.csv").write_text("filepath\ttitle\nimg/1.jpg\ta dog\n")
+    assert "data import csv" in sniff(tmp_path / "t.csv")
+    (tmp_path / "plain.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n')
+    assert sniff(tmp_path / "plain.jsonl") == ""
+
+
+def test_eval_hints_name_its_own_flags(tmp_path, saved_clip, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "missing.png", "caption": "a"}\n')
+    assert main(["eval", str(saved_clip), "--task", "retrieval", "--data", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert "--on-bad-record skip" in err and "data.on_bad_record" not in err

@@ -231,15 +231,25 @@ def read_manifest(
                 record = _map_labels(record, *label_map)
         except _BadRecord as bad:
             if on_bad_record == "error":
-                raise ManifestError(f"{path} line {line}: {bad.detail} [{bad.reason}]; {SKIP_HINT}") from None
+                hint = _layout_hint(path) if not manifest.records else ""
+                raise ManifestError(f"{path} line {line}: {bad.detail} [{bad.reason}]; " +
+                                    (hint if hint else SKIP_HINT)) from None
             manifest.note_skip(bad.reason, f"{path}:{line}: {bad.detail}")
             continue
         record["_line"] = line
         manifest.records.append(record)
     if not manifest.records and not allow_empty:
         why = f" ({manifest.report()})" if manifest.skipped else " (the file has no record)"
-        raise ManifestError(f"{path}: no usable record{why}; fix the manifest or point data.train at another one")
+        hint = _layout_hint(path)
+        raise ManifestError(f"{path}: no usable record{why}; " +
+                            (hint if hint else "fix the manifest or point data.train at another one"))
     return manifest
+
+
+def _layout_hint(path: str) -> str:
+    """What the file probably is and the command that reads it (see `polymodal.data.sniff`), or ""."""
+    from .sniff import sniff
+    return sniff(path)
 
 
 # ---- image folders: one subfolder per class ----------------------------------------------------------
