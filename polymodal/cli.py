@@ -319,7 +319,23 @@ def run_eval(args) -> dict:
     if args.task != "longtext":     # one task: its numbers without the prefix, as before
         prefix = specs[0].prefix + "/"
         metrics = {k[len(prefix):]: v for k, v in metrics.items()}
+    if args.task == "zeroshot":     # what the numbers were measured with, in the JSON beside them
+        metrics.update(_zeroshot_prompts(specs[0], data))
     return metrics
+
+
+def _zeroshot_prompts(spec, data: Path) -> dict:
+    """The class names and prompt templates a zero-shot evaluation used."""
+    from .eval.suite import load_classes
+    from .eval.zeroshot import load_templates
+    classes = spec.options["classes"]
+    lang = spec.options.get("lang", "en")
+    if data.is_dir() and not isinstance(classes, (list, tuple)) and not Path(classes).is_file():
+        from .data.folders import read_image_folder
+        classes = read_image_folder(data)[1]
+    names = load_classes(classes)
+    return {"class_names": names["classes"] if lang == "en" else names.get(f"classes_{lang}"),
+            "templates": load_templates(lang)}
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -203,51 +203,88 @@ def encode_clips(model, frames: Tensor, valid: Tensor | None = None) -> Tensor:
     return torch.nn.functional.normalize(mean, dim=-1)
 
 
+class _DecodeClips(torch.utils.data.Dataset):
+    """Record i -> (i, frames (T, 3, H, W), the clip without its raw frames) or (i, None, the error message):
+    decoding and the image transform, picklable for DataLoader workers."""
+
+    def __init__(self, records: list[dict], transform, num_frames: int, strategy: str):
+        self.records, self.transform, self.num_frames, self.strategy = records, transform, num_frames, strategy
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        from .data.video import VideoError, read_video
+        try:
+            clip = read_video(self.records[i]["video"], num_frames=self.num_frames, strategy=self.strategy)
+        except VideoError as e:
+            return i, None, str(e)
+        frames = clip.pixels(self.transform)                                          # (T, 3, H, W)
+        clip.frames = clip.frames[:0]                                                 # times and validity travel
+        return i, frames, clip
+
+
+def _as_list(items):
+    return items
+
+
 class ClipBatches:
     """Decode the records' videos and yield them in batches ready for the model.
+
+    With `workers` > 0 the videos are decoded and transformed in that many worker processes (a DataLoader, order
+    kept), so decoding overlaps the model's encoding; 0 decodes in this process.
 
     Under `on_bad_record="skip"` a video that cannot be read is left out and counted (`skipped`, with the
     first reasons in `skip_examples`); under "error" it stops with a `ManifestError` naming the manifest line
     and the video's error.
 
     Yields:
-        (indices into `records`, frames (B, T, 3, H, W) and valid (B, T) on the model's device, the `VideoClip`s).
+        (indices into `records`, frames (B, T, 3, H, W) and valid (B, T) on the model's device, the `VideoClip`s,
+        whose raw frames are dropped: their times and validity stay).
     Raises:
         ManifestError: a bad video under "error", or no readable video at all.
     """
 
     def __init__(self, model, records: list[dict], num_frames: int = 8, strategy: str = "uniform",
-                 batch_size: int = 16, progress: bool = False, on_bad_record: str = "error", where: str = "manifest"):
+                 batch_size: int = 16, progress: bool = False, on_bad_record: str = "error", where: str = "manifest",
+                 workers: int = 0):
         self.model, self.records, self.where = model, records, where
         self.num_frames, self.strategy, self.batch_size = num_frames, strategy, batch_size
-        self.progress, self.on_bad_record = progress, on_bad_record
+        self.progress, self.on_bad_record, self.workers = progress, on_bad_record, workers
         self.skipped = 0
         self.skip_examples: list[str] = []
 
+    def _decoded(self):
+        """(i, frames, clip) or (i, None, error message) per record, in record order."""
+        data = _DecodeClips(self.records, self.model.image_transform, self.num_frames, self.strategy)
+        if self.workers <= 0:
+            return (data[i] for i in range(len(data)))
+        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=self.workers, collate_fn=_as_list,
+                                             prefetch_factor=max(2, self.batch_size // max(self.workers, 1)))
+        return iter(loader)
+
     def __iter__(self):
         from .data.manifests import SKIP_HINT, ManifestError
-        from .data.video import VideoError, read_video
         device = device_of(self.model)
-        pending: list[tuple[int, object]] = []
+        pending: list[tuple[int, Tensor, object]] = []
         yielded = 0
 
         def batch():
-            frames = torch.stack([c.pixels(self.model.image_transform) for _, c in pending]).to(device)  # (B, T, 3, H, W)
-            valid = torch.stack([c.valid for _, c in pending]).to(device)                            # (B, T)
-            return [i for i, _ in pending], frames, valid, [c for _, c in pending]
+            frames = torch.stack([f for _, f, _ in pending]).to(device)                  # (B, T, 3, H, W)
+            valid = torch.stack([c.valid for _, _, c in pending]).to(device)             # (B, T)
+            return [i for i, _, _ in pending], frames, valid, [c for _, _, c in pending]
 
         records = self.records
-        for i, r in enumerate(progress_bar(records, len(records), "videos", self.progress)):
-            try:
-                clip = read_video(r["video"], num_frames=self.num_frames, strategy=self.strategy)
-            except VideoError as e:
+        for i, frames, clip in progress_bar(self._decoded(), len(records), "videos", self.progress):
+            if frames is None:
+                r = records[i]
                 if self.on_bad_record == "error":
-                    raise ManifestError(f"{self.where} line {r.get('_line', '?')}: {e}; {SKIP_HINT}") from e
+                    raise ManifestError(f"{self.where} line {r.get('_line', '?')}: {clip}; {SKIP_HINT}")
                 self.skipped += 1
                 if len(self.skip_examples) < 3:
-                    self.skip_examples.append(f"line {r.get('_line', '?')}: {e}")
+                    self.skip_examples.append(f"line {r.get('_line', '?')}: {clip}")
                 continue
-            pending.append((i, clip))
+            pending.append((i, frames, clip))
             if len(pending) == self.batch_size:
                 yield batch()
                 yielded += len(pending)
@@ -260,9 +297,10 @@ class ClipBatches:
 
 
 def clip_batches(model, records: list[dict], num_frames: int = 8, strategy: str = "uniform", batch_size: int = 16,
-                 progress: bool = False, on_bad_record: str = "error", where: str = "manifest") -> ClipBatches:
+                 progress: bool = False, on_bad_record: str = "error", where: str = "manifest",
+                 workers: int = 0) -> ClipBatches:
     """The batches of `ClipBatches` (iterate it; its `skipped` count is set once the iteration ends)."""
-    return ClipBatches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, where)
+    return ClipBatches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, where, workers)
 
 
 @torch.no_grad()

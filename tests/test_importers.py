@@ -160,3 +160,11 @@ def test_eval_hints_name_its_own_flags(tmp_path, saved_clip, capsys):
     assert main(["eval", str(saved_clip), "--task", "retrieval", "--data", str(manifest)]) == 2
     err = capsys.readouterr().err
     assert "--on-bad-record skip" in err and "data.on_bad_record" not in err
+
+
+def test_zeroshot_json_lists_the_class_names_and_templates_it_used(tmp_path, saved_clip, capsys):
+    for k, name in enumerate(("cat", "dog")):
+        _image(tmp_path / "photos" / name / "1.png", (100 * k, 50, 50))
+    assert main(["eval", str(saved_clip), "--task", "zeroshot", "--data", str(tmp_path / "photos")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["class_names"] == ["cat", "dog"] and "a photo of a {}." in out["templates"]

@@ -73,3 +73,10 @@ def test_a_video_named_twice_is_one_item_and_long_texts_are_counted(world, model
     tok = model.tokenizer
     cut = sum(len(tok.encode(t)) > tok.context_length - 2 for t in feats.texts)      # counted independently
     assert out["num_videos"] == 6 and out["num_truncated_texts"] == cut >= 1
+
+
+def test_decoding_in_worker_processes_gives_the_same_numbers(world, model, tmp_path):
+    path = _manifest(world, tmp_path, lambda rows: rows)
+    here = run_task("video_retrieval", model, str(path), num_frames=2)
+    workers = run_task("video_retrieval", model, str(path), num_frames=2, decode_workers=2)
+    assert workers == here

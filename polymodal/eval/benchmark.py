@@ -129,7 +129,7 @@ def _model_key(model: str) -> str:
 
 
 def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, device: str = "cpu",
-                  batch_size: int = 0, fresh: bool = False, limit: int = 0) -> list[dict]:
+                  batch_size: int = 0, fresh: bool = False, limit: int = 0, decode_workers: int = 0) -> list[dict]:
     """Run the protocols `names` on `model`; returns one row per dataset ({dataset, task, metrics, ...}).
 
     Every dataset's imported manifest and numbers are cached under `cache`, keyed by the dataset root and the
@@ -148,7 +148,7 @@ def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, de
         root = folders[n]
         data_dir = cache_dir / n / _key(str(root.resolve()), p.format, p.split, p.reader)
         manifest = data_dir / "manifest.jsonl"
-        result = data_dir / f"result-{model_key}-{_key(limit)}.json"
+        result = data_dir / f"result-{model_key}-{_key(limit)}.json"       # decode workers change no number
         if result.is_file() and not fresh:
             row = json.loads(result.read_text(encoding="utf-8"))
             print(f"[benchmark] {n}: cached ({result})", flush=True)
@@ -169,6 +169,8 @@ def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, de
             options["limit"] = limit
         if batch_size and "batch_size" in task_options(p.task):
             options["batch_size"] = batch_size
+        if decode_workers and "decode_workers" in task_options(p.task):
+            options["decode_workers"] = decode_workers
         check_model(p.task, loaded)
         print(f"[benchmark] {n}: {p.task} on {manifest}", flush=True)
         spec = EvalSpec(p.task, str(manifest), options)
@@ -211,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the protocols and exit")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int, default=0, help="items per forward call (default: the task's)")
+    parser.add_argument("--decode-workers", type=int, default=0,
+                        help="video protocols: processes decoding videos while the model encodes (default 0)")
     return parser
 
 
@@ -228,8 +232,10 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--limit {args.limit} must be >= 0")
     for name in args.dataset:
         protocol(name)
+    if args.decode_workers < 0:
+        raise ValueError(f"--decode-workers {args.decode_workers} must be >= 0")
     rows = run_benchmark(args.model, args.dataset, args.root, args.cache, args.device, args.batch_size, args.fresh,
-                         args.limit)
+                         args.limit, args.decode_workers)
     md, csv_rows = table(rows)
     print(md)
     if args.out:

@@ -68,11 +68,12 @@ def _captioning(model, manifest, limit: int = 0, progress: bool = False, lang: s
 
 def _video_retrieval(model, manifest, lang: str = "en", limit: int = 0, progress: bool = False, cache=None,
                      on_bad_record: str = "error", num_frames: int = 8, strategy: str = "uniform",
-                     paragraph: bool = False, dsl: float = 0.0) -> dict:
+                     paragraph: bool = False, dsl: float = 0.0, decode_workers: int = 0) -> dict:
     from .video_retrieval import video_retrieval_eval
     key = "caption" if lang == "en" else f"caption_{lang}"
     return video_retrieval_eval(model, manifest, key, limit, num_frames=num_frames, strategy=strategy,
-                                progress=progress, on_bad_record=on_bad_record, paragraph=paragraph, dsl=dsl)
+                                progress=progress, on_bad_record=on_bad_record, paragraph=paragraph, dsl=dsl,
+                                decode_workers=decode_workers)
 
 
 def _lazy(module: str, name: str) -> Callable[..., dict]:

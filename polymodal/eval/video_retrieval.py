@@ -67,8 +67,8 @@ def text_features(model, texts: list[str]):
 @torch.no_grad()
 def retrieval_features(model, manifest, caption_key: str = "caption", limit: int = 0, num_frames: int = 8,
                        strategy: str = "uniform", batch_size: int = 16, progress: bool = False,
-                       on_bad_record: str = "error", text_batch: int = 256, paragraph: bool = False
-                       ) -> RetrievalFeatures:
+                       on_bad_record: str = "error", text_batch: int = 256, paragraph: bool = False,
+                       decode_workers: int = 0) -> RetrievalFeatures:
     """Read a video manifest and encode its readable videos and all their captions with the model.
 
     Args:
@@ -81,20 +81,20 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
         on_bad_record: "error" | "skip" (unreadable videos left out and counted).
         paragraph: one text per video, its sentences joined in order (a record's `paragraph` field when it has
             one): the DiDeMo / ActivityNet paragraph-to-video protocol.
+        decode_workers: processes decoding videos while the model encodes (0 = decode in this process).
     Returns:
         A `RetrievalFeatures`.
     """
     records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
     records, _ = group_by_media(records, "video", manifest)                 # a video named twice is one item
-    batches = clip_batches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, str(manifest))
+    batches = clip_batches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, str(manifest),
+                           decode_workers)
     video, kept, clips = [], [], []
     for idx, frames, valid, batch_clips in batches:
         rows = [records[i] for i in idx]
         video.append(to_cpu(video_features(model, frames, valid, rows)))
         kept.extend(rows)
         clips.extend(batch_clips)
-    for c in clips:
-        c.frames = c.frames[:0]                                        # times and validity are what extras need
     if paragraph:
         texts = [r.get("paragraph") or " ".join(captions_by_record([r], caption_key, manifest)[0]) for r in kept]
         owner = list(range(len(kept)))
@@ -198,7 +198,8 @@ def _dsl_metrics(model, feats: RetrievalFeatures, block: int, dsl: float) -> dic
 
 def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: int = 0, num_frames: int = 8,
                          strategy: str = "uniform", batch_size: int = 16, progress: bool = False,
-                         on_bad_record: str = "error", paragraph: bool = False, dsl: float = 0.0) -> dict:
+                         on_bad_record: str = "error", paragraph: bool = False, dsl: float = 0.0,
+                         decode_workers: int = 0) -> dict:
     """Video-text retrieval on a manifest of `video` records; every caption of `caption_key` (or its plural list).
 
     Args:
@@ -210,6 +211,7 @@ def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: i
         on_bad_record: "error" | "skip".
         paragraph: one text per video, its sentences joined (DiDeMo / ActivityNet paragraph-to-video retrieval).
         dsl: dual-softmax re-scoring with this inverse temperature (0 = off, the default; labelled when used).
+        decode_workers: processes decoding videos while the model encodes (0 = decode in this process).
     Returns:
         `text_to_video_R@{1,5,10}`, `video_to_text_R@{1,5,10}`, `text_to_video_median_rank` (MdR),
         `text_to_video_mean_rank` (MnR), `mean_recall`, `num_videos`, `num_texts`, `num_skipped` (when videos
@@ -218,8 +220,10 @@ def video_retrieval_eval(model, manifest, caption_key: str = "caption", limit: i
     """
     if dsl < 0:
         raise ValueError(f"dsl: {dsl} must be >= 0 (0 = off)")
+    if decode_workers < 0:
+        raise ValueError(f"decode_workers: {decode_workers} must be >= 0")
     feats = retrieval_features(model, manifest, caption_key, limit, num_frames, strategy, batch_size, progress,
-                               on_bad_record, paragraph=paragraph)
+                               on_bad_record, paragraph=paragraph, decode_workers=decode_workers)
     return retrieval_metrics_of(model, feats, dsl=dsl)
 
 
