@@ -1,13 +1,15 @@
 """Saving and loading models: our own directories, named configs, and other codebases' checkpoints.
 
-`load_model` never touches the network: a path that does not exist and is not a bundled config name
-is an error that says so.
+A path that does not exist and is neither a bundled config name nor a hub id (`ORG/NAME`) is an error that says
+so; hub ids resolve through huggingface_hub's cache (`resolve_hub_id`), downloading only when the user is online
+and has not set `HF_HUB_OFFLINE`.
 """
 from __future__ import annotations
 
 import copy
 import importlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -87,6 +89,39 @@ def load_pretrained(directory) -> torch.nn.Module:
     return model.eval()
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_hub_id(name: str) -> Path | None:
+    """The local snapshot folder of a Hugging Face hub id (`ORG/NAME`), or None when `name` is no hub id.
+
+    The user's cache (`HF_HUB_CACHE`, or `HF_HOME/hub`, or huggingface_hub's default) comes first; a download
+    happens only when the cache lacks it and `HF_HUB_OFFLINE` is not set (the `polymodal` command sets it unless
+    the user did: downloads are opt-in).
+
+    Raises:
+        FileNotFoundError: a hub id that is not cached while offline, naming the id, the cache and the fix.
+    """
+    import os
+    if not HUB_ID.match(name) or name.startswith((".", "/")):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME")
+                                               else None)
+    try:
+        return Path(snapshot_download(name, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise FileNotFoundError(f"{name!r} is not in the Hugging Face cache ({cache or HF_HUB_CACHE}) and "
+                                f"HF_HUB_OFFLINE is set: download it once where you are online "
+                                f"(`huggingface-cli download {name}`), run with HF_HUB_OFFLINE=0, or give a local "
+                                f"path") from None
+    return Path(snapshot_download(name, cache_dir=cache))
+
+
 def check_size(cfg, weights: Path, where: str) -> None:
     """Refuse a config whose model does not fit its weights file, before anything is allocated.
 
@@ -161,9 +196,12 @@ def load_model(path_or_name, **kwargs) -> torch.nn.Module:
     if not path.exists():
         if isinstance(path_or_name, str) and path_or_name in list_configs():
             return named_model(path_or_name, **kwargs)
-        raise FileNotFoundError(
-            f"{path_or_name!r} is neither an existing path nor a bundled config "
-            f"({', '.join(list_configs())}); polymodal never downloads weights: give a local path")
+        snapshot = resolve_hub_id(str(path_or_name))
+        if snapshot is None:
+            raise FileNotFoundError(
+                f"{path_or_name!r} is neither an existing path, a bundled config ({', '.join(list_configs())}) nor "
+                f"a hub id (ORG/NAME); polymodal never downloads weights by a path: give a local path")
+        path = snapshot
     if is_polymodal_dir(path):
         return load_pretrained(path)
     from .convert import CONVERTERS

@@ -1,10 +1,12 @@
 """Shared test helpers."""
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")       # no test reaches a hub, also when pytest runs without make
 
 
 @pytest.fixture

@@ -66,11 +66,39 @@ def test_corrupted_saved_dir_is_a_checkpoint_error(tmp_path):
         polymodal.load_model(tmp_path / "m")
 
 
-def test_missing_path_says_no_download(tmp_path):
+def test_missing_path_says_no_download(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         polymodal.load_model(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"'openai/clip-vit-base-patch32' is not in the Hugging Face cache "
+                                                r"\(.*hub\) and HF_HUB_OFFLINE is set"):
         polymodal.load_model("openai/clip-vit-base-patch32")
+
+
+def test_a_hub_id_loads_from_the_cache_as_huggingface_hub_lays_it_out(tmp_path, monkeypatch, capsys):
+    """`models--org--name/snapshots/<rev>/` with `refs/main` naming the revision, offline."""
+    import json
+    import shutil
+
+    from polymodal.cli import main
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--org--tiny-clip" / "snapshots" / rev
+    model = tiny()
+    model.save_pretrained(tmp_path / "saved")
+    shutil.copytree(tmp_path / "saved", snapshot)
+    (tmp_path / "hub" / "models--org--tiny-clip" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny-clip" / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = polymodal.load_model("org/tiny-clip")
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_image(x), model.eval().encode_image(x))
+    # In a recipe (model.path) the id passes the start-up check.
+    from polymodal.train.run import check_paths, load_recipe
+    check_paths(load_recipe(None, ["model.path=org/tiny-clip", f"out_dir={tmp_path}/run"]))
+    assert main(["eval", "org/nope", "--task", "retrieval", "--data", str(tmp_path / "saved" / "config.json")]) == 2
+    assert "'org/nope' is not in the Hugging Face cache" in capsys.readouterr().err
 
 
 def test_named_config_loads():

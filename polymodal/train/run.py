@@ -170,6 +170,10 @@ def check_paths(cfg: RunConfig) -> None:
     wanted += [(cfg.method, p) for p in cfg.method_impl.paths()]
     if cfg.train.resume not in ("auto", "never"):
         wanted.append(("train.resume", cfg.train.resume))
+    if cfg.model.path and not Path(cfg.model.path).exists():
+        from ..hub import resolve_hub_id
+        if resolve_hub_id(cfg.model.path) is not None:            # a hub id in the cache (or downloaded)
+            wanted = [w for w in wanted if w[0] != "model.path"]
     for key, path in wanted:
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{key}: {path} does not exist (checked before training; fix the path in the "
