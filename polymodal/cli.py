@@ -417,7 +417,8 @@ def _run_data(args) -> None:
 def _run_train(args) -> None:
     from .train.run import load_recipe, run_recipe
     final = run_recipe(load_recipe(args.recipe, args.overrides, base=recipe_defaults()))
-    print(dumps_strict(final, indent=2))
+    if os.environ.get("RANK", "0") == "0":            # under torchrun: one result, from rank 0
+        print(dumps_strict(final, indent=2))
 
 
 def _run_recipe(args) -> None:

@@ -371,6 +371,9 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self._truncate_metrics(self.state.step)
         self.log({"event": "resumed", "checkpoint": str(path), "step": self.state.step})
+        if self.is_main:
+            note = " (the run is finished: nothing left to train)" if self.state.step >= self.tcfg.steps else ""
+            print(f"resuming from step {self.state.step} (checkpoint {path}){note}", flush=True)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after `step` by the run that died, so the curve has no duplicates.
@@ -485,6 +488,12 @@ class Trainer:
             # On a CPU shared with other work (or several ranks per machine), fewer threads than cores
             # can be many times faster: the threads otherwise wait on each other (benchmarks/threads.py).
             torch.set_num_threads(threads)
+        if self.is_main:
+            params = sum(p.numel() for p in self.task.parameters())
+            trained = sum(p.numel() for p in self.task.parameters() if p.requires_grad)
+            print(f"train: device {self.device}, {torch.get_num_threads()} torch thread(s) (train.threads="
+                  f"{self.tcfg.threads}), {self.dist.world_size} process(es); {trained:,} trained of {params:,} "
+                  f"parameters; {self.tcfg.steps} steps", flush=True)
         torch.manual_seed(self.tcfg.seed)
         if self.is_main:
             remove_stale_temp_files(self.ckpt_dir)   # litter of writes a kill interrupted

@@ -210,6 +210,8 @@ def build_loader_factory(cfg: RunConfig, method, model):
         return itertools.islice(loader, skip_batches, per_epoch)
 
     make_loader.manifest_skipped = skipped
+    make_loader.num_samples = len(dataset) if not streaming else None
+    make_loader.batches_per_epoch = len(loader) if not streaming else per_epoch
     return make_loader
 
 
@@ -279,6 +281,11 @@ def run_recipe(cfg: RunConfig) -> dict:
                       val_loader=build_val_loader(cfg, method, model))
     if make_loader.manifest_skipped:
         trainer.log({"step": 0, "manifest_skipped": make_loader.manifest_skipped})
+    if dist_utils.rank() == 0:
+        size = f"{make_loader.num_samples:,} samples" if make_loader.num_samples is not None else "a stream of shards"
+        per = make_loader.batches_per_epoch
+        print(f"data: {size}, batch {cfg.data.batch_size} per process, "
+              f"{f'{per:,} steps per epoch' if per else 'steps per epoch unknown (no shard counts)'}", flush=True)
     final = trainer.fit()
     if dist_utils.rank() == 0 and trainer.state.step >= cfg.train.steps:
         method.final_model(task).save_pretrained(out_dir / "model")

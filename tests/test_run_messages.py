@@ -1,0 +1,27 @@
+"""What training says before its first step (as HF Trainer users expect) and when it resumes."""
+import pytest
+
+from polymodal.train.run import load_recipe, run_recipe
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from polymodal.data.synthetic.shapes import generate_shapes
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(out, n_train=48, n_test=8, n_val=0, n_hard=0, seed=5, progress=False)
+    return out
+
+
+def test_training_says_its_device_threads_parameters_data_and_resume(shapes, tmp_path, capsys):
+    overrides = [f"out_dir={tmp_path}/run", "model.name=tiny", f"data.train={shapes}/train.jsonl",
+                 "data.batch_size=16", "tokenizer.vocab_size=200", "train.steps=4", "train.ckpt_every=2",
+                 "train.progress=false", "train.threads=1", "train.report=false"]
+    run_recipe(load_recipe(None, overrides + ["train.stop_after=2"]))
+    out = capsys.readouterr().out
+    assert "train: device cpu, 1 torch thread(s) (train.threads=1), 1 process(es)" in out
+    assert "trained of" in out and "parameters; 4 steps" in out
+    assert "data: 48 samples, batch 16 per process, 3 steps per epoch" in out
+    run_recipe(load_recipe(None, overrides))
+    assert "resuming from step 2 (checkpoint" in capsys.readouterr().out
+    run_recipe(load_recipe(None, overrides))
+    assert "(the run is finished: nothing left to train)" in capsys.readouterr().out
