@@ -25,3 +25,22 @@ def test_training_says_its_device_threads_parameters_data_and_resume(shapes, tmp
     assert "resuming from step 2 (checkpoint" in capsys.readouterr().out
     run_recipe(load_recipe(None, overrides))
     assert "(the run is finished: nothing left to train)" in capsys.readouterr().out
+
+
+def test_saved_models_and_results_get_the_usual_permissions(shapes, tmp_path):
+    """Atomic writes start from owner-only temporary files (0600 / 0700); what lands follows the umask."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        run_recipe(load_recipe(None, [f"out_dir={tmp_path}/run", "model.name=tiny", f"data.train={shapes}/train.jsonl",
+                                      "data.batch_size=16", "tokenizer.vocab_size=200", "train.steps=1",
+                                      "train.progress=false", "train.threads=1", "train.report=false",
+                                      "train.ckpt_every=0"]))
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+    assert mode(tmp_path / "run" / "model") == 0o755
+    assert mode(tmp_path / "run" / "model" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "run" / "model" / "config.json") == 0o644
+    assert mode(tmp_path / "run" / "final_metrics.json") == 0o644 and mode(tmp_path / "run" / "config.json") == 0o644

@@ -127,7 +127,9 @@ def replace_dir(tmp: Path, directory: Path) -> None:
     exists at every moment; elsewhere the old folder is renamed aside just before the new one is renamed in.
     The old folder is deleted last.
     """
+    from ..fileio import usual_permissions
     tmp, directory = Path(tmp), Path(directory)
+    usual_permissions(tmp)                       # mkdtemp makes folders owner-only; users expect their umask
     if not directory.exists():
         os.replace(tmp, directory)
         return
