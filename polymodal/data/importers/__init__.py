@@ -15,6 +15,10 @@ import importlib
 
 FORMATS: dict[str, str] = {
     "karpathy": "polymodal.data.importers.karpathy:read",
+    "msrvtt": "polymodal.data.importers.msrvtt:read",
+    "msvd": "polymodal.data.importers.msvd:read",
+    "didemo": "polymodal.data.importers.didemo:read",
+    "activitynet": "polymodal.data.importers.activitynet:read",
 }
 
 
