@@ -19,6 +19,9 @@ FORMATS: dict[str, str] = {
     "msvd": "polymodal.data.importers.msvd:read",
     "didemo": "polymodal.data.importers.didemo:read",
     "activitynet": "polymodal.data.importers.activitynet:read",
+    "hh-rlhf": "polymodal.data.importers.hh_rlhf:read",
+    "ultrafeedback": "polymodal.data.importers.ultrafeedback:read",
+    "parquet": "polymodal.data.importers.parquet:read",
 }
 
 

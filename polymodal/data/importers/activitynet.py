@@ -20,7 +20,8 @@ Options: `video_root` (a folder holding the videos, searched first and recursive
 from __future__ import annotations
 
 from .common import Imported, LayoutError, media_roots, read_json_file, require_split
-from .videofiles import VideoIndex, annotation_files, check_options, missing_videos, paragraph
+from .options import check_options
+from .videofiles import VideoIndex, annotation_files, missing_videos, paragraph
 
 SPLIT_FILES = {"train": "train.json", "val_1": "val_1.json", "val_2": "val_2.json"}
 VIDEO_FOLDERS = ["Activity_Videos", "videos"]

@@ -22,7 +22,8 @@ Options: `video_root` (a folder holding the videos, searched first and recursive
 from __future__ import annotations
 
 from .common import Imported, LayoutError, media_roots, read_json_file, require_split
-from .videofiles import VideoIndex, annotation_files, check_options, missing_videos, paragraph
+from .options import check_options
+from .videofiles import VideoIndex, annotation_files, missing_videos, paragraph
 
 SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 SPLIT_LISTS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}

@@ -26,7 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from .common import Imported, LayoutError, media_roots, read_json_file, require_split
-from .videofiles import VideoIndex, annotation_files, check_options, missing_videos
+from .options import check_options
+from .videofiles import VideoIndex, annotation_files, missing_videos
 
 TEST_CSV = "MSRVTT_JSFUSION_test.csv"
 TRAIN_CSVS = {"train9k": "MSRVTT_train.9k.csv", "train7k": "MSRVTT_train.7k.csv"}

@@ -23,7 +23,8 @@ import pickle
 from pathlib import Path
 
 from .common import Imported, LayoutError, media_roots, require_split
-from .videofiles import VideoIndex, annotation_files, check_options, missing_videos
+from .options import check_options
+from .videofiles import VideoIndex, annotation_files, missing_videos
 
 CAPTIONS = "raw-captions.pkl"
 SPLIT_LISTS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}

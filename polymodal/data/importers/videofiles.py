@@ -1,10 +1,10 @@
-"""What the video readers share: finding a layout's annotation files, indexing its videos by name, options.
+"""What the video readers share: finding a layout's annotation files and indexing its videos by name.
 
 Video datasets ship their clips in containers that vary within one set (DiDeMo mixes .mov, .mp4, .avi, .3gp ...)
-and are often re-encoded before use (CLIP4Clip's `compress_video.py` writes .mp4 beside the originals' names), so a
-video is found by its file name or, failing that, by its stem with any video extension. The index walks the
-layout's known video folders (recursively) and the root folder itself (not below), or the folder given as the
-`video_root` option (recursively), which comes first.
+and are often re-encoded before use (to .mp4 or .webm, keeping the stem), so a video is found by its file name
+or, failing that, by its stem with any video extension. The index walks the layout's known video folders
+(recursively) and the root folder itself (not below), and first the folder given as the `video_root` option
+(recursively).
 """
 from __future__ import annotations
 
@@ -14,15 +14,6 @@ from .common import LayoutError
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".3gp", ".3g2", ".wmv",
                   ".flv", ".mts", ".m2ts", ".ts", ".vob")
-
-
-def check_options(fmt: str, options: dict, known: tuple) -> None:
-    """ValueError naming an unknown reader option and the format's options."""
-    from ...config import did_you_mean
-    for name in options:
-        if name not in known:
-            raise LayoutError(f"{fmt}: unknown option {name!r}{did_you_mean(name, known)}; its options: "
-                              f"{', '.join(known) or 'none'} (-o KEY=VALUE)")
 
 
 def annotation_files(src, names: list[str]) -> dict[str, Path]:
@@ -116,4 +107,4 @@ def paragraph(sentences: list[str]) -> str:
     return " ".join(" ".join(s.split()) for s in sentences if s.strip())
 
 
-__all__ = ["VIDEO_SUFFIXES", "VideoIndex", "annotation_files", "check_options", "missing_videos", "paragraph"]
+__all__ = ["VIDEO_SUFFIXES", "VideoIndex", "annotation_files", "missing_videos", "paragraph"]
