@@ -246,3 +246,86 @@ def test_activitynet_writes_sentences_paragraph_and_timestamps(tmp_path):
     assert recs[1]["video"] == str((root / "Activity_Videos" / "ehGHCYKzyZ8.mkv").resolve())
     val = import_dataset("activitynet", root / "val_1.json", tmp_path / "v.jsonl", split="val_1")
     assert val["num_records"] == 1
+
+
+# ---- LLaVA conversations (llava_v1_5_mix665k.json + the image folder it is relative to) -----------------------
+def _image(path: Path, color=(200, 30, 30)) -> Path:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path)
+    return path
+
+
+def _llava(data: Path) -> Path:
+    """playground/data as LLaVA's README lays it out: the JSON beside coco/, gqa/ ..."""
+    _image(data / "coco" / "train2017" / "000000000009.jpg")
+    _image(data / "gqa" / "images" / "2354786.jpg", (20, 200, 20))
+    entries = [
+        {"id": "000000000009", "image": "coco/train2017/000000000009.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A cat."},
+            {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Black."}]},
+        {"id": "2354786", "image": "gqa/images/2354786.jpg", "conversations": [
+            {"from": "gpt", "value": "(a first turn that is not the human's: skipped)"},
+            {"from": "human", "value": "Is there a dog?\n<image>"}, {"from": "gpt", "value": "No."}]},
+        {"id": "sharegpt_1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        {"id": "broken", "image": "coco/train2017/000000000009.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nOne?"}, {"from": "human", "value": "Two?"}]},
+        {"id": "gone", "image": "vg/VG_100K/1.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "Here."}]}]
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "llava_v1_5_mix665k.json").write_text(json.dumps(entries))
+    return data / "llava_v1_5_mix665k.json"
+
+
+def test_llava_writes_one_question_answer_record_per_turn_pair(tmp_path):
+    path = _llava(tmp_path / "playground" / "data")
+    summary = import_dataset("llava", path, tmp_path / "llava.jsonl")
+    assert summary["kind"] == "mllm" and summary["num_records"] == 3
+    assert summary["notes"] == [
+        "1 conversation(s) whose turns do not alternate human / gpt (or whose image is not one path) were left out "
+        "(first id: broken)",
+        "1 text-only conversation(s) (no image) were left out: the MLLM reads an image for every record "
+        "(-o text_only=keep writes them)",
+        f"1 conversation(s) whose image is not under {path.parent} were left out (first: vg/VG_100K/1.jpg)"]
+    recs = _records(tmp_path / "llava.jsonl")
+    assert recs[0] == {"image": "playground/data/coco/train2017/000000000009.jpg", "prompt": "What is in the picture?",
+                       "answer": "A cat.", "options": [], "kind": "instruction", "id": "000000000009", "turn": 0}
+    assert [(r["prompt"], r["answer"], r["turn"]) for r in recs[1:]] == [
+        ("What colour is it?", "Black.", 1), ("Is there a dog?", "No.", 0)]
+
+
+def test_llava_options_history_text_only_and_image_root(tmp_path):
+    path = _llava(tmp_path / "playground" / "data")
+    elsewhere = tmp_path / "annotations" / "llava_v1_5_mix665k.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(path.read_text())
+    with pytest.raises(LayoutError, match="none of the 3 images was found .* -o image_root=FOLDER"):
+        import_dataset("llava", elsewhere, tmp_path / "x.jsonl")
+    import_dataset("llava", elsewhere, tmp_path / "h.jsonl", image_root=path.parent, history=True, text_only="keep")
+    recs = _records(tmp_path / "h.jsonl")
+    assert recs[1]["prompt"] == "Human: What is in the picture?\nAssistant: A cat.\nHuman: What colour is it?"
+    assert recs[3] == {"prompt": "Hi", "answer": "Hello!", "options": [], "kind": "instruction", "id": "sharegpt_1",
+                       "turn": 0}
+    with pytest.raises(LayoutError, match="llava: history must be true or false"):
+        import_dataset("llava", path, tmp_path / "x.jsonl", history="yes")
+    with pytest.raises(LayoutError, match="no split 'train'; it has none"):
+        import_dataset("llava", path, tmp_path / "x.jsonl", split="train")
+
+
+def test_llava_records_train_the_asd_method(tmp_path, monkeypatch):
+    from polymodal import methods
+    from polymodal.methods.asd import ASDMethod, training_records
+    from polymodal.train.run import load_recipe, run_recipe
+    path = _llava(tmp_path / "playground" / "data")
+    import_dataset("llava", path, tmp_path / "llava.jsonl")
+    recs = training_records(tmp_path / "llava.jsonl")
+    assert [r["image"] for r in recs] == [str(path.parent / "coco" / "train2017" / "000000000009.jpg")] * 2 + [
+        str(path.parent / "gqa" / "images" / "2354786.jpg")]
+    monkeypatch.setitem(methods.METHODS, "asd", ASDMethod)
+    recipe = load_recipe(None, ["method=asd", f"out_dir={tmp_path / 'run'}", "model.name=mllm-tiny",
+                                f"data.train={tmp_path / 'llava.jsonl'}", "model.overrides={lm.width: 32, lm.heads: 2}",
+                                "data.batch_size=3", "train.steps=2", "train.progress=false", "train.threads=1",
+                                "optim.warmup_steps=1", "tokenizer.vocab_size=300", "train.ckpt_every=0"])
+    result = run_recipe(recipe)
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+    assert result["weight"] == 1.0               # no concept question: every Skew is 0, plain fine-tuning

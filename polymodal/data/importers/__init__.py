@@ -22,6 +22,7 @@ FORMATS: dict[str, str] = {
     "hh-rlhf": "polymodal.data.importers.hh_rlhf:read",
     "ultrafeedback": "polymodal.data.importers.ultrafeedback:read",
     "parquet": "polymodal.data.importers.parquet:read",
+    "llava": "polymodal.data.importers.llava:read",
 }
 
 
