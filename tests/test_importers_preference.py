@@ -193,3 +193,24 @@ def test_parquet_maps_other_columns_and_names_a_missing_one(tmp_path):
         import_dataset("parquet", tmp_path / "train.parquet", tmp_path / "x.jsonl")
     with pytest.raises(LayoutError, match="keys: unknown field 'answer'"):
         import_dataset("parquet", tmp_path / "train.parquet", tmp_path / "x.jsonl", keys={"answer": "good"})
+
+
+def test_data_import_command_passes_options_to_the_preference_readers(tmp_path, capsys):
+    from polymodal.cli import main
+    root = _ultrafeedback(tmp_path / "UltraFeedback")
+    assert main(["data", "import", "ultrafeedback", str(root), "--out", str(tmp_path / "o.jsonl"),
+                 "-o", "score=overall", "-o", "seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: ") == 2 and json.loads(out[out.index("\n{") + 1:])["num_records"] == 1
+    assert _records(tmp_path / "o.jsonl")[0]["chosen"][1]["content"] == "Nine?"
+    assert main(["data", "import", "hh-rlhf", str(tmp_path), "--out", str(tmp_path / "x.jsonl"), "-o", "seed=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "polymodal: error: hh-rlhf: unknown option 'seed'; its options: none (-o KEY=VALUE)"
+
+
+def test_data_import_command_maps_parquet_keys_given_as_options(tmp_path, capsys):
+    from polymodal.cli import main
+    root = _h4_parquet(tmp_path / "ultrafeedback_binarized")
+    assert main(["data", "import", "parquet", str(root), "--out", str(tmp_path / "p.jsonl"), "--split", "test_prefs",
+                 "-o", "keys.margin=[score_chosen,score_rejected]"]) == 0
+    assert _records(tmp_path / "p.jsonl")[0]["margin"] == 4.0
