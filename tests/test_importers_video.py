@@ -109,6 +109,19 @@ def test_msrvtt_with_no_video_in_place_names_the_folders_and_the_option(tmp_path
         import_dataset("msrvtt", root, tmp_path / "x.jsonl", video_dir=root)
 
 
+def test_msrvtt_training_splits_without_the_caption_json_are_named(tmp_path):
+    root = _msrvtt(tmp_path / "msrvtt")
+    os.remove(root / "msrvtt_data" / "MSRVTT_data.json")
+    summary = import_dataset("msrvtt", root, tmp_path / "t.jsonl")
+    assert summary["splits"] == ["test"]
+    assert summary["notes"] == ["train9k, train7k left out: MSRVTT_data.json (their captions) not found"]
+    with pytest.raises(FileNotFoundError, match="split train9k takes its captions from MSRVTT_data.json"):
+        import_dataset("msrvtt", root, tmp_path / "x.jsonl", split="train9k")
+    os.remove(root / "msrvtt_data" / "MSRVTT_JSFUSION_test.csv")
+    with pytest.raises(FileNotFoundError, match="the training splits take their captions from MSRVTT_data.json"):
+        import_dataset("msrvtt", root, tmp_path / "x.jsonl")
+
+
 def test_an_imported_video_decodes(tmp_path):
     from polymodal.data.video import read_video
     root = _msrvtt(tmp_path / "msrvtt")

@@ -81,6 +81,9 @@ def read(src, split: str | None = None, **options) -> Imported:
             raise FileNotFoundError(f"{src}: split {split} takes its captions from {DATA_JSON}, which is not there")
         notes.append(f"{', '.join(s for s in wanted if s != 'test')} left out: {DATA_JSON} (their captions) not found")
         wanted = [s for s in wanted if s == "test"]
+        if not wanted:
+            raise FileNotFoundError(f"{src}: the training splits take their captions from {DATA_JSON}, which is not "
+                                    f"there (CLIP4Clip's msrvtt_data.zip holds it)")
     anchor = files[TEST_CSV] if "test" in wanted else files[TRAIN_CSVS[wanted[0]]]
     index = VideoIndex(media_roots(src, anchor), VIDEO_FOLDERS, options.get("video_root"))
     sentences = _sentences(files[DATA_JSON]) if any(s != "test" for s in wanted) else {}
@@ -96,7 +99,7 @@ def read(src, split: str | None = None, **options) -> Imported:
         else:
             ids = [r["video_id"] for r in _csv_rows(source, ("video_id",)) if r["video_id"]]
             uncaptioned += [v for v in ids if not sentences.get(v)]
-            items = [(v, sentences[v]) for v in ids if sentences.get(v)]
+            items = [(v, list(sentences[v])) for v in ids if sentences.get(v)]
         for video_id, captions in items:
             video = index.find(f"{video_id}.mp4", video_id)
             if video is None:
