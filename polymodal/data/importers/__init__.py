@@ -15,6 +15,14 @@ import importlib
 
 FORMATS: dict[str, str] = {
     "karpathy": "polymodal.data.importers.karpathy:read",
+    "msrvtt": "polymodal.data.importers.msrvtt:read",
+    "msvd": "polymodal.data.importers.msvd:read",
+    "didemo": "polymodal.data.importers.didemo:read",
+    "activitynet": "polymodal.data.importers.activitynet:read",
+    "hh-rlhf": "polymodal.data.importers.hh_rlhf:read",
+    "ultrafeedback": "polymodal.data.importers.ultrafeedback:read",
+    "parquet": "polymodal.data.importers.parquet:read",
+    "llava": "polymodal.data.importers.llava:read",
 }
 
 
