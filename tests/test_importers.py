@@ -168,3 +168,9 @@ def test_zeroshot_json_lists_the_class_names_and_templates_it_used(tmp_path, sav
     assert main(["eval", str(saved_clip), "--task", "zeroshot", "--data", str(tmp_path / "photos")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["class_names"] == ["cat", "dog"] and "a photo of a {}." in out["templates"]
+
+
+def test_an_unknown_reader_option_is_one_line(tmp_path, capsys):
+    root = _karpathy_coco(tmp_path / "coco")
+    assert main(["data", "import", "karpathy", str(root), "--out", str(tmp_path / "m.jsonl"), "-o", "spilt=test"]) == 2
+    assert "karpathy: unknown option 'spilt'" in capsys.readouterr().err

@@ -41,8 +41,15 @@ def import_dataset(fmt: str, src, out, split: str | None = None, **options) -> d
     Returns:
         A summary: format, source, out, split, counts and notes (what was grouped, dropped or guessed).
     """
+    import inspect
+
     from .common import write_imported
-    imported = reader(fmt)(src, split, **options)
+    read = reader(fmt)
+    params = inspect.signature(read).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):   # a reader with **options checks its own
+        from .options import check_options
+        check_options(fmt, options, tuple(n for n in params if n not in ("src", "split")))
+    imported = read(src, split, **options)
     return write_imported(imported, out, fmt, src, split)
 
 
