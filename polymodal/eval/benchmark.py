@@ -84,8 +84,9 @@ PROTOCOLS: dict[str, Protocol] = {
                             doc="ActivityNet Captions val_1, paragraph-to-video"),
     "hh-rlhf": Protocol("hh-rlhf", "test", "preference", folder="hh-rlhf", headline=PREFERENCE,
                         doc="Anthropic HH-RLHF test pairs: reward accuracy (chosen scored above rejected)"),
-    "ultrafeedback": Protocol("ultrafeedback", "test", "preference", folder="ultrafeedback", headline=PREFERENCE,
-                              doc="UltraFeedback, binarised (best vs a worse completion): reward accuracy"),
+    "ultrafeedback": Protocol("ultrafeedback", None, "preference", folder="ultrafeedback", headline=PREFERENCE,
+                              doc="UltraFeedback binarised (the best mean rating against a strictly worse "
+                                  "completion, seeded): reward accuracy"),
 }
 
 
