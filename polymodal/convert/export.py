@@ -43,6 +43,23 @@ def _check_clip(model, fmt: str) -> None:
                           f"(model_type 'clip') can be exported; save it with model.save_pretrained(dir) instead")
 
 
+def _way_out(model, other: str) -> str:
+    """What to do when one format refuses the model: the other format when it takes the model, else neither."""
+    try:
+        if other == "hf":
+            from .hf_clip import hf_config_from, to_hf_state_dict
+            hf_config_from(model.config, 1.0)
+            to_hf_state_dict(model)
+        else:
+            from .openclip import openclip_config_from, to_openclip_state_dict
+            openclip_config_from(model.config)
+            to_openclip_state_dict(model)
+    except ValueError:
+        return ("this model has no equivalent in the HF or the OpenCLIP layout; keep polymodal's own format "
+                "(model.save_pretrained, which pm.load_model reads)")
+    return f"export with --format {other}, or keep polymodal's own format (model.save_pretrained)"
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -117,8 +134,7 @@ def _write_hf(model, directory: Path) -> None:
             state[key] = state[key].clone()
             state[key][list(swap)] = state[key][list(reversed(swap))]
     except ValueError as e:
-        raise ExportError(f"{e}; export with --format openclip, or keep polymodal's own format "
-                          f"(model.save_pretrained)") from None
+        raise ExportError(f"{e}; {_way_out(model, 'openclip')}") from None
     _write_json(directory / "config.json", config)
     _save_weights(state, directory / HF_WEIGHTS)
     if model.image_transform is not None:
@@ -140,8 +156,7 @@ def _write_openclip(model, directory: Path) -> None:
         model_cfg = openclip_config_from(model.config)
         state = to_openclip_state_dict(model)
     except ValueError as e:
-        raise ExportError(f"{e}; export with --format hf, or keep polymodal's own format "
-                          f"(model.save_pretrained)") from None
+        raise ExportError(f"{e}; {_way_out(model, 'hf')}") from None
     preprocess = {}
     if model.image_transform is not None:
         t = model.image_transform
