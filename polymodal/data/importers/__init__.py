@@ -15,6 +15,9 @@ import importlib
 
 FORMATS: dict[str, str] = {
     "karpathy": "polymodal.data.importers.karpathy:read",
+    "lavis": "polymodal.data.importers.lavis:read",
+    "coco-captions": "polymodal.data.importers.coco_captions:read",
+    "csv": "polymodal.data.importers.openclip_csv:read",
 }
 
 

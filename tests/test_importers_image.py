@@ -1,0 +1,176 @@
+"""`polymodal data import`: image-text, classification and long-text readers, each on a tiny fixture built in
+the exact layout its public code reads (see each reader's docstring), and the image-folder guards."""
+import base64
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from polymodal.cli import main
+from polymodal.data.importers import FORMATS, import_dataset, reader
+from polymodal.data.importers.common import LayoutError
+from polymodal.data.manifests import ManifestError, read_image_folder, read_manifest
+
+MY_FORMATS = ["lavis", "coco-captions", "csv"]
+
+
+def _image(path: Path, color=(200, 30, 30), fmt=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path, format=fmt)
+    return path
+
+
+def _image_bytes(color, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _read(out: Path) -> list:
+    return read_manifest(out, required=("image",)).records
+
+
+def _resolved(p: Path) -> str:
+    return str(p.resolve())
+
+
+def test_every_reader_docstring_names_its_source_layout_and_options():
+    for fmt in MY_FORMATS:
+        assert fmt in FORMATS
+        doc = __import__(reader(fmt).__module__, fromlist=["x"]).__doc__
+        assert doc.startswith(f"`{fmt}`"), fmt
+        assert "Layout (" in doc and "/" in doc.split("Layout (", 1)[1].split(")")[0], fmt   # a repo + path
+        assert "Options:" in doc and "`--split`" in doc, fmt
+
+
+# ---- lavis -----------------------------------------------------------------------------------------------------
+def _lavis_coco(root: Path) -> Path:
+    """~/.cache/lavis/coco as LAVIS stores it: annotations/coco_karpathy_*.json beside images/{train,val}2014."""
+    for k, folder in enumerate(["val2014", "val2014", "train2014", "val2014"]):
+        _image(root / "images" / folder / f"COCO_{folder}_{k:012d}.jpg", (50 * k, 10, 10))
+    ann = root / "annotations"
+    ann.mkdir(parents=True)
+    train = [{"caption": "a man rides a moped ", "image": "val2014/COCO_val2014_000000000000.jpg",
+              "image_id": "coco_0"},
+             {"caption": "a dirt road", "image": "val2014/COCO_val2014_000000000001.jpg", "image_id": "coco_1"},
+             {"caption": "a motorcycle on a hill", "image": "val2014/COCO_val2014_000000000000.jpg",
+              "image_id": "coco_0"}]
+    test = [{"image": "train2014/COCO_train2014_000000000002.jpg", "caption": ["two dogs", "dogs on grass"]},
+            {"image": "val2014/COCO_val2014_000000000003.jpg", "caption": ["a cake"]}]
+    (ann / "coco_karpathy_train.json").write_text(json.dumps(train))
+    (ann / "coco_karpathy_test.json").write_text(json.dumps(test))
+    return root
+
+
+def test_lavis_groups_train_captions_per_image_id_and_keeps_eval_lists(tmp_path):
+    root = _lavis_coco(tmp_path / "coco")
+    summary = import_dataset("lavis", root, tmp_path / "all.jsonl")
+    assert summary["num_records"] == 4 and summary["num_texts"] == 6 and summary["splits"] == ["test", "train"]
+    assert any("3 caption entries grouped into 2 images" in n for n in summary["notes"])
+    recs = _read(tmp_path / "all.jsonl")
+    by_image = {Path(r["image"]).name: r for r in recs}
+    assert by_image["COCO_val2014_000000000000.jpg"]["captions"] == ["a man rides a moped", "a motorcycle on a hill"]
+    assert recs[0] == {"image": _resolved(root / "images" / "train2014" / "COCO_train2014_000000000002.jpg"),
+                       "captions": ["two dogs", "dogs on grass"], "split": "test", "_line": 1}   # test file first
+    test = import_dataset("lavis", root / "annotations" / "coco_karpathy_test.json", tmp_path / "t.jsonl")
+    assert test["num_records"] == 2 and test["splits"] == ["test"]
+    with pytest.raises(LayoutError, match="no split 'val'; it has test, train"):
+        import_dataset("lavis", root, tmp_path / "x.jsonl", split="val")
+
+
+def test_lavis_flickr_layout_and_image_root_option(tmp_path):
+    root = tmp_path / "flickr30k"
+    _image(root / "images" / "flickr30k-images" / "1007129816.jpg")
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "test.json").write_text(json.dumps(
+        [{"image": "flickr30k-images/1007129816.jpg", "caption": ["a man in an orange hat", "a man wears glasses"]},
+         {"image": "flickr30k-images/missing.jpg", "caption": ["gone"]}]))
+    summary = import_dataset("lavis", root, tmp_path / "f.jsonl", split="test")
+    assert summary["num_records"] == 1 and "1 image(s) listed in the annotations were not found" in summary["notes"][-1]
+    other = tmp_path / "elsewhere"
+    _image(other / "flickr30k-images" / "1007129816.jpg")
+    import_dataset("lavis", root, tmp_path / "g.jsonl", image_root=str(other))
+    assert _read(tmp_path / "g.jsonl")[0]["image"] == _resolved(other / "flickr30k-images" / "1007129816.jpg")
+    with pytest.raises(LayoutError, match="none of the images was found"):
+        import_dataset("lavis", root, tmp_path / "h.jsonl", image_root=str(tmp_path / "nothing"))
+
+
+# ---- coco-captions ---------------------------------------------------------------------------------------------
+def test_coco_captions_groups_annotations_per_image_in_file_order(tmp_path):
+    root = tmp_path / "mscoco_captions"                  # CLIP_benchmark: coco_test_karpathy.json beside val2014/
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in (391895, 522418, 184613)]
+    for k, n in enumerate(names):
+        _image(root / "val2014" / n, (10, 60 * k, 10))
+    data = {"images": [{"id": 391895, "file_name": names[0]}, {"id": 522418, "file_name": names[1]},
+                       {"id": 184613, "file_name": names[2]}],
+            "annotations": [{"image_id": 522418, "id": 1, "caption": "a woman cutting a cake"},
+                            {"image_id": 391895, "id": 2, "caption": "a man on a moped"},
+                            {"image_id": 522418, "id": 3, "caption": "a cake on a table "}]}
+    (root / "coco_test_karpathy.json").write_text(json.dumps(data))
+    summary = import_dataset("coco-captions", root, tmp_path / "c.jsonl")
+    assert summary["num_records"] == 2 and summary["num_texts"] == 3 and summary["splits"] == ["test"]
+    assert "1 image(s) have no caption" in summary["notes"][0]
+    recs = _read(tmp_path / "c.jsonl")
+    assert recs[0]["image"] == _resolved(root / "val2014" / names[0]) and recs[0]["captions"] == ["a man on a moped"]
+    assert recs[1]["captions"] == ["a woman cutting a cake", "a cake on a table"]
+
+
+def test_coco_captions_official_annotation_file_split_from_its_name(tmp_path):
+    root = tmp_path / "coco"
+    _image(root / "val2014" / "COCO_val2014_000000000042.jpg")
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(
+        {"images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}],
+         "annotations": [{"image_id": 42, "id": 7, "caption": "a red square"}]}))
+    summary = import_dataset("coco-captions", root / "annotations" / "captions_val2014.json", tmp_path / "v.jsonl")
+    assert summary["splits"] == ["val"] and summary["num_records"] == 1
+    (root / "annotations" / "bad").mkdir()
+    (root / "annotations" / "bad" / "captions_val2014.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(LayoutError, match="not a COCO caption file"):
+        import_dataset("coco-captions", root / "annotations" / "bad", tmp_path / "b.jsonl")
+
+
+# ---- csv -------------------------------------------------------------------------------------------------------
+def test_csv_rows_of_one_image_become_one_record_with_all_captions(tmp_path):
+    """The silent misread: one row per caption read as one image per row. Here 5 rows name 2 images."""
+    for name in ("a.jpg", "b.jpg"):
+        _image(tmp_path / "imgs" / name)
+    rows = ["filepath\ttitle"] + [f"imgs/a.jpg\tcaption a{i}" for i in range(3)] + \
+        [f"imgs/b.jpg\tcaption b{i}" for i in range(2)]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    summary = import_dataset("csv", tmp_path / "pairs.csv", tmp_path / "m.jsonl")
+    assert summary["num_records"] == 2 and summary["num_texts"] == 5
+    assert "5 rows name 2 images" in summary["notes"][0]
+    recs = _read(tmp_path / "m.jsonl")
+    assert recs[0]["captions"] == ["caption a0", "caption a1", "caption a2"]
+    assert recs[1]["image"] == _resolved(tmp_path / "imgs" / "b.jpg")
+
+
+def test_csv_clip_benchmark_flickr_file_with_commas_inside_captions(tmp_path):
+    root = tmp_path / "flickr30k"
+    for name in ("1000092795.jpg", "10002456.jpg"):
+        _image(root / "flickr30k-images" / name)
+    (root / "flickr30k_test_karpathy.txt").write_text(
+        "image,caption\n1000092795.jpg,Two young guys with shaggy hair look at their hands.\n"
+        "1000092795.jpg,Two men, one in a green shirt, are in a yard.\n10002456.jpg,Four men on a tall structure.\n")
+    with pytest.raises(LayoutError, match="no column 'filepath'.*needs -o sep=comma"):
+        import_dataset("csv", root / "flickr30k_test_karpathy.txt", tmp_path / "x.jsonl")
+    summary = import_dataset("csv", root / "flickr30k_test_karpathy.txt", tmp_path / "f.jsonl", sep="comma",
+                             image_key="image", caption_key="caption")
+    assert summary["num_records"] == 2 and summary["num_texts"] == 3
+    assert any("1 row(s) had more fields than the header" in n for n in summary["notes"])
+    assert _read(tmp_path / "f.jsonl")[0]["captions"][1] == "Two men, one in a green shirt, are in a yard."
+
+
+def test_csv_options_through_the_command_line(tmp_path, capsys):
+    _image(tmp_path / "x.png")
+    (tmp_path / "t.tsv").write_text("path\ttext\nx.png\ta red square\n")
+    code = main(["data", "import", "csv", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "o.jsonl"),
+                 "-o", "image_key=path", "-o", "caption_key=text", "-o", "sep=tab"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["num_records"] == 1
+    with pytest.raises(LayoutError, match="it has none"):
+        import_dataset("csv", tmp_path / "t.tsv", tmp_path / "o.jsonl", split="test", image_key="path",
+                       caption_key="text")
