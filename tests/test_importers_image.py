@@ -14,7 +14,7 @@ from polymodal.data.importers import FORMATS, import_dataset, reader
 from polymodal.data.importers.common import LayoutError
 from polymodal.data.manifests import ManifestError, read_image_folder, read_manifest
 
-MY_FORMATS = ["lavis", "coco-captions", "csv"]
+MY_FORMATS = ["lavis", "coco-captions", "csv", "chinese-clip", "coco-cn"]
 
 
 def _image(path: Path, color=(200, 30, 30), fmt=None) -> Path:
@@ -174,3 +174,84 @@ def test_csv_options_through_the_command_line(tmp_path, capsys):
     with pytest.raises(LayoutError, match="it has none"):
         import_dataset("csv", tmp_path / "t.tsv", tmp_path / "o.jsonl", split="test", image_key="path",
                        caption_key="text")
+
+
+# ---- chinese-clip ----------------------------------------------------------------------------------------------
+def _chinese_clip(root: Path) -> dict:
+    """A Chinese-CLIP dataset folder: {split}_imgs.tsv (id<TAB>base64) and {split}_texts.jsonl."""
+    root.mkdir(parents=True)
+    images = {"1000002": _image_bytes((255, 0, 0)), "1000003": _image_bytes((0, 255, 0), "JPEG"),
+              "1000004": _image_bytes((0, 0, 255))}
+    lines = [f"{i}\t{base64.b64encode(b).decode()}" for i, b in images.items()]
+    lines[1] = lines[1].replace("+", "-").replace("/", "_")                   # URL-safe base64 is read too
+    (root / "test_imgs.tsv").write_text("\n".join(lines) + "\n")
+    texts = [{"text_id": 8428, "text": "高级感托特包斜挎", "image_ids": [1000002, 1000003]},
+             {"text_id": 8429, "text": "红色的方块", "image_ids": [1000003]},
+             {"text_id": 8430, "text": "没有图片的文本", "image_ids": []}]
+    (root / "test_texts.jsonl").write_text("\n".join(json.dumps(t, ensure_ascii=False) for t in texts) + "\n")
+    return images
+
+
+def test_chinese_clip_decodes_images_and_keeps_a_texts_several_images(tmp_path):
+    root = tmp_path / "MUGE"
+    images = _chinese_clip(root)
+    summary = import_dataset("chinese-clip", root, tmp_path / "m.jsonl")
+    recs = _read(tmp_path / "m.jsonl")
+    assert summary["num_records"] == 2 and summary["splits"] == ["test"]
+    assert [r["captions_zh"] for r in recs] == [["高级感托特包斜挎"], ["高级感托特包斜挎", "红色的方块"]]
+    assert [r["text_ids"] for r in recs] == [[8428], [8428, 8429]]          # parallel to captions_zh
+    assert Path(recs[0]["image"]) == (root / "images_decoded" / "test" / "1000002.png").resolve()
+    assert Path(recs[1]["image"]).read_bytes() == images["1000003"] and recs[1]["image"].endswith(".jpg")
+    notes = " | ".join(summary["notes"])
+    assert "1 of 3 texts match several images" in notes and "1 text(s) list no image" in notes
+    assert "1 image(s) in test_imgs.tsv match no text" in notes
+    import_dataset("chinese-clip", root, tmp_path / "n.jsonl", split="test", image_dir=str(tmp_path / "dec"))
+    assert (tmp_path / "dec" / "test" / "1000003.jpg").is_file()
+
+
+def test_chinese_clip_refuses_an_image_id_that_is_a_path(tmp_path):
+    root = tmp_path / "evil"
+    root.mkdir()
+    (root / "test_imgs.tsv").write_text(f"../../x\t{base64.b64encode(_image_bytes((1, 2, 3))).decode()}\n")
+    (root / "test_texts.jsonl").write_text(json.dumps({"text_id": 1, "text": "t", "image_ids": ["../../x"]}) + "\n")
+    with pytest.raises(LayoutError, match="not a plain file name"):
+        import_dataset("chinese-clip", root, tmp_path / "e.jsonl")
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---- coco-cn ---------------------------------------------------------------------------------------------------
+def _coco_cn(coco: Path) -> Path:
+    rel = coco / "coco-cn-version1805v1.1"
+    rel.mkdir(parents=True)
+    ids = {"train": ["COCO_train2014_000000128475"], "val": ["COCO_val2014_000000498374"],
+           "test": ["COCO_val2014_000000217153", "COCO_val2014_000000000073"]}
+    for split, names in ids.items():
+        (rel / f"coco-cn_{split}.txt").write_text("\n".join(names) + "\n")
+        for n in names:
+            _image(coco / n.split("_")[1] / f"{n}.jpg")
+    (rel / "imageid.human-written-caption.txt").write_text(
+        "COCO_val2014_000000217153#0\t一个男人和一个女人穿着军装玩手机。\n"
+        "COCO_train2014_000000128475#0\t三个甜甜圈旁边放着三种不同口味的蘸酱\n"
+        "COCO_val2014_000000217153#1\t两个军人在看手机\n"
+        "COCO_val2014_000000498374#0\t一个人正透过白色的门框向厕所中拍照\n", encoding="utf-8")
+    (rel / "imageid.manually-translated-caption.txt").write_text(
+        "COCO_val2014_000000217153#0\t一名男子和一名女子在看手机。\n"
+        "COCO_val2014_000000000073#0\t一辆摩托车停在路边。\n", encoding="utf-8")
+    (rel / "imageid.human-written-tags.txt").write_text("COCO_val2014_000000217153 男人 女人 手机\n", encoding="utf-8")
+    return rel
+
+
+def test_coco_cn_human_written_sentences_per_image_with_splits_and_tags(tmp_path):
+    rel = _coco_cn(tmp_path / "coco")
+    summary = import_dataset("coco-cn", rel, tmp_path / "cn.jsonl")
+    assert summary["num_records"] == 3 and summary["splits"] == ["test", "train", "val"]
+    assert "1 image(s) have no human-written sentence" in summary["notes"][0]
+    test = [r for r in _read(tmp_path / "cn.jsonl") if r["split"] == "test"]
+    assert test == [{**test[0], "image": _resolved(tmp_path / "coco" / "val2014" / "COCO_val2014_000000217153.jpg"),
+                     "captions_zh": ["一个男人和一个女人穿着军装玩手机。", "两个军人在看手机"],
+                     "tags_zh": ["男人", "女人", "手机"]}]
+    both = import_dataset("coco-cn", tmp_path / "coco", tmp_path / "b.jsonl", split="test", captions="all")
+    assert both["num_records"] == 2
+    assert _read(tmp_path / "b.jsonl")[0]["captions_zh"][-1] == "一名男子和一名女子在看手机。"
+    with pytest.raises(ValueError, match="captions='machine'"):
+        import_dataset("coco-cn", rel, tmp_path / "x.jsonl", captions="machine")

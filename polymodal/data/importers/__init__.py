@@ -18,6 +18,8 @@ FORMATS: dict[str, str] = {
     "lavis": "polymodal.data.importers.lavis:read",
     "coco-captions": "polymodal.data.importers.coco_captions:read",
     "csv": "polymodal.data.importers.openclip_csv:read",
+    "chinese-clip": "polymodal.data.importers.chinese_clip:read",
+    "coco-cn": "polymodal.data.importers.coco_cn:read",
 }
 
 
