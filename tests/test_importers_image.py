@@ -14,7 +14,7 @@ from polymodal.data.importers import FORMATS, import_dataset, reader
 from polymodal.data.importers.common import LayoutError
 from polymodal.data.manifests import ManifestError, read_image_folder, read_manifest
 
-MY_FORMATS = ["lavis", "coco-captions", "csv", "chinese-clip", "coco-cn"]
+MY_FORMATS = ["lavis", "coco-captions", "csv", "chinese-clip", "coco-cn", "imagenet", "clip-benchmark-wds"]
 
 
 def _image(path: Path, color=(200, 30, 30), fmt=None) -> Path:
@@ -255,3 +255,97 @@ def test_coco_cn_human_written_sentences_per_image_with_splits_and_tags(tmp_path
     assert _read(tmp_path / "b.jsonl")[0]["captions_zh"][-1] == "一名男子和一名女子在看手机。"
     with pytest.raises(ValueError, match="captions='machine'"):
         import_dataset("coco-cn", rel, tmp_path / "x.jsonl", captions="machine")
+
+
+# ---- imagenet --------------------------------------------------------------------------------------------------
+def test_imagenet_bundled_lists_are_complete_and_in_wnid_order():
+    from polymodal.data.importers.imagenet import BUNDLED, bundled_classes
+    data = bundled_classes()
+    assert data["wnids"] == sorted(data["wnids"]) and len(set(data["wnids"])) == 1000
+    assert len(data["classes"]) == len(data["classes_zh"]) == 1000
+    assert (data["classes"][0], data["classes_zh"][0], data["classes"][999]) == ("tench", "丁鲷", "toilet paper")
+    assert len(data["templates"]) == len(data["templates_zh"]) == 80
+    assert all(t.count("{}") == 1 for t in data["templates"] + data["templates_zh"])
+    sources = (BUNDLED.parent / "SOURCES.md").read_text()
+    assert all(f"`{k}`" in sources for k in data)
+    assert "data/importers/data/*" in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+
+
+def test_imagenet_synset_folders_and_flat_val_with_its_solution_file(tmp_path):
+    root = tmp_path / "imagenet"
+    _image(root / "train" / "n01440764" / "n01440764_10026.JPEG", fmt="JPEG")
+    _image(root / "train" / "n01443537" / "n01443537_1.JPEG", fmt="JPEG")
+    _image(root / "val" / "ILSVRC2012_val_00000001.JPEG", fmt="JPEG")
+    _image(root / "val" / "ILSVRC2012_val_00000002.JPEG", fmt="JPEG")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n"
+                                               "ILSVRC2012_val_00000001,n15075141 1 2 3 4 n15075141 5 6 7 8\n")
+    summary = import_dataset("imagenet", root, tmp_path / "out" / "in.jsonl")
+    assert summary["kind"] == "classification" and summary["num_classes"] == 1000
+    recs = _read(tmp_path / "out" / "in.jsonl")
+    assert [(Path(r["image"]).name, r["label"], r["split"]) for r in recs] == [
+        ("n01440764_10026.JPEG", 0, "train"), ("n01443537_1.JPEG", 1, "train"),
+        ("ILSVRC2012_val_00000001.JPEG", 999, "val")]
+    assert any("1 image(s) have no ImageNet-1k label" in n for n in summary["notes"])
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text(encoding="utf-8"))
+    assert classes["classes"][1] == "goldfish" and classes["classes_zh"][1] == "金鱼"
+    assert classes["templates"][0] == "a bad photo of a {}." and len(classes["templates_zh"]) == 80
+    assert import_dataset("imagenet", root / "train", tmp_path / "tr.jsonl")["splits"] == ["train"]   # one split
+    (root / "train").rename(root / "ILSVRC2012_img_train")
+    assert "splits" not in import_dataset("imagenet", root / "ILSVRC2012_img_train", tmp_path / "x.jsonl")
+
+
+def test_imagenet_kaggle_tree_with_a_synset_mapping_of_its_own(tmp_path):
+    root = tmp_path / "kaggle"
+    _image(root / "ILSVRC" / "Data" / "CLS-LOC" / "val" / "n01443537" / "v.JPEG", fmt="JPEG")
+    _image(root / "ILSVRC" / "Data" / "CLS-LOC" / "val" / "n99999999" / "w.JPEG", fmt="JPEG")
+    (root / "LOC_synset_mapping.txt").write_text("n01443537 goldfish, Carassius auratus\n"
+                                                 "n99999999 made-up thing, fake\n")
+    summary = import_dataset("imagenet", root, tmp_path / "k.jsonl", split="val")
+    assert summary["num_classes"] == 2 and [r["label"] for r in _read(tmp_path / "k.jsonl")] == [0, 1]
+    classes = json.loads((tmp_path / "classes.json").read_text(encoding="utf-8"))
+    assert classes["classes"] == ["goldfish", "made-up thing"] and "classes_zh" not in classes
+    (root / "LOC_synset_mapping.txt").unlink()
+    with pytest.raises(LayoutError, match="n99999999: 1 class folder"):
+        import_dataset("imagenet", root, tmp_path / "k.jsonl")
+
+
+# ---- clip-benchmark-wds ----------------------------------------------------------------------------------------
+def _tar(path: Path, samples: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_clip_benchmark_wds_classification_writes_images_classes_and_templates(tmp_path):
+    root = tmp_path / "wds_cars"
+    _tar(root / "test" / "0.tar", [("s0000000", {"png": _image_bytes((9, 9, 9)), "cls": b"1"}),
+                                   ("s0000001", {"jpg": _image_bytes((200, 9, 9), "JPEG"), "cls": b"0"})])
+    _tar(root / "test" / "1.tar", [("s0000002", {"png": _image_bytes((9, 200, 9)), "cls": b"1"})])
+    (root / "test" / "nshards.txt").write_text("2\n")
+    (root / "classnames.txt").write_text("red car\nblue car\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c} on a road.\n")
+    summary = import_dataset("clip-benchmark-wds", root, tmp_path / "w.jsonl")
+    recs = _read(tmp_path / "w.jsonl")
+    assert [(Path(r["image"]).name, r["label"]) for r in recs] == [
+        ("s0000000.png", 1), ("s0000001.jpg", 0), ("s0000002.png", 1)]
+    assert Path(recs[1]["image"]).read_bytes() == _image_bytes((200, 9, 9), "JPEG")
+    assert Path(recs[0]["image"]).parent == (root / "images_decoded" / "test").resolve()
+    classes = json.loads((tmp_path / "classes.json").read_text())
+    assert classes == {"classes": ["red car", "blue car"], "templates": ["a photo of a {}.", "a {} on a road."]}
+    assert summary["kind"] == "classification" and summary["splits"] == ["test"]
+
+
+def test_clip_benchmark_wds_retrieval_reads_captions_one_a_line(tmp_path):
+    root = tmp_path / "wds_flickr"
+    _tar(root / "test" / "0.tar", [("s0000000", {"webp": _image_bytes((1, 1, 1), "WEBP"),
+                                                 "txt": "a dog runs\na brown dog\n".encode()})])
+    (root / "test" / "nshards.txt").write_text("1")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    summary = import_dataset("clip-benchmark-wds", root, tmp_path / "r.jsonl", image_dir=str(tmp_path / "img"))
+    assert summary["kind"] == "image" and summary["num_texts"] == 2
+    rec = _read(tmp_path / "r.jsonl")[0]
+    assert rec["captions"] == ["a dog runs", "a brown dog"] and rec["image"].endswith("img/test/s0000000.webp")

@@ -20,6 +20,8 @@ FORMATS: dict[str, str] = {
     "csv": "polymodal.data.importers.openclip_csv:read",
     "chinese-clip": "polymodal.data.importers.chinese_clip:read",
     "coco-cn": "polymodal.data.importers.coco_cn:read",
+    "imagenet": "polymodal.data.importers.imagenet:read",
+    "clip-benchmark-wds": "polymodal.data.importers.clip_benchmark_wds:read",
 }
 
 
