@@ -14,7 +14,7 @@ from polymodal.data.importers import FORMATS, import_dataset, reader
 from polymodal.data.importers.common import LayoutError
 from polymodal.data.manifests import ManifestError, read_image_folder, read_manifest
 
-MY_FORMATS = ["lavis", "coco-captions", "csv", "chinese-clip", "coco-cn", "imagenet", "clip-benchmark-wds"]
+MY_FORMATS = ["lavis", "coco-captions", "csv", "chinese-clip", "coco-cn", "imagenet", "clip-benchmark-wds", "urban1k", "dci", "iiw", "sharegpt4v"]
 
 
 def _image(path: Path, color=(200, 30, 30), fmt=None) -> Path:
@@ -349,3 +349,98 @@ def test_clip_benchmark_wds_retrieval_reads_captions_one_a_line(tmp_path):
     assert summary["kind"] == "image" and summary["num_texts"] == 2
     rec = _read(tmp_path / "r.jsonl")[0]
     assert rec["captions"] == ["a dog runs", "a brown dog"] and rec["image"].endswith("img/test/s0000000.webp")
+
+
+# ---- long text: urban1k, dci, iiw, sharegpt4v ------------------------------------------------------------------
+LONG = ("A busy street corner with a red bus. Pedestrians cross in front of it while a cyclist waits. "
+        "Tall buildings line both sides.")
+
+
+def test_urban1k_pairs_caption_files_with_images_in_number_order(tmp_path):
+    root = tmp_path / "Urban1k"
+    for n in (10, 2, 1):
+        _image(root / "image" / f"{n}.jpg")
+        (root / "caption").mkdir(parents=True, exist_ok=True)
+        (root / "caption" / f"{n}.txt").write_text(f"Scene {n}. " + LONG + "\n")
+    (root / "caption" / "11.txt").write_text("An orphan caption. No image.\n")
+    summary = import_dataset("urban1k", tmp_path, tmp_path / "u.jsonl")
+    recs = _read(tmp_path / "u.jsonl")
+    assert [Path(r["image"]).name for r in recs] == ["1.jpg", "2.jpg", "10.jpg"]
+    assert recs[0]["caption"] == "Scene 1." and recs[0]["long_caption"] == "Scene 1. " + LONG
+    assert "first sentence" in summary["notes"][0] and "1 caption(s) have no image" in summary["notes"][-1]
+
+
+def _dci(base: Path) -> Path:
+    root = base / "densely_captioned_images"
+    for name in ("sa_1545038.jpg", "sa_1545118.jpg"):
+        _image(root / "photos" / name)
+    (root / "annotations").mkdir(parents=True)
+    for k, name in enumerate(["sa_1545038.jpg", "sa_1545118.jpg"]):
+        (root / "annotations" / f"11302{k}-data.json").write_text(json.dumps(
+            {"image": name, "short_caption": f"A balcony {k}.", "extra_caption": "Torn fabric hangs from grates.",
+             "mask_data": {}, "mask_keys": []}))
+    (root / "splits.json").write_text(json.dumps({"train": ["113020-data.json"], "valid": [],
+                                                  "test": ["113021-data.json"]}))
+    return root
+
+
+def test_dci_short_caption_and_extended_long_caption_per_split(tmp_path):
+    _dci(tmp_path)
+    summary = import_dataset("dci", tmp_path, tmp_path / "d.jsonl")
+    assert summary["splits"] == ["test", "train"] and summary["num_records"] == 2
+    recs = _read(tmp_path / "d.jsonl")
+    assert recs[1] == {**recs[1], "caption": "A balcony 1.", "split": "test",
+                       "long_caption": "A balcony 1.\nTorn fabric hangs from grates."}
+    assert import_dataset("dci", tmp_path, tmp_path / "t.jsonl", split="test")["num_records"] == 1
+
+
+def test_iiw_finds_images_by_key_or_name_and_splits_off_a_short_caption(tmp_path):
+    data = tmp_path / "imageinwords" / "IIW-400"
+    data.mkdir(parents=True)
+    (data / "data.jsonl").write_text("\n".join(json.dumps(o) for o in [
+        {"IIW": "A close-up of a blue globe flower.\n\nThe stem is pale.", "IIW-P5B": "A bee on a thistle.",
+         "image/key": "aar_test_04600", "objects": []},
+        {"IIW": "A tiled wall under a sky. Clouds drift.", "image/key": "aar_test_04601"}]) + "\n")
+    docci = tmp_path / "docci"
+    _image(docci / "images_aar" / "aar_test_04600.jpg")
+    _image(docci / "images_aar" / "aar_test_04601.jpg")
+    summary = import_dataset("iiw", data, tmp_path / "i.jsonl", image_root=str(docci))
+    recs = _read(tmp_path / "i.jsonl")
+    assert recs[0]["caption"] == "A close-up of a blue globe flower."
+    assert recs[0]["long_caption"] == "A close-up of a blue globe flower. The stem is pale."
+    assert "first sentence" in summary["notes"][0]
+    model = import_dataset("iiw", data / "data.jsonl", tmp_path / "p.jsonl", image_root=str(docci),
+                           description="IIW-P5B")
+    assert model["num_records"] == 1 and "1 line(s) have no 'IIW-P5B'" in model["notes"][-1]
+    dci_test = tmp_path / "DCI_Test"                    # DCI_Test names the image file: found in DCI's photos/
+    dci_test.mkdir()
+    (dci_test / "data.jsonl").write_text(json.dumps({"IIW": "A balcony. Torn.", "image": "sa_1545038.jpg"}) + "\n")
+    root = _dci(tmp_path / "dci")
+    assert import_dataset("iiw", dci_test, tmp_path / "c.jsonl", image_root=str(root))["num_records"] == 1
+
+
+def test_sharegpt4v_first_n_entries_are_the_test_split(tmp_path):
+    data = tmp_path / "sharegpt4v" / "data"
+    entries = []
+    for k, image in enumerate(["coco/train2017/000000000009.jpg", "sam/images/sa_1.jpg", "llava/x/2.jpg"]):
+        _image(data / image)
+        entries.append({"id": str(k), "image": image, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."},
+            {"from": "gpt", "value": f"Picture {k} shows a bowl.\nIt is on a table. Light comes in."}]})
+    (data / "share-captioner_coco_lcs_sam_1246k_1107.json").write_text(json.dumps(entries))
+    summary = import_dataset("sharegpt4v", data, tmp_path / "s.jsonl", first_n=2)
+    recs = _read(tmp_path / "s.jsonl")
+    assert [r["split"] for r in recs] == ["test", "test", "train"]
+    assert recs[1]["caption"] == "Picture 1 shows a bowl."
+    assert recs[1]["long_caption"] == "Picture 1 shows a bowl. It is on a table. Light comes in."
+    assert "[0, 2) are the test split" in summary["notes"][0]
+    assert import_dataset("sharegpt4v", data, tmp_path / "t.jsonl", split="test")["num_records"] == 3
+    with pytest.raises(ValueError, match="first_n"):
+        import_dataset("sharegpt4v", data, tmp_path / "t.jsonl", first_n=-1)
+
+
+def test_first_sentence_of_long_text():
+    from polymodal.data.importers.longtext import first_sentence
+    assert first_sentence("Dr. Who? No.  A man\nwalks.") == "Dr."     # a plain rule, documented as such
+    assert first_sentence("One sentence only") == "One sentence only"
+    assert first_sentence("一只猫。在沙发上。") == "一只猫。"

@@ -22,6 +22,10 @@ FORMATS: dict[str, str] = {
     "coco-cn": "polymodal.data.importers.coco_cn:read",
     "imagenet": "polymodal.data.importers.imagenet:read",
     "clip-benchmark-wds": "polymodal.data.importers.clip_benchmark_wds:read",
+    "urban1k": "polymodal.data.importers.urban1k:read",
+    "dci": "polymodal.data.importers.dci:read",
+    "iiw": "polymodal.data.importers.iiw:read",
+    "sharegpt4v": "polymodal.data.importers.sharegpt4v:read",
 }
 
 
