@@ -14,7 +14,8 @@ from polymodal.data.importers import FORMATS, import_dataset, reader
 from polymodal.data.importers.common import LayoutError
 from polymodal.data.manifests import ManifestError, read_image_folder, read_manifest
 
-MY_FORMATS = ["lavis", "coco-captions", "csv", "chinese-clip", "coco-cn", "imagenet", "clip-benchmark-wds", "urban1k", "dci", "iiw", "sharegpt4v"]
+MY_FORMATS = ["lavis", "coco-captions", "csv", "chinese-clip", "coco-cn", "imagenet", "clip-benchmark-wds",
+              "urban1k", "dci", "iiw", "sharegpt4v"]
 
 
 def _image(path: Path, color=(200, 30, 30), fmt=None) -> Path:
@@ -444,3 +445,56 @@ def test_first_sentence_of_long_text():
     assert first_sentence("Dr. Who? No.  A man\nwalks.") == "Dr."     # a plain rule, documented as such
     assert first_sentence("One sentence only") == "One sentence only"
     assert first_sentence("一只猫。在沙发上。") == "一只猫。"
+
+
+# ---- image-folder guards ---------------------------------------------------------------------------------------
+def _one_line_refusal(folder: Path, command: str | None) -> str:
+    with pytest.raises(ManifestError) as err:
+        read_image_folder(folder)
+    msg = str(err.value)
+    assert "\n" not in msg and "not an image folder of classes" in msg
+    if command:
+        assert f"`polymodal data import {command} {folder}" in msg
+    else:
+        assert "polymodal data import" not in msg
+    with pytest.raises(ManifestError):
+        read_manifest(folder)
+    return msg
+
+
+def test_folder_of_wordnet_id_subfolders_points_to_the_imagenet_reader(tmp_path):
+    for wnid in ("n01440764", "n01443537"):
+        _image(tmp_path / "val" / wnid / "a.JPEG", fmt="JPEG")
+    assert "WordNet ids" in _one_line_refusal(tmp_path / "val", "imagenet")
+    assert "ImageNet splits" in _one_line_refusal(tmp_path, "imagenet")            # train/ val/ of synsets
+    records, names = read_image_folder(tmp_path / "val", classes=["n01440764", "n01443537"])   # said: classes
+    assert names == ["n01440764", "n01443537"] and len(records) == 2
+
+
+def test_urban1k_and_dci_roots_are_refused_with_their_readers(tmp_path):
+    _image(tmp_path / "Urban1k" / "image" / "1.jpg")
+    (tmp_path / "Urban1k" / "caption").mkdir()
+    (tmp_path / "Urban1k" / "caption" / "1.txt").write_text("A street.")
+    _one_line_refusal(tmp_path / "Urban1k", "urban1k")
+    _one_line_refusal(_dci(tmp_path / "d"), "dci")
+
+
+def test_coco_image_folders_point_to_the_karpathy_reader(tmp_path):
+    _image(tmp_path / "coco" / "train2014" / "COCO_train2014_000000000001.jpg")
+    _image(tmp_path / "coco" / "val2014" / "COCO_val2014_000000000002.jpg")
+    _one_line_refusal(tmp_path / "coco", "karpathy")
+    _image(tmp_path / "flickr" / "images" / "1.jpg")
+    (tmp_path / "flickr" / "dataset_flickr30k.json").write_text("{}")
+    _one_line_refusal(tmp_path / "flickr", "karpathy")
+
+
+def test_split_folders_and_a_single_subfolder_are_not_classes(tmp_path):
+    for split in ("train", "val", "test"):
+        _image(tmp_path / "data" / split / "x.png")
+    assert "split or media folders" in _one_line_refusal(tmp_path / "data", None)
+    _image(tmp_path / "pets" / "cat" / "1.png")
+    assert "only cat/ holds images" in _one_line_refusal(tmp_path / "pets", None)
+    records, names = read_image_folder(tmp_path / "pets", classes=["cat", "dog"])   # a class list: allowed
+    assert names == ["cat", "dog"] and len(records) == 1
+    _image(tmp_path / "pets" / "dog" / "2.png")
+    assert read_image_folder(tmp_path / "pets")[1] == ["cat", "dog"]               # two classes: fine
