@@ -418,6 +418,16 @@ def test_iiw_finds_images_by_key_or_name_and_splits_off_a_short_caption(tmp_path
     (dci_test / "data.jsonl").write_text(json.dumps({"IIW": "A balcony. Torn.", "image": "sa_1545038.jpg"}) + "\n")
     root = _dci(tmp_path / "dci")
     assert import_dataset("iiw", dci_test, tmp_path / "c.jsonl", image_root=str(root))["num_records"] == 1
+    docci_test = tmp_path / "DOCCI_Test"               # DOCCI_Test names the image by its DOCCI id, no suffix
+    docci_test.mkdir()
+    (docci_test / "data.jsonl").write_text(json.dumps({"DOCCI": "A toilet.", "IIW": "A white toilet. Towels.",
+                                                       "image": "aar_test_04601"}) + "\n")
+    assert _read_iiw(docci_test, docci, tmp_path)["long_caption"] == "A white toilet. Towels."
+
+
+def _read_iiw(folder: Path, images: Path, tmp_path: Path) -> dict:
+    import_dataset("iiw", folder, tmp_path / "iiw.jsonl", image_root=str(images))
+    return _read(tmp_path / "iiw.jsonl")[0]
 
 
 def test_sharegpt4v_first_n_entries_are_the_test_split(tmp_path):

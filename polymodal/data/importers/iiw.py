@@ -2,9 +2,9 @@
 
 Layout (as google/imageinwords `datasets/README.md`, `datasets/IIW-400/README.md` and the released
 `datasets/*/data.jsonl` files lay it out): one JSON object a line; `IIW` is the human-authored detailed
-description (`IIW-P5B` a model's), and the image is named either by `image/key` (IIW-400, DOCCI_Test: a DOCCI
-image id, the file `<key>.jpg` of DOCCI's image folder) or by `image` (DCI_Test: a file name in DCI's
-`photos/`). The images are not in the release: they are found under `image_root` (default: the folder of
+description (`IIW-P5B` a model's; DOCCI_Test also has `DOCCI`, DOCCI's own), and the image is named by
+`image/key` (IIW-400: a DOCCI image id, LocNar_Eval / CM_3600: an Open Images / XM3600 id; the file `<key>.jpg`)
+or by `image` (DCI_Test: a file name in DCI's `photos/`; DOCCI_Test: a DOCCI id, the file `<id>.jpg`). The images are not in the release: they are found under `image_root` (default: the folder of
 `data.jsonl` and the folder above), or in its `images/`, `images_aar/` or `photos/`.
 
 Records are `{"image", "caption", "long_caption"}`: `long_caption` is the description (whitespace squashed);
@@ -42,11 +42,11 @@ def read(src, split: str | None = None, description: str = "IIW", image_root=Non
                 raise LayoutError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise LayoutError(f"{path} line {line_no}: expected a JSON object")
-            name = obj.get("image") if isinstance(obj.get("image"), str) else None
-            if name is None and isinstance(obj.get("image/key"), str):
-                name = obj["image/key"] + ".jpg"
-            if name is None:
+            name = obj.get("image") if isinstance(obj.get("image"), str) else obj.get("image/key")
+            if not isinstance(name, str) or not name.strip():
                 raise LayoutError(f"{path} line {line_no}: no 'image' or 'image/key'")
+            if not Path(name).suffix:                             # an image id: the file is <id>.jpg
+                name += ".jpg"
             text = obj.get(description)
             if not isinstance(text, str) or not text.strip():
                 no_text += 1
