@@ -175,6 +175,12 @@ def test_csv_options_through_the_command_line(tmp_path, capsys):
     with pytest.raises(LayoutError, match="it has none"):
         import_dataset("csv", tmp_path / "t.tsv", tmp_path / "o.jsonl", split="test", image_key="path",
                        caption_key="text")
+    assert main(["data", "import", "csv", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "o.jsonl"),
+                 "-o", "img_key=path"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "csv: unknown option(s) img_key; it takes -o image_key=..., -o caption_key=..." in err
+    with pytest.raises(ValueError, match="urban1k: unknown option.*it takes no options"):
+        import_dataset("urban1k", tmp_path, tmp_path / "u.jsonl", first_n=3)
 
 
 # ---- chinese-clip ----------------------------------------------------------------------------------------------
@@ -199,7 +205,8 @@ def test_chinese_clip_decodes_images_and_keeps_a_texts_several_images(tmp_path):
     summary = import_dataset("chinese-clip", root, tmp_path / "m.jsonl")
     recs = _read(tmp_path / "m.jsonl")
     assert summary["num_records"] == 2 and summary["splits"] == ["test"]
-    assert [r["captions_zh"] for r in recs] == [["高级感托特包斜挎"], ["高级感托特包斜挎", "红色的方块"]]
+    assert [r["captions_zh"] for r in recs] == [["高级感托特包斜挎"],
+                                                ["高级感托特包斜挎", "红色的方块"]]
     assert [r["text_ids"] for r in recs] == [[8428], [8428, 8429]]          # parallel to captions_zh
     assert Path(recs[0]["image"]) == (root / "images_decoded" / "test" / "1000002.png").resolve()
     assert Path(recs[1]["image"]).read_bytes() == images["1000003"] and recs[1]["image"].endswith(".jpg")
@@ -238,7 +245,8 @@ def _coco_cn(coco: Path) -> Path:
     (rel / "imageid.manually-translated-caption.txt").write_text(
         "COCO_val2014_000000217153#0\t一名男子和一名女子在看手机。\n"
         "COCO_val2014_000000000073#0\t一辆摩托车停在路边。\n", encoding="utf-8")
-    (rel / "imageid.human-written-tags.txt").write_text("COCO_val2014_000000217153 男人 女人 手机\n", encoding="utf-8")
+    (rel / "imageid.human-written-tags.txt").write_text("COCO_val2014_000000217153 男人 女人 手机\n",
+                                                        encoding="utf-8")
     return rel
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .common import Imported, LayoutError, require_split
 from .decoded import default_image_dir, write_image
+from .options import reject_unknown
 
 SPLITS = ("train", "valid", "test")
 
@@ -104,8 +105,9 @@ def _read_split(root: Path, split: str, image_dir: Path, notes: list) -> list[di
     return list(records.values())
 
 
-def read(src, split: str | None = None, image_dir=None) -> Imported:
+def read(src, split: str | None = None, image_dir=None, **options) -> Imported:
     """Per-image records `{"image", "captions_zh", "text_ids", "split", "image_id"}` (see the module docstring)."""
+    reject_unknown(read, options)
     root = Path(src)
     if root.is_file():
         root = root.parent

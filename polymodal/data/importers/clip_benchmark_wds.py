@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .common import Imported, LayoutError, require_split
 from .decoded import default_image_dir, write_image
+from .options import reject_unknown
 
 IMAGE_MEMBERS = ("webp", "png", "jpg", "jpeg")
 
@@ -62,8 +63,9 @@ def _multilabel(data: bytes, where: str) -> list[int]:
     return [int(i) for i in np.flatnonzero(vec.reshape(-1))]
 
 
-def read(src, split: str | None = None, image_dir=None) -> Imported:
+def read(src, split: str | None = None, image_dir=None, **options) -> Imported:
     """Records and classes of a CLIP_benchmark webdataset folder (see the module docstring)."""
+    reject_unknown(read, options)
     root = Path(src)
     if not root.is_dir():
         raise FileNotFoundError(f"{src} does not exist (give the folder holding {{split}}/nshards.txt)")

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from .common import Imported, LayoutError, media_finder, read_json_file, require_split
+from .options import reject_unknown
 
 FILE_PATTERNS = ["coco_*_karpathy.json", "captions_*.json"]
 IMAGE_FOLDERS = ["val2014", "train2014", "val2017", "train2017", "images"]
@@ -43,8 +44,9 @@ def _caption_files(src: Path) -> list[Path]:
     return files
 
 
-def read(src, split: str | None = None, image_root=None) -> Imported:
+def read(src, split: str | None = None, image_root=None, **options) -> Imported:
     """Records `{"image", "captions", "split"}` of COCO caption files (see the module docstring)."""
+    reject_unknown(read, options)
     src = Path(src)
     files = _caption_files(src)
     require_split(split, {_split_of(p) for p in files}, src)

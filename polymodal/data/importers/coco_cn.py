@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from .common import Imported, LayoutError, media_finder, require_split
+from .options import reject_unknown
 
 SPLITS = ("train", "val", "test")
 CAPTION_FILES = {"human-written": "imageid.human-written-caption.txt",
@@ -61,8 +62,9 @@ def _sentences(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def read(src, split: str | None = None, captions: str = "human-written", image_root=None) -> Imported:
+def read(src, split: str | None = None, captions: str = "human-written", image_root=None, **options) -> Imported:
     """Records `{"image", "captions_zh", "split"}` (+ `tags_zh` when the tags file is there) of COCO-CN."""
+    reject_unknown(read, options)
     if captions not in (*CAPTION_FILES, "all"):
         raise ValueError(f"-o captions={captions!r}: one of {', '.join([*CAPTION_FILES, 'all'])}")
     root = _release_folder(Path(src))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import Imported, LayoutError, read_json_file, require_split
+from .options import reject_unknown
 
 
 def _root(src: Path) -> Path:
@@ -31,8 +32,9 @@ def _root(src: Path) -> Path:
     raise FileNotFoundError(f"{src}: no DCI layout (expected photos/ and annotations/ in densely_captioned_images/)")
 
 
-def read(src, split: str | None = None) -> Imported:
+def read(src, split: str | None = None, **options) -> Imported:
     """Records `{"image", "caption", "long_caption", "split"}` of DCI (see the module docstring)."""
+    reject_unknown(read, options)
     root = _root(Path(src))
     folders = [root / "annotations", root / "complete"]
     notes = []

@@ -4,8 +4,9 @@ Layout (as google/imageinwords `datasets/README.md`, `datasets/IIW-400/README.md
 `datasets/*/data.jsonl` files lay it out): one JSON object a line; `IIW` is the human-authored detailed
 description (`IIW-P5B` a model's; DOCCI_Test also has `DOCCI`, DOCCI's own), and the image is named by
 `image/key` (IIW-400: a DOCCI image id, LocNar_Eval / CM_3600: an Open Images / XM3600 id; the file `<key>.jpg`)
-or by `image` (DCI_Test: a file name in DCI's `photos/`; DOCCI_Test: a DOCCI id, the file `<id>.jpg`). The images are not in the release: they are found under `image_root` (default: the folder of
-`data.jsonl` and the folder above), or in its `images/`, `images_aar/` or `photos/`.
+or by `image` (DCI_Test: a file name in DCI's `photos/`; DOCCI_Test: a DOCCI id, the file `<id>.jpg`). The
+images are not in the release: they are found under `image_root` (default: the folder of `data.jsonl` and the
+folder above), or in its `images/`, `images_aar/` or `photos/`.
 
 Records are `{"image", "caption", "long_caption"}`: `long_caption` is the description (whitespace squashed);
 IIW has no short caption, so `caption` is its first sentence (the release rates "First few line(s) as tldr",
@@ -21,12 +22,14 @@ from pathlib import Path
 
 from .common import Imported, LayoutError, find_file, media_finder, require_split
 from .longtext import first_sentence, squash
+from .options import reject_unknown
 
 IMAGE_FOLDERS = ["images", "images_aar", "photos"]
 
 
-def read(src, split: str | None = None, description: str = "IIW", image_root=None) -> Imported:
+def read(src, split: str | None = None, description: str = "IIW", image_root=None, **options) -> Imported:
     """Records `{"image", "caption", "long_caption"}` of an IIW data.jsonl (see the module docstring)."""
+    reject_unknown(read, options)
     path = find_file(Path(src), ["data.jsonl", "*.jsonl"], "IIW data.jsonl")
     require_split(split, set(), path)
     roots = [Path(image_root)] if image_root is not None else [path.parent, path.parent.parent]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..manifests import IMAGE_EXTENSIONS
 from .common import Imported, LayoutError, require_split
+from .options import reject_unknown
 
 WNID = re.compile(r"^n\d{8}$")
 SPLITS = ("train", "val")
@@ -110,8 +111,9 @@ def _record(path: Path, label: int, split: str | None) -> dict:
     return rec
 
 
-def read(src, split: str | None = None) -> Imported:
+def read(src, split: str | None = None, **options) -> Imported:
     """Records `{"image", "label", "split"}` and the classes (see the module docstring)."""
+    reject_unknown(read, options)
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} does not exist (give the ImageNet root or a split folder)")
@@ -133,8 +135,8 @@ def read(src, split: str | None = None) -> Imported:
             for d in class_dirs:
                 records += [_record(p, index[d.name], name) for p in _images(d)]
             if len(class_dirs) < len(index):
-                notes.append(f"{name or folder.name}: {len(class_dirs)} of the {len(index)} classes have a folder; labels index "
-                             f"all {len(index)} classes")
+                notes.append(f"{name or folder.name}: {len(class_dirs)} of the {len(index)} classes have a folder; "
+                             f"labels index all {len(index)} classes")
             continue
         images = _images(folder)
         if not images:
@@ -148,6 +150,7 @@ def read(src, split: str | None = None) -> Imported:
                 continue
             records.append(_record(p, index[wnid], name))
         if unlabelled:
-            notes.append(f"{name or folder.name}: {unlabelled} image(s) have no ImageNet-1k label in {solution.name}; left out")
+            notes.append(f"{name or folder.name}: {unlabelled} image(s) have no ImageNet-1k label in "
+                         f"{solution.name}; left out")
     ordered = {k: classes[k] for k in ("classes", "classes_zh", "wnids", "templates", "templates_zh") if k in classes}
     return Imported(records, "classification", classes=ordered, notes=notes)

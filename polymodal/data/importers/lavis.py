@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from .common import Imported, LayoutError, media_finder, read_json_file, require_split
+from .options import reject_unknown
 
 SPLIT_NAME = re.compile(r"(?:^|_)(train|val|test)$")
 
@@ -80,8 +81,9 @@ def _records(entries, path: Path, split: str, find) -> tuple[list, list, int]:
     return records, missing, len(groups)
 
 
-def read(src, split: str | None = None, image_root=None) -> Imported:
+def read(src, split: str | None = None, image_root=None, **options) -> Imported:
     """Records `{"image", "captions", "split"}` of LAVIS retrieval annotations (see the module docstring)."""
+    reject_unknown(read, options)
     src = Path(src)
     files = _annotation_files(src)
     require_split(split, set(files), src)

@@ -26,6 +26,7 @@ import csv
 from pathlib import Path
 
 from .common import Imported, LayoutError, find_file, media_finder, require_split
+from .options import reject_unknown
 
 IMAGE_FOLDERS = ["images", "flickr30k-images", "flickr30k_images", "Images"]
 SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
@@ -41,9 +42,10 @@ def _separator(sep) -> str:
 
 
 def read(src, split: str | None = None, image_key: str = "filepath", caption_key: str = "title", sep=None,
-         image_root=None) -> Imported:
+         image_root=None, **options) -> Imported:
     """Records `{"image", "captions"}` of an image-caption table, captions grouped per image (see the module
     docstring)."""
+    reject_unknown(read, options)
     path = find_file(Path(src), ["*.csv", "*.tsv"], "image-caption table (.csv / .tsv)")
     require_split(split, set(), path)
     delimiter = _separator(sep)

@@ -18,12 +18,14 @@ from pathlib import Path
 
 from .common import Imported, LayoutError, find_file, media_finder, read_json_file, require_split
 from .longtext import first_sentence, squash
+from .options import reject_unknown
 
 JSON_NAMES = ["share-captioner_coco_lcs_sam_1246k_1107.json", "sharegpt4v_*.json", "share-captioner*.json"]
 
 
-def read(src, split: str | None = None, first_n: int = 1000, image_root=None) -> Imported:
+def read(src, split: str | None = None, first_n: int = 1000, image_root=None, **options) -> Imported:
     """Records `{"image", "caption", "long_caption", "split"}` of a ShareGPT4V JSON (see the module docstring)."""
+    reject_unknown(read, options)
     if not isinstance(first_n, int) or isinstance(first_n, bool) or first_n < 0:
         raise ValueError(f"-o first_n={first_n!r}: give the number of test entries (Long-CLIP: 1000)")
     path = find_file(Path(src), JSON_NAMES, "ShareGPT4V caption JSON")
@@ -37,7 +39,8 @@ def read(src, split: str | None = None, first_n: int = 1000, image_root=None) ->
         s = "test" if k < first_n else "train"
         if split is not None and s != split:
             continue
-        if not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(e.get("conversations"), list):
+        if not isinstance(e, dict) or not isinstance(e.get("image"), str) \
+                or not isinstance(e.get("conversations"), list):
             raise LayoutError(f"{path}: entry [{k}] has no 'image' / 'conversations'")
         answer = next((t.get("value") for t in e["conversations"] if isinstance(t, dict) and t.get("from") == "gpt"),
                       None)

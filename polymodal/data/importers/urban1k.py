@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .common import Imported, LayoutError, require_split
 from .longtext import first_sentence, squash
+from .options import reject_unknown
 
 
 def _root(src: Path) -> Path:
@@ -31,8 +32,9 @@ def _order(path: Path):
     return (0, int(path.stem), "") if path.stem.isdigit() else (1, 0, path.stem)
 
 
-def read(src, split: str | None = None) -> Imported:
+def read(src, split: str | None = None, **options) -> Imported:
     """Records `{"image", "caption", "long_caption"}` of Urban-1k (see the module docstring)."""
+    reject_unknown(read, options)
     root = _root(Path(src))
     require_split(split, set(), root)
     records, missing, empty = [], [], 0
