@@ -16,6 +16,12 @@ JSONL manifest + classes.json, for recipes that want files.
 The folder reader itself lives in `polymodal.data.manifests` (which `read_manifest(folder)` uses) and is
 re-exported here; this module adds the writer.
 
+Subfolders that are not classes are refused, in one line naming the command that fits: WordNet ids
+(``n01440764/``: `polymodal data import imagenet`), split or media folders (``train/``, ``val/``, ``images/``,
+``photos/``, ``train2014/`` ...: Urban-1k's ``image/`` + ``caption/`` -> `urban1k`, DCI's ``photos/`` -> `dci`,
+COCO / Flickr image folders -> `karpathy`), or a single subfolder (one class). A class list given to the reader
+says the folders are classes and turns the check off.
+
 Class names are the subfolder names with ``_`` read as a space (``red_car`` -> "red car"); classes are
 sorted by folder name unless a class list is given, whose order then fixes the indices.
 """

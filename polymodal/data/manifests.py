@@ -22,6 +22,8 @@ read as JSONL.
 
 A directory given as the manifest is read as an image folder (one subfolder per class, see
 :mod:`polymodal.data.folders`): each image is a record with a templated caption and its folder's label.
+A folder whose subfolders are not classes (WordNet ids, the split or media folders of a public layout, a single
+subfolder) is refused with the `polymodal data import` command that reads it.
 
 Video records carry ``video`` instead of ``image``: a video file or a folder of frame images,
 resolved like image paths; text-only records carry neither. Which one a reader needs is its
@@ -40,6 +42,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +311,8 @@ def read_image_folder(root, caption_template: str = DEFAULT_CAPTION, classes=Non
     if not folders:
         raise ManifestError(f"{root}: no subfolder holds images ({', '.join(extensions)}); an image folder has one "
                             f"subfolder per class (e.g. {root}/cat/001.jpg), or give a manifest file")
+    if classes is None:
+        _refuse_non_class_folders(root, list(folders))
     found = {folder_class_name(f): f for f in folders}
     if len(found) < len(folders):
         raise ManifestError(f"{root}: two subfolders give the same class name once '_' is read as a space; "
@@ -327,6 +332,45 @@ def read_image_folder(root, caption_template: str = DEFAULT_CAPTION, classes=Non
             records.append({"image": str(f), "caption": caption_template.format(name), "label": label,
                             "class": name, "_line": len(records) + 1})
     return records, names
+
+
+# Subfolder names that are a layout's splits or media folders, not classes (lower case).
+SPLIT_LIKE_FOLDERS = {"image", "images", "photos", "train2014", "val2014", "test2014", "train2017", "val2017",
+                      "train", "val", "valid", "test", "flickr30k-images", "flickr30k_images"}
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def _refuse_non_class_folders(root: Path, names: list[str]) -> None:
+    """ManifestError (one line, naming the `polymodal data import` command that fits) when the subfolders holding
+    images are not classes: WordNet ids, split or media folders of a public layout, or a single subfolder.
+    (Any class list given to `read_image_folder` says the folders are classes and skips this.)"""
+    entries = {p.name.lower() for p in root.iterdir()}
+    lower = {n.lower() for n in names}
+    listed = ", ".join(f"{n}/" for n in sorted(names))
+    fix = None
+    if all(_WNID.match(n) for n in names):
+        fix = ("the subfolders are WordNet ids (ImageNet synsets), not class names", "imagenet")
+    elif lower <= SPLIT_LIKE_FOLDERS or len(names) == 1:
+        if lower == {"image"} and "caption" in entries:
+            fix = ("image/ beside caption/ is Urban-1k's layout", "urban1k")
+        elif lower == {"photos"} and {"annotations", "complete", "splits.json"} & entries:
+            fix = ("photos/ beside annotations/ is DCI's layout", "dci")
+        elif "loc_synset_mapping.txt" in entries or \
+                any(p.is_dir() and _WNID.match(p.name) for n in names for p in (root / n).iterdir()):
+            fix = (f"{listed} hold WordNet-id class folders: ImageNet splits", "imagenet")
+        elif lower & {"train2014", "val2014", "flickr30k-images", "flickr30k_images"} or \
+                ("images" in lower and any(root.glob("dataset_*.json"))):
+            fix = (f"{listed} are the image folders of a caption set", "karpathy")
+        elif lower <= SPLIT_LIKE_FOLDERS:
+            fix = (f"{listed} are split or media folders", None)
+        else:
+            fix = (f"only {listed} holds images, and one class is not a classification set", None)
+    if fix is None:
+        return
+    why, fmt = fix
+    todo = (f"import it with `polymodal data import {fmt} {root} --out MANIFEST`" if fmt else
+            "give the folder whose subfolders are the classes, a manifest, or a class list that names them")
+    raise ManifestError(f"{root}: not an image folder of classes ({why}); {todo}")
 
 
 def _folder_manifest(path: str, classes) -> Manifest:

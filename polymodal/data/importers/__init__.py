@@ -15,6 +15,17 @@ import importlib
 
 FORMATS: dict[str, str] = {
     "karpathy": "polymodal.data.importers.karpathy:read",
+    "lavis": "polymodal.data.importers.lavis:read",
+    "coco-captions": "polymodal.data.importers.coco_captions:read",
+    "csv": "polymodal.data.importers.openclip_csv:read",
+    "chinese-clip": "polymodal.data.importers.chinese_clip:read",
+    "coco-cn": "polymodal.data.importers.coco_cn:read",
+    "imagenet": "polymodal.data.importers.imagenet:read",
+    "clip-benchmark-wds": "polymodal.data.importers.clip_benchmark_wds:read",
+    "urban1k": "polymodal.data.importers.urban1k:read",
+    "dci": "polymodal.data.importers.dci:read",
+    "iiw": "polymodal.data.importers.iiw:read",
+    "sharegpt4v": "polymodal.data.importers.sharegpt4v:read",
     "msrvtt": "polymodal.data.importers.msrvtt:read",
     "msvd": "polymodal.data.importers.msvd:read",
     "didemo": "polymodal.data.importers.didemo:read",

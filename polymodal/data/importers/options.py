@@ -1,6 +1,9 @@
 """Reader options (`-o KEY=VALUE`): each reader names the ones it takes, and an unknown one is a one-line error."""
 from __future__ import annotations
 
+import inspect
+import sys
+
 from .common import LayoutError
 
 
@@ -13,4 +16,15 @@ def check_options(fmt: str, options: dict, known: tuple) -> None:
                               f"{', '.join(known) or 'none'} (-o KEY=VALUE)")
 
 
-__all__ = ["check_options"]
+def reject_unknown(read, options: dict) -> None:
+    """`check_options` for a reader whose keyword parameters are its options and whose `**options` caught the
+    rest (`options`): the format name is read from the reader module's docstring."""
+    if not options:
+        return
+    known = tuple(p.name for p in inspect.signature(read).parameters.values()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("src", "split"))
+    doc = sys.modules[read.__module__].__doc__ or ""
+    check_options(doc.split("`")[1] if doc.count("`") >= 2 else read.__module__, options, known)
+
+
+__all__ = ["check_options", "reject_unknown"]
