@@ -335,7 +335,7 @@ def _zeroshot_prompts(spec, data: Path) -> dict:
         classes = read_image_folder(data)[1]
     names = load_classes(classes)
     return {"class_names": names["classes"] if lang == "en" else names.get(f"classes_{lang}"),
-            "templates": load_templates(lang)}
+            "templates": names.get("templates" if lang == "en" else f"templates_{lang}") or load_templates(lang)}
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -112,7 +112,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:           # not a YAML value ("," or "a: b: c"): the text as it is
+            value = raw
         if isinstance(value, str) and _looks_like_float(raw):
             value = float(raw)
         set_dotted(data, key.strip(), value)

@@ -48,3 +48,82 @@ def test_protocol_runs_from_the_shipped_layout(name, build, folder, model, model
     assert again == pytest.approx(row["metrics"])
     if p.options.get("paragraph"):
         assert row["metrics"]["num_texts"] == row["metrics"]["num_videos"]       # one paragraph per video
+
+
+def _imagenet(root):
+    from test_importers_image import _image
+    for k, wnid in enumerate(["n01440764", "n01443537"]):          # tench, goldfish
+        for i in range(2):
+            _image(root / "val" / wnid / f"ILSVRC2012_val_{k}{i}.JPEG", (120 * k, 40 * i, 90), fmt="JPEG")
+    return root
+
+
+def _urban1k(root):
+    from test_importers_image import LONG, _image
+    for n in (1, 2, 3):
+        _image(root / "image" / f"{n}.jpg", (80 * n, 20, 20))
+        (root / "caption").mkdir(parents=True, exist_ok=True)
+        (root / "caption" / f"{n}.txt").write_text(f"Scene {n}. " + LONG + "\n")
+    return root
+
+
+def _sharegpt4v(root):
+    from test_importers_image import _image
+    entries = []
+    for k in range(3):
+        _image(root / "coco" / f"{k}.jpg", (70 * k, 10, 10))
+        entries.append({"id": str(k), "image": f"coco/{k}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."},
+            {"from": "gpt", "value": f"Picture {k} shows a bowl. It is on a table."}]})
+    (root / "share-captioner_coco_lcs_sam_1246k_1107.json").write_text(json.dumps(entries))
+    return root
+
+
+def _iiw(root):
+    from test_importers_image import _image
+    (root / "IIW-400").mkdir(parents=True)
+    (root / "IIW-400" / "data.jsonl").write_text("\n".join(json.dumps(
+        {"IIW": f"A photo number {k}. It has a wall.", "image/key": f"aar_test_0460{k}"}) for k in range(2)) + "\n")
+    for k in range(2):
+        _image(root / "IIW-400" / "images" / f"aar_test_0460{k}.jpg", (100 * k, 5, 5))
+    return root
+
+
+def _chinese(root, split):
+    from test_importers_image import _chinese_clip
+    _chinese_clip(root)
+    if split != "test":
+        for f in ("imgs.tsv", "texts.jsonl"):
+            (root / f"test_{f}").rename(root / f"{split}_{f}")
+    return root
+
+
+def _coco_cn(root):
+    from test_importers_image import _coco_cn
+    _coco_cn(root)
+    return root
+
+
+@pytest.mark.parametrize("name,build,folder", [
+    ("imagenet-1k", _imagenet, "imagenet"), ("imagenet-cn", _imagenet, "imagenet"),
+    ("urban1k", _urban1k, "Urban1k"), ("dci", lambda r: __import__("test_importers_image")._dci(r), "dci"),
+    ("iiw", _iiw, "iiw"), ("sharegpt4v-1k", _sharegpt4v, "sharegpt4v"), ("sharegpt4v-10k", _sharegpt4v, "sharegpt4v"),
+    ("flickr30k-cn", lambda r: _chinese(r, "test"), "Flickr30k-CN"), ("muge", lambda r: _chinese(r, "valid"), "MUGE"),
+    ("coco-cn", _coco_cn, "coco-cn"),
+    ("flickr30k-1k", lambda r: __import__("test_importers")._karpathy_coco(r), "flickr30k")])
+def test_image_protocol_runs_from_the_shipped_layout(name, build, folder, tmp_path, capsys):
+    from polymodal.eval.benchmark import PROTOCOLS
+    from polymodal.data.text import train_tokenizer
+    from polymodal.models.factory import create_model
+    build(tmp_path / "data" / folder)
+    torch.manual_seed(0)
+    texts = ["a photo of a tench", "scene one", "高级感托特包斜挎", "红色的方块", "一个男人", "picture of a bowl"]
+    create_model("tiny", tokenizer=train_tokenizer(texts * 3, kind="bpe", vocab_size=300)).save_pretrained(
+        tmp_path / "clip")
+    out = tmp_path / "table.md"
+    assert main(["benchmark", str(tmp_path / "clip"), "--dataset", name, "--root", str(tmp_path / "data"),
+                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert all(k in row["metrics"] for k in PROTOCOLS[name].headline) and row["task"] == PROTOCOLS[name].task
+    if name == "muge":                               # one text with two correct images is one query
+        assert row["metrics"]["num_texts"] == 2 and row["metrics"]["num_images"] == 2

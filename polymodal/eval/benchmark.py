@@ -62,9 +62,9 @@ PROTOCOLS: dict[str, Protocol] = {
                     doc="DCI: densely captioned images; retrieval with the long captions"),
     "iiw": Protocol("iiw", None, "longtext", folder="iiw", headline=IMAGE_RETRIEVAL,
                     doc="ImageInWords: hand-written long descriptions; long-text retrieval"),
-    "sharegpt4v-1k": Protocol("sharegpt4v", None, "longtext", reader={"first_n": 1000}, folder="sharegpt4v",
+    "sharegpt4v-1k": Protocol("sharegpt4v", "test", "longtext", reader={"first_n": 1000}, folder="sharegpt4v",
                               headline=IMAGE_RETRIEVAL, doc="ShareGPT4V: the first 1,000 entries, long-text retrieval"),
-    "sharegpt4v-10k": Protocol("sharegpt4v", None, "longtext", reader={"first_n": 10000}, folder="sharegpt4v",
+    "sharegpt4v-10k": Protocol("sharegpt4v", "test", "longtext", reader={"first_n": 10000}, folder="sharegpt4v",
                                headline=IMAGE_RETRIEVAL, doc="ShareGPT4V: the first 10,000 entries, long-text retrieval"),
     "flickr30k-cn": Protocol("chinese-clip", "test", "retrieval", {"lang": "zh"}, folder="Flickr30k-CN",
                              headline=IMAGE_RETRIEVAL, doc="Flickr30k-CN test (Chinese-CLIP layout), Chinese captions"),
@@ -130,7 +130,8 @@ def _model_key(model: str) -> str:
 
 
 def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, device: str = "cpu",
-                  batch_size: int = 0, fresh: bool = False, limit: int = 0, decode_workers: int = 0) -> list[dict]:
+                  batch_size: int = 0, fresh: bool = False, limit: int = 0, decode_workers: int = 0,
+                  import_options: dict | None = None) -> list[dict]:
     """Run the protocols `names` on `model`; returns one row per dataset ({dataset, task, metrics, ...}).
 
     Every dataset's imported manifest and numbers are cached under `cache`, keyed by the dataset root and the
@@ -147,7 +148,8 @@ def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, de
     for n in names:
         p = protocol(n)
         root = folders[n]
-        data_dir = cache_dir / n / _key(str(root.resolve()), p.format, p.split, p.reader)
+        reader = {**p.reader, **(import_options or {})}
+        data_dir = cache_dir / n / _key(str(root.resolve()), p.format, p.split, reader)
         manifest = data_dir / "manifest.jsonl"
         result = data_dir / f"result-{model_key}-{_key(limit)}.json"       # decode workers change no number
         if result.is_file() and not fresh:
@@ -158,7 +160,7 @@ def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, de
         start = time.time()
         if not manifest.is_file() or fresh:
             print(f"[benchmark] {n}: importing {root} ({p.format}, split {p.split or 'all'})", flush=True)
-            summary = import_dataset(p.format, root, manifest, p.split, **p.reader)
+            summary = import_dataset(p.format, root, manifest, p.split, **reader)
             (data_dir / "import.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
         if loaded is None:
             from ..cli import resolve_device
@@ -214,6 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the protocols and exit")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int, default=0, help="items per forward call (default: the task's)")
+    parser.add_argument("--import-option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="a reader option for the datasets' import (e.g. -o image_root=DIR where a layout's images "
+                             "live elsewhere: ImageInWords' DOCCI images, COCO-CN's COCO images)")
     parser.add_argument("--decode-workers", type=int, default=0,
                         help="video protocols: processes decoding videos while the model encodes (default 0)")
     return parser
@@ -235,8 +240,13 @@ def main(args: argparse.Namespace) -> dict:
         protocol(name)
     if args.decode_workers < 0:
         raise ValueError(f"--decode-workers {args.decode_workers} must be >= 0")
+    from ..config import ConfigError, apply_overrides
+    try:
+        import_options = apply_overrides({}, args.import_option)
+    except ConfigError as e:
+        raise ValueError(f"--import-option: {e}") from None
     rows = run_benchmark(args.model, args.dataset, args.root, args.cache, args.device, args.batch_size, args.fresh,
-                         args.limit, args.decode_workers)
+                         args.limit, args.decode_workers, import_options)
     md, csv_rows = table(rows)
     print(md)
     if args.out:

@@ -42,7 +42,7 @@ def encode_manifest_images(model, manifest, limit: int = 0, on_bad_record: str =
     line and image named.
     """
     from ..data.manifests import ManifestError
-    records = read_records(manifest, limit, on_bad_record)
+    records = read_records(manifest, limit, on_bad_record, required=("image",))   # each task checks its own keys
     img, kept = encode_image_files(model, [r["image"] for r in records], batch_size, progress,
                                    skip_unreadable=on_bad_record == "skip")        # ImageError names the file
     if len(kept) < len(records):
@@ -157,7 +157,8 @@ def zeroshot_eval_manifest(model, manifest, classes_file, lang: str = "en", limi
     if folder:        # folder records carry their class name: index it in the classes used here
         records = [{**r, "label": r.get("class", r["label"])} for r in records]
     targets = torch.tensor(label_indices(records, classes["classes"], "label", str(manifest), source=where))
-    classifier = build_classifier(model, names, load_templates(lang))            # (C, E)
+    templates = classes.get("templates" if lang == "en" else f"templates_{lang}") or load_templates(lang)
+    classifier = build_classifier(model, names, templates)                        # (C, E)
     logits = img.to(classifier.device, classifier.dtype) @ classifier.T          # (N, C)
     result = accuracy(logits, targets)
     result["num_classes"] = len(names)
