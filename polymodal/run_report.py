@@ -49,17 +49,31 @@ def eval_metrics(records: list[dict], final: dict) -> dict:
     return {k[5:]: v for k, v in source.items() if k.startswith("eval/")}
 
 
-def training_notes(recipe: dict, records: list[dict]) -> list[str]:
-    """One-line facts of the run: method, model, data, steps, last (smoothed) training and validation loss."""
+def training_notes(recipe: dict, records: list[dict], model_type: str | None = None) -> list[str]:
+    """One-line facts of the run: method, model, data, steps, last (smoothed) training and validation loss.
+
+    Args:
+        recipe: the run's config.json.
+        records: its metrics.jsonl records.
+        model_type: the saved model's family (its config.json), when there is one: a method that builds its own
+            towers (SNP-S3, an MLLM, a reward model) does not read `model.name`.
+    """
     from .eval.html_report import curve_series, smooth
     notes = []
     model = recipe.get("model", {}) or {}
     data = recipe.get("data", {}) or {}
     train = recipe.get("train", {}) or {}
     if recipe:
-        notes.append(f"Method `{recipe.get('method', '?')}`, model `{model.get('path') or model.get('name', '?')}`, "
-                     f"data `{data.get('shards') or data.get('train', '?')}`, batch {data.get('batch_size', '?')}, "
-                     f"{train.get('steps', '?')} steps planned.")
+        if model.get("path"):
+            which = f"model `{model['path']}`"
+        elif model_type in (None, "clip", "m2", "coca", "video_clip", "m2raap", "shenet", "scene"):
+            which = f"model `{model.get('name', '?')}`"               # built from the bundled config
+        else:
+            which = "the method's own model"
+        which += f" (model_type `{model_type}`)" if model_type else ""
+        source = data.get("shards") or data.get("train") or "made by the method (no data.train)"
+        notes.append(f"Method `{recipe.get('method', '?')}`, {which}, data `{source}`, batch "
+                     f"{data.get('batch_size', '?')}, {train.get('steps', '?')} steps planned.")
     series = curve_series(records)
     loss = series.get("loss", [])
     if loss:
@@ -172,7 +186,11 @@ def write_run_report(run_dir: str | Path, *, title: str | None = None, metrics: 
     run_dir = Path(run_dir)
     recipe, records, final = read_run(run_dir)
     metrics = eval_metrics(records, final) if metrics is None else metrics
-    all_notes = list(notes) + training_notes(recipe, records)
+    try:
+        model_type = _read_json(run_dir / "model" / "config.json").get("model_type")
+    except ValueError:                       # a broken saved config: the report still says the rest
+        model_type = None
+    all_notes = list(notes) + training_notes(recipe, records, model_type)
     if not metrics:
         all_notes.append("No evaluation numbers logged: list evaluations in the recipe's `eval` section.")
     curves = run_dir / "curves.png"

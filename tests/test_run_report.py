@@ -303,3 +303,27 @@ def test_demo_writes_the_improved_report(tmp_path):
     assert "id='headline'" in text and "data-group='longtext'" in text
     assert text.count("class='gallery-row'") == 8 and text.count("class='target'") == 8
     assert "<mark class='differs'>" in text
+
+
+def test_chance_levels_of_the_video_scene_reward_fairness_and_word_tasks():
+    from polymodal.eval.html_report import chance_levels, group_metrics, headline
+    metrics = {"video_retrieval/text_to_video_R@5": 20.0, "video_retrieval/video_to_text_R@1": 9.0,
+               "video_retrieval/text_to_video_median_rank": 4.0, "video_retrieval/mean_recall": 30.0,
+               "video_retrieval/num_videos": 10, "video_retrieval/num_texts": 10,
+               "snps3_retrieval/rerank_text_to_video_R@1": 12.0, "snps3_retrieval/num_videos": 20,
+               "snps3_retrieval/num_texts": 20, "snps3_retrieval/word_P@1": 40.0,
+               "snps3_retrieval/word_chance": 12.5,
+               "scene/mAP": 31.0, "scene/mAP_chance": 13.6, "scene/temporal/mAP": 20.0, "scene/num_videos": 8,
+               "preference/accuracy": 70.0, "preference/accuracy_tone": 60.0, "preference/pairs": 100,
+               "fairness/min_skew/race": -0.4, "fairness/max_skew": 0.3, "fairness/task_accuracy": 80.0}
+    chance = chance_levels(metrics)
+    assert chance["video_retrieval/text_to_video_R@5"] == pytest.approx(50.0)
+    assert chance["video_retrieval/text_to_video_median_rank"] == 5.5
+    assert chance["snps3_retrieval/rerank_text_to_video_R@1"] == pytest.approx(5.0)
+    assert chance["snps3_retrieval/word_P@1"] == 12.5 and chance["scene/mAP"] == 13.6
+    assert chance["preference/accuracy"] == chance["preference/accuracy_tone"] == 50.0
+    assert chance["fairness/min_skew/race"] == chance["fairness/max_skew"] == 0.0
+    groups = {g.name: g for g in group_metrics(metrics, chance)}
+    assert "temporal/mAP" in groups["scene"].metrics and "mAP_chance" not in groups["scene"].metrics
+    assert groups["fairness"].headline == "max_skew"                        # not the first per-attribute skew
+    assert headline([groups["preference"]])[2] == 50.0

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 # Per task group, the metric that heads it (the first one present wins).
-HEADLINE_KEYS = ("mean_recall", "text_to_image_R@1", "top1", "mAP", "CIDEr-D", "accuracy", "R@1")
+HEADLINE_KEYS = ("mean_recall", "text_to_image_R@1", "top1", "mAP", "CIDEr-D", "accuracy", "max_skew",
+                 "task_accuracy", "R@1")
 # Bookkeeping numbers: used for chance levels and shown under the table, not as metrics.
 COUNT_SUFFIXES = ("num_images", "num_texts", "num_classes", "num_videos", "num_classes_with_positives")
 
@@ -134,12 +135,21 @@ def _recall_chance(k: int, n: int, m: float = 1.0) -> float:
     return 100.0 * (1.0 - miss)
 
 
-def chance_levels(metrics: dict) -> dict:
-    """The value of each metric for random embeddings, from the counts of its own task group.
+def _split(key: str) -> tuple[str, str]:
+    """(task group, metric) of a flat key: the group is the first component (`scene/temporal/mAP` -> `scene`,
+    `temporal/mAP`); a key without one is a metric of no group."""
+    return tuple(key.split("/", 1)) if "/" in key else ("", key)
 
-    `<group>/text_to_image_R@K` -> K / num_images; `image_to_text_R@K` -> a random top K of num_texts holding
-    one of the image's captions; ranks -> (N + 1) / 2; `mean_recall` -> the mean of those; `topK` ->
-    K / num_classes. Metrics without a known chance level are left out.
+
+def chance_levels(metrics: dict) -> dict:
+    """The value of each metric for random scores, from the counts of its own task group.
+
+    Retrieval (images or videos): `text_to_X_R@K` -> K / N items (also after re-ranking), `X_to_text_R@K` -> a
+    random top K of the texts holding one of the item's captions, ranks -> (N + 1) / 2, `mean_recall` -> the mean
+    of those; classification `topK` -> K / num_classes; a task that reports its own chance (`<metric>_chance`:
+    scene and multi-label mAP, hit@k; SNP-S3's `word_chance`) -> that; reward accuracy (a group with `pairs`) ->
+    50; fairness skews -> 0 (a random answerer treats every group alike). Metrics without a known chance level are
+    left out.
 
     Args:
         metrics: flat `group/metric` (or `metric`) -> value, with the group's `num_*` counts.
@@ -148,23 +158,33 @@ def chance_levels(metrics: dict) -> dict:
     """
     out: dict = {}
     for key in metrics:
-        group, _, name = key.rpartition("/")
+        group, name = _split(key)
         count = lambda what: metrics.get(f"{group}/{what}" if group else what)
-        n_img, n_txt, n_cls = count("num_images"), count("num_texts"), count("num_classes")
-        per_image = (n_txt / n_img) if n_img and n_txt else 1.0
-        m = re.fullmatch(r"(image_to_text|text_to_image)_R@(\d+)", name)
-        if m and n_img:
+        n_items = count("num_images") or count("num_videos")
+        n_txt, n_cls = count("num_texts"), count("num_classes")
+        per_item = (n_txt / n_items) if n_items and n_txt else 1.0
+        m = re.fullmatch(r"(?:rerank_)?(image_to_text|video_to_text|text_to_image|text_to_video)_R@(\d+)", name)
+        if m and n_items:
             k = int(m.group(2))
-            out[key] = (_recall_chance(k, n_img) if m.group(1) == "text_to_image"
-                        else _recall_chance(k, int(n_txt or n_img), per_image))
-        elif name in ("text_to_image_median_rank", "text_to_image_mean_rank") and n_img:
-            out[key] = (n_img + 1) / 2
+            out[key] = (_recall_chance(k, n_items) if m.group(1).startswith("text_to")
+                        else _recall_chance(k, int(n_txt or n_items), per_item))
+        elif re.fullmatch(r"text_to_(image|video)_(median|mean)_rank", name) and n_items:
+            out[key] = (n_items + 1) / 2
         elif re.fullmatch(r"top(\d+)", name) and n_cls:
             out[key] = 100.0 * min(int(name[3:]), n_cls) / n_cls
+        elif f"{key}_chance" in metrics and _is_number(metrics[f"{key}_chance"]):
+            out[key] = metrics[f"{key}_chance"]
+        elif name in ("word_P@1", "word_mAP") and _is_number(count("word_chance")):
+            out[key] = count("word_chance")
+        elif count("pairs") and (name == "accuracy" or name.startswith(("accuracy_", "subset_"))
+                                 or name == "worst_dimension_accuracy"):
+            out[key] = 50.0
+        elif re.fullmatch(r"(worst_)?(min|max)_skew(/.*)?", name):
+            out[key] = 0.0
     for key in metrics:
-        group, _, name = key.rpartition("/")
+        group, name = _split(key)
         if name == "mean_recall":
-            parts = [v for k, v in out.items() if k.rpartition("/")[0] == group and "_R@" in k]
+            parts = [v for k, v in out.items() if _split(k)[0] == group and "_R@" in k and "rerank" not in k]
             if parts:
                 out[key] = sum(parts) / len(parts)
     return out
@@ -187,9 +207,9 @@ def group_metrics(metrics: dict, chance: dict) -> list[MetricGroup]:
     """
     groups: dict[str, MetricGroup] = {}
     for key, value in metrics.items():
-        group, _, name = key.rpartition("/")
+        group, name = _split(key)
         g = groups.setdefault(group or "metrics", MetricGroup(group or "metrics"))
-        if name.endswith(COUNT_SUFFIXES):
+        if name.endswith(COUNT_SUFFIXES) or name.endswith("_chance") or name in ("pairs", "word_queries"):
             if _is_number(value):
                 g.counts[name] = value
             continue

@@ -145,11 +145,14 @@ def multilabel_metrics(scores: Tensor, targets: Tensor, k: int = 3, threshold: f
     """mAP plus top-k and threshold precision/recall/F1.
 
     Returns:
-        ``{"mAP", "AP_per_class", "num_classes_with_positives", "top{k}_<metric>", ...,
+        ``{"mAP", "AP_per_class", "num_classes_with_positives", "mAP_chance" (the mean prevalence of the classes
+        with a positive: what random scores give), "top{k}_<metric>", ...,
         "threshold{threshold}_<metric>", ...}`` with ``<metric>`` the keys of :func:`f1_at_topk`,
         e.g. ``top3_f1_micro`` and ``threshold0.5_f1_macro``.
     """
     out = dict(average_precision(scores, targets))
+    prev = torch.as_tensor(targets).double().mean(0)                  # random scores: AP = prevalence
+    out["mAP_chance"] = 100.0 * float(prev[prev > 0].mean()) if bool((prev > 0).any()) else float("nan")
     out.update({f"top{k}_{name}": v for name, v in f1_at_topk(scores, targets, k).items()})
     out.update({f"threshold{threshold:g}_{name}": v for name, v in f1_at_threshold(scores, targets, threshold).items()})
     return out

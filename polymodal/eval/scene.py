@@ -54,6 +54,22 @@ def best_threshold(scores: Tensor, targets: Tensor, max_candidates: int = 256) -
     return float(best)
 
 
+def chance_of(targets: Tensor) -> dict:
+    """What random scores give on these targets: `mAP_chance` (the mean prevalence of the labels with a
+    positive) and `hit@k_chance` (the chance that a random top k holds one of a video's positives)."""
+    from math import comb
+    t = targets.float()
+    prev = t.mean(0)
+    out = {"mAP_chance": 100.0 * float(prev[prev > 0].mean()) if (prev > 0).any() else math.nan}
+    C = t.shape[1]
+    m = t.sum(1).long().tolist()
+    for k in HIT_KS:
+        kk = min(k, C)
+        hits = [1.0 - comb(C - mi, kk) / comb(C, kk) for mi in m if mi > 0]
+        out[f"hit@{k}_chance"] = 100.0 * sum(hits) / len(hits) if hits else math.nan
+    return out
+
+
 def scene_metrics(scores: Tensor, targets: Tensor, hierarchy, threshold: float = 0.0) -> dict:
     """mAP, group mAPs, F1 at `threshold`, hit@k and consistency of (N, C) scores against 0/1 targets."""
     out = {"mAP": average_precision(scores, targets)["mAP"]}
@@ -64,6 +80,7 @@ def scene_metrics(scores: Tensor, targets: Tensor, hierarchy, threshold: float =
     prf = f1_at_threshold(scores, targets, threshold)
     out.update({k: prf[k] for k in ("f1_micro", "f1_macro", "precision_micro", "recall_micro")})
     out.update({f"hit@{k}": hit_at_k(scores, targets, k) for k in HIT_KS})
+    out.update(chance_of(targets))
     out["consistency"] = hierarchy.consistency(scores >= threshold)
     out["threshold"] = float(threshold)
     return out
