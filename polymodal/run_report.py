@@ -89,7 +89,10 @@ def training_notes(recipe: dict, records: list[dict], model_type: str | None = N
                      "train.val_loss_every to get one.")
     bad = next((r["bad_records"] for r in reversed(records) if isinstance(r.get("bad_records"), dict)), None)
     if bad:
-        notes.append("Skipped records: " + ", ".join(f"{k}={v}" for k, v in bad.items()) + ".")
+        notes.append("Records skipped in training (each once): " + ", ".join(f"{k}={v}" for k, v in bad.items()) + ".")
+    read = next((r["manifest_skipped"] for r in records if isinstance(r.get("manifest_skipped"), dict)), None)
+    if read:
+        notes.append("Records the manifest reader left out: " + ", ".join(f"{k}={v}" for k, v in read.items()) + ".")
     return notes
 
 

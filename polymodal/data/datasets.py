@@ -392,8 +392,8 @@ class ImageTextCollate:
     ``frame_valid`` (B,T) for video clips, ``input_ids`` (B,L),
     ``long_input_ids`` (B,M,L) when samples have sub-captions, ``labels`` (B,) when samples
     have ``label``, ``multi_labels`` (B,C) when they have ``multi_hot``, ``index`` (B,),
-    ``captions`` list[str], ``lang`` list[str] when present, ``num_bad`` int and
-    ``bad_reasons`` Counter (samples dropped from this batch: ``_bad`` markers and Nones,
+    ``captions`` list[str], ``lang`` list[str] when present, ``num_bad`` int, ``bad_indices`` (reason, record
+    index) of the dropped samples, and ``bad_reasons`` Counter (samples dropped from this batch: ``_bad`` markers and Nones,
     the latter counted as ``"unknown"``). If every sample was bad only ``index`` (empty),
     ``num_bad`` and ``bad_reasons`` are set.
     """
@@ -408,15 +408,17 @@ class ImageTextCollate:
         return self.tokenizer(texts, context_length=self.context_length)
 
     def __call__(self, samples: list[dict | None]) -> dict:
-        good, bad = [], Counter()
+        good, bad, which = [], Counter(), []
         for s in samples:
             if s is None:
                 bad["unknown"] += 1
             elif "_bad" in s:
                 bad[s["_bad"]] += 1
+                which.append((s["_bad"], int(s.get("index", -1))))
             else:
                 good.append(s)
-        batch: dict[str, Any] = {"num_bad": sum(bad.values()), "bad_reasons": bad}
+        # `bad_indices` lets the trainer count a bad record once per run, not once per pass over the data.
+        batch: dict[str, Any] = {"num_bad": sum(bad.values()), "bad_reasons": bad, "bad_indices": which}
         if not good:
             batch["index"] = torch.zeros(0, dtype=torch.long)
             return batch

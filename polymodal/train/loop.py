@@ -270,6 +270,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0         # micro-batches of this epoch already consumed
     bad_records: Counter = field(default_factory=Counter)
+    bad_seen: set = field(default_factory=set)          # (reason, record index) already counted
 
 
 class Trainer:
@@ -341,7 +342,7 @@ class Trainer:
         atomic_torch_save({
             "task": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
-            "bad_records": dict(self.state.bad_records), "rng": rng_state(),
+            "bad_records": dict(self.state.bad_records), "bad_seen": sorted(self.state.bad_seen), "rng": rng_state(),
         }, path)
         prune_checkpoints(self.ckpt_dir, self.tcfg.keep_last)
         return path
@@ -367,7 +368,8 @@ class Trainer:
             return
         restore_task_state(self.task, ckpt["task"], path)         # another model: one line, nothing half-loaded
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], Counter(ckpt["bad_records"]))
+        self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], Counter(ckpt["bad_records"]),
+                                {tuple(x) for x in ckpt.get("bad_seen", [])})
         set_rng_state(ckpt["rng"])
         self._truncate_metrics(self.state.step)
         self.log({"event": "resumed", "checkpoint": str(path), "step": self.state.step})
@@ -450,7 +452,7 @@ class Trainer:
         while True:
             batch = next(batches)
             reasons = batch.get("bad_reasons") or {}
-            self.state.bad_records.update(reasons)
+            self._count_bad(batch, reasons)
             empty = "index" in batch and batch["index"].numel() == 0
             if self.dist.world_size == 1:
                 usable = batch if not empty else None
@@ -472,6 +474,22 @@ class Trainer:
                     f"no usable sample in {self._empty_streak} consecutive batches (skipped: "
                     f"{_reasons(self._empty_reasons)}); fix the data (the run's skip counts are in "
                     f"{self.metrics_path}) or raise train.max_empty_batches")
+
+    def _count_bad(self, batch: dict, reasons: dict) -> None:
+        """Count the batch's bad records once per run: a record already counted in an earlier pass (same reason,
+        same record index) is not counted again; records without an index (a broken shard) count each time."""
+        known = batch.get("bad_indices")
+        if known is None:                                  # a collate that does not say which records
+            self.state.bad_records.update(reasons)
+            return
+        for reason, index in known:
+            if index < 0 or (reason, index) not in self.state.bad_seen:
+                self.state.bad_records[reason] += 1
+                if index >= 0:
+                    self.state.bad_seen.add((reason, index))
+        rest = Counter(reasons)
+        rest.subtract(Counter(r for r, _ in known))
+        self.state.bad_records.update({k: v for k, v in rest.items() if v > 0})   # Nones: no index at all
 
     def _exhausted(self, message: str) -> DataExhausted:
         """The error that ends a run without usable data; the skip counts so far are logged first."""

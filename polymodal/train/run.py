@@ -290,7 +290,12 @@ def run_recipe(cfg: RunConfig) -> dict:
     if dist_utils.rank() == 0 and trainer.state.step >= cfg.train.steps:
         method.final_model(task).save_pretrained(out_dir / "model")
         from ..eval.report import write_json
-        write_json(out_dir / "final_metrics.json", {"step": trainer.state.step, **final})
+        skips = {}
+        if trainer.state.bad_records:                 # each bad record once, by reason
+            skips["bad_records"] = dict(trainer.state.bad_records)
+        if make_loader.manifest_skipped:              # records the manifest reader left out
+            skips["manifest_skipped"] = dict(make_loader.manifest_skipped)
+        write_json(out_dir / "final_metrics.json", {"step": trainer.state.step, **final, **skips})
         write_eval_commands(cfg, out_dir)
         if cfg.train.report:
             from ..run_report import report_after_training
