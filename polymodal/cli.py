@@ -255,9 +255,13 @@ def dumps_strict(obj, **kwargs) -> str:
     """JSON that other tools can read: NaN and infinities become null (json.dumps would write NaN)."""
     import math
 
+    from .eval.report import tidy_float
+
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
+        if isinstance(v, float):
+            return tidy_float(v)
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):

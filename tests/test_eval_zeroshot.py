@@ -77,8 +77,8 @@ def test_accuracy_hand_cases():
     got = accuracy(logits, [2, 0, 0], ks=(1, 2, 5))
     assert got["top1"] == pytest.approx(100 / 3)
     assert got["top2"] == pytest.approx(200 / 3)
-    assert got["top5"] == 100.0                 # k capped at C = 3
-    assert set(accuracy(logits, [2, 0, 0])) == {"top1", "top5"}
+    assert "top5" not in got                    # k >= C = 3 would read 100 by construction: left out
+    assert set(accuracy(logits, [2, 0, 0])) == {"top1"}
 
 
 def test_accuracy_ties():
@@ -96,7 +96,7 @@ def test_zeroshot_eval_on_embeddings_and_pixels():
     clf = build_classifier(model, classes, ["a {}.", "the {}"])
     targets = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
     embeds = clf[targets] + 0.05 * torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
-    assert zeroshot_eval(model, embeds, targets, classes, ["a {}.", "the {}"]) == {"top1": 100.0, "top5": 100.0}
+    assert zeroshot_eval(model, embeds, targets, classes, ["a {}.", "the {}"]) == {"top1": 100.0}   # 4 classes: no top5
     wrong = (targets + 1) % 4
     assert zeroshot_eval(model, embeds, wrong, classes, ["a {}.", "the {}"], ks=(1,))["top1"] == 0.0
     # Pixels: same answer as scoring the model's image embeddings by hand.
@@ -105,3 +105,14 @@ def test_zeroshot_eval_on_embeddings_and_pixels():
     img = model.encode_image(pixels).detach()
     want = accuracy(img @ build_classifier(model, classes, "en").T, labels, ks=(1, 2))
     assert zeroshot_eval(model, pixels, labels, classes, "en", batch_size=3, ks=(1, 2)) == want
+
+
+def test_json_numbers_are_written_without_last_bit_noise(tmp_path):
+    import json
+
+    from polymodal.cli import dumps_strict
+    from polymodal.eval.report import write_json
+    assert json.loads(dumps_strict({"x": 0.1 + 0.2, "y": 7.000000000000001, "z": 1 / 3})) == \
+        {"x": 0.3, "y": 7.0, "z": 0.333333333333}
+    write_json(tmp_path / "m.json", {"y": 7.000000000000001})
+    assert (tmp_path / "m.json").read_text().strip() == '{\n  "y": 7.0\n}'

@@ -11,6 +11,11 @@ from typing import Any
 from ..fileio import atomic_open
 
 
+def tidy_float(v: float) -> float:
+    """`v` at 12 significant digits: 7.000000000000001 (a sum's last-bit noise) is written as 7.0."""
+    return float(f"{v:.12g}")
+
+
 def _jsonable(obj: Any) -> Any:
     """Turn tensors, numpy values and non-finite floats into plain JSON values.
 
@@ -25,6 +30,8 @@ def _jsonable(obj: Any) -> Any:
         return _jsonable(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, float):
+        return tidy_float(obj)
     if isinstance(obj, Path):
         return str(obj)
     return obj

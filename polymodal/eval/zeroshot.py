@@ -123,11 +123,11 @@ def accuracy(logits: Tensor, targets: Tensor | Sequence[int], ks: Sequence[int] 
     Args:
         logits: (N, C) scores.
         targets: (N,) class indices in [0, C).
-        ks: which top-k to report; k above C is capped at C (so it reads 100).
+        ks: which top-k to report; a k of C or more is left out (it would read 100); top-1 always.
         ties: ``"pessimistic"`` or ``"optimistic"``.
 
     Returns:
-        ``{"top1": %, "top5": %}`` (one key per k).
+        ``{"top1": %, "top5": %}`` (one key per k below C, and top1).
     """
     logits = torch.as_tensor(logits)
     targets = torch.as_tensor(targets, device=logits.device)
@@ -146,7 +146,8 @@ def accuracy(logits: Tensor, targets: Tensor | Sequence[int], ks: Sequence[int] 
         raise ValueError("logits contain NaN or inf")
     correct = logits.gather(1, targets[:, None])                          # (N, 1)
     rank = (logits >= correct).sum(1) if ties == "pessimistic" else 1 + (logits > correct).sum(1)
-    return {f"top{k}": 100.0 * float((rank <= min(int(k), num_classes)).double().mean()) for k in ks}
+    # A top-k with k >= C is 100 by construction: it is not reported (a 4-class task has no "top5").
+    return {f"top{k}": 100.0 * float((rank <= int(k)).double().mean()) for k in ks if int(k) == 1 or int(k) < num_classes}
 
 
 def zeroshot_eval(model, images_or_embeds: Tensor, targets: Tensor | Sequence[int], classnames: Sequence[str],
