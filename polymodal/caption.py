@@ -9,10 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from .eval.captioning import caption_images
-from .models.coca import GENERATION_METHODS
+from .models.decoding import GENERATION_METHODS
 from .precision import PRECISIONS, check_precision
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -53,6 +50,9 @@ def _image_paths(items: list[str]) -> list[str]:
 
 def caption_main(args: argparse.Namespace) -> list[dict]:
     """Run the `caption` command from parsed arguments; returns the records written."""
+    import torch
+
+    from .eval.captioning import caption_images
     from .hub import load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = getattr(args, "precision", "fp32")

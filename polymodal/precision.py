@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
+
+if TYPE_CHECKING:                 # torch is imported where it is used: `--help` of the commands stays light
+    import torch
 
 PRECISIONS = ("fp32", "bf16")
 BF16_CPU_SLOWDOWN = 25      # fp32 -> emulated bf16 time factor, ViT-B/32 fwd+bwd on AVX2 (~100 s vs ~4 s)
@@ -41,12 +43,14 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm)."""
+    import torch
     capability = torch.backends.cpu.get_cpu_capability()          # e.g. "AVX2", "AVX512"
     return any(f in cpu_flags() for f in NATIVE_BF16_CPU_FLAGS) or "BF16" in capability.upper()
 
 
 def cuda_has_native_bf16(device: torch.device) -> bool:
     """Whether CUDA `device` supports bf16 natively (not merely by emulation)."""
+    import torch
     with torch.cuda.device(device):
         try:
             return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -79,6 +83,7 @@ def check_precision(precision: str, device: torch.device | str, force: bool = Fa
         ConfigError: an unknown precision; bf16 on a CPU without native bf16 (unless `force`), naming the
             expected slowdown and the fix; bf16 on a CUDA device without bf16 support.
     """
+    import torch
     if precision not in PRECISIONS:
         raise ConfigError(f"{where}: {key} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
@@ -98,6 +103,7 @@ def check_precision(precision: str, device: torch.device | str, force: bool = Fa
 
 def autocast(precision: str, device: torch.device | str):
     """A context manager: bf16 autocast on `device` for "bf16", nothing for "fp32"."""
+    import torch
     device = torch.device(device)
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)

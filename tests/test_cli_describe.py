@@ -13,7 +13,7 @@ from polymodal import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in ("train", "eval", "embed", "index", "search", "serve", "data")])
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in ("train", "eval", "embed", "index", "search", "serve", "data", "caption", "benchmark")] + [["data", d, "--help"] for d in ("aux-captions", "import")])
 def test_help_imports_no_torch(argv):
     code = ("import sys, contextlib, io\n"
             "from polymodal.cli import main\n"

@@ -78,7 +78,7 @@ class _StatelessStep(IncrementalStep):
 def _as_incremental(step: StepFn | IncrementalStep) -> IncrementalStep:
     return step if isinstance(step, IncrementalStep) else _StatelessStep(step)
 
-GENERATION_METHODS = ("greedy", "beam", "nucleus")
+from .decoding import GENERATION_METHODS  # noqa: E402 (re-exported: the names live in a torch-free module)
 
 
 @dataclass
