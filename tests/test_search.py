@@ -269,6 +269,9 @@ def test_index_refuses_queries_from_another_model(index_dir, model_dir):
     with pytest.raises(IndexModelMismatch, match="built with another model"):
         Searcher(index_dir, other)
     assert model_id(load_model(model_dir)) == SearchIndex.open(index_dir).info["model_id"]
+    # Loaded from the path the index records (no --model): the message says that model changed since indexing.
+    with pytest.raises(IndexModelMismatch, match=r"the model at .* has changed since the index was built"):
+        Searcher(index_dir, other, recorded=True)
 
 
 def clustered(n, d, seed=0):

@@ -198,7 +198,7 @@ def main_search(args) -> list[dict]:
     model_src = args.model or index.info.get("model")
     if not model_src:
         raise FileNotFoundError(f"{args.index}: the index does not record its model; pass --model")
-    searcher = Searcher(index, _load_model(model_src, args.device))
+    searcher = Searcher(index, _load_model(model_src, args.device), recorded=not args.model)
     hits = searcher.image(args.image, args.k) if args.image else searcher.text(args.query, args.k)
     if args.json:
         print(json.dumps({"query": args.query or {"image": args.image}, "results": hits}, indent=1,
@@ -278,4 +278,5 @@ def main_serve(args) -> None:
             raise FileNotFoundError(f"{args.index}: the index does not record its model; pass --model")
         model = _load_model(recorded, args.device)
     serve(args.index, host=args.host, port=args.port, model=model, token=token, allow_hosts=args.allow_host,
+          recorded=not args.model,
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_query_chars=args.max_query_chars, max_k=args.max_k)

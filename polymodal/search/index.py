@@ -356,10 +356,20 @@ class SearchIndex:
                 _set_search_params(index, params)
         return cls(path, info, emb, index, stamp)
 
-    def check_model(self, model=None, identity: str | None = None) -> None:
-        """Raise IndexModelMismatch unless the model (or its `model_id`) is the one the index was built with."""
+    def check_model(self, model=None, identity: str | None = None, recorded: bool = False) -> None:
+        """Raise IndexModelMismatch unless the model (or its `model_id`) is the one the index was built with.
+
+        Args:
+            recorded: the model was loaded from the path the index records (no --model given): a mismatch then
+                means that model changed since indexing, and the message says so.
+        """
         identity = identity or model_id(model)
         if identity != self.info.get("model_id"):
+            if recorded:
+                raise IndexModelMismatch(
+                    f"the model at {self.info.get('model')} (recorded in {self.path}) has changed since the index was "
+                    f"built (id {str(self.info.get('model_id'))[:19]}... then, {identity[:19]}... now); rebuild the "
+                    f"index with `polymodal index build`, or pass --model with the model it was built with")
             raise IndexModelMismatch(
                 f"{self.path} was built with another model ({self.info.get('model') or 'unknown'}, "
                 f"id {str(self.info.get('model_id'))[:19]}...) than the one given (id {identity[:19]}...); "

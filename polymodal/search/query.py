@@ -60,11 +60,11 @@ class Searcher:
         reload_error: why the last re-open was refused (the old index stays in use), or None.
     """
 
-    def __init__(self, index, model):
+    def __init__(self, index, model, recorded: bool = False):
         index = index if isinstance(index, SearchIndex) else SearchIndex.open(index)
         self.model = model.eval()
         self.model_id = model_id(model)
-        index.check_model(identity=self.model_id)
+        index.check_model(identity=self.model_id, recorded=recorded)
         self._version = (index, 0)        # (index, generation), replaced as one object by refresh()
         self._lock = threading.Lock()     # one forward pass at a time (the server runs requests in threads)
         self._reload_lock = threading.Lock()

@@ -172,7 +172,7 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         "max_upload_bytes"], max_query_chars: int = DEFAULT_LIMITS["max_query_chars"],
         max_k: int = DEFAULT_LIMITS["max_k"], default_k: int = DEFAULT_LIMITS["default_k"],
         thumb_size: int = DEFAULT_LIMITS["thumb_size"], hosts: tuple[str, ...] | list[str] | None = None,
-        any_ip: bool = False):
+        any_ip: bool = False, recorded: bool = False):
     """Build the FastAPI app serving one index.
 
     Args:
@@ -183,6 +183,7 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         hosts: the names a request's Host header may carry (default `trusted_hosts()`: 127.0.0.1, localhost,
             ::1); other hosts answer 421.
         any_ip: also trust any IP address as the Host (a server bound to every interface, reached by address).
+        recorded: `model` was loaded from the path the index records (a mismatch then says that model changed).
         max_upload_bytes: largest image upload (413 above).
         max_query_chars: longest text query (413 above).
         max_k: largest k (400 above); default_k: k when none is given.
@@ -204,10 +205,10 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
     allowed = set(trusted_hosts("", hosts or ()))
     opened = SearchIndex.open(index_dir)       # requests read the searcher's current version, never this one
     if model is None:
-        model = opened.info.get("model")
+        model, recorded = opened.info.get("model"), True
         if not model:
             raise FileNotFoundError(f"{index_dir}: the index does not record its model; pass the model explicitly")
-    searcher = Searcher(opened, _load(model))
+    searcher = Searcher(opened, _load(model), recorded=recorded)
     app = FastAPI(title="polymodal search", docs_url=None, redoc_url=None, openapi_url=None)
     limits = {"max_upload_bytes": max_upload_bytes, "max_query_chars": max_query_chars, "max_k": max_k,
               "default_k": default_k}
@@ -438,7 +439,7 @@ def _video_frame(path: str, t: float | None, num_frames: int):
 
 
 def serve(index_dir, host: str = "127.0.0.1", port: int = 8000, model=None, token: str | None = None,
-          allow_hosts: tuple[str, ...] | list[str] = (), **limits) -> None:
+          allow_hosts: tuple[str, ...] | list[str] = (), recorded: bool = False, **limits) -> None:
     """Run the app with uvicorn until interrupted (`polymodal serve`).
 
     Args:
@@ -450,7 +451,7 @@ def serve(index_dir, host: str = "127.0.0.1", port: int = 8000, model=None, toke
     """
     import uvicorn
     app = create_app(index_dir, model=model, token=token, hosts=trusted_hosts(host, allow_hosts),
-                     any_ip=host in ALL_INTERFACES, **limits)
+                     any_ip=host in ALL_INTERFACES, recorded=recorded, **limits)
     if host not in LOCAL_HOSTS and token is None:
         import warnings
         warnings.warn(f"serving {index_dir} on {host} without a token: anyone who reaches this port can search "
