@@ -213,3 +213,21 @@ def test_keyboard_reaches_a_result_and_enter_finds_similar_items(site, browser):
     assert second not in names and len(names) == 11
     browser.key("/", code="Slash", vk=191, text="/")
     assert browser.js("document.activeElement.id") == "q"
+
+
+def test_the_page_says_what_is_indexed_and_marks_a_deleted_file(site, browser):
+    url, model, folder, captions = site
+    browser.page("Page.navigate", url=url)
+    status = browser.wait_for("(() => { const e = document.getElementById('status'); "
+                              "return e && e.textContent.includes('items indexed') && e.textContent; })()")
+    assert status.startswith("12 items indexed with m (exact search)")          # before any query
+    gone = sorted(folder.iterdir())[0]
+    data = gone.read_bytes()
+    gone.unlink()
+    try:
+        browser.page("Page.navigate", url=url + "?q=" + "a%20shape")
+        browser.wait_for(FIRST_CARD)
+        assert browser.wait_for("document.querySelectorAll('#results .missing').length") == 1
+        assert browser.js("document.querySelectorAll('#results img').length") == 11      # no broken picture
+    finally:
+        gone.write_bytes(data)

@@ -277,6 +277,7 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
             return {"status": "ok", "token_required": True}
         index, generation = version()
         return {"status": "ok", "token_required": token is not None, "count": len(index),
+                "model_name": Path(str(index.info.get("model") or "")).name or None,     # a name, never a path
                 "model_id": index.info.get("model_id"), "index": index.info.get("index", {}).get("kind"),
                 "dim": index.emb.dim, "generation": generation, "reload_error": searcher.reload_error,
                 "limits": limits}
@@ -399,13 +400,16 @@ def create_app(index_dir, model=None, token: str | None = None, max_upload_bytes
         from ..data.images import ImageError
         from ..data.video import VideoError
         try:
+            fd, _ = open_indexed(it, folder_ok=True)   # a cached thumbnail is served only while the file is the same
+            os.close(fd)
             data = thumbnail(generation, row, None if t is None else round(float(t), 3))
         except ItemChanged as e:
             raise HTTPException(410, f"item {row} is not served: {e}; run `polymodal index add` (or rebuild) to "
                                      f"index the folder as it is now") from None
         except (ImageError, VideoError, OSError) as e:
             raise HTTPException(410, f"item {row} cannot be read any more ({e})") from None
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        # no-cache: the browser asks again, so a file deleted or changed since indexing is marked, not shown stale
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, no-cache"})
 
     app.state.searcher = searcher
     return app

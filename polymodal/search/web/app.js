@@ -49,11 +49,21 @@
     return url;
   }
 
+  // A file deleted or changed since indexing is marked on its card (the server answers 404 / 410 for it),
+  // never shown as a broken picture.
+  function markMissing(img) {
+    const note = document.createElement("div");
+    note.className = "text-only missing";
+    note.textContent = "file gone since indexing (polymodal index add --prune removes it)";
+    img.replaceWith(note);
+  }
+
   async function setImage(img, url) {
-    if (!token) { img.src = url; return; }     // with a token the image is fetched with the header
+    if (!token) { img.addEventListener("error", () => markMissing(img), { once: true }); img.src = url; return; }
     try {
       const response = await fetch(url, { headers: authHeaders });
       if (response.ok) img.src = URL.createObjectURL(await response.blob());
+      else if (response.status === 404 || response.status === 410) markMissing(img);
     } catch (e) { /* the card keeps its caption */ }
   }
 
@@ -168,6 +178,20 @@
     if (next < 0) q.focus(); else if (next < buttons.length) buttons[next].focus();
   });
 
+  // What is indexed, before any query: the count, the model and the index kind.
+  async function describeIndex() {
+    try {
+      const info = await call("/healthz");
+      if (info.token_required && !token) {
+        setStatus("This server needs a token: open it with #token=... in the address.", true);
+      } else if (info.count !== undefined) {
+        setStatus(info.count + " items indexed with " + (info.model_name || "the recorded model") +
+          " (" + (!info.index || info.index === "flat" ? "exact" : info.index) + " search). Type a description or " +
+          "choose an image.");
+      }
+    } catch (e) { setStatus(e.message, true); }
+  }
+
   const initial = new URLSearchParams(location.search).get("q");
-  if (initial) { q.value = initial; searchText(initial); }
+  if (initial) { q.value = initial; searchText(initial); } else describeIndex();
 })();
