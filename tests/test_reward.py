@@ -130,3 +130,56 @@ class _P:
 def test_missing_reward_model_folder_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing"):
         load_model(tmp_path / "nothing")
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+
+
+def test_a_folder_trained_elsewhere_scores_as_trl_rendered_it(tokenizer, tmp_path):
+    """No polymodal_reward.json: prompt + response + EOS through the tokenizer, the chat template for messages."""
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
+    model = HFRewardModel.from_pretrained(_hf_dir(tmp_path, tokenizer, "gpt2"), max_length=64)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    assert model.template == "trl"
+    text = model.format("question 1 ", "sure here is the answer")
+    assert text == "question 1 sure here is the answer" + tok.eos_token
+    assert model.format("q ", "a" + tok.eos_token).count(tok.eos_token) == 1          # not added twice
+    ids, mask = model.encode([text])
+    assert ids[0][mask[0]].tolist() == tok(text)["input_ids"]                       # TRL's tokenize: tok(text)
+    with torch.no_grad():
+        theirs = model.hf(input_ids=torch.tensor([tok(text)["input_ids"]])).logits[0, 0]
+    assert torch.allclose(model.eval().score([text])[0], theirs, atol=1e-5)
+
+    with pytest.raises(ValueError, match="no chat template.*reward.template=plain"):
+        model.format([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yes"}])
+    model.tokenizer.chat_template = CHAT
+    msgs = [{"role": "user", "content": "question 1"}, {"role": "assistant", "content": "yes i can help"}]
+    text = model.format(msgs[:1], msgs[1:])
+    ids, mask = model.encode([text])
+    assert ids[0][mask[0]].tolist() == model.tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)[
+        "input_ids"]                                                                    # one BOS, as TRL's rows
+
+
+def test_saved_template_and_plain_rendering_are_kept(tokenizer, tmp_path):
+    model = HFRewardModel.from_pretrained(_hf_dir(tmp_path, tokenizer, "gpt2"), max_length=64, template="auto")
+    model.save_pretrained(tmp_path / "rm")
+    back = load_model(tmp_path / "rm")
+    assert back.template == "auto" and back.format("q", "a") == "q\na"          # trained so, scored so
+
+
+def test_preference_eval_counts_and_can_drop_overlong_pairs(tokenizer, tmp_path):
+    from polymodal.data.preference import write_preferences
+    from polymodal.eval.preference import preference_eval_task
+    model = HFRewardModel.from_pretrained(_hf_dir(tmp_path, tokenizer, "gpt2"), max_length=24)
+    pairs = [_P("question 1 ", "yes", "no"), _P("question 2 ", " ".join(GOOD * 3), "no")]
+    assert model.token_lengths([model.format(p.prompt, p.chosen) for p in pairs])[0] <= 24
+    for p in pairs:
+        p.margin, p.dimension, p.subset = None, "", ""
+    write_preferences(pairs, tmp_path / "p.jsonl")
+    cut = preference_eval_task(model, tmp_path / "p.jsonl")
+    drop = preference_eval_task(model, tmp_path / "p.jsonl", overlong="drop")
+    assert cut["num_overlong"] == 1 and drop["num_dropped"] == 1 and "num_dropped" not in cut
+    assert cut["pairs"] == 2 and drop["pairs"] == 1
+    with pytest.raises(ValueError, match="overlong must be 'cut' or 'drop'"):
+        preference_eval_task(model, tmp_path / "p.jsonl", overlong="skip")

@@ -56,7 +56,7 @@ def preference_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, dimens
 
 def preference_eval_task(model, manifest, limit: int = 0, progress: bool = False, lang: str = "en", cache=None,
                          on_bad_record: str = "error", keys: dict | None = None, split: str = "test",
-                         batch_size: int = 64) -> dict:
+                         batch_size: int = 64, overlong: str = "cut") -> dict:
     """The `preference` evaluation: pairwise accuracy of a reward model on a preference file.
 
     Args:
@@ -70,9 +70,14 @@ def preference_eval_task(model, manifest, limit: int = 0, progress: bool = False
         keys: field mapping for other layouts (see `read_preferences`).
         split: the file read inside each dimension folder.
         batch_size: texts per forward.
+        overlong: a pair with a text longer than the model's `max_length` tokens is "cut" from the left (the
+            response's end is kept) or "drop"ped from the score, as TRL's RewardTrainer drops it.
     Returns:
-        See `preference_accuracy`.
+        See `preference_accuracy`, plus `num_overlong` (pairs with a text over max_length) and, with
+        overlong=drop, `num_dropped`.
     """
+    if overlong not in ("cut", "drop"):
+        raise ValueError(f"preference: overlong must be 'cut' or 'drop', got {overlong!r}")
     from ..data.preference import read_preferences
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         from ..hub import load_model
@@ -81,6 +86,12 @@ def preference_eval_task(model, manifest, limit: int = 0, progress: bool = False
         raise ValueError(f"preference: the model is a {type(model).__name__}, not a reward model "
                          f"(polymodal.models.reward); train one with `method: reward`")
     pairs = read_preferences(manifest, keys=keys, on_bad_record=on_bad_record, split=split, limit=limit).pairs
+    over = _overlong(model, pairs)
+    if overlong == "drop":
+        pairs = [p for p, o in zip(pairs, over) if not o]
+        if not pairs:
+            raise ValueError(f"preference: every pair of {manifest} is longer than the model's max_length "
+                             f"({model.max_length} tokens); nothing is left with overlong=drop")
     was = model.training
     model.eval()
     try:
@@ -95,5 +106,19 @@ def preference_eval_task(model, manifest, limit: int = 0, progress: bool = False
             chunks_r.append(r)
     finally:
         model.train(was)
-    return preference_accuracy(torch.cat(chunks_c), torch.cat(chunks_r), [p.dimension for p in pairs],
-                               [p.subset for p in pairs])
+    out = preference_accuracy(torch.cat(chunks_c), torch.cat(chunks_r), [p.dimension for p in pairs],
+                              [p.subset for p in pairs])
+    out["num_overlong"] = sum(over)
+    if overlong == "drop":
+        out["num_dropped"] = sum(over)
+    return out
+
+
+def _overlong(model, pairs) -> list[bool]:
+    """Whether the chosen or rejected text of each pair is longer than the model's `max_length` tokens."""
+    if not hasattr(model, "token_lengths"):
+        return [False] * len(pairs)
+    limit = model.max_length
+    n_c = model.token_lengths([model.format(p.prompt, p.chosen) for p in pairs])
+    n_r = model.token_lengths([model.format(p.prompt, p.rejected) for p in pairs])
+    return [a > limit or b > limit for a, b in zip(n_c, n_r)]

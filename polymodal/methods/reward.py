@@ -50,7 +50,8 @@ class RewardSection(ConfigDict):
     max_length: int = 128           # tokens per (prompt, response) text, cut from the left
     max_chars: int = 65536          # longest prompt / chosen / rejected text in characters, checked on reading (0 = none)
     separator: str = "\n"           # between prompt and response (plain template)
-    template: str = "auto"          # HF models: "auto" | "plain" | "chat" (the tokenizer's chat template)
+    template: str = "trl"           # HF models: "trl" (prompt+response+EOS; chat template for messages, as TRL)
+                                    # | "plain" | "chat" | "auto" (see models.reward.HFRewardModel)
     keys: dict = field(default_factory=dict)   # field mapping for other layouts (see data.preference)
     dimension: str = ""             # force one dimension on every training record ("" = from the data)
     split: str = "train"            # file read inside each dimension folder

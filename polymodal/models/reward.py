@@ -32,7 +32,7 @@ from .text import TextConfig, TextTower
 
 MODEL_TYPE = "text_reward"
 HF_EXTRA_FILE = "polymodal_reward.json"      # our formatting settings beside an HF reward model
-TEMPLATES = ("auto", "plain", "chat")
+TEMPLATES = ("trl", "plain", "chat", "auto")
 
 __all__ = ["RewardConfig", "TextRewardModel", "HFRewardModel", "is_hf_model_dir", "encode_polymodal", "encode_hf",
            "TextEncoder", "MODEL_TYPE", "HF_EXTRA_FILE"]
@@ -53,10 +53,35 @@ def encode_polymodal(tok, texts: Sequence[str], max_length: int) -> tuple[Tensor
     return ids, mask
 
 
+def _hf_rows(tok, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids of each text, cut from the left to `max_length` by the tokenizer (None = uncut).
+
+    A text that already starts with the BOS token (a chat template wrote it) gets no special tokens added, as
+    `apply_chat_template(tokenize=True)` does; any other gets the tokenizer's own.
+    """
+    bos = getattr(tok, "bos_token", None)
+    chat = [bool(bos) and t.startswith(bos) for t in texts]
+    rows: list = [None] * len(texts)
+    for flag in (False, True):
+        idx = [i for i, c in enumerate(chat) if c == flag]
+        if idx:
+            enc = tok([texts[i] for i in idx], add_special_tokens=not flag, truncation=max_length is not None,
+                      max_length=max_length)
+            for i, r in zip(idx, enc["input_ids"]):
+                rows[i] = r
+    return rows
+
+
 def encode_hf(tok, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
-    """An HF tokenizer's rows (its own special tokens), cut from the left, right-padded: ids and mask (B, L)."""
-    enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"].bool()
+    """An HF tokenizer's rows (see `_hf_rows`), cut from the left, right-padded: ids and mask (B, L)."""
+    rows = _hf_rows(tok, list(texts), max_length)
+    width = max((len(r) for r in rows), default=1)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids, mask
 
 
 class TextEncoder:
@@ -74,7 +99,7 @@ class _RewardBase(nn.Module):
     """What both backbones share: formatting a (prompt, response) pair and scoring texts in batches."""
 
     separator = "\n"
-    template = "auto"
+    template = "plain"
     max_length = 128
 
     def format(self, prompt, response) -> str:
@@ -83,6 +108,10 @@ class _RewardBase(nn.Module):
 
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Texts -> ids (B, L) and mask (B, L), cut from the left so the response end is always kept."""
+        raise NotImplementedError
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text before the `max_length` cut (special tokens included)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -163,6 +192,9 @@ class TextRewardModel(_RewardBase):
             raise ValueError("this reward model has no tokenizer attached; load it from a folder with tokenizer files")
         return encode_polymodal(self.tokenizer, texts, self.max_length)
 
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        return [len(c) + 2 for c in self.tokenizer._content(list(texts))]
+
     def text_encoder(self) -> "TextEncoder":
         """A picklable `texts -> (ids, mask)` for data-loader collates (holds the tokenizer, not the model)."""
         return TextEncoder(encode_polymodal, self.tokenizer, self.max_length)
@@ -190,11 +222,16 @@ class HFRewardModel(_RewardBase):
         tokenizer: its `PreTrainedTokenizer(Fast)`; a missing pad token becomes the EOS token (as TRL does).
         max_length: tokens per text (cut from the left).
         separator: between prompt and response for the plain template.
-        template: "auto" (the tokenizer's chat template for message lists when it has one, else plain),
-            "plain" or "chat" (always the chat template; strings become one user and one assistant turn).
+        template: how a (prompt, response) becomes the scored text.
+            "trl" (default; TRL's RewardTrainer): strings are prompt + response + the EOS token (unless the
+            response already ends with it); message lists go through the tokenizer's chat template.
+            "plain": prompt, `separator`, response (message lists as `role: content` lines), no EOS.
+            "chat": always the chat template (strings become one user and one assistant turn).
+            "auto": the chat template for message lists when the tokenizer has one, else plain (the earlier
+            default; kept so the models saved with it score as they were trained).
     """
 
-    def __init__(self, hf_model, tokenizer, max_length: int = 512, separator: str = "\n", template: str = "auto"):
+    def __init__(self, hf_model, tokenizer, max_length: int = 512, separator: str = "\n", template: str = "trl"):
         super().__init__()
         if template not in TEMPLATES:
             raise ValueError(f"reward template must be one of {', '.join(TEMPLATES)}, got {template!r}")
@@ -217,7 +254,8 @@ class HFRewardModel(_RewardBase):
 
         Args:
             directory: holds config.json, the weights and the tokenizer files.
-            max_length, template, separator: override the values saved beside the model (or the defaults).
+            max_length, template, separator: override the values saved beside the model (polymodal_reward.json);
+                a folder without that file was trained elsewhere and gets TRL's rendering ("trl").
             dtype: weights' dtype (default float32).
         Raises:
             FileNotFoundError: the folder or its config.json is missing.
@@ -236,19 +274,30 @@ class HFRewardModel(_RewardBase):
         if max_length is None:
             max_length = extra.get("max_length") or min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
         return cls(hf, tokenizer, max_length, separator if separator is not None else extra.get("separator", "\n"),
-                   template or extra.get("template", "auto"))
+                   template or extra.get("template", "trl"))
 
     def format(self, prompt, response) -> str:
-        chat = self.template == "chat" or (self.template == "auto" and getattr(self.tokenizer, "chat_template", None)
-                                           and (isinstance(prompt, list) or isinstance(response, list)))
-        if not chat:
+        messages = isinstance(prompt, list) or isinstance(response, list)
+        has_chat = bool(getattr(self.tokenizer, "chat_template", None))
+        if self.template == "trl" and not messages:
+            eos = self.tokenizer.eos_token or ""
+            text = (prompt or "") + response
+            return text if text.endswith(eos) else text + eos
+        if not (self.template in ("trl", "chat") or (self.template == "auto" and has_chat and messages)):
             return render_text(prompt, response, self.separator)
+        if not has_chat:
+            raise ValueError(f"reward template {self.template!r}: the tokenizer has no chat template to render "
+                             f"message lists; give the model folder one (tokenizer_config.json 'chat_template') "
+                             f"or set reward.template=plain")
         as_msgs = lambda x, role: x if isinstance(x, list) else ([{"role": role, "content": x}] if x else [])
         return self.tokenizer.apply_chat_template(as_msgs(prompt, "user") + as_msgs(response, "assistant"),
                                                   tokenize=False)
 
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         return encode_hf(self.tokenizer, texts, self.max_length)
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        return [len(r) for r in _hf_rows(self.tokenizer, list(texts))]
 
     def text_encoder(self) -> "TextEncoder":
         """A picklable `texts -> (ids, mask)` for data-loader collates (holds the tokenizer, not the model)."""
