@@ -44,3 +44,13 @@ def test_saved_models_and_results_get_the_usual_permissions(shapes, tmp_path):
     assert mode(tmp_path / "run" / "model" / "model.safetensors") == 0o644
     assert mode(tmp_path / "run" / "model" / "config.json") == 0o644
     assert mode(tmp_path / "run" / "final_metrics.json") == 0o644 and mode(tmp_path / "run" / "config.json") == 0o644
+
+
+def test_data_commands_print_absolute_output_folders(tmp_path, monkeypatch, capsys):
+    import json
+
+    from polymodal.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "preferences", "--out", "prefs", "--n-train", "8", "--n-base", "4", "--n-val", "2",
+                 "--n-test", "2"]) in (0, None)
+    assert json.loads(capsys.readouterr().out)["out_dir"] == str(tmp_path / "prefs")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -199,5 +200,6 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     cfg = CounterfactualConfig(image_size=args.image_size, bias=args.bias,
                                biased_attributes=[a for a in args.biased_attributes.split(",") if a])
     result = generate_counterfactual(args.out, args.n_train_sets, args.n_eval_sets, args.seed, cfg)
-    print(json.dumps({k: result[k] for k in ("out_dir", "counts", "seconds")}, indent=1))
+    print(json.dumps({"out_dir": os.path.abspath(result["out_dir"]), "counts": result["counts"],
+                      "seconds": result["seconds"]}, indent=1))
     return result

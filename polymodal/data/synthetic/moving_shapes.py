@@ -993,7 +993,8 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
         distractor_fraction=args.distractor_fraction, mismatch_fraction=args.mismatch_fraction,
         pair_fraction=args.pair_fraction, static_fraction=args.static_fraction,
         compound_fraction=getattr(args, "compound_fraction", 0.0))
-    print(json.dumps({k: result[k] for k in ("out_dir", "counts", "seconds")}, indent=1))
+    print(json.dumps({"out_dir": os.path.abspath(result["out_dir"]), "counts": result["counts"],
+                      "seconds": result["seconds"]}, indent=1))
     return result
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -199,5 +200,6 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     summary = generate_preferences(args.out, n_train=args.n_train, n_base=args.n_base, n_val=args.n_val,
                                    n_test=args.n_test, conflict=args.conflict,
                                    imbalance={} if args.balanced else None, seed=args.seed)
-    print(json.dumps({k: summary[k] for k in ("out_dir", "counts", "seconds")}, indent=1))
+    print(json.dumps({"out_dir": os.path.abspath(summary["out_dir"]), "counts": summary["counts"],
+                      "seconds": summary["seconds"]}, indent=1))
     return summary

@@ -789,7 +789,8 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     cfg = ShapesConfig(image_size=args.image_size)
     result = generate_shapes(args.out, n_train=args.n_train, n_test=args.n_test, n_val=args.n_val,
                              n_hard=args.n_hard, seed=args.seed, cfg=cfg, workers=args.workers)
-    print(json.dumps({k: result[k] for k in ("out_dir", "counts", "seconds")}, indent=1))
+    print(json.dumps({"out_dir": os.path.abspath(result["out_dir"]), "counts": result["counts"],
+                      "seconds": result["seconds"]}, indent=1))
     return result
 
 
