@@ -42,7 +42,7 @@ from .manifests import BAD_RECORD_POLICIES, SKIP_HINT, ManifestError, SkipNotes
 from .manifests import _BadRecord as _Bad, _jsonl_rows as _jsonl_lines
 
 __all__ = ["PreferencePair", "PreferenceSet", "read_preferences", "render_text", "write_preferences",
-           "UNKNOWN_DIMENSION", "HUMMER_DIMENSIONS", "ULTRAFEEDBACK_KEYS"]
+           "get_dotted", "MISSING", "UNKNOWN_DIMENSION", "HUMMER_DIMENSIONS", "ULTRAFEEDBACK_KEYS"]
 
 UNKNOWN_DIMENSION = "all"         # the dimension of records that name none (and come from no dimension folder)
 HUMMER_DIMENSIONS = ("accuracy", "conciseness", "depth", "empathy", "specificity", "tone")
@@ -191,11 +191,12 @@ def _check_keys(keys: dict | None) -> dict:
     return mapping
 
 
-_MISSING = object()
+MISSING = object()       # what `get_dotted` returns for a path that is not there
 
 
-def _get(record: dict, dotted: str):
-    """record[a][b][0]... for "a.b.0"; `_MISSING` when any step is absent."""
+def get_dotted(record: dict, dotted: str):
+    """record[a][b][0]... for "a.b.0" (a key that itself holds dots is tried first); `MISSING` when any step is
+    absent."""
     if dotted in record:
         return record[dotted]
     cur: Any = record
@@ -205,7 +206,7 @@ def _get(record: dict, dotted: str):
         elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
             cur = cur[int(part)]
         else:
-            return _MISSING
+            return MISSING
     return cur
 
 
@@ -263,12 +264,12 @@ def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where
         raise _Bad(BAD_FIELD, f"a record must be a JSON object, got {type(record).__name__}")
     values = {}
     for name in ("chosen", "rejected"):
-        v = _get(record, keys[name])
-        if v is _MISSING or v is None:
+        v = get_dotted(record, keys[name])
+        if v is MISSING or v is None:
             raise _Bad(MISSING_SIDE, f"no {name!r} (key {keys[name]!r}); map another key with keys.{name}=...")
         values[name] = _text(v, name)
-    prompt = _get(record, keys["prompt"])
-    prompt = "" if prompt is _MISSING or prompt is None else _text(prompt, "prompt")
+    prompt = get_dotted(record, keys["prompt"])
+    prompt = "" if prompt is MISSING or prompt is None else _text(prompt, "prompt")
     for name, v in (("prompt", prompt), *values.items()):      # before anything costs time
         if max_chars and _length(v) > max_chars:
             raise _Bad(TOO_LONG, f"{name} (key {keys[name]!r}) is {_length(v)} characters; the limit is {max_chars} "
@@ -296,22 +297,22 @@ def _normalise(record: dict, keys: dict, forced_dim: str, folder_dim: str, where
     margin = _margin(record, keys["margin"])
     dim = forced_dim
     if not dim:
-        d = _get(record, keys["dimension"])
-        if d is not _MISSING and d is not None:
+        d = get_dotted(record, keys["dimension"])
+        if d is not MISSING and d is not None:
             if not isinstance(d, str) or not d.strip():
                 raise _Bad(BAD_FIELD, f"dimension must be a non-empty string, got {d!r}")
             dim = d.strip()
         else:
             dim = folder_dim or UNKNOWN_DIMENSION
-    subset = _get(record, keys["subset"])
-    subset = "" if subset is _MISSING or subset is None else str(subset)
+    subset = get_dotted(record, keys["subset"])
+    subset = "" if subset is MISSING or subset is None else str(subset)
     return PreferencePair(prompt, chosen, rejected, margin, dim, subset, where)
 
 
 def _margin(record: dict, key) -> float | None:
     def number(k):
-        v = _get(record, k)
-        if v is _MISSING or v is None:
+        v = get_dotted(record, k)
+        if v is MISSING or v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise _Bad(BAD_FIELD, f"{k} must be a finite number, got {v!r}")

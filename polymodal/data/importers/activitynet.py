@@ -19,9 +19,9 @@ Options: `video_root` (a folder holding the videos, searched first and recursive
 """
 from __future__ import annotations
 
-from .common import Imported, LayoutError, media_roots, read_json_file, require_split
+from .common import Imported, LayoutError, media_roots, read_json_file
 from .options import check_options
-from .videofiles import VideoIndex, annotation_files, missing_videos, paragraph
+from .videofiles import VideoIndex, annotation_files, missing_videos, paragraph, split_files
 
 SPLIT_FILES = {"train": "train.json", "val_1": "val_1.json", "val_2": "val_2.json"}
 VIDEO_FOLDERS = ["Activity_Videos", "videos"]
@@ -32,12 +32,7 @@ def read(src, split: str | None = None, **options) -> Imported:
     """Records `{"video", "captions", "paragraph", "segments", "duration", "split", "id"}` (see the module doc)."""
     check_options("activitynet", options, OPTIONS)
     files = annotation_files(src, list(SPLIT_FILES.values()))
-    splits = {s for s, n in SPLIT_FILES.items() if n in files}
-    if not splits:
-        raise FileNotFoundError(f"{src}: no ActivityNet Captions file found (looked for "
-                                f"{', '.join(SPLIT_FILES.values())})")
-    require_split(split, splits, src)
-    wanted = [s for s in SPLIT_FILES if s in splits and split in (None, s)]
+    wanted = split_files(src, files, SPLIT_FILES, "ActivityNet Captions", split)
     index = VideoIndex(media_roots(src, files[SPLIT_FILES[wanted[0]]]), VIDEO_FOLDERS, options.get("video_root"))
     records, missing = [], []
     for name in wanted:

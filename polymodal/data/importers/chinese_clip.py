@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 
-from .common import Imported, LayoutError, require_split
+from .common import Imported, jsonl_objects, LayoutError, require_split
 from .decoded import default_image_dir, write_image
 from .options import reject_unknown
 
@@ -31,18 +30,10 @@ SPLITS = ("train", "valid", "test")
 
 def _texts(path: Path) -> list[dict]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LayoutError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) \
-                    or not isinstance(obj.get("image_ids"), list) or "text_id" not in obj:
-                raise LayoutError(f"{path} line {line_no}: expected {{\"text_id\", \"text\", \"image_ids\": [...]}}")
-            texts.append(obj)
+    for line_no, obj in jsonl_objects(path):
+        if not isinstance(obj.get("text"), str) or not isinstance(obj.get("image_ids"), list) or "text_id" not in obj:
+            raise LayoutError(f"{path} line {line_no}: expected {{\"text_id\", \"text\", \"image_ids\": [...]}}")
+        texts.append(obj)
     return texts
 
 

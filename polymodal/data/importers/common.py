@@ -7,6 +7,7 @@ manifest), and notes that say what the reader decided (grouped rows, dropped ite
 """
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,32 @@ def read_json_file(path: Path):
         raise LayoutError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise LayoutError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def jsonl_objects(path: Path):
+    """(line number, object) of each non-empty line of a `.jsonl` or `.jsonl.gz` file.
+
+    Raises:
+        LayoutError: a line that is not a JSON object or not UTF-8 (naming the file and line).
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise LayoutError(f"{path} line {n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                except json.JSONDecodeError as e:
+                    raise LayoutError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise LayoutError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+                yield n, obj
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise LayoutError(f"{path}: not a readable gzip file ({e})") from None
 
 
 def media_roots(src, annotation: Path) -> list[Path]:

@@ -21,9 +21,9 @@ Options: `video_root` (a folder holding the videos, searched first and recursive
 """
 from __future__ import annotations
 
-from .common import Imported, LayoutError, media_roots, read_json_file, require_split
+from .common import Imported, LayoutError, media_roots, read_json_file
 from .options import check_options
-from .videofiles import VideoIndex, annotation_files, missing_videos, paragraph
+from .videofiles import VideoIndex, annotation_files, missing_videos, paragraph, split_files
 
 SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 SPLIT_LISTS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
@@ -47,12 +47,7 @@ def read(src, split: str | None = None, **options) -> Imported:
     """Records `{"video", "captions", "paragraph", "segments", "split", "id"}` of DiDeMo (see the module docstring)."""
     check_options("didemo", options, OPTIONS)
     files = annotation_files(src, [*SPLIT_FILES.values(), *SPLIT_LISTS.values()])
-    splits = {s for s, n in SPLIT_FILES.items() if n in files}
-    if not splits:
-        raise FileNotFoundError(f"{src}: no DiDeMo annotation file found (looked for "
-                                f"{', '.join(SPLIT_FILES.values())})")
-    require_split(split, splits, src)
-    wanted = [s for s in SPLIT_FILES if s in splits and split in (None, s)]
+    wanted = split_files(src, files, SPLIT_FILES, "DiDeMo", split)
     index = VideoIndex(media_roots(src, files[SPLIT_FILES[wanted[0]]]), VIDEO_FOLDERS, options.get("video_root"))
     records, missing, notes = [], [], []
     for name in wanted:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .common import Imported, require_split
+from .common import Imported, jsonl_objects, require_split
 from .options import check_options
-from .pairs import Dropped, jsonl_objects, why_unusable
+from .pairs import Dropped, why_unusable
 
 TRANCHES = ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
 FILE_NAMES = ("train.jsonl.gz", "test.jsonl.gz", "train.jsonl", "test.jsonl")

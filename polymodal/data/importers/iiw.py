@@ -17,10 +17,9 @@ Options: `description` (default `IIW`; `IIW-P5B` for the model descriptions), `i
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .common import Imported, LayoutError, find_file, media_finder, require_split
+from .common import find_file, Imported, jsonl_objects, LayoutError, media_finder, require_split
 from .longtext import first_sentence, squash
 from .options import reject_unknown
 
@@ -35,31 +34,22 @@ def read(src, split: str | None = None, description: str = "IIW", image_root=Non
     roots = [Path(image_root)] if image_root is not None else [path.parent, path.parent.parent]
     find = media_finder(roots, IMAGE_FOLDERS)
     records, missing, no_text = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LayoutError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise LayoutError(f"{path} line {line_no}: expected a JSON object")
-            name = obj.get("image") if isinstance(obj.get("image"), str) else obj.get("image/key")
-            if not isinstance(name, str) or not name.strip():
-                raise LayoutError(f"{path} line {line_no}: no 'image' or 'image/key'")
-            if not Path(name).suffix:                             # an image id: the file is <id>.jpg
-                name += ".jpg"
-            text = obj.get(description)
-            if not isinstance(text, str) or not text.strip():
-                no_text += 1
-                continue
-            image = find(name)
-            if image is None:
-                missing.append(name)
-                continue
-            long = squash(text)
-            records.append({"image": image, "caption": first_sentence(long), "long_caption": long})
+    for line_no, obj in jsonl_objects(path):
+        name = obj.get("image") if isinstance(obj.get("image"), str) else obj.get("image/key")
+        if not isinstance(name, str) or not name.strip():
+            raise LayoutError(f"{path} line {line_no}: no 'image' or 'image/key'")
+        if not Path(name).suffix:                             # an image id: the file is <id>.jpg
+            name += ".jpg"
+        text = obj.get(description)
+        if not isinstance(text, str) or not text.strip():
+            no_text += 1
+            continue
+        image = find(name)
+        if image is None:
+            missing.append(name)
+            continue
+        long = squash(text)
+        records.append({"image": image, "caption": first_sentence(long), "long_caption": long})
     notes = [f"'{description}' has no short caption: 'caption' is the first sentence of each description"]
     if no_text:
         notes.append(f"{no_text} line(s) have no {description!r} description and were left out")

@@ -1,43 +1,13 @@
-"""What the preference readers share: reading JSONL (plain or gzip) line by line, and leaving out pairs with nothing
-to learn (an empty response, or chosen equal to rejected up to white space), counted by reason for the notes.
+"""What the preference readers share: leaving out pairs with nothing to learn (an empty response, or chosen
+equal to rejected up to white space), counted by reason for the notes.
 
 They write the records `polymodal.data.preference.read_preferences` reads: `prompt` / `chosen` / `rejected` as
 strings or chat message lists, plus `margin`, `subset` or score fields where the layout has them.
 """
 from __future__ import annotations
 
-import gzip
-import json
 from collections import Counter
-from pathlib import Path
 
-from .common import LayoutError
-
-
-def jsonl_objects(path: Path):
-    """(line number, object) of each non-empty line of a `.jsonl` or `.jsonl.gz` file.
-
-    Raises:
-        LayoutError: a line that is not a JSON object or not UTF-8 (naming the file and line).
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise LayoutError(f"{path} line {n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-                except json.JSONDecodeError as e:
-                    raise LayoutError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise LayoutError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
-                yield n, obj
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise LayoutError(f"{path}: not a readable gzip file ({e})") from None
 
 
 def _flat(text) -> str:
@@ -75,4 +45,4 @@ class Dropped:
                 for reason, n in sorted(self.counts.items())]
 
 
-__all__ = ["Dropped", "jsonl_objects", "why_unusable"]
+__all__ = ["Dropped", "why_unusable"]

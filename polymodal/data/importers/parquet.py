@@ -21,6 +21,7 @@ import math
 import re
 from pathlib import Path
 
+from ..preference import MISSING, get_dotted
 from .common import Imported, LayoutError, require_split
 from .options import check_options
 from .pairs import Dropped, why_unusable
@@ -28,7 +29,6 @@ from .pairs import Dropped, why_unusable
 FIELDS = ("prompt", "chosen", "rejected", "margin", "dimension", "subset")
 OPTIONS = ("keys",)
 _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
-_MISSING = object()
 
 
 def _keys(keys) -> dict:
@@ -49,20 +49,6 @@ def _keys(keys) -> dict:
             raise LayoutError(f"parquet: keys.{k} must name a column, got {v!r}")
         mapping[k] = list(v) if pair else v
     return mapping
-
-
-def _get(row: dict, dotted: str):
-    if dotted in row:
-        return row[dotted]
-    cur = row
-    for part in dotted.split("."):
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            return _MISSING
-    return cur
 
 
 def _text(value):
@@ -125,7 +111,7 @@ def read(src, split: str | None = None, **options) -> Imported:
             for row in batch.to_pylist():
                 n += 1
                 where = f"{f}:row {n}"
-                values = {side: _text(_get(row, mapping[side])) for side in ("chosen", "rejected")}
+                values = {side: _text(get_dotted(row, mapping[side])) for side in ("chosen", "rejected")}
                 if values["chosen"] is None or values["rejected"] is None:
                     dropped.add("chosen / rejected is not a string or a message list", where)
                     continue
@@ -134,20 +120,20 @@ def read(src, split: str | None = None, **options) -> Imported:
                     dropped.add(reason, where)
                     continue
                 record = {}
-                prompt = _get(row, mapping["prompt"])
-                if prompt is not _MISSING and prompt is not None:
+                prompt = get_dotted(row, mapping["prompt"])
+                if prompt is not MISSING and prompt is not None:
                     if _text(prompt) is None:
                         dropped.add("prompt is not a string or a message list", where)
                         continue
                     record["prompt"] = _text(prompt)
                 record.update(values)
                 m = mapping["margin"]
-                margin = (_number(_get(row, m[0])), _number(_get(row, m[1]))) if isinstance(m, list) else \
-                    (_number(_get(row, m)), 0.0)
+                margin = (_number(get_dotted(row, m[0])), _number(get_dotted(row, m[1]))) if isinstance(m, list) else \
+                    (_number(get_dotted(row, m)), 0.0)
                 if margin[0] is not None and margin[1] is not None:
                     record["margin"] = margin[0] - margin[1]
                 for field in ("dimension", "subset"):
-                    v = _get(row, mapping[field])
+                    v = get_dotted(row, mapping[field])
                     if isinstance(v, str) and v.strip():
                         record[field] = v.strip()
                 record["split"] = _split_of(f)

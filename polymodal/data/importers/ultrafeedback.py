@@ -34,9 +34,9 @@ import math
 import random
 from pathlib import Path
 
-from .common import Imported, LayoutError, require_split
+from .common import Imported, LayoutError, jsonl_objects, require_split
 from .options import check_options
-from .pairs import Dropped, jsonl_objects, why_unusable
+from .pairs import Dropped, why_unusable
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 SCORES = ("mean", "overall", *ASPECTS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import LayoutError
+from .common import LayoutError, require_split
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".3gp", ".3g2", ".wmv",
                   ".flv", ".mts", ".m2ts", ".ts", ".vob")
@@ -31,6 +31,22 @@ def annotation_files(src, names: list[str]) -> dict[str, Path]:
         if hits:
             found[n] = hits[0]
     return found
+
+
+def split_files(src, files: dict[str, Path], split_files: dict[str, str], dataset: str, split: str | None) -> list:
+    """The splits to read, in `split_files` order: those whose annotation file is present and that `split` asks for
+    (None = all).
+
+    Raises:
+        FileNotFoundError: no split's file is present (naming the files looked for).
+        LayoutError: `split` is not among the present ones.
+    """
+    present = {s for s, n in split_files.items() if n in files}
+    if not present:
+        raise FileNotFoundError(f"{src}: no {dataset} annotation file found (looked for "
+                                f"{', '.join(split_files.values())})")
+    require_split(split, present, src)
+    return [s for s in split_files if s in present and split in (None, s)]
 
 
 class VideoIndex:
@@ -107,4 +123,4 @@ def paragraph(sentences: list[str]) -> str:
     return " ".join(" ".join(s.split()) for s in sentences if s.strip())
 
 
-__all__ = ["VIDEO_SUFFIXES", "VideoIndex", "annotation_files", "missing_videos", "paragraph"]
+__all__ = ["VIDEO_SUFFIXES", "VideoIndex", "annotation_files", "missing_videos", "paragraph", "split_files"]
