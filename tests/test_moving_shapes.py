@@ -102,6 +102,17 @@ def test_same_seed_gives_identical_bytes_for_any_worker_count(tmp_path):
     assert sum(da[k] != dc[k] for k in da if k.startswith("videos/")) >= 8
 
 
+def test_regenerating_smaller_removes_what_the_larger_run_left(tmp_path):
+    kw = dict(seed=3, num_frames=4, image_size=16, progress=False, workers=1)
+    ms.generate_moving_shapes(tmp_path, n_train=6, n_test=2, n_val=2, **kw)
+    (tmp_path / "videos" / "mine.mp4").write_bytes(b"x")          # not the world's: kept
+    out = ms.generate_moving_shapes(tmp_path, n_train=3, n_test=2, **kw)
+    videos = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    assert videos == ["mine.mp4", "test_000000.mp4", "test_000001.mp4", "train_000000.mp4", "train_000001.mp4",
+                      "train_000002.mp4"]
+    assert out["removed"] == 3 + 2 + 1 and not (tmp_path / "val.jsonl").exists()
+
+
 def test_videos_are_h264_with_key_frames(simple):
     out, recs = simple
     with av.open(str(out / recs[0]["video"])) as container:

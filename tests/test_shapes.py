@@ -297,3 +297,12 @@ def test_throughput_2000_images(tmp_path):
           f"= {2000 / seconds:.0f} img/s")
     assert res["counts"]["train"] == 2000
     assert seconds < 20  # 20k/minute target = 6 s for 2000; leave room for a busy machine
+
+
+def test_regenerating_smaller_removes_the_images_the_larger_run_left(tmp_path):
+    from polymodal.data.synthetic.shapes import generate_shapes
+    generate_shapes(tmp_path, n_train=5, n_test=2, n_val=0, n_hard=0, seed=1, progress=False, workers=1)
+    out = generate_shapes(tmp_path, n_train=2, n_test=2, n_val=0, n_hard=0, seed=1, progress=False, workers=1)
+    assert out["removed"] == 3
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "test_000000.png", "test_000001.png", "train_000000.png", "train_000001.png"]

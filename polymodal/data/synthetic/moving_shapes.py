@@ -64,7 +64,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ...fileio import atomic_open
-from .workers import sample_map
+from .workers import remove_stale, sample_map
 from ..manifests import write_manifest
 from .shapes import (
     BACKGROUND_NAMES,
@@ -868,7 +868,8 @@ def generate_moving_shapes(
     JSON files last, each atomically.
 
     Args:
-        out_dir: output folder (created if missing; files of the same names are replaced).
+        out_dir: output folder (created if missing; files of the same names are replaced, and the
+            videos and split manifests an earlier generation left there are deleted: "removed" counts them).
         n_train: training videos.
         n_test: test videos.
         seed: data set seed.
@@ -888,8 +889,8 @@ def generate_moving_shapes(
 
     Returns:
         Dict with "out_dir", "counts", "manifests" (split -> path), "classes", "world" (paths),
-        "stats" (per split: pairs, static, distractor and mismatched counts, actions) and
-        "seconds" (wall time).
+        "stats" (per split: pairs, static, distractor and mismatched counts, actions), "removed"
+        (stale files deleted) and "seconds" (wall time).
     """
     known = {f.name for f in fields(MovingShapesConfig)}
     unknown = sorted(set(options) - known)
@@ -939,9 +940,13 @@ def generate_moving_shapes(
              "seed": int(seed), "counts": {s: counts[s] for s in splits}, "config": asdict(cfg),
              "stats": stats, "codec": {"codec": "libx264", "pix_fmt": "yuv420p", "container": "mp4"}}
     _write_json(out / "world.json", world)
+    # last, once the new manifests are in place: what an earlier generation into this folder left behind
+    removed = remove_stale(out / "videos", r"(train|val|test)_\d{6}\.mp4",
+                           {Path(r["video"]).name for recs in records.values() for r in recs})
+    removed += remove_stale(out, r"(train|val|test)\.jsonl", {f"{s}.jsonl" for s in splits})
     return {"out_dir": str(out), "counts": world["counts"], "manifests": manifests,
             "classes": str(out / "classes.json"), "world": str(out / "world.json"),
-            "stats": stats, "seconds": time.perf_counter() - start}
+            "stats": stats, "removed": removed, "seconds": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------------------
@@ -994,7 +999,7 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
         pair_fraction=args.pair_fraction, static_fraction=args.static_fraction,
         compound_fraction=getattr(args, "compound_fraction", 0.0))
     print(json.dumps({"out_dir": os.path.abspath(result["out_dir"]), "counts": result["counts"],
-                      "seconds": result["seconds"]}, indent=1))
+                      "removed": result["removed"], "seconds": result["seconds"]}, indent=1))
     return result
 
 

@@ -39,7 +39,7 @@ from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
 from ...fileio import atomic_open
-from .workers import sample_map
+from .workers import remove_stale, sample_map
 
 GENERATOR_VERSION = "1.0"
 
@@ -681,7 +681,8 @@ def generate_shapes(
     last, each through a temporary file and ``os.replace``.
 
     Args:
-        out_dir: output folder (created if missing; existing files of the same names are replaced).
+        out_dir: output folder (created if missing; existing files of the same names are replaced, and
+            images an earlier, larger generation left there are deleted: "removed" counts them).
         n_train: number of training images.
         n_test: number of test images.
         n_val: number of validation images; None = ``n_test``.
@@ -747,8 +748,11 @@ def generate_shapes(
     meta = {"generator": "polymodal.data.synthetic.shapes", "version": GENERATOR_VERSION,
             "seed": int(seed), "counts": counts, "config": asdict(cfg)}
     _write_atomic(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    # last, once the new manifests are in place: images of an earlier, larger generation
+    removed = remove_stale(out / "images", r"(train|val|test|hard)_\d{6}\.png",
+                           {Path(r["image"]).name for recs in records.values() for r in recs})
     return {"out_dir": str(out), "counts": counts, "manifests": manifests,
-            "classes": str(out / "classes.json"), "meta": str(out / "meta.json"),
+            "classes": str(out / "classes.json"), "meta": str(out / "meta.json"), "removed": removed,
             "seconds": time.perf_counter() - start}
 
 
@@ -790,7 +794,7 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     result = generate_shapes(args.out, n_train=args.n_train, n_test=args.n_test, n_val=args.n_val,
                              n_hard=args.n_hard, seed=args.seed, cfg=cfg, workers=args.workers)
     print(json.dumps({"out_dir": os.path.abspath(result["out_dir"]), "counts": result["counts"],
-                      "seconds": result["seconds"]}, indent=1))
+                      "removed": result["removed"], "seconds": result["seconds"]}, indent=1))
     return result
 
 

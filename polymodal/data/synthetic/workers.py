@@ -1,8 +1,11 @@
-"""Running a synthetic world's per-sample function over processes, the same way for every world."""
+"""Running a synthetic world's per-sample function over processes, and clearing what a regeneration replaced,
+the same way for every world."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 
@@ -39,3 +42,22 @@ def sample_map(workers: int, total: int, initializer: Callable, initargs: tuple,
         if pool is not None:
             pool.close()
             pool.join()
+
+
+def remove_stale(folder, pattern: str, keep) -> int:
+    """Delete the files of `folder` whose names match `pattern` (the world's own naming) but are not in `keep`:
+    what an earlier, larger generation into the same folder left behind. Other files are never touched.
+
+    Args:
+        folder: the world's media folder (e.g. out/videos).
+        pattern: a regular expression a generated file's whole name matches.
+        keep: names (not paths) written by this generation.
+    Returns:
+        How many files were deleted.
+    """
+    folder, keep, rx, n = Path(folder), set(keep), re.compile(pattern), 0
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if p.is_file() and rx.fullmatch(p.name) and p.name not in keep:
+            p.unlink()
+            n += 1
+    return n
