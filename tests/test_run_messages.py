@@ -54,3 +54,31 @@ def test_data_commands_print_absolute_output_folders(tmp_path, monkeypatch, caps
     assert main(["data", "preferences", "--out", "prefs", "--n-train", "8", "--n-base", "4", "--n-val", "2",
                  "--n-test", "2"]) in (0, None)
     assert json.loads(capsys.readouterr().out)["out_dir"] == str(tmp_path / "prefs")
+
+
+@pytest.fixture(scope="module")
+def compound_world(tmp_path_factory):
+    from polymodal.data.synthetic.moving_shapes import generate_moving_shapes
+    out = tmp_path_factory.mktemp("moving")
+    generate_moving_shapes(out, n_train=4, n_test=2, num_frames=4, image_size=16, compound_fraction=1.0,
+                           progress=False, workers=1)
+    return out
+
+
+@pytest.mark.parametrize("recipe, frames, message", [
+    ("video_mean", 8, r"data.num_frames=8: the videos beside .* have 4 frames .*set data.num_frames=4 or regenerate"),
+    ("scene_frame", 2, r"data.num_frames=2: the videos .* have 4 frames and compound order labels"),
+])
+def test_recipes_are_checked_against_the_world_they_train_on(compound_world, tmp_path, recipe, frames, message):
+    from polymodal.config import ConfigError
+    from polymodal.train.run import check_data
+    overrides = [f"out_dir={tmp_path}/run", f"data.train={compound_world}/train.jsonl", "eval.tasks=[]"]
+    if recipe == "scene_frame":
+        overrides.append(f"scene.classes={compound_world}/classes.json")
+    check_data(load_recipe(f"recipes/{recipe}.yaml", overrides + ["data.num_frames=4"]))     # matches: fine
+    with pytest.raises(ConfigError, match=message):
+        run_recipe(load_recipe(f"recipes/{recipe}.yaml", overrides + [f"data.num_frames={frames}"]))
+    assert not (tmp_path / "run").exists()                                                  # before anything
+    evals = [f"eval.tasks=[{{task: video_retrieval, data: {compound_world}/test.jsonl, num_frames: 8}}]"]
+    with pytest.raises(ConfigError, match=r"eval video_retrieval num_frames=8: .*set num_frames=4"):
+        check_data(load_recipe(f"recipes/{recipe}.yaml", overrides + ["data.num_frames=4"] + evals))

@@ -78,6 +78,10 @@ class Method:
         """Files (beyond data, eval, model and tokenizer paths) the run opens; checked to exist at start-up."""
         return []
 
+    def check_world(self, world: dict, path: Path) -> None:
+        """Checks of the recipe against a generated world's summary (`world.json` beside `data.train`, read at
+        start-up by `train.run.check_data`); raise ConfigError naming the key and the fix."""
+
     def model_overrides(self) -> dict:
         """Dotted config overrides the method needs on a model built from a named config."""
         return {}

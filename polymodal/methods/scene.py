@@ -134,6 +134,13 @@ class SceneMethod(Method):
     def paths(self) -> list[str]:
         return [self.classes_path()] if (self.cfg.classes or self.run.data.train) else []
 
+    def check_world(self, world: dict, path: Path) -> None:
+        conf = world.get("config") or {}
+        frames, n = conf.get("num_frames"), self.run.data.num_frames
+        if (conf.get("compound_fraction") or 0) > 0 and isinstance(frames, int) and n != frames:
+            raise ConfigError(f"data.num_frames={n}: the videos ({path}) have {frames} frames and compound order "
+                              f"labels, which a subset of the frames breaks; set data.num_frames={frames}")
+
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.scene import SceneModel
         from ..models.video import VideoCLIP

@@ -180,6 +180,44 @@ def check_paths(cfg: RunConfig) -> None:
                                     f"recipe or override it, e.g. {key.split()[0]}=...)")
 
 
+def _world_frames(manifest) -> tuple[int | None, dict, Path]:
+    """Frames per video of the generated world whose `world.json` sits beside `manifest` (None: no such file),
+    with the world's summary and the file's path."""
+    import json
+    world_file = Path(manifest).parent / "world.json"
+    if not world_file.is_file():
+        return None, {}, world_file
+    try:
+        world = json.loads(world_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{world_file}: unreadable ({e}); regenerate the data or remove the file") from None
+    frames = (world.get("config") or {}).get("num_frames") if isinstance(world, dict) else None
+    return (frames if isinstance(frames, int) else None), (world if isinstance(world, dict) else {}), world_file
+
+
+def check_data(cfg: RunConfig) -> None:
+    """The recipe against what the data says of itself: a generated video world's `world.json` beside
+    `data.train` or an evaluation's data (frames per video; the method may check more, `Method.check_world`).
+
+    Raises:
+        ConfigError: naming the recipe key, the world file and the fix.
+    """
+    method = cfg.method_impl
+    if method.media != "video":
+        return
+    wanted = [("data.num_frames", cfg.data.num_frames, cfg.data.train)] if cfg.data.train else []
+    wanted += [(f"eval {s.task} num_frames", s.options["num_frames"], s.data)
+               for s in cfg.eval.specs() if "num_frames" in s.options]
+    for key, n, manifest in wanted:
+        frames, world, world_file = _world_frames(manifest)
+        if frames is not None and n > frames:
+            raise ConfigError(f"{key}={n}: the videos beside {manifest} have {frames} frames ({world_file}), so "
+                              f"frames would repeat; set {key.split()[-1]}={frames} or regenerate with "
+                              f"--num-frames {n}")
+        if key == "data.num_frames" and world:
+            method.check_world(world, world_file)
+
+
 def build_task(cfg: RunConfig, model):
     """The recipe's training objective over `model` (the method's `build_task`)."""
     return cfg.method_impl.build_task(model)
@@ -260,6 +298,7 @@ def run_recipe(cfg: RunConfig) -> dict:
     Every path the run opens is checked before anything is built, and the method builds its model, data and
     task before the first step, so a bad recipe fails in seconds, not after training."""
     check_paths(cfg)
+    check_data(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist_utils.init_distributed()
