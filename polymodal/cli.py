@@ -94,6 +94,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lang", default="en", help="caption / prompt language (en, zh)")
     p.add_argument("--short-data", help="longtext: manifest for short-caption retrieval and zero-shot "
                                         "(default: test.jsonl beside --data)")
+    p.add_argument("--val", help="linear_probe: the manifest that chooses the penalty (default: 20%% of --data); "
+                                 "scene: the manifest that sets the thresholds")
+    p.add_argument("--test", help="linear_probe: the scored manifest (default: test.jsonl beside --data)")
     p.add_argument("--limit", type=_non_negative, default=0, help="first N records only (0 = all)")
     p.add_argument("--num-frames", type=int, default=8, help="video_retrieval: frames per video")
     p.add_argument("--strategy", choices=("uniform", "keyframes", "scene"), default="uniform",
@@ -286,8 +289,11 @@ def run_eval(args) -> dict:
     classes = classes_argument(args.classes) if args.classes else default_classes(data)
     common = {"lang": args.lang, "limit": args.limit, "on_bad_record": args.on_bad_record}
     specs = [EvalSpec(args.task, str(data), dict(common))]
-    if args.task in ("zeroshot", "multilabel"):
+    if args.task in ("zeroshot", "multilabel") or (args.task == "linear_probe" and args.classes):
         specs[0].options["classes"] = classes
+    for key in ("val", "test"):
+        if getattr(args, key):
+            specs[0].options[key] = getattr(args, key)
     if "num_frames" in task_options(args.task):
         if args.num_frames < 1:
             raise ValueError(f"--num-frames {args.num_frames} must be >= 1")

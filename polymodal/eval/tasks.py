@@ -101,6 +101,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "snps3_retrieval": _lazy("snps3_retrieval", "snps3_retrieval_task"),
     "preference": _lazy("preference", "preference_eval_task"),
     "fairness": _lazy("fairness", "fairness_task"),
+    "linear_probe": _lazy("linear_probe", "linear_probe_task"),
 }
 
 
@@ -117,6 +118,7 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "snps3_retrieval": (("cross_pass",),),
     "preference": (("score_pairs",),),
     "fairness": (("answer_probabilities",),),
+    "linear_probe": (("encode_image", "video_features", "encode_video"),),
 }
 SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",
            "cross_pass": "snps3_retrieval", "node_batch": "shenet_retrieval", "generate": "captioning",
@@ -220,13 +222,14 @@ class EvalConfig:
         files = [p for p in (self.retrieval, self.longtext, self.zeroshot, self.classes) if p]
         for item in self.tasks:
             if isinstance(item, dict):
-                files += [str(item[k]) for k in ("data", "classes", "adapter") if item.get(k)]
+                files += [str(item[k]) for k in ("data", "classes", "adapter", "val", "test") if item.get(k)]
         return files
 
 
 # Task options with a flag of their own in `polymodal eval`; every other option goes through `-o KEY=VALUE`.
 CLI_FLAGS = {"lang": "--lang", "limit": "--limit", "classes": "--classes", "on_bad_record": "--on-bad-record",
-             "num_frames": "--num-frames", "strategy": "--strategy", "batch_size": "--batch-size"}
+             "num_frames": "--num-frames", "strategy": "--strategy", "batch_size": "--batch-size", "val": "--val",
+             "test": "--test"}
 
 
 def eval_command(spec: EvalSpec, model: str) -> list[str]:
