@@ -112,6 +112,11 @@ def build(model_type: str):
         adapter = MultiLabelAdapter(AdapterConfig(embed_dim=clip.config.embed_dim),
                                     F.normalize(torch.randn(len(names), clip.config.embed_dim), dim=-1), names)
         return AdaptedEncoder(clip, adapter), image_tasks[:1]
+    if model_type == "classifier":
+        from polymodal.data.synthetic.shapes import class_names
+        from polymodal.models.classifier import ImageClassifier
+        return ImageClassifier(create_model("tiny", tokenizer=bpe), class_names("en")), \
+            image_tasks[:1] + [("classification", "shapes/test.jsonl", {})]
     raise AssertionError(f"no tiny builder for model_type {model_type!r}: add one to this test")
 
 
@@ -142,6 +147,8 @@ def _outputs(model, data) -> dict:
             out["options"] = model.option_logprobs(pixels, TEXTS[:2], [["doctor", "nurse"]] * 2)
         elif hasattr(model, "adapter"):
             out["logits"] = model(pixels)
+        elif hasattr(model, "classify"):
+            out["logits"] = model.classify(pixels)
         if hasattr(model, "encode_image") and not hasattr(model, "video_features"):
             out["image"] = model.encode_image(pixels)
         if hasattr(model, "encode_text") and hasattr(model, "config") and hasattr(model.config, "text"):

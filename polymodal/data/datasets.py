@@ -162,6 +162,8 @@ class SampleBuilder:
         seed: seed for caption choice and sub-caption sampling.
         num_classes: when given, samples carry a ``multi_hot`` (C,) target from ``labels``.
         class_names: names for string labels (sets ``num_classes``).
+        multi_hot: build the ``multi_hot`` target when the classes are known (False: single-label data, whose
+            ``label`` alone is mapped through ``class_names``).
         context_length: passed to the tokenizer.
         media: "image" | "video" | "none" (text only).
         extra_keys: record fields copied into the sample as they are (e.g. ``label``, ``lang``).
@@ -181,6 +183,7 @@ class SampleBuilder:
         context_length: int | None = None,
         media: str = "image",
         extra_keys: Sequence[str] = ("label", "labels", "lang"),
+        multi_hot: bool = True,
     ):
         if class_names is not None:
             if num_classes is not None and num_classes != len(class_names):
@@ -200,7 +203,7 @@ class SampleBuilder:
         self.num_subcaptions = num_subcaptions
         self.subcaption_sentences = (lo, hi)
         self.seed = seed
-        self.num_classes = num_classes
+        self.num_classes = num_classes if multi_hot else None
         self.class_index = {name: i for i, name in enumerate(class_names)} if class_names is not None else None
         self.context_length = context_length
         self.media = media

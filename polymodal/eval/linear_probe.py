@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .classification import classification_metrics
+
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 VAL_FRACTION = 0.2          # of the training records, when no validation manifest is given
 
@@ -48,17 +50,6 @@ def fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, ma
     return head
 
 
-def probe_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict:
-    """top1, top5 (only when there are more than 5 classes) and mean per-class recall (balanced accuracy)."""
-    pred = logits.argmax(dim=1)
-    out = {"top1": float((pred == y).double().mean())}
-    if num_classes > 5:
-        out["top5"] = float((logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).double().mean())
-    recalls = [float((pred[y == c] == c).double().mean()) for c in range(num_classes) if (y == c).any()]
-    out["mean_per_class_recall"] = sum(recalls) / len(recalls)
-    return out
-
-
 def choose_weight_decay(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, num_classes: int,
                         grid: Sequence[float], max_iter: int = 100) -> tuple[float, dict]:
     """The grid value with the best validation top-1 (ties go to the larger penalty) and every value's score."""
@@ -66,7 +57,7 @@ def choose_weight_decay(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: 
     for wd in grid:
         head = fit_logistic(x_train, y_train, num_classes, wd, max_iter)
         with torch.no_grad():
-            scores[wd] = probe_metrics(head(x_val.double()), y_val, num_classes)["top1"]
+            scores[wd] = classification_metrics(head(x_val.double()), y_val, num_classes)["top1"]
     best = max(sorted(scores, reverse=True), key=lambda wd: scores[wd])
     return best, scores
 
@@ -152,7 +143,7 @@ def linear_probe_task(model, manifest, val: str = "", test: str = "", classes: s
     wd, scores = choose_weight_decay(x_tr, y_tr, x_va, y_va, C, grid, max_iter)
     head = fit_logistic(torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va]), C, wd, max_iter)
     with torch.no_grad():
-        out = probe_metrics(head(x_te.double()), y_te, C)
+        out = classification_metrics(head(x_te.double()), y_te, C)
     out.update(val_top1=scores[wd], weight_decay=wd, num_train=len(y_tr), num_val=len(y_va), num_test=len(y_te),
                num_classes=C, chance=1.0 / C)
     return out

@@ -102,6 +102,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "preference": _lazy("preference", "preference_eval_task"),
     "fairness": _lazy("fairness", "fairness_task"),
     "linear_probe": _lazy("linear_probe", "linear_probe_task"),
+    "classification": _lazy("classification", "classification_task"),
 }
 
 
@@ -119,10 +120,11 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "preference": (("score_pairs",),),
     "fairness": (("answer_probabilities",),),
     "linear_probe": (("encode_image", "video_features", "encode_video"),),
+    "classification": (("classify",),),
 }
 SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",
            "cross_pass": "snps3_retrieval", "node_batch": "shenet_retrieval", "generate": "captioning",
-           "encode_video": "video_retrieval", "encode_image": "retrieval"}
+           "encode_video": "video_retrieval", "classify": "classification", "encode_image": "retrieval"}
 
 
 def check_model(name: str, model) -> None:

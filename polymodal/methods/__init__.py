@@ -23,6 +23,7 @@ METHODS: dict[str, object] = {
     "snps3": "polymodal.methods.snps3:SNPS3Method",
     "reward": "polymodal.methods.reward:RewardMethod",
     "asd": "polymodal.methods.asd:ASDMethod",
+    "classify": "polymodal.methods.classify:ClassifyMethod",
 }
 
 

@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "text_reward": "polymodal.models.reward:TextRewardModel",
     "mllm": "polymodal.models.mllm:MLLM",
     "multilabel_adapter": "polymodal.models.multilabel:AdaptedEncoder",
+    "classifier": "polymodal.models.classifier:ImageClassifier",
 }
 
 # Families whose models encode images and texts into one space (what the image-text eval tasks need).

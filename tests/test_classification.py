@@ -1,5 +1,7 @@
-"""Linear probe (issue #34 item 1): logistic regression on frozen features, the penalty chosen on validation."""
+"""Linear probe and classification (issue #34 item 1): logistic regression on frozen features with the penalty
+chosen on validation, and `method: classify` (a head on a frozen or fine-tuned encoder)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +10,10 @@ from PIL import Image
 import polymodal
 from polymodal.cli import main
 from polymodal.data.text import train_tokenizer
-from polymodal.eval.linear_probe import choose_weight_decay, fit_logistic, linear_probe_task, probe_metrics
+from polymodal.eval.classification import classification_metrics as probe_metrics
+from polymodal.eval.linear_probe import choose_weight_decay, fit_logistic, linear_probe_task
 
+REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
 
 
@@ -83,3 +87,26 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path, capsys):
     from polymodal.eval.tasks import check_model
     with pytest.raises(ValueError, match="eval task 'linear_probe' needs a model with encode_image"):
         check_model("linear_probe", torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_classify_recipe_trains_a_head_and_its_numbers_come_back_from_the_saved_model(world, tmp_path, freeze):
+    from polymodal.train.run import load_recipe, run_recipe
+    out = tmp_path / "run"
+    overrides = [f"out_dir={out}", f"model.path={world / 'model'}", f"data.train={world / 'train.jsonl'}",
+                 f"classify.classes={world / 'classes.json'}", f"classify.freeze={str(freeze).lower()}",
+                 f"eval.tasks=[{{task: classification, data: {world / 'test.jsonl'}}}]", "data.batch_size=8",
+                 "train.steps=30", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false",
+                 "train.threads=1", "train.report=false", "optim.warmup_steps=0", "optim.lr=0.05"]
+    final = run_recipe(load_recipe(REPO / "recipes/classify_shapes.yaml", overrides))
+    assert final["eval/classification/top1"] > 0.6 and final["eval/classification/chance"] == pytest.approx(1 / 3)
+    saved = polymodal.load_model(out / "model")
+    assert type(saved).__name__ == "ImageClassifier" and saved.class_names == list(COLOURS)
+    start, after = polymodal.load_model(world / "model").state_dict(), saved.base.state_dict()
+    changed = any(not torch.equal(start[k], after[k]) for k in start)
+    assert changed is not freeze                               # frozen: the encoder is as loaded
+    args = ["eval", str(out / "model"), "--task", "classification", "--data", str(world / "test.jsonl"),
+            "--out", str(tmp_path / "m.json")]
+    assert main(args) in (0, None)
+    assert json.loads((tmp_path / "m.json").read_text())["top1"] == pytest.approx(final["eval/classification/top1"],
+                                                                                  abs=1e-6)

@@ -1,0 +1,102 @@
+"""An image encoder with a linear classification head (`method: classify`, the `classification` eval task).
+
+The encoder is any loadable model with `encode_image` (CLIP, M2-Encoder, CoCa ...), kept whole so the saved
+classifier still runs every image-text task of its encoder; the head reads its image embedding (L2-normalised
+by default, the features a linear probe reads). Saved as one folder: `config.json` (`model_type:
+"classifier"`, the encoder's config nested, the class names), `model.safetensors` and the encoder's processors.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import Tensor, nn
+
+
+@dataclass
+class ClassifierConfig:
+    """config.json of an `ImageClassifier`."""
+    base: dict = field(default_factory=dict)          # the encoder's config (with its model_type)
+    class_names: list = field(default_factory=list)   # the head's C classes, in order
+    normalize: bool = True                            # the head reads the L2-normalised image embedding
+    model_type: str = "classifier"
+
+    def __post_init__(self):
+        self._base = None
+
+    def base_config(self):
+        """The encoder's config dataclass, built once from `base`."""
+        if self._base is None:
+            from .factory import build_config
+            self._base = build_config(self.base, where="classifier.base")
+        return self._base
+
+    # The encoder's towers, read through (code that reads `model.config.vision.image_size` works unchanged).
+    vision = property(lambda self: self.base_config().vision)
+    text = property(lambda self: self.base_config().text)
+    embed_dim = property(lambda self: self.base_config().embed_dim)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self._base is not None:
+            data["base"] = self._base.to_dict()
+        return data
+
+
+class ImageClassifier(nn.Module):
+    """`encoder.encode_image` -> linear head over `class_names`.
+
+    Args:
+        base: the encoder (anything with `encode_image(pixels, normalize=...)` and a `config`).
+        class_names: the C classes.
+        normalize: feed the head the L2-normalised embedding.
+    """
+
+    config_class = ClassifierConfig
+
+    def __init__(self, base: nn.Module, class_names: list, normalize: bool = True):
+        super().__init__()
+        if not class_names:
+            raise ValueError("ImageClassifier: no class names")
+        self.base = base
+        self.config = ClassifierConfig(base=base.config.to_dict(), class_names=list(class_names), normalize=normalize)
+        self.config._base = base.config
+        self.head = nn.Linear(base.config.embed_dim, len(class_names))
+        nn.init.zeros_(self.head.weight)     # uniform predictions at the start: the first loss is log(C)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_config(cls, cfg: ClassifierConfig) -> "ImageClassifier":
+        """A randomly initialised classifier of a saved config (the weights are loaded after)."""
+        from .families import build_model
+        return cls(build_model(cfg.base_config()), list(cfg.class_names), cfg.normalize)
+
+    class_names = property(lambda self: list(self.config.class_names))
+    tokenizer = property(lambda self: self.base.tokenizer)
+    image_transform = property(lambda self: self.base.image_transform)
+
+    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
+        """Attach the processors to the encoder."""
+        self.base.attach_processors(tokenizer, image_transform)
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """The encoder's (B, E) image embedding."""
+        return self.base.encode_image(pixels, normalize=normalize)
+
+    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
+        """The encoder's (N, E) text embedding."""
+        return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
+
+    def classify(self, pixels: Tensor) -> Tensor:
+        """(B, 3, H, W) images -> (B, C) class logits."""
+        feats = self.base.encode_image(pixels, normalize=self.config.normalize)          # (B, E)
+        return self.head(feats.to(self.head.weight.dtype))
+
+    forward = classify
+
+    def save_pretrained(self, directory) -> None:
+        """One folder: config.json (encoder config, class names), model.safetensors, processors."""
+        from .base import save_pretrained
+        save_pretrained(self, directory)
+
+
+__all__ = ["ClassifierConfig", "ImageClassifier"]
