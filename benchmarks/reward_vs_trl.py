@@ -137,9 +137,8 @@ def main() -> None:
     p.add_argument("--n-base", type=int, default=120, help="training pairs per dimension")
     p.add_argument("--n-test", type=int, default=60, help="held-out pairs per dimension")
     args = p.parse_args()
-    try:
-        import trl  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("trl") is None:
         sys.exit("reward_vs_trl: TRL is not importable; see this script's docstring for the install line")
     set_threads(args.threads)
     start = time.time()

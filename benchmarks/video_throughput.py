@@ -15,7 +15,6 @@ workers hide decoding behind encoding). Record the `lscpu` model line printed wi
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -83,8 +83,6 @@ def build(model_type: str):
         model = SHENetModel.from_video_model(_video(bpe), verb_weight=0.5, adj_weight=0.3, tau=0.2)
         return model, [("shenet_retrieval", "moving/test.jsonl", video_opts)]
     if model_type == "scene":
-        from polymodal.data.labels import load_hierarchy
-        from polymodal.models.scene import SceneConfig, SceneModel
         return None, [("scene", "moving/test.jsonl", video_opts)]      # built in the test (needs the world's labels)
     if model_type == "snps3":
         from polymodal.data.masking import count_significant_words

@@ -78,7 +78,6 @@ def test_missing_path_says_no_download(tmp_path, monkeypatch):
 
 def test_a_hub_id_loads_from_the_cache_as_huggingface_hub_lays_it_out(tmp_path, monkeypatch, capsys):
     """`models--org--name/snapshots/<rev>/` with `refs/main` naming the revision, offline."""
-    import json
     import shutil
 
     from polymodal.cli import main
