@@ -1,22 +1,27 @@
 """CMSC/ASD ablation on the counterfactual ShapesWorld proxy: base, plain fine-tune, resample only, loss only,
-ASD; MinSkew/MaxSkew on the balanced set and task accuracy, before and after; two seeds; a learning-rate row.
+ASD; MinSkew/MaxSkew on the balanced set and task accuracy; three seeds, paired differences and verdicts; a
+learning-rate row; the skew floor (`asd.max_weight`, `asd.max_copies`) against the old -10 clip.
 
-    python benchmarks/cmsc_asd.py --out docs/results/cmsc_asd          # default size (<= 20 min on one core)
+    python benchmarks/cmsc_asd.py --out docs/results/cmsc_asd          # default size (~15 min on one core)
     python benchmarks/cmsc_asd.py --quick --out /tmp/cmsc_quick          # smoke run (~2 min)
 
 1. Generates the counterfactual world once (`polymodal.data.synthetic.counterfactual`; training answers
    biased towards the stereotype table with strength `--bias` on `--biased-attributes`).
 2. Per seed: trains recipes/asd_base.yaml (plain NLL on the biased set: the biased "pretrained" MLLM), then
    fine-tunes it with recipes/asd_{finetune,resample,loss,full}.yaml (same data, steps, seed, LR; only
-   `asd.loss` / `asd.resample` differ), and full ASD and plain fine-tuning again at `--lr-high` (the LR row).
+   `asd.loss` / `asd.resample` differ); full ASD and plain fine-tuning again at `--lr-high` (the LR row);
+   and resample only / loss only / ASD with the old bound (Skew clipped at -10: a weight up to e^10 ~ 22,026
+   and up to 10 copies of a sample per epoch; `asd.max_weight=e^10 asd.max_copies=10`).
 3. Evaluates every model on the balanced eval set (nothing is tuned on it): MinSkew@C / MaxSkew@C over the
-   concepts (overall and per attribute) and accuracy on the non-social task questions.
-4. Writes `<out>/results.json` and `<out>/results.md` (mean ± std over seeds, and the claim's verdict).
+   concepts (overall and per attribute) and accuracy on the non-social task questions. From each run's
+   metrics.jsonl: the mean loss weight and the share of concept samples whose Skew hit the floor.
+4. Writes `<out>/results.json` and `<out>/results.md`: mean ± sample std over seeds, and each claim as a
+   paired per-seed difference with `benchmarks.common.verdict` (shown = every seed has the claimed sign).
 """
 from __future__ import annotations
 
 import json
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,31 +30,47 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (base_parser, cached_world, claim, claim_lines, command_line,  # noqa: E402
-                               machine_info, machine_line, pm_values, set_threads, write_results)
+from benchmarks.common import (VERDICT_RULE, base_parser, cached_world, claim, claim_lines,  # noqa: E402
+                               command_line, machine_info, machine_line, paired_difference, pm_diff, pm_values,
+                               seed_summary, set_threads, verdict, write_results)
 
 VARIANTS = [("fine-tune", "finetune"), ("resample only", "resample"), ("loss only", "loss"), ("ASD", "full")]
+OLD_BOUND = [f"asd.max_weight={math.exp(10.0)!r}", "asd.max_copies=10"]   # the clip before issue 31: Skew >= -10
 KEYS = ["min_skew", "max_skew", "task_accuracy"]
+TRAIN_KEYS = ["weight", "floored"]       # means over the run's logged steps
 
 
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
-    """Run (or reuse a finished) recipe; returns its final fairness numbers (unprefixed)."""
+    """Run (or reuse a finished) recipe; returns its final fairness numbers (unprefixed) plus the mean logged
+    loss weight and floored share over training."""
     from polymodal.train.run import load_recipe, run_recipe
     done = out / "final_metrics.json"
     if done.is_file():
         final = json.loads(done.read_text())
     else:
         final = run_recipe(load_recipe(ROOT / "recipes" / recipe, [f"out_dir={out}", *overrides]))
-    return {k.split("/", 2)[-1]: v for k, v in final.items() if k.startswith("eval/fairness/")}
+    row = {k.split("/", 2)[-1]: v for k, v in final.items() if k.startswith("eval/fairness/")}
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for k in TRAIN_KEYS:
+        vals = [r[k] for r in logged if k in r and r[k] is not None]
+        row[k] = sum(vals) / len(vals) if vals else math.nan
+    return row
 
 
 def fmt(values: list[float]) -> str:
     return pm_values(values, digits=3, sign=True)
 
 
+def compare(rows: dict, a: str, b: str, key: str, direction: int, transform=lambda v: v,
+            ties_agree: bool = False) -> tuple[dict, str]:
+    """Paired per-seed difference transform(a[key]) - transform(b[key]) and its verdict."""
+    d = paired_difference([transform(r[key]) for r in rows[a]], [transform(r[key]) for r in rows[b]])
+    return d, verdict(d, direction, ties_agree=ties_agree)
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__, str(ROOT / "benchmarks" / "results" / "cmsc_asd"), str(ROOT / "runs" / "cmsc_asd"),
-                    seeds=[0, 1], threads=1, out_help="where results.json / results.md go")
+                    seeds=[0, 1, 2], threads=1, out_help="where results.json / results.md go")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data and few steps")
     p.add_argument("--bias", type=float, default=0.8)
     p.add_argument("--biased-attributes", default="race")
@@ -76,6 +97,7 @@ def main(argv=None) -> dict:
     common = [f"data.train={data}/train.jsonl", f"eval.tasks=[{{task: fairness, data: {data}/eval.jsonl}}]",
               "train.progress=false", f"train.threads={args.threads}"]
     rows: dict[str, list[dict]] = {}
+    high = f"@ lr {args.lr_high:g}"
     for seed in args.seeds:
         base_dir = runs / f"seed{seed}" / "base"
         rows.setdefault("base", []).append(train("asd_base.yaml", base_dir, [*common, f"train.seed={seed}",
@@ -84,41 +106,69 @@ def main(argv=None) -> dict:
         for name, recipe in VARIANTS:
             rows.setdefault(name, []).append(train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / recipe,
                                                    [*tune, f"optim.lr={args.lr}"]))
+        for name, recipe in VARIANTS[1:]:
+            rows.setdefault(f"{name}, old bound (-10)", []).append(
+                train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_oldbound",
+                      [*tune, f"optim.lr={args.lr}", *OLD_BOUND]))
         for name, recipe in (("fine-tune", "finetune"), ("ASD", "full")):
-            rows.setdefault(f"{name} @ lr {args.lr_high:g}", []).append(
+            rows.setdefault(f"{name} {high}", []).append(
                 train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_lrhigh",
                       [*tune, f"optim.lr={args.lr_high}"]))
         print(f"seed {seed} done ({time.time() - start:.0f} s)", flush=True)
 
     attrs = sorted({k.split("/")[1] for r in rows["base"] for k in r if k.startswith("min_skew/")})
     cols = KEYS + [f"min_skew/{a}" for a in attrs]
-    summary = {name: {k: [r[k] for r in rs] for k in cols} for name, rs in rows.items()}
-    mean = {name: {k: statistics.mean(v) for k, v in s.items()} for name, s in summary.items()}
-    order = ["fine-tune", "resample only", "loss only", "ASD"]
-    ab = [abs(mean[n]["min_skew"]) for n in order]
-    mx = [mean[n]["max_skew"] for n in order]
-    claims = [
-        claim("|MinSkew|: fine-tune > resample only, loss only > ASD (seed means)",
-              ", ".join(f"{n} {fmt(summary[n]['min_skew'])}" for n in order),
-              ab[0] > max(ab[1], ab[2]) and min(ab[1], ab[2]) > ab[3]),
-        claim("MaxSkew: fine-tune > resample only, loss only > ASD (seed means)",
-              ", ".join(f"{n} {fmt(summary[n]['max_skew'])}" for n in order),
-              mx[0] > max(mx[1], mx[2]) and min(mx[1], mx[2]) > mx[3]),
-        claim("ASD task accuracy within 0.05 of fine-tune (seed means)",
-              f"ASD {fmt(summary['ASD']['task_accuracy'])} vs fine-tune {fmt(summary['fine-tune']['task_accuracy'])}",
-              abs(mean["ASD"]["task_accuracy"] - mean["fine-tune"]["task_accuracy"]) <= 0.05),
-    ]
+    summary = {name: {k: [r[k] for r in rs] for k in cols + TRAIN_KEYS} for name, rs in rows.items()}
+    stats = {name: {k: seed_summary(v, drop_missing=True) for k, v in s.items()} for name, s in summary.items()}
+
+    claims, diffs = [], {}
+
+    def add(text: str, a: str, b: str, key: str, direction: int, absolute: bool = False, ties_agree: bool = False):
+        d, v = compare(rows, a, b, key, direction, abs if absolute else (lambda x: x), ties_agree)
+        what = f"|{key}|" if absolute else key
+        diffs[f"{a} - {b}: {what}"] = d
+        claims.append(claim(text, f"{a} {fmt(summary[a][key])} vs {b} {fmt(summary[b][key])}; paired "
+                                  f"{what} difference {pm_diff(d, 3)}", v))
+
+    add("ASD lowers |MinSkew| below plain fine-tuning", "ASD", "fine-tune", "min_skew", -1, absolute=True)
+    add("ASD lowers MaxSkew below plain fine-tuning", "ASD", "fine-tune", "max_skew", -1)
+    add("resample only lowers |MinSkew| below plain fine-tuning", "resample only", "fine-tune", "min_skew", -1, True)
+    add("loss only lowers |MinSkew| below plain fine-tuning", "loss only", "fine-tune", "min_skew", -1, True)
+    add("ASD lowers |MinSkew| below resample only", "ASD", "resample only", "min_skew", -1, True)
+    add("ASD lowers |MinSkew| below loss only", "ASD", "loss only", "min_skew", -1, True)
+    add("ASD lowers MaxSkew below resample only", "ASD", "resample only", "max_skew", -1)
+    add("ASD lowers MaxSkew below loss only", "ASD", "loss only", "max_skew", -1)
+    d = paired_difference(summary["ASD"]["task_accuracy"], summary["fine-tune"]["task_accuracy"])
+    diffs["ASD - fine-tune: task_accuracy"] = d
+    flat = sum(abs(x) <= 0.05 for x in d["values"])
+    claims.append(claim("task accuracy flat: ASD within 0.05 of fine-tune on every seed",
+                        f"ASD {fmt(summary['ASD']['task_accuracy'])} vs fine-tune "
+                        f"{fmt(summary['fine-tune']['task_accuracy'])}; paired difference {pm_diff(d, 3)}",
+                        "shown" if flat == d["n"] else "not shown" if flat == 0 else "mixed"))
+    add(f"a higher learning rate costs ASD task accuracy (ASD {high} below ASD)", f"ASD {high}", "ASD",
+        "task_accuracy", -1)
+    for name, _ in VARIANTS[1:]:
+        old = f"{name}, old bound (-10)"
+        add(f"{name}: the bounded skew debiases at least as well as the old -10 clip (|MinSkew| no higher)", name,
+            old, "min_skew", -1, True, ties_agree=True)
+        add(f"{name}: the bounded skew keeps task accuracy (no lower than with the old clip)", name, old,
+            "task_accuracy", +1, ties_agree=True)
+
     machine = machine_info()
     result = {"command": command_line("cmsc_asd.py", __name__ == "__main__"), "args": vars(args), "rows": rows,
-              "mean": mean, "claims": claims, "seconds": time.time() - start, "machine": machine}
+              "stats": stats, "paired_differences": diffs, "claims": claims, "seconds": time.time() - start,
+              "machine": machine}
     lines = ["# CMSC/ASD ablation (counterfactual ShapesWorld proxy)", "",
              f"Biased training set: bias {args.bias} on {args.biased_attributes}; {args.n_train_sets} training / "
              f"{args.n_eval_sets} balanced eval sets; base {args.base_steps} steps, fine-tuning {args.ft_steps} steps "
-             f"at lr {args.lr:g}; seeds {args.seeds} (mean ± sample std). Skews on the balanced eval set (0 = fair).",
-             "", "| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+             f"at lr {args.lr:g}; seeds {args.seeds} (mean ± sample std). Skews on the balanced eval set (0 = fair). "
+             "weight = mean logged loss weight exp(-Skew) over training; floored = mean share of concept samples "
+             "whose Skew hit the floor (-ln 5 by default, -10 for the old bound).",
+             "", "| model | " + " | ".join(cols + TRAIN_KEYS) + " |", "|" + "---|" * (len(cols) + len(TRAIN_KEYS) + 1)]
     for name, s in summary.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in cols) + " |")
-    lines += ["", "Claims:", "", *claim_lines(claims),
+        lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in cols + TRAIN_KEYS) + " |")
+    lines += ["", f"Claims ({VERDICT_RULE}; paired differences are mean ± sd (min..max, seeds > 0)):", "",
+              *claim_lines(claims),
               "", f"Wall time {result['seconds']:.0f} s, {args.threads} thread(s) on {machine_line(machine)}."]
     write_results(out, result, "\n".join(lines) + "\n")
     print("\n".join(lines))

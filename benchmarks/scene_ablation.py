@@ -2,11 +2,16 @@
 parent refinement add.
 
 Variants (all `method: scene` on one MovingShapes world, same model size, steps and seeds):
-  temporal                temporal stream only
-  frame                   frame-level stream only (cannot see frame order, by construction)
-  both                    both streams, no distillation
-  both_distill            both streams + self-distillation
-  both_distill_norefine   the same without parent-score refinement
+  temporal                 temporal stream only
+  frame                    frame-level stream only (cannot see frame order, by construction)
+  both                     both streams, no distillation
+  both_distill_softmax     both streams + self-distillation, KL of softmaxes over the labels
+  both_distill_bernoulli   both streams + self-distillation, per-label Bernoulli KLs
+  both_distill_norefine    distillation of the default `scene.distill_kind`, without parent-score refinement
+
+The start: `--model-path` (a saved image-text model, e.g. the CLIP stand-in), `--standin` (build or reuse
+`benchmarks.common.clip_standin` in `--runs`: a tiny CLIP trained on still MovingShapes frames), or else a
+randomly initialised tiny CLIP.
 
 The world has compound order actions (`compound_fraction`: "moves left then right", "grows then shrinks", ...), whose
 frames are exactly those of the opposite compound in another order, plus single-frame labels (shape, colour,
@@ -17,7 +22,7 @@ Per variant and seed it reports test mAP, mAP per label group (also for each str
 macro F1 at the validation-chosen threshold, hit@1 and hierarchy consistency; then the mean over seeds and a verdict
 per claim. Writes `results.json` and `results.md` into `--out`; data and run folders go to `--runs`.
 
-    python benchmarks/scene_ablation.py --out docs/results/scene_ablation --runs runs/scene_ablation      # full
+    python benchmarks/scene_ablation.py --out docs/results/scene_ablation --runs runs/scene_ablation --standin  # full
     python benchmarks/scene_ablation.py --out /tmp/scene_ablation --quick                                # smoke
 """
 from __future__ import annotations
@@ -39,9 +44,16 @@ VARIANTS = {
     "temporal": {"model": {"streams": "temporal"}, "distill_weight": 0.0},
     "frame": {"model": {"streams": "frame"}, "distill_weight": 0.0},
     "both": {"model": {"streams": "both"}, "distill_weight": 0.0},
-    "both_distill": {"model": {"streams": "both"}, "distill_weight": 1.0},
-    "both_distill_norefine": {"model": {"streams": "both", "refine": False}, "distill_weight": 1.0},
+    "both_distill_softmax": {"model": {"streams": "both"}, "distill_weight": 1.0, "distill_kind": "softmax"},
+    "both_distill_bernoulli": {"model": {"streams": "both"}, "distill_weight": 1.0, "distill_kind": "bernoulli"},
+    "both_distill_norefine": {"model": {"streams": "both", "refine": False}, "distill_weight": 1.0},   # default kind
 }
+
+
+def distilled() -> str:
+    """The variant that distils with the method's default `scene.distill_kind` (the claims' "distilled pair")."""
+    from polymodal.methods.scene import SceneSection
+    return f"both_distill_{SceneSection().distill_kind}"
 GROUPS = ("order_dependent", "order_compound", "single_frame")
 KEYS = ("mAP", *(f"mAP_{g}" for g in GROUPS), "f1_micro", "f1_macro", "hit@1", "consistency")
 # per-stream keys of a two-stream model (the eval task reports them as temporal/... and frame/...)
@@ -96,9 +108,20 @@ def run(args) -> dict:
     T = sizes["num_frames"]                 # every frame: a frame subset would break the compounds' frame-set equality
     steps = args.steps or (40 if args.quick else 2000)
     w = args.width
-    model = ["model.name=tiny"] if args.quick else [
-        "model.name=tiny", f"model.overrides={{vision.width: {w}, vision.heads: 4, text.width: {w}, text.heads: 4, "
-                           f"embed_dim: {w}}}"]
+    start_path = args.model_path
+    if args.standin:
+        from benchmarks import common
+        if not hasattr(common, "clip_standin"):
+            raise SystemExit("--standin needs benchmarks.common.clip_standin (the CLIP stand-in builder); give "
+                             "--model-path instead")
+        start_path = str(common.clip_standin(runs, threads=args.threads, image_size=sizes["image_size"],
+                                             num_frames=T, progress=not args.quick))
+    if start_path:
+        model = [f"model.path={start_path}"]
+    else:
+        model = ["model.name=tiny"] if args.quick else [
+            "model.name=tiny", f"model.overrides={{vision.width: {w}, vision.heads: 4, text.width: {w}, "
+                               f"text.heads: 4, embed_dim: {w}}}"]
     results: dict = {}
     for name in args.variants:
         section = VARIANTS[name]
@@ -106,7 +129,8 @@ def run(args) -> dict:
             run_dir = runs / f"{name}_s{seed}"
             scene = {"classes": str(data / "classes.json"),
                      "model": {"layers": 1 if args.quick else 2, "freeze_image": args.freeze_image, **section["model"]},
-                     "distill_weight": section["distill_weight"]}
+                     "distill_weight": section["distill_weight"],
+                     **({"distill_kind": section["distill_kind"]} if "distill_kind" in section else {})}
             ev = {"tasks": [{"task": "scene", "data": str(data / "test.jsonl"), "val": str(data / "val.jsonl"),
                              "num_frames": T}]}
             cfg = load_recipe(None, model + [
@@ -125,7 +149,8 @@ def run(args) -> dict:
             results.setdefault(name, {})[str(seed)] = row
             print(name, seed, {k: round(v, 2) for k, v in row.items() if v == v}, flush=True)
     return {"chance": chance_map(data), "sizes": sizes, "compound_fraction": args.compound_fraction, "steps": steps, "seeds": args.seeds,
-            "lr": args.lr, "freeze_image": args.freeze_image, "batch_size": args.batch_size, "width": w, "quick": args.quick, "runs": results}
+            "lr": args.lr, "freeze_image": args.freeze_image, "batch_size": args.batch_size, "width": w, "quick": args.quick,
+            "start": start_path or "random init", "distilled": distilled(), "runs": results}
 
 
 def _values(rows: dict, key: str) -> list[float]:
@@ -151,6 +176,7 @@ def verdicts(res: dict) -> list[dict]:
     seed agrees or the difference is within that noise, "mixed" when the seeds disagree.
     """
     runs = res["runs"]
+    dist = res.get("distilled") or distilled()
 
     def cmp(a: tuple[str, str], b: tuple[str, str]) -> dict:
         (va, ka), (vb, kb) = a, b
@@ -177,21 +203,25 @@ def verdicts(res: dict) -> list[dict]:
         {"claim": "compound order labels: temporal-only beats frame-only",
          **cmp(("temporal", "mAP_order_compound"), ("frame", "mAP_order_compound"))},
         {"claim": "inside the distilled pair, the temporal stream beats the frame stream on order labels",
-         **cmp(("both_distill", "temporal/mAP_order_dependent"), ("both_distill", "frame/mAP_order_dependent"))},
+         **cmp((dist, "temporal/mAP_order_dependent"), (dist, "frame/mAP_order_dependent"))},
         {"claim": "single-frame labels are learned by the frame stream (frame-only beats temporal-only on them)",
          **cmp(("frame", "mAP_single_frame"), ("temporal", "mAP_single_frame"))},
         {"claim": "inside the distilled pair, the frame stream beats the temporal stream on single-frame labels",
-         **cmp(("both_distill", "frame/mAP_single_frame"), ("both_distill", "temporal/mAP_single_frame"))},
+         **cmp((dist, "frame/mAP_single_frame"), (dist, "temporal/mAP_single_frame"))},
         {"claim": "the distilled pair beats the temporal stream alone (mAP)",
-         **cmp(("both_distill", "mAP"), ("temporal", "mAP"))},
+         **cmp((dist, "mAP"), ("temporal", "mAP"))},
         {"claim": "the distilled pair beats the frame stream alone (mAP)",
-         **cmp(("both_distill", "mAP"), ("frame", "mAP"))},
-        {"claim": "distillation helps the pair (both_distill beats both, mAP)",
-         **cmp(("both_distill", "mAP"), ("both", "mAP"))},
+         **cmp((dist, "mAP"), ("frame", "mAP"))},
+        {"claim": "distillation helps the pair (the distilled pair beats both streams without it, mAP)",
+         **cmp((dist, "mAP"), ("both", "mAP"))},
+        {"claim": "per-label (Bernoulli) distillation beats label-softmax distillation (mAP)",
+         **cmp(("both_distill_bernoulli", "mAP"), ("both_distill_softmax", "mAP"))},
+        {"claim": "per-label (Bernoulli) distillation beats label-softmax distillation (micro F1 at the val threshold)",
+         **cmp(("both_distill_bernoulli", "f1_micro"), ("both_distill_softmax", "f1_micro"))},
         {"claim": "parent refinement raises hierarchy consistency",
-         **cmp(("both_distill", "consistency"), ("both_distill_norefine", "consistency"))},
+         **cmp((dist, "consistency"), ("both_distill_norefine", "consistency"))},
         {"claim": "parent refinement does not cost mAP (refined minus unrefined mAP > 0)",
-         **cmp(("both_distill", "mAP"), ("both_distill_norefine", "mAP"))},
+         **cmp((dist, "mAP"), ("both_distill_norefine", "mAP"))},
     ]
     return out
 
@@ -202,7 +232,9 @@ def write_table(res: dict, out: Path) -> str:
     lines = [f"# Scene ablation ({'quick smoke run' if res['quick'] else 'reduced run'})", "",
              f"MovingShapes {s['n_train']} train / {s['n_val']} val / {s['n_test']} test videos, {s['num_frames']} "
              f"frames (all used), {s['image_size']} px, compound_fraction {res['compound_fraction']}; tiny model "
-             f"width {res['width']}, {res['steps']} steps x batch {res['batch_size']}, lr {res['lr']}, seeds "
+             f"width {res['width']}, start: {res.get('start', 'random init')}"
+             f"{' (image tower frozen)' if res.get('freeze_image') else ''}, {res['steps']} steps x batch "
+             f"{res['batch_size']}, lr {res['lr']}, seeds "
              f"{res['seeds']}. Test split, threshold chosen on val; mean ± sample std over seeds (per-seed numbers in "
              "results.json).", "",
              "| variant | " + " | ".join(KEYS) + " | seconds |", "|---" * (len(KEYS) + 2) + "|"]
@@ -235,7 +267,7 @@ def write_table(res: dict, out: Path) -> str:
 
 
 def main(argv=None) -> None:
-    p = base_parser(__doc__, None, runs="", seeds=[0, 1], threads=1,
+    p = base_parser(__doc__, None, runs="", seeds=[0, 1, 2], threads=1,
                     out_help="results folder (results.json, results.md)")
     p.epilog = "--runs: the generated world and the run folders (default: runs/scene_ablation, or <out> with --quick)"
     p.add_argument("--quick", action="store_true", help="tiny world and few steps: a smoke run, not a result")
@@ -250,7 +282,10 @@ def main(argv=None) -> None:
                    help="share of the unpaired action videos that do a compound order action (default 1)")
     p.add_argument("--width", type=int, default=64, help="tower width (not with --quick)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--freeze-image", action="store_true", help="keep the (randomly initialised) image tower fixed")
+    p.add_argument("--freeze-image", action="store_true", help="keep the image tower fixed")
+    p.add_argument("--model-path", default="", help="start from this saved image-text model (default: random init)")
+    p.add_argument("--standin", action="store_true",
+                   help="start from the CLIP stand-in (benchmarks.common.clip_standin, built once in --runs)")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     if args.quick:

@@ -122,6 +122,34 @@ def test_distillation_kl_matches_the_formula_and_never_trains_the_target():
     assert distillation_kl(s, t, 1.0, "bernoulli").item() == pytest.approx(want_b.item(), rel=1e-9)
 
 
+def test_bernoulli_distillation_is_a_per_label_forward_kl_at_temperature_tau():
+    # Independent formula at tau = 2: tau^2 * mean_n sum_c KL(Bern(sigmoid(t/tau)) || Bern(sigmoid(s/tau))).
+    g = torch.Generator().manual_seed(3)
+    s = (3 * torch.randn(4, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    t = (3 * torch.randn(4, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    tau = 2.0
+    q, p = torch.sigmoid(t.detach() / tau), torch.sigmoid(s.detach() / tau)          # (N, C) each
+    want = tau ** 2 * (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).sum(1).mean()
+    loss = distillation_kl(s, t, tau, "bernoulli")
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+    loss.backward()
+    # Forward KL (teacher || student): d/ds = tau * (p - q) / N per label; the reverse KL has another gradient.
+    torch.testing.assert_close(s.grad, tau * (p - q) / len(s), rtol=1e-9, atol=1e-12)
+    assert t.grad is None                                                            # the target is detached
+    # Labels are independent: changing one label's teacher score changes only that label's gradient.
+    s2 = s.detach().clone().requires_grad_(True)
+    t2 = t.detach().clone()
+    t2[:, 2] += 5.0
+    distillation_kl(s2, t2, tau, "bernoulli").backward()
+    changed = (s2.grad - s.grad).abs() > 1e-12                                        # (N, C)
+    assert changed[:, 2].all() and not changed[:, [0, 1, 3, 4, 5]].any()
+    # Equal logits give 0, also for large |logits| (log-sigmoid form, no log(0)).
+    big = torch.tensor([[60.0, -60.0, 0.0]], dtype=torch.float64)
+    assert distillation_kl(big, big, tau, "bernoulli").item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="both be"):
+        distillation_kl(s.detach(), t.detach().T, tau, "bernoulli")
+
+
 def test_self_distillation_gradient_reaches_each_stream_only_through_its_own_term():
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
