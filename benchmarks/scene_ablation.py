@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +98,8 @@ def chance_map(data: Path) -> dict:
 
 def run(args) -> dict:
     """Train and evaluate every variant and seed; returns the raw results."""
-    from polymodal.train.run import load_recipe, run_recipe
+    from polymodal.train.reuse import train_or_reuse
+    from polymodal.train.run import load_recipe
     set_threads(args.threads)
     runs = Path(args.runs)
     data = runs / "data"
@@ -115,7 +115,7 @@ def run(args) -> dict:
             raise SystemExit("--standin needs benchmarks.common.clip_standin (the CLIP stand-in builder); give "
                              "--model-path instead")
         start_path = str(common.clip_standin(runs, threads=args.threads, image_size=sizes["image_size"],
-                                             num_frames=T, progress=not args.quick))
+                                             num_frames=T))
     if start_path:
         model = [f"model.path={start_path}"]
     else:
@@ -142,10 +142,10 @@ def run(args) -> dict:
                 f"tokenizer.vocab_size={200 if args.quick else 512}",
                 "tokenizer.corpus_keys=[caption, scene_labels]", f"scene={_yaml_flow(scene)}",
                 f"eval={_yaml_flow(ev)}"])
-            start = time.perf_counter()
-            final = run_recipe(cfg)
+            _, seconds, _ = train_or_reuse(cfg, fresh=args.fresh)     # a finished identical run is reused
+            final = json.loads((run_dir / "final_metrics.json").read_text())
             row = {k: final.get(f"eval/scene/{k}", math.nan) for k in KEYS + STREAM_KEYS}
-            row["seconds"] = time.perf_counter() - start
+            row["seconds"] = seconds
             results.setdefault(name, {})[str(seed)] = row
             print(name, seed, {k: round(v, 2) for k, v in row.items() if v == v}, flush=True)
     return {"chance": chance_map(data), "sizes": sizes, "compound_fraction": args.compound_fraction, "steps": steps, "seeds": args.seeds,
@@ -287,6 +287,7 @@ def main(argv=None) -> None:
     p.add_argument("--standin", action="store_true",
                    help="start from the CLIP stand-in (benchmarks.common.clip_standin, built once in --runs)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--fresh", action="store_true", help="retrain runs even when a finished identical run exists")
     args = p.parse_args(argv)
     if args.quick:
         args.lr, args.batch_size = 3e-3, 16
