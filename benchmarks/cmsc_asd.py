@@ -11,7 +11,8 @@ learning-rate row; the skew floor (`asd.max_weight`, `asd.max_copies`) against t
    fine-tunes it with recipes/asd_{finetune,resample,loss,full}.yaml (same data, steps, seed, LR; only
    `asd.loss` / `asd.resample` differ); full ASD and plain fine-tuning again at `--lr-high` (the LR row);
    and resample only / loss only / ASD with the old bound (Skew clipped at -10: a weight up to e^10 ~ 22,026
-   and up to 10 copies of a sample per epoch; `asd.max_weight=e^10 asd.max_copies=10`).
+   and up to 10 copies of a sample per epoch; `asd.max_weight=e^10 asd.max_copies=10`), plus any `--bounds`
+   WEIGHT:COPIES rows; and the base model's raw training-sample skews (how often a bound can act at all).
 3. Evaluates every model on the balanced eval set (nothing is tuned on it): MinSkew@C / MaxSkew@C over the
    concepts (overall and per attribute) and accuracy on the non-social task questions. From each run's
    metrics.jsonl: the mean loss weight and the share of concept samples whose Skew hit the floor.
@@ -57,6 +58,28 @@ def train(recipe: str, out: Path, overrides: list[str]) -> dict:
     return row
 
 
+def start_skews(model_dir: Path, manifest: Path) -> dict:
+    """The raw (unbounded) training-sample skews of a saved MLLM: what ASD's first epoch sees from the base model.
+
+    Returns:
+        {"min": most negative Skew, "n": concept samples, "below_<b>": share of them below -b for b in 1.61 (ln 5),
+        3.0 (ln 20), 10}.
+    """
+    import numpy as np
+
+    from polymodal.eval.fairness import (attribute_values_of, concept_rows, option_probabilities, sample_skew,
+                                         skew_table)
+    from polymodal.hub import load_model
+    from polymodal.methods.asd import training_records
+    model = load_model(model_dir).eval()
+    concept = [r for r in training_records(manifest) if r["kind"] == "concept"]
+    probs = option_probabilities(model, concept, 128)
+    table = skew_table(concept_rows(concept, probs), attribute_values_of(concept))
+    s = np.array([sample_skew(table, r["answer"], r["attributes"]) for r in concept])
+    return {"min": float(s.min()), "n": len(s),
+            **{f"below_{b:g}": float((s < -b).mean()) for b in (round(math.log(5), 2), 3.0, 10.0)}}
+
+
 def fmt(values: list[float]) -> str:
     return pm_values(values, digits=3, sign=True)
 
@@ -80,6 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ft-steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--lr-high", type=float, default=1e-2, help="the learning-rate row")
+    p.add_argument("--bounds", nargs="*", default=[], metavar="WEIGHT:COPIES",
+                   help="extra rows: resample only / loss only / ASD at asd.max_weight=WEIGHT asd.max_copies=COPIES")
     args = p.parse_args(argv)
     if args.quick:
         args.n_train_sets, args.n_eval_sets, args.base_steps, args.ft_steps = 36, 12, 60, 15
@@ -97,6 +122,7 @@ def main(argv=None) -> dict:
     common = [f"data.train={data}/train.jsonl", f"eval.tasks=[{{task: fairness, data: {data}/eval.jsonl}}]",
               "train.progress=false", f"train.threads={args.threads}"]
     rows: dict[str, list[dict]] = {}
+    starts: list[dict] = []                 # per seed: the base model's raw training-sample skews
     high = f"@ lr {args.lr_high:g}"
     for seed in args.seeds:
         base_dir = runs / f"seed{seed}" / "base"
@@ -110,6 +136,13 @@ def main(argv=None) -> dict:
             rows.setdefault(f"{name}, old bound (-10)", []).append(
                 train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_oldbound",
                       [*tune, f"optim.lr={args.lr}", *OLD_BOUND]))
+        for bound in args.bounds:
+            w, c = bound.split(":")
+            for name, recipe in VARIANTS[1:]:
+                rows.setdefault(f"{name}, bound {w}/{c}", []).append(
+                    train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_bound{w}_{c}",
+                          [*tune, f"optim.lr={args.lr}", f"asd.max_weight={w}", f"asd.max_copies={c}"]))
+        starts.append(start_skews(base_dir / "model", data / "train.jsonl"))
         for name, recipe in (("fine-tune", "finetune"), ("ASD", "full")):
             rows.setdefault(f"{name} {high}", []).append(
                 train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_lrhigh",
@@ -148,6 +181,10 @@ def main(argv=None) -> dict:
     add(f"a higher learning rate costs ASD task accuracy (ASD {high} below ASD)", f"ASD {high}", "ASD",
         "task_accuracy", -1)
     for name, _ in VARIANTS[1:]:
+        for bound in args.bounds:
+            w, c = bound.split(":")
+            add(f"{name}: the default bound (5/2) debiases at least as well as bound {w}/{c} (|MinSkew| no higher)",
+                name, f"{name}, bound {w}/{c}", "min_skew", -1, True, ties_agree=True)
         old = f"{name}, old bound (-10)"
         add(f"{name}: the bounded skew debiases at least as well as the old -10 clip (|MinSkew| no higher)", name,
             old, "min_skew", -1, True, ties_agree=True)
@@ -156,7 +193,8 @@ def main(argv=None) -> dict:
 
     machine = machine_info()
     result = {"command": command_line("cmsc_asd.py", __name__ == "__main__"), "args": vars(args), "rows": rows,
-              "stats": stats, "paired_differences": diffs, "claims": claims, "seconds": time.time() - start,
+              "stats": stats, "start_skews": starts, "paired_differences": diffs, "claims": claims,
+              "seconds": time.time() - start,
               "machine": machine}
     lines = ["# CMSC/ASD ablation (counterfactual ShapesWorld proxy)", "",
              f"Biased training set: bias {args.bias} on {args.biased_attributes}; {args.n_train_sets} training / "
@@ -167,6 +205,11 @@ def main(argv=None) -> dict:
              "", "| model | " + " | ".join(cols + TRAIN_KEYS) + " |", "|" + "---|" * (len(cols) + len(TRAIN_KEYS) + 1)]
     for name, s in summary.items():
         lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in cols + TRAIN_KEYS) + " |")
+    lines += ["", "The base models' raw training-sample skews (what ASD's first epoch sees; concept samples):", "",
+              "| seed | min Skew | share < -ln 5 | share < -3 (-ln 20) | share < -10 |", "|---|---|---|---|---|"]
+    for seed, st in zip(args.seeds, starts):
+        lines.append(f"| {seed} | {st['min']:+.2f} | {st['below_1.61']:.3f} | {st['below_3']:.3f} | "
+                     f"{st['below_10']:.3f} |")
     lines += ["", f"Claims ({VERDICT_RULE}; paired differences are mean ± sd (min..max, seeds > 0)):", "",
               *claim_lines(claims),
               "", f"Wall time {result['seconds']:.0f} s, {args.threads} thread(s) on {machine_line(machine)}."]
