@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (VERDICT_RULE, base_parser, moving_shapes_world, paired_difference, pm,  # noqa: E402
-                               seed_summary, set_threads, verdict, write_results)
+from benchmarks.common import (VERDICT_RULE, base_parser, cached_metrics, moving_shapes_world,  # noqa: E402
+                               paired_difference, pm, seed_summary, set_threads, verdict, write_results)
 
 VARIANTS = {
     "temporal": {"model": {"streams": "temporal"}, "distill_weight": 0.0},
@@ -59,10 +59,115 @@ def distilled() -> str:
     from polymodal.methods.scene import SceneSection
     return f"both_distill_{SceneSection().distill_kind}"
 GROUPS = ("order_dependent", "order_compound", "single_frame")
-KEYS = ("mAP", *(f"mAP_{g}" for g in GROUPS), "f1_micro", "f1_macro", "hit@1", "consistency")
+KEYS = ("mAP", *(f"mAP_{g}" for g in GROUPS), "order_pair_acc", "f1_micro", "f1_macro", "hit@1", "consistency")
 # per-stream keys of a two-stream model (the eval task reports them as temporal/... and frame/...)
-STREAM_KEYS = tuple(f"{s}/{k}" for s in ("temporal", "frame") for k in
-                    ("mAP", *(f"mAP_{g}" for g in GROUPS), "consistency"))
+STREAM_METRICS = ("mAP", *(f"mAP_{g}" for g in GROUPS), "order_pair_acc", "consistency")
+STREAM_KEYS = tuple(f"{s}/{k}" for s in ("temporal", "frame") for k in STREAM_METRICS)
+
+
+# Order labels and their opposites: the reversed video (single actions) or the swapped halves (compounds) shows the
+# opposite label with exactly the same frames.
+OPPOSITE_PAIRS = [("moves left", "moves right"), ("moves up", "moves down"), ("grows", "shrinks"),
+                  ("appears", "disappears"), ("moves left then right", "moves right then left"),
+                  ("moves up then down", "moves down then up"), ("grows then shrinks", "shrinks then grows"),
+                  ("appears then disappears", "disappears then appears")]
+
+
+def order_pair_accuracy(model_dir: Path, manifest: Path, num_frames: int) -> dict:
+    """How often each stream scores a video's order label above its opposite (ties count half): 50 is chance, and
+    the frame stream, which sees the same frames for both, cannot beat it on a world where both directions occur.
+
+    Args:
+        model_dir: a saved scene model.
+        manifest: test records (`scene_labels`).
+        num_frames: frames per video (all of them).
+    Returns:
+        {"order_pair_acc" (ensemble), "temporal/order_pair_acc", "frame/order_pair_acc" (those the model has),
+        "order_pairs": number of (video, label) pairs}.
+    """
+    import torch
+
+    from polymodal.encode import read_records
+    from polymodal.eval.scene import scene_scores
+    from polymodal.hub import load_model
+    model = load_model(model_dir).eval()
+    names = model.hierarchy.names
+    opposite = {a: b for a, b in OPPOSITE_PAIRS} | {b: a for a, b in OPPOSITE_PAIRS}
+    records = read_records(manifest, 0, required=("video",), media="video")
+    with torch.no_grad():
+        scores, kept = scene_scores(model, records, num_frames)
+    pairs = [(i, names.index(n), names.index(opposite[n])) for i, r in enumerate(kept) for n in r["scene_labels"]
+             if n in opposite]
+    out: dict = {"order_pairs": len(pairs)}
+    for stream, z in scores.items():
+        wins = [1.0 if z[i, a] > z[i, b] else 0.5 if z[i, a] == z[i, b] else 0.0 for i, a, b in pairs]
+        key = "order_pair_acc" if stream == "ensemble" else f"{stream}/order_pair_acc"
+        out[key] = 100 * sum(wins) / len(wins) if wins else math.nan
+    return out
+
+
+def order_probe(model_path: str, data: Path, num_frames: int, seed: int = 0) -> dict:
+    """Is order readable from the start's frame features at all? A linear probe per opposite-label pair.
+
+    The start's image tower embeds every frame (as the scene model's frozen tower does); for each pair of
+    `OPPOSITE_PAIRS`, a logistic regression on the train videos that carry either label predicts which one, from the
+    concatenated frame embeddings in time order (order visible) and, as the control, from their mean (order
+    invisible: the two labels have the same frames). Accuracy on the test videos, pooled over pairs.
+
+    Args:
+        model_path: the image-text start (`model.path`) or a saved scene model (its video model's tower is used).
+        data: the MovingShapes world (train.jsonl, test.jsonl).
+        num_frames: frames per video (all of them).
+        seed: the probe's seed.
+    Returns:
+        {"ordered": accuracy (%), "mean_pooled": accuracy (%), "n_test": test videos probed, "per_pair": {...}}.
+    """
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from polymodal.encode import clip_batches, read_records
+    from polymodal.hub import load_model
+    from polymodal.models.scene import SceneModel
+    from polymodal.models.video import VideoCLIP
+    model = load_model(model_path).eval()
+    video = model.video if isinstance(model, SceneModel) else VideoCLIP.from_image_model(model).eval()
+    opposite = {a: (a, b) for a, b in OPPOSITE_PAIRS} | {b: (a, b) for a, b in OPPOSITE_PAIRS}
+
+    def features(split: str):
+        recs = [r for r in read_records(data / f"{split}.jsonl", 0, required=("video",), media="video")
+                if any(n in opposite for n in r["scene_labels"])]
+        feats, kept = [], []
+        with torch.no_grad():
+            for idx, frames, valid, _ in clip_batches(video, recs, num_frames, "uniform", 32):
+                f = video.encode_frames(frames, valid)                       # (B, T, E)
+                feats.append(torch.nn.functional.normalize(f, dim=-1).cpu())
+                kept += [recs[i] for i in idx]
+        return torch.cat(feats).numpy(), kept
+
+    (ftr, rtr), (fte, rte) = features("train"), features("test")
+    out: dict = {"per_pair": {}}
+    hits = {"ordered": 0, "mean_pooled": 0}
+    total = 0
+    for a, b in OPPOSITE_PAIRS:
+        def pick(recs):
+            return [(i, 1 if a in r["scene_labels"] else 0) for i, r in enumerate(recs)
+                    if a in r["scene_labels"] or b in r["scene_labels"]]
+        tr, te = pick(rtr), pick(rte)
+        if not te or len({y for _, y in tr}) < 2:
+            continue
+        res = {"n_test": len(te)}
+        for name, view in (("ordered", lambda f: f.reshape(len(f), -1)), ("mean_pooled", lambda f: f.mean(1))):
+            x_tr, y_tr = view(ftr[[i for i, _ in tr]]), np.array([y for _, y in tr])
+            x_te, y_te = view(fte[[i for i, _ in te]]), np.array([y for _, y in te])
+            clf = LogisticRegression(C=10.0, max_iter=2000, random_state=seed).fit(x_tr, y_tr)
+            correct = int((clf.predict(x_te) == y_te).sum())
+            res[name] = 100 * correct / len(te)
+            hits[name] += correct
+        total += len(te)
+        out["per_pair"][f"{a} / {b}"] = res
+    out.update({k: 100 * v / total if total else math.nan for k, v in hits.items()}, n_test=total)
+    return out
 
 
 def _yaml_flow(obj) -> str:
@@ -96,7 +201,7 @@ def chance_map(data: Path) -> dict:
     def mean_prev(names):
         prev = [count[n] / len(recs) for n in names if count[n]]
         return 100 * sum(prev) / len(prev) if prev else math.nan
-    out = {"mAP": mean_prev(classes["classes"])}
+    out = {"mAP": mean_prev(classes["classes"]), "order_pair_acc": 50.0}
     out.update({f"mAP_{g}": mean_prev(classes["groups"][g]) for g in GROUPS})
     return out
 
@@ -147,13 +252,25 @@ def run(args) -> dict:
                 f"tokenizer.vocab_size={200 if args.quick else 512}",
                 "tokenizer.corpus_keys=[caption, scene_labels]", f"scene={_yaml_flow(scene)}",
                 f"eval={_yaml_flow(ev)}"])
-            _, seconds, _ = train_or_reuse(cfg, fresh=args.fresh)     # a finished identical run is reused
+            model_dir, seconds, reused = train_or_reuse(cfg, fresh=args.fresh)   # a finished identical run is reused
             final = json.loads((run_dir / "final_metrics.json").read_text())
+            final.update({f"eval/scene/{k}": v for k, v in cached_metrics(
+                run_dir, {"eval": "order_pairs", "data": str(data / "test.jsonl"), "num_frames": T},
+                lambda: order_pair_accuracy(model_dir, data / "test.jsonl", T), reused).items()})
             row = {k: final.get(f"eval/scene/{k}", math.nan) for k in KEYS + STREAM_KEYS}
             row["seconds"] = seconds
             results.setdefault(name, {})[str(seed)] = row
             print(name, seed, {k: round(v, 2) for k, v in row.items() if v == v}, flush=True)
-    return {"chance": chance_map(data), "sizes": sizes, "compound_fraction": args.compound_fraction, "steps": steps, "seeds": args.seeds,
+    probe = None
+    if start_path and not args.quick:          # can order be read from the start's frame features at all?
+        probe_file = runs / "order_probe.json"
+        key = {"model": str(start_path), "data": str(data), "num_frames": T}
+        if probe_file.is_file() and json.loads(probe_file.read_text()).get("key") == key:
+            probe = json.loads(probe_file.read_text())["probe"]
+        else:
+            probe = order_probe(start_path, data, T)
+            probe_file.write_text(json.dumps({"key": key, "probe": probe}, indent=1))
+    return {"chance": chance_map(data), "order_probe": probe, "sizes": sizes, "compound_fraction": args.compound_fraction, "steps": steps, "seeds": args.seeds,
             "lr": args.lr, "freeze_image": args.freeze_image, "batch_size": args.batch_size, "width": w, "quick": args.quick,
             "start": start_path or "random init", "distilled": distilled(), "runs": results}
 
@@ -209,6 +326,12 @@ def verdicts(res: dict) -> list[dict]:
          **cmp(("temporal", "mAP_order_compound"), ("frame", "mAP_order_compound"))},
         {"claim": "inside the distilled pair, the temporal stream beats the frame stream on order labels",
          **cmp((dist, "temporal/mAP_order_dependent"), (dist, "frame/mAP_order_dependent"))},
+        {"claim": "the temporal stream tells an order label from its opposite (temporal-only order-pair accuracy "
+                  "beats frame-only, which cannot)",
+         **cmp(("temporal", "order_pair_acc"), ("frame", "order_pair_acc"))},
+        {"claim": "inside the distilled pair, the temporal stream tells an order label from its opposite better than "
+                  "the frame stream",
+         **cmp((dist, "temporal/order_pair_acc"), (dist, "frame/order_pair_acc"))},
         {"claim": "single-frame labels are learned by the frame stream (frame-only beats temporal-only on them)",
          **cmp(("frame", "mAP_single_frame"), ("temporal", "mAP_single_frame"))},
         {"claim": "inside the distilled pair, the frame stream beats the temporal stream on single-frame labels",
@@ -252,13 +375,20 @@ def write_table(res: dict, out: Path) -> str:
     ch = res.get("chance", {})
     lines.append("| chance (random scores) | " + " | ".join(f"{ch[k]:.1f}" if k in ch else "" for k in KEYS) + " | |")
     lines += ["", "Per stream inside the two-stream models (the ensemble is the table above):", "",
-              "| variant | stream | mAP | mAP_order_dependent | mAP_order_compound | mAP_single_frame | consistency |",
-              "|---|---|---|---|---|---|---|"]
+              "| variant | stream | " + " | ".join(STREAM_METRICS) + " |", "|---" * (len(STREAM_METRICS) + 2) + "|"]
     for name, rows in res["runs"].items():
         for st in ("temporal", "frame"):
             if any(f"{st}/mAP" in r and r[f"{st}/mAP"] == r[f"{st}/mAP"] for r in rows.values()):
-                lines.append(f"| {name} | {st} | " + " | ".join(
-                    _fmt(rows, f"{st}/{k}") for k in ("mAP", *(f"mAP_{g}" for g in GROUPS), "consistency")) + " |")
+                lines.append(f"| {name} | {st} | " + " | ".join(_fmt(rows, f"{st}/{k}") for k in STREAM_METRICS) + " |")
+    probe = res.get("order_probe")
+    if probe:
+        lines += ["", "Linear probe on the start's frozen frame features (logistic regression per opposite-label pair, "
+                      f"train videos -> {probe['n_test']} test videos): which of the two labels, from the frames in "
+                      f"time order: **{probe['ordered']:.1f}%**; from their mean (order hidden): "
+                      f"{probe['mean_pooled']:.1f}% (chance 50).", "",
+                  "| pair | test videos | in time order | mean-pooled |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['n_test']} | {v['ordered']:.1f} | {v['mean_pooled']:.1f} |"
+                  for k, v in probe["per_pair"].items()]
     res["verdicts"] = verdicts(res)
     lines += ["", f"Claims ({VERDICT_RULE}; shown also needs the mean difference beyond the larger seed std):", ""]
     for v in res["verdicts"]:
