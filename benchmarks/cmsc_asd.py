@@ -42,14 +42,22 @@ TRAIN_KEYS = ["weight", "floored"]       # means over the run's logged steps
 
 
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
-    """Run (or reuse a finished) recipe; returns its final fairness numbers (unprefixed) plus the mean logged
-    loss weight and floored share over training."""
+    """Run a recipe, or reuse a finished run whose saved config equals this one (its folder aside); returns its final
+    fairness numbers (unprefixed) plus the mean logged loss weight and floored share over training."""
+    import shutil
+
     from polymodal.train.run import load_recipe, run_recipe
-    done = out / "final_metrics.json"
-    if done.is_file():
+    cfg = load_recipe(ROOT / "recipes" / recipe, [f"out_dir={out}", *overrides])
+    done, saved = out / "final_metrics.json", out / "config.json"
+
+    def settings(d: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(d)).items() if k != "out_dir"}
+    if done.is_file() and saved.is_file() and settings(json.loads(saved.read_text())) == settings(cfg.to_dict()):
         final = json.loads(done.read_text())
     else:
-        final = run_recipe(load_recipe(ROOT / "recipes" / recipe, [f"out_dir={out}", *overrides]))
+        if out.exists():
+            shutil.rmtree(out)                # another config's run: its checkpoints must not be resumed
+        final = run_recipe(cfg)
     row = {k.split("/", 2)[-1]: v for k, v in final.items() if k.startswith("eval/fairness/")}
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for k in TRAIN_KEYS:
@@ -78,6 +86,13 @@ def start_skews(model_dir: Path, manifest: Path) -> dict:
     s = np.array([sample_skew(table, r["answer"], r["attributes"]) for r in concept])
     return {"min": float(s.min()), "n": len(s),
             **{f"below_{b:g}": float((s < -b).mean()) for b in (round(math.log(5), 2), 3.0, 10.0)}}
+
+
+def default_bound() -> str:
+    """The recipes' (and `ASDConfig`'s) bound as "WEIGHT_COPIES" (e.g. "20_3")."""
+    import yaml
+    asd = yaml.safe_load((ROOT / "recipes" / "asd_full.yaml").read_text())["asd"]
+    return f"{asd['max_weight']:g}_{asd['max_copies']}"
 
 
 def fmt(values: list[float]) -> str:
@@ -129,14 +144,15 @@ def main(argv=None) -> dict:
         rows.setdefault("base", []).append(train("asd_base.yaml", base_dir, [*common, f"train.seed={seed}",
                                                                               f"train.steps={args.base_steps}"]))
         tune = [*common, f"model.path={base_dir}/model", f"train.seed={seed}", f"train.steps={args.ft_steps}"]
-        for name, recipe in VARIANTS:
-            rows.setdefault(name, []).append(train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / recipe,
+        for name, recipe in VARIANTS:       # the ASD variants' folders name the recipes' bound (max_weight/copies)
+            folder = recipe if recipe == "finetune" else f"{recipe}_bound{default_bound()}"
+            rows.setdefault(name, []).append(train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / folder,
                                                    [*tune, f"optim.lr={args.lr}"]))
         for name, recipe in VARIANTS[1:]:
             rows.setdefault(f"{name}, old bound (-10)", []).append(
                 train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_oldbound",
                       [*tune, f"optim.lr={args.lr}", *OLD_BOUND]))
-        for bound in args.bounds:
+        for bound in [b for b in args.bounds if b.replace(":", "_") != default_bound()]:
             w, c = bound.split(":")
             for name, recipe in VARIANTS[1:]:
                 rows.setdefault(f"{name}, bound {w}/{c}", []).append(
@@ -181,10 +197,10 @@ def main(argv=None) -> dict:
     add(f"a higher learning rate costs ASD task accuracy (ASD {high} below ASD)", f"ASD {high}", "ASD",
         "task_accuracy", -1)
     for name, _ in VARIANTS[1:]:
-        for bound in args.bounds:
+        for bound in [b for b in args.bounds if b.replace(":", "_") != default_bound()]:
             w, c = bound.split(":")
-            add(f"{name}: the default bound (5/2) debiases at least as well as bound {w}/{c} (|MinSkew| no higher)",
-                name, f"{name}, bound {w}/{c}", "min_skew", -1, True, ties_agree=True)
+            add(f"{name}: the default bound ({default_bound().replace('_', '/')}) debiases at least as well as bound "
+                f"{w}/{c} (|MinSkew| no higher)", name, f"{name}, bound {w}/{c}", "min_skew", -1, True, ties_agree=True)
         old = f"{name}, old bound (-10)"
         add(f"{name}: the bounded skew debiases at least as well as the old -10 clip (|MinSkew| no higher)", name,
             old, "min_skew", -1, True, ties_agree=True)
@@ -201,7 +217,8 @@ def main(argv=None) -> dict:
              f"{args.n_eval_sets} balanced eval sets; base {args.base_steps} steps, fine-tuning {args.ft_steps} steps "
              f"at lr {args.lr:g}; seeds {args.seeds} (mean ± sample std). Skews on the balanced eval set (0 = fair). "
              "weight = mean logged loss weight exp(-Skew) over training; floored = mean share of concept samples "
-             "whose Skew hit the floor (-ln 5 by default, -10 for the old bound).",
+             f"whose Skew hit the floor (-ln WEIGHT; default bound WEIGHT/COPIES {default_bound().replace('_', '/')}, "
+             "old bound: -10, at most 10 copies).",
              "", "| model | " + " | ".join(cols + TRAIN_KEYS) + " |", "|" + "---|" * (len(cols) + len(TRAIN_KEYS) + 1)]
     for name, s in summary.items():
         lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in cols + TRAIN_KEYS) + " |")

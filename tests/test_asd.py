@@ -104,7 +104,7 @@ def test_a_never_chosen_pairing_gets_the_capped_weight_and_copies(monkeypatch):
         task.refresh(e)
         assert np.bincount(task.resampler.indices, minlength=5)[1] - 1 <= cfg.max_copies
     assert task.floored == pytest.approx(1 / 4)                                   # 1 of 4 concept samples
-    assert cfg.max_weight <= 10 and cfg.max_copies <= 3                           # small caps by default
+    assert cfg.max_weight <= 20 and cfg.max_copies <= 3              # bounded by default (the old clip: e^10, 10)
     nll = torch.ones(5, requires_grad=True)
     assert fairness_loss(nll, skews, cfg.max_weight).item() <= cfg.max_weight
 

@@ -38,9 +38,9 @@ class ASDConfig:
     resample: bool = True           # per-epoch drop/copy resampling (False = every sample once)
     tau1: float = 1.0               # drop temperature
     tau2: float = 1.0               # copy threshold of the accumulator
-    max_weight: float = 5.0         # cap on a sample's loss weight exp(-Skew): Skew is floored at -ln(max_weight)
-                                    # (ours; a pairing the model never chooses has Skew -inf). 5 ~ e^1.6
-    max_copies: int = 2             # most extra copies of one sample per epoch (ours)
+    max_weight: float = 20.0        # cap on a sample's loss weight exp(-Skew): Skew is floored at -ln(max_weight)
+                                    # = -3.0 (ours; a pairing the model never chooses has Skew -inf)
+    max_copies: int = 3             # most extra copies of one sample per epoch (ours)
     skew_batch_size: int = 128      # questions per forward pass when the epoch's skews are computed
     vision_path: str = ""           # a saved image-text model whose image tower starts the MLLM's (load_model)
     freeze_vision: bool = True      # LLaVA keeps the image tower frozen; training it from a cold start collapses
