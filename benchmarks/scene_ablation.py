@@ -10,6 +10,8 @@ Variants (all `method: scene` on one MovingShapes world, same model size, steps 
   both_distill_norefine    distillation of the default `scene.distill_kind`, without parent-score refinement
   both_distill_bernoulli_w0.2  per-label distillation at distill_weight 0.2 (a diagnostic: the per-label term is
                            about 5x the softmax one at equal weight)
+  temporal_labelres        temporal stream with `label_residual` (a diagnostic: opposite order labels' names embed
+                           alike)
 
 The start: `--model-path` (a saved image-text model, e.g. the CLIP stand-in), `--standin` (build or reuse
 `benchmarks.common.clip_standin` in `--runs`: a tiny CLIP trained on still MovingShapes frames), or else a
@@ -51,6 +53,9 @@ VARIANTS = {
     # diagnostic: the per-label KL sums C two-outcome KLs, a larger term than one softmax KL; at a fifth of the weight
     # its logged size is about the softmax term's (does the kind matter, or only the strength of the pull?)
     "both_distill_bernoulli_w0.2": {"model": {"streams": "both"}, "distill_weight": 0.2, "distill_kind": "bernoulli"},
+    # diagnostic: opposite order labels ("moves left then right" / "moves right then left") have near-identical name
+    # embeddings, so a cosine classifier scores them alike; a learned per-label residual lets them part
+    "temporal_labelres": {"model": {"streams": "temporal", "label_residual": True}, "distill_weight": 0.0},
 }
 
 
@@ -329,6 +334,9 @@ def verdicts(res: dict) -> list[dict]:
         {"claim": "the temporal stream tells an order label from its opposite (temporal-only order-pair accuracy "
                   "beats frame-only, which cannot)",
          **cmp(("temporal", "order_pair_acc"), ("frame", "order_pair_acc"))},
+        {"claim": "with a learned label residual the temporal stream tells an order label from its opposite better "
+                  "than without (order-pair accuracy)",
+         **cmp(("temporal_labelres", "order_pair_acc"), ("temporal", "order_pair_acc"))},
         {"claim": "inside the distilled pair, the temporal stream tells an order label from its opposite better than "
                   "the frame stream",
          **cmp((dist, "temporal/order_pair_acc"), (dist, "frame/order_pair_acc"))},

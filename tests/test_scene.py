@@ -163,6 +163,23 @@ def test_self_distillation_gradient_reaches_each_stream_only_through_its_own_ter
     assert torch.allclose(a.grad, a2.grad, atol=1e-12)
 
 
+def test_label_residual_lets_labels_with_identical_name_embeddings_score_apart():
+    from polymodal.models.scene import LabelClassifier
+    torch.manual_seed(0)
+    labels = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1).expand(2, 8)   # (C=2, E): same name embedding
+    h = torch.randn(5, 8)
+    plain = LabelClassifier(8, 2, 10.0)
+    z = plain(h, labels)                                                             # (5, 2)
+    torch.testing.assert_close(z[:, 0] - plain.bias[0], z[:, 1] - plain.bias[1])     # any video: the same score
+    res = LabelClassifier(8, 2, 10.0, residual=True)
+    res.load_state_dict({**plain.state_dict(), "label_delta": torch.zeros(2, 8)})
+    torch.testing.assert_close(res(h, labels), z)                                    # zero residual: unchanged start
+    with torch.no_grad():
+        res.label_delta[0] += torch.randn(8)
+    d = res(h, labels)
+    assert not torch.allclose(d[:, 0] - d[:, 1], (d[:, 0] - d[:, 1]).mean().expand(5))   # now video-dependent
+
+
 # ---- refinement ------------------------------------------------------------------------------------------
 def test_parent_refinement_adds_the_scores_along_the_path_on_a_hand_made_tree():
     h = _tree()

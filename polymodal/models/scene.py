@@ -62,6 +62,8 @@ class SceneConfig(ConfigDict):
     label_template: str = "{}"     # prompt around each label name, e.g. "a video that {}"
     init_scale: float = 10.0       # initial cosine -> logit scale of each stream
     center_labels: bool = True     # subtract the mean label embedding before normalising (see label_embeddings)
+    label_residual: bool = False   # each stream's classifier adds a learned (C, E) residual to the label embeddings,
+                                   # zero at the start: lets labels whose names embed alike (opposite orders) part
     # Filled by the model (not recipe keys): what a saved scene model's config.json holds beside the settings.
     video: dict = field(default_factory=dict)     # the wrapped video model's config
     labels: dict = field(default_factory=dict)    # the label hierarchy (names, parents, groups)
@@ -160,16 +162,24 @@ def _pool_frames(x: Tensor, valid: Tensor | None, how: str) -> Tensor:
 
 
 class LabelClassifier(nn.Module):
-    """scale * cos(head(h), label_c) + bias_c: a stream's classifier over shared label embeddings."""
+    """scale * cos(head(h), label_c) + bias_c: a stream's classifier over shared label embeddings.
 
-    def __init__(self, dim: int, num_labels: int, init_scale: float):
+    With `residual`, label_c is normalise(text_c + delta_c), delta a learned (C, E) table starting at zero: two
+    labels whose names the text tower embeds alike ("moves left then right" / "moves right then left" share every
+    word) get the same score from any h without it, since only the video-independent bias could tell them apart.
+    """
+
+    def __init__(self, dim: int, num_labels: int, init_scale: float, residual: bool = False):
         super().__init__()
         self.head = nn.Linear(dim, dim)
         self.log_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
         self.bias = nn.Parameter(torch.zeros(num_labels))
+        self.label_delta = nn.Parameter(torch.zeros(num_labels, dim)) if residual else None   # (C, E)
 
     def forward(self, h: Tensor, labels: Tensor) -> Tensor:
         """h (..., E), labels (C, E) unit rows -> (..., C)."""
+        if self.label_delta is not None:
+            labels = F.normalize(labels + self.label_delta, dim=-1)     # (C, E)
         z = F.normalize(self.head(h), dim=-1) @ labels.T               # (..., C)
         return self.log_scale.clamp(max=4.6).exp() * z + self.bias
 
@@ -187,7 +197,7 @@ class TemporalStream(nn.Module):
         self.transformer = Transformer(dim, cfg.layers, heads, cfg.mlp_ratio)
         init_transformer_(self.transformer, dim, cfg.layers)
         self.norm = nn.LayerNorm(dim)
-        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale)
+        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale, cfg.label_residual)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW leaves undecayed: the class and text-type tokens and the time embeddings."""
@@ -222,7 +232,7 @@ class FrameStream(nn.Module):
         self.fusion = Transformer(dim, cfg.fusion_layers, heads, cfg.mlp_ratio, cross_attention=True)
         init_transformer_(self.fusion, dim, cfg.fusion_layers)
         self.norm = nn.LayerNorm(dim)
-        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale)
+        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale, cfg.label_residual)
 
     def forward(self, frames: Tensor, valid: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
         """frames (B, T, E), valid (B, T), labels (C, E) -> ((B, C) pooled, (B, T, C) per-frame logits)."""
