@@ -55,7 +55,7 @@ VARIANTS = {
     "both_distill_bernoulli_w0.2": {"model": {"streams": "both"}, "distill_weight": 0.2, "distill_kind": "bernoulli"},
     # diagnostic: opposite order labels ("moves left then right" / "moves right then left") have near-identical name
     # embeddings, so a cosine classifier scores them alike; a learned per-label residual lets them part
-    "temporal_labelres": {"model": {"streams": "temporal", "label_residual": True}, "distill_weight": 0.0},
+    "temporal_labelres": {"model": {"streams": "temporal", "label_residual": 0.5}, "distill_weight": 0.0},
 }
 
 
@@ -111,7 +111,23 @@ def order_pair_accuracy(model_dir: Path, manifest: Path, num_frames: int) -> dic
     return out
 
 
-def order_probe(model_path: str, data: Path, num_frames: int, seed: int = 0) -> dict:
+def temporal_feature(stream, frames, valid):
+    """The feature a `TemporalStream` scores: norm(transformer([CLS, LN(frames) + time])[CLS]) (no text token).
+
+    Args:
+        stream: a TemporalStream. frames: (B, T, E) frame embeddings. valid: (B, T) bool or None.
+    Returns:
+        (B, E).
+    """
+    import torch
+    B, T, _ = frames.shape
+    x = torch.cat([stream.cls.expand(B, 1, -1), stream.norm_in(frames) + stream.time[:T]], dim=1)   # (B, 1+T, E)
+    keep = torch.cat([torch.ones(B, 1, dtype=torch.bool), valid.bool() if valid is not None
+                      else torch.ones(B, T, dtype=torch.bool)], dim=1)[:, None, None, :]
+    return stream.norm(stream.transformer(x, attn_mask=keep)[:, 0])
+
+
+def order_probe(model_path: str, data: Path, num_frames: int, seed: int = 0, where: str = "frames") -> dict:
     """Is order readable from the start's frame features at all? A linear probe per opposite-label pair.
 
     The start's image tower embeds every frame (as the scene model's frozen tower does); for each pair of
@@ -124,6 +140,8 @@ def order_probe(model_path: str, data: Path, num_frames: int, seed: int = 0) -> 
         data: the MovingShapes world (train.jsonl, test.jsonl).
         num_frames: frames per video (all of them).
         seed: the probe's seed.
+        where: "frames" (the image tower's frame embeddings) or "temporal" (a saved scene model's temporal-stream
+            feature, the CLS output its classifier reads: does the trained stream carry order?).
     Returns:
         {"ordered": accuracy (%), "mean_pooled": accuracy (%), "n_test": test videos probed, "per_pair": {...}}.
     """
@@ -146,6 +164,8 @@ def order_probe(model_path: str, data: Path, num_frames: int, seed: int = 0) -> 
         with torch.no_grad():
             for idx, frames, valid, _ in clip_batches(video, recs, num_frames, "uniform", 32):
                 f = video.encode_frames(frames, valid)                       # (B, T, E)
+                if where == "temporal":
+                    f = temporal_feature(model.temporal, f, valid)[:, None]   # (B, 1, E)
                 feats.append(torch.nn.functional.normalize(f, dim=-1).cpu())
                 kept += [recs[i] for i in idx]
         return torch.cat(feats).numpy(), kept

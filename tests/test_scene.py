@@ -171,13 +171,13 @@ def test_label_residual_lets_labels_with_identical_name_embeddings_score_apart()
     plain = LabelClassifier(8, 2, 10.0)
     z = plain(h, labels)                                                             # (5, 2)
     torch.testing.assert_close(z[:, 0] - plain.bias[0], z[:, 1] - plain.bias[1])     # any video: the same score
-    res = LabelClassifier(8, 2, 10.0, residual=True)
-    res.load_state_dict({**plain.state_dict(), "label_delta": torch.zeros(2, 8)})
-    torch.testing.assert_close(res(h, labels), z)                                    # zero residual: unchanged start
-    with torch.no_grad():
-        res.label_delta[0] += torch.randn(8)
+    res = LabelClassifier(8, 2, 10.0, residual=0.5)
+    assert 0.2 < res.label_delta.norm(dim=1).mean() < 1.0                            # rows of about norm 0.5
     d = res(h, labels)
-    assert not torch.allclose(d[:, 0] - d[:, 1], (d[:, 0] - d[:, 1]).mean().expand(5))   # now video-dependent
+    assert not torch.allclose(d[:, 0] - d[:, 1], (d[:, 0] - d[:, 1]).mean().expand(5))   # video-dependent from the start
+    res.load_state_dict({**plain.state_dict(), "label_delta": torch.zeros(2, 8)})
+    torch.testing.assert_close(res(h, labels), z)                                    # a zero residual changes nothing
+    assert LabelClassifier(8, 2, 10.0, residual=0.0).label_delta is None
 
 
 # ---- refinement ------------------------------------------------------------------------------------------

@@ -62,8 +62,9 @@ class SceneConfig(ConfigDict):
     label_template: str = "{}"     # prompt around each label name, e.g. "a video that {}"
     init_scale: float = 10.0       # initial cosine -> logit scale of each stream
     center_labels: bool = True     # subtract the mean label embedding before normalising (see label_embeddings)
-    label_residual: bool = False   # each stream's classifier adds a learned (C, E) residual to the label embeddings,
-                                   # zero at the start: lets labels whose names embed alike (opposite orders) part
+    label_residual: float = 0.0    # > 0: each stream's classifier adds a learned (C, E) residual to the label
+                                   # embeddings, drawn at random with about this norm (0 = off); lets labels whose
+                                   # names embed alike (opposite orders) part (see LabelClassifier)
     # Filled by the model (not recipe keys): what a saved scene model's config.json holds beside the settings.
     video: dict = field(default_factory=dict)     # the wrapped video model's config
     labels: dict = field(default_factory=dict)    # the label hierarchy (names, parents, groups)
@@ -85,6 +86,9 @@ class SceneConfig(ConfigDict):
         if "{}" not in self.label_template:
             raise ConfigError(f"scene.model.label_template needs a '{{}}' for the label name, got "
                               f"{self.label_template!r}")
+        if isinstance(self.label_residual, bool) or not isinstance(self.label_residual, (int, float)) \
+                or not self.label_residual >= 0:
+            raise ConfigError(f"scene.model.label_residual must be a number >= 0 (0 = off), got {self.label_residual!r}")
         if not self.init_scale > 0:
             raise ConfigError(f"scene.model.init_scale must be > 0, got {self.init_scale!r}")
 
@@ -164,17 +168,20 @@ def _pool_frames(x: Tensor, valid: Tensor | None, how: str) -> Tensor:
 class LabelClassifier(nn.Module):
     """scale * cos(head(h), label_c) + bias_c: a stream's classifier over shared label embeddings.
 
-    With `residual`, label_c is normalise(text_c + delta_c), delta a learned (C, E) table starting at zero: two
-    labels whose names the text tower embeds alike ("moves left then right" / "moves right then left" share every
-    word) get the same score from any h without it, since only the video-independent bias could tell them apart.
+    With `residual` > 0, label_c is normalise(text_c + delta_c), delta a learned (C, E) table. Two labels whose
+    names the text tower embeds alike ("moves left then right" / "moves right then left" share every word) get the
+    same score from any h without it: only the video-independent bias could tell them apart, so nothing rewards an
+    order-aware h either. delta starts at random, with rows of about norm `residual`: a zero start would sit on that
+    symmetry (the residuals of two opposite labels get cancelling gradients while h ignores order).
     """
 
-    def __init__(self, dim: int, num_labels: int, init_scale: float, residual: bool = False):
+    def __init__(self, dim: int, num_labels: int, init_scale: float, residual: float = 0.0):
         super().__init__()
         self.head = nn.Linear(dim, dim)
         self.log_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
         self.bias = nn.Parameter(torch.zeros(num_labels))
-        self.label_delta = nn.Parameter(torch.zeros(num_labels, dim)) if residual else None   # (C, E)
+        self.label_delta = (nn.Parameter(torch.randn(num_labels, dim) * (residual / dim ** 0.5))   # (C, E)
+                            if residual > 0 else None)
 
     def forward(self, h: Tensor, labels: Tensor) -> Tensor:
         """h (..., E), labels (C, E) unit rows -> (..., C)."""
