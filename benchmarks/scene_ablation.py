@@ -56,6 +56,10 @@ VARIANTS = {
     # diagnostic: opposite order labels ("moves left then right" / "moves right then left") have near-identical name
     # embeddings, so a cosine classifier scores them alike; a learned per-label residual lets them part
     "temporal_labelres": {"model": {"streams": "temporal", "label_residual": 0.5}, "distill_weight": 0.0},
+    # diagnostic: time embeddings as large as the layer-normed frames from the start
+    "temporal_time1": {"model": {"streams": "temporal", "time_init": 1.0}, "distill_weight": 0.0},
+    "temporal_time1_labelres": {"model": {"streams": "temporal", "time_init": 1.0, "label_residual": 0.5},
+                                "distill_weight": 0.0},
 }
 
 

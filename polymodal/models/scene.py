@@ -62,6 +62,8 @@ class SceneConfig(ConfigDict):
     label_template: str = "{}"     # prompt around each label name, e.g. "a video that {}"
     init_scale: float = 10.0       # initial cosine -> logit scale of each stream
     center_labels: bool = True     # subtract the mean label embedding before normalising (see label_embeddings)
+    time_init: float = 0.02        # temporal stream: std of the initial time embeddings (the frames enter layer-normed,
+                                   # about 1 per dimension)
     label_residual: float = 0.0    # > 0: each stream's classifier adds a learned (C, E) residual to the label
                                    # embeddings, drawn at random with about this norm (0 = off); lets labels whose
                                    # names embed alike (opposite orders) part (see LabelClassifier)
@@ -89,6 +91,8 @@ class SceneConfig(ConfigDict):
         if isinstance(self.label_residual, bool) or not isinstance(self.label_residual, (int, float)) \
                 or not self.label_residual >= 0:
             raise ConfigError(f"scene.model.label_residual must be a number >= 0 (0 = off), got {self.label_residual!r}")
+        if isinstance(self.time_init, bool) or not isinstance(self.time_init, (int, float)) or not self.time_init >= 0:
+            raise ConfigError(f"scene.model.time_init must be a number >= 0, got {self.time_init!r}")
         if not self.init_scale > 0:
             raise ConfigError(f"scene.model.init_scale must be > 0, got {self.init_scale!r}")
 
@@ -198,7 +202,7 @@ class TemporalStream(nn.Module):
         super().__init__()
         self.max_frames = cfg.max_frames
         self.cls = nn.Parameter(torch.randn(dim) * 0.02)
-        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02)   # (max_frames, E)
+        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * cfg.time_init)   # (max_frames, E)
         self.text_type = nn.Parameter(torch.randn(dim) * 0.02)             # marks the text token
         self.norm_in = nn.LayerNorm(dim)
         self.transformer = Transformer(dim, cfg.layers, heads, cfg.mlp_ratio)
