@@ -62,8 +62,8 @@ class SceneConfig(ConfigDict):
     label_template: str = "{}"     # prompt around each label name, e.g. "a video that {}"
     init_scale: float = 10.0       # initial cosine -> logit scale of each stream
     center_labels: bool = True     # subtract the mean label embedding before normalising (see label_embeddings)
-    time_init: float = 0.02        # temporal stream: std of the initial time embeddings (the frames enter layer-normed,
-                                   # about 1 per dimension)
+    time_init: float = 1.0         # temporal stream: std of the initial time embeddings, as large as the layer-normed
+                                   # frames (about 1 per dimension); at 0.02 the stream started order-blind and stayed so
     label_residual: float = 0.0    # > 0: each stream's classifier adds a learned (C, E) residual to the label
                                    # embeddings, drawn at random with about this norm (0 = off); lets labels whose
                                    # names embed alike (opposite orders) part (see LabelClassifier)
