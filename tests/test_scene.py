@@ -180,6 +180,17 @@ def test_label_residual_lets_labels_with_identical_name_embeddings_score_apart()
     assert LabelClassifier(8, 2, 10.0, residual=0.0).label_delta is None
 
 
+def test_scene_recipes_train_with_a_label_residual_and_older_saved_configs_load_without_one():
+    from polymodal.config import from_dict
+    from polymodal.methods.scene import SceneSection
+    from polymodal.models.scene import SceneConfig, TemporalStream
+    cfg = SceneSection().scene_config()
+    assert cfg.label_residual == 0.5
+    assert TemporalStream(32, 4, cfg, 2).classifier.label_delta.shape == (4, 32)
+    assert SceneSection(model={"label_residual": 0}).scene_config().label_residual == 0
+    assert from_dict(SceneConfig, {}, "saved").label_residual == 0.0          # a config.json from before the option
+
+
 # ---- refinement ------------------------------------------------------------------------------------------
 def test_parent_refinement_adds_the_scores_along_the_path_on_a_hand_made_tree():
     h = _tree()

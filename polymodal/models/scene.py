@@ -39,6 +39,7 @@ from .base import ConfigDict, save_pretrained
 from .layers import Transformer, init_transformer_
 
 STREAMS = ("both", "temporal", "frame")
+SCENE_LABEL_RESIDUAL = 0.5          # what `method: scene` trains with unless scene.model.label_residual says otherwise
 FRAME_POOLS = ("max", "mean")
 LEGACY_CONFIG = "scene_config.json"         # the side files of scene model folders from before the family
 LEGACY_HEADS = "scene_heads.safetensors"
@@ -66,7 +67,9 @@ class SceneConfig(ConfigDict):
                                    # frames (about 1 per dimension); at 0.02 the stream started order-blind and stayed so
     label_residual: float = 0.0    # > 0: each stream's classifier adds a learned (C, E) residual to the label
                                    # embeddings, drawn at random with about this norm (0 = off); lets labels whose
-                                   # names embed alike (opposite orders) part (see LabelClassifier)
+                                   # names embed alike (opposite orders) part (see LabelClassifier). 0 here, so models
+                                   # saved before it load as they were; the scene method's default is
+                                   # SCENE_LABEL_RESIDUAL
     # Filled by the model (not recipe keys): what a saved scene model's config.json holds beside the settings.
     video: dict = field(default_factory=dict)     # the wrapped video model's config
     labels: dict = field(default_factory=dict)    # the label hierarchy (names, parents, groups)
