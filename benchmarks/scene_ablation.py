@@ -418,7 +418,7 @@ def write_table(res: dict, out: Path) -> str:
               "| variant | stream | " + " | ".join(STREAM_METRICS) + " |", "|---" * (len(STREAM_METRICS) + 2) + "|"]
     for name, rows in res["runs"].items():
         for st in ("temporal", "frame"):
-            if any(f"{st}/mAP" in r and r[f"{st}/mAP"] == r[f"{st}/mAP"] for r in rows.values()):
+            if any(isinstance(r.get(f"{st}/mAP"), float) and r[f"{st}/mAP"] == r[f"{st}/mAP"] for r in rows.values()):
                 lines.append(f"| {name} | {st} | " + " | ".join(_fmt(rows, f"{st}/{k}") for k in STREAM_METRICS) + " |")
     probe = res.get("order_probe")
     if probe:
