@@ -467,7 +467,19 @@ def main(argv=None) -> None:
                    help="start from the CLIP stand-in (benchmarks.common.clip_standin, built once in --runs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fresh", action="store_true", help="retrain runs even when a finished identical run exists")
+    p.add_argument("--merge", nargs="+", default=[], metavar="RESULTS_JSON",
+                   help="no training: one table in --out from the results.json of runs made in parts (--variants)")
     args = p.parse_args(argv)
+    if args.merge:
+        res = None
+        for part in args.merge:
+            r = json.loads(Path(part).read_text(encoding="utf-8"))
+            res = dict(r, runs={}) if res is None else res
+            res["runs"].update(r["runs"])
+            res["order_probe"] = res.get("order_probe") or r.get("order_probe")
+        res["merged_from"] = list(args.merge)
+        print(write_table(res, Path(args.out)))
+        return
     if args.quick:
         args.lr, args.batch_size = 3e-3, 16
     args.runs = args.runs or (args.out if args.quick else "runs/scene_ablation")
