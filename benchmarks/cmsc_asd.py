@@ -1,22 +1,28 @@
 """CMSC/ASD ablation on the counterfactual ShapesWorld proxy: base, plain fine-tune, resample only, loss only,
-ASD; MinSkew/MaxSkew on the balanced set and task accuracy, before and after; two seeds; a learning-rate row.
+ASD; MinSkew/MaxSkew on the balanced set and task accuracy; three seeds, paired differences and verdicts; a
+learning-rate row; the skew floor (`asd.max_weight`, `asd.max_copies`) against the old -10 clip.
 
-    python benchmarks/cmsc_asd.py --out docs/results/cmsc_asd          # default size (<= 20 min on one core)
+    python benchmarks/cmsc_asd.py --out docs/results/cmsc_asd          # default size (~15 min on one core)
     python benchmarks/cmsc_asd.py --quick --out /tmp/cmsc_quick          # smoke run (~2 min)
 
 1. Generates the counterfactual world once (`polymodal.data.synthetic.counterfactual`; training answers
    biased towards the stereotype table with strength `--bias` on `--biased-attributes`).
 2. Per seed: trains recipes/asd_base.yaml (plain NLL on the biased set: the biased "pretrained" MLLM), then
    fine-tunes it with recipes/asd_{finetune,resample,loss,full}.yaml (same data, steps, seed, LR; only
-   `asd.loss` / `asd.resample` differ), and full ASD and plain fine-tuning again at `--lr-high` (the LR row).
+   `asd.loss` / `asd.resample` differ); full ASD and plain fine-tuning again at `--lr-high` (the LR row);
+   and resample only / loss only / ASD with the old bound (Skew clipped at -10: a weight up to e^10 ~ 22,026
+   and up to 10 copies of a sample per epoch; `asd.max_weight=e^10 asd.max_copies=10`), plus any `--bounds`
+   WEIGHT:COPIES rows; and the base model's raw training-sample skews (how often a bound can act at all).
 3. Evaluates every model on the balanced eval set (nothing is tuned on it): MinSkew@C / MaxSkew@C over the
-   concepts (overall and per attribute) and accuracy on the non-social task questions.
-4. Writes `<out>/results.json` and `<out>/results.md` (mean ± std over seeds, and the claim's verdict).
+   concepts (overall and per attribute) and accuracy on the non-social task questions. From each run's
+   metrics.jsonl: the mean loss weight and the share of concept samples whose Skew hit the floor.
+4. Writes `<out>/results.json` and `<out>/results.md`: mean ± sample std over seeds, and each claim as a
+   paired per-seed difference with `benchmarks.common.verdict` (shown = every seed has the claimed sign).
 """
 from __future__ import annotations
 
 import json
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,31 +31,84 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (base_parser, cached_world, claim, claim_lines, command_line,  # noqa: E402
-                               machine_info, machine_line, pm_values, set_threads, write_results)
+from benchmarks.common import (VERDICT_RULE, base_parser, cached_world, claim, claim_lines,  # noqa: E402
+                               command_line, machine_info, machine_line, paired_difference, pm_diff, pm_values,
+                               seed_summary, set_threads, verdict, write_results)
 
 VARIANTS = [("fine-tune", "finetune"), ("resample only", "resample"), ("loss only", "loss"), ("ASD", "full")]
+OLD_BOUND = [f"asd.max_weight={math.exp(10.0)!r}", "asd.max_copies=10"]   # the clip before issue 31: Skew >= -10
 KEYS = ["min_skew", "max_skew", "task_accuracy"]
+TRAIN_KEYS = ["weight", "floored"]       # means over the run's logged steps
 
 
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
-    """Run (or reuse a finished) recipe; returns its final fairness numbers (unprefixed)."""
+    """Run a recipe, or reuse a finished run whose saved config equals this one (its folder aside); returns its final
+    fairness numbers (unprefixed) plus the mean logged loss weight and floored share over training."""
+    import shutil
+
     from polymodal.train.run import load_recipe, run_recipe
-    done = out / "final_metrics.json"
-    if done.is_file():
+    cfg = load_recipe(ROOT / "recipes" / recipe, [f"out_dir={out}", *overrides])
+    done, saved = out / "final_metrics.json", out / "config.json"
+
+    def settings(d: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(d)).items() if k != "out_dir"}
+    if done.is_file() and saved.is_file() and settings(json.loads(saved.read_text())) == settings(cfg.to_dict()):
         final = json.loads(done.read_text())
     else:
-        final = run_recipe(load_recipe(ROOT / "recipes" / recipe, [f"out_dir={out}", *overrides]))
-    return {k.split("/", 2)[-1]: v for k, v in final.items() if k.startswith("eval/fairness/")}
+        if out.exists():
+            shutil.rmtree(out)                # another config's run: its checkpoints must not be resumed
+        final = run_recipe(cfg)
+    row = {k.split("/", 2)[-1]: v for k, v in final.items() if k.startswith("eval/fairness/")}
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for k in TRAIN_KEYS:
+        vals = [r[k] for r in logged if k in r and r[k] is not None]
+        row[k] = sum(vals) / len(vals) if vals else math.nan
+    return row
+
+
+def start_skews(model_dir: Path, manifest: Path) -> dict:
+    """The raw (unbounded) training-sample skews of a saved MLLM: what ASD's first epoch sees from the base model.
+
+    Returns:
+        {"min": most negative Skew, "n": concept samples, "below_<b>": share of them below -b for b in 1.61 (ln 5),
+        3.0 (ln 20), 10}.
+    """
+    import numpy as np
+
+    from polymodal.eval.fairness import (attribute_values_of, concept_rows, option_probabilities, sample_skew,
+                                         skew_table)
+    from polymodal.hub import load_model
+    from polymodal.methods.asd import training_records
+    model = load_model(model_dir).eval()
+    concept = [r for r in training_records(manifest) if r["kind"] == "concept"]
+    probs = option_probabilities(model, concept, 128)
+    table = skew_table(concept_rows(concept, probs), attribute_values_of(concept))
+    s = np.array([sample_skew(table, r["answer"], r["attributes"]) for r in concept])
+    return {"min": float(s.min()), "n": len(s),
+            **{f"below_{b:g}": float((s < -b).mean()) for b in (round(math.log(5), 2), 3.0, 10.0)}}
+
+
+def default_bound() -> str:
+    """The recipes' (and `ASDConfig`'s) bound as "WEIGHT_COPIES" (e.g. "20_3")."""
+    import yaml
+    asd = yaml.safe_load((ROOT / "recipes" / "asd_full.yaml").read_text())["asd"]
+    return f"{asd['max_weight']:g}_{asd['max_copies']}"
 
 
 def fmt(values: list[float]) -> str:
     return pm_values(values, digits=3, sign=True)
 
 
+def compare(rows: dict, a: str, b: str, key: str, direction: int, transform=lambda v: v,
+            ties_agree: bool = False) -> tuple[dict, str]:
+    """Paired per-seed difference transform(a[key]) - transform(b[key]) and its verdict."""
+    d = paired_difference([transform(r[key]) for r in rows[a]], [transform(r[key]) for r in rows[b]])
+    return d, verdict(d, direction, ties_agree=ties_agree)
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__, str(ROOT / "benchmarks" / "results" / "cmsc_asd"), str(ROOT / "runs" / "cmsc_asd"),
-                    seeds=[0, 1], threads=1, out_help="where results.json / results.md go")
+                    seeds=[0, 1, 2], threads=1, out_help="where results.json / results.md go")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data and few steps")
     p.add_argument("--bias", type=float, default=0.8)
     p.add_argument("--biased-attributes", default="race")
@@ -59,6 +118,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ft-steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--lr-high", type=float, default=1e-2, help="the learning-rate row")
+    p.add_argument("--bounds", nargs="*", default=[], metavar="WEIGHT:COPIES",
+                   help="extra rows: resample only / loss only / ASD at asd.max_weight=WEIGHT asd.max_copies=COPIES")
     args = p.parse_args(argv)
     if args.quick:
         args.n_train_sets, args.n_eval_sets, args.base_steps, args.ft_steps = 36, 12, 60, 15
@@ -76,49 +137,98 @@ def main(argv=None) -> dict:
     common = [f"data.train={data}/train.jsonl", f"eval.tasks=[{{task: fairness, data: {data}/eval.jsonl}}]",
               "train.progress=false", f"train.threads={args.threads}"]
     rows: dict[str, list[dict]] = {}
+    starts: list[dict] = []                 # per seed: the base model's raw training-sample skews
+    high = f"@ lr {args.lr_high:g}"
     for seed in args.seeds:
         base_dir = runs / f"seed{seed}" / "base"
         rows.setdefault("base", []).append(train("asd_base.yaml", base_dir, [*common, f"train.seed={seed}",
                                                                               f"train.steps={args.base_steps}"]))
         tune = [*common, f"model.path={base_dir}/model", f"train.seed={seed}", f"train.steps={args.ft_steps}"]
-        for name, recipe in VARIANTS:
-            rows.setdefault(name, []).append(train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / recipe,
+        for name, recipe in VARIANTS:       # the ASD variants' folders name the recipes' bound (max_weight/copies)
+            folder = recipe if recipe == "finetune" else f"{recipe}_bound{default_bound()}"
+            rows.setdefault(name, []).append(train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / folder,
                                                    [*tune, f"optim.lr={args.lr}"]))
+        for name, recipe in VARIANTS[1:]:
+            rows.setdefault(f"{name}, old bound (-10)", []).append(
+                train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_oldbound",
+                      [*tune, f"optim.lr={args.lr}", *OLD_BOUND]))
+        for bound in [b for b in args.bounds if b.replace(":", "_") != default_bound()]:
+            w, c = bound.split(":")
+            for name, recipe in VARIANTS[1:]:
+                rows.setdefault(f"{name}, bound {w}/{c}", []).append(
+                    train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_bound{w}_{c}",
+                          [*tune, f"optim.lr={args.lr}", f"asd.max_weight={w}", f"asd.max_copies={c}"]))
+        starts.append(start_skews(base_dir / "model", data / "train.jsonl"))
         for name, recipe in (("fine-tune", "finetune"), ("ASD", "full")):
-            rows.setdefault(f"{name} @ lr {args.lr_high:g}", []).append(
+            rows.setdefault(f"{name} {high}", []).append(
                 train(f"asd_{recipe}.yaml", runs / f"seed{seed}" / f"{recipe}_lrhigh",
                       [*tune, f"optim.lr={args.lr_high}"]))
         print(f"seed {seed} done ({time.time() - start:.0f} s)", flush=True)
 
     attrs = sorted({k.split("/")[1] for r in rows["base"] for k in r if k.startswith("min_skew/")})
     cols = KEYS + [f"min_skew/{a}" for a in attrs]
-    summary = {name: {k: [r[k] for r in rs] for k in cols} for name, rs in rows.items()}
-    mean = {name: {k: statistics.mean(v) for k, v in s.items()} for name, s in summary.items()}
-    order = ["fine-tune", "resample only", "loss only", "ASD"]
-    ab = [abs(mean[n]["min_skew"]) for n in order]
-    mx = [mean[n]["max_skew"] for n in order]
-    claims = [
-        claim("|MinSkew|: fine-tune > resample only, loss only > ASD (seed means)",
-              ", ".join(f"{n} {fmt(summary[n]['min_skew'])}" for n in order),
-              ab[0] > max(ab[1], ab[2]) and min(ab[1], ab[2]) > ab[3]),
-        claim("MaxSkew: fine-tune > resample only, loss only > ASD (seed means)",
-              ", ".join(f"{n} {fmt(summary[n]['max_skew'])}" for n in order),
-              mx[0] > max(mx[1], mx[2]) and min(mx[1], mx[2]) > mx[3]),
-        claim("ASD task accuracy within 0.05 of fine-tune (seed means)",
-              f"ASD {fmt(summary['ASD']['task_accuracy'])} vs fine-tune {fmt(summary['fine-tune']['task_accuracy'])}",
-              abs(mean["ASD"]["task_accuracy"] - mean["fine-tune"]["task_accuracy"]) <= 0.05),
-    ]
+    summary = {name: {k: [r[k] for r in rs] for k in cols + TRAIN_KEYS} for name, rs in rows.items()}
+    stats = {name: {k: seed_summary(v, drop_missing=True) for k, v in s.items()} for name, s in summary.items()}
+
+    claims, diffs = [], {}
+
+    def add(text: str, a: str, b: str, key: str, direction: int, absolute: bool = False, ties_agree: bool = False):
+        d, v = compare(rows, a, b, key, direction, abs if absolute else (lambda x: x), ties_agree)
+        what = f"|{key}|" if absolute else key
+        diffs[f"{a} - {b}: {what}"] = d
+        claims.append(claim(text, f"{a} {fmt(summary[a][key])} vs {b} {fmt(summary[b][key])}; paired "
+                                  f"{what} difference {pm_diff(d, 3)}", v))
+
+    add("ASD lowers |MinSkew| below plain fine-tuning", "ASD", "fine-tune", "min_skew", -1, absolute=True)
+    add("ASD lowers MaxSkew below plain fine-tuning", "ASD", "fine-tune", "max_skew", -1)
+    add("resample only lowers |MinSkew| below plain fine-tuning", "resample only", "fine-tune", "min_skew", -1, True)
+    add("loss only lowers |MinSkew| below plain fine-tuning", "loss only", "fine-tune", "min_skew", -1, True)
+    add("ASD lowers |MinSkew| below resample only", "ASD", "resample only", "min_skew", -1, True)
+    add("ASD lowers |MinSkew| below loss only", "ASD", "loss only", "min_skew", -1, True)
+    add("ASD lowers MaxSkew below resample only", "ASD", "resample only", "max_skew", -1)
+    add("ASD lowers MaxSkew below loss only", "ASD", "loss only", "max_skew", -1)
+    d = paired_difference(summary["ASD"]["task_accuracy"], summary["fine-tune"]["task_accuracy"])
+    diffs["ASD - fine-tune: task_accuracy"] = d
+    flat = sum(abs(x) <= 0.05 for x in d["values"])
+    claims.append(claim("task accuracy flat: ASD within 0.05 of fine-tune on every seed",
+                        f"ASD {fmt(summary['ASD']['task_accuracy'])} vs fine-tune "
+                        f"{fmt(summary['fine-tune']['task_accuracy'])}; paired difference {pm_diff(d, 3)}",
+                        "shown" if flat == d["n"] else "not shown" if flat == 0 else "mixed"))
+    add(f"a higher learning rate costs ASD task accuracy (ASD {high} below ASD)", f"ASD {high}", "ASD",
+        "task_accuracy", -1)
+    for name, _ in VARIANTS[1:]:
+        for bound in [b for b in args.bounds if b.replace(":", "_") != default_bound()]:
+            w, c = bound.split(":")
+            add(f"{name}: the default bound ({default_bound().replace('_', '/')}) debiases at least as well as bound "
+                f"{w}/{c} (|MinSkew| no higher)", name, f"{name}, bound {w}/{c}", "min_skew", -1, True, ties_agree=True)
+        old = f"{name}, old bound (-10)"
+        add(f"{name}: the bounded skew debiases at least as well as the old -10 clip (|MinSkew| no higher)", name,
+            old, "min_skew", -1, True, ties_agree=True)
+        add(f"{name}: the bounded skew keeps task accuracy (no lower than with the old clip)", name, old,
+            "task_accuracy", +1, ties_agree=True)
+
     machine = machine_info()
     result = {"command": command_line("cmsc_asd.py", __name__ == "__main__"), "args": vars(args), "rows": rows,
-              "mean": mean, "claims": claims, "seconds": time.time() - start, "machine": machine}
+              "stats": stats, "start_skews": starts, "paired_differences": diffs, "claims": claims,
+              "seconds": time.time() - start,
+              "machine": machine}
     lines = ["# CMSC/ASD ablation (counterfactual ShapesWorld proxy)", "",
              f"Biased training set: bias {args.bias} on {args.biased_attributes}; {args.n_train_sets} training / "
              f"{args.n_eval_sets} balanced eval sets; base {args.base_steps} steps, fine-tuning {args.ft_steps} steps "
-             f"at lr {args.lr:g}; seeds {args.seeds} (mean ± sample std). Skews on the balanced eval set (0 = fair).",
-             "", "| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+             f"at lr {args.lr:g}; seeds {args.seeds} (mean ± sample std). Skews on the balanced eval set (0 = fair). "
+             "weight = mean logged loss weight exp(-Skew) over training; floored = mean share of concept samples "
+             f"whose Skew hit the floor (-ln WEIGHT; default bound WEIGHT/COPIES {default_bound().replace('_', '/')}, "
+             "old bound: -10, at most 10 copies).",
+             "", "| model | " + " | ".join(cols + TRAIN_KEYS) + " |", "|" + "---|" * (len(cols) + len(TRAIN_KEYS) + 1)]
     for name, s in summary.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in cols) + " |")
-    lines += ["", "Claims:", "", *claim_lines(claims),
+        lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in cols + TRAIN_KEYS) + " |")
+    lines += ["", "The base models' raw training-sample skews (what ASD's first epoch sees; concept samples):", "",
+              "| seed | min Skew | share < -ln 5 | share < -3 (-ln 20) | share < -10 |", "|---|---|---|---|---|"]
+    for seed, st in zip(args.seeds, starts):
+        lines.append(f"| {seed} | {st['min']:+.2f} | {st['below_1.61']:.3f} | {st['below_3']:.3f} | "
+                     f"{st['below_10']:.3f} |")
+    lines += ["", f"Claims ({VERDICT_RULE}; paired differences are mean ± sd (min..max, seeds > 0)):", "",
+              *claim_lines(claims),
               "", f"Wall time {result['seconds']:.0f} s, {args.threads} thread(s) on {machine_line(machine)}."]
     write_results(out, result, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,15 +5,19 @@
    (`polymodal.eval.conflict`, reading "all_pairs") from the held-out accuracy of every copy on every dimension.
    Claim: ADC(conflicting) > ADC(low-conflict).
 2. Plain mixing vs hybrid sampling: the base model is trained further on the whole conflicting set (whose
-   dimensions are imbalanced: accuracy x0.5, specificity x0.75) with `reward.sampling=mix` and `=hybrid`
-   (valAcc on `val.jsonl`); per-dimension held-out accuracy and the worst-dimension drop
+   dimensions are imbalanced: accuracy x0.5, specificity x0.75) with `reward.sampling=mix`, `=uniform` (1/K per
+   dimension) and `=hybrid` (valAcc on `val.jsonl`); per-dimension held-out accuracy and the worst-dimension drop
    max_k (Acc_k(base) - Acc_k(model)). Claim: hybrid sampling has the smaller worst-dimension drop.
+3. The control: the same mix / hybrid runs on the low-conflict set, where no rival dimension is anti-correlated
+   with a pair's own. If hybrid loses to mix only on the conflicting set, the conflict (not the sampler) is what
+   hybrid's up-weighting feeds.
 
-Every training run goes through `polymodal.train.run.run_recipe` with `recipes/reward_tiny.yaml` and overrides.
-Writes `results.json`, `results.md` and the ADC heatmaps under `--out`.
+Every claim is a paired per-seed difference with `benchmarks.common.verdict`. Every training run goes through
+`polymodal.train.run.run_recipe` with `recipes/reward_tiny.yaml` and overrides. Writes `results.json`,
+`results.md` and the ADC heatmaps under `--out`.
 
-    OMP_NUM_THREADS=1 python benchmarks/hummer.py --out docs/results/hummer        # 2 seeds, default size
-    OMP_NUM_THREADS=1 python benchmarks/hummer.py --out /tmp/hummer --quick        # smoke run (~1-2 min)
+    OMP_NUM_THREADS=1 python benchmarks/hummer.py --out docs/results/hummer        # 3 seeds, default size
+    OMP_NUM_THREADS=1 python benchmarks/hummer.py --out /tmp/hummer --quick        # smoke run (~1 min)
 """
 from __future__ import annotations
 
@@ -31,13 +35,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.common import (base_parser, command_line, machine_info, machine_line, pm_values,  # noqa: E402
-                               set_threads, write_results)
+from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, command_line,  # noqa: E402
+                               machine_info, machine_line, paired_difference, pm_diff, pm_values, set_threads,
+                               verdict, write_results)
+
+# (training set, sampling mode) of the runs that continue the base model on a whole set; the key in the results
+JOINT = {"mix": ("conflicting", "mix"), "uniform": ("conflicting", "uniform"), "hybrid": ("conflicting", "hybrid"),
+         "low_conflict/mix": ("low_conflict", "mix"), "low_conflict/hybrid": ("low_conflict", "hybrid")}
 
 SIZES = {
     # world: pairs per dimension; steps and learning rates of the three kinds of run
     "default": dict(n_train=400, n_base=200, n_val=48, n_test=120, base_steps=400, ft_steps=60, joint_steps=300,
-                    seeds=[0, 1], batch_size=32),
+                    seeds=[0, 1, 2], batch_size=32),
     "quick": dict(n_train=64, n_base=40, n_val=16, n_test=24, base_steps=40, ft_steps=8, joint_steps=30,
                   seeds=[0], batch_size=16),
 }
@@ -89,18 +98,18 @@ def run_seed(out: Path, seed: int, size: dict, ft_lr: float, joint_lr: float, lo
         write_conflict_report(res, out, f"adc_{variant}")
         result["adc"][variant] = res.to_dict()
         log(f"seed {seed}: {variant} ADC={res.adc:.4f} ({time.perf_counter() - t0:.0f}s)")
-    for sampling in ("mix", "hybrid"):
+    for key, (train_set, sampling) in JOINT.items():
         t0 = time.perf_counter()
         extra = [f"model.path={base}", "optim.warmup_steps=10", f"reward.sampling={sampling}",
                  f"reward.val={world / 'val.jsonl'}", "reward.refresh_every=20", f"reward.alpha={alpha}",
                  f"reward.beta={beta}"]
-        model = train(out / f"joint_{sampling}", world / "conflicting" / "train.jsonl", size["joint_steps"], joint_lr,
-                      seed, extra, bs)
+        folder = f"joint_{sampling}" if train_set == "conflicting" else f"joint_{train_set}_{sampling}"
+        model = train(out / folder, world / train_set / "train.jsonl", size["joint_steps"], joint_lr, seed, extra, bs)
         acc = accuracy(model, test)
         drops = {d: base_acc[d] - acc[d] for d in DIMENSIONS}
-        result["sampling"][sampling] = {"acc": acc, "drop": drops, "worst_drop": max(drops.values()),
-                                        "worst_acc": min(acc.values()), "mean_acc": statistics.fmean(acc.values())}
-        log(f"seed {seed}: {sampling} worst drop {max(drops.values()):+.3f} {_fmt(acc)} "
+        result["sampling"][key] = {"acc": acc, "drop": drops, "worst_drop": max(drops.values()),
+                                   "worst_acc": min(acc.values()), "mean_acc": statistics.fmean(acc.values())}
+        log(f"seed {seed}: {key} worst drop {max(drops.values()):+.3f} {_fmt(acc)} "
             f"({time.perf_counter() - t0:.0f}s)")
     return result
 
@@ -113,34 +122,84 @@ def _mean_sd(values: list[float]) -> str:
     return pm_values(values, digits=3)
 
 
+def _off_diagonal(a: dict) -> tuple[float, float]:
+    """Mean and worst (lowest) off-diagonal deviation of an ADC result."""
+    D = torch.tensor(a["deviations"])
+    off = ~torch.eye(len(D), dtype=torch.bool)
+    return float(D[off].mean()), float(D[off].min())
+
+
+def claims_of(results: list[dict]) -> list[dict]:
+    """Each claim as a paired per-seed difference and its `verdict`."""
+    def paired(fn_a, fn_b):
+        return paired_difference([fn_a(r) for r in results], [fn_b(r) for r in results])
+
+    def drop(key, dim=None):
+        return (lambda r: r["sampling"][key]["worst_drop"]) if dim is None else (lambda r: r["sampling"][key]["drop"][dim])
+
+    out = []
+    d = paired(lambda r: r["adc"]["conflicting"]["adc"], lambda r: r["adc"]["low_conflict"]["adc"])
+    out.append(claim("ADC of the conflicting set exceeds that of the low-conflict set",
+                     f"paired ADC difference {pm_diff(d, 4)}", verdict(d, +1)))
+    for a, b, text in (("hybrid", "mix", "hybrid sampling has a smaller worst-dimension drop than plain mixing "
+                                         "(conflicting set)"),
+                       ("hybrid", "uniform", "hybrid sampling has a smaller worst-dimension drop than uniform "
+                                             "sampling over dimensions (conflicting set)"),
+                       ("uniform", "mix", "uniform sampling over dimensions has a smaller worst-dimension drop than "
+                                          "plain mixing (conflicting set)"),
+                       ("low_conflict/hybrid", "low_conflict/mix", "control: on the low-conflict set, hybrid sampling "
+                                                                   "has a smaller worst-dimension drop than mixing")):
+        if all(a in r["sampling"] and b in r["sampling"] for r in results):
+            d = paired(drop(a), drop(b))
+            out.append(claim(text, f"{a} {_mean_sd([drop(a)(r) for r in results])} vs {b} "
+                                   f"{_mean_sd([drop(b)(r) for r in results])}; paired difference {pm_diff(d, 3)}",
+                             verdict(d, -1)))
+    for train_set, a, b in (("conflicting", "hybrid", "mix"), ("low-conflict", "low_conflict/hybrid",
+                                                                 "low_conflict/mix")):
+        if all(a in r["sampling"] and b in r["sampling"] for r in results):
+            worst = [(lambda r, k=k: r["sampling"][k]["worst_acc"]) for k in (a, b)]
+            d = paired(*worst)
+            out.append(claim(f"on the {train_set} set hybrid sampling raises the worst dimension's accuracy over "
+                             f"mixing (what it up-weights for)",
+                             f"worst accuracy {a} {_mean_sd([worst[0](r) for r in results])} vs {b} "
+                             f"{_mean_sd([worst[1](r) for r in results])}; paired difference {pm_diff(d, 3)}",
+                             verdict(d, +1)))
+            d = paired(drop(a, "tone"), drop(b, "tone"))
+            out.append(claim(f"cause: on the {train_set} set hybrid sampling drops tone more than mixing",
+                             f"tone drop {a} {_mean_sd([drop(a, 'tone')(r) for r in results])} vs {b} "
+                             f"{_mean_sd([drop(b, 'tone')(r) for r in results])}; paired difference {pm_diff(d, 3)}",
+                             verdict(d, +1)))
+    return out
+
+
 def summarise(results: list[dict]) -> str:
     from polymodal.data.synthetic.preferences import DIMENSIONS
     seeds = ", ".join(str(r["seed"]) for r in results)
-    lines = [f"Seeds: {seeds} (mean ± sd over seeds).", "",
+    lines = [f"Seeds: {seeds} (mean ± sample sd over seeds).", "",
              "| training set | ADC (all_pairs) | mean off-diagonal deviation | worst off-diagonal deviation |",
              "|---|---|---|---|"]
     for variant in ("conflicting", "low_conflict"):
-        adcs, means, worsts = [], [], []
-        for r in results:
-            a = r["adc"][variant]
-            D = torch.tensor(a["deviations"])
-            off = ~torch.eye(len(D), dtype=torch.bool)
-            adcs.append(a["adc"])
-            means.append(float(D[off].mean()))
-            worsts.append(float(D[off].min()))
-        lines.append(f"| {variant} | {_mean_sd(adcs)} | {_mean_sd(means)} | {_mean_sd(worsts)} |")
-    lines += ["", "Held-out accuracy per dimension after training the base model further on the conflicting set:", "",
-              "| sampling | " + " | ".join(DIMENSIONS) + " | mean | worst | worst-dimension drop vs base |",
+        adcs = [r["adc"][variant]["adc"] for r in results]
+        offs = [_off_diagonal(r["adc"][variant]) for r in results]
+        lines.append(f"| {variant} | {pm_values(adcs, 4)} | {_mean_sd([m for m, _ in offs])} | "
+                     f"{_mean_sd([w for _, w in offs])} |")
+    lines += ["", "Held-out accuracy per dimension after training the base model further on a whole set "
+                  "(mean over seeds; the last three columns mean ± sd):", "",
+              "| training set / sampling | " + " | ".join(DIMENSIONS) + " | mean | worst | worst-dimension drop vs base |",
               "|---|" + "---|" * (len(DIMENSIONS) + 3)]
     base = [statistics.fmean(r["base_acc"][d] for r in results) for d in DIMENSIONS]
     lines.append("| (base) | " + " | ".join(f"{v:.3f}" for v in base) + f" | {statistics.fmean(base):.3f} | "
                  f"{min(base):.3f} | - |")
-    for s in ("mix", "hybrid"):
-        per = [statistics.fmean(r["sampling"][s]["acc"][d] for r in results) for d in DIMENSIONS]
-        lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in per)
-                     + f" | {_mean_sd([r['sampling'][s]['mean_acc'] for r in results])}"
-                     + f" | {_mean_sd([r['sampling'][s]['worst_acc'] for r in results])}"
-                     + f" | {_mean_sd([r['sampling'][s]['worst_drop'] for r in results])} |")
+    for key, (train_set, sampling) in JOINT.items():
+        if not all(key in r["sampling"] for r in results):
+            continue
+        per = [statistics.fmean(r["sampling"][key]["acc"][d] for r in results) for d in DIMENSIONS]
+        lines.append(f"| {train_set} / {sampling} | " + " | ".join(f"{v:.3f}" for v in per)
+                     + f" | {_mean_sd([r['sampling'][key]['mean_acc'] for r in results])}"
+                     + f" | {_mean_sd([r['sampling'][key]['worst_acc'] for r in results])}"
+                     + f" | {_mean_sd([r['sampling'][key]['worst_drop'] for r in results])} |")
+    lines += ["", f"Claims ({VERDICT_RULE}; paired differences are mean ± sd (min..max, seeds > 0)):", "",
+              *claim_lines(claims_of(results))]
     return "\n".join(lines)
 
 
@@ -152,8 +211,19 @@ def main(argv=None) -> dict:
     p.add_argument("--joint-lr", type=float, default=5e-4, help="mix/hybrid training learning rate")
     p.add_argument("--alpha", type=float, default=0.5, help="hybrid sampling: adaptive share")
     p.add_argument("--beta", type=float, default=10.0, help="hybrid sampling: softmax(-beta * valAcc) sharpness")
-    p.epilog = "--seeds: default 0 1 (0 with --quick)"
+    p.epilog = "--seeds: default 0 1 2 (0 with --quick)"
+    p.add_argument("--summarise", default="", metavar="RESULTS_JSON",
+                   help="rewrite the tables and claims of a finished run's results.json into --out (no training)")
     args = p.parse_args(argv)
+    if args.summarise:
+        saved = json.loads(Path(args.summarise).read_text())
+        table = summarise(saved["results"])
+        text = Path(args.summarise).with_suffix(".md").read_text()
+        header = text[:text.index("Seeds: ")] if "Seeds: " in text else ""
+        saved["claims"] = claims_of(saved["results"])
+        write_results(Path(args.out), saved, header + table + "\n")
+        print(table)
+        return {"results": saved["results"], "table": table}
     threads = set_threads(args.threads)
     size = dict(SIZES["quick" if args.quick else "default"])
     if args.seeds:
@@ -178,7 +248,8 @@ def main(argv=None) -> dict:
               f"{wall:.0f} s wall, {cpu:.0f} s CPU, {threads} thread(s) on {machine_line(machine)}. "
               f"Settings: {json.dumps(settings)}\n\n")
     write_results(out, {"command": command_line("hummer.py", __name__ == "__main__"), "settings": settings,
-                        "results": results, "wall_s": wall, "cpu_s": cpu, "machine": machine}, header + table + "\n")
+                        "results": results, "claims": claims_of(results), "wall_s": wall, "cpu_s": cpu,
+                        "machine": machine}, header + table + "\n")
     print(table)
     return {"results": results, "table": table}
 

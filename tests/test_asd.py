@@ -1,5 +1,6 @@
 """ASD: the epoch resampler (expected counts, exact resume) and fine-tuning a tiny MLLM through run_recipe."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from polymodal import methods
 from polymodal.data.resample import EpochResampler
 from polymodal.eval import tasks
 from polymodal.eval.fairness import fairness_task
+from polymodal.losses.fairness import fairness_loss, fairness_weights
 from polymodal.methods.asd import ASDMethod
 from polymodal.train.run import load_recipe, run_recipe
 
@@ -65,6 +67,46 @@ def test_epoch_order_keeps_the_base_length():
     r.draw(np.array([5.0] * 5 + [-2.0] * 5), epoch=0)
     order = r.epoch_order(10)
     assert len(order) == 10 and set(order.tolist()) <= set(r.indices.tolist())
+
+
+def test_copies_per_epoch_are_capped_and_the_excess_is_not_banked():
+    # One sample at -inf (a never-chosen pairing), one at -3.5: at most max_copies copies each, every epoch.
+    r = EpochResampler(3, tau2=1.0, seed=0, max_copies=2)
+    for e in range(4):
+        idx = r.draw([-np.inf, -3.5, 0.0], epoch=e)
+        assert np.bincount(idx, minlength=3).tolist() == [3, 3, 1]       # itself + 2 copies, twice; the third once
+        assert np.isfinite(r.acc).all() and (r.acc < 1.0).all()          # nothing banked past the cap
+    with pytest.raises(ValueError, match="max_copies"):
+        EpochResampler(1).draw([-np.inf], epoch=0)                      # no cap: an infinite skew is an error
+
+
+def test_a_never_chosen_pairing_gets_the_capped_weight_and_copies(monkeypatch):
+    # Blue figures are never called leaders by the model: Skew(race, leader, blue) = ln(0) = -inf.
+    import polymodal.methods.asd as asd_mod
+    from polymodal.methods.asd import ASDConfig, ASDTask
+
+    def rec(race, answer):
+        return {"kind": "concept", "attributes": {"race": race}, "options": ["leader", "helper"], "answer": answer}
+    records = [rec("red", "leader"), rec("blue", "leader"), rec("red", "helper"), rec("blue", "helper"),
+               {"kind": "task", "attributes": {}, "options": ["1", "2"], "answer": "1"}]
+    probs = torch.tensor([[0.5, 0.5], [0.0, 1.0], [0.5, 0.5], [0.0, 1.0]])       # (4 concept records, 2 options)
+    monkeypatch.setattr(asd_mod, "option_probabilities", lambda model, recs, bs: probs)
+    model = torch.nn.Module()
+    model.visual = torch.nn.Linear(1, 1)
+    cfg = ASDConfig()
+    task = ASDTask(model, cfg, records, seed=0)
+    task.refresh(0)
+    skews = task.skews
+    assert skews[1].item() == pytest.approx(-math.log(cfg.max_weight))              # floored, not -10
+    w = fairness_weights(skews, cfg.max_weight)
+    assert w[1].item() == pytest.approx(cfg.max_weight) and w.max().item() <= cfg.max_weight + 1e-6
+    for e in range(1, 5):
+        task.refresh(e)
+        assert np.bincount(task.resampler.indices, minlength=5)[1] - 1 <= cfg.max_copies
+    assert task.floored == pytest.approx(1 / 4)                                   # 1 of 4 concept samples
+    assert cfg.max_weight <= 20 and cfg.max_copies <= 3              # bounded by default (the old clip: e^10, 10)
+    nll = torch.ones(5, requires_grad=True)
+    assert fairness_loss(nll, skews, cfg.max_weight).item() <= cfg.max_weight
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from polymodal.data.synthetic import counterfactual as cf
 from polymodal.eval.fairness import min_max_skew, sample_skew, skew, skew_table
-from polymodal.losses.fairness import fairness_loss, fairness_weights
+from polymodal.losses.fairness import bound_skews, fairness_loss, fairness_weights
 
 
 def test_skew_is_log_ratio_to_the_desired_share():
@@ -64,6 +64,17 @@ def test_fairness_loss_weights_are_exp_minus_skew_and_carry_no_gradient():
     torch.testing.assert_close(nll.grad, torch.exp(-skews.detach()) / 3)
     assert skews.grad is None
     torch.testing.assert_close(fairness_weights(skews), torch.exp(-skews.detach()))
+
+
+def test_skews_are_floored_at_minus_log_max_weight_and_the_weight_is_capped():
+    s = bound_skews([-math.inf, -10.0, -1.0, 0.0, 0.7, math.nan], max_weight=4.0)
+    assert s.tolist() == pytest.approx([-math.log(4), -math.log(4), -1.0, 0.0, 0.7, -math.log(4)])
+    w = fairness_weights(torch.tensor([-math.inf, -10.0, -1.0, 0.5]), max_weight=4.0)
+    torch.testing.assert_close(w, torch.tensor([4.0, 4.0, math.e, math.exp(-0.5)]))
+    nll = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert fairness_loss(nll, torch.tensor([-math.inf, 0.0]), max_weight=4.0).item() == pytest.approx((4 + 2) / 2)
+    with pytest.raises(ValueError, match="max_weight"):
+        bound_skews([0.0], max_weight=0.5)
 
 
 def test_counterfactual_sets_change_one_attribute_and_nothing_else(tmp_path):

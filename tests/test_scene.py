@@ -122,6 +122,34 @@ def test_distillation_kl_matches_the_formula_and_never_trains_the_target():
     assert distillation_kl(s, t, 1.0, "bernoulli").item() == pytest.approx(want_b.item(), rel=1e-9)
 
 
+def test_bernoulli_distillation_is_a_per_label_forward_kl_at_temperature_tau():
+    # Independent formula at tau = 2: tau^2 * mean_n sum_c KL(Bern(sigmoid(t/tau)) || Bern(sigmoid(s/tau))).
+    g = torch.Generator().manual_seed(3)
+    s = (3 * torch.randn(4, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    t = (3 * torch.randn(4, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    tau = 2.0
+    q, p = torch.sigmoid(t.detach() / tau), torch.sigmoid(s.detach() / tau)          # (N, C) each
+    want = tau ** 2 * (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).sum(1).mean()
+    loss = distillation_kl(s, t, tau, "bernoulli")
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+    loss.backward()
+    # Forward KL (teacher || student): d/ds = tau * (p - q) / N per label; the reverse KL has another gradient.
+    torch.testing.assert_close(s.grad, tau * (p - q) / len(s), rtol=1e-9, atol=1e-12)
+    assert t.grad is None                                                            # the target is detached
+    # Labels are independent: changing one label's teacher score changes only that label's gradient.
+    s2 = s.detach().clone().requires_grad_(True)
+    t2 = t.detach().clone()
+    t2[:, 2] += 5.0
+    distillation_kl(s2, t2, tau, "bernoulli").backward()
+    changed = (s2.grad - s.grad).abs() > 1e-12                                        # (N, C)
+    assert changed[:, 2].all() and not changed[:, [0, 1, 3, 4, 5]].any()
+    # Equal logits give 0, also for large |logits| (log-sigmoid form, no log(0)).
+    big = torch.tensor([[60.0, -60.0, 0.0]], dtype=torch.float64)
+    assert distillation_kl(big, big, tau, "bernoulli").item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="both be"):
+        distillation_kl(s.detach(), t.detach().T, tau, "bernoulli")
+
+
 def test_self_distillation_gradient_reaches_each_stream_only_through_its_own_term():
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -133,6 +161,34 @@ def test_self_distillation_gradient_reaches_each_stream_only_through_its_own_ter
     a2 = a.detach().clone().requires_grad_(True)
     (distillation_kl(a2, target, 1.5) / 2).backward()     # the gradient a gets from its own KL only
     assert torch.allclose(a.grad, a2.grad, atol=1e-12)
+
+
+def test_label_residual_lets_labels_with_identical_name_embeddings_score_apart():
+    from polymodal.models.scene import LabelClassifier
+    torch.manual_seed(0)
+    labels = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1).expand(2, 8)   # (C=2, E): same name embedding
+    h = torch.randn(5, 8)
+    plain = LabelClassifier(8, 2, 10.0)
+    z = plain(h, labels)                                                             # (5, 2)
+    torch.testing.assert_close(z[:, 0] - plain.bias[0], z[:, 1] - plain.bias[1])     # any video: the same score
+    res = LabelClassifier(8, 2, 10.0, residual=0.5)
+    assert 0.2 < res.label_delta.norm(dim=1).mean() < 1.0                            # rows of about norm 0.5
+    d = res(h, labels)
+    assert not torch.allclose(d[:, 0] - d[:, 1], (d[:, 0] - d[:, 1]).mean().expand(5))   # video-dependent from the start
+    res.load_state_dict({**plain.state_dict(), "label_delta": torch.zeros(2, 8)})
+    torch.testing.assert_close(res(h, labels), z)                                    # a zero residual changes nothing
+    assert LabelClassifier(8, 2, 10.0, residual=0.0).label_delta is None
+
+
+def test_scene_recipes_train_with_a_label_residual_and_older_saved_configs_load_without_one():
+    from polymodal.config import from_dict
+    from polymodal.methods.scene import SceneSection
+    from polymodal.models.scene import SceneConfig, TemporalStream
+    cfg = SceneSection().scene_config()
+    assert cfg.label_residual == 0.5
+    assert TemporalStream(32, 4, cfg, 2).classifier.label_delta.shape == (4, 32)
+    assert SceneSection(model={"label_residual": 0}).scene_config().label_residual == 0
+    assert from_dict(SceneConfig, {}, "saved").label_residual == 0.0          # a config.json from before the option
 
 
 # ---- refinement ------------------------------------------------------------------------------------------
@@ -229,6 +285,25 @@ def test_frame_stream_ignores_frame_order_and_the_temporal_stream_does_not():
     padded[1, 3] = 100.0                                                         # a padded frame never counts
     assert torch.allclose(temporal(x, valid, labels), temporal(padded, valid, labels), atol=1e-5)
     assert torch.allclose(frame(x, valid, labels)[0], frame(padded, valid, labels)[0], atol=1e-6)
+
+
+def test_the_temporal_stream_starts_as_sensitive_to_frame_order_as_to_frame_content():
+    # Reversing the frames must move the stream's feature a good part of what other frames do, at initialisation:
+    # with time embeddings far smaller than the layer-normed frames (std 0.02, the old start) it moved 2-3%, no
+    # order gradient reached the stream, and trained streams scored an order label and its opposite at chance.
+    from polymodal.models.scene import SceneConfig, TemporalStream
+    torch.manual_seed(0)
+    stream = TemporalStream(64, 5, SceneConfig(layers=2), 2).eval()
+    x, other = torch.randn(16, 8, 64), torch.randn(16, 8, 64)                   # (B, T, E)
+
+    def feature(frames):                                                        # the CLS feature the classifier reads
+        B, T, _ = frames.shape
+        h = torch.cat([stream.cls.expand(B, 1, -1), stream.norm_in(frames) + stream.time[:T]], dim=1)
+        return stream.norm(stream.transformer(h)[:, 0])                          # (B, E)
+    with torch.no_grad():
+        h, h_rev, h_other = feature(x), feature(x.flip(1)), feature(other)
+    ratio = (h - h_rev).norm(dim=1).mean() / (h - h_other).norm(dim=1).mean()
+    assert ratio > 0.3, ratio
 
 
 def test_scene_recipes_load_and_validate(monkeypatch):

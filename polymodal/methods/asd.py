@@ -28,7 +28,7 @@ from torch import nn
 from ..data.resample import EpochResampler
 from ..eval.fairness import (attribute_values_of, concept_rows, option_probabilities, read_records, sample_skew,
                              skew_table)
-from ..losses.fairness import fairness_loss, fairness_weights
+from ..losses.fairness import bound_skews, fairness_loss, fairness_weights
 from .base import Method, build_tokenizer
 
 
@@ -38,6 +38,9 @@ class ASDConfig:
     resample: bool = True           # per-epoch drop/copy resampling (False = every sample once)
     tau1: float = 1.0               # drop temperature
     tau2: float = 1.0               # copy threshold of the accumulator
+    max_weight: float = 20.0        # cap on a sample's loss weight exp(-Skew): Skew is floored at -ln(max_weight)
+                                    # = -3.0 (ours; a pairing the model never chooses has Skew -inf)
+    max_copies: int = 3             # most extra copies of one sample per epoch (ours)
     skew_batch_size: int = 128      # questions per forward pass when the epoch's skews are computed
     vision_path: str = ""           # a saved image-text model whose image tower starts the MLLM's (load_model)
     freeze_vision: bool = True      # LLaVA keeps the image tower frozen; training it from a cold start collapses
@@ -46,6 +49,10 @@ class ASDConfig:
     def __post_init__(self):
         if self.tau1 <= 0 or self.tau2 <= 0:
             raise ValueError(f"asd.tau1 and asd.tau2 must be > 0, got {self.tau1}, {self.tau2}")
+        if not self.max_weight >= 1:
+            raise ValueError(f"asd.max_weight must be >= 1 (a cap on exp(-Skew)), got {self.max_weight}")
+        if self.max_copies < 0:
+            raise ValueError(f"asd.max_copies must be >= 0, got {self.max_copies}")
         if self.skew_batch_size < 1:
             raise ValueError(f"asd.skew_batch_size must be >= 1, got {self.skew_batch_size}")
 
@@ -64,7 +71,8 @@ def training_records(manifest) -> list[dict]:
 
 
 class ASDTask(nn.Module):
-    """An MLLM and the ASD objective; `forward(batch) -> {"loss", "nll", "weight"}`.
+    """An MLLM and the ASD objective; `forward(batch) -> {"loss", "nll", "weight", "floored"}` (floored: the share
+    of concept samples whose Skew was floored at -ln(asd.max_weight) this epoch).
 
     Args:
         model: an `MLLM`.
@@ -78,9 +86,10 @@ class ASDTask(nn.Module):
         self.model, self.cfg, self.records = model, cfg, records
         if cfg.freeze_vision:
             model.visual.requires_grad_(False)
-        self.resampler = EpochResampler(len(records), cfg.tau1, cfg.tau2, seed)
+        self.resampler = EpochResampler(len(records), cfg.tau1, cfg.tau2, seed, max_copies=cfg.max_copies)
         self.concept_at = [i for i, r in enumerate(records) if r["kind"] == "concept"]
         self.skews = torch.zeros(len(records))
+        self.floored = 0.0              # share of the concept samples whose Skew was floored at the last refresh
 
     def refresh(self, epoch: int) -> None:
         """Compute epoch `epoch`'s skews with the current model and draw its samples (once per epoch)."""
@@ -98,7 +107,8 @@ class ASDTask(nn.Module):
 
     @torch.no_grad()
     def compute_skews(self) -> np.ndarray:
-        """(R,) every training sample's Skew under the current model (0 for task questions)."""
+        """(R,) every training sample's Skew under the current model (0 for task questions), floored at
+        -ln(asd.max_weight) (`losses.fairness.bound_skews`)."""
         was = self.model.training
         self.model.eval()
         try:
@@ -110,15 +120,19 @@ class ASDTask(nn.Module):
         skews = np.zeros(len(self.records))
         for i, r in zip(self.concept_at, concept):
             skews[i] = sample_skew(table, r["answer"], r["attributes"])
-        return np.clip(skews, -10.0, 10.0)            # a never-chosen pairing gives -inf; keep weights finite
+        bounded = bound_skews(skews, self.cfg.max_weight)    # a never-chosen pairing gives -inf: bound its weight
+        self.floored = float((bounded != skews).sum() / max(1, len(concept)))
+        return bounded
 
     def forward(self, batch: dict) -> dict:
         """batch: pixels, prompt_ids/mask, answer_ids/mask, index -> losses (scalars)."""
         nll = self.model(batch["pixels"], batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
                          batch["answer_mask"]).nll                                      # (B,)
         skews = self.skews.to(nll.device)[batch["index"]]
-        loss = fairness_loss(nll, skews) if self.cfg.loss else nll.mean()
-        return {"loss": loss, "nll": nll.mean().detach(), "weight": fairness_weights(skews).mean()}
+        w = self.cfg.max_weight
+        loss = fairness_loss(nll, skews, w) if self.cfg.loss else nll.mean()
+        return {"loss": loss, "nll": nll.mean().detach(), "weight": fairness_weights(skews, w).mean(),
+                "floored": torch.tensor(self.floored)}
 
     def get_extra_state(self) -> dict:
         return {"resampler": self.resampler.state_dict()}

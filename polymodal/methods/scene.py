@@ -34,6 +34,7 @@ class SceneSection(ConfigDict):
     """The recipe's `scene:` section."""
     classes: str = ""               # label hierarchy (classes.json or a label tree); "" = classes.json beside data.train
     model: dict = field(default_factory=dict)   # SceneConfig keys: streams, layers, fusion_layers, refine, use_text ...
+                                                # (label_residual defaults to 0.5 here)
     loss: str = "softmax"           # "softmax" (log(1+sum_neg e^z) + log(1+sum_pos e^-z)) | "asl" | "bce"
     gamma_neg: float = 4.0          # asl
     gamma_pos: float = 0.0          # asl
@@ -59,10 +60,11 @@ class SceneSection(ConfigDict):
             raise ConfigError(f"scene.distill_tau must be > 0, got {self.distill_tau}")
 
     def scene_config(self):
-        """The model's `SceneConfig`."""
+        """The model's `SceneConfig` (`label_residual` defaults to `models.scene.SCENE_LABEL_RESIDUAL` here; a saved
+        config without the key is a model from before it, with no residual)."""
         from ..config import from_dict
-        from ..models.scene import SceneConfig
-        return from_dict(SceneConfig, dict(self.model), "scene.model")
+        from ..models.scene import SCENE_LABEL_RESIDUAL, SceneConfig
+        return from_dict(SceneConfig, {"label_residual": SCENE_LABEL_RESIDUAL, **self.model}, "scene.model")
 
 
 class SceneTask(nn.Module):

@@ -39,6 +39,7 @@ from .base import ConfigDict, save_pretrained
 from .layers import Transformer, init_transformer_
 
 STREAMS = ("both", "temporal", "frame")
+SCENE_LABEL_RESIDUAL = 0.5          # what `method: scene` trains with unless scene.model.label_residual says otherwise
 FRAME_POOLS = ("max", "mean")
 LEGACY_CONFIG = "scene_config.json"         # the side files of scene model folders from before the family
 LEGACY_HEADS = "scene_heads.safetensors"
@@ -62,6 +63,13 @@ class SceneConfig(ConfigDict):
     label_template: str = "{}"     # prompt around each label name, e.g. "a video that {}"
     init_scale: float = 10.0       # initial cosine -> logit scale of each stream
     center_labels: bool = True     # subtract the mean label embedding before normalising (see label_embeddings)
+    time_init: float = 1.0         # temporal stream: std of the initial time embeddings, as large as the layer-normed
+                                   # frames (about 1 per dimension); at 0.02 the stream started order-blind and stayed so
+    label_residual: float = 0.0    # > 0: each stream's classifier adds a learned (C, E) residual to the label
+                                   # embeddings, drawn at random with about this norm (0 = off); lets labels whose
+                                   # names embed alike (opposite orders) part (see LabelClassifier). 0 here, so models
+                                   # saved before it load as they were; the scene method's default is
+                                   # SCENE_LABEL_RESIDUAL
     # Filled by the model (not recipe keys): what a saved scene model's config.json holds beside the settings.
     video: dict = field(default_factory=dict)     # the wrapped video model's config
     labels: dict = field(default_factory=dict)    # the label hierarchy (names, parents, groups)
@@ -83,6 +91,11 @@ class SceneConfig(ConfigDict):
         if "{}" not in self.label_template:
             raise ConfigError(f"scene.model.label_template needs a '{{}}' for the label name, got "
                               f"{self.label_template!r}")
+        if isinstance(self.label_residual, bool) or not isinstance(self.label_residual, (int, float)) \
+                or not self.label_residual >= 0:
+            raise ConfigError(f"scene.model.label_residual must be a number >= 0 (0 = off), got {self.label_residual!r}")
+        if isinstance(self.time_init, bool) or not isinstance(self.time_init, (int, float)) or not self.time_init >= 0:
+            raise ConfigError(f"scene.model.time_init must be a number >= 0, got {self.time_init!r}")
         if not self.init_scale > 0:
             raise ConfigError(f"scene.model.init_scale must be > 0, got {self.init_scale!r}")
 
@@ -160,16 +173,27 @@ def _pool_frames(x: Tensor, valid: Tensor | None, how: str) -> Tensor:
 
 
 class LabelClassifier(nn.Module):
-    """scale * cos(head(h), label_c) + bias_c: a stream's classifier over shared label embeddings."""
+    """scale * cos(head(h), label_c) + bias_c: a stream's classifier over shared label embeddings.
 
-    def __init__(self, dim: int, num_labels: int, init_scale: float):
+    With `residual` > 0, label_c is normalise(text_c + delta_c), delta a learned (C, E) table. Two labels whose
+    names the text tower embeds alike ("moves left then right" / "moves right then left" share every word) get the
+    same score from any h without it: only the video-independent bias could tell them apart, so nothing rewards an
+    order-aware h either. delta starts at random, with rows of about norm `residual`: a zero start would sit on that
+    symmetry (the residuals of two opposite labels get cancelling gradients while h ignores order).
+    """
+
+    def __init__(self, dim: int, num_labels: int, init_scale: float, residual: float = 0.0):
         super().__init__()
         self.head = nn.Linear(dim, dim)
         self.log_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
         self.bias = nn.Parameter(torch.zeros(num_labels))
+        self.label_delta = (nn.Parameter(torch.randn(num_labels, dim) * (residual / dim ** 0.5))   # (C, E)
+                            if residual > 0 else None)
 
     def forward(self, h: Tensor, labels: Tensor) -> Tensor:
         """h (..., E), labels (C, E) unit rows -> (..., C)."""
+        if self.label_delta is not None:
+            labels = F.normalize(labels + self.label_delta, dim=-1)     # (C, E)
         z = F.normalize(self.head(h), dim=-1) @ labels.T               # (..., C)
         return self.log_scale.clamp(max=4.6).exp() * z + self.bias
 
@@ -181,13 +205,13 @@ class TemporalStream(nn.Module):
         super().__init__()
         self.max_frames = cfg.max_frames
         self.cls = nn.Parameter(torch.randn(dim) * 0.02)
-        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02)   # (max_frames, E)
+        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * cfg.time_init)   # (max_frames, E)
         self.text_type = nn.Parameter(torch.randn(dim) * 0.02)             # marks the text token
         self.norm_in = nn.LayerNorm(dim)
         self.transformer = Transformer(dim, cfg.layers, heads, cfg.mlp_ratio)
         init_transformer_(self.transformer, dim, cfg.layers)
         self.norm = nn.LayerNorm(dim)
-        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale)
+        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale, cfg.label_residual)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW leaves undecayed: the class and text-type tokens and the time embeddings."""
@@ -222,7 +246,7 @@ class FrameStream(nn.Module):
         self.fusion = Transformer(dim, cfg.fusion_layers, heads, cfg.mlp_ratio, cross_attention=True)
         init_transformer_(self.fusion, dim, cfg.fusion_layers)
         self.norm = nn.LayerNorm(dim)
-        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale)
+        self.classifier = LabelClassifier(dim, num_labels, cfg.init_scale, cfg.label_residual)
 
     def forward(self, frames: Tensor, valid: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
         """frames (B, T, E), valid (B, T), labels (C, E) -> ((B, C) pooled, (B, T, C) per-frame logits)."""
