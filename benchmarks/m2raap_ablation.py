@@ -136,9 +136,9 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         write_frame_shards(clean, shards, num_frames=a.num_frames, strategy="keyframes", overwrite=True, progress=False)
         decode = time.perf_counter() - t0
-        steps = [("+keyframes", {}, False), ("+stan", {"temporal": {"kind": "stan", "stan_layers": 2}}, True),
-                 ("+mug", {"temporal": {"kind": "stan", "stan_layers": 2}, "similarity": "mug"}, True),
-                 ("+acg", {"temporal": {"kind": "stan", "stan_layers": 2}, "similarity": "mug", "acg": True}, True)]
+        steps = [("+keyframes", {}, False), ("+stan", {"temporal": {"kind": "stan", "stan_layers": 1}}, True),
+                 ("+mug", {"temporal": {"kind": "stan", "stan_layers": 1}, "similarity": "mug"}, True),
+                 ("+acg", {"temporal": {"kind": "stan", "stan_layers": 1}, "similarity": "mug", "acg": True}, True)]
         for name, m2, scale in steps:
             final, secs = train(runs / f"s{seed}" / name.strip("+"), clean, test, a.steps, a.batch_size, a.num_frames,
                                 seed, {**m2, "frame_shards": str(shards)}, [], scale, "uniform", base, a.threads)

@@ -39,7 +39,7 @@ class TemporalConfig:
     mlp_ratio: float = 4.0        # transformer: FFN hidden / E
     max_frames: int = 64          # size of the learned time-embedding table (longest clip)
     dropout: float = 0.0          # on the time-embedded transformer input / the STAN temporal-attention output
-    stan_layers: int = 4          # stan: the last N blocks of the ViT get a branch layer
+    stan_layers: int = 4          # stan: the last N blocks of the ViT get a branch layer (N < the tower's depth)
     stan_pos: bool = True         # stan: the first branch layer re-adds the tower's CLS + position embeddings
     drop_path: float = 0.1        # stan: stochastic depth, linspace(0, drop_path) over the branch layers
 
@@ -249,8 +249,14 @@ class STANBranch(nn.Module):
     def __init__(self, tower: VisionTower, cfg: TemporalConfig):
         super().__init__()
         L, D = tower.config.layers, tower.config.width
-        if cfg.stan_layers > L:
-            raise ConfigError(f"temporal.stan_layers={cfg.stan_layers} exceeds the image tower's {L} layers")
+        if cfg.stan_layers >= L:
+            # The branch reads an intermediate layer's output, as STAN does (the last 4 of 12 ViT-B blocks). Over
+            # every block it would start at the embeddings, which already hold the CLS/position embeddings that
+            # its first layer re-adds (twice), and copy the whole tower.
+            fix = f"use temporal.stan_layers <= {L - 1}" if L > 1 else "use temporal.kind=transformer (or mean)"
+            raise ConfigError(f"temporal.stan_layers={cfg.stan_layers} must be below the image tower's {L} layers (the "
+                              f"branch starts after at least one image block; at layer 0 it would add the position "
+                              f"embeddings twice); {fix}")
         heads = cfg.heads or tower.config.heads
         if D % heads:
             raise ConfigError(f"temporal.heads={heads} does not divide the vision width {D}")
