@@ -100,6 +100,8 @@ def main(argv=None) -> dict:
     p.add_argument("--keep", type=float, default=0.7, help="filter: top fraction kept")
     p.add_argument("--pretrain-steps", type=int, default=0, help="stand-in CLIP steps (0 = its recipe's)")
     p.add_argument("--pretrain-images", type=int, default=8000, help="stand-in CLIP training frames")
+    p.add_argument("--standin-runs", default="runs", help="where the CLIP stand-in is built and cached (<dir>/standin/<key>; "
+                   "shared by every video benchmark)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs (minutes)")
     a = p.parse_args(argv)
     if a.quick:
@@ -113,7 +115,7 @@ def main(argv=None) -> dict:
     noisy, test = prepare(runs / "data", a.n_train, a.n_test, 0, 8, a.image_size, a.mismatch)
     n_noisy = sum(1 for _ in open(noisy))
     t0 = time.perf_counter()
-    base = clip_standin(runs, a.threads, image_size=a.image_size, n_train=a.pretrain_images,
+    base = clip_standin(Path(a.standin_runs), a.threads, image_size=a.image_size, n_train=a.pretrain_images,
                         steps=a.pretrain_steps or None)
     pretrain_secs = time.perf_counter() - t0
     results: dict = {"args": vars(a), "rows": {r: [] for r in ROWS}, "pretrain_seconds": pretrain_secs}

@@ -30,9 +30,19 @@ if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, clip_standin, command_line, finish,  # noqa: E402
-                               moving_shapes_world, paired_difference, pm_diff, pm_values, set_threads, verdict)
+                               machine_line, moving_shapes_world, paired_difference, pm_diff, pm_values, set_threads,
+                               verdict)
 
 KINDS = ("mean", "transformer", "stan")
+# variant -> (recipe kind, extra overrides): the three modules, then the order options of issue #31 item 7
+VARIANTS = {
+    "mean": ("mean", []),
+    "transformer": ("transformer", []),
+    "stan": ("stan", []),
+    "transformer+order": ("transformer", ["video_clip.order_weight=1.0"]),
+    "stan+order": ("stan", ["video_clip.order_weight=1.0"]),
+    "transformer+partners": ("transformer", ["video_clip.partner_batches=true", "data.batch_size=16"]),
+}
 
 
 def parse_args(argv=None):
@@ -45,12 +55,16 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-frames", type=int, default=8, help="frames per clip in training and evaluation")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(VARIANTS),
+                   help="variants: the temporal kinds, and with +order the order loss (video_clip.order_weight=1), "
+                        "with +partners order-partner batches (16 pairs = 32 videos a batch)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every run (repeatable)")
     p.add_argument("--start", choices=("standin", "scratch"), default="standin",
                    help="standin: every run adapts the CLIP stand-in (benchmarks/common.py::clip_standin, the papers' "
                         "regime); scratch: random weights (the recipes' model section)")
+    p.add_argument("--standin-runs", default="runs", help="where the CLIP stand-in is built and cached (<dir>/standin/<key>; "
+                   "shared by every video benchmark)")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -92,6 +106,42 @@ def pair_accuracy(model, manifest: Path, num_frames: int) -> dict:
     return order_pair_accuracy(txt @ vid.T, list(range(len(records))), [r["pair_id"] for r in records])
 
 
+@torch.no_grad()
+def order_diagnostics(model, manifest: Path, num_frames: int) -> dict:
+    """The measured causes of order blindness, on the order-sensitive test videos (one caption each):
+
+    - `text_reversal_cos`: mean cosine between a caption and its partner's (opposite) caption: 1 = the text tower
+      cannot tell "moves left" from "moves right";
+    - `video_reversal_cos`: mean cosine between a video's embedding and its reversal's: 1 = order-blind video side
+      (mean pooling is exactly 1);
+    - `frame_ends_cos`: mean cosine between the first and the last frame's image embedding: how much the image
+      tower changes between the two ends of an action (the position / size / colour a direction is read from).
+    """
+    from polymodal.data.manifests import read_manifest
+    from polymodal.encode import clip_batches, encode_texts
+    from polymodal.eval.order import partners
+    model = model.eval()
+    records = read_manifest(manifest, media="video").records
+    txt = encode_texts(model, [r["caption"] for r in records])                                  # (N, E)
+    part = partners([r["pair_id"] for r in records])
+    has = part >= 0
+    text_cos = (txt[has] * txt[part[has]]).sum(-1).mean()
+    vids, revs, ends = [], [], []
+    from polymodal.models.video import VideoCLIP
+    if not isinstance(model, VideoCLIP):               # an image-text model: the zero-shot frame mean
+        model = VideoCLIP.from_image_model(model).eval()
+    for _, frames, valid, _ in clip_batches(model, records, num_frames=num_frames):
+        fwd, rev = model.encode_video_and_reversal(frames, valid)                              # (B, E) x 2
+        vids.append(fwd)
+        revs.append(rev)
+        img = torch.nn.functional.normalize(model.base.encode_image(frames[:, [0, -1]].flatten(0, 1)), dim=-1)
+        img = img.view(len(frames), 2, -1)
+        ends.append((img[:, 0] * img[:, 1]).sum(-1))
+    video_cos = (torch.cat(vids) * torch.cat(revs)).sum(-1).mean()
+    return {"text_reversal_cos": float(text_cos), "video_reversal_cos": float(video_cos),
+            "frame_ends_cos": float(torch.cat(ends).mean())}
+
+
 def run(args) -> dict:
     import time
 
@@ -105,20 +155,24 @@ def run(args) -> dict:
     data = world(args)
     parts = subsets(data)
     start_from = [] if args.start == "scratch" else [
-        f"model.path={clip_standin(runs, args.threads or 1, image_size=args.image_size, num_frames=args.frames)}"]
+        f"model.path={clip_standin(Path(args.standin_runs), args.threads or 1, image_size=args.image_size, num_frames=args.frames)}"]
     rows = []
+    diagnostics = {"standin": order_diagnostics(load_model(start_from[0].split("=", 1)[1]), parts["order_sensitive"],
+                                                args.num_frames)} if start_from else {}
     for seed in args.seeds:            # seed-major: an interrupted run still has every kind at the first seeds
-        for kind in args.kinds:
-            overrides = [f"out_dir={runs}/{kind}_s{seed}", f"data.train={data}/train.jsonl", f"train.seed={seed}",
+        for variant in args.kinds:
+            kind, extra = VARIANTS[variant]
+            overrides = [f"out_dir={runs}/{variant}_s{seed}", f"data.train={data}/train.jsonl", f"train.seed={seed}",
                          f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"data.num_frames={args.num_frames}",
                          f"train.progress={'false' if args.quiet else 'true'}", "eval.tasks=[]"]
             if args.threads:
                 overrides.append(f"train.threads={args.threads}")
-            cfg = load_recipe(ROOT / "recipes" / f"video_{kind}.yaml", overrides + start_from + list(args.sets))
+            cfg = load_recipe(ROOT / "recipes" / f"video_{kind}.yaml", overrides + start_from + extra + list(args.sets))
             model_dir, seconds, reused = train_or_reuse(cfg, fresh=args.fresh)
             model = load_model(model_dir)
-            row = {"kind": kind, "seed": seed, "train_seconds": seconds, "reused": reused,
-                   **pair_accuracy(model, parts["order_sensitive"], args.num_frames)}
+            row = {"kind": variant, "seed": seed, "train_seconds": seconds, "reused": reused,
+                   **pair_accuracy(model, parts["order_sensitive"], args.num_frames),
+                   **order_diagnostics(model, parts["order_sensitive"], args.num_frames)}
             for name, path in parts.items():
                 m = run_task("video_retrieval", model, str(path), num_frames=args.num_frames)
                 for k in ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "text_to_video_median_rank"):
@@ -126,7 +180,7 @@ def run(args) -> dict:
                 row[f"{name}/num_videos"] = m["num_videos"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"rows": rows, "claims": claims(rows),
+    result = {"rows": rows, "claims": claims(rows), "diagnostics": diagnostics, "start": args.start,
               "command": command_line("video_temporal.py", __name__ == "__main__"),
               "world": {"n_train": args.n_train, "n_test": args.n_test, "frames": args.frames,
                         "image_size": args.image_size}}
@@ -161,14 +215,31 @@ def claims(rows) -> list[dict]:
 
 
 def markdown(result) -> str:
+    rows = result["rows"]
     cols = ["pair_accuracy", "pair_ties", "order_sensitive/text_to_video_R@1", "order_sensitive/text_to_video_R@5",
-            "order_free/text_to_video_R@1", "order_free/text_to_video_R@5", "train_seconds"]
-    lines = ["| temporal | seed | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for r in result["rows"]:
-        lines.append(f"| {r['kind']} | {r['seed']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
+            "order_free/text_to_video_R@1", "order_free/text_to_video_R@5", "video_reversal_cos", "text_reversal_cos",
+            "frame_ends_cos", "train_seconds"]
+    digits = {"video_reversal_cos": 3, "text_reversal_cos": 3, "frame_ends_cos": 3}
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    summary = ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for kind in kinds:
+        summary.append(f"| {kind} | " + " | ".join(
+            pm_values([r[c] for r in rows if r["kind"] == kind], digits=digits.get(c, 1)) for c in cols) + " |")
+    per_seed = ["| variant | seed | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        per_seed.append(f"| {r['kind']} | {r['seed']} | " + " | ".join(
+            f"{r[c]:.{digits.get(c, 1)}f}" for c in cols) + " |")
+    diag = result.get("diagnostics", {}).get("standin")
+    extra = [f"The stand-in itself (zero-shot frame mean): text reversal cosine {diag['text_reversal_cos']:.3f}, "
+             f"video reversal cosine {diag['video_reversal_cos']:.3f}, first vs last frame cosine "
+             f"{diag['frame_ends_cos']:.3f}.", ""] if diag else []
+    machine = result.get("machine")
     return "\n".join(["# Temporal modelling vs mean pooling (MovingShapes)", "", f"Command: `{result['command']}`", "",
-                      *lines, "", f"Claims (verdict over seeds: {VERDICT_RULE}):", "",
-                      *claim_lines(result["claims"]), ""])
+                      f"Start: {result.get('start', 'scratch')}. Mean ± sample sd over seeds {seeds}.", "", *summary,
+                      "", *extra, f"Claims (verdict over seeds: {VERDICT_RULE}):", "",
+                      *claim_lines(result["claims"]), "", "Per seed:", "", *per_seed, "",
+                      f"Machine: {machine_line(machine)}." if machine else "", ""])
 
 
 if __name__ == "__main__":
