@@ -42,6 +42,7 @@ VARIANTS = {
     "transformer+order": ("transformer", ["video_clip.order_weight=1.0"]),
     "stan+order": ("stan", ["video_clip.order_weight=1.0"]),
     "transformer+partners": ("transformer", ["video_clip.partner_batches=true", "data.batch_size=16"]),
+    "transformer+order+time1": ("transformer", ["video_clip.order_weight=1.0", "video_clip.temporal.time_init=1.0"]),
 }
 
 

@@ -42,7 +42,13 @@ def perturb_(module: torch.nn.Module, seed: int = 3, std: float = 0.3) -> None:
 
 # ---------------------------------------------------------------- config
 
-@pytest.mark.parametrize("key, value", [("kind", "lstm"), ("dropout", 1.0), ("drop_path", -0.1),
+def test_time_init_sets_the_transformer_time_embedding_scale():
+    small, large = video("transformer", layers=1), video("transformer", layers=1, time_init=1.0)
+    assert float(small.temporal.time.std()) == pytest.approx(0.02, rel=0.2)
+    assert float(large.temporal.time.std()) == pytest.approx(1.0, rel=0.2)
+
+
+@pytest.mark.parametrize("key, value", [("kind", "lstm"), ("dropout", 1.0), ("drop_path", -0.1), ("time_init", -1.0),
                                         ("max_frames", 0), ("layers", 0), ("heads", -1)])
 def test_config_rejects_bad_values_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"temporal.{key}"):

@@ -38,6 +38,7 @@ class TemporalConfig:
     heads: int = 0                # 0 = auto: E // 64 (at least 1) for "transformer", the ViT's heads for "stan"
     mlp_ratio: float = 4.0        # transformer: FFN hidden / E
     max_frames: int = 64          # size of the learned time-embedding table (longest clip)
+    time_init: float = 0.02       # transformer: std of the time embedding at init (larger = frame order louder at the start)
     dropout: float = 0.0          # on the time-embedded transformer input / the STAN temporal-attention output
     stan_layers: int = 4          # stan: the last N blocks of the ViT get a branch layer (N < the tower's depth)
     stan_pos: bool = True         # stan: the first branch layer re-adds the tower's CLS + position embeddings
@@ -54,6 +55,8 @@ class TemporalConfig:
             raise ConfigError(f"temporal.heads must be an integer >= 0 (0 = auto), got {self.heads!r}")
         if not self.mlp_ratio > 0:
             raise ConfigError(f"temporal.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not self.time_init >= 0:
+            raise ConfigError(f"temporal.time_init must be >= 0, got {self.time_init!r}")
         for key in ("dropout", "drop_path"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
@@ -118,7 +121,7 @@ class TemporalTransformer(nn.Module):
         if dim % heads:
             raise ConfigError(f"temporal.heads={heads} does not divide the embedding size {dim}")
         self.max_frames = cfg.max_frames
-        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02)   # (max_frames, E)
+        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * cfg.time_init)   # (max_frames, E)
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(dim, cfg.layers, heads, cfg.mlp_ratio)
         init_transformer_(self.transformer, dim, cfg.layers)
