@@ -53,6 +53,14 @@ VARIANTS = {
     "transformer+order+time1+frozen_text": ("transformer", ["video_clip.order_weight=1.0",
                                                             "video_clip.temporal.time_init=1.0",
                                                             'optim.lr_scale={"base.text": 1.0e-6}']),
+    "transformer+order10+time1+frozen_text": ("transformer", ["video_clip.order_weight=10.0",
+                                                              "video_clip.temporal.time_init=1.0",
+                                                              'optim.lr_scale={"base.text": 1.0e-6}']),
+    "transformer+order+time1+frozen_text+partners": ("transformer", ["video_clip.order_weight=1.0",
+                                                                     "video_clip.temporal.time_init=1.0",
+                                                                     'optim.lr_scale={"base.text": 1.0e-6}',
+                                                                     "video_clip.partner_batches=true",
+                                                                     "data.batch_size=16"]),
 }
 
 
