@@ -86,6 +86,8 @@ def parse_args(argv=None):
                    help="the stand-in's captions name the actor's place (on, the default stand-in) or not")
     p.add_argument("--standin-runs", default="runs", help="where the CLIP stand-in is built and cached (<dir>/standin/<key>; "
                    "shared by every video benchmark)")
+    p.add_argument("--train-pairs", type=int, default=0,
+                   help="also report pair accuracy on the first N order pairs of the training split (fit vs rule)")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -113,6 +115,20 @@ def subsets(data: Path) -> dict[str, Path]:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         out[name] = path
     return out
+
+
+def train_pairs(data: Path, n: int) -> Path:
+    """A manifest of the first `n` order pairs (both members) of the training split."""
+    from polymodal.data.manifests import read_manifest
+    from polymodal.fileio import atomic_open
+    records = [r for r in read_manifest(data / "train.jsonl", media="video").records if r.get("pair_id") is not None]
+    ids = list(dict.fromkeys(r["pair_id"] for r in records))[:n]
+    path = data / f"train_pairs{n}.jsonl"
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            if r["pair_id"] in ids:
+                f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+    return path
 
 
 @torch.no_grad()
@@ -175,6 +191,8 @@ def run(args) -> dict:
     out, runs = Path(args.out), Path(args.runs)
     data = world(args)
     parts = subsets(data)
+    if args.train_pairs:
+        parts_train = train_pairs(data, args.train_pairs)
     start_from = [] if args.start == "scratch" else [
         f"model.path={clip_standin(Path(args.standin_runs), args.threads or 1, image_size=args.image_size, num_frames=args.frames, positions=args.standin_positions == 'on')}"]
     rows = []
@@ -194,6 +212,8 @@ def run(args) -> dict:
             row = {"kind": variant, "seed": seed, "train_seconds": seconds, "reused": reused,
                    **pair_accuracy(model, parts["order_sensitive"], args.num_frames),
                    **order_diagnostics(model, parts["order_sensitive"], args.num_frames)}
+            if args.train_pairs:
+                row["train_pair_accuracy"] = pair_accuracy(model, parts_train, args.num_frames)["pair_accuracy"]
             for name, path in parts.items():
                 m = run_task("video_retrieval", model, str(path), num_frames=args.num_frames)
                 for k in ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "text_to_video_median_rank"):
@@ -240,7 +260,7 @@ def markdown(result) -> str:
     rows = result["rows"]
     cols = ["pair_accuracy", "pair_ties", "order_sensitive/text_to_video_R@1", "order_sensitive/text_to_video_R@5",
             "order_free/text_to_video_R@1", "order_free/text_to_video_R@5", "video_reversal_cos", "text_reversal_cos",
-            "frame_ends_cos", "train_seconds"]
+            "frame_ends_cos", "train_seconds"] + (["train_pair_accuracy"] if "train_pair_accuracy" in rows[0] else [])
     digits = {"video_reversal_cos": 3, "text_reversal_cos": 3, "frame_ends_cos": 3}
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
