@@ -4,7 +4,9 @@
    videos come in order-sensitive pairs (the same frames reversed, the opposite caption: "moves left" /
    "moves right", "turns from red to blue" / "from blue to red"), plus static, order-free videos.
 2. Trains `recipes/video_{mean,transformer,stan}.yaml` (identical but for `video_clip.temporal.kind`) for each
-   seed, reusing finished runs with the same config.
+   seed, reusing finished runs with the same config; every run adapts the CLIP stand-in (`clip_standin`, positions
+   on unless `--standin-positions off`; `--start scratch`: random weights). `--kinds` also takes the order variants
+   of `VARIANTS` (order loss, partner batches, a larger time embedding, a frozen text tower).
 3. Evaluates on the test split:
    - pair accuracy (`polymodal.eval.order.order_pair_accuracy`): for each order-sensitive pair (A, A reversed),
      the share of the two captions that score their own video above the reversed one (a tie, |difference|
@@ -12,10 +14,12 @@
      pooling sees the same set of frames in both videos and scores exactly 50% by construction: the claim's
      reference point. With fewer frames the two clips sample different frames, so mean pooling can differ
      from 50%;
-   - text->video R@1/5/10 and MdR on the order-sensitive videos and on the order-free (static) ones separately.
+   - text->video R@1/5/10 and MdR on the order-sensitive videos and on the order-free (static) ones separately;
+   - the measured causes of order blindness (`order_diagnostics`): caption-vs-reversed-caption cosine, video-vs-
+     reversal cosine, first-vs-last frame cosine; with `--train-pairs N` also pair accuracy on N training pairs.
 
 Claim (METHODS.md §5): temporal modelling beats mean pooling on order-sensitive captions and ties it on
-order-free ones. Usage: `python benchmarks/video_temporal.py --out docs/results/video_temporal --seeds 0 1`.
+order-free ones. Usage: `python benchmarks/video_temporal.py --out docs/results/video_temporal --seeds 0 1 2`.
 """
 from __future__ import annotations
 
