@@ -4,16 +4,19 @@
    action in only part of the clip (the other frames hold still or show an unrelated scene).
 2. Trains `recipes/shenet_{mean,verb,noun,full}.yaml` (identical but for the `shenet` level weights; `mean` has
    every weight 0, i.e. the plain frame-mean video model trained with the same loss) for each seed, reusing
-   finished runs with the same config.
+   finished runs with the same config; `full_sum` is `full` with `shenet.score_norm: sum` (the unnormalised total,
+   the code before issue #31). Every run adapts the CLIP stand-in (`clip_standin`; `--start scratch`: random
+   weights); `--variants` picks the rows.
 3. Evaluates each on the test split with its own hierarchy (`shenet_retrieval`): text->video R@1/5/10, MdR, and
    the attention-hit rates on the world's ground truth: share of verb attention on the action frames (videos
    with distractor frames only) and of noun attention on the actor's patches, each beside uniform attention.
    For `mean` the attention maps are read out of the same model although no level was trained.
-4. Writes `<out>/results.json` and `<out>/results.md` (mean over seeds, per-seed rows, which claims show).
+4. Writes `<out>/results.json` and `<out>/results.md` (mean ± sd over seeds, per-seed rows, which claims show).
 
 Claims (METHODS.md §6): verb attention concentrates on action frames; noun attention finds the object; R@1 beats
-mean pooling when distractor frames are many; each level ablates.
-Usage: `python benchmarks/shenet_ablation.py --out docs/results/shenet --seeds 0 1` (`--quick`: a tiny check).
+mean pooling when distractor frames are many; each level ablates; (issue #31) full stays at least level with mean
+pooling, and the normalised total beats the unnormalised sum.
+Usage: `python benchmarks/shenet_ablation.py --out docs/results/shenet --seeds 0 1 2` (`--quick`: a tiny check).
 """
 from __future__ import annotations
 
