@@ -155,6 +155,8 @@ def main(argv=None) -> dict:
     p.add_argument("--pretrain-images", type=int, default=8000, help="stand-in CLIP training frames")
     p.add_argument("--captioner-steps", type=int, default=600, help="CoCa captioner steps on the stand-in frames")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe override for every run, e.g. 'optim.lr=1e-4' (repeatable; use another --runs)")
     p.add_argument("--standin-runs", default="runs", help="where the CLIP stand-in is built and cached (<dir>/standin/<key>; "
                    "shared by every video benchmark)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs (minutes)")
@@ -185,7 +187,7 @@ def main(argv=None) -> dict:
     for seed in a.seeds:
         if "base" in a.rows:
             final, secs = train(runs / f"s{seed}" / "base", noisy, test, a.steps, a.batch_size, a.num_frames, seed,
-                                BASE_TEMP, [], False, "uniform", base, a.threads)
+                                BASE_TEMP, a.sets, False, "uniform", base, a.threads)
             results["rows"]["base"].append({**final, "seconds": secs, "decode_seconds": 0.0, "kept": n_noisy})
         # +filter: the stand-in (frozen) scores the noisy pairs
         clean = runs / f"s{seed}" / "train_filtered.jsonl"
@@ -194,7 +196,7 @@ def main(argv=None) -> dict:
         filter_secs = time.perf_counter() - t0
         if "+filter" in a.rows:
             final, secs = train(runs / f"s{seed}" / "filter", clean, test, a.steps, a.batch_size, a.num_frames, seed,
-                                BASE_TEMP, [], False, "uniform", base, a.threads)
+                                BASE_TEMP, a.sets, False, "uniform", base, a.threads)
             results["rows"]["+filter"].append({**final, "seconds": secs, "decode_seconds": 0.0,
                                                "kept": summary["num_kept"], "filter_seconds": filter_secs,
                                                "mismatched_kept": summary.get("mismatched_kept")})
@@ -217,7 +219,7 @@ def main(argv=None) -> dict:
                 shard_dir, eval_manifest = coca_shards, coca_test
             tag = name.strip("+").replace(" ", "_").replace("(", "").replace(")", "").replace(",", "").replace("@", "t")
             final, secs = train(runs / f"s{seed}" / tag, clean, eval_manifest, a.steps, a.batch_size, a.num_frames,
-                                seed, {**m2, "frame_shards": str(shard_dir)}, [], "temporal" in m2, "uniform", base,
+                                seed, {**m2, "frame_shards": str(shard_dir)}, a.sets, "temporal" in m2, "uniform", base,
                                 a.threads)
             results["rows"][name].append({**final, "seconds": secs, "decode_seconds": decode,
                                           "kept": summary["num_kept"]})
