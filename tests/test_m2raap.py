@@ -208,6 +208,47 @@ def test_stan_branch_gets_the_lr_multiplier(clip):
     assert any("temporal." in n for n in names)
 
 
+def _batch(clip, B=4, T=2):
+    torch.manual_seed(5)
+    texts = ["a small red circle moves up", "a blue star grows", "a green heart sinks", "a cyan cross appears"][:B]
+    return {"frames": torch.randn(B, T, 3, 32, 32), "frame_valid": torch.ones(B, T, dtype=torch.bool),
+            "input_ids": clip.tokenizer(texts)}
+
+
+@pytest.mark.parametrize("similarity", ["mean", "mug"])
+def test_head_temperature_is_learnable_or_fixed_as_configured(clip, similarity):
+    """Temperature 0 trains the head at the model's learnable logit scale (the base row's), a positive one at that
+    fixed temperature (Mug-STAN: 0.01 for both heads), so an ablation can change the head and nothing else."""
+    from polymodal.methods.clip import trim_padding
+    model = M2RAAPModel.from_video_model(VideoCLIP.from_image_model(clip), similarity=similarity)
+    batch = _batch(clip)
+    key = "mug_temperature" if similarity == "mug" else "mean_temperature"
+    with torch.no_grad():
+        ids = trim_padding(batch["input_ids"], clip.config.text.pad_token_id)
+        if similarity == "mug":
+            tokens, mask = text_token_features(model, ids)
+            frames = F.normalize(model.encode_frames(batch["frames"]), dim=-1)
+            scores = mug_similarity(tokens, mask, frames)                                      # (B, B)
+        else:
+            scores = model.encode_text(ids) @ model.encode_video(batch["frames"]).T
+    for temperature, scale in ((0.0, float(model.scale().detach())), (0.01, 100.0)):
+        task = M2RAAPTask(model, loss=None, **{key: temperature})
+        model.zero_grad()
+        out = task(batch)
+        assert float(out["loss"]) == pytest.approx(float(mug_loss(scores, 1.0 / scale)), rel=1e-4), temperature
+        assert float(out["logit_scale"]) == pytest.approx(scale, rel=1e-5)
+        out["loss"].backward()
+        grad = model.base.logit_scale.grad
+        assert (grad is not None and float(grad.abs()) > 0) == (temperature == 0.0), temperature
+
+
+def test_section_temperatures_are_checked():
+    from polymodal.methods.m2raap import M2RAAPSection
+    assert M2RAAPSection(mug_temperature=0.0, mean_temperature=0.01).mean_temperature == 0.01
+    with pytest.raises(ValueError, match="m2raap.mean_temperature"):
+        M2RAAPSection(mean_temperature=-1.0)
+
+
 def test_m2raap_retrieval_without_heads_equals_the_plain_video_model(world, clip):
     from polymodal.eval.video_retrieval import video_retrieval_eval
     model = VideoCLIP.from_image_model(clip).eval()

@@ -129,6 +129,9 @@ def _loop_score(text, video, cfg, n, m):
             scores.append(float((w * torch.tensor(per_frame)).sum()))
         if scores:
             total += weight * sum(scores) / len(scores)
+    if cfg.score_norm == "weights":            # a weighted mean of the levels this text has
+        total /= 1 + sum(w for kind, w in (("verb", cfg.verb_weight), ("noun", cfg.noun_weight), ("adj", cfg.adj_weight))
+                         if bool(text.node_valid[kind][n].any()))
     return total
 
 
@@ -145,6 +148,51 @@ def test_hierarchical_similarity_equals_an_independent_loop(tiny):
     owner = torch.tensor([3, 0, 3])                                        # each text's video, gathered (the eval)
     own = hierarchical_similarity(text, video[owner], cfg, pairs=True).total[:, 0]
     torch.testing.assert_close(own, s.total[torch.arange(3), owner], atol=1e-6, rtol=1e-6)
+
+
+def test_loop_score_with_the_plain_sum_too(tiny):
+    text, video, *_ = _features(tiny)
+    cfg = HierarchyConfig(verb_weight=0.7, noun_weight=1.3, adj_weight=0.4, tau=0.2, score_norm="sum")
+    s = hierarchical_similarity(text, video, cfg)
+    assert float(s.total[2, 1]) == pytest.approx(_loop_score(text, video, cfg, 2, 1), abs=1e-5)
+
+
+def test_total_score_is_a_cosine_when_every_feature_is_the_same():
+    """Every cosine 1: the default total is 1 (a weighted mean), not 1 + l_v + l_n + l_a (the plain sum, which made
+    SHE-Net's logits 3.5x sharper than the scale was set for); a text without verb nodes divides by 1 + l_n + l_a."""
+    from polymodal.models.hierarchy import TextFeatures, VideoFeatures
+    e = torch.nn.functional.normalize(torch.ones(8), dim=0)
+    N, K, T, P = 2, 2, 3, 4
+    valid = {"verb": torch.tensor([[True, False], [False, False]]), "noun": torch.ones(N, K, dtype=torch.bool),
+             "adj": torch.ones(N, K, dtype=torch.bool)}
+    text = TextFeatures(e.expand(N, 8), {k: e.expand(N, K, 8) for k in valid}, valid,
+                        {"noun": torch.full((N, K), -1), "adj": torch.full((N, K), -1)})
+    video = VideoFeatures(e.expand(3, 8), e.expand(3, T, 8), e.expand(3, T, P, 8), torch.ones(3, T, dtype=torch.bool))
+    cfg = HierarchyConfig(verb_weight=1.0, noun_weight=1.0, adj_weight=0.5)
+    torch.testing.assert_close(hierarchical_similarity(text, video, cfg).total, torch.ones(N, 3))
+    plain = hierarchical_similarity(text, video, HierarchyConfig(1.0, 1.0, 0.5, score_norm="sum")).total
+    torch.testing.assert_close(plain, torch.tensor([[3.5] * 3, [2.5] * 3]))     # text 1 has no verb node
+
+
+def test_first_loss_of_an_untrained_model_is_near_chance(tiny):
+    """At initialisation the InfoNCE on the hierarchy is about ln(B), as for the sentence-level model; the plain sum
+    starts higher (its logits are up to 3.5x sharper on features that are not yet aligned)."""
+    import math
+
+    from polymodal.models.hierarchy import hierarchical_infonce
+    torch.manual_seed(3)
+    texts = [TEXTS[i % 3] for i in range(4)]
+    frames, valid = torch.randn(4, 3, 3, 32, 32), torch.ones(4, 3, dtype=torch.bool)
+    with torch.no_grad():
+        text = encode_text_features(tiny, tiny.tokenizer(texts), batch_nodes(tiny.tokenizer, texts,
+                                                                             [PARSES[i % 3] for i in range(4)]))
+        video = encode_video_features(tiny, frames, valid)
+        scale = torch.tensor(100.0)            # a trained CLIP's logit scale: what a pretrained start brings
+        losses = {norm: float(hierarchical_infonce(hierarchical_similarity(
+            text, video, HierarchyConfig(1.0, 1.0, 0.5, score_norm=norm)).total, scale)) for norm in ("weights", "sum")}
+        sentence = float(hierarchical_infonce(text.sentence @ video.video.T, scale))
+    assert abs(losses["weights"] - sentence) < 0.3                            # on the sentence model's scale
+    assert losses["sum"] > sentence + 1.5 and losses["sum"] > math.log(4) + 2.0
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ from polymodal.models.video import VideoCLIP, VideoCLIPConfig
 torch.set_num_threads(1)
 
 
-def tiny_clip(seed: int = 0) -> CLIP:
+def tiny_clip(seed: int = 0, depth: int = 2) -> CLIP:
     torch.manual_seed(seed)
-    return create_model("tiny").eval()          # ViT 32 px, patch 8 (16 patches), width 32, 2 layers
+    overrides = {"vision.layers": depth} if depth != 2 else {}
+    return create_model("tiny", overrides).eval()   # ViT 32 px, patch 8 (16 patches), width 32, 2 layers
 
 
-def video(kind: str, seed: int = 0, **temporal) -> VideoCLIP:
-    model = VideoCLIP.from_image_model(tiny_clip(seed), {"kind": kind, **temporal})
+def video(kind: str, seed: int = 0, depth: int = 2, **temporal) -> VideoCLIP:
+    model = VideoCLIP.from_image_model(tiny_clip(seed, depth), {"kind": kind, **temporal})
     return model.eval()
 
 
@@ -41,7 +42,13 @@ def perturb_(module: torch.nn.Module, seed: int = 3, std: float = 0.3) -> None:
 
 # ---------------------------------------------------------------- config
 
-@pytest.mark.parametrize("key, value", [("kind", "lstm"), ("dropout", 1.0), ("drop_path", -0.1),
+def test_time_init_sets_the_transformer_time_embedding_scale():
+    small, large = video("transformer", layers=1), video("transformer", layers=1, time_init=1.0)
+    assert float(small.temporal.time.std()) == pytest.approx(0.02, rel=0.2)
+    assert float(large.temporal.time.std()) == pytest.approx(1.0, rel=0.2)
+
+
+@pytest.mark.parametrize("key, value", [("kind", "lstm"), ("dropout", 1.0), ("drop_path", -0.1), ("time_init", -1.0),
                                         ("max_frames", 0), ("layers", 0), ("heads", -1)])
 def test_config_rejects_bad_values_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"temporal.{key}"):
@@ -51,6 +58,15 @@ def test_config_rejects_bad_values_naming_the_key(key, value):
 def test_stan_layers_beyond_tower_depth_is_an_error():
     with pytest.raises(ValueError, match="temporal.stan_layers"):
         video("stan", stan_layers=3)            # the tiny tower has 2 layers
+
+
+def test_stan_over_every_block_is_refused_not_started_at_the_embeddings():
+    """A branch over all L blocks would start at layer 0, whose states already hold the position embeddings its first
+    layer re-adds: refused, naming the largest valid value; L - 1 layers start after the first block."""
+    with pytest.raises(ValueError, match=r"stan_layers=2 must be below .* 2 layers.*stan_layers <= 1"):
+        video("stan", stan_layers=2)
+    assert video("stan", stan_layers=2, depth=3).temporal.start == 1
+    assert video("stan", stan_layers=1).temporal.start == 1
 
 
 def test_config_round_trips_through_json_and_reads_through_to_the_base():
@@ -152,9 +168,9 @@ def test_stan_with_one_branch_layer_at_init_reproduces_the_image_model():
 
 
 def test_stan_at_init_follows_the_branch_equations():
-    """Independent computation with the *tower's* blocks: with zero-initialised temporal attention,
-    z1 = block0(h0 + time + cls/pos), z2 = block1(z1 + h1), frame = proj(norm(h2 + z2)[CLS])."""
-    model, f = video("stan", stan_layers=2), frames(B=2, T=3)
+    """Independent computation with the *tower's* blocks (3 blocks, a branch over the last 2): with zero-initialised
+    temporal attention, z1 = block1(h1 + time + cls/pos), z2 = block2(z1 + h2), frame = proj(norm(h3 + z2)[CLS])."""
+    model, f = video("stan", stan_layers=2, depth=3), frames(B=2, T=3)
     with torch.no_grad():
         model.temporal.time.normal_(0, 0.5)    # a non-trivial time embedding
         tower, T = model.base.visual, 3
@@ -162,17 +178,18 @@ def test_stan_at_init_follows_the_branch_equations():
         h0 = tower.norm_pre(tower.embed(px))
         h1 = tower.transformer.blocks[0](h0)
         h2 = tower.transformer.blocks[1](h1)
+        h3 = tower.transformer.blocks[2](h2)
         pos = torch.cat([(tower.cls + tower.pos[0])[None], tower.pos[1:]])     # (1+P, D)
         time = model.temporal.time[:T].repeat(2, 1)[:, None]                  # (B*T, 1, D)
-        z1 = tower.transformer.blocks[0](h0 + time + pos)
-        z2 = tower.transformer.blocks[1](z1 + h1)
-        expect = model.base.visual_proj(tower.norm(h2[:, 0] + z2[:, 0])).view(2, T, -1)
+        z1 = tower.transformer.blocks[1](h1 + time + pos)
+        z2 = tower.transformer.blocks[2](z1 + h2)
+        expect = model.base.visual_proj(tower.norm(h3[:, 0] + z2[:, 0])).view(2, T, -1)
         torch.testing.assert_close(model.encode_frames(f), expect, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.encode_video(f), F.normalize(expect.mean(1), dim=-1), atol=1e-5, rtol=1e-5)
 
 
 def test_stan_mixes_frames_only_through_its_temporal_attention():
-    model, f = video("stan", stan_layers=2), frames(B=1, T=3)
+    model, f = video("stan", stan_layers=2, depth=3), frames(B=1, T=3)
     g = f.clone()
     g[:, 2] = torch.randn_like(g[:, 2])                                       # change only the last frame
     with torch.no_grad():
@@ -187,7 +204,7 @@ def test_stan_mixes_frames_only_through_its_temporal_attention():
 
 
 def test_gradients_flow_into_the_stan_branch():
-    model, f = video("stan", stan_layers=2, drop_path=0.0), frames()
+    model, f = video("stan", stan_layers=2, depth=3, drop_path=0.0), frames()
     model.train()
     text = model.encode_text(torch.randint(0, 999, (2, 8)))
     logits = model.scale() * model.encode_video(f) @ text.T
@@ -197,7 +214,7 @@ def test_gradients_flow_into_the_stan_branch():
                     ("spatial qkv", branch.spatial[0].attn.qkv.weight), ("spatial fc2", branch.spatial[1].mlp.fc2.weight)]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     # The branch's spatial blocks are copies: the image tower's own blocks are separate parameters.
-    assert branch.spatial[0].attn.qkv.weight is not model.base.visual.transformer.blocks[0].attn.qkv.weight
+    assert branch.spatial[0].attn.qkv.weight is not model.base.visual.transformer.blocks[1].attn.qkv.weight
 
 
 def test_stan_patch_dropout_keeps_the_same_patches_in_every_frame_of_a_video():
@@ -238,7 +255,7 @@ def test_patch_dropout_still_applies_for_mean_pooling():
 
 @pytest.mark.parametrize("kind", ["mean", "transformer", "stan"])
 def test_one_frame_works_and_encode_image_is_a_one_frame_video(kind):
-    model, f = video(kind, stan_layers=2, layers=1), frames(T=1)
+    model, f = video(kind, stan_layers=1, layers=1), frames(T=1)
     with torch.no_grad():
         out = model.encode_video(f)
         assert out.shape == (2, 32)
@@ -265,7 +282,7 @@ def test_from_image_model_keeps_the_base_weights_and_processors():
 
 @pytest.mark.parametrize("kind", ["transformer", "stan"])
 def test_state_dict_round_trip_through_safetensors(kind, tmp_path):
-    model, f = video(kind, stan_layers=2, layers=1), frames()
+    model, f = video(kind, stan_layers=2, depth=3, layers=1), frames()
     perturb_(model.temporal)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))

@@ -134,3 +134,88 @@ def test_an_m2_encoder_video_model_evaluates_chinese_video_captions(world):
     out = run_task("video_retrieval", video.eval(), str(world / "test.jsonl"), lang="zh", num_frames=2)
     assert out["num_texts"] == len(zh) and out["num_videos"] == len(records)
     assert 0 <= out["text_to_video_R@1"] <= 100 and out["text_to_video_median_rank"] >= 1
+
+
+# ---- order: the explicit order loss and partner batches --------------------------------------------------------
+def test_order_loss_equals_a_hand_computation():
+    from polymodal.methods.video_clip import order_loss
+    torch.manual_seed(0)
+    v, r, t, u = (F.normalize(torch.randn(3, 8), dim=-1) for _ in range(4))
+    has = torch.tensor([True, False, True])
+    loss, acc = order_loss(v, r, t, u, has, torch.tensor(10.0))
+    want, right = 0.0, 0
+    for i in (0, 2):
+        pos, nv, nt = float(t[i] @ v[i]), float(t[i] @ r[i]), float(u[i] @ v[i])
+        lt = -10 * pos + float(torch.logsumexp(torch.tensor([10 * pos, 10 * nv]), 0))
+        lv = -10 * pos + float(torch.logsumexp(torch.tensor([10 * pos, 10 * nt]), 0))
+        want += (lt + lv) / 2 / 2
+        right += pos > nv
+    assert float(loss) == pytest.approx(want, rel=1e-5) and float(acc) == pytest.approx(right / 2)
+    zero, _ = order_loss(v, r, t, u, torch.zeros(3, dtype=torch.bool), torch.tensor(10.0))
+    assert float(zero) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["mean", "transformer", "stan"])
+def test_reversal_embedding_is_the_flipped_clip(clip, kind):
+    from polymodal.models.temporal import TemporalConfig
+    from polymodal.models.video import VideoCLIP
+    torch.manual_seed(2)
+    model = VideoCLIP.from_image_model(clip, TemporalConfig(kind=kind, layers=1, stan_layers=1)).eval()
+    for p in model.temporal.parameters():               # a trained-like module: not the zero-initialised identity
+        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
+    frames = torch.randn(2, 3, 3, 32, 32)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    with torch.no_grad():
+        fwd, rev = model.encode_video_and_reversal(frames, valid)
+        torch.testing.assert_close(fwd, model.encode_video(frames, valid), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rev, model.encode_video(frames.flip(1), valid.flip(1)), atol=1e-5, rtol=1e-5)
+        if kind != "mean":                               # an order-aware module tells the two apart
+            assert (fwd - rev).abs().max() > 1e-4
+
+
+def test_partner_units_keep_each_order_pair_whole():
+    from polymodal.data.samplers import partner_units
+    records = [{"pair_id": 0}, {"pair_id": None}, {"pair_id": 1}, {"pair_id": 0}, {}, {"pair_id": 1}, {"pair_id": 2}]
+    units = partner_units(records)
+    assert sorted(i for u in units for i in set(u)) == list(range(7))
+    assert (0, 3) in units and (2, 5) in units
+    singles = [u for u in units if u not in ((0, 3), (2, 5))]
+    assert singles == [(1, 4), (6, 6)]                  # unpaired records two by two (pair id 2 has one member)
+
+
+def test_reversed_captions_are_the_partners_parallel_paraphrases(world):
+    from polymodal.data.manifests import read_manifest
+    from polymodal.methods.video_clip import REVERSED_KEY, add_reversed_captions
+    records = read_manifest(world / "train.jsonl", media="video").records
+    n = add_reversed_captions(records)
+    paired = [r for r in records if r.get("pair_id") is not None]
+    assert n == len(paired) > 0
+    for r in paired:
+        partner = next(p for p in paired if p["pair_id"] == r["pair_id"] and p is not r)
+        assert [r[REVERSED_KEY][c] for c in r["captions"]] == partner["captions"]
+    assert all(REVERSED_KEY not in r for r in records if r.get("pair_id") is None)
+
+
+def test_order_options_train_end_to_end(world, tmp_path):
+    """order_weight adds a logged order loss on the videos with partners; partner_batches keeps pairs in a batch."""
+    from polymodal.methods.video_clip import VideoCLIPMethod
+    from polymodal.train.run import load_recipe, run_recipe
+    cfg = load_recipe(None, [
+        "method=video_clip", f"out_dir={tmp_path}/run", "model.name=tiny", f"data.train={world}/train.jsonl",
+        "data.batch_size=6", "data.num_frames=2", "train.steps=3", "train.log_every=1", "train.ckpt_every=0",
+        "train.progress=false", "train.threads=1", "tokenizer.vocab_size=200", "eval={}",
+        "video_clip={temporal: {kind: transformer, layers: 1}, order_weight: 1.0, partner_batches: true}"])
+    method = cfg.method_impl
+    assert isinstance(method, VideoCLIPMethod)
+    run_recipe(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("order" in r for r in rows) and all(r["loss"] >= r["contrastive"] - 1e-6 for r in rows if "order" in r)
+    # The loader's batches: 6 units of two videos, each order pair whole.
+    model = method.build_model(method.build_tokenizer(tmp_path / "run"))
+    dataset, _ = method.build_dataset(model, 0, 1)
+    batch = method.collate(model)([dataset[k] for k in range(6)])
+    assert batch["frames"].shape[0] == 12 and batch["reversed_input_ids"].shape == batch["input_ids"].shape
+    records = dataset.manifest.records
+    ids = [records[i].get("pair_id") for u in dataset.units[:6] for i in u]
+    assert all(ids[k] == ids[k + 1] for k in range(0, 12, 2) if ids[k] is not None)
+    assert bool(batch["has_reversed"].any())

@@ -1,4 +1,5 @@
-"""Sampling over alignment dimensions: uniform, natural mixing, and Hummer's hybrid sampling.
+"""Sampling over alignment dimensions: uniform, natural mixing, and Hummer's hybrid sampling; and order-partner
+units (a video and its time-reversed partner always in one batch: `PartnerPairs`).
 
 Hybrid sampling (our reconstruction of HummerRM's "adaptively balanced" sampling, METHODS.md section 10) mixes
 a uniform distribution over the K dimensions with adaptive weights that favour the dimensions the model is
@@ -21,7 +22,7 @@ import numpy as np
 
 SAMPLING_MODES = ("mix", "uniform", "hybrid")
 
-__all__ = ["DimensionSampler", "SAMPLING_MODES", "hybrid_weights"]
+__all__ = ["DimensionSampler", "SAMPLING_MODES", "hybrid_weights", "partner_units", "PartnerPairs", "flatten_collate"]
 
 
 def hybrid_weights(val_acc: Sequence[float], alpha: float, beta: float) -> np.ndarray:
@@ -163,3 +164,65 @@ def _uniforms(*key: int) -> tuple[float, float]:
         h = _mix64(h ^ (k & _MASK))
     h2 = _mix64(h)
     return (h >> 11) / 9007199254740992.0, (h2 >> 11) / 9007199254740992.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Order partners: a video and its time-reversed partner in one batch
+# ---------------------------------------------------------------------------------------------------------------------
+def partner_units(records: Sequence[dict], key: str = "pair_id") -> list[tuple[int, int]]:
+    """Records grouped into units of two: each order pair (the two records sharing `key`) is one unit, and the
+    records without a partner are paired in manifest order (the last one, if alone, with itself).
+
+    Args:
+        records: the manifest records.
+        key: the field two partners share (MovingShapes' `pair_id`); None / missing = no partner. A value held by
+            one or by more than two records counts as no partner.
+    Returns:
+        [(i, j)] record indices, every record in exactly one unit (i == j only for a lone last single).
+    """
+    groups: dict = {}
+    for i, r in enumerate(records):
+        if r.get(key) is not None:
+            groups.setdefault(r[key], []).append(i)
+    pair_of = {m[0]: m[1] for m in groups.values() if len(m) == 2}
+    paired = set(pair_of) | set(pair_of.values())
+    units = [(a, b) for a, b in pair_of.items()]
+    singles = [i for i in range(len(records)) if i not in paired]
+    units += [(singles[k], singles[k + 1] if k + 1 < len(singles) else singles[k]) for k in range(0, len(singles), 2)]
+    return sorted(units)
+
+
+class PartnerPairs:
+    """A map-style dataset whose items are units of two samples: a video and its order partner (`partner_units`).
+
+    The loader shuffles units, so a batch of U units holds 2U videos and every order pair in it is whole: the
+    contrastive loss then always has the time-reversed video (and its opposite caption) as an in-batch negative.
+    Pass the collate through `flatten_collate`. `data.batch_size` counts units (2 videos each) under this wrapper.
+
+    Args:
+        dataset: a map-style dataset of samples with a `manifest` (e.g. `ManifestDataset`).
+        key: the partner field of the records.
+    """
+
+    def __init__(self, dataset, key: str = "pair_id"):
+        self.dataset = dataset
+        self.manifest = getattr(dataset, "manifest", None)
+        self.units = partner_units(self.manifest.records if self.manifest is not None else [], key)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, k: int) -> list:
+        i, j = self.units[k]
+        return [self.dataset[i], self.dataset[j]]
+
+
+def flatten_collate(collate):
+    """A collate over lists of samples (`PartnerPairs` items) that hands `collate` the samples one by one."""
+    def run(items: list) -> dict:
+        return collate([s for item in items for s in (item if isinstance(item, list) else [item])])
+    return run

@@ -46,15 +46,18 @@ class M2RAAPSection(M2RAAPSettings, ConfigDict):
     """The recipe's `m2raap:` section: the model's own settings (`M2RAAPSettings`), its temporal module, the Mug
     training temperature and where decoded frames are read from."""
     temporal: dict = field(default_factory=dict)   # TemporalConfig keys, as video_clip: kind mean|transformer|stan ...
-    mug_temperature: float = 0.01   # Mug: cross-entropy temperature (training only)
+    mug_temperature: float = 0.01   # Mug: cross-entropy temperature (training; 0.01 as Mug-STAN, 0 = the model's learnable logit scale)
+    mean_temperature: float = 0.0   # similarity mean: 0 = the model's learnable logit scale | > 0 a fixed temperature (Mug-STAN: 0.01)
     frame_shards: str = ""          # frames decoded once by `polymodal data frames` (used instead of data.train)
 
     def __post_init__(self):
         from ..models.temporal import TemporalConfig
         TemporalConfig(**self.temporal)            # validates the keys and values now, naming temporal.<key>
         self.check_settings()
-        if not self.mug_temperature > 0:
-            raise ConfigError(f"m2raap.mug_temperature: {self.mug_temperature} must be > 0")
+        for key in ("mug_temperature", "mean_temperature"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"m2raap.{key}: {getattr(self, key)} must be >= 0 (0 = the model's learnable "
+                                  f"logit scale, > 0 a fixed temperature)")
 
 
 # ---- data: samples carry their aux captions; frame shards -------------------------------------------------
@@ -87,7 +90,7 @@ class M2RAAPCollate(ImageTextCollate):
 
 # ---- the objective --------------------------------------------------------------------------------------
 def mug_block_loss(tokens: Tensor, mask: Tensor, frames: Tensor, valid: Tensor | None, tau: float,
-                   temperature: float, gather: str = "global_with_grad") -> Tensor:
+                   temperature: float | Tensor, gather: str = "global_with_grad") -> Tensor:
     """The Mug cross-entropy of a batch, over the global batch under DDP.
 
     With `gather="global_with_grad"` and several ranks, token features (padded to the longest text of any
@@ -99,7 +102,8 @@ def mug_block_loss(tokens: Tensor, mask: Tensor, frames: Tensor, valid: Tensor |
     Args:
         tokens: (B, L, E) L2-normalised text token features; mask (B, L) bool, True = real token.
         frames: (B, T, E) L2-normalised frame features; valid (B, T) bool or None (all real).
-        tau, temperature: `m2raap.mug_tau`, `m2raap.mug_temperature`.
+        tau: `m2raap.mug_tau`.
+        temperature: logits = scores / temperature (a float, or a tensor such as 1 / the learnable logit scale).
         gather: "local" | "global_with_grad".
     Returns:
         Scalar loss.
@@ -123,17 +127,28 @@ class M2RAAPTask(nn.Module):
     Batch: `frames` (B, T, 3, H, W), `frame_valid` (B, T), `input_ids` (B, L), and with ACG `aux_input_ids`
     (B, K, L) and `aux_mask` (B, K).
 
+    A temperature of 0 uses the model's learnable logit scale (logits = scale * score, as a CLIP trains), a
+    positive one is fixed (logits = score / temperature; the logit scale then gets no gradient). An ablation of the
+    head holds this equal across rows: Mug-STAN trains both its heads at 0.01.
+
     Args:
         model: an M2RAAPModel (its config says which heads are on).
-        mug_temperature: the Mug cross-entropy temperature.
+        mug_temperature: the Mug cross-entropy temperature (0 = learnable scale).
         loss: the recipe's `loss:` section (used by `similarity: mean`).
+        mean_temperature: the mean head's temperature (0 = learnable scale).
     """
 
-    def __init__(self, model: M2RAAPModel, mug_temperature: float = 0.01, loss=None):
+    def __init__(self, model: M2RAAPModel, mug_temperature: float = 0.01, loss=None, mean_temperature: float = 0.0):
         super().__init__()
-        self.model, self.mug_temperature = model, mug_temperature
+        self.model, self.mug_temperature, self.mean_temperature = model, mug_temperature, mean_temperature
         self.loss = build_contrastive_loss(loss)
         self.gather = getattr(loss, "gather", "local")
+
+    def _scale(self, temperature: float) -> Tensor:
+        """Logits per unit of score: the model's learnable scale (temperature 0) or 1 / temperature."""
+        if temperature == 0:
+            return self.model.scale()
+        return torch.tensor(1.0 / temperature, device=self.model.scale().device)
 
     def forward(self, batch: dict) -> dict:
         m, c = self.model, self.model.config
@@ -144,14 +159,16 @@ class M2RAAPTask(nn.Module):
         if c.similarity == "mug":
             tokens, mask = text_token_features(m, ids)                                # (B, L, E), (B, L)
             frames = torch.nn.functional.normalize(x, dim=-1)
-            loss = mug_block_loss(tokens, mask, frames, valid, c.mug_tau, self.mug_temperature, self.gather)
+            scale = self._scale(self.mug_temperature)
+            loss = mug_block_loss(tokens, mask, frames, valid, c.mug_tau, 1.0 / scale, self.gather)
             out["mug"] = loss.detach()
         else:
             video = pool_frames(m, x, valid)                                          # (B, E)
             text = m.encode_text(ids)                                                 # (B, E)
-            loss = self.loss(video, text, m.scale())
+            scale = self._scale(self.mean_temperature)
+            loss = self.loss(video, text, scale)
             out["contrastive"] = loss.detach()
-            out["logit_scale"] = m.scale().detach()
+        out["logit_scale"] = scale.detach()
         if m.acg is not None:
             out["acg_gate"] = m.acg.gate.detach().abs().mean()
         return {"loss": loss, **out}
@@ -219,6 +236,6 @@ class M2RAAPMethod(VideoCLIPMethod):
                              self.cfg.aux_field if self.cfg.acg else None, self.cfg.max_aux)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        return M2RAAPTask(model, self.cfg.mug_temperature, self.run.loss)
+        return M2RAAPTask(model, self.cfg.mug_temperature, self.run.loss, self.cfg.mean_temperature)
 
 __all__ = ["M2RAAPSection", "M2RAAPMethod", "M2RAAPTask", "M2RAAPCollate", "FrameShardDataset", "mug_block_loss"]

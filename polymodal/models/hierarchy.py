@@ -18,6 +18,11 @@ For a text n and a video m (frames t, patches p; only valid frames take part):
 - adjective: as a noun, with the frame weights of the noun it attaches to (uniform without one)
 - s = s_sentence + l_v mean_k s_verb_k + l_n mean_k s_noun_k + l_a mean_k s_adj_k; a level a caption has no
   node of contributes 0; a weight of 0 skips its level, so all weights 0 give exactly the sentence score.
+- `score_norm="weights"` (the default) divides s by 1 + the sum of the weights of the levels the caption has
+  nodes of, so s is a weighted mean of cosines (|s| <= 1) on the scale the logit scale was set for; `"sum"`
+  keeps the plain sum (up to 1 + l_v + l_n + l_a: logits that much sharper than a cosine model's, a first loss
+  above chance and untrained node terms dominating; measured in docs/results.md, SHE-Net). The divisor depends
+  on the text only, so text->video rankings are the same either way; training and video->text differ.
 
 Scores need text-video interaction, so retrieval computes them for blocks of texts x videos
 (`polymodal.eval.video_retrieval`); memory per block is about ``Nt * Nv * K * T * P`` floats.
@@ -36,6 +41,7 @@ from .features import Rows
 from .video import VideoCLIP, VideoCLIPConfig
 
 KINDS = ("verb", "noun", "adj")
+SCORE_NORMS = ("weights", "sum")
 
 
 @dataclass
@@ -46,8 +52,11 @@ class HierarchyConfig(ConfigDict):
     adj_weight: float = 0.0         # l_a: adjective -> patch level (0 = off, the paper's optional level)
     tau: float = 0.1                # attention temperature over cosines
     noun_frames: str = "verb"       # "verb" | "mean": how a noun's per-frame scores are weighted
+    score_norm: str = "weights"     # "weights": s / (1 + active level weights), a cosine scale | "sum": plain sum
 
     def __post_init__(self):
+        if self.score_norm not in SCORE_NORMS:
+            raise ConfigError(f"shenet.score_norm: {self.score_norm!r} is not one of {', '.join(SCORE_NORMS)}")
         for name in ("verb_weight", "noun_weight", "adj_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"shenet.{name}: {getattr(self, name)} must be >= 0")
@@ -240,6 +249,7 @@ def hierarchical_similarity(text: TextFeatures, video: VideoFeatures, cfg: Hiera
     need_verb = need_verb or return_attention
     total = sentence
     verb_att = None
+    divisor = torch.ones(len(text), dtype=sentence.dtype, device=sentence.device)          # (Nt,)
     if need_verb:
         v = text.nodes["verb"]                                                           # (Nt, Kv, E)
         eq = "nke,nte->nkt" if pairs else "nke,mte->nmkt"
@@ -251,6 +261,7 @@ def hierarchical_similarity(text: TextFeatures, video: VideoFeatures, cfg: Hiera
         out.verb = _node_mean(per_node, text.node_valid["verb"][:, None])
         if cfg.verb_weight > 0:
             total = total + cfg.verb_weight * out.verb
+            divisor = divisor + cfg.verb_weight * text.node_valid["verb"].any(-1).to(divisor.dtype)
         if return_attention:
             out.verb_attention = verb_att
     uniform = fvalid.to(sentence.dtype) / fvalid.sum(-1, keepdim=True).clamp_min(1)      # (., ., 1, T)
@@ -281,11 +292,13 @@ def hierarchical_similarity(text: TextFeatures, video: VideoFeatures, cfg: Hiera
         setattr(out, kind, score)
         if cfg.weight(kind) > 0:
             total = total + cfg.weight(kind) * score
+            divisor = divisor + cfg.weight(kind) * text.node_valid[kind].any(-1).to(divisor.dtype)
         if return_attention:
             setattr(out, f"{kind}_attention", att)
             if kind == "noun":
                 out.noun_frame_weights = w
-    out.total = total
+    # "weights": a weighted mean of the levels the text has (every score a cosine, so |total| <= 1).
+    out.total = total / divisor[:, None] if cfg.score_norm == "weights" else total          # (Nt, Nv)
     return out
 
 
@@ -353,6 +366,7 @@ class SHENetSettings:
     adj_weight: float = 0.0         # l_a (0 = adjective level off)
     tau: float = 0.1                # attention temperature
     noun_frames: str = "verb"       # "verb": a noun's frames weighted by its verb's attention | "mean"
+    score_norm: str = "weights"     # "weights": total / (1 + weights of the levels a caption has) | "sum" (unnormalised)
     max_nodes: int = 4              # nodes kept per kind and caption (first in caption order)
     max_node_tokens: int = 8        # tokens kept per node
 
@@ -370,7 +384,8 @@ class SHENetSettings:
 
     def hierarchy(self) -> HierarchyConfig:
         """The similarity's weights and temperature."""
-        return HierarchyConfig(self.verb_weight, self.noun_weight, self.adj_weight, self.tau, self.noun_frames)
+        return HierarchyConfig(self.verb_weight, self.noun_weight, self.adj_weight, self.tau, self.noun_frames,
+                               self.score_norm)
 
 
 @dataclass

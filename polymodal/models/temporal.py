@@ -38,8 +38,9 @@ class TemporalConfig:
     heads: int = 0                # 0 = auto: E // 64 (at least 1) for "transformer", the ViT's heads for "stan"
     mlp_ratio: float = 4.0        # transformer: FFN hidden / E
     max_frames: int = 64          # size of the learned time-embedding table (longest clip)
+    time_init: float = 0.02       # transformer: std of the time embedding at init (larger = frame order louder at the start)
     dropout: float = 0.0          # on the time-embedded transformer input / the STAN temporal-attention output
-    stan_layers: int = 4          # stan: the last N blocks of the ViT get a branch layer
+    stan_layers: int = 4          # stan: the last N blocks of the ViT get a branch layer (N < the tower's depth)
     stan_pos: bool = True         # stan: the first branch layer re-adds the tower's CLS + position embeddings
     drop_path: float = 0.1        # stan: stochastic depth, linspace(0, drop_path) over the branch layers
 
@@ -54,6 +55,8 @@ class TemporalConfig:
             raise ConfigError(f"temporal.heads must be an integer >= 0 (0 = auto), got {self.heads!r}")
         if not self.mlp_ratio > 0:
             raise ConfigError(f"temporal.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not self.time_init >= 0:
+            raise ConfigError(f"temporal.time_init must be >= 0, got {self.time_init!r}")
         for key in ("dropout", "drop_path"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
@@ -118,7 +121,7 @@ class TemporalTransformer(nn.Module):
         if dim % heads:
             raise ConfigError(f"temporal.heads={heads} does not divide the embedding size {dim}")
         self.max_frames = cfg.max_frames
-        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02)   # (max_frames, E)
+        self.time = nn.Parameter(torch.randn(cfg.max_frames, dim) * cfg.time_init)   # (max_frames, E)
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(dim, cfg.layers, heads, cfg.mlp_ratio)
         init_transformer_(self.transformer, dim, cfg.layers)
@@ -249,8 +252,14 @@ class STANBranch(nn.Module):
     def __init__(self, tower: VisionTower, cfg: TemporalConfig):
         super().__init__()
         L, D = tower.config.layers, tower.config.width
-        if cfg.stan_layers > L:
-            raise ConfigError(f"temporal.stan_layers={cfg.stan_layers} exceeds the image tower's {L} layers")
+        if cfg.stan_layers >= L:
+            # The branch reads an intermediate layer's output, as STAN does (the last 4 of 12 ViT-B blocks). Over
+            # every block it would start at the embeddings, which already hold the CLS/position embeddings that
+            # its first layer re-adds (twice), and copy the whole tower.
+            fix = f"use temporal.stan_layers <= {L - 1}" if L > 1 else "use temporal.kind=transformer (or mean)"
+            raise ConfigError(f"temporal.stan_layers={cfg.stan_layers} must be below the image tower's {L} layers (the "
+                              f"branch starts after at least one image block; at layer 0 it would add the position "
+                              f"embeddings twice); {fix}")
         heads = cfg.heads or tower.config.heads
         if D % heads:
             raise ConfigError(f"temporal.heads={heads} does not divide the vision width {D}")

@@ -203,6 +203,28 @@ class VideoCLIP(nn.Module):
             x = self.temporal(x, valid)                                  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def encode_video_and_reversal(self, frames: Tensor, valid: Tensor | None = None,
+                                  normalize: bool = True) -> tuple[Tensor, Tensor]:
+        """The embeddings of each video and of the same video played backwards (frames and mask flipped in time).
+
+        Mean and transformer pool the same per-frame features, so the image tower runs once; STAN mixes time
+        inside the tower's branch, so the reversed clip goes through it again.
+
+        Args:
+            frames: (B, T, 3, H, W); valid: (B, T) bool or None.
+        Returns:
+            (forward (B, E), reversed (B, E)), L2-normalised unless `normalize` is False.
+        """
+        rvalid = None if valid is None else valid.flip(1)
+        if isinstance(self.temporal, STANBranch):
+            return (self.encode_video(frames, valid, normalize),
+                    self.encode_video(frames.flip(1), rvalid, normalize))
+        x = self.encode_frames(frames, valid)                            # (B, T, E)
+        fwd, rev = self.temporal(x, valid), self.temporal(x.flip(1), rvalid)   # (B, E) each
+        if normalize:
+            fwd, rev = F.normalize(fwd, dim=-1), F.normalize(rev, dim=-1)
+        return fwd, rev
+
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, E): each image as a one-frame video."""
         return self.encode_video(pixels[:, None], normalize=normalize)

@@ -110,12 +110,13 @@ def mug_similarity(text_tokens: Tensor, text_mask: Tensor, frames: Tensor, frame
     return torch.cat(rows, dim=0)
 
 
-def mug_loss(scores: Tensor, temperature: float = 0.01) -> Tensor:
+def mug_loss(scores: Tensor, temperature: float | Tensor = 0.01) -> Tensor:
     """Symmetric cross-entropy over a square (B_text, B_video) Mug score matrix, pairs on the diagonal.
 
     Args:
         scores: (B, B) from `mug_similarity`, row i = text i, column i = its video.
-        temperature: logits = scores / temperature (0.01 in Mug-STAN).
+        temperature: logits = scores / temperature (0.01 in Mug-STAN; a tensor, e.g. 1 / a learnable logit scale,
+            passes its gradient on).
     Returns:
         scalar loss.
     """
