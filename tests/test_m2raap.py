@@ -346,3 +346,21 @@ def test_filter_then_train_the_tiny_recipe_above_chance(world, tmp_path, monkeyp
     model = load_model(tmp_path / "run" / "model")
     assert isinstance(model, M2RAAPModel) and model.config.similarity == "mug"
     assert float(model.acg.gate.detach().abs().sum()) > 0
+
+
+def test_acg_without_any_aux_caption_stops_at_start_up(world, tmp_path):
+    from pathlib import Path
+
+    from polymodal.config import ConfigError
+    from polymodal.train.run import load_recipe, run_recipe
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    plain = [{**{k: v for k, v in r.items() if k != "aux_captions"}, "video": str(world / r["video"])} for r in rows]
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "m2raap_tiny.yaml"
+    base = [f"out_dir={tmp_path}/run", f"data.train={world / 'train.jsonl'}", "train.steps=1", "train.progress=false"]
+    evals = f"eval.tasks=[{{task: video_retrieval, data: {tmp_path / 'plain.jsonl'}, num_frames: 4}}]"
+    with pytest.raises(ConfigError, match=r"no record of .*plain.jsonl \(eval video_retrieval\) has a 'aux_captions'"):
+        run_recipe(load_recipe(recipe, base + [evals]))
+    with pytest.raises(ConfigError, match=r"plain.jsonl \(data.train\).*polymodal data aux-captions .*m2raap.acg=false"):
+        run_recipe(load_recipe(recipe, base + [f"data.train={tmp_path / 'plain.jsonl'}", "eval.tasks=[]"]))
+    assert not (tmp_path / "run").exists()

@@ -39,6 +39,8 @@ def worlds(tmp_path_factory, moving_world):
             r["aux_captions"] = [rows[(i + 1) % len(rows)]["caption"], rows[(i + 2) % len(rows)]["caption"]]
         (moving / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (moving / "train_filtered.jsonl").write_text((moving / "train.jsonl").read_text())
+    for split in ("train", "test"):          # the names the M2-RAAP recipes' aux-captions steps write
+        (moving / f"{split}_aux.jsonl").write_text((moving / f"{split}.jsonl").read_text())
     if not (moving / "frames_kf").exists():
         write_frame_shards(moving / "train_filtered.jsonl", moving / "frames_kf", num_frames=4, strategy="keyframes",
                            progress=False)
@@ -52,6 +54,7 @@ def worlds(tmp_path_factory, moving_world):
                            progress=False)
     return {"shapes": shapes, "shapes_coca": shapes, "shapes_lotlip": shapes, "shapes_m2": shapes, "moving": moving,
             "moving_distractors": moving_world(n_train=32, n_test=8, seed=12, num_frames=8, distractor_fraction=0.8),
+            "moving_m2raap": moving, "moving_m2raap_small": moving,
             "prefs": prefs, "counterfactual": counterfactual, "moving_frames": frames}
 
 

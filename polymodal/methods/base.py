@@ -78,6 +78,10 @@ class Method:
         """Files (beyond data, eval, model and tokenizer paths) the run opens; checked to exist at start-up."""
         return []
 
+    def check_data(self) -> None:
+        """Checks of the recipe against its manifests' content, at start-up (`train.run.check_data`), before
+        anything is built; raise ConfigError naming the key, the file and the fix."""
+
     def check_world(self, world: dict, path: Path) -> None:
         """Checks of the recipe against a generated world's summary (`world.json` beside `data.train`, read at
         start-up by `train.run.check_data`); raise ConfigError naming the key and the fix."""

@@ -198,6 +198,21 @@ class M2RAAPMethod(VideoCLIPMethod):
     def paths(self) -> list[str]:
         return [self.cfg.frame_shards] if self.cfg.frame_shards else []
 
+    def check_data(self) -> None:
+        """ACG on with no auxiliary caption in the training or a video evaluation's manifest: nothing to fuse."""
+        c = self.cfg
+        if not c.acg:
+            return
+        from ..data.manifests import read_manifest
+        manifests = [("data.train", self.run.data.train)] if self.run.data.train and not c.frame_shards else []
+        manifests += [(f"eval {s.task}", s.data) for s in self.run.eval.specs() if s.task == "video_retrieval"]
+        for key, path in manifests:
+            records = read_manifest(path, on_bad_record="skip", required=(), media="none", allow_empty=True).records
+            if records and not any(aux_captions_of(r, c.aux_field, c.max_aux) for r in records):
+                raise ConfigError(f"m2raap.acg is on but no record of {path} ({key}) has a '{c.aux_field}' caption: "
+                                  f"write them with `polymodal data aux-captions {path} --captioner COCA_MODEL --out "
+                                  f"...` and point {key.split()[0]} at the result, or set m2raap.acg=false")
+
     def build_model(self, tokenizer) -> nn.Module:
         """The video model (as `video_clip` builds it) with the recipe's M2-RAAP settings; a saved M2-RAAP model
         continues with its own heads (its settings must equal the recipe's)."""

@@ -196,13 +196,15 @@ def _world_frames(manifest) -> tuple[int | None, dict, Path]:
 
 
 def check_data(cfg: RunConfig) -> None:
-    """The recipe against what the data says of itself: a generated video world's `world.json` beside
-    `data.train` or an evaluation's data (frames per video; the method may check more, `Method.check_world`).
+    """The recipe against what the data says of itself: the method's own checks of its manifests
+    (`Method.check_data`), and a generated video world's `world.json` beside `data.train` or an evaluation's data
+    (frames per video; the method may check more, `Method.check_world`).
 
     Raises:
         ConfigError: naming the recipe key, the world file and the fix.
     """
     method = cfg.method_impl
+    method.check_data()
     if method.media != "video":
         return
     wanted = [("data.num_frames", cfg.data.num_frames, cfg.data.train)] if cfg.data.train else []
