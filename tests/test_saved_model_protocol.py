@@ -54,7 +54,7 @@ def worlds(tmp_path_factory, moving_world):
                            progress=False)
     return {"shapes": shapes, "shapes_coca": shapes, "shapes_lotlip": shapes, "shapes_m2": shapes, "moving": moving,
             "moving_distractors": moving_world(n_train=32, n_test=8, seed=12, num_frames=8, distractor_fraction=0.8),
-            "moving_m2raap": moving, "moving_m2raap_small": moving,
+            "moving_m2raap": moving, "moving_m2raap_small": moving, "moving_scene": moving,
             "prefs": prefs, "counterfactual": counterfactual, "moving_frames": frames}
 
 
