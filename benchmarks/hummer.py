@@ -1,4 +1,4 @@
-"""Hummer ablation on the preference world (METHODS.md section 10; our synthetic claim, not a paper number).
+"""Hummer ablation on the preference world (docs/methods.md, Hummer; our synthetic claim, not a paper number).
 
 1. ADC of the conflicting vs the low-conflict training set: a base reward model is trained on the clean,
    balanced `base/` pairs; one copy per dimension is fine-tuned on that dimension's pairs of each set; ADC

@@ -206,7 +206,7 @@ def _keeps_gain(k2: dict, k0: dict, short: dict) -> str:
 
 
 def claims(variants: dict, sweep: list[dict]) -> list[dict]:
-    """The synthetic claims of METHODS.md section 1, each with the numbers it rests on (means over seeds and the
+    """The synthetic claims of docs/methods.md, LoTLIP, each with the numbers it rests on (means over seeds and the
     paired per-seed difference) and a verdict over seeds (shown / not shown / mixed)."""
 
     s, k0, k2 = variants["short"], variants["long_k0"], variants["long_k2"]
@@ -342,7 +342,7 @@ def write_markdown(path: Path, result: dict) -> None:
     lines += ["", f"Text time: forward of the text tower on {st['time_batch']} hard-set long captions tokenized at "
               "context - K and trimmed to the longest; the same ids through the same tower without corners; median "
               f"of {st['time_repeats']} interleaved runs. The CPU was shared with other work, so times are indicative.",
-              "", "## Claims (METHODS.md section 1) at this scale", "",
+              "", "## Claims (docs/methods.md, LoTLIP) at this scale", "",
               f"Verdict over seeds: {VERDICT_RULE}.", ""]
     lines += claim_lines(result["claims"] + result.get("grid_claims", []))
     from polymodal.fileio import atomic_open

@@ -1,4 +1,4 @@
-"""Scene recognition ablation (METHODS.md section 8): which stream learns which labels, and what distillation and
+"""Scene recognition ablation (docs/methods.md, scene): which stream learns which labels, and what distillation and
 parent refinement add.
 
 Variants (all `method: scene` on one MovingShapes world, same model size, steps and seeds):

@@ -13,9 +13,9 @@
    For `mean` the attention maps are read out of the same model although no level was trained.
 4. Writes `<out>/results.json` and `<out>/results.md` (mean ± sd over seeds, per-seed rows, which claims show).
 
-Claims (METHODS.md §6): verb attention concentrates on action frames; noun attention finds the object; R@1 beats
-mean pooling when distractor frames are many; each level ablates; (issue #31) full stays at least level with mean
-pooling, and the normalised total beats the unnormalised sum.
+Claims (docs/methods.md, SHE-Net): verb attention concentrates on action frames; noun attention finds the object;
+R@1 beats mean pooling when distractor frames are many; each level ablates; (issue #31) full stays at least level
+with mean pooling, and the normalised total beats the unnormalised sum.
 Usage: `python benchmarks/shenet_ablation.py --out docs/results/shenet --seeds 0 1 2` (`--quick`: a tiny check).
 """
 from __future__ import annotations
@@ -139,8 +139,8 @@ def _mean(rows, name, key) -> float:
 
 
 def claims(rows) -> list[dict]:
-    """The claims of METHODS.md §6 (and issue #31's normalisation), each a verdict over seeds of a paired per-seed
-    difference; a claim whose variants were not run is left out."""
+    """The claims of docs/methods.md, SHE-Net (and issue #31's normalisation), each a verdict over seeds of a paired
+    per-seed difference; a claim whose variants were not run is left out."""
     have = {r["variant"] for r in rows}
 
     def paired(a: tuple[str, str], b: tuple[str, str]) -> dict:

@@ -138,7 +138,7 @@ def _retrieval(r: dict) -> float:
 
 
 def claims(variants: dict) -> list[dict]:
-    """The synthetic claims of METHODS.md section 3, each with its numbers, the paired per-seed difference it
+    """The synthetic claims of docs/methods.md, SyCoCa, each with its numbers, the paired per-seed difference it
     rests on and a verdict over seeds (shown: every seed agrees; not shown: none; mixed)."""
     c, r, a = variants["coca"], variants["random"], variants["attentive"]
     gap = {n: paired_difference(_per_seed(v, "mim_shuffled"), _per_seed(v, "mim_true")) for n, v in
@@ -233,7 +233,7 @@ def render_markdown(result: dict) -> str:
     ]
     for e in variants["attentive"]["examples"]:
         lines.append(f"- `{Path(e['image']).name}`: \"{e['caption']}\" (reference: \"{e['references'][0]}\")")
-    lines += ["", "## Claims (METHODS.md section 3) at this scale",
+    lines += ["", "## Claims (docs/methods.md, SyCoCa) at this scale",
               "", f"Verdict over seeds: {VERDICT_RULE}.", ""]
     return "\n".join(lines + claim_lines(result["claims"])) + "\n"
 

@@ -18,7 +18,7 @@
    - the measured causes of order blindness (`order_diagnostics`): caption-vs-reversed-caption cosine, video-vs-
      reversal cosine, first-vs-last frame cosine; with `--train-pairs N` also pair accuracy on N training pairs.
 
-Claim (METHODS.md §5): temporal modelling beats mean pooling on order-sensitive captions and ties it on
+Claim (docs/methods.md, M2-RAAP): temporal modelling beats mean pooling on order-sensitive captions and ties it on
 order-free ones. Usage: `python benchmarks/video_temporal.py --out docs/results/video_temporal --seeds 0 1 2`.
 """
 from __future__ import annotations

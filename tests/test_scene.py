@@ -1,4 +1,4 @@
-"""Scene recognition (METHODS.md section 8): labels, losses, refinement, metrics, and one end-to-end run."""
+"""Scene recognition (docs/methods.md, scene): labels, losses, refinement, metrics, and one end-to-end run."""
 import json
 import math
 from pathlib import Path

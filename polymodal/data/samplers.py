@@ -1,7 +1,7 @@
 """Sampling over alignment dimensions: uniform, natural mixing, and Hummer's hybrid sampling; and order-partner
 units (a video and its time-reversed partner always in one batch: `PartnerPairs`).
 
-Hybrid sampling (our reconstruction of HummerRM's "adaptively balanced" sampling, METHODS.md section 10) mixes
+Hybrid sampling (our reconstruction of HummerRM's "adaptively balanced" sampling, docs/methods.md, Hummer) mixes
 a uniform distribution over the K dimensions with adaptive weights that favour the dimensions the model is
 currently worst at:
 

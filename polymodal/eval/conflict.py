@@ -1,4 +1,4 @@
-"""Alignment Dimension Conflict (ADC; Hummer, METHODS.md section 10): how much fine-tuning a reward model on
+"""Alignment Dimension Conflict (ADC; Hummer, docs/methods.md): how much fine-tuning a reward model on
 one dimension costs the others.
 
 Protocol: from a base reward model theta_0, fine-tune one copy theta_k per dimension k on that dimension's

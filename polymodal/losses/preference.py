@@ -1,4 +1,4 @@
-"""Pairwise preference losses for reward models (Hummer, METHODS.md section 10)."""
+"""Pairwise preference losses for reward models (Hummer; docs/methods.md)."""
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ steps of the paper map onto:
 1. filtering and caption rewriting: `polymodal data filter` (run before training; train on its output);
 2. key frames: `data.frame_strategy: keyframes` (decoded every epoch), or frames decoded once into shards by
    `polymodal data frames` and read here with `m2raap.frame_shards`;
-3. temporal modelling: `m2raap.temporal` (`kind: stan`, the side branch of METHODS.md section 5);
+3. temporal modelling: `m2raap.temporal` (`kind: stan`, the side branch of docs/methods.md, M2-RAAP);
 4. feature enhancement: `m2raap.similarity: mug` (the Mug head) and `m2raap.acg: true` (auxiliary-caption
    guidance: captions from the manifest field `m2raap.aux_field`, e.g. written by `polymodal data aux-captions`
    with a CoCa captioner; embedded by the text tower and fused by a gated residual).

@@ -1,4 +1,4 @@
-"""Reward models on preference pairs (`method: reward`; Hummer, METHODS.md section 10).
+"""Reward models on preference pairs (`method: reward`; Hummer; docs/methods.md).
 
 `data.train` is a preference JSONL file or a folder of `<dimension>/<split>.jsonl` files
 (`polymodal.data.preference`). The model is our text tower with a scalar head (a new one, or `model.path`

@@ -1,4 +1,4 @@
-"""Two-stream video scene recognition (`method: scene`; METHODS.md section 8, arXiv 2401.04354).
+"""Two-stream video scene recognition (`method: scene`; docs/methods.md, scene, arXiv 2401.04354).
 
 The model is a `polymodal.models.scene.SceneModel` over a `VideoCLIP` (from `model.path`, `model.name`, or a saved
 scene model folder to continue training): a temporal stream and a frame-level stream, each scoring the labels by

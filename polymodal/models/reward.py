@@ -1,4 +1,4 @@
-"""Scalar reward models (Hummer, METHODS.md section 10); their loss is `losses.preference.bradley_terry_loss`.
+"""Scalar reward models (Hummer; docs/methods.md); their loss is `losses.preference.bradley_terry_loss`.
 
 Two backbones share one interface (`format`, `encode`, `forward(ids, mask) -> (B,)`, `score`, `save_pretrained`,
 a `.tokenizer`):

@@ -1,4 +1,4 @@
-"""Two-stream multi-label video scene recognition with label knowledge (METHODS.md section 8).
+"""Two-stream multi-label video scene recognition with label knowledge (docs/methods.md, scene).
 
 A `SceneModel` sits on a `VideoCLIP` (any image-text model we have, wrapped with mean pooling): its image
 tower gives per-frame features, its text tower embeds the label names (the "knowledge").

@@ -8,7 +8,7 @@ Three kinds, chosen by `TemporalConfig.kind`:
   residual to the frame embeddings, then the masked mean (CLIP4Clip's "seqTransf" idea). Its output
   projection is zero-initialised, so at init it *is* mean pooling.
 * "stan": a side branch over the last `stan_layers` blocks of a ViT image tower (STAN, the temporal
-  module M2-RAAP builds on; see docs/METHODS.md section 5). Each branch layer attends across frames
+  module M2-RAAP builds on; see docs/methods.md, M2-RAAP). Each branch layer attends across frames
   per patch (zero-initialised output, added residually) and then runs a spatial block initialised
   as a copy of the matching image block. It works on token states, so it needs the tower's
   per-layer hidden states (`vision_hidden_states`).

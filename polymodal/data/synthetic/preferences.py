@@ -1,6 +1,6 @@
 """A preference world: prompts and responses whose quality on six alignment dimensions is controlled.
 
-Every response is built from a quality bit per dimension (Hummer's six, METHODS.md section 10):
+Every response is built from a quality bit per dimension (Hummer's six, docs/methods.md, Hummer):
 
 - accuracy: the factual slot (the capital of an invented country) is right or wrong;
 - conciseness: without filler (high) or padded with filler phrases that make it longer (low);
