@@ -82,3 +82,38 @@ def test_recipes_are_checked_against_the_world_they_train_on(compound_world, tmp
     evals = [f"eval.tasks=[{{task: video_retrieval, data: {compound_world}/test.jsonl, num_frames: 8}}]"]
     with pytest.raises(ConfigError, match=r"eval video_retrieval num_frames=8: .*set num_frames=4"):
         check_data(load_recipe(f"recipes/{recipe}.yaml", overrides + ["data.num_frames=4"] + evals))
+
+
+def _header_worlds(text: str) -> dict:
+    """`--out FOLDER` -> its flags, for every `polymodal data moving-shapes` line of a recipe header."""
+    import re
+    header = "\n".join(line[1:] for line in text.splitlines() if line.startswith("#")).replace("\\\n", " ")
+    return {m.group(1): m.group(2) for m in re.finditer(r"data moving-shapes --out (\S+)([^\n]*)", header)}
+
+
+def test_every_video_recipe_generates_the_world_it_reads():
+    """A recipe that reads data/moving*/ says how to make that folder, with at least the frames it samples."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    worlds: dict = {}                   # recipes that share a folder generate it alike (none overwrites another's)
+    for path in recipes:
+        for folder, flags in _header_worlds(path.read_text()).items():
+            flags = sorted(flags.split("#")[0].split())
+            first = worlds.setdefault(folder, (path.name, flags))
+            assert first[1] == flags, f"{path.name} and {first[0]} generate {folder} differently: {flags} vs {first[1]}"
+    checked = 0
+    for path in recipes:
+        raw = yaml.safe_load(path.read_text())
+        train = (raw.get("data") or {}).get("train", "")
+        folder = "/".join(train.split("/")[:2])
+        if not re.fullmatch(r"data/moving(_[a-z0-9_]+)?", folder) or folder == "data/moving_frames":
+            continue
+        own = _header_worlds(path.read_text())
+        assert folder in own, f"{path.name} reads {folder} but its header does not generate it"
+        frames = re.search(r"--num-frames (\d+)", own[folder])
+        assert int(frames.group(1) if frames else 16) >= raw["data"].get("num_frames", 8), path.name
+        checked += 1
+    assert checked >= 10
