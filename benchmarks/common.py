@@ -1,6 +1,7 @@
 """What every benchmark shares: the command line basics (`base_parser`: --out, --runs, --seeds, --threads),
 threads (`set_threads`), the machine it ran on (`machine_info`, recorded beside every result), cached synthetic
-worlds (`moving_shapes_world`, `shapes_world`), several seeds (`over_seeds`, `seed_summary`, `paired_difference`,
+worlds (`moving_shapes_world`, `shapes_world`), the CLIP stand-in every video benchmark adapts (`clip_standin`,
+built once and cached by content), several seeds (`over_seeds`, `seed_summary`, `paired_difference`,
 `verdict`: shown / not shown / mixed), mean ± sd text (`pm`, `pm_values`, `pm_diff`), claims as Markdown
 (`claim_lines`), results written atomically (`write_results`, `finish`), and for the recipe comparisons
 (`m2_bilingual.py`, `sycoca_ablation.py`, `pooler_init.py`, `lotlip_ablation.py`) their common options, data
@@ -138,6 +139,67 @@ def shapes_world(data: Path, n_train: int, n_test: int, n_val: int, n_hard: int 
     from polymodal.demo import ensure_shapes
 
     return ensure_shapes(Path(data), n_train, n_test, n_val, n_hard, seed)
+
+
+STANDIN_RECIPE = ROOT / "recipes" / "clip_moving_standin.yaml"
+
+
+def standin_key(data_settings: dict, recipe: Path, overrides: list[str]) -> str:
+    """The content key of a stand-in build: a hash of the data settings, the recipe file's bytes and the
+    overrides (16 hex digits)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(data_settings, sort_keys=True).encode())
+    h.update(Path(recipe).read_bytes())
+    h.update(json.dumps(list(overrides)).encode())
+    return h.hexdigest()[:16]
+
+
+def clip_standin(runs: Path, threads: int = 1, positions: bool = True, image_size: int = 32, num_frames: int = 8,
+                 n_train: int = 8000, n_val: int = 200, steps: int | None = None, seed: int = 0,
+                 recipe: Path = STANDIN_RECIPE, progress: bool = False) -> Path:
+    """The CLIP stand-in every MovingShapes video benchmark adapts, built once and cached by content.
+
+    Generates still MovingShapes frames (`polymodal.data.synthetic.moving_frames`) and trains
+    `recipes/clip_moving_standin.yaml` on them (a normal `polymodal train` run). Both are kept under
+    `<runs>/standin/<key>/`, where the key hashes the data settings, the recipe file and the overrides: a
+    second call with the same inputs returns at once, a changed recipe or setting builds a new one.
+
+    Args:
+        runs: the benchmark's runs folder (several benchmarks may share one: pass the same folder).
+        threads: torch threads for training.
+        positions: captions name the actor's place (the default stand-in) or not.
+        image_size, num_frames: the MovingShapes world the video runs use (frame size, frames per video).
+        n_train, n_val: frames to train on and to report retrieval on.
+        steps: training steps (None = the recipe's).
+        seed: data and training seed.
+        recipe: the recipe file.
+        progress: show progress bars.
+    Returns:
+        The saved model folder (`model.path=` of a video recipe).
+    """
+    from polymodal.data.synthetic.moving_frames import MovingFramesConfig, generate_moving_frames
+    from polymodal.train.reuse import train_or_reuse
+    from polymodal.train.run import load_recipe
+
+    data_settings = {"world": "moving_frames", "n_train": n_train, "n_val": n_val, "n_test": 0, "seed": seed,
+                     "image_size": image_size, "num_frames": num_frames, "positions": positions}
+    extra = [f"train.steps={steps}"] if steps else []
+    extra += [f"train.seed={seed}", f"train.threads={threads or 1}", f"train.progress={str(progress).lower()}"]
+    key = standin_key(data_settings, recipe, extra)
+    folder = Path(runs) / "standin" / key
+    model = folder / "run" / "model"
+    if (model / "config.json").is_file() and (folder / "run" / "final_metrics.json").is_file():
+        return model
+    cfg = MovingFramesConfig(image_size=image_size, num_frames=num_frames, positions=positions)
+    data = cached_world(folder / "data", data_settings,
+                        lambda: generate_moving_frames(folder / "data", n_train, 0, n_val, seed, cfg, progress=progress),
+                        needs=("train.jsonl", "val.jsonl", "classes.json"))
+    run = load_recipe(recipe, [f"out_dir={folder / 'run'}", f"data.train={data / 'train.jsonl'}",
+                               f"eval.retrieval={data / 'val.jsonl'}", f"eval.classes={data / 'classes.json'}", *extra])
+    model_dir, _, _ = train_or_reuse(run)
+    return model_dir
 
 
 # ----------------------------------------------------------------------------- recipe comparisons

@@ -1,7 +1,7 @@
 """M2-RAAP ablation on MovingShapes: add one step at a time (filtering, key frames, STAN, Mug, ACG).
 
-Every run starts from the same tiny CLIP trained on ShapesWorld frames (images; `--pretrain-steps`), which is
-also the frozen filter model. Rows (equal optimizer steps and batch size):
+Every run starts from the CLIP stand-in (`benchmarks/common.py::clip_standin`: `recipes/clip_moving_standin.yaml`
+trained on still MovingShapes frames, built once and cached by content), which is also the frozen filter model. Rows (equal optimizer steps and batch size):
   base         noisy pairs (30% mismatched captions), uniform frames decoded every epoch, mean pooling, cosine
   +filter      pairs filtered by the frozen base model (top `--keep`), same steps
   +keyframes   codec key frames decoded once into frame shards (`write_frame_shards`), training reads the shards
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (base_parser, command_line, moving_shapes_world, pm_values, seed_summary,  # noqa: E402
-                               set_threads, write_results)
+from benchmarks.common import (base_parser, clip_standin, command_line, moving_shapes_world, pm_values,  # noqa: E402
+                               seed_summary, set_threads, write_results)
 
 ROWS = ("base", "+filter", "+keyframes", "+stan", "+mug", "+acg")
 
@@ -54,33 +54,6 @@ def prepare(data: Path, n_train: int, n_test: int, seed: int, num_frames: int, i
     write_manifest(train, noisy)
     write_manifest(with_aux(read_manifest(data / "test.jsonl", media="video").records), test)
     return noisy, test
-
-
-def pretrain_clip(runs: Path, texts_manifest: Path, n_images: int, steps: int, batch: int, image_size: int,
-                  threads: int = 1) -> Path:
-    """A tiny CLIP trained on ShapesWorld images (the "image-text model" M2-RAAP adapts), with a tokenizer that
-    also knows the MovingShapes action words."""
-    import json as _json
-
-    from polymodal.data.synthetic.shapes import ShapesConfig, generate_shapes
-    from polymodal.data.text import train_tokenizer
-    from polymodal.train.run import load_recipe, run_recipe
-    model = runs / "clip_shapes" / "model"
-    if (model / "config.json").is_file():
-        return model
-    shapes = runs / "shapes"
-    generate_shapes(shapes, n_train=n_images, n_test=16, n_val=0, n_hard=0, seed=0,
-                    cfg=ShapesConfig(image_size=image_size), progress=False, workers=1)
-    texts = [_json.loads(line)["caption"] for f in (shapes / "train.jsonl", texts_manifest)
-             for line in open(f, encoding="utf-8")]
-    tok_dir = runs / "tokenizer"
-    train_tokenizer(texts, kind="bpe", vocab_size=400).save(tok_dir)
-    run_recipe(load_recipe(None, [
-        "method=clip", f"out_dir={runs / 'clip_shapes'}", "model.name=tiny", f"tokenizer.path={tok_dir}",
-        f"data.train={shapes / 'train.jsonl'}", f"data.batch_size={batch}", f"train.steps={steps}",
-        "train.log_every=20", "train.ckpt_every=0", "train.progress=false", f"train.threads={threads}",
-        "train.resume=never", "optim.lr=2e-3", "optim.warmup_steps=10"]))
-    return model
 
 
 def order_accuracy(run_model: Path, test: Path, frames: int, strategy: str) -> float:
@@ -125,8 +98,8 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--mismatch", type=float, default=0.3)
     p.add_argument("--keep", type=float, default=0.7, help="filter: top fraction kept")
-    p.add_argument("--pretrain-steps", type=int, default=600, help="CLIP steps on ShapesWorld images")
-    p.add_argument("--pretrain-images", type=int, default=4000)
+    p.add_argument("--pretrain-steps", type=int, default=0, help="stand-in CLIP steps (0 = its recipe's)")
+    p.add_argument("--pretrain-images", type=int, default=8000, help="stand-in CLIP training frames")
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs (minutes)")
     a = p.parse_args(argv)
     if a.quick:
@@ -140,7 +113,8 @@ def main(argv=None) -> dict:
     noisy, test = prepare(runs / "data", a.n_train, a.n_test, 0, 8, a.image_size, a.mismatch)
     n_noisy = sum(1 for _ in open(noisy))
     t0 = time.perf_counter()
-    base = pretrain_clip(runs, noisy, a.pretrain_images, a.pretrain_steps, 64, a.image_size, a.threads)
+    base = clip_standin(runs, a.threads, image_size=a.image_size, n_train=a.pretrain_images,
+                        steps=a.pretrain_steps or None)
     pretrain_secs = time.perf_counter() - t0
     results: dict = {"args": vars(a), "rows": {r: [] for r in ROWS}, "pretrain_seconds": pretrain_secs}
     for seed in a.seeds:

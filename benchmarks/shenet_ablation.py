@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, command_line,  # noqa: E402
+from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, clip_standin, command_line,  # noqa: E402
                                moving_shapes_world, paired_difference, pm_diff, pm_values, seed_summary,
                                set_threads, verdict, write_results)
 
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every run (repeatable)")
+    p.add_argument("--start", choices=("standin", "scratch"), default="standin",
+                   help="standin: every run adapts the CLIP stand-in (benchmarks/common.py::clip_standin, the papers' "
+                        "regime); scratch: random weights (the recipes' model section)")
     p.add_argument("--fresh", action="store_true", help="retrain even when a finished identical run exists")
     p.add_argument("--quick", action="store_true",
                    help="tiny check: 96 train / 32 test videos, 4 frames, 60 steps, width-32 model")
@@ -82,6 +85,8 @@ def run(args) -> dict:
     set_threads(args.threads)
     start = time.time()
     data = world(args)
+    start_from = [] if args.start == "scratch" else [
+        f"model.path={clip_standin(Path(args.runs), args.threads or 1, image_size=args.image_size, num_frames=args.frames)}"]
     rows = []
     for name, _label in VARIANTS:
         for seed in args.seeds:
@@ -90,7 +95,7 @@ def run(args) -> dict:
                 f"data.num_frames={args.num_frames}", f"data.batch_size={args.batch_size}",
                 f"train.steps={args.steps}", f"train.seed={seed}", f"train.ckpt_every={args.steps}",
                 f"train.threads={args.threads}", f"train.progress={'false' if args.quiet else 'true'}",
-                f"optim.warmup_steps={min(50, max(1, args.steps // 10))}", "eval={}", *args.sets])
+                f"optim.warmup_steps={min(50, max(1, args.steps // 10))}", "eval={}", *start_from, *args.sets])
             model_dir, seconds, reused = train_or_reuse(cfg, fresh=args.fresh)
             model = load_model(model_dir).eval()                     # an SHE-Net model: it carries its hierarchy
             m = shenet_retrieval_task(model, data / "test.jsonl", num_frames=args.num_frames)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, command_line, finish,  # noqa: E402
+from benchmarks.common import (VERDICT_RULE, base_parser, claim, claim_lines, clip_standin, command_line, finish,  # noqa: E402
                                moving_shapes_world, paired_difference, pm_diff, pm_values, set_threads, verdict)
 
 KINDS = ("mean", "transformer", "stan")
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every run (repeatable)")
+    p.add_argument("--start", choices=("standin", "scratch"), default="standin",
+                   help="standin: every run adapts the CLIP stand-in (benchmarks/common.py::clip_standin, the papers' "
+                        "regime); scratch: random weights (the recipes' model section)")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -101,6 +104,8 @@ def run(args) -> dict:
     out, runs = Path(args.out), Path(args.runs)
     data = world(args)
     parts = subsets(data)
+    start_from = [] if args.start == "scratch" else [
+        f"model.path={clip_standin(runs, args.threads or 1, image_size=args.image_size, num_frames=args.frames)}"]
     rows = []
     for seed in args.seeds:            # seed-major: an interrupted run still has every kind at the first seeds
         for kind in args.kinds:
@@ -109,7 +114,7 @@ def run(args) -> dict:
                          f"train.progress={'false' if args.quiet else 'true'}", "eval.tasks=[]"]
             if args.threads:
                 overrides.append(f"train.threads={args.threads}")
-            cfg = load_recipe(ROOT / "recipes" / f"video_{kind}.yaml", overrides + list(args.sets))
+            cfg = load_recipe(ROOT / "recipes" / f"video_{kind}.yaml", overrides + start_from + list(args.sets))
             model_dir, seconds, reused = train_or_reuse(cfg, fresh=args.fresh)
             model = load_model(model_dir)
             row = {"kind": kind, "seed": seed, "train_seconds": seconds, "reused": reused,

@@ -33,6 +33,12 @@ def _data_commands() -> dict:
                           "generate a MovingShapes synthetic video-text data set",
                           "Deterministic H.264 videos of moving, growing, recolouring shapes with English and Chinese "
                           "captions, order-sensitive pairs and hierarchical scene labels."),
+        "moving-frames": ("polymodal.data.synthetic.moving_frames:add_cli_arguments",
+                          "polymodal.data.synthetic.moving_frames:main_from_args",
+                          "generate still MovingShapes frames as an image-text set (a video model's pretraining)",
+                          "Single frames of MovingShapes videos (same objects, sizes, places and renderer) captioned "
+                          "with what the frame shows of the actor (--positions: and where it is), for the CLIP a video "
+                          "method adapts (recipes/clip_moving_standin.yaml)."),
         "frames": ("polymodal.data.frame_shards:add_cli_arguments", "polymodal.data.frame_shards:main_from_args",
                    "decode a video manifest once into webdataset shards of frames",
                    "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "

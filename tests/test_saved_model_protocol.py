@@ -46,9 +46,13 @@ def worlds(tmp_path_factory, moving_world):
     generate_preferences(prefs, n_train=48, n_base=24, n_val=16, n_test=24, seed=0)
     counterfactual = tmp_path_factory.mktemp("counterfactual")
     generate_counterfactual(counterfactual, n_train_sets=6, n_eval_sets=3, seed=0)
+    from polymodal.data.synthetic.moving_frames import MovingFramesConfig, generate_moving_frames
+    frames = tmp_path_factory.mktemp("moving_frames")
+    generate_moving_frames(frames, n_train=64, n_test=0, n_val=16, seed=0, cfg=MovingFramesConfig(positions=True),
+                           progress=False)
     return {"shapes": shapes, "shapes_coca": shapes, "shapes_lotlip": shapes, "shapes_m2": shapes, "moving": moving,
             "moving_distractors": moving_world(n_train=32, n_test=8, seed=12, num_frames=8, distractor_fraction=0.8),
-            "prefs": prefs, "counterfactual": counterfactual}
+            "prefs": prefs, "counterfactual": counterfactual, "moving_frames": frames}
 
 
 def _remap(value, worlds: dict, runs: dict, tmp: Path):
