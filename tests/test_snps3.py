@@ -538,3 +538,21 @@ def test_text_mlm_alone_runs_the_text_pass_on_the_masked_caption_and_nothing_els
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits[chosen], labels[chosen]))
     out["loss"].backward()
     assert all(p.grad is None for p in m.vision.parameters())          # the video is never encoded
+
+
+def test_vision_init_copies_a_saved_vit_of_the_same_sizes_and_names_a_mismatch(parts, tmp_path):
+    from polymodal.methods.snps3 import SNPS3Config, init_vision_from
+    from polymodal.models.fusion import create_snps3_model
+    tok, _ = parts
+    torch.manual_seed(0)
+    source = create_snps3_model(SNPS3Config().model_config(), tok)
+    source.save_pretrained(tmp_path / "src")
+    torch.manual_seed(1)
+    model = create_snps3_model(SNPS3Config().model_config(), tok)
+    init_vision_from(model, str(tmp_path / "src"))
+    for (name, a), b in zip(source.vision.state_dict().items(), model.vision.state_dict().values()):
+        assert torch.equal(a, b), name
+    wider = create_snps3_model(SNPS3Config(vision={"image_size": 32, "patch_size": 8, "width": 32, "layers": 2,
+                                                   "heads": 4}).model_config(), tok)
+    with pytest.raises(ValueError, match=r"its ViT differs in width \(64 vs 32\)"):
+        init_vision_from(wider, str(tmp_path / "src"))

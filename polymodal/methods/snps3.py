@@ -73,6 +73,8 @@ class SNPS3Config(ConfigDict):
     top_k: int = 3000                # significant = rank <= top_k
     stop_words: list = field(default_factory=lambda: list(DEFAULT_STOP_WORDS))  # never significant
     significant_words: str = ""      # JSON list; "" = <out_dir>/significant_words.json (counted once)
+    vision_init: str = ""            # a saved model (e.g. the CLIP stand-in) whose ViT initialises this one's
+                                     # (same sizes; from-scratch runs only); "" = random
     lvwm: bool = True                # local vision-word matching loss
     lvwm_k: int = 3                  # LVWM: frames matched per word (top-k)
     level1: str = "auto"             # "moco" (authors: momentum keys, queue negatives) | "in_batch" (MIL-NCE
@@ -334,6 +336,30 @@ def clip_contrast_losses(clips: Tensor, valid: Tensor, temperature: float, text:
 # ---------------------------------------------------------------------------------------------------
 
 
+def init_vision_from(model: nn.Module, path: str) -> None:
+    """Copy the ViT of the saved model at `path` (a CLIP's `visual` or an SNP-S3 model's `vision`) into `model.vision`.
+
+    Raises:
+        ValueError: naming the path and the first mismatch when the towers differ in config.
+    """
+    from dataclasses import asdict
+
+    from ..hub import load_model
+    from ..models.vision import VisionTower
+    src = load_model(path)
+    tower = next((t for t in (getattr(src, "visual", None), getattr(src, "vision", None))
+                  if isinstance(t, VisionTower)), None)
+    if tower is None:
+        raise ValueError(f"snps3.vision_init {path}: a {type(src).__name__} without a ViT tower (visual / vision)")
+    have, want = asdict(tower.config), asdict(model.vision.config)
+    diff = [k for k in want if have.get(k) != want[k]]
+    if diff:
+        raise ValueError(f"snps3.vision_init {path}: its ViT differs in {', '.join(f'{k} ({have.get(k)} vs {want[k]})' for k in diff)}; "
+                         f"set snps3.vision to the same sizes or leave vision_init empty")
+    model.vision.load_state_dict(tower.state_dict())
+    print(f"snps3: ViT initialised from {path}", flush=True)
+
+
 class SNPS3Method(Method):
     """`method: snps3`."""
 
@@ -354,6 +380,8 @@ class SNPS3Method(Method):
             raise ValueError(f"tokenizer.kind: SNP-S3 needs a BERT-style tokenizer with [MASK]; set "
                              f"tokenizer.kind=wordpiece (got {self.run.tokenizer.kind!r})")
         check_block_gather(self.run.loss.gather, "SNP-S3's in-batch MIL-NCE losses support")
+        if self.cfg.vision_init and self.run.model.path:
+            raise ValueError("snps3.vision_init: only for a run from scratch; model.path already brings its ViT")
         if self.run.data.num_frames % self.cfg.frames_per_clip:
             raise ValueError(f"data.num_frames ({self.run.data.num_frames}) must be a multiple of "
                              f"snps3.frames_per_clip ({self.cfg.frames_per_clip})")
@@ -373,6 +401,8 @@ class SNPS3Method(Method):
             model.train()
         else:
             model = create_snps3_model(self.cfg.model_config(), tokenizer)
+            if self.cfg.vision_init:
+                init_vision_from(model, self.cfg.vision_init)
         counts = model.parameter_counts()
         print(f"snps3: parameters shared {counts['shared']:,} | three-encoder {counts['three_encoder']:,} "
               f"({100 * (1 - counts['shared'] / counts['three_encoder']):.1f}% fewer shared)", flush=True)
