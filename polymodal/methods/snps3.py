@@ -376,7 +376,7 @@ class SNPS3Method(Method):
             raise ValueError(f"data.langs: SNP-S3 counts significant words with an English spaCy model, got {d.langs}")
         if getattr(d, "shards", None):
             raise ValueError("data.shards: SNP-S3 trains from a video manifest (data.train), not shards")
-        if not self.run.tokenizer.path and self.run.tokenizer.kind != "wordpiece":
+        if not self.run.tokenizer.path and not self.run.model.path and self.run.tokenizer.kind != "wordpiece":
             raise ValueError(f"tokenizer.kind: SNP-S3 needs a BERT-style tokenizer with [MASK]; set "
                              f"tokenizer.kind=wordpiece (got {self.run.tokenizer.kind!r})")
         check_block_gather(self.run.loss.gather, "SNP-S3's in-batch MIL-NCE losses support")
