@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (VERDICT_RULE, WORLD_STAMP, base_parser, claim, claim_lines,  # noqa: E402
-                               command_line, moving_shapes_world, paired_difference, pm_diff, pm_values,
+                               command_line, leave_plateau_step, moving_shapes_world, paired_difference, pm_diff, pm_values,
                                seed_summary, set_threads, standin_key, verdict, write_results)
 
 VARIANTS = (  # name, label
@@ -45,7 +45,7 @@ VARIANTS = (  # name, label
 PARTS = ("scratch", "standin", "ablation")
 METRICS = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "rerank_text_to_video_R@1",
            "masked_acc_significant", "masked_acc_other", "word_P@1", "word_mAP", "word_chance",
-           "level1_end", "level2_end", "itm_end")
+           "level1_end", "level2_end", "itm_end", "level2_leaves", "itm_leaves")
 
 
 def parse_args(argv=None):
@@ -130,13 +130,17 @@ def _train(recipe: Path, out: Path, overrides: list[str], args) -> dict:
         vals = [r[k] for r in logged if r.get(k) is not None]
         if vals:
             ends[f"{k}_end"] = sum(vals[-5:]) / len(vals[-5:])
+    if any("level2" in r for r in logged):       # first logged step below chance by a margin (None: never)
+        B = cfg.data.batch_size
+        ends["level2_leaves"] = leave_plateau_step(out / "metrics.jsonl", "level2", math.log(2 * B) - 0.1)
+        ends["itm_leaves"] = leave_plateau_step(out / "metrics.jsonl", "itm", math.log(2) - 0.05)
     return {**final, **ends, "train_seconds": seconds}
 
 
 def _row(part: str, name: str, label: str, seed: int, final: dict, task: str) -> dict:
     row = {"part": part, "variant": name, "label": label, "seed": seed, "seconds": round(final["train_seconds"], 1)}
-    row.update({k: final.get(f"eval/{task}/{k}") for k in METRICS if not k.endswith("_end")})
-    row.update({k: final.get(k) for k in METRICS if k.endswith("_end")})
+    row.update({k: final.get(f"eval/{task}/{k}") for k in METRICS if not k.endswith(("_end", "_leaves"))})
+    row.update({k: final.get(k) for k in METRICS if k.endswith(("_end", "_leaves"))})
     return row
 
 
@@ -176,7 +180,9 @@ def run(args) -> dict:
     rows, params = [], {}
     for part, name, label, recipe, extra, task in plan:
         for seed in args.seeds:
-            out = runs / part / f"{name}_s{seed}"
+            # The ablation's "full" is the scratch part's snps3_full run (the same recipe and overrides: reused).
+            out = runs / "scratch" / f"snps3_full_s{seed}" if (part, name) == ("ablation", "full") else \
+                runs / part / f"{name}_s{seed}"
             final = _train(recipe, out, [*shared, f"train.seed={seed}", *extra], args)
             if task == "snps3_retrieval" and name not in params:
                 params[name] = load_model(out / "model").parameter_counts()
@@ -264,6 +270,13 @@ def markdown(result) -> str:
             lines.append(f"| {label} | " + " | ".join(pm_values(_values(rows, part, name, c), digits=2 if c.endswith("_end") else 1)
                                                     for c in COLS) + " |")
         lines.append("")
+        leaves = [(name, seed_row) for name in names for seed_row in rows
+                  if seed_row["part"] == part and seed_row["variant"] == name
+                  and seed_row.get("level2_end") is not None]
+        if leaves:
+            lines += ["Step at which level 2 falls below ln(2B) - 0.1 / ITM below ln 2 - 0.05 (per seed; never = stays on "
+                      "the plateau): " + "; ".join(f"{n} s{r['seed']} {r['level2_leaves'] or 'never'} / "
+                                                 f"{r['itm_leaves'] or 'never'}" for n, r in leaves), ""]
     if result.get("params"):
         lines += ["Parameters: " + ", ".join(f"{k} {v['shared']:,} shared / {v['three_encoder']:,} three-encoder"
                                            for k, v in result["params"].items()), ""]
