@@ -8,6 +8,8 @@ Parts (`--parts`, default all):
   (`caption_mlm_standin`: `recipes/snps3_pretrain_mlm.yaml`, its ViT from the CLIP stand-in) against
   `recipes/video_mean.yaml` from the CLIP stand-in (`benchmarks/common.py::clip_standin`): the same ViT start.
   Both stand-ins are normal `polymodal train` runs, built once and cached by content.
+- `level1_only`: `recipes/snps3_full.yaml` from scratch with every loss but level 1 at weight 0 (no LVWM, no cross
+  pass): whether the other losses, which share the network, hold level 1 back against the video CLIP.
 - `ablation`: `recipes/snps3_{full,mlm,no_lvwm,three_encoder}.yaml` (identical but for one `snps3` switch each).
 
 Every run is evaluated on the test split (200 videos: chance T2V R@5 = 2.5): text->video R@1/5/10 (the dual
@@ -42,7 +44,7 @@ VARIANTS = (  # name, label
     ("full", "MSSM + LVWM (shared network)"),
     ("three_encoder", "MSSM + LVWM, three encoders"),
 )
-PARTS = ("scratch", "standin", "ablation")
+PARTS = ("scratch", "level1_only", "standin", "ablation")
 METRICS = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "rerank_text_to_video_R@1",
            "masked_acc_significant", "masked_acc_other", "word_P@1", "word_mAP", "word_chance",
            "level1_end", "level2_end", "itm_end", "level2_leaves", "itm_leaves")
@@ -164,6 +166,10 @@ def run(args) -> dict:
                   [snps3_eval, *args.sets], "snps3_retrieval"),
                  ("scratch", "video_mean", "video CLIP, mean pooling (video_mean.yaml)", recipes / "video_mean.yaml",
                   [clip_eval], "video_retrieval")]
+    if "level1_only" in args.parts:
+        plan += [("level1_only", "snps3_level1", "SNP-S3 (snps3_full.yaml), level 1 alone",
+                  recipes / "snps3_full.yaml",
+                  [snps3_eval, "snps3.weights={lvwm: 0, level2: 0, itm: 0, mlm: 0}", *args.sets], "snps3_retrieval")]
     standins = {}
     if "standin" in args.parts:
         clip = clip_standin(runs, args.threads, image_size=args.image_size, num_frames=args.frames,
