@@ -8,14 +8,17 @@ baseline. It needs a BERT-style tokenizer with [MASK] (`tokenizer.kind: wordpiec
 Losses (summed with `snps3.weights`, the authors use 1 each); which caption each path sees follows the
 released code: level 1 and LVWM the unmasked caption, the cross pass (MLM, level 2, ITM) the masked one.
 
-- level 1: dual-encoder contrast, MoCo (momentum keys, queue negatives only; on by default) or in-batch
-  MIL-NCE over clips (`snps3.moco: false`);
+- level 1: dual-encoder contrast per clip: MoCo (momentum keys, queue negatives only, keys of the query's own video
+  left out; the authors' setting) from a saved start, in-batch MIL-NCE over clips from random weights
+  (`snps3.level1: auto`; `moco` / `in_batch` force one);
 - LVWM: K significant-token states h_k of the text pass, S = logsumexp_k <h_k, v_clip>, MIL-NCE over clips;
   under DDP the two MIL-NCE losses cover the global batch (`loss.gather: global_with_grad`, the default; see
   `clip_contrast_losses`), the cross-encoder losses below each rank's own batch;
 - level 2: the score MLP on the cross-pooled output for every text x video pair of the batch, MIL-NCE;
 - ITM: the matched pair against one false caption (another video's caption of the batch);
-- MLM on the cross pass with MSSM (`snps3.masking: mssm`) or plain MLM (`mlm`).
+- MLM on the cross pass with MSSM (`snps3.masking: mssm`) or plain MLM (`mlm`);
+- text_mlm (weight 0 unless set): MLM on the text pass over the masked caption, the caption-MLM stand-in's objective
+  (`recipes/snps3_pretrain_mlm.yaml`); passes whose losses all have weight 0 are not run.
 
 Significant words are counted once on the training captions (`polymodal.data.masking`), saved as
 `significant_words.json` in the run folder and carried in the model's config (so a saved model evaluates with the
