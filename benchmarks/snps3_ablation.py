@@ -30,6 +30,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
@@ -118,6 +120,28 @@ def caption_mlm_standin(runs: Path, data: Path, clip: Path, threads: int = 1, st
     return model_dir
 
 
+def key_cosines(model, manifest: Path, limit: int = 64, num_frames: int = 4) -> dict:
+    """How much a model's level-1 features (MoCo's keys) differ between samples: the mean pairwise cosine of the
+    text features of the first `limit` test captions and of their videos' clip features (1.0 = one constant key).
+
+    Args:
+        model: an `SNPS3Model` (eval mode is set here).
+        manifest: a video manifest; limit: its first records; num_frames: frames per video.
+    Returns:
+        {"text_key_cosine", "clip_key_cosine"}.
+    """
+    from polymodal.eval.video_retrieval import retrieval_features
+    model.eval()
+    feats = retrieval_features(model, manifest, "caption", limit, num_frames)
+
+    def mean_cos(x):
+        s = x @ x.T
+        n = len(x)
+        return float((s.sum() - s.diag().sum()) / (n * (n - 1)))
+    clips = feats.video.clips[feats.video.valid]                                         # (M, W) real clips
+    return {"text_key_cosine": mean_cos(feats.text.feature), "clip_key_cosine": mean_cos(clips)}
+
+
 def _train(recipe: Path, out: Path, overrides: list[str], args) -> dict:
     """Train (or reuse an identical finished run of) `recipe` and return its final metrics plus the end of the
     logged SNP-S3 losses (the mean of the last 5 logged values)."""
@@ -175,7 +199,14 @@ def run(args) -> dict:
         clip = clip_standin(runs, args.threads, image_size=args.image_size, num_frames=args.frames,
                             **({"n_train": 256, "n_val": 16, "steps": 20} if args.quick else {}))
         mlm = caption_mlm_standin(runs, data, clip, args.threads, steps=20 if args.quick else None)
-        standins = {"clip": str(clip), "caption_mlm": str(mlm)}
+        from polymodal.methods.snps3 import SNPS3Config
+        from polymodal.models.fusion import create_snps3_model
+        start = load_model(mlm)
+        torch.manual_seed(0)       # the same network from random weights (its tokenizer), as a from-scratch run starts
+        random = create_snps3_model(SNPS3Config(pool="cls").model_config(), start.tokenizer)
+        standins = {"clip": str(clip), "caption_mlm": str(mlm),
+                    "keys": {"caption_mlm_standin": key_cosines(start, data / "test.jsonl", num_frames=nf),
+                             "random_init": key_cosines(random, data / "test.jsonl", num_frames=nf)}}
         plan += [("standin", "snps3_moco", "SNP-S3 (snps3_moco.yaml, MoCo level 1) from the caption-MLM stand-in",
                   recipes / "snps3_moco.yaml", [f"model.path={mlm}", snps3_eval, *args.sets], "snps3_retrieval"),
                  ("standin", "video_mean", "video CLIP, mean pooling, from the CLIP stand-in",
@@ -265,7 +296,11 @@ def markdown(result) -> str:
              f"mean ± sample sd over seeds; chance T2V R@5 {500 / s['n_test']:.1f}). Synthetic numbers; not a "
              "reproduction of the paper's.", "", f"Command: `{result['command']}`", ""]
     if result.get("standins"):
-        lines += [f"Stand-ins: CLIP `{result['standins']['clip']}`, caption MLM `{result['standins']['caption_mlm']}`.", ""]
+        st = result["standins"]
+        lines += [f"Stand-ins: CLIP `{st['clip']}`, caption MLM `{st['caption_mlm']}`. MoCo keys at the start (mean "
+                  "pairwise cosine over 64 test captions / their clips; 1 = a constant key): " +
+                  "; ".join(f"{k}: text {v['text_key_cosine']:.3f}, clips {v['clip_key_cosine']:.3f}"
+                            for k, v in st["keys"].items()), ""]
     for part in PARTS:
         names = list(dict.fromkeys(r["variant"] for r in rows if r["part"] == part))
         if not names:
