@@ -142,6 +142,17 @@ def key_cosines(model, manifest: Path, limit: int = 64, num_frames: int = 4) -> 
     return {"text_key_cosine": mean_cos(feats.text.feature), "clip_key_cosine": mean_cos(clips)}
 
 
+def start_recall(clip: Path, mlm: Path, manifest: Path, num_frames: int) -> dict:
+    """T2V R@5 of the two starts before any video training: the CLIP stand-in zero-shot (frame mean) and the
+    caption-MLM stand-in's level 1 (its own run's evaluation)."""
+    from polymodal.eval.video_retrieval import video_retrieval_eval
+    from polymodal.hub import load_model
+    zero_shot = video_retrieval_eval(load_model(clip).eval(), manifest, num_frames=num_frames)
+    mlm_final = json.loads((Path(mlm).parent / "final_metrics.json").read_text())
+    return {"clip_standin_zero_shot": zero_shot["text_to_video_R@5"],
+            "caption_mlm_standin": mlm_final["eval/snps3_retrieval/text_to_video_R@5"]}
+
+
 def _train(recipe: Path, out: Path, overrides: list[str], args) -> dict:
     """Train (or reuse an identical finished run of) `recipe` and return its final metrics plus the end of the
     logged SNP-S3 losses (the mean of the last 5 logged values)."""
@@ -206,7 +217,8 @@ def run(args) -> dict:
         random = create_snps3_model(SNPS3Config(pool="cls").model_config(), start.tokenizer)
         standins = {"clip": str(clip), "caption_mlm": str(mlm),
                     "keys": {"caption_mlm_standin": key_cosines(start, data / "test.jsonl", num_frames=nf),
-                             "random_init": key_cosines(random, data / "test.jsonl", num_frames=nf)}}
+                             "random_init": key_cosines(random, data / "test.jsonl", num_frames=nf)},
+                    "start_t2v_R@5": start_recall(clip, mlm, data / "test.jsonl", nf)}
         plan += [("standin", "snps3_moco", "SNP-S3 (snps3_moco.yaml, MoCo level 1) from the caption-MLM stand-in",
                   recipes / "snps3_moco.yaml", [f"model.path={mlm}", snps3_eval, *args.sets], "snps3_retrieval"),
                  ("standin", "video_mean", "video CLIP, mean pooling, from the CLIP stand-in",
@@ -300,7 +312,9 @@ def markdown(result) -> str:
         lines += [f"Stand-ins: CLIP `{st['clip']}`, caption MLM `{st['caption_mlm']}`. MoCo keys at the start (mean "
                   "pairwise cosine over 64 test captions / their clips; 1 = a constant key): " +
                   "; ".join(f"{k}: text {v['text_key_cosine']:.3f}, clips {v['clip_key_cosine']:.3f}"
-                            for k, v in st["keys"].items()), ""]
+                            for k, v in st["keys"].items()) +
+                  ". T2V R@5 of the starts before video training: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in st["start_t2v_R@5"].items()) + ".", ""]
     for part in PARTS:
         names = list(dict.fromkeys(r["variant"] for r in rows if r["part"] == part))
         if not names:
