@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p = base_parser(__doc__, "docs/results/snps3", "runs/snps3", seeds=[0, 1, 2], threads=1,
                     out_help="where results.json / results.md go")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--variants", nargs="+", default=[v for v, _ in VARIANTS], choices=[v for v, _ in VARIANTS],
+                   help="the ablation's variants (e.g. to split them over processes; the table needs all)")
     p.add_argument("--data", default="", help="MovingShapes folder (default <runs>/data)")
     p.add_argument("--recipes", default=str(ROOT / "recipes"))
     p.add_argument("--n-train", type=int, default=2000)
@@ -225,7 +227,7 @@ def run(args) -> dict:
                   recipes / "video_mean.yaml", [f"model.path={clip}", clip_eval], "video_retrieval")]
     if "ablation" in args.parts:
         plan += [("ablation", name, label, recipes / f"snps3_{name}.yaml", [snps3_eval, *args.sets], "snps3_retrieval")
-                 for name, label in VARIANTS]
+                 for name, label in VARIANTS if name in args.variants]
     rows, params = [], {}
     for part, name, label, recipe, extra, task in plan:
         for seed in args.seeds:
