@@ -13,6 +13,8 @@ Parts (`--parts`, default all):
 - `level1_clip4`: the same with `snps3.frames_per_clip=4` (one clip = the mean of the 4 frames, as the video CLIP
   pools): whether scoring single frames as clips holds level 1 back (a caption like "changes colour from red to
   orange" describes no single frame).
+- `level1_t07`: level 1 alone with temperature 0.07 (the video CLIP's learned logit scale ends near 13.5, T 0.074;
+  SNP-S3's is fixed at 0.05).
 - `ablation`: `recipes/snps3_{full,mlm,no_lvwm,three_encoder}.yaml` (identical but for one `snps3` switch each).
 
 Every run is evaluated on the test split (200 videos: chance T2V R@5 = 2.5): text->video R@1/5/10 (the dual
@@ -49,7 +51,7 @@ VARIANTS = (  # name, label
     ("full", "MSSM + LVWM (shared network)"),
     ("three_encoder", "MSSM + LVWM, three encoders"),
 )
-PARTS = ("scratch", "level1_only", "level1_clip4", "standin", "ablation")
+PARTS = ("scratch", "level1_only", "level1_clip4", "level1_t07", "standin", "ablation")
 METRICS = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10", "rerank_text_to_video_R@1",
            "masked_acc_significant", "masked_acc_other", "word_P@1", "word_mAP", "word_chance",
            "level1_end", "level2_end", "itm_end", "level2_leaves", "itm_leaves")
@@ -214,6 +216,11 @@ def run(args) -> dict:
         plan += [("level1_clip4", "snps3_level1_clip4", "SNP-S3 (snps3_full.yaml), level 1 alone, 4-frame clips",
                   recipes / "snps3_full.yaml",
                   [snps3_eval, "snps3.weights={lvwm: 0, level2: 0, itm: 0, mlm: 0}", "snps3.frames_per_clip=4",
+                   *args.sets], "snps3_retrieval")]
+    if "level1_t07" in args.parts:
+        plan += [("level1_t07", "snps3_level1_t07", "SNP-S3 (snps3_full.yaml), level 1 alone, T 0.07",
+                  recipes / "snps3_full.yaml",
+                  [snps3_eval, "snps3.weights={lvwm: 0, level2: 0, itm: 0, mlm: 0}", "snps3.temperature=0.07",
                    *args.sets], "snps3_retrieval")]
     standins = {}
     if "standin" in args.parts:
