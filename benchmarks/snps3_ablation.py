@@ -285,6 +285,21 @@ def claims(rows, params, args) -> list[dict]:
         out.append(claim(f"{part}: SNP-S3 at least matches the mean-pooled video CLIP from the same start at equal "
                          f"steps (R@5)", f"{f(part, snps3, r5)} vs {f(part, 'video_mean', r5)}; paired {pm_diff(diff)}",
                          verdict(diff, ties_agree=True)))
+    # Causes of a gap to the video CLIP from scratch (each a paired difference over the same seeds).
+    causes = (("level1_only", "snps3_level1", "scratch", "snps3_full",
+               "the other losses (LVWM, level 2, ITM, MLM) hold level 1 back: level 1 alone retrieves better"),
+              ("level1_clip4", "snps3_level1_clip4", "level1_only", "snps3_level1",
+               "single-frame clips hold level 1 back: 4-frame clips (the video CLIP's mean) retrieve better"),
+              ("level1_t07", "snps3_level1_t07", "level1_only", "snps3_level1",
+               "the fixed temperature holds level 1 back: T 0.07 (the video CLIP's learned scale) retrieves better"),
+              ("level1_clip4", "snps3_level1_clip4", "scratch", "video_mean",
+               "level 1 alone with 4-frame clips at least matches the video CLIP"))
+    for part_a, a, part_b, b, text in causes:
+        va, vb = _values(rows, part_a, a, r5), _values(rows, part_b, b, r5)
+        if va and vb and len(va) == len(vb):
+            d = paired_difference(va, vb)
+            out.append(claim(f"scratch: {text} (R@5)", f"{f(part_a, a, r5)} vs {f(part_b, b, r5)}; paired {pm_diff(d)}",
+                             verdict(d, ties_agree="at least" in text)))
     if _values(rows, "ablation", "full", r5):
         sig = "masked_acc_significant"
         out.append(claim("MSSM raises masked-token accuracy on significant words over plain MLM",
