@@ -10,8 +10,8 @@ Parts (`--parts`, default all):
   Both stand-ins are normal `polymodal train` runs, built once and cached by content.
 - `level1_only`: `recipes/snps3_full.yaml` from scratch with every loss but level 1 at weight 0 (no LVWM, no cross
   pass): whether the other losses, which share the network, hold level 1 back against the video CLIP.
-- `level1_clip4`: the same with `snps3.frames_per_clip=4` (one clip = the mean of the 4 frames, as the video CLIP
-  pools): whether scoring single frames as clips holds level 1 back (a caption like "changes colour from red to
+- `level1_clip4`: the same with `snps3.frames_per_clip` = `--num-frames` (4: one clip = the mean of all frames, as
+  the video CLIP pools): whether scoring single frames as clips holds level 1 back (a caption like "changes colour from red to
   orange" describes no single frame).
 - `level1_t07`: level 1 alone with temperature 0.07 (the video CLIP's learned logit scale ends near 13.5, T 0.074;
   SNP-S3's is fixed at 0.05).
@@ -213,9 +213,9 @@ def run(args) -> dict:
                   recipes / "snps3_full.yaml",
                   [snps3_eval, "snps3.weights={lvwm: 0, level2: 0, itm: 0, mlm: 0}", *args.sets], "snps3_retrieval")]
     if "level1_clip4" in args.parts:
-        plan += [("level1_clip4", "snps3_level1_clip4", "SNP-S3 (snps3_full.yaml), level 1 alone, 4-frame clips",
+        plan += [("level1_clip4", "snps3_level1_clip4", f"SNP-S3 (snps3_full.yaml), level 1 alone, one clip of all {nf} frames",
                   recipes / "snps3_full.yaml",
-                  [snps3_eval, "snps3.weights={lvwm: 0, level2: 0, itm: 0, mlm: 0}", "snps3.frames_per_clip=4",
+                  [snps3_eval, "snps3.weights={lvwm: 0, level2: 0, itm: 0, mlm: 0}", f"snps3.frames_per_clip={nf}",
                    *args.sets], "snps3_retrieval")]
     if "level1_t07" in args.parts:
         plan += [("level1_t07", "snps3_level1_t07", "SNP-S3 (snps3_full.yaml), level 1 alone, T 0.07",
