@@ -357,8 +357,9 @@ def init_vision_from(model: nn.Module, path: str) -> None:
     have, want = asdict(tower.config), asdict(model.vision.config)
     diff = [k for k in want if have.get(k) != want[k]]
     if diff:
-        raise ValueError(f"snps3.vision_init {path}: its ViT differs in {', '.join(f'{k} ({have.get(k)} vs {want[k]})' for k in diff)}; "
-                         f"set snps3.vision to the same sizes or leave vision_init empty")
+        what = ", ".join(f"{k} ({have.get(k)} vs {want[k]})" for k in diff)
+        raise ValueError(f"snps3.vision_init {path}: its ViT differs in {what}; set snps3.vision to the same sizes or "
+                         f"leave vision_init empty")
     model.vision.load_state_dict(tower.state_dict())
     print(f"snps3: ViT initialised from {path}", flush=True)
 
