@@ -238,7 +238,7 @@ def test_task_checkpoint_resumes_moco_state_exactly(world, parts):
     from polymodal.methods.snps3 import SNPS3Config, SNPS3Task
     from polymodal.models.fusion import create_snps3_model
     tok, rule = parts
-    cfg = SNPS3Config(queue_size=16, momentum=0.9)
+    cfg = SNPS3Config(queue_size=64, momentum=0.9, level1="moco")
 
     def make():
         torch.manual_seed(0)
@@ -251,9 +251,10 @@ def test_task_checkpoint_resumes_moco_state_exactly(world, parts):
     out = a(batches[0])
     out["loss"].backward()
     opt.step()
-    assert int(a.text_queue.ptr) == 6 and int(a.video_queue.filled) == 6
+    clips = int(batches[0]["frame_valid"].sum())                       # one clip key per real frame here
+    assert int(a.text_queue.ptr) == 6 and int(a.clip_queue.filled) == clips
     state = {k: v.clone() for k, v in a.state_dict().items()}
-    assert any(k.startswith("momentum.") for k in state) and "text_queue.keys" in state
+    assert any(k.startswith("momentum.") for k in state) and "text_queue.keys" in state and "clip_queue.owner" in state
     b = make()
     b.load_state_dict(state)
     for t in (a, b):
@@ -265,11 +266,12 @@ def test_task_checkpoint_resumes_moco_state_exactly(world, parts):
     assert la == lb
     a.train(), b.train()
     for t in (a, b):
-        t.model.score_head[2].p = 0.0                                  # dropout off for an exact comparison
+        t.model.score_head[0].p = 0.0                                  # dropout off for an exact comparison
         torch.manual_seed(3)
         t(batches[2])
     assert torch.equal(a.text_queue.keys, b.text_queue.keys) and int(a.text_queue.ptr) == int(b.text_queue.ptr) == 12
-    assert torch.equal(a.momentum.text_head[0].weight, b.momentum.text_head[0].weight)
+    assert torch.equal(a.clip_queue.owner, b.clip_queue.owner)
+    assert torch.equal(a.momentum.text_pooler[0].weight, b.momentum.text_pooler[0].weight)
 
 
 def test_snps3_recipe_trains_a_tiny_model_above_chance(world, tmp_path, monkeypatch):
@@ -281,7 +283,7 @@ def test_snps3_recipe_trains_a_tiny_model_above_chance(world, tmp_path, monkeypa
         "method=snps3", f"out_dir={tmp_path}/run", f"data.train={world}/train.jsonl", "data.batch_size=16",
         "data.num_frames=2", "train.steps=100", "train.log_every=10", "train.ckpt_every=0", "train.progress=false",
         "train.threads=1", "optim.lr=2e-3", "optim.warmup_steps=5", "optim.clip_grad=5", "tokenizer.kind=wordpiece",
-        "tokenizer.vocab_size=300", "snps3={moco: false}",
+        "tokenizer.vocab_size=300", "snps3={level1: in_batch}",
         f"eval={{tasks: [{{task: snps3_retrieval, data: {world}/train.jsonl, num_frames: 2, limit: 48, "
         f"rerank_top_k: 5, max_mask_queries: 300}}]}}"])
     final = run_recipe(cfg)
@@ -379,3 +381,178 @@ def test_snps3_refuses_a_gather_mode_its_mil_nce_blocks_cannot_do(world, tmp_pat
                                           "global_with_grad"):
         load_recipe(None, ["method=snps3", f"out_dir={tmp_path}/run", f"data.train={world}/train.jsonl",
                            "tokenizer.kind=wordpiece", "loss.gather=grouped"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Level 1 as in the release (issue 31): no text head, per-clip MoCo, same-video keys out of the queue
+# ---------------------------------------------------------------------------------------------------
+def test_level1_text_feature_is_the_normalised_pooler_output_with_no_head(parts):
+    import torch.nn.functional as F
+    from polymodal.methods.snps3 import SNPS3Config
+    from polymodal.models.fusion import create_snps3_model
+    tok, _ = parts
+    torch.manual_seed(0)
+    model = create_snps3_model(SNPS3Config().model_config(), tok).eval()
+    ids = tok(["a red circle moves left", "a big blue square"])
+    enc = model.text_encoder
+    h = enc.encode(enc.embeddings(ids, token_type=0), ids != tok.pad_id)
+    want = F.normalize(model.text_pooler(h[:, 0]), dim=-1)                       # BERT pooler(CLS), normalised
+    torch.testing.assert_close(model.text_pass(ids).feature, want)
+    assert not any(n.startswith("text_head") for n, _ in model.named_parameters())
+    mlp = create_snps3_model(SNPS3Config(text_head="mlp").model_config(), tok)  # our former head, now an option
+    assert any(n.startswith("text_head") for n, _ in mlp.named_parameters())
+
+
+def _moco_task(tok, exclude: bool, temperature: float = 0.5):
+    import torch.nn.functional as F
+    from polymodal.methods.snps3 import SNPS3Config, SNPS3Task
+    from polymodal.models.fusion import create_snps3_model
+    torch.manual_seed(0)
+    cfg = SNPS3Config(level1="moco", queue_size=8, temperature=temperature, queue_exclude_own=exclude,
+                      weights={"lvwm": 0, "level2": 0, "itm": 0, "mlm": 0})
+    task = SNPS3Task(create_snps3_model(cfg.model_config(), tok), cfg).eval()   # eval: no EMA step, no enqueue
+    g = torch.Generator().manual_seed(1)
+    W = task.model.config.text.width
+    for q in (task.text_queue, task.clip_queue):
+        q.enqueue(F.normalize(torch.randn(8, W, generator=g), dim=-1), torch.arange(100, 108))
+    return task
+
+
+def _moco_reference(task, batch, pad_id, temperature: float = 0.5):
+    """The release's per-clip MoCo loss by loops: each valid clip against its video's text key, each text against
+    all of its video's clip keys (summed in the numerator); queue keys as negatives, minus those of the query's own
+    video when the task excludes them. The momentum copies still equal the model (no EMA step yet)."""
+    from polymodal.data.text import trim_padding
+    m, T = task.model, temperature
+    ids = trim_padding(batch["input_ids"], pad_id)
+    with torch.no_grad():
+        t = m.text_pass(ids).feature
+        vp = m.video_pass(batch["frames"], batch["frame_valid"])
+
+    def negatives(queue, q, owner):
+        keep = [k for k in range(queue.size) if not (task.cfg.queue_exclude_own and int(queue.owner[k]) == owner)]
+        return sum(torch.exp(queue.keys[k] @ q / T) for k in keep)
+
+    clip_losses, text_losses = [], []
+    for i in range(len(ids)):
+        owner = int(batch["index"][i])
+        valid = [c for c in range(vp.clips.shape[1]) if vp.valid[i, c]]
+        for c in valid:
+            pos = torch.exp(vp.clips[i, c] @ t[i] / T)
+            clip_losses.append(-torch.log(pos / (pos + negatives(task.text_queue, vp.clips[i, c], owner))))
+        pos = sum(torch.exp(t[i] @ vp.clips[i, c] / T) for c in valid)
+        text_losses.append(-torch.log(pos / (pos + negatives(task.clip_queue, t[i], owner))))
+    return (torch.stack(clip_losses).mean() + torch.stack(text_losses).mean()) / 2
+
+
+def test_moco_level1_scores_every_clip_and_takes_all_clip_keys_of_the_video_as_positives(world, parts):
+    tok, rule = parts
+    task = _moco_task(tok, exclude=False)
+    b = _batch(world, tok, rule, task.model, n=4)
+    with torch.no_grad():
+        got = task(b)["level1"]
+    torch.testing.assert_close(got, _moco_reference(task, b, tok.pad_id), rtol=1e-5, atol=1e-5)
+
+
+def test_moco_queue_leaves_out_keys_of_the_querys_own_video(world, parts):
+    tok, rule = parts
+    losses = {}
+    for exclude in (True, False):
+        task = _moco_task(tok, exclude=exclude)
+        b = _batch(world, tok, rule, task.model, n=4)
+        own = int(b["index"][0])
+        with torch.no_grad():          # an earlier step's keys of video 0 (here: its current features) in both queues
+            from polymodal.data.text import trim_padding
+            kt = task.model.text_pass(trim_padding(b["input_ids"], tok.pad_id)).feature[:1]
+            kc = task.model.video_pass(b["frames"][:1], b["frame_valid"][:1]).clips[0, :2]
+            task.text_queue.enqueue(kt, torch.tensor([own]))
+            task.clip_queue.enqueue(kc, torch.tensor([own, own]))
+            losses[exclude] = task(b)["level1"]
+        torch.testing.assert_close(losses[exclude], _moco_reference(task, b, tok.pad_id), rtol=1e-5, atol=1e-5)
+    # The stale keys of the positive are near-duplicates of it: kept as negatives they raise the loss.
+    assert float(losses[False]) > float(losses[True]) + 0.01
+
+
+def test_key_queue_keeps_owners_and_leaves_out_padding_rows():
+    from polymodal.losses.matching import KeyQueue
+    q = KeyQueue(4, 2)
+    assert q.others_than(torch.tensor([5])).all()                      # random start keys belong to no video
+    q.enqueue_from_all_ranks(torch.eye(2).repeat(2, 1), torch.tensor([7, 7, 8, 8]),
+                             keep=torch.tensor([True, False, True, True]))
+    assert int(q.filled) == 3 and q.owner[:3].tolist() == [7, 8, 8]
+    assert q.others_than(torch.tensor([8, 9])).tolist() == [[True, False, False, True], [True, True, True, True]]
+
+
+def test_level1_auto_is_in_batch_from_scratch_and_moco_from_a_saved_start(world, tmp_path):
+    from pathlib import Path
+    from polymodal.train.run import load_recipe
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "snps3_full.yaml"
+    base = [f"out_dir={tmp_path}/run", f"data.train={world}/train.jsonl"]
+    scratch = load_recipe(recipe, base).method_impl
+    assert scratch.cfg.level1 == "auto" and not scratch.uses_moco()
+    assert load_recipe(recipe, base + [f"model.path={tmp_path}/start"]).method_impl.uses_moco()
+    assert load_recipe(recipe, base + ["snps3.level1=moco"]).method_impl.uses_moco()
+
+
+def test_video_score_is_the_logsumexp_over_clips_of_the_text_clip_cosines(world, parts):
+    from polymodal.methods.snps3 import SNPS3Config
+    from polymodal.models.fusion import SNPS3TextFeatures, create_snps3_model
+    tok, rule = parts
+    torch.manual_seed(0)
+    model = create_snps3_model(SNPS3Config().model_config(), tok).eval()
+    b = _batch(world, tok, rule, model, n=3)
+    b["frame_valid"][1, 2:] = False                                     # video 1 has fewer real frames
+    with torch.no_grad():
+        video = model.video_features(b["frames"], b["frame_valid"])
+        ids = b["input_ids"]
+        text = SNPS3TextFeatures(model.text_pass(ids).feature, None, ids)
+        got, pairs = model.similarity(text, video), model.similarity(text, video, pairs=True)
+    want = torch.zeros(3, 3)
+    for i in range(3):
+        for j in range(3):
+            want[i, j] = torch.log(sum(torch.exp(text.feature[i] @ video.clips[j, c])
+                                       for c in range(video.clips.shape[1]) if video.valid[j, c]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pairs, want.diag(), rtol=1e-5, atol=1e-5)
+
+
+def test_text_mlm_alone_runs_the_text_pass_on_the_masked_caption_and_nothing_else(world, parts):
+    import torch.nn.functional as F
+    from polymodal.data.text import trim_padding
+    from polymodal.methods.snps3 import SNPS3Config, SNPS3Task
+    from polymodal.models.fusion import create_snps3_model
+    tok, rule = parts
+    torch.manual_seed(0)
+    cfg = SNPS3Config(weights={"level1": 0, "lvwm": 0, "level2": 0, "itm": 0, "mlm": 0, "text_mlm": 1})
+    task = SNPS3Task(create_snps3_model(cfg.model_config(), tok), cfg).eval()
+    b = _batch(world, tok, rule, task.model)
+    out = task(b)
+    assert {k for k in out if not k.startswith("text_mlm_acc")} == {"loss", "text_mlm"}
+    L = trim_padding(b["input_ids"], tok.pad_id).shape[1]
+    masked, labels = b["masked_ids"][:, :L], b["mlm_labels"][:, :L]
+    m, enc = task.model, task.model.text_encoder
+    h = enc.encode(enc.embeddings(masked, token_type=0), masked != tok.pad_id)
+    head = m.mlm_head
+    logits = F.linear(head.norm(F.gelu(head.dense(h))), enc.embeddings.word.weight, head.bias)
+    chosen = labels != IGNORE_INDEX
+    torch.testing.assert_close(out["loss"], F.cross_entropy(logits[chosen], labels[chosen]))
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.vision.parameters())          # the video is never encoded
+
+
+def test_vision_init_copies_a_saved_vit_of_the_same_sizes_and_names_a_mismatch(parts, tmp_path):
+    from polymodal.methods.snps3 import SNPS3Config, init_vision_from
+    from polymodal.models.fusion import create_snps3_model
+    tok, _ = parts
+    torch.manual_seed(0)
+    source = create_snps3_model(SNPS3Config().model_config(), tok)
+    source.save_pretrained(tmp_path / "src")
+    torch.manual_seed(1)
+    model = create_snps3_model(SNPS3Config().model_config(), tok)
+    init_vision_from(model, str(tmp_path / "src"))
+    for (name, a), b in zip(source.vision.state_dict().items(), model.vision.state_dict().values()):
+        assert torch.equal(a, b), name
+    wider = create_snps3_model(SNPS3Config(vision={"image_size": 32, "patch_size": 8, "width": 32, "layers": 2,
+                                                   "heads": 4}).model_config(), tok)
+    with pytest.raises(ValueError, match=r"its ViT differs in width \(64 vs 32\)"):
+        init_vision_from(wider, str(tmp_path / "src"))

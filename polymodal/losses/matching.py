@@ -74,30 +74,48 @@ def itm_loss(logits_pos: Tensor, logits_neg: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def moco_loss(q: Tensor, k_pos: Tensor, queue: Tensor, temperature: float) -> Tensor:
-    """InfoNCE of queries against their positive key and the queue's keys as the only negatives.
+def moco_loss(q: Tensor, k_pos: Tensor, queue: Tensor, temperature: float, pos_valid: Tensor | None = None,
+              neg_valid: Tensor | None = None) -> Tensor:
+    """MoCo InfoNCE of queries against their positive key(s), with the queue's keys as the only negatives.
+
+    With several positives per query (SNP-S3's text query against all clip keys of its video) the numerator is the
+    logsumexp over them: loss = logsumexp(cat(pos, neg) / T) - logsumexp(pos / T), as in the authors' release. With one
+    positive it is the usual cross-entropy with the positive at index 0.
 
     Args:
         q: (B, D) L2-normalised queries.
-        k_pos: (B, D) L2-normalised positive keys (from the momentum encoder, no gradient).
+        k_pos: (B, D) or (B, P, D) L2-normalised positive keys (from the momentum encoder, no gradient).
         queue: (Q, D) L2-normalised negative keys.
         temperature: softmax temperature.
+        pos_valid: optional (B, P) bool, False for padding positives (each row needs at least one True).
+        neg_valid: optional (B, Q) bool, False for queue keys left out of query i's negatives (e.g. keys of its
+            own video enqueued at an earlier step).
     Returns:
-        Scalar loss.
+        Scalar mean loss over the B queries.
     """
-    pos = (q * k_pos).sum(-1, keepdim=True)                                         # (B, 1)
-    neg = q @ queue.T                                                                # (B, Q)
-    logits = torch.cat([pos, neg], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    k_pos = k_pos[:, None] if k_pos.dim() == 2 else k_pos                              # (B, P, D)
+    pos = torch.einsum("bd,bpd->bp", q, k_pos) / temperature                          # (B, P)
+    neg = q @ queue.T / temperature                                                  # (B, Q)
+    if pos_valid is not None:
+        pos = pos.masked_fill(~pos_valid.bool(), float("-inf"))
+    if neg_valid is not None:
+        neg = neg.masked_fill(~neg_valid.bool(), float("-inf"))
+    return (torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - torch.logsumexp(pos, dim=1)).mean()
 
 
 class KeyQueue(nn.Module):
-    """A FIFO of L2-normalised keys (MoCo). All state lives in buffers, so a checkpoint resumes it exactly.
+    """A FIFO of L2-normalised keys (MoCo), each with the id of the sample (video) it came from. All state lives in
+    buffers, so a checkpoint resumes it exactly.
+
+    The owner ids let a query leave out keys of its own video that an earlier step enqueued (`others_than`):
+    once the queue covers a good part of the training set, those stale keys of the positive would otherwise be
+    negatives.
 
     Args:
         size: number of keys Q.
         dim: key width D.
-    Buffers: `keys` (Q, D), `ptr` () the next slot, `filled` () how many slots hold real keys.
+    Buffers: `keys` (Q, D) (random unit vectors before any enqueue, as in MoCo), `owner` (Q,) the sample id of each
+    key (-1 for the random start keys), `ptr` () the next slot, `filled` () how many slots hold real keys.
     """
 
     def __init__(self, size: int, dim: int):
@@ -105,6 +123,7 @@ class KeyQueue(nn.Module):
         if size < 1:
             raise ValueError(f"queue size must be >= 1, got {size}")
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=-1))
+        self.register_buffer("owner", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
@@ -117,23 +136,40 @@ class KeyQueue(nn.Module):
         n = int(self.filled)
         return self.keys if n >= self.size else self.keys[:n]
 
+    def others_than(self, owners: Tensor) -> Tensor:
+        """(B, Q) bool: True where the queue's key belongs to another sample than `owners` (B,) (random start keys
+        belong to none)."""
+        return self.owner[None, :] != owners.to(self.owner.device)[:, None]
+
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        """Write (B, D) keys at the pointer, wrapping around and overwriting the oldest (dequeue)."""
+    def enqueue(self, keys: Tensor, owners: Tensor | None = None) -> None:
+        """Write (B, D) keys (and their (B,) sample ids; -1 when None) at the pointer, wrapping around and
+        overwriting the oldest (dequeue)."""
         keys = keys.detach().to(self.keys.dtype)
+        owners = (torch.full((len(keys),), -1, dtype=torch.long) if owners is None else owners.detach().long())
+        owners = owners.to(self.owner.device)
         if len(keys) > self.size:
-            keys = keys[-self.size:]
+            keys, owners = keys[-self.size:], owners[-self.size:]
         B, p = len(keys), int(self.ptr)
         slots = (torch.arange(B, device=self.keys.device) + p) % self.size
         self.keys[slots] = keys
+        self.owner[slots] = owners
         self.ptr.fill_((p + B) % self.size)
         self.filled.fill_(min(int(self.filled) + B, self.size))
 
     @torch.no_grad()
-    def enqueue_from_all_ranks(self, keys: Tensor) -> None:
-        """Enqueue every rank's (B, D) keys in rank order (MoCo's gather before the enqueue): under DDP all
-        queues then hold the same keys from the whole global batch; in one process this is `enqueue`."""
-        self.enqueue(all_gather_no_grad(keys.detach().contiguous()))
+    def enqueue_from_all_ranks(self, keys: Tensor, owners: Tensor | None = None, keep: Tensor | None = None) -> None:
+        """Enqueue every rank's (B, D) keys (and (B,) owners) in rank order (MoCo's gather before the enqueue):
+        under DDP all queues then hold the same keys from the whole global batch; in one process this is `enqueue`.
+        `keep` (B,) bool leaves rows out (padding clips), after the gather so every rank gathers the same shape."""
+        if owners is None:
+            owners = torch.full((len(keys),), -1, dtype=torch.long, device=keys.device)
+        if keep is None:
+            keep = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
+        keys = all_gather_no_grad(keys.detach().contiguous())
+        owners = all_gather_no_grad(owners.detach().long().contiguous())
+        keep = all_gather_no_grad(keep.detach().long().contiguous()).bool()      # gloo gathers no bool
+        self.enqueue(keys[keep], owners[keep])
 
 
 __all__ = ["mil_nce", "mil_nce_blocks", "itm_loss", "moco_loss", "KeyQueue"]

@@ -8,14 +8,17 @@ baseline. It needs a BERT-style tokenizer with [MASK] (`tokenizer.kind: wordpiec
 Losses (summed with `snps3.weights`, the authors use 1 each); which caption each path sees follows the
 released code: level 1 and LVWM the unmasked caption, the cross pass (MLM, level 2, ITM) the masked one.
 
-- level 1: dual-encoder contrast, MoCo (momentum keys, queue negatives only; on by default) or in-batch
-  MIL-NCE over clips (`snps3.moco: false`);
+- level 1: dual-encoder contrast per clip: MoCo (momentum keys, queue negatives only, keys of the query's own video
+  left out; the authors' setting) from a saved start, in-batch MIL-NCE over clips from random weights
+  (`snps3.level1: auto`; `moco` / `in_batch` force one);
 - LVWM: K significant-token states h_k of the text pass, S = logsumexp_k <h_k, v_clip>, MIL-NCE over clips;
   under DDP the two MIL-NCE losses cover the global batch (`loss.gather: global_with_grad`, the default; see
   `clip_contrast_losses`), the cross-encoder losses below each rank's own batch;
 - level 2: the score MLP on the cross-pooled output for every text x video pair of the batch, MIL-NCE;
 - ITM: the matched pair against one false caption (another video's caption of the batch);
-- MLM on the cross pass with MSSM (`snps3.masking: mssm`) or plain MLM (`mlm`).
+- MLM on the cross pass with MSSM (`snps3.masking: mssm`) or plain MLM (`mlm`);
+- text_mlm (weight 0 unless set): MLM on the text pass over the masked caption, the caption-MLM stand-in's objective
+  (`recipes/snps3_pretrain_mlm.yaml`); passes whose losses all have weight 0 are not run.
 
 Significant words are counted once on the training captions (`polymodal.data.masking`), saved as
 `significant_words.json` in the run folder and carried in the model's config (so a saved model evaluates with the
@@ -49,7 +52,8 @@ from .base import Method
 
 EVAL_TASK = "snps3_retrieval"
 WORDS_FILE = "significant_words.json"
-LOSS_NAMES = ("level1", "lvwm", "level2", "itm", "mlm")
+LOSS_NAMES = ("level1", "lvwm", "level2", "itm", "mlm", "text_mlm")
+DEFAULT_WEIGHTS = {"level1": 1.0, "lvwm": 1.0, "level2": 1.0, "itm": 1.0, "mlm": 1.0, "text_mlm": 0.0}
 
 
 @dataclass
@@ -61,7 +65,10 @@ class SNPS3Config(ConfigDict):
     text: dict = field(default_factory=lambda: {"width": 64, "layers": 2, "heads": 4, "context_length": 30})  # text
     shared: bool = True              # False = three-encoder baseline
     frames_per_clip: int = 1         # frames per visual token
-    pool: str = "cls"                # poolers read "cls" (authors) or the "mean" of real tokens (tiny runs)
+    pool: str = "cls"                # the text pooler reads "cls" (authors) or the "mean" of real tokens
+    cross_pool: str = ""             # the cross pooler reads "cls" (authors) or "mean"; "" = as pool
+    text_head: str = "none"          # level-1 text feature: "none" = normalize(pooler) (authors) | "mlp" (ours)
+    video_score: str = "logsumexp"   # retrieval score: "logsumexp" over clips (authors) | "mean" clip feature
     masking: str = "mssm"            # "mssm" | "mlm"
     attention_remask: float = 0.0    # share of batches whose cross-pass MLM input is re-masked by attention
                                      # importance of the text pass (authors: about half); 0 = off
@@ -69,13 +76,18 @@ class SNPS3Config(ConfigDict):
     top_k: int = 3000                # significant = rank <= top_k
     stop_words: list = field(default_factory=lambda: list(DEFAULT_STOP_WORDS))  # never significant
     significant_words: str = ""      # JSON list; "" = <out_dir>/significant_words.json (counted once)
+    vision_init: str = ""            # a saved model (e.g. the CLIP stand-in) whose ViT initialises this one's
+                                     # (same sizes; from-scratch runs only); "" = random
     lvwm: bool = True                # local vision-word matching loss
     lvwm_k: int = 3                  # LVWM: frames matched per word (top-k)
-    moco: bool = True                # level 1 with a MoCo queue (authors' default); False = in-batch MIL-NCE
-    queue_size: int = 16384          # MoCo queue length
+    level1: str = "auto"             # "moco" (authors: momentum keys, queue negatives) | "in_batch" (MIL-NCE
+                                     # over clips) | "auto": moco when the run starts from model.path, else in_batch
+    queue_size: int = 16384          # MoCo queue length (text keys; clip keys in the clip queue)
+    queue_exclude_own: bool = True   # leave keys of the query's own video out of its queue negatives
     momentum: float = 0.9999         # MoCo momentum-encoder decay
     temperature: float = 0.05        # contrastive temperature
-    weights: dict = field(default_factory=lambda: {k: 1.0 for k in LOSS_NAMES})  # per-loss weights
+    weights: dict = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))  # per-loss weights; text_mlm
+                                     # (MLM on the text pass over the masked caption) is the stand-in's objective
 
     def __post_init__(self):
         from ..config import ConfigError
@@ -84,7 +96,9 @@ class SNPS3Config(ConfigDict):
         unknown = [k for k in self.weights if k not in LOSS_NAMES]
         if unknown:
             raise ConfigError(f"snps3.weights: unknown loss(es) {', '.join(unknown)}; known: {', '.join(LOSS_NAMES)}")
-        self.weights = {**{k: 1.0 for k in LOSS_NAMES}, **{k: float(v) for k, v in self.weights.items()}}
+        self.weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in self.weights.items()}}
+        if self.level1 not in ("auto", "moco", "in_batch"):
+            raise ConfigError(f"snps3.level1: {self.level1!r} is not one of auto, moco, in_batch")
         if not 0 <= self.attention_remask <= 1:
             raise ConfigError(f"snps3.attention_remask: {self.attention_remask} must be in [0, 1]")
         if not 0 < self.mask_ratio < 1:
@@ -99,7 +113,8 @@ class SNPS3Config(ConfigDict):
         """The `FusionConfig` of the model these settings build."""
         from ..models.fusion import FusionConfig
         return FusionConfig(vision=dict(self.vision), text=dict(self.text), shared=self.shared,
-                            frames_per_clip=self.frames_per_clip, pool=self.pool)
+                            frames_per_clip=self.frames_per_clip, pool=self.pool, cross_pool=self.cross_pool,
+                            text_head=self.text_head, video_score=self.video_score)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,20 +154,25 @@ class SNPS3Task(nn.Module):
         model: an `SNPS3Model`.
         cfg: the `snps3:` section.
         seed: the run's seed (which batches are re-masked by attention, `snps3.attention_remask`).
-    Batch keys: `frames` (B, T, 3, H, W), `frame_valid` (B, T), `input_ids`, `masked_ids`, `mlm_labels`,
-    `mlm_significant` (B, L) and `sig_pos` (B, K).
+        gather: `loss.gather` of the in-batch MIL-NCE losses.
+        moco: level 1 with MoCo (True) or in-batch MIL-NCE (False); None = `cfg.level1 == "moco"` (the method
+            resolves `level1: auto` from whether the run starts from `model.path`).
+    Batch keys: `frames` (B, T, 3, H, W), `frame_valid` (B, T), `index` (B,) the record (video) ids,
+    `input_ids`, `masked_ids`, `mlm_labels`, `mlm_significant` (B, L) and `sig_pos` (B, K).
     """
 
-    def __init__(self, model: nn.Module, cfg: SNPS3Config, seed: int = 0, gather: str = "global_with_grad"):
+    def __init__(self, model: nn.Module, cfg: SNPS3Config, seed: int = 0, gather: str = "global_with_grad",
+                 moco: bool | None = None):
         super().__init__()
         from ..models.fusion import MomentumEncoders
         self.model, self.cfg, self.gather = model, cfg, gather
         self.seed = seed            # the run's seed: which batches are re-masked by attention
+        self.moco = cfg.level1 == "moco" if moco is None else bool(moco)
         W = model.config.text.width
-        if cfg.moco:
+        if self.moco:
             self.momentum = MomentumEncoders(model)
-            self.text_queue = KeyQueue(cfg.queue_size, W)
-            self.video_queue = KeyQueue(cfg.queue_size, W)
+            self.text_queue = KeyQueue(cfg.queue_size, W)          # text keys: negatives of the clip queries
+            self.clip_queue = KeyQueue(cfg.queue_size, W)          # clip keys: negatives of the text queries
 
     def _remask_this_batch(self, batch: dict) -> bool:
         """Whether this batch's MLM input is re-masked by attention: a draw seeded by the batch's sample indices."""
@@ -167,6 +187,39 @@ class SNPS3Task(nn.Module):
         importance = attention_importance(self.model.text_encoder, ids, real)
         return remask_by_importance(ids, importance, tok.mask_id, specials, self.cfg.mask_ratio)
 
+    def moco_level1(self, ids: Tensor, frames: Tensor, valid: Tensor | None, text: Tensor, clips: Tensor,
+                    clip_valid: Tensor, owners: Tensor) -> Tensor:
+        """Level 1 with momentum keys and queue negatives, per clip as in the authors' release.
+
+        Every valid clip feature is a query against its video's text key (negatives: the text queue); every text
+        feature is a query whose positives are all of its video's clip keys (logsumexp over them; negatives: the
+        clip queue). With `queue_exclude_own`, queue keys of the query's own video (enqueued at earlier steps) are
+        left out of its negatives. The keys are enqueued afterwards (in training).
+
+        Args:
+            ids: (B, L) unmasked caption ids; frames (B, T, 3, H, W), valid (B, T): the momentum encoders' inputs.
+            text: (B, W) normalised text features; clips: (B, n, W) normalised clip features; clip_valid (B, n).
+            owners: (B,) the videos' record ids.
+        Returns:
+            Scalar loss: the mean of the text-query and the clip-query losses.
+        """
+        cfg = self.cfg
+        if self.training:
+            self.momentum.update(self.model, cfg.momentum)
+        kt, kc, kvalid = self.momentum.keys(ids, frames, valid)                            # (B, W), (B, n, W), (B, n)
+        B, n = clip_valid.shape
+        clip_owner = torch.arange(B, device=clips.device)[:, None].expand(B, n)[clip_valid]  # (M,) row of each clip
+        exclude = cfg.queue_exclude_own
+        loss_clip = moco_loss(clips[clip_valid], kt[clip_owner], self.text_queue.keys.clone(), cfg.temperature,
+                              neg_valid=self.text_queue.others_than(owners[clip_owner]) if exclude else None)
+        loss_text = moco_loss(text, kc, self.clip_queue.keys.clone(), cfg.temperature, pos_valid=kvalid,
+                              neg_valid=self.clip_queue.others_than(owners) if exclude else None)
+        if self.training:
+            self.text_queue.enqueue_from_all_ranks(kt, owners)
+            self.clip_queue.enqueue_from_all_ranks(kc.flatten(0, 1), owners.repeat_interleave(n),
+                                                   keep=kvalid.flatten())
+        return (loss_text + loss_clip) / 2
+
     def forward(self, batch: dict) -> dict:
         m, cfg, w = self.model, self.cfg, self.cfg.weights
         pad = m.config.text.pad_token_id
@@ -175,52 +228,70 @@ class SNPS3Task(nn.Module):
         masked, labels = batch["masked_ids"][:, :L], batch["mlm_labels"][:, :L]
         frames, valid = batch["frames"], batch.get("frame_valid")
         B = len(ids)
-        tp = m.text_pass(ids)                                                             # unmasked caption
-        if self.training and cfg.attention_remask > 0 and self._remask_this_batch(batch):
-            masked, labels = self.remask(ids, tp.real)
-        vp = m.video_pass(frames, valid)
+        owners = batch["index"].to(ids.device)                                            # (B,) video ids
+        sig = batch["mlm_significant"][:, :L].to(ids.device)
         out: dict = {}
-        # Level 1: dual-encoder contrast.
-        if cfg.moco:
-            if self.training:
-                self.momentum.update(m, cfg.momentum)
-            kt, kv = self.momentum.keys(ids, frames, valid)                               # (B, W) each
-            out["level1"] = (moco_loss(tp.feature, kv, self.video_queue.keys.clone(), cfg.temperature)
-                             + moco_loss(vp.video, kt, self.text_queue.keys.clone(), cfg.temperature)) / 2
-            if self.training:
-                self.text_queue.enqueue_from_all_ranks(kt)
-                self.video_queue.enqueue_from_all_ranks(kv)
+        stats: dict = {}
+        # Passes whose every loss has weight 0 are skipped (the caption-MLM stand-in runs the text pass alone).
+        need_level1, need_lvwm = w["level1"] > 0, cfg.lvwm and w["lvwm"] > 0
+        need_cross = any(w[k] > 0 for k in ("level2", "itm", "mlm"))
+        tp = m.text_pass(ids) if (need_level1 or need_lvwm) else None                     # unmasked caption
+        if self.training and cfg.attention_remask > 0 and self._remask_this_batch(batch):
+            masked, labels = self.remask(ids, ids != pad)
+        if w["text_mlm"] > 0:          # MLM on the text pass over the masked caption (the stand-in's objective)
+            real = masked != pad
+            enc = m.text_encoder
+            h_text = enc.encode(enc.embeddings(masked, token_type=0), real)                # (B, L, W)
+            out["text_mlm"], s = _mlm_loss(m.text_mlm_logits(h_text), labels, sig)
+            stats.update({f"text_{k}": v for k, v in s.items()})
+        vp = m.video_pass(frames, valid) if (need_level1 or need_lvwm or need_cross) else None
+        # Level 1: dual-encoder contrast (MoCo per clip, or in-batch MIL-NCE over clips below).
+        if need_level1 and self.moco:
+            out["level1"] = self.moco_level1(ids, frames, valid, tp.feature, vp.clips, vp.valid, owners)
         # LVWM: significant-word states of the unmasked caption against the clips.
         words = None
-        if cfg.lvwm and w["lvwm"] > 0:
+        if need_lvwm:
             pos = batch["sig_pos"].to(ids.device).clamp(max=L - 1)                        # (B, K)
             words = torch.gather(tp.tokens, 1, pos[..., None].expand(-1, -1, tp.tokens.shape[-1]))  # (B, K, W)
-        out.update(clip_contrast_losses(vp.clips, vp.valid, cfg.temperature, None if cfg.moco else tp.feature,
-                                        words, self.gather))
-        # Cross pass on the masked caption for every text x video pair; MLM and ITM reuse its rows.
-        ti = torch.arange(B, device=ids.device).repeat_interleave(B)                       # text of pair i*B+j
-        vj = torch.arange(B, device=ids.device).repeat(B)                                  # video of pair i*B+j
-        h, pooled = m.cross_pass(masked[ti], vp.means[vj], vp.valid[vj])                  # (B*B, L+n+1, W), (B*B, W)
-        out["level2"] = mil_nce(m.score_head(pooled).view(B, B, 1))
-        diag = torch.arange(B, device=ids.device) * (B + 1)
-        if B > 1:
-            shift = int(torch.randint(1, B, ()))
-            false_text = (torch.arange(B, device=ids.device) + shift) % B                 # another video's caption
-            neg = false_text * B + torch.arange(B, device=ids.device)
-            out["itm"] = itm_loss(m.itm_head(pooled[diag]), m.itm_head(pooled[neg]))
-        logits = m.mlm_logits(h[diag, :L])                                                 # (B, L, V)
-        chosen = labels != IGNORE_INDEX
-        out["mlm"] = (F.cross_entropy(logits[chosen], labels[chosen]) if chosen.any()
-                      else logits.sum() * 0)
+        if (need_level1 and not self.moco) or words is not None:
+            out.update(clip_contrast_losses(vp.clips, vp.valid, cfg.temperature,
+                                            tp.feature if need_level1 and not self.moco else None, words, self.gather))
+        if need_cross:
+            # Cross pass on the masked caption for every text x video pair; MLM and ITM reuse its rows.
+            ti = torch.arange(B, device=ids.device).repeat_interleave(B)                   # text of pair i*B+j
+            vj = torch.arange(B, device=ids.device).repeat(B)                              # video of pair i*B+j
+            h, pooled = m.cross_pass(masked[ti], vp.means[vj], vp.valid[vj])              # (B*B, L+n+1, W), (B*B, W)
+            out["level2"] = mil_nce(m.score_head(pooled).view(B, B, 1))
+            diag = torch.arange(B, device=ids.device) * (B + 1)
+            if B > 1:
+                shift = int(torch.randint(1, B, ()))
+                false_text = (torch.arange(B, device=ids.device) + shift) % B             # another video's caption
+                neg = false_text * B + torch.arange(B, device=ids.device)
+                out["itm"] = itm_loss(m.itm_head(pooled[diag]), m.itm_head(pooled[neg]))
+            out["mlm"], s = _mlm_loss(m.mlm_logits(h[diag, :L]), labels, sig)              # (B, L, V) logits
+            stats.update(s)
         loss = sum(w[k] * v for k, v in out.items())
-        stats = {k: v.detach() for k, v in out.items()}
-        if chosen.any():
-            hit = logits.argmax(-1) == labels
-            sig = batch["mlm_significant"][:, :L].to(ids.device)
-            for name, sel in (("mlm_acc_significant", chosen & sig), ("mlm_acc_other", chosen & ~sig)):
-                if sel.any():
-                    stats[name] = hit[sel].float().mean().detach()
-        return {"loss": loss, **stats}
+        return {"loss": loss, **{k: v.detach() for k, v in out.items()}, **stats}
+
+
+def _mlm_loss(logits: Tensor, labels: Tensor, significant: Tensor) -> tuple[Tensor, dict]:
+    """MLM cross-entropy over the chosen positions and the accuracies on significant and other words.
+
+    Args:
+        logits: (B, L, V); labels: (B, L) target ids, IGNORE_INDEX elsewhere; significant: (B, L) bool.
+    Returns:
+        (scalar loss (0 with a graph when nothing is chosen), {"mlm_acc_significant", "mlm_acc_other"} where measured).
+    """
+    chosen = labels != IGNORE_INDEX
+    if not chosen.any():
+        return logits.sum() * 0, {}
+    loss = F.cross_entropy(logits[chosen], labels[chosen])
+    hit = logits.argmax(-1) == labels
+    stats = {}
+    for name, sel in (("mlm_acc_significant", chosen & significant), ("mlm_acc_other", chosen & ~significant)):
+        if sel.any():
+            stats[name] = hit[sel].float().mean().detach()
+    return loss, stats
 
 
 def clip_contrast_losses(clips: Tensor, valid: Tensor, temperature: float, text: Tensor | None = None,
@@ -268,6 +339,31 @@ def clip_contrast_losses(clips: Tensor, valid: Tensor, temperature: float, text:
 # ---------------------------------------------------------------------------------------------------
 
 
+def init_vision_from(model: nn.Module, path: str) -> None:
+    """Copy the ViT of the saved model at `path` (a CLIP's `visual` or an SNP-S3 model's `vision`) into `model.vision`.
+
+    Raises:
+        ValueError: naming the path and the first mismatch when the towers differ in config.
+    """
+    from dataclasses import asdict
+
+    from ..hub import load_model
+    from ..models.vision import VisionTower
+    src = load_model(path)
+    tower = next((t for t in (getattr(src, "visual", None), getattr(src, "vision", None))
+                  if isinstance(t, VisionTower)), None)
+    if tower is None:
+        raise ValueError(f"snps3.vision_init {path}: a {type(src).__name__} without a ViT tower (visual / vision)")
+    have, want = asdict(tower.config), asdict(model.vision.config)
+    diff = [k for k in want if have.get(k) != want[k]]
+    if diff:
+        what = ", ".join(f"{k} ({have.get(k)} vs {want[k]})" for k in diff)
+        raise ValueError(f"snps3.vision_init {path}: its ViT differs in {what}; set snps3.vision to the same sizes or "
+                         f"leave vision_init empty")
+    model.vision.load_state_dict(tower.state_dict())
+    print(f"snps3: ViT initialised from {path}", flush=True)
+
+
 class SNPS3Method(Method):
     """`method: snps3`."""
 
@@ -284,10 +380,12 @@ class SNPS3Method(Method):
             raise ValueError(f"data.langs: SNP-S3 counts significant words with an English spaCy model, got {d.langs}")
         if getattr(d, "shards", None):
             raise ValueError("data.shards: SNP-S3 trains from a video manifest (data.train), not shards")
-        if not self.run.tokenizer.path and self.run.tokenizer.kind != "wordpiece":
+        if not self.run.tokenizer.path and not self.run.model.path and self.run.tokenizer.kind != "wordpiece":
             raise ValueError(f"tokenizer.kind: SNP-S3 needs a BERT-style tokenizer with [MASK]; set "
                              f"tokenizer.kind=wordpiece (got {self.run.tokenizer.kind!r})")
         check_block_gather(self.run.loss.gather, "SNP-S3's in-batch MIL-NCE losses support")
+        if self.cfg.vision_init and self.run.model.path:
+            raise ValueError("snps3.vision_init: only for a run from scratch; model.path already brings its ViT")
         if self.run.data.num_frames % self.cfg.frames_per_clip:
             raise ValueError(f"data.num_frames ({self.run.data.num_frames}) must be a multiple of "
                              f"snps3.frames_per_clip ({self.cfg.frames_per_clip})")
@@ -303,13 +401,37 @@ class SNPS3Method(Method):
             if not isinstance(model, SNPS3Model):
                 raise ValueError(f"model.path {self.run.model.path}: a {type(model).__name__}, not an SNP-S3 model "
                                  f"(model_type 'snps3'); start from a saved snps3 run's out_dir/model")
+            self._adopt_settings(model)
             model.train()
         else:
             model = create_snps3_model(self.cfg.model_config(), tokenizer)
+            if self.cfg.vision_init:
+                init_vision_from(model, self.cfg.vision_init)
         counts = model.parameter_counts()
         print(f"snps3: parameters shared {counts['shared']:,} | three-encoder {counts['three_encoder']:,} "
               f"({100 * (1 - counts['shared'] / counts['three_encoder']):.1f}% fewer shared)", flush=True)
         return model
+
+    # Settings that shape no parameter: a run that starts from model.path takes the recipe's values for these.
+    RECIPE_SETTINGS = ("frames_per_clip", "pool", "cross_pool", "video_score")
+
+    def _adopt_settings(self, model) -> None:
+        """Give a loaded model the recipe's parameter-free settings; refuse a recipe whose parameter-shaping
+        settings (`shared`, `text_head`) differ from the saved model's (the sizes always come from the model)."""
+        want, have = self.cfg.model_config(), model.config
+        for key in ("shared", "text_head"):
+            if getattr(want, key) != getattr(have, key):
+                raise ValueError(f"snps3.{key}: the recipe says {getattr(want, key)!r} but model.path "
+                                 f"{self.run.model.path} was saved with {getattr(have, key)!r}; set snps3.{key}="
+                                 f"{getattr(have, key)} (it shapes the parameters of the saved model)")
+        for key in self.RECIPE_SETTINGS:
+            setattr(have, key, getattr(want, key))
+
+    def uses_moco(self) -> bool:
+        """Level 1 with MoCo: `level1: moco`, or `auto` when the run starts from a saved model (`model.path`),
+        whose keys carry information; from random weights the momentum keys are near-constant and level 1
+        collapses (docs/methods.md), so `auto` is in-batch MIL-NCE there."""
+        return self.cfg.level1 == "moco" or (self.cfg.level1 == "auto" and bool(self.run.model.path))
 
     def build_dataset(self, model: nn.Module, rank: int, world_size: int):
         from .base import image_text_dataset
@@ -328,7 +450,10 @@ class SNPS3Method(Method):
                             self.cfg.mask_ratio, self.cfg.lvwm_k, self.run.train.seed)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        return SNPS3Task(model, self.cfg, seed=self.run.train.seed, gather=self.run.loss.gather)
+        moco = self.uses_moco()
+        print(f"snps3: level 1 {'MoCo (momentum keys, queue negatives)' if moco else 'in-batch MIL-NCE'} "
+              f"(snps3.level1={self.cfg.level1}{', model.path set' if self.run.model.path else ''})", flush=True)
+        return SNPS3Task(model, self.cfg, seed=self.run.train.seed, gather=self.run.loss.gather, moco=moco)
 
 
 __all__ = ["SNPS3Config", "SNPS3Method", "SNPS3Task", "SNPS3Collate", "clip_contrast_losses", "EVAL_TASK"]

@@ -3,8 +3,9 @@
 The shared network (`BertStack`: word, position and token-type embeddings, an embedding LayerNorm and
 post-LN blocks of `layers.Transformer`) runs twice with the same weights:
 
-* text pass: `[CLS] text [SEP]` (token type 0, positions from 0) -> token states; CLS -> text pooler ->
-  level-1 text feature normalize(MLP(pooled)).
+* text pass: `[CLS] text [SEP]` (token type 0, positions from 0) -> token states; CLS -> text pooler (BERT's
+  Linear-Tanh) -> level-1 text feature normalize(pooled), as in the authors' release (`text_head: mlp` adds a
+  Linear-ReLU-Linear head before the normalisation, an option of ours).
 * cross pass: the joint sequence `[CLS text SEP ; clip_1 .. clip_n ; SEP]`. The visual part goes through
   the same embedding layer as `inputs_embeds` (the clip vectors, then the SEP word embedding), with token
   type 1 and its own positions from 0, and the whole stack is run again from the embeddings. A separate
@@ -12,7 +13,9 @@ post-LN blocks of `layers.Transformer`) runs twice with the same weights:
 
 Visual tokens: one per clip, the mean over the clip's frames and the frames' ViT grid (patch) features;
 `frames_per_clip` frames make a clip. Level-1 clip features are normalize(MLP(mean)); the cross tokens
-use the raw means (through a linear map only when the ViT and text widths differ).
+use the raw means (through a linear map only when the ViT and text widths differ). Level 1 is scored per clip:
+a text against a video is logsumexp over the video's clips of the text-clip cosines (`video_score: logsumexp`, the
+release's test-time reduction), or the cosine with the normalised mean clip feature (`video_score: mean`).
 
 `shared=False` gives the three-encoder baseline: a second `BertStack` for the cross pass.
 """
@@ -58,7 +61,10 @@ class FusionConfig:
     shared: bool = True            # False = three-encoder baseline (separate cross encoder)
     frames_per_clip: int = 1       # frames averaged into one visual token
     head_dropout: float = 0.1      # dropout in the level-2 score MLP
-    pool: str = "cls"              # what the poolers read: "cls" (BERT, the authors) | "mean" (of real tokens)
+    pool: str = "cls"              # what the text pooler reads: "cls" (BERT, the authors) | "mean" (of real tokens)
+    cross_pool: str = ""           # what the cross pooler reads: "cls" | "mean"; "" = as `pool`
+    text_head: str = "none"        # level-1 text feature: "none" = normalize(pooler(CLS)) (authors) | "mlp" (+ an MLP)
+    video_score: str = "logsumexp" # text-video level-1 score: "logsumexp" over clips (authors) | "mean" clip feature
     significant_words: dict = field(default_factory=dict)   # the run's significant-word list (masking.SignificantWords)
     model_type: str = "snps3"
 
@@ -69,6 +75,12 @@ class FusionConfig:
             self.text = BertConfig(**self.text)
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.cross_pool not in ("", "cls", "mean"):
+            raise ValueError(f"cross_pool must be 'cls', 'mean' or '' (as pool), got {self.cross_pool!r}")
+        if self.text_head not in ("none", "mlp"):
+            raise ValueError(f"text_head must be 'none' or 'mlp', got {self.text_head!r}")
+        if self.video_score not in ("logsumexp", "mean"):
+            raise ValueError(f"video_score must be 'logsumexp' or 'mean', got {self.video_score!r}")
         if self.frames_per_clip < 1:
             raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
 
@@ -227,10 +239,11 @@ class SNPS3Model(PolymodalModel):
         self.cross_only = None if cfg.shared else BertStack(t)
         self.text_pooler = _pooler(W)
         self.cross_pooler = _pooler(W)
-        self.text_head = _mlp(W, W, W)
+        self.text_head = _mlp(W, W, W) if cfg.text_head == "mlp" else nn.Identity()
         self.video_head = _mlp(cfg.vision.width, W, W)
         self.visual_proj = nn.Identity() if cfg.vision.width == W else nn.Linear(cfg.vision.width, W)
-        self.score_head = _mlp(W, 2 * W, 1, cfg.head_dropout)       # level 2: 768 -> 1536 -> 1 in the paper
+        # Level 2: dropout on the pooled output, then 768 -> 1536 -> 1 in the paper (the release's order).
+        self.score_head = nn.Sequential(nn.Dropout(cfg.head_dropout), _mlp(W, 2 * W, 1))
         self.itm_head = nn.Linear(W, 2)
         self.mlm_head = MLMHead(t)
 
@@ -287,15 +300,19 @@ class SNPS3Model(PolymodalModel):
         x = torch.cat([text, visual], dim=1)                                               # (N, L+n+1, W)
         real = torch.cat([ids != t.pad_token_id, clip_valid.bool(), clip_valid.new_ones(N, 1, dtype=torch.bool)], 1)
         h = enc.encode(x, real)
-        return h, self.cross_pooler(self._read(h, real))
+        return h, self.cross_pooler(self._read(h, real, self.config.cross_pool or self.config.pool))
 
-    def _read(self, h: Tensor, real: Tensor) -> Tensor:
+    def _read(self, h: Tensor, real: Tensor, pool: str | None = None) -> Tensor:
         """(B, L, W) states -> (B, W): the CLS state, or the mean over real positions (`pool: mean`).
 
         From random initialisation the post-LN CLS state barely depends on the other tokens (the block
         outputs are small next to the normalised embedding), which slows tiny from-scratch runs; BERT
-        weights avoid this, so "cls" stays the default."""
-        if self.config.pool == "cls":
+        weights avoid this, so "cls" stays the default.
+
+        Args:
+            h: (B, L, W) states; real: (B, L) True at real tokens.
+            pool: "cls" | "mean"; None = the config's `pool` (the text pass)."""
+        if (pool or self.config.pool) == "cls":
             return h[:, 0]
         w = real.to(h.dtype)[..., None]
         return (h * w).sum(1) / w.sum(1).clamp_min(1)
@@ -329,8 +346,17 @@ class SNPS3Model(PolymodalModel):
         return SNPS3TextFeatures(tp.feature, tokens, ids)
 
     def similarity(self, text: SNPS3TextFeatures, video: SNPS3VideoFeatures, pairs: bool = False) -> Tensor:
-        """Level-1 (dual-encoder) cosine: (N_t, N_v), or (N,) for aligned `pairs`."""
-        return (text.feature * video.video).sum(-1) if pairs else text.feature @ video.video.T
+        """Level-1 (dual-encoder) scores: (N_t, N_v), or (N,) for aligned `pairs`.
+
+        `video_score: logsumexp` (the release's test-time reduction): logsumexp over a video's valid clips of the
+        text-clip cosines; `mean`: the cosine with the normalised mean clip feature (`video.video`)."""
+        if self.config.video_score == "mean":
+            return (text.feature * video.video).sum(-1) if pairs else text.feature @ video.video.T
+        if pairs:
+            s = torch.einsum("nw,ncw->nc", text.feature, video.clips)                          # (N, n)
+            return s.masked_fill(~video.valid, float("-inf")).logsumexp(-1)
+        s = torch.einsum("tw,vcw->tvc", text.feature, video.clips)                             # (N_t, N_v, n)
+        return s.masked_fill(~video.valid[None], float("-inf")).logsumexp(-1)
 
     @property
     def masking_rule(self):
@@ -346,6 +372,10 @@ class SNPS3Model(PolymodalModel):
     def mlm_logits(self, h: Tensor) -> Tensor:
         """(..., W) cross-pass states -> (..., V) logits (decoder tied to the cross network's word embeddings)."""
         return self.mlm_head(h, self.cross_encoder.embeddings.word.weight)
+
+    def text_mlm_logits(self, h: Tensor) -> Tensor:
+        """(..., W) text-pass states -> (..., V) logits (the same head, decoder tied to the text network's words)."""
+        return self.mlm_head(h, self.text_encoder.embeddings.word.weight)
 
     def cross_score(self, ids: Tensor, means: Tensor, clip_valid: Tensor) -> Tensor:
         """(N,) level-2 scores of paired rows."""
@@ -389,9 +419,11 @@ class MomentumEncoders(nn.Module):
             momentum_update(getattr(self, name), getattr(model, name), momentum)
 
     @torch.no_grad()
-    def keys(self, ids: Tensor, frames: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(text keys (B, W), video keys (B, W)), L2-normalised, computed as `SNPS3Model` computes them."""
-        return SNPS3Model.text_pass(self, ids).feature, SNPS3Model.video_pass(self, frames, valid).video
+    def keys(self, ids: Tensor, frames: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(text keys (B, W), clip keys (B, n, W), clip valid (B, n)), L2-normalised, computed as `SNPS3Model`
+        computes the level-1 features."""
+        vp = SNPS3Model.video_pass(self, frames, valid)
+        return SNPS3Model.text_pass(self, ids).feature, vp.clips, vp.valid
 
 
 def create_snps3_model(cfg: FusionConfig | dict, tokenizer=None) -> SNPS3Model:
