@@ -26,7 +26,7 @@ words and word-level retrieval with the LVWM score (P@1, mAP, chance), and the e
 (level 2 at ln(2B) and ITM at ln 2 mean "not learned"). Writes `<out>/results.json` and `<out>/results.md`
 (mean ± sample sd over seeds, per-seed rows, paired differences, which claims show).
 
-Claims (METHODS.md §7): MSSM raises masked-token accuracy on significant words over plain MLM; LVWM gives
+Claims (docs/methods.md, SNP-S3): MSSM raises masked-token accuracy on significant words over plain MLM; LVWM gives
 above-chance word-level retrieval (judge it by word-level retrieval and R@5/10, not R@1); sharing saves parameters
 with equal-or-better retrieval. Synthetic numbers, never a reproduction of the paper's.
 Usage: `python benchmarks/snps3_ablation.py --out docs/results/snps3 --seeds 0 1 2` (`--quick`: a tiny check).
@@ -280,8 +280,8 @@ def _mean(rows, part, name, key) -> float:
 
 
 def claims(rows, params, args) -> list[dict]:
-    """The issue's bar and the synthetic claims of METHODS.md §7, judged over seeds (`verdict`: every seed's paired
-    difference has the claimed sign)."""
+    """The issue's bar and the synthetic claims of docs/methods.md, SNP-S3, judged over seeds (`verdict`: every
+    seed's paired difference has the claimed sign)."""
     chance5 = 100.0 * 5 / args.n_test
     r5 = "text_to_video_R@5"
     f = lambda part, name, key: pm_values(_values(rows, part, name, key))          # noqa: E731
