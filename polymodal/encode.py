@@ -224,8 +224,28 @@ class _DecodeClips(torch.utils.data.Dataset):
         return i, frames, clip
 
 
-def _as_list(items):
-    return items
+def _stack_decoded(items):
+    """A worker's batch of `_DecodeClips` items as one message: the readable videos' frames stacked into one
+    tensor (one shared-memory transfer instead of one per video), the rest as they are."""
+    frames = [f for _, f, _ in items if f is not None]
+    if frames and all(f.shape == frames[0].shape for f in frames):
+        return [(i, f is not None, c) for i, f, c in items], torch.stack(frames)
+    return items, None
+
+
+def _unstack_decoded(batch):
+    """The items of a `_stack_decoded` batch, frames as views of the stacked tensor."""
+    items, stacked = batch
+    if stacked is None:
+        yield from items
+        return
+    k = 0
+    for i, ok, clip in items:
+        if ok:
+            yield i, stacked[k], clip
+            k += 1
+        else:
+            yield i, None, clip
 
 
 class ClipBatches:
@@ -259,9 +279,10 @@ class ClipBatches:
         data = _DecodeClips(self.records, self.model.image_transform, self.num_frames, self.strategy)
         if self.workers <= 0:
             return (data[i] for i in range(len(data)))
-        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=self.workers, collate_fn=_as_list,
-                                             prefetch_factor=max(2, self.batch_size // max(self.workers, 1)))
-        return iter(loader)
+        # Workers send a batch of videos at a time: per-video messages cost as much as the decoding they hide.
+        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.workers,
+                                             collate_fn=_stack_decoded, prefetch_factor=2)
+        return (item for batch in loader for item in _unstack_decoded(batch))
 
     def __iter__(self):
         from .data.manifests import SKIP_HINT, ManifestError
