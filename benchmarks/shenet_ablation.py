@@ -100,7 +100,7 @@ def run(args) -> dict:
     set_threads(args.threads)
     start = time.time()
     data = world(args)
-    start_from = [] if args.start == "scratch" else [
+    start_from = ["model.path="] if args.start == "scratch" else [      # the recipes start from the stand-in
         f"model.path={standin(args)}"]
     rows = []
     for name in args.variants:

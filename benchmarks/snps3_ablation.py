@@ -210,7 +210,7 @@ def run(args) -> dict:
         plan += [("scratch", "snps3_full", "SNP-S3 (snps3_full.yaml, in-batch level 1)", recipes / "snps3_full.yaml",
                   [snps3_eval, *args.sets], "snps3_retrieval"),
                  ("scratch", "video_mean", "video CLIP, mean pooling (video_mean.yaml)", recipes / "video_mean.yaml",
-                  [clip_eval], "video_retrieval")]
+                  ["model.path=", clip_eval], "video_retrieval")]
     if "scratch_cls" in args.parts:
         plan += [("scratch_cls", "snps3_full_cls", "SNP-S3 (snps3_full.yaml) with CLS poolers", recipes / "snps3_full.yaml",
                   [snps3_eval, "snps3.pool=cls", *args.sets], "snps3_retrieval")]

@@ -197,11 +197,11 @@ def run(args) -> dict:
     parts = subsets(data)
     if args.train_pairs:
         parts_train = train_pairs(data, args.train_pairs)
-    start_from = [] if args.start == "scratch" else [
+    start_from = ["model.path="] if args.start == "scratch" else [   # the recipes start from the stand-in
         f"model.path={clip_standin(Path(args.standin_runs), args.threads or 1, image_size=args.image_size, num_frames=args.frames, positions=args.standin_positions == 'on')}"]
     rows = []
     diagnostics = {"standin": order_diagnostics(load_model(start_from[0].split("=", 1)[1]), parts["order_sensitive"],
-                                                args.num_frames)} if start_from else {}
+                                                args.num_frames)} if args.start != "scratch" else {}
     for seed in args.seeds:            # seed-major: an interrupted run still has every kind at the first seeds
         for variant in args.kinds:
             kind, extra = VARIANTS[variant]

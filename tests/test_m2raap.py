@@ -357,7 +357,8 @@ def test_acg_without_any_aux_caption_stops_at_start_up(world, tmp_path):
     plain = [{**{k: v for k, v in r.items() if k != "aux_captions"}, "video": str(world / r["video"])} for r in rows]
     (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "m2raap_tiny.yaml"
-    base = [f"out_dir={tmp_path}/run", f"data.train={world / 'train.jsonl'}", "train.steps=1", "train.progress=false"]
+    base = [f"out_dir={tmp_path}/run", f"data.train={world / 'train.jsonl'}", "train.steps=1", "train.progress=false",
+            "model.path="]
     evals = f"eval.tasks=[{{task: video_retrieval, data: {tmp_path / 'plain.jsonl'}, num_frames: 4}}]"
     with pytest.raises(ConfigError, match=r"no record of .*plain.jsonl \(eval video_retrieval\) has a 'aux_captions'"):
         run_recipe(load_recipe(recipe, base + [evals]))

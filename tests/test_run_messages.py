@@ -72,7 +72,8 @@ def compound_world(tmp_path_factory):
 def test_recipes_are_checked_against_the_world_they_train_on(compound_world, tmp_path, recipe, frames, message):
     from polymodal.config import ConfigError
     from polymodal.train.run import check_data
-    overrides = [f"out_dir={tmp_path}/run", f"data.train={compound_world}/train.jsonl", "eval.tasks=[]"]
+    overrides = [f"out_dir={tmp_path}/run", f"data.train={compound_world}/train.jsonl", "eval.tasks=[]",
+                 "model.path="]                                   # from random weights: no stand-in built here
     if recipe == "scene_frame":
         overrides.append(f"scene.classes={compound_world}/classes.json")
     check_data(load_recipe(f"recipes/{recipe}.yaml", overrides + ["data.num_frames=4"]))     # matches: fine
@@ -117,3 +118,22 @@ def test_every_video_recipe_generates_the_world_it_reads():
         assert int(frames.group(1) if frames else 16) >= raw["data"].get("num_frames", 8), path.name
         checked += 1
     assert checked >= 10
+
+
+def test_a_missing_start_names_the_recipe_that_builds_it(tmp_path, monkeypatch):
+    """The adaptation recipes start from `runs/clip_moving_standin/model`: before it is built, the run stops at
+    start-up and says which recipe builds it, or how to start from random weights instead."""
+    import shutil
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "recipes").mkdir()
+    for name in ("video_mean", "clip_moving_standin"):
+        shutil.copy(repo / "recipes" / f"{name}.yaml", tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)                                   # a checkout where the stand-in is not built yet
+    overrides = ["out_dir=run", "data.train=recipes/video_mean.yaml"]
+    with pytest.raises(FileNotFoundError, match=r"model.path: runs/clip_moving_standin/model does not exist .*build it "
+                                                r"first with `polymodal train recipes/clip_moving_standin.yaml`.*model.path= "):
+        run_recipe(load_recipe("recipes/video_mean.yaml", overrides))
+    with pytest.raises(FileNotFoundError, match=r"model.path: runs/nothing/model does not exist [^`]*point model.path"):
+        run_recipe(load_recipe("recipes/video_mean.yaml", overrides + ["model.path=runs/nothing/model"]))
+    assert not (tmp_path / "run").exists()

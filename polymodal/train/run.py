@@ -176,8 +176,21 @@ def check_paths(cfg: RunConfig) -> None:
             wanted = [w for w in wanted if w[0] != "model.path"]
     for key, path in wanted:
         if path and not Path(path).exists():
+            if key == "model.path":
+                raise FileNotFoundError(f"model.path: {path} does not exist (checked before training): "
+                                        f"{_start_hint(Path(path))}")
             raise FileNotFoundError(f"{key}: {path} does not exist (checked before training; fix the path in the "
                                     f"recipe or override it, e.g. {key.split()[0]}=...)")
+
+
+def _start_hint(path: Path) -> str:
+    """How to get the start a recipe names: `runs/<name>/model` is built by `recipes/<name>.yaml` when there is one."""
+    run = path.parent if path.name == "model" else None
+    recipe = Path("recipes") / f"{run.name}.yaml" if run is not None else None
+    build = (f"build it first with `polymodal train {recipe}` (its header names the data it reads), "
+             if recipe is not None and recipe.is_file() else "")
+    return (f"{build}point model.path at a saved model or hub id you have, or set model.path= (empty) to train the "
+            f"recipe's named config from random weights")
 
 
 def _world_frames(manifest) -> tuple[int | None, dict, Path]:
