@@ -143,15 +143,21 @@ def count_truncated(tokenizer, texts: list[str]) -> int:
 # ---- texts and images ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool = False) -> Tensor:
-    """L2-normalised text embeddings (N, E) on the CPU, using only the CLS/EOT feature."""
+    """L2-normalised text embeddings (N, E) on the CPU, using only the CLS/EOT feature (chunks kept on disk
+    inside `feature_cache.caching`)."""
     from .data.text import trim_padding
+    from .feature_cache import chunked
     device, pad = device_of(model), model.config.text.pad_token_id
-    out = []
-    starts = range(0, len(texts), batch_size)
-    for s in progress_bar(starts, len(starts), "texts", progress):
-        ids = trim_padding(model.tokenizer(texts[s:s + batch_size]), pad)
-        out.append(model.encode_text(ids.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+
+    def chunk(first: int, stop: int) -> dict:
+        out = []
+        starts = range(first, stop, batch_size)
+        for s in progress_bar(starts, len(starts), "texts", progress):
+            ids = trim_padding(model.tokenizer(texts[s:min(s + batch_size, stop)]), pad)
+            out.append(model.encode_text(ids.to(device)).float().cpu())
+        return {"emb": torch.cat(out) if out else torch.zeros(0, 0)}
+    parts = [c["emb"] for _, c in chunked("texts", list(texts), {"fn": "encode_texts"}, chunk) if c["emb"].numel()]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 @torch.no_grad()
@@ -163,23 +169,29 @@ def encode_image_files(model, paths: list[str], batch_size: int = 128, progress:
         skip_unreadable: leave out a file that cannot be decoded instead of raising (its `ImageError` names it).
     """
     from .data.images import load_image
+    from .feature_cache import chunked
     device = device_of(model)
-    out, kept = [], []
-    starts = range(0, len(paths), batch_size)
-    for s in progress_bar(starts, len(starts), "images", progress):
-        pixels = []
-        for i in range(s, min(s + batch_size, len(paths))):
-            try:
-                image = load_image(paths[i])
-            except Exception:   # decoders raise many types
-                if not skip_unreadable:
-                    raise
-                continue
-            pixels.append(model.image_transform(image))
-            kept.append(i)
-        if pixels:
-            out.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
-    return (torch.cat(out) if out else torch.zeros(0, 0)), kept
+
+    def chunk(first: int, stop: int) -> dict:
+        out, kept = [], []
+        starts = range(first, stop, batch_size)
+        for s in progress_bar(starts, len(starts), "images", progress):
+            pixels = []
+            for i in range(s, min(s + batch_size, stop)):
+                try:
+                    image = load_image(paths[i])
+                except Exception:   # decoders raise many types
+                    if not skip_unreadable:
+                        raise
+                    continue
+                pixels.append(model.image_transform(image))
+                kept.append(i)
+            if pixels:
+                out.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
+        return {"emb": torch.cat(out) if out else torch.zeros(0, 0), "kept": kept}
+    parts = chunked("images", [str(p) for p in paths], {"fn": "encode_image_files", "skip": skip_unreadable}, chunk)
+    embs = [c["emb"] for _, c in parts if c["emb"].numel()]
+    return (torch.cat(embs) if embs else torch.zeros(0, 0)), [i for _, c in parts for i in c["kept"]]
 
 
 def encode_images(model, paths: list[str], batch_size: int = 128, progress: bool = False) -> Tensor:

@@ -127,3 +127,70 @@ def test_image_protocol_runs_from_the_shipped_layout(name, build, folder, tmp_pa
     assert all(k in row["metrics"] for k in PROTOCOLS[name].headline) and row["task"] == PROTOCOLS[name].task
     if name == "muge":                               # one text with two correct images is one query
         assert row["metrics"]["num_texts"] == 2 and row["metrics"]["num_images"] == 2
+
+
+def test_a_benchmark_stopped_half_way_continues_from_its_cached_features(models, tmp_path, monkeypatch, capsys):
+    """Killed while encoding the third of three videos (one video a chunk), the rerun encodes that video only and
+    prints the same numbers as a run never stopped; the chunks are deleted once the numbers are written."""
+    from polymodal import feature_cache
+    from polymodal.eval import video_retrieval
+    monkeypatch.setitem(feature_cache.CHUNK, "videos", 1)
+    monkeypatch.setitem(feature_cache.CHUNK, "texts", 1)
+    _msrvtt(tmp_path / "data" / "msrvtt")
+    plain = video_retrieval.video_features
+    encoded = []
+
+    def stop_at_third(model, frames, valid, records):
+        if len(encoded) == 2 and stop:
+            raise KeyboardInterrupt("stopped")
+        encoded.extend(r["video"] for r in records)
+        return plain(model, frames, valid, records)
+    monkeypatch.setattr(video_retrieval, "video_features", stop_at_third)
+    argv = ["benchmark", str(models / "video"), "--dataset", "msrvtt-1ka", "--root", str(tmp_path / "data"),
+            "--device", "cpu"]
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "a.md")])
+    (features,) = (tmp_path / "cache" / "msrvtt-1ka").glob("*/features-*")
+    assert len(list((features / "videos").glob("*.safetensors"))) == 2
+    stop, first = False, list(encoded)
+    encoded.clear()
+    assert main(argv + ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "a.md")]) == 0
+    assert len(encoded) == 1 and encoded[0] not in first                   # only the video not finished before
+    assert "2 feature chunk(s) from the stopped run" in capsys.readouterr().out
+    assert not features.exists()
+    encoded.clear()
+    assert main(argv + ["--cache", str(tmp_path / "fresh"), "--out", str(tmp_path / "b.md")]) == 0
+    assert len(encoded) == 3
+    resumed, fresh = (json.loads((tmp_path / f"{n}.json").read_text())["rows"][0]["metrics"] for n in "ab")
+    assert resumed == pytest.approx(fresh) and resumed["num_videos"] == 3
+
+
+def test_feature_chunks_are_read_back_whole_or_encoded_again(tmp_path):
+    """Image and text chunks read back equal the encoded ones (the skip list too); a damaged chunk is encoded again."""
+    from polymodal import feature_cache
+    from polymodal.data.text import train_tokenizer
+    from polymodal.encode import encode_image_files, encode_texts
+    from polymodal.models.factory import create_model
+    from test_importers_image import _image
+    torch.manual_seed(0)
+    model = create_model("tiny", tokenizer=train_tokenizer(["a red square", "a blue disc"] * 3, kind="bpe",
+                                                           vocab_size=100)).eval()
+    paths = [str(_image(tmp_path / f"{i}.png", (30 * i, 10, 10))) for i in range(5)]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.insert(2, str(tmp_path / "bad.png"))
+    texts = ["a red square", "a blue disc", "a red disc"]
+    want_img, want_kept = encode_image_files(model, paths, batch_size=2, skip_unreadable=True)
+    want_txt = encode_texts(model, texts)
+    for run in range(2):
+        with feature_cache.caching(tmp_path / "cache", {"images": 2, "texts": 2}) as cache:
+            img, kept = encode_image_files(model, paths, batch_size=2, skip_unreadable=True)
+            txt = encode_texts(model, texts)
+        assert kept == want_kept == [0, 1, 3, 4, 5]
+        assert torch.allclose(img, want_img, atol=1e-6) and torch.allclose(txt, want_txt, atol=1e-6)
+        assert (cache.loaded, cache.written) == ((0, 5) if run == 0 else (5, 0))
+    damaged = sorted((tmp_path / "cache" / "images").glob("*.safetensors"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    with feature_cache.caching(tmp_path / "cache", {"images": 2, "texts": 2}) as cache:
+        img, _ = encode_image_files(model, paths, batch_size=2, skip_unreadable=True)
+    assert (cache.loaded, cache.written) == (2, 1) and torch.allclose(img, want_img, atol=1e-6)

@@ -85,36 +85,63 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
     Returns:
         A `RetrievalFeatures`.
     """
+    import json
+
+    from ..data.manifests import ManifestError
+    from ..feature_cache import chunked
     records = read_records(manifest, limit, on_bad_record, required=("video",), media="video")
     records, _ = group_by_media(records, "video", manifest)                 # a video named twice is one item
-    batches = clip_batches(model, records, num_frames, strategy, batch_size, progress, on_bad_record, str(manifest),
-                           decode_workers)
-    video, kept, clips = [], [], []
-    for idx, frames, valid, batch_clips in batches:
-        rows = [records[i] for i in idx]
-        video.append(to_cpu(video_features(model, frames, valid, rows)))
-        kept.extend(rows)
-        clips.extend(batch_clips)
+
+    def video_chunk(first: int, stop: int) -> dict:
+        batches = clip_batches(model, records[first:stop], num_frames, strategy, batch_size, progress, on_bad_record,
+                               str(manifest), decode_workers)
+        video, kept, clips = [], [], []
+        try:
+            for idx, frames, valid, batch_clips in batches:
+                rows = [records[first + i] for i in idx]
+                video.append(to_cpu(video_features(model, frames, valid, rows)))
+                kept.extend(first + i for i in idx)
+                clips.extend(batch_clips)
+        except ManifestError:
+            if batches.skipped < stop - first:          # not "nothing readable in this chunk": a real error
+                raise
+        return {"video": concat(video) if video else None, "kept": kept, "clips": clips,
+                "skipped": batches.skipped, "skip_examples": batches.skip_examples}
+    # A video's features may read its whole record (e.g. auxiliary captions): the record names the chunk.
+    keys = [json.dumps({k: v for k, v in r.items() if k != "_line"}, sort_keys=True, default=str) for r in records]
+    options = {"fn": "retrieval_features", "num_frames": num_frames, "strategy": strategy,
+               "on_bad_record": on_bad_record}
+    parts = [c for _, c in chunked("videos", keys, options, video_chunk)]
+    kept = [records[i] for c in parts for i in c["kept"]]
+    if not kept:
+        raise ManifestError(f"{manifest}: no readable video to evaluate")
+    clips = [clip for c in parts for clip in c["clips"]]
+    skipped = sum(c["skipped"] for c in parts)
+    skip_examples = [e for c in parts for e in c["skip_examples"]][:3]
     if paragraph:
         texts = [r.get("paragraph") or " ".join(captions_by_record([r], caption_key, manifest)[0]) for r in kept]
         owner = list(range(len(kept)))
     else:
         texts, owner = text_queries(kept, caption_key, manifest)
-    starts = range(0, len(texts), text_batch)
-    text = concat([to_cpu(text_features(model, texts[s:s + text_batch]))
-                   for s in progress_bar(starts, len(starts), "texts", progress)])
+
+    def text_chunk(first: int, stop: int) -> dict:
+        starts = range(first, stop, text_batch)
+        return {"text": concat([to_cpu(text_features(model, texts[s:min(s + text_batch, stop)]))
+                                for s in progress_bar(starts, len(starts), "texts", progress)]) if texts else None}
+    text = concat([c["text"] for _, c in chunked("texts", texts, {"fn": "text_features"}, text_chunk)
+                   if c["text"] is not None])
     counts = {}
     truncated = count_truncated(getattr(model, "tokenizer", None), texts)
     if truncated:
         counts["num_truncated_texts"] = truncated                            # cut to the text context length
-    if batches.skipped:
+    if skipped:
         import warnings
-        warnings.warn(f"{manifest}: skipped {batches.skipped} video(s) that cannot be read "
-                      f"({'; '.join(batches.skip_examples)})")
-        counts["num_skipped"] = batches.skipped
+        warnings.warn(f"{manifest}: skipped {skipped} video(s) that cannot be read ({'; '.join(skip_examples)})")
+        counts["num_skipped"] = skipped
     if hasattr(model, "retrieval_counts"):
         counts.update(model.retrieval_counts(kept))
-    return RetrievalFeatures(kept, clips, concat(video), texts, owner, text, counts)
+    return RetrievalFeatures(kept, clips, concat([c["video"] for c in parts if c["video"] is not None]), texts,
+                             owner, text, counts)
 
 
 def similarity_of(model):
