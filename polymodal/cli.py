@@ -112,6 +112,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the task, as in a recipe's eval.tasks entry (repeatable), e.g. "
                         "-o val=data/val.jsonl (scene), -o rerank_top_k=10 (snps3_retrieval)")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="keep the encoded features in DIR (chunk by chunk, per model) and read them back on a later "
+                        "run of the same model on the same inputs: a stopped eval continues, a probe sweep encodes once")
     add_device_arguments(p)
     p.add_argument("--out", help="write the metrics here (JSON); default: print only")
 
@@ -331,7 +334,12 @@ def run_eval(args) -> dict:
         raise ValueError(f"{args.model}: the model has no tokenizer files; save it with its tokenizer")
     from .data.languages import warn_if_unseen
     warn_if_unseen(model.tokenizer, args.lang, where=args.model)
-    metrics = evaluate(model.to(device), specs, progress=True)
+    if args.feature_cache:
+        from .feature_cache import caching, model_key
+        with caching(Path(args.feature_cache) / f"features-{model_key(args.model)}"):
+            metrics = evaluate(model.to(device), specs, progress=True)
+    else:
+        metrics = evaluate(model.to(device), specs, progress=True)
     if args.task != "longtext":     # one task: its numbers without the prefix, as before
         prefix = specs[0].prefix + "/"
         metrics = {k[len(prefix):]: v for k, v in metrics.items()}

@@ -42,6 +42,22 @@ class FeatureCache:
 _ACTIVE: contextvars.ContextVar[FeatureCache | None] = contextvars.ContextVar("polymodal_feature_cache", default=None)
 
 
+def model_key(model: str | os.PathLike) -> str:
+    """A saved model's identity for a chunk folder: its path and each file's size and modification time (a model
+    saved again is another model).
+
+    Args:
+        model: a model folder or file (or a hub id / config name, keyed by its name).
+    Returns:
+        16 hex digits.
+    """
+    path = Path(model)
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*")) if f.is_file()] \
+        if path.is_dir() else ([(path.name, path.stat().st_size, path.stat().st_mtime_ns)] if path.exists() else [])
+    who = str(path.resolve()) if path.exists() else str(model)
+    return hashlib.sha256(json.dumps([who, stats]).encode()).hexdigest()[:16]
+
+
 @contextmanager
 def caching(folder: str | os.PathLike, chunk: dict | None = None) -> Iterator[FeatureCache]:
     """Keep the features encoded inside this block in `folder`, chunk by chunk.
@@ -162,4 +178,4 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-__all__ = ["CHUNK", "FeatureCache", "caching", "chunked"]
+__all__ = ["CHUNK", "FeatureCache", "model_key", "caching", "chunked"]

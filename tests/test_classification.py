@@ -78,6 +78,26 @@ def test_linear_probe_from_the_command_line(world, tmp_path, capsys):
     assert (held["num_train"], held["num_val"], held["num_test"]) == (21, 3, 12)
 
 
+def test_probe_features_are_encoded_once_with_a_feature_cache(world, tmp_path, capsys, monkeypatch):
+    """`--feature-cache`: a second probe of the same model (another penalty grid) reads every feature back."""
+    from polymodal.models.clip import CLIP
+    calls = []
+    plain = CLIP.encode_image
+    monkeypatch.setattr(CLIP, "encode_image", lambda self, pixels: calls.append(len(pixels)) or plain(self, pixels))
+    args = ["eval", str(world / "model"), "--task", "linear_probe", "--data", str(world / "train.jsonl"),
+            "--val", str(world / "val.jsonl"), "--test", str(world / "test.jsonl"),
+            "--feature-cache", str(tmp_path / "features")]
+    assert main(args + ["--out", str(tmp_path / "a.json")]) in (0, None)
+    assert sum(calls) == 24 + 9 + 12
+    calls.clear()
+    assert main(args + ["-o", "weight_decays=1e-3,1e-2", "--out", str(tmp_path / "b.json")]) in (0, None)
+    assert calls == []                                            # every chunk read back
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert b["weight_decay"] in (1e-3, 1e-2) and (a["num_train"], a["num_test"]) == (b["num_train"], b["num_test"])
+    if a["weight_decay"] == b["weight_decay"]:
+        assert a["top1"] == b["top1"]
+
+
 def test_bad_inputs_are_one_line_errors(world, tmp_path, capsys):
     model = polymodal.load_model(world / "model")
     with pytest.raises(FileNotFoundError, match=r"linear_probe: val manifest .*nope.jsonl does not exist"):

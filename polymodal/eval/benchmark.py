@@ -124,14 +124,6 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _model_key(model: str) -> str:
-    """The model folder's identity for the cache: its path and its config's and weights' size and mtime."""
-    path = Path(model)
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*")) if f.is_file()] \
-        if path.is_dir() else ([(path.name, path.stat().st_size, path.stat().st_mtime_ns)] if path.exists() else [])
-    return _key(str(path.resolve()) if path.exists() else model, stats)
-
-
 def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, device: str = "cpu",
                   batch_size: int = 0, fresh: bool = False, limit: int = 0, decode_workers: int = 0,
                   import_options: dict | None = None) -> list[dict]:
@@ -143,11 +135,11 @@ def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, de
     """
     from ..data.importers import import_dataset
     from ..hub import load_model
-    from ..feature_cache import caching
+    from .. import feature_cache
     from .tasks import EvalSpec, check_model, evaluate, task_options
     folders = resolve_roots(names, roots)
     cache_dir = Path(cache)
-    model_key = _model_key(model)
+    model_key = feature_cache.model_key(model)
     loaded = None
     rows = []
     for n in names:
@@ -186,7 +178,7 @@ def run_benchmark(model: str, names: list[str], roots: list[str], cache: str, de
         features = data_dir / f"features-{model_key}"         # finished chunks: a stopped run continues there
         if fresh and features.exists():
             shutil.rmtree(features)
-        with caching(features) as kept:
+        with feature_cache.caching(features) as kept:
             metrics = {k[len(prefix):]: v for k, v in evaluate(loaded, [spec], progress=True).items()}
         row = {"dataset": n, "task": p.task, "protocol": p.doc, "root": str(root), "manifest": str(manifest),
                "options": options, "seconds": round(time.time() - start, 1), "metrics": metrics,
