@@ -137,3 +137,16 @@ def test_a_missing_start_names_the_recipe_that_builds_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"model.path: runs/nothing/model does not exist [^`]*point model.path"):
         run_recipe(load_recipe("recipes/video_mean.yaml", overrides + ["model.path=runs/nothing/model"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_nested_model_override_changes_only_the_keys_it_names():
+    """`model.overrides.vision.width=64` on the command line arrives as {"vision": {"width": 64}}: it must change
+    the width of the named config's tower, not replace the whole `vision` section with defaults."""
+    from polymodal.models.factory import build_config
+    cfg = load_recipe(None, ["model.name=tiny", "model.overrides.vision.width=64", "model.overrides.vision.heads=4"])
+    nested = build_config("tiny", dict(cfg.model.overrides))
+    dotted = build_config("tiny", {"vision.width": 64, "vision.heads": 4})
+    tiny = build_config("tiny")
+    assert nested.to_dict() == dotted.to_dict()
+    assert (nested.vision.width, nested.vision.layers, nested.vision.image_size) == \
+        (64, tiny.vision.layers, tiny.vision.image_size)

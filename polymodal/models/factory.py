@@ -33,8 +33,19 @@ def build_config(spec: str | dict, overrides: dict | None = None, where: str = "
     data = copy.deepcopy(named_config(spec) if isinstance(spec, str) else spec)
     data.pop("polymodal_version", None)
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
+        for dotted, leaf in _leaves(key, value):     # {"vision": {"width": 64}} = {"vision.width": 64}
+            set_dotted(data, dotted, leaf)
     return from_dict(family_class(data.get("model_type", "clip"), where).config_class, data, where)
+
+
+def _leaves(key: str, value):
+    """(dotted key, value) of every leaf under `key`: a nested override changes the keys it names, never the
+    whole section around them (`model.overrides.vision.width=64` on the command line arrives nested)."""
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            yield from _leaves(f"{key}.{k}", v)
+    else:
+        yield key, value
 
 
 def create_model(spec, overrides: dict | None = None, tokenizer=None, image_transform=None):
