@@ -103,6 +103,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "fairness": _lazy("fairness", "fairness_task"),
     "linear_probe": _lazy("linear_probe", "linear_probe_task"),
     "classification": _lazy("classification", "classification_task"),
+    "vqa": _lazy("vqa", "vqa_task"),
 }
 
 
@@ -121,10 +122,12 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "fairness": (("answer_probabilities",),),
     "linear_probe": (("encode_image", "video_features", "encode_video"),),
     "classification": (("classify",),),
+    "vqa": (("answer_logits",),),
 }
 SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",
            "cross_pass": "snps3_retrieval", "node_batch": "shenet_retrieval", "generate": "captioning",
-           "encode_video": "video_retrieval", "classify": "classification", "encode_image": "retrieval"}
+           "encode_video": "video_retrieval", "classify": "classification", "answer_logits": "vqa",
+           "encode_image": "retrieval"}
 
 
 def check_model(name: str, model) -> None:
