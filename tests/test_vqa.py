@@ -1,0 +1,192 @@
+"""Visual question answering (issue #34 items 2-3): the VQAv2 answer normalisation and accuracy, the ShapesWorld QA
+world, the answer vocabulary and loss, and `method: vqa` end to end (training beats the majority baseline and its
+numbers come back from the saved model)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import polymodal
+from polymodal.cli import main
+from polymodal.data.synthetic.shapes_qa import QUESTION_TYPES, ShapesQAConfig, generate_shapes_qa
+from polymodal.eval.vqa import normalize_answer, qa_metrics, record_answers, vqa_score
+from polymodal.methods.vqa import build_vocabulary, soft_targets, vqa_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("Two.", "2"), ("a Red star", "red star"), ("The  CAT", "cat"), ("none", "0"), ("ten", "10"),
+    ("yes.", "yes"), ("3.5", "3.5"), ("1,000", "1000"), ("hello-world", "hello world"), ("hello - world", "hello world"),
+    ("dont", "don't"), ("isnt it", "isn't it"), ("couldnt've", "couldn't've"), ("its", "its"), ("(left)", "left"),
+    ("what?!", "what"), ("  bottom\tleft\n", "bottom left"), ("an apple", "apple"), ("eleven", "eleven")])
+def test_answer_normalisation_follows_the_vqa_rules(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_vqa_accuracy_is_the_ten_choose_nine_average():
+    # 10 answers, m of them match: leaving a match out leaves m - 1, leaving another out leaves m.
+    assert vqa_score("2", ["2"] * 10) == 1.0
+    assert vqa_score("2", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)      # 0.9
+    assert vqa_score("2", ["2"] * 2 + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
+    assert vqa_score("2", ["2"] + ["3"] * 9) == pytest.approx(9 * (1 / 3) / 10)                 # 0.3
+    assert vqa_score("4", ["2"] * 10) == 0.0
+    assert vqa_score("2", ["2"]) == 1.0 and vqa_score("2", ["3"]) == 0.0          # one answer: exact match
+    with pytest.raises(ValueError, match="no answers"):
+        vqa_score("2", [])
+
+
+def test_metrics_report_per_type_and_the_baseline_beside_every_number():
+    preds, answers = ["red", "2", "no"], [["red"] * 10, ["2"] * 3 + ["3"] * 7, ["yes"] * 10]
+    m = qa_metrics(preds, answers, ["color", "count", "exists"], ["red", "3", "yes"], ["blue", "3", "yes"])
+    assert m["vqa_accuracy"] == pytest.approx(100 * (1 + 0.9 + 0) / 3)
+    assert m["exact_match"] == pytest.approx(100 / 3)
+    assert m["majority_vqa_accuracy"] == pytest.approx(100 * (0 + 1 + 1) / 3)
+    assert m["type/count/vqa_accuracy"] == pytest.approx(90.0) and m["type/count/majority_exact_match"] == 100.0
+    for key in [k for k in m if k.endswith("vqa_accuracy") or k.endswith("exact_match")]:
+        base = key.replace("vqa_accuracy", "majority_vqa_accuracy") if "majority" not in key else key
+        assert base in m
+
+
+def test_record_answers_reads_lists_dicts_and_single_answers():
+    assert record_answers({"answers": ["Two", "2."]}, "x") == ["2", "2"]
+    assert record_answers({"answers": [{"answer": "Yes", "answer_id": 1}]}, "x") == ["yes"]
+    assert record_answers({"answer": "A dog"}, "x") == ["dog"]
+    with pytest.raises(ValueError, match=r"m.jsonl record 3: a QA record needs `answers`"):
+        record_answers({"question": "q"}, "m.jsonl record 3")
+
+
+@pytest.fixture(scope="module")
+def qa_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes_qa")
+    generate_shapes_qa(root, n_train=160, n_test=40, n_val=40, seed=3, progress=False, workers=1)
+    return root
+
+
+def _rows(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def test_shapes_qa_world_is_deterministic_and_its_answers_are_true(qa_world, tmp_path):
+    again = tmp_path / "again"
+    generate_shapes_qa(again, n_train=160, n_test=40, n_val=40, seed=3, progress=False, workers=2)
+    assert (qa_world / "train.jsonl").read_text() == (again / "train.jsonl").read_text()
+    assert (qa_world / "images/train_000007.png").read_bytes() == (again / "images/train_000007.png").read_bytes()
+    rows = _rows(qa_world / "train.jsonl")
+    assert len(rows) == 160 * 3 and {r["question_type"] for r in rows} == set(QUESTION_TYPES)
+    # The same scenes as `polymodal data shapes` with the seed: check answers against its objects.
+    from polymodal.data.synthetic.shapes import generate_shapes
+    shapes = tmp_path / "shapes"
+    generate_shapes(shapes, n_train=160, n_test=0, n_val=0, n_hard=0, seed=3, progress=False, workers=1)
+    scenes = {r["image"]: r for r in _rows(shapes / "train.jsonl")}
+    assert (shapes / "images/train_000007.png").read_bytes() == (qa_world / "images/train_000007.png").read_bytes()
+    checked = 0
+    for r in rows:
+        objs = scenes[r["image"]]["objects"]
+        q, a = r["question"], r["answer"]
+        assert len(r["answers"]) == 10
+        # The ten surface forms normalise back to the truth (up to the noisy annotators, never a majority).
+        normed = [normalize_answer(x) for x in r["answers"]]
+        assert normed.count(a) >= 5, r
+        if q == "how many objects are there?":
+            assert a == str(len(objs))
+            checked += 1
+        elif r["question_type"] == "exists":
+            colour, shape = q[len("is there a "):-1].split(" ")
+            assert a == ("yes" if any(o["color"] == colour and o["shape"] == shape for o in objs) else "no")
+            checked += 1
+        elif r["question_type"] in ("color", "shape"):
+            assert a not in q.split()                    # never named by the attribute asked about
+        elif r["question_type"] == "which":
+            assert any(f"{o['color']} {o['shape']}" == a for o in objs)
+    assert checked > 20
+
+
+def test_shapes_qa_bad_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match="answer_noise must be in"):
+        ShapesQAConfig(answer_noise=0.9)
+    with pytest.raises(ValueError, match="types must be a non-empty subset of color"):
+        ShapesQAConfig(types=("colour",))
+
+
+def test_vocabulary_targets_and_loss():
+    recs = [{"answers": ["Red"] * 9 + ["blue"], "question_type": "color"},
+            {"answers": ["red"] * 10, "question_type": "color"},
+            {"answers": ["two"] * 10, "question_type": "count"},
+            {"answer": "blue", "question_type": "color"}]
+    v = build_vocabulary(recs)
+    assert v.answers == ["red", "2", "blue"] and v.counts == [2, 1, 1]
+    assert v.type_majority == {"color": "red", "count": "2"}
+    assert build_vocabulary(recs, min_count=2).answers == ["red"]
+    with pytest.raises(ValueError, match="lower vqa.min_answer_count"):
+        build_vocabulary(recs, min_count=5)
+    t = soft_targets([normalize_answer(a) for a in recs[0]["answers"]], {a: i for i, a in enumerate(v.answers)})
+    assert t.tolist() == pytest.approx([1.0, 0.0, 0.3])
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    loss = vqa_loss(logits, targets)              # the second question has no vocabulary answer: left out
+    assert loss.item() == pytest.approx(-torch.log_softmax(torch.tensor([5.0, 0, 0]), 0)[0].item())
+    loss.backward()
+    assert logits.grad[1].abs().sum() == 0
+    assert vqa_loss(logits, targets, "bce").item() > 0
+
+
+def _recipe_overrides(world, out, steps):
+    return [f"out_dir={out}", f"data.train={world / 'train.jsonl'}",
+            f"eval.tasks=[{{task: vqa, data: {world / 'val.jsonl'}}}]", "data.batch_size=32",
+            f"train.steps={steps}", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false",
+            "train.threads=1", "train.report=false", "optim.warmup_steps=20"]
+
+
+@pytest.fixture(scope="module")
+def trained(qa_world, tmp_path_factory):
+    from polymodal.train.run import load_recipe, run_recipe
+    out = tmp_path_factory.mktemp("vqa_run") / "run"
+    final = run_recipe(load_recipe(REPO / "recipes/vqa_shapes.yaml", _recipe_overrides(qa_world, out, 150)))
+    return out, final
+
+
+def test_vqa_recipe_trains_and_the_saved_model_reproduces_its_numbers(trained, qa_world, tmp_path):
+    out, final = trained
+    assert final["eval/vqa/num_questions"] == 120 and final["eval/vqa/answer_coverage"] > 90
+    pairs = [("vqa_accuracy", "majority_vqa_accuracy"), ("exact_match", "majority_exact_match"),
+             ("type/count/vqa_accuracy", "type/count/majority_vqa_accuracy"),
+             ("type/where/exact_match", "type/where/majority_exact_match")]
+    for key, baseline in pairs:                                   # every number has its baseline beside it
+        assert f"eval/vqa/{key}" in final and f"eval/vqa/{baseline}" in final
+    saved = polymodal.load_model(out / "model")
+    assert type(saved).__name__ == "VQAModel" and saved.config.model_type == "vqa"
+    assert saved.majority_answer("exists") in ("yes", "no") and len(saved.answers) == final["eval/vqa/num_answers"]
+    args = ["eval", str(out / "model"), "--task", "vqa", "--data", str(qa_world / "val.jsonl"),
+            "--out", str(tmp_path / "m.json")]
+    assert main(args) in (0, None)
+    got = json.loads((tmp_path / "m.json").read_text())
+    want = {k[len("eval/vqa/"):]: v for k, v in final.items() if k.startswith("eval/vqa/")}
+    assert want and set(want) == set(got)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_vqa_recipe_beats_the_majority_baseline(qa_world, tmp_path):
+    """A few hundred images and 600 steps of the recipe's model: above the majority answer per type overall."""
+    from polymodal.train.run import load_recipe, run_recipe
+    final = run_recipe(load_recipe(REPO / "recipes/vqa_shapes.yaml",
+                                   _recipe_overrides(qa_world, tmp_path / "run", 600)))
+    assert final["eval/vqa/vqa_accuracy"] > final["eval/vqa/majority_vqa_accuracy"] + 5
+    assert final["eval/vqa/type/exists/vqa_accuracy"] > final["eval/vqa/type/exists/majority_vqa_accuracy"]
+
+
+def test_vqa_needs_a_coca_and_a_qa_model(qa_world, tmp_path):
+    from polymodal.eval.tasks import check_model
+    from polymodal.models.vqa import VQAModel
+    from polymodal.train.run import load_recipe, run_recipe
+    with pytest.raises(ValueError, match="eval task 'vqa' needs a model with answer_logits"):
+        check_model("vqa", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no multimodal decoder"):
+        VQAModel(polymodal.create_model("tiny"), ["yes"])
+    with pytest.raises(ValueError, match="vqa needs a CoCa"):
+        run_recipe(load_recipe(REPO / "recipes/vqa_shapes.yaml",
+                               _recipe_overrides(qa_world, tmp_path / "r", 1) + ["model.name=tiny",
+                                                                                 "model.overrides={}"]))
