@@ -190,3 +190,34 @@ def test_vqa_needs_a_coca_and_a_qa_model(qa_world, tmp_path):
         run_recipe(load_recipe(REPO / "recipes/vqa_shapes.yaml",
                                _recipe_overrides(qa_world, tmp_path / "r", 1) + ["model.name=tiny",
                                                                                  "model.overrides={}"]))
+
+
+def test_moving_qa_answers_are_the_videos_truth(moving_world, tmp_path):
+    """Questions on a MovingShapes world: the answers follow each record's action (reversed copies and compounds
+    included), "first"/"last" are asked only of compounds, and the video paths resolve from the QA manifest."""
+    from polymodal.data.synthetic.moving_qa import generate_moving_qa
+    from polymodal.data.synthetic.moving_shapes import COMPOUNDS, action_class
+    world = moving_world(n_train=24, n_test=6, seed=5, num_frames=4, compound_fraction=0.4, mismatch_fraction=0.3)
+    out = tmp_path / "mqa"
+    summary = generate_moving_qa(world, out, seed=0)
+    videos = {str((world / r["video"]).resolve()): r for r in _rows(world / "train.jsonl")}
+    rows = _rows(out / "train.jsonl")
+    assert summary["counts"]["train"] == len(rows) and generate_moving_qa(world, tmp_path / "again")["counts"] == \
+        summary["counts"]
+    assert (tmp_path / "again" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
+    kinds = {r["question_type"] for r in rows}
+    assert {"what", "moves", "action", "first", "last"} <= kinds
+    for r in rows:
+        src = videos[str((out / r["video"]).resolve())]
+        assert normalize_answer(r["answer"]) in [normalize_answer(a) for a in r["answers"]]
+        if r["question_type"] == "moves":
+            moving = src["action"].startswith("move")
+            assert r["answer"] == ("yes" if moving else "no")
+        if r["question_type"] == "first":
+            assert r["answer"] == action_class(COMPOUNDS[src["action"]][0])      # e.g. "shrinks" of shrink_grow
+        if r["question_type"] == "last":
+            assert r["answer"] == action_class(COMPOUNDS[src["action"]][1])
+        if r["question_type"] == "direction":
+            assert src["action"] == f"move_{r['answer']}"
+    with pytest.raises(FileNotFoundError, match="polymodal data moving-shapes --out"):
+        generate_moving_qa(tmp_path / "nothing", tmp_path / "x")

@@ -158,9 +158,19 @@ def surface_form(answer: str, qtype: str, rng: np.random.Generator) -> str:
     return answer
 
 
-def annotate(answer: str, qtype: str, rng: np.random.Generator, noise: float) -> list[str]:
-    """Ten annotators' answers: the truth in surface forms, each wrong with probability `noise`."""
-    space = [a for a in answer_space(qtype) if a != answer]
+def annotate(answer: str, qtype: str, rng: np.random.Generator, noise: float, space: list | None = None) -> list[str]:
+    """Ten annotators' answers: the truth in surface forms, each wrong with probability `noise`.
+
+    Args:
+        answer: the true answer (normal form).
+        qtype: the question type (its surface forms; its answer space unless `space` is given).
+        rng: the question's generator.
+        noise: chance of a wrong answer per annotator.
+        space: the answers a wrong annotator picks from (default `answer_space(qtype)`).
+    Returns:
+        Ten answer strings.
+    """
+    space = [a for a in (space if space is not None else answer_space(qtype)) if a != answer]
     out = []
     for _ in range(NUM_ANSWERS):
         given = space[int(rng.integers(len(space)))] if rng.random() < noise else answer
