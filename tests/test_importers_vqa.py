@@ -206,3 +206,32 @@ def test_mmbench_tsv_decodes_images_and_reads_the_correct_option(tmp_path, capsy
     tsv.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
     with pytest.raises(LayoutError, match=r"MMBench_DEV_EN.tsv line 2: answer 'C' is not one of its options A, B"):
         import_dataset("mmbench", tsv, tmp_path / "m.jsonl")
+
+
+@pytest.mark.parametrize("name,folder", [("vqav2-val", "vqa"), ("textvqa-val", "textvqa")])
+def test_vqa_protocols_run_from_the_shipped_layout(name, folder, tmp_path, capsys):
+    import torch
+
+    from polymodal.data.text import train_tokenizer
+    from polymodal.eval.benchmark import PROTOCOLS
+    from polymodal.models.factory import create_model
+    from polymodal.models.vqa import VQAModel
+    root = tmp_path / "data" / folder
+    if name == "vqav2-val":
+        _vqav2(root)
+    else:
+        root.mkdir(parents=True)
+        (root / "TextVQA_0.5.1_val.json").write_text(json.dumps({"dataset_type": "val", "data": [
+            {"question": "what is written?", "image_id": "x1", "question_id": 1, "answers": ["stop"] * 10}]}))
+        _image(root / "train_images" / "x1.jpg")
+    torch.manual_seed(0)
+    tok = train_tokenizer(["how many dogs are in image", "what is written", "stop", "2"] * 5, vocab_size=200)
+    VQAModel(create_model("coca-tiny", tokenizer=tok), ["2", "stop"], [3, 1]).save_pretrained(tmp_path / "vqa_model")
+    out = tmp_path / "table.md"
+    assert main(["benchmark", str(tmp_path / "vqa_model"), "--dataset", name, "--root", str(tmp_path / "data"),
+                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert all(k in row["metrics"] for k in PROTOCOLS[name].headline) and row["task"] == "vqa"
+    assert row["metrics"]["num_questions"] == 1
+    # the baseline is the model's stored majority ("2"): right on VQAv2's question, wrong on TextVQA's
+    assert row["metrics"]["majority_vqa_accuracy"] == (100.0 if name == "vqav2-val" else 0.0)
