@@ -224,3 +224,50 @@ def test_moving_qa_answers_are_the_videos_truth(moving_world, tmp_path):
             assert src["action"] == f"move_{r['answer']}"
     with pytest.raises(FileNotFoundError, match="polymodal data moving-shapes --out"):
         generate_moving_qa(tmp_path / "nothing", tmp_path / "x")
+
+
+class _Talker:
+    """A generative model seen by the vqa task: answers every question with the next of `replies`."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.image_transform = lambda im: torch.zeros(3, 8, 8)
+
+    def parameters(self):
+        return iter([torch.zeros(1)])
+
+    def generate_text(self, pixels, questions, method="greedy"):
+        out, self.replies = self.replies[:len(questions)], self.replies[len(questions):]
+        return out
+
+
+def test_generative_answers_are_normalised_and_need_a_training_manifest(qa_world, tmp_path):
+    from polymodal.eval.vqa import vqa_task
+    rows = _rows(qa_world / "val.jsonl")[:6]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({**r, "image": str(qa_world / r["image"])}) + "\n"
+                                                for r in rows))
+    # the truth with an article, capitals and a full stop: normalised, it matches; then wrong answers
+    replies = [f"The {r['answer'].upper()}." for r in rows[:3]] + ["purple"] * 3
+    m = vqa_task(_Talker(replies), tmp_path / "few.jsonl", majority_from=str(qa_world / "train.jsonl"))
+    want = [vqa_score(r["answer"], [normalize_answer(a) for a in r["answers"]]) for r in rows[:3]]
+    want += [vqa_score("purple", [normalize_answer(a) for a in r["answers"]]) for r in rows[3:]]
+    assert m["generative"] == 1 and m["vqa_accuracy"] == pytest.approx(100 * sum(want) / 6)
+    assert m["exact_match"] == pytest.approx(100 * (3 + sum(r["answer"] == "purple" for r in rows[3:])) / 6)
+    assert "majority_vqa_accuracy" in m and "num_answers" not in m
+    with pytest.raises(ValueError, match="answers in free text .* -o majority_from=TRAIN.jsonl"):
+        vqa_task(_Talker(replies), tmp_path / "few.jsonl")
+    with pytest.raises(FileNotFoundError, match="majority_from manifest .*nope.jsonl does not exist"):
+        vqa_task(_Talker(replies), tmp_path / "few.jsonl", majority_from=str(tmp_path / "nope.jsonl"))
+
+
+def test_an_mllm_answers_vqa_by_generation(qa_world, tmp_path):
+    """A (random) MLLM of the mllm family goes through the same task: every answer is generated text."""
+    from polymodal.data.text import train_tokenizer
+    from polymodal.models.mllm import create_mllm, mllm_config
+    rows = _rows(qa_world / "val.jsonl")
+    tok = train_tokenizer([r["question"] + " " + r["answer"] for r in rows] * 2, vocab_size=200)
+    torch.manual_seed(0)
+    model = create_mllm(mllm_config("mllm-tiny", {"lm.width": 32, "lm.heads": 2}, tok), tok).eval()
+    from polymodal.eval.tasks import run_task
+    m = run_task("vqa", model, str(qa_world / "val.jsonl"), limit=8, majority_from=str(qa_world / "train.jsonl"))
+    assert m["generative"] == 1 and m["num_questions"] == 8 and 0 <= m["vqa_accuracy"] <= 100

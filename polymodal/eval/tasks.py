@@ -122,7 +122,7 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "fairness": (("answer_probabilities",),),
     "linear_probe": (("encode_image", "video_features", "encode_video"),),
     "classification": (("classify",),),
-    "vqa": (("answer_logits",),),
+    "vqa": (("answer_logits", "generate_text"),),
 }
 SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",
            "cross_pass": "snps3_retrieval", "node_batch": "shenet_retrieval", "generate": "captioning",
@@ -227,7 +227,8 @@ class EvalConfig:
         files = [p for p in (self.retrieval, self.longtext, self.zeroshot, self.classes) if p]
         for item in self.tasks:
             if isinstance(item, dict):
-                files += [str(item[k]) for k in ("data", "classes", "adapter", "val", "test") if item.get(k)]
+                files += [str(item[k]) for k in ("data", "classes", "adapter", "val", "test", "majority_from")
+                          if item.get(k)]
         return files
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -162,22 +163,59 @@ def qa_metrics(predictions: list[str], answers: list[list[str]], types: list[str
     return out
 
 
+def majority_answers(manifest, where: str = "majority_from") -> tuple[dict, str]:
+    """The majority baseline of a training manifest: each question type's most common consensus answer, and the
+    overall one (ties: alphabetical).
+
+    Raises:
+        FileNotFoundError / ValueError: the manifest is missing or a record has no answers (naming `where`).
+    """
+    from ..encode import read_records
+    if not Path(manifest).exists():
+        raise FileNotFoundError(f"vqa: {where} manifest {manifest} does not exist (give -o {where}=TRAIN.jsonl)")
+    by_type, overall = {}, Counter()
+    for k, r in enumerate(read_records(manifest, 0, "error", required=("question",), media="none")):
+        c = consensus(record_answers(r, f"{manifest} record {k + 1}"))
+        by_type.setdefault(str(r.get("question_type") or "all"), Counter())[c] += 1
+        overall[c] += 1
+    pick = lambda counts: max(sorted(counts), key=lambda a: counts[a])                 # noqa: E731
+    return {t: pick(c) for t, c in by_type.items()}, pick(overall)
+
+
 def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str = "en", cache=None,
-             on_bad_record: str = "error", batch_size: int = 64) -> dict:
-    """The `vqa` evaluation: a VQA model's answers to a manifest's questions (`polymodal eval MODEL --task vqa`).
+             on_bad_record: str = "error", batch_size: int = 64, majority_from: str = "",
+             generate_method: str = "greedy") -> dict:
+    """The `vqa` evaluation: a model's answers to a manifest's questions (`polymodal eval MODEL --task vqa`).
+
+    Two kinds of model: a classifier over answers (`VQAModel`: `answer_logits(pixels, ids)` and `answers`; its
+    stored majority answers are the baseline) or a generator of free text (an MLLM: `generate_text(pixels,
+    questions)`; its answers are normalised like the humans'; the baseline needs `majority_from`).
 
     Args:
-        model: a `VQAModel` (anything with `answer_logits(pixels, ids)`, `answers`, `majority_answer(type)`,
-            `tokenizer` and `image_transform`).
+        model: a `VQAModel` or a model with `generate_text` (both with `tokenizer` and `image_transform`).
         manifest: QA records: `image`, `question`, `answers` (or `answer`), optional `question_type`.
+        majority_from: a training manifest whose majority answers are the baseline (default: the model's stored
+            ones; required for a generative model).
+        generate_method: decoding of generative models ("greedy" | "beam").
         limit, progress, lang, cache, on_bad_record, batch_size: as every task (lang and cache are unused).
     Returns:
-        The numbers of `qa_metrics` (percent), plus `num_answers` (the model's answer vocabulary) and
-        `answer_coverage` (percent of questions whose consensus answer is in the vocabulary: the ceiling of exact
-        match).
+        The numbers of `qa_metrics` (percent), plus `num_answers` (a classifier's answer vocabulary) and
+        `answer_coverage` (percent of questions whose consensus answer is in it: the ceiling of exact match), or
+        `generative: 1` for a generative model.
+    Raises:
+        ValueError: a generative model without `majority_from` (one line naming the option).
     """
     from ..data.images import load_image
     from ..encode import device_of, read_records
+    classifier = hasattr(model, "answer_logits")
+    if majority_from:
+        type_majority, overall = majority_answers(majority_from)
+        baseline_of = lambda t: type_majority.get(t, overall)                          # noqa: E731
+    elif classifier:
+        baseline_of = model.majority_answer
+    else:
+        raise ValueError(f"vqa: a {type(model).__name__} answers in free text and stores no training answers; give "
+                         f"the training manifest for the majority baseline with -o majority_from=TRAIN.jsonl")
     records = read_records(manifest, limit, on_bad_record, required=("image", "question"))
     device = device_of(model)
     pixel_cache: dict = {}
@@ -187,7 +225,7 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
             pixel_cache[path] = model.image_transform(load_image(path))
         return pixel_cache[path]
 
-    vocab = list(model.answers)
+    vocab = list(model.answers) if classifier else []
     predictions, answers, types, refs, base = [], [], [], [], []
     batches = range(0, len(records), batch_size)
     if progress:
@@ -197,23 +235,30 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
         for start in batches:
             chunk = records[start:start + batch_size]
             pixels = torch.stack([pixels_of(r["image"]) for r in chunk]).to(device)  # (B, 3, H, W)
-            ids = model.tokenizer([str(r["question"]) for r in chunk]).to(device)      # (B, L)
-            logits = model.answer_logits(pixels, ids)                                   # (B, A)
-            predictions += [vocab[i] for i in logits.argmax(dim=1).tolist()]
+            questions = [str(r["question"]) for r in chunk]
+            if classifier:
+                ids = model.tokenizer(questions).to(device)                            # (B, L)
+                logits = model.answer_logits(pixels, ids)                               # (B, A)
+                predictions += [vocab[i] for i in logits.argmax(dim=1).tolist()]
+            else:
+                texts = model.generate_text(pixels, questions, method=generate_method)
+                predictions += [normalize_answer(t) for t in texts]
     for k, r in enumerate(records):
-        where = f"{manifest} record {k + 1}"
-        a = record_answers(r, where)
+        a = record_answers(r, f"{manifest} record {k + 1}")
         answers.append(a)
         qtype = str(r.get("question_type") or "all")
         types.append(qtype)
         refs.append(normalize_answer(r["answer"]) if isinstance(r.get("answer"), str) else consensus(a))
-        base.append(model.majority_answer(qtype))
+        base.append(normalize_answer(baseline_of(qtype)))
     out = qa_metrics(predictions, answers, types, refs, base)
-    known = set(vocab)
-    out["num_answers"] = len(vocab)
-    out["answer_coverage"] = 100.0 * sum(x in known for x in refs) / max(len(refs), 1)
+    if classifier:
+        known = set(vocab)
+        out["num_answers"] = len(vocab)
+        out["answer_coverage"] = 100.0 * sum(x in known for x in refs) / max(len(refs), 1)
+    else:
+        out["generative"] = 1
     return out
 
 
 __all__ = ["normalize_answer", "process_punctuation", "process_digit_article", "vqa_score", "soft_scores",
-           "consensus", "record_answers", "qa_metrics", "vqa_task"]
+           "consensus", "record_answers", "qa_metrics", "majority_answers", "vqa_task"]
