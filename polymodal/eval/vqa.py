@@ -130,7 +130,7 @@ def record_answers(record: dict, where: str) -> list[str]:
         raw = [record["answer"]]
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{where}: a QA record needs `answers` (a non-empty list) or `answer`; got keys "
-                         f"{', '.join(sorted(record))}")
+                         f"{', '.join(sorted(k for k in record if not k.startswith('_')))}")
     return [normalize_answer(a["answer"] if isinstance(a, dict) else a) for a in raw]
 
 
@@ -175,7 +175,7 @@ def majority_answers(manifest, where: str = "majority_from") -> tuple[dict, str]
         raise FileNotFoundError(f"vqa: {where} manifest {manifest} does not exist (give -o {where}=TRAIN.jsonl)")
     by_type, overall = {}, Counter()
     for k, r in enumerate(read_records(manifest, 0, "error", required=("question",), media="none")):
-        c = consensus(record_answers(r, f"{manifest} record {k + 1}"))
+        c = consensus(record_answers(r, f"{manifest} line {r.get('_line', k + 1)}"))
         by_type.setdefault(str(r.get("question_type") or "all"), Counter())[c] += 1
         overall[c] += 1
     pick = lambda counts: max(sorted(counts), key=lambda a: counts[a])                 # noqa: E731
@@ -227,6 +227,13 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
 
     vocab = list(model.answers) if classifier else []
     predictions, answers, types, refs, base = [], [], [], [], []
+    for k, r in enumerate(records):
+        a = record_answers(r, f"{manifest} line {r.get('_line', k + 1)}")
+        answers.append(a)
+        qtype = str(r.get("question_type") or "all")
+        types.append(qtype)
+        refs.append(normalize_answer(r["answer"]) if isinstance(r.get("answer"), str) else consensus(a))
+        base.append(normalize_answer(baseline_of(qtype)))
     batches = range(0, len(records), batch_size)
     if progress:
         from tqdm import tqdm
@@ -243,13 +250,6 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
             else:
                 texts = model.generate_text(pixels, questions, method=generate_method)
                 predictions += [normalize_answer(t) for t in texts]
-    for k, r in enumerate(records):
-        a = record_answers(r, f"{manifest} record {k + 1}")
-        answers.append(a)
-        qtype = str(r.get("question_type") or "all")
-        types.append(qtype)
-        refs.append(normalize_answer(r["answer"]) if isinstance(r.get("answer"), str) else consensus(a))
-        base.append(normalize_answer(baseline_of(qtype)))
     out = qa_metrics(predictions, answers, types, refs, base)
     if classifier:
         known = set(vocab)

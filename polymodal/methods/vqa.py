@@ -78,7 +78,7 @@ def build_vocabulary(records: list[dict], min_count: int = 1, max_answers: int =
     from ..eval.vqa import consensus, record_answers
     counts, by_type = Counter(), defaultdict(Counter)
     for k, r in enumerate(records):
-        c = consensus(record_answers(r, f"{where} record {k + 1}"))
+        c = consensus(record_answers(r, f"{where} line {r.get('_line', k + 1)}"))
         counts[c] += 1
         by_type[str(r.get("question_type") or "all")][c] += 1
     ranked = sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
@@ -116,7 +116,7 @@ class VQADataset(torch.utils.data.Dataset):
         from ..eval.vqa import record_answers
         index = {a: i for i, a in enumerate(answers)}
         self.records, self.transform = records, transform
-        self.targets = [soft_targets(record_answers(r, f"{where} record {k + 1}"), index)
+        self.targets = [soft_targets(record_answers(r, f"{where} line {r.get('_line', k + 1)}"), index)
                         for k, r in enumerate(records)]
         self._pixels: dict = {}
 
