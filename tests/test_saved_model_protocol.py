@@ -55,7 +55,10 @@ def worlds(tmp_path_factory, moving_world):
     from polymodal.data.synthetic.shapes_qa import generate_shapes_qa
     shapes_qa = tmp_path_factory.mktemp("shapes_qa")
     generate_shapes_qa(shapes_qa, n_train=32, n_test=8, n_val=8, seed=4, progress=False, workers=1)
-    return {"shapes": shapes, "shapes_qa": shapes_qa, "shapes_coca": shapes, "shapes_lotlip": shapes, "shapes_m2": shapes, "moving": moving,
+    from polymodal.data.synthetic.moving_qa import generate_moving_qa
+    moving_qa = tmp_path_factory.mktemp("moving_qa")
+    generate_moving_qa(moving, moving_qa)
+    return {"shapes": shapes, "shapes_qa": shapes_qa, "moving_qa": moving_qa, "shapes_coca": shapes, "shapes_lotlip": shapes, "shapes_m2": shapes, "moving": moving,
             "moving_distractors": moving_world(n_train=32, n_test=8, seed=12, num_frames=8, distractor_fraction=0.8),
             "moving_m2raap": moving, "moving_m2raap_small": moving, "moving_scene": moving,
             "prefs": prefs, "counterfactual": counterfactual, "moving_frames": frames}

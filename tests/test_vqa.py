@@ -271,3 +271,32 @@ def test_an_mllm_answers_vqa_by_generation(qa_world, tmp_path):
     from polymodal.eval.tasks import run_task
     m = run_task("vqa", model, str(qa_world / "val.jsonl"), limit=8, majority_from=str(qa_world / "train.jsonl"))
     assert m["generative"] == 1 and m["num_questions"] == 8 and 0 <= m["vqa_accuracy"] <= 100
+
+
+def test_video_vqa_trains_on_moving_qa_and_the_saved_model_reproduces_it(moving_world, tmp_path):
+    """`vqa.media: video`: the frames' contexts, each with its frame embedding, reach the decoder, so the answer
+    depends on frame order; the saved model (num_frames in its config) gives the training numbers back."""
+    from polymodal.data.synthetic.moving_qa import generate_moving_qa
+    from polymodal.train.run import load_recipe, run_recipe
+    world = moving_world(n_train=24, n_test=6, seed=5, num_frames=4, compound_fraction=0.4, mismatch_fraction=0.3)
+    qa = tmp_path / "mqa"
+    generate_moving_qa(world, qa)
+    out = tmp_path / "run"
+    overrides = [f"out_dir={out}", f"data.train={qa / 'train.jsonl'}", "data.batch_size=8", "train.steps=6",
+                 f"eval.tasks=[{{task: vqa, data: {qa / 'test.jsonl'}}}]", "train.eval_every=0", "train.ckpt_every=0",
+                 "train.progress=false", "train.threads=1", "train.report=false", "optim.warmup_steps=1"]
+    final = run_recipe(load_recipe(REPO / "recipes/vqa_moving.yaml", overrides))
+    saved = polymodal.load_model(out / "model").eval()
+    assert saved.config.num_frames == 4 and saved.frame_embed.shape == (4, saved.config.text.width)
+    args = ["eval", str(out / "model"), "--task", "vqa", "--data", str(qa / "test.jsonl"), "--out", str(tmp_path / "m.json")]
+    assert main(args) in (0, None)
+    got = json.loads((tmp_path / "m.json").read_text())
+    for k, v in final.items():
+        if k.startswith("eval/vqa/"):
+            assert got[k[len("eval/vqa/"):]] == pytest.approx(v, abs=1e-6), k
+    torch.manual_seed(0)
+    frames, ids = torch.randn(2, 4, 3, 32, 32), saved.tokenizer(["what happens first?"] * 2)
+    with torch.no_grad():
+        assert not torch.allclose(saved.answer_logits(frames, ids), saved.answer_logits(frames.flip(1), ids))
+        with pytest.raises(ValueError, match="a video model .* got images"):
+            saved.answer_logits(frames[:, 0], ids)

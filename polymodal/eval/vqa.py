@@ -193,7 +193,8 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
 
     Args:
         model: a `VQAModel` or a model with `generate_text` (both with `tokenizer` and `image_transform`).
-        manifest: QA records: `image`, `question`, `answers` (or `answer`), optional `question_type`.
+        manifest: QA records: `image` (`video` for a video VQA model: its `num_frames` uniform frames), `question`,
+            `answers` (or `answer`), optional `question_type`.
         majority_from: a training manifest whose majority answers are the baseline (default: the model's stored
             ones; required for a generative model).
         generate_method: decoding of generative models ("greedy" | "beam").
@@ -216,13 +217,19 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
     else:
         raise ValueError(f"vqa: a {type(model).__name__} answers in free text and stores no training answers; give "
                          f"the training manifest for the majority baseline with -o majority_from=TRAIN.jsonl")
-    records = read_records(manifest, limit, on_bad_record, required=("image", "question"))
+    frames = int(getattr(getattr(model, "config", None), "num_frames", 0) or 0)
+    media = "video" if frames else "image"
+    records = read_records(manifest, limit, on_bad_record, required=(media, "question"), media=media)
     device = device_of(model)
     pixel_cache: dict = {}
 
-    def pixels_of(path: str) -> torch.Tensor:                                    # (3, H, W), each file once
+    def pixels_of(path: str) -> torch.Tensor:             # (3, H, W) or (T, 3, H, W) frames, each file once
         if path not in pixel_cache:
-            pixel_cache[path] = model.image_transform(load_image(path))
+            if frames:
+                from ..data.video import read_video
+                pixel_cache[path] = read_video(path, num_frames=frames).pixels(model.image_transform)
+            else:
+                pixel_cache[path] = model.image_transform(load_image(path))
         return pixel_cache[path]
 
     vocab = list(model.answers) if classifier else []
@@ -241,7 +248,7 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
     with torch.no_grad():
         for start in batches:
             chunk = records[start:start + batch_size]
-            pixels = torch.stack([pixels_of(r["image"]) for r in chunk]).to(device)  # (B, 3, H, W)
+            pixels = torch.stack([pixels_of(r[media]) for r in chunk]).to(device)   # (B, [T,] 3, H, W)
             questions = [str(r["question"]) for r in chunk]
             if classifier:
                 ids = model.tokenizer(questions).to(device)                            # (B, L)

@@ -5,7 +5,10 @@ The model is a `VQAModel` (`polymodal.models.vqa`): a CoCa (from `model.path`: a
 its pooled output (the question's EOT state) feeds an MLP over the answers.
 
 Data: a QA manifest (`polymodal data shapes-qa`, or an imported VQAv2 / TextVQA layout): records with `image`,
-`question`, `answers` (a list of human answers; or one `answer`) and optionally `question_type`. The vocabulary is
+`question`, `answers` (a list of human answers; or one `answer`) and optionally `question_type`. With
+`vqa.media: video` the records carry `video` instead (`polymodal data moving-qa`, MSRVTT-QA, MSVD-QA): `data.num_frames`
+frames (`data.frame_strategy`) go through the image encoder one by one and the decoder reads all their contexts,
+each frame's with a learned frame embedding. The vocabulary is
 built from the training records: every answer that is the consensus (most common normalised answer) of at least
 `vqa.min_answer_count` training questions, the `vqa.max_answers` most frequent first; it is stored in the saved
 model with each answer's count and every question type's majority answer (the baseline the `vqa` task prints).
@@ -42,8 +45,11 @@ class VQASection(ConfigDict):
     freeze_base: bool = False       # train the head alone (the CoCa stays as loaded)
     hidden: int = 0                 # head MLP width (0 = 2 x the text width)
     dropout: float = 0.1            # head dropout
+    media: str = "image"            # "image" | "video" (records carry `video`; data.num_frames frames per question)
 
     def __post_init__(self):
+        if self.media not in ("image", "video"):
+            raise ConfigError(f"vqa.media must be image or video, got {self.media!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"vqa.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.min_answer_count < 1 or self.max_answers < 0 or self.hidden < 0:
@@ -103,19 +109,21 @@ def soft_targets(answers: list[str], index: dict[str, int]) -> torch.Tensor:
 
 
 class VQADataset(torch.utils.data.Dataset):
-    """QA records -> {"pixels" (3, H, W), "question": str, "target" (A,)}; each image decoded once.
+    """QA records -> {"pixels" (3, H, W) or (T, 3, H, W), "question": str, "target" (A,)}; each image decoded once.
 
     Args:
-        records: QA records (image paths resolved).
+        records: QA records (image or video paths resolved).
         answers: the vocabulary, in logit order.
         transform: PIL image -> (3, H, W).
         where: the manifest, for errors.
+        video_loader: `loader(path, index, epoch) -> VideoClip` for records with `video` (None: images).
     """
 
-    def __init__(self, records: list[dict], answers: list[str], transform, where: str = "data.train"):
+    def __init__(self, records: list[dict], answers: list[str], transform, where: str = "data.train",
+                 video_loader=None):
         from ..eval.vqa import record_answers
         index = {a: i for i, a in enumerate(answers)}
-        self.records, self.transform = records, transform
+        self.records, self.transform, self.video_loader, self.epoch = records, transform, video_loader, 0
         self.targets = [soft_targets(record_answers(r, f"{where} line {r.get('_line', k + 1)}"), index)
                         for k, r in enumerate(records)]
         self._pixels: dict = {}
@@ -123,9 +131,15 @@ class VQADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch                                  # the frames' jitter depends on it
+
     def __getitem__(self, i: int) -> dict:
         from ..data.images import load_image
         r = self.records[i]
+        if self.video_loader is not None:
+            frames = self.video_loader(r["video"], index=i, epoch=self.epoch).pixels(self.transform)  # (T, 3, H, W)
+            return {"pixels": frames, "question": str(r["question"]), "target": self.targets[i]}
         if r["image"] not in self._pixels:
             self._pixels[r["image"]] = self.transform(load_image(r["image"]))
         return {"pixels": self._pixels[r["image"]], "question": str(r["question"]), "target": self.targets[i]}
@@ -187,6 +201,7 @@ class VQAMethod(Method):
 
     def __init__(self, run: Any, cfg: Any = None):
         super().__init__(run, cfg if cfg is not None else VQASection())
+        self.media = self.cfg.media
         self._records = None
         self._vocab = None
 
@@ -200,7 +215,7 @@ class VQAMethod(Method):
         if self._records is None:
             from ..data.manifests import read_manifest
             m = read_manifest(self.run.data.train, on_bad_record=self.run.data.on_bad_record,
-                              required=("image", "question"), media="image")
+                              required=(self.media, "question"), media=self.media)
             self._records = m.records
         return self._records
 
@@ -220,6 +235,10 @@ class VQAMethod(Method):
         base = super().build_model(tokenizer)
         vocab = self.vocabulary()
         if isinstance(base, VQAModel):                         # continue training a saved VQA model
+            if base.config.num_frames != (self.run.data.num_frames if self.media == "video" else 0):
+                raise ValueError(f"model.path {self.run.model.path} answers about "
+                                 f"{base.config.num_frames or 'no'} video frames; set vqa.media and data.num_frames "
+                                 f"to match it")
             if base.answers != vocab.answers:
                 raise ValueError(f"model.path {self.run.model.path} answers {len(base.answers)} answers, not the "
                                  f"{len(vocab.answers)} of {self.run.data.train}; start from its CoCa instead")
@@ -228,13 +247,20 @@ class VQAMethod(Method):
             raise ValueError(f"model.path/model.name gives a {type(base).__name__}, which has no multimodal decoder; "
                              f"vqa needs a CoCa (model.name: coca-tiny / coca-small, or a sycoca run's out_dir/model)")
         else:
-            model = VQAModel(base, vocab.answers, vocab.counts, vocab.type_majority, self.cfg.hidden, self.cfg.dropout)
+            frames = self.run.data.num_frames if self.media == "video" else 0
+            model = VQAModel(base, vocab.answers, vocab.counts, vocab.type_majority, self.cfg.hidden, self.cfg.dropout,
+                             frames)
         model.base.requires_grad_(not self.cfg.freeze_base)
         return model.train()
 
     def build_dataset(self, model: nn.Module, rank: int, world_size: int):
         # the loader's sampler gives each rank its share
-        return VQADataset(self.records(), model.answers, model.image_transform, str(self.run.data.train)), None
+        loader = None
+        if self.media == "video":
+            from .base import _video_loader
+            loader = _video_loader(self.run.data, self.run.train.seed)
+        return VQADataset(self.records(), model.answers, model.image_transform, str(self.run.data.train),
+                          loader), None
 
     def collate(self, model: nn.Module):
         return VQACollate(model.tokenizer)

@@ -27,10 +27,13 @@ class VQAConfig:
     type_majority: dict = field(default_factory=dict)  # question type -> its most common training answer
     hidden: int = 0                                    # head MLP width (0 = 2 x the text width)
     dropout: float = 0.1                               # head dropout (training only)
+    num_frames: int = 0                                # 0: questions about images; T: about T-frame videos
     model_type: str = "vqa"
 
     def __post_init__(self):
         self._base = None
+        if self.num_frames < 0:
+            raise ValueError(f"vqa config: num_frames must be >= 0 (0 = images), got {self.num_frames}")
         if self.answer_counts and len(self.answer_counts) != len(self.answers):
             raise ValueError(f"vqa config: {len(self.answer_counts)} answer_counts for {len(self.answers)} answers")
 
@@ -62,12 +65,15 @@ class VQAModel(nn.Module):
         type_majority: question type -> majority training answer.
         hidden: head MLP width (0 = 2 x text width).
         dropout: head dropout.
+        num_frames: 0 for images; T > 0 for videos of T frames: every frame's image context goes to the decoder,
+            each frame's tokens plus a learned frame embedding (std 1 at the start, so order is visible from the
+            first step), concatenated in time order.
     """
 
     config_class = VQAConfig
 
     def __init__(self, base: nn.Module, answers: list, answer_counts: list | None = None,
-                 type_majority: dict | None = None, hidden: int = 0, dropout: float = 0.1):
+                 type_majority: dict | None = None, hidden: int = 0, dropout: float = 0.1, num_frames: int = 0):
         super().__init__()
         if not answers:
             raise ValueError("VQAModel: an empty answer vocabulary")
@@ -77,9 +83,11 @@ class VQAModel(nn.Module):
         self.base = base
         counts = list(answer_counts) if answer_counts else [1] * len(answers)
         self.config = VQAConfig(base=base.config.to_dict(), answers=list(answers), answer_counts=counts,
-                                type_majority=dict(type_majority or {}), hidden=hidden, dropout=dropout)
+                                type_majority=dict(type_majority or {}), hidden=hidden, dropout=dropout,
+                                num_frames=num_frames)
         self.config._base = base.config
         width = base.config.text.width
+        self.frame_embed = nn.Parameter(torch.randn(num_frames, width)) if num_frames else None   # (T, Wt)
         h = hidden or 2 * width
         self.head = nn.Sequential(nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(h),
                                   nn.Linear(h, len(answers)))
@@ -89,7 +97,7 @@ class VQAModel(nn.Module):
         """A randomly initialised model of a saved config (the weights are loaded after)."""
         from .families import build_model
         return cls(build_model(cfg.base_config()), list(cfg.answers), list(cfg.answer_counts),
-                   dict(cfg.type_majority), cfg.hidden, cfg.dropout)
+                   dict(cfg.type_majority), cfg.hidden, cfg.dropout, cfg.num_frames)
 
     answers = property(lambda self: list(self.config.answers))
     tokenizer = property(lambda self: self.base.tokenizer)
@@ -114,10 +122,32 @@ class VQAModel(nn.Module):
         """The CoCa's (N, E) contrastive text embedding."""
         return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
 
-    def fused(self, pixels: Tensor, ids: Tensor) -> Tensor:
-        """The decoder's multimodal pooled output: (B, 3, H, W) images + (B, L) question ids -> (B, Wt)."""
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: the frame embeddings."""
+        return {"frame_embed"} if self.frame_embed is not None else set()
+
+    def context(self, pixels: Tensor) -> Tensor:
+        """The decoder's context: (B, 3, H, W) images -> (B, N, Wt); (B, T, 3, H, W) videos -> (B, T*N, Wt)."""
         m = self.base
-        context = m.image_context(m.visual(pixels).tokens)                   # (B, N, Wt)
+        if pixels.dim() == 4:
+            if self.frame_embed is not None:
+                raise ValueError(f"VQAModel: a video model (num_frames {self.config.num_frames}) got images "
+                                 f"{tuple(pixels.shape)}; give (B, T, 3, H, W) frames")
+            return m.image_context(m.visual(pixels).tokens)                  # (B, N, Wt)
+        if self.frame_embed is None:
+            raise ValueError(f"VQAModel: an image model got frames {tuple(pixels.shape)}; train with vqa.media: video")
+        B, T = pixels.shape[:2]
+        if T > len(self.frame_embed):
+            raise ValueError(f"VQAModel: {T} frames, but the model was trained with {len(self.frame_embed)}")
+        ctx = m.image_context(m.visual(pixels.flatten(0, 1)).tokens)         # (B*T, N, Wt)
+        ctx = ctx.view(B, T, *ctx.shape[1:]) + self.frame_embed[:T, None]    # (B, T, N, Wt)
+        return ctx.flatten(1, 2)                                             # (B, T*N, Wt)
+
+    def fused(self, pixels: Tensor, ids: Tensor) -> Tensor:
+        """The decoder's multimodal pooled output: images (B, 3, H, W) or frames (B, T, 3, H, W) + (B, L) question
+        ids -> (B, Wt)."""
+        m = self.base
+        context = self.context(pixels)                                       # (B, N or T*N, Wt)
         text = m.text(ids)                                                   # tokens (B, L, Wt)
         x = m.decoder(text.tokens, is_causal=True, context=context)          # (B, L, Wt)
         x = m.decoder_norm(x)
@@ -125,7 +155,7 @@ class VQAModel(nn.Module):
         return x[torch.arange(len(ids), device=x.device), at]                       # (B, Wt)
 
     def answer_logits(self, pixels: Tensor, ids: Tensor) -> Tensor:
-        """(B, 3, H, W) images + (B, L) question ids -> (B, A) answer logits."""
+        """(B, 3, H, W) images (or (B, T, 3, H, W) frames) + (B, L) question ids -> (B, A) answer logits."""
         fused = self.fused(pixels, ids)
         return self.head(fused.to(self.head[0].weight.dtype))
 
