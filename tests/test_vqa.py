@@ -39,7 +39,9 @@ def test_vqa_accuracy_is_the_ten_choose_nine_average():
 
 def test_metrics_report_per_type_and_the_baseline_beside_every_number():
     preds, answers = ["red", "2", "no"], [["red"] * 10, ["2"] * 3 + ["3"] * 7, ["yes"] * 10]
-    m = qa_metrics(preds, answers, ["color", "count", "exists"], ["red", "3", "yes"], ["blue", "3", "yes"])
+    m = qa_metrics(preds, answers, ["color", "count", "exists"], ["red", "3", "yes"], ["blue", "3", "yes"],
+                   ["other", "number", "yes/no"])
+    assert m["answer_type/yes/no/vqa_accuracy"] == 0.0 and m["answer_type/number/majority_vqa_accuracy"] == 100.0
     assert m["vqa_accuracy"] == pytest.approx(100 * (1 + 0.9 + 0) / 3)
     assert m["exact_match"] == pytest.approx(100 / 3)
     assert m["majority_vqa_accuracy"] == pytest.approx(100 * (0 + 1 + 1) / 3)

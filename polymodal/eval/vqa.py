@@ -135,7 +135,7 @@ def record_answers(record: dict, where: str) -> list[str]:
 
 
 def qa_metrics(predictions: list[str], answers: list[list[str]], types: list[str], references: list[str],
-               baseline: list[str]) -> dict:
+               baseline: list[str], answer_types: list[str] | None = None) -> dict:
     """VQA accuracy and exact match (percent), overall and per question type, beside the same for `baseline`.
 
     Args:
@@ -144,9 +144,10 @@ def qa_metrics(predictions: list[str], answers: list[list[str]], types: list[str
         types: N question types.
         references: N reference answers for exact match (normalised).
         baseline: N answers of the majority baseline (normalised).
+        answer_types: N answer types (VQAv2's yes/no, number, other) or None.
     Returns:
-        vqa_accuracy, exact_match, majority_vqa_accuracy, majority_exact_match, num_questions and, per type T,
-        the same under `type/T/` with `type/T/num_questions`.
+        vqa_accuracy, exact_match, majority_vqa_accuracy, majority_exact_match, num_questions and, per question type
+        T, the same under `type/T/` (with `type/T/num_questions`); per answer type A under `answer_type/A/`.
     """
     def block(idx: list[int]) -> dict:
         acc = [vqa_score(predictions[i], answers[i]) for i in idx]
@@ -160,6 +161,9 @@ def qa_metrics(predictions: list[str], answers: list[list[str]], types: list[str
     out = block(list(range(len(predictions))))
     for t in sorted(set(types)):
         out.update({f"type/{t}/{k}": v for k, v in block([i for i, x in enumerate(types) if x == t]).items()})
+    for t in sorted(set(answer_types or [])):
+        out.update({f"answer_type/{t}/{k}": v for k, v in block([i for i, x in enumerate(answer_types) if x == t])
+                    .items()})
     return out
 
 
@@ -233,7 +237,7 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
         return pixel_cache[path]
 
     vocab = list(model.answers) if classifier else []
-    predictions, answers, types, refs, base = [], [], [], [], []
+    predictions, answers, types, refs, base, atypes = [], [], [], [], [], []
     for k, r in enumerate(records):
         a = record_answers(r, f"{manifest} line {r.get('_line', k + 1)}")
         answers.append(a)
@@ -241,6 +245,7 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
         types.append(qtype)
         refs.append(normalize_answer(r["answer"]) if isinstance(r.get("answer"), str) else consensus(a))
         base.append(normalize_answer(baseline_of(qtype)))
+        atypes.append(str(r["answer_type"]) if r.get("answer_type") else None)
     batches = range(0, len(records), batch_size)
     if progress:
         from tqdm import tqdm
@@ -257,7 +262,7 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
             else:
                 texts = model.generate_text(pixels, questions, method=generate_method)
                 predictions += [normalize_answer(t) for t in texts]
-    out = qa_metrics(predictions, answers, types, refs, base)
+    out = qa_metrics(predictions, answers, types, refs, base, atypes if all(atypes) else None)
     if classifier:
         known = set(vocab)
         out["num_answers"] = len(vocab)
