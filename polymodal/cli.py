@@ -28,6 +28,17 @@ def _data_commands() -> dict:
                    "generate a ShapesWorld synthetic data set with manifests",
                    "Deterministic synthetic images of coloured shapes with short, long and Chinese captions, labels, "
                    "and a hard long-text test set."),
+        "shapes-qa": ("polymodal.data.synthetic.shapes_qa:add_cli_arguments",
+                      "polymodal.data.synthetic.shapes_qa:main_from_args",
+                      "generate ShapesWorld visual questions (a VQA manifest with ten answers each)",
+                      "ShapesWorld images with questions about colour, shape, size, count, existence and place "
+                      "(what is where), ten annotator answers per question like VQAv2, and the question type."),
+        "moving-qa": ("polymodal.data.synthetic.moving_qa:add_cli_arguments",
+                      "polymodal.data.synthetic.moving_qa:main_from_args",
+                      "write video questions (what moves, which way, what happens first) on a MovingShapes world",
+                      "Questions whose answers are the truth of each MovingShapes video (what moves or changes, "
+                      "whether anything moves, which direction, what it does, what happens first and last in "
+                      "compound actions), ten annotator answers each, as video QA manifests."),
         "moving-shapes": ("polymodal.data.synthetic.moving_shapes:add_cli_arguments",
                           "polymodal.data.synthetic.moving_shapes:main_from_args",
                           "generate a MovingShapes synthetic video-text data set",

@@ -33,7 +33,10 @@ def data(tmp_path_factory, moving_world):
     for i, r in enumerate(rows):
         r["aux_captions"] = [rows[(i + 1) % len(rows)]["caption"]]
     (moving / "test_aux.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"shapes": shapes, "prefs": prefs, "cf": cf, "moving": moving}
+    from polymodal.data.synthetic.shapes_qa import generate_shapes_qa
+    qa = tmp_path_factory.mktemp("contract_qa")
+    generate_shapes_qa(qa, n_train=0, n_test=8, n_val=0, seed=1, progress=False, workers=1)
+    return {"shapes": shapes, "prefs": prefs, "cf": cf, "moving": moving, "qa": qa}
 
 
 def _tokenizers():
@@ -115,6 +118,12 @@ def build(model_type: str):
         from polymodal.models.classifier import ImageClassifier
         return ImageClassifier(create_model("tiny", tokenizer=bpe), class_names("en")), \
             image_tasks[:1] + [("classification", "shapes/test.jsonl", {})]
+    if model_type == "vqa":
+        from polymodal.data.synthetic.shapes_qa import QUESTION_TYPES, answer_space
+        from polymodal.models.vqa import VQAModel
+        answers = sorted({a for t in QUESTION_TYPES for a in answer_space(t)})
+        return VQAModel(create_model("coca-tiny", tokenizer=bpe), answers, list(range(1, len(answers) + 1)),
+                        {"exists": "no"}), image_tasks[:1] + [("vqa", "qa/test.jsonl", {})]
     raise AssertionError(f"no tiny builder for model_type {model_type!r}: add one to this test")
 
 
@@ -145,6 +154,8 @@ def _outputs(model, data) -> dict:
             out["options"] = model.option_logprobs(pixels, TEXTS[:2], [["doctor", "nurse"]] * 2)
         elif hasattr(model, "adapter"):
             out["logits"] = model(pixels)
+        elif hasattr(model, "answer_logits"):
+            out["answers"] = model.answer_logits(pixels, model.tokenizer(TEXTS[:2]))
         elif hasattr(model, "classify"):
             out["logits"] = model.classify(pixels)
         if hasattr(model, "encode_image") and not hasattr(model, "video_features"):

@@ -16,7 +16,7 @@ from polymodal.cli import main
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # One recipe per method that adapts or wraps a model (the list) plus the plain families.
 DEFAULT = ("scene_two_stream", "m2raap_tiny", "snps3_full", "shenet_full", "reward_tiny", "asd_full",
-           "text_as_image", "video_stan")
+           "text_as_image", "video_stan", "vqa_shapes")
 SIZE = ["train.steps=2", "data.batch_size=8", "data.num_workers=0", "train.log_every=1", "train.ckpt_every=0",
         "train.progress=false", "train.threads=1", "train.report=false", "train.val_loss_every=0"]
 
@@ -52,7 +52,13 @@ def worlds(tmp_path_factory, moving_world):
     frames = tmp_path_factory.mktemp("moving_frames")
     generate_moving_frames(frames, n_train=64, n_test=0, n_val=16, seed=0, cfg=MovingFramesConfig(positions=True),
                            progress=False)
-    return {"shapes": shapes, "shapes_coca": shapes, "shapes_lotlip": shapes, "shapes_m2": shapes, "moving": moving,
+    from polymodal.data.synthetic.shapes_qa import generate_shapes_qa
+    shapes_qa = tmp_path_factory.mktemp("shapes_qa")
+    generate_shapes_qa(shapes_qa, n_train=32, n_test=8, n_val=8, seed=4, progress=False, workers=1)
+    from polymodal.data.synthetic.moving_qa import generate_moving_qa
+    moving_qa = tmp_path_factory.mktemp("moving_qa")
+    generate_moving_qa(moving, moving_qa)
+    return {"shapes": shapes, "shapes_qa": shapes_qa, "moving_qa": moving_qa, "shapes_coca": shapes, "shapes_lotlip": shapes, "shapes_m2": shapes, "moving": moving,
             "moving_distractors": moving_world(n_train=32, n_test=8, seed=12, num_frames=8, distractor_fraction=0.8),
             "moving_m2raap": moving, "moving_m2raap_small": moving, "moving_scene": moving,
             "prefs": prefs, "counterfactual": counterfactual, "moving_frames": frames}

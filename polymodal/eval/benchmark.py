@@ -49,6 +49,7 @@ VIDEO_RETRIEVAL = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10
                    "video_to_text_R@1", "video_to_text_R@5", "mean_recall")
 ZEROSHOT = ("top1", "top5")
 PREFERENCE = ("accuracy",)
+VQA = ("vqa_accuracy", "majority_vqa_accuracy", "exact_match", "majority_exact_match", "answer_coverage")
 
 PROTOCOLS: dict[str, Protocol] = {
     "coco-5k": Protocol("karpathy", "test", "retrieval", folder="coco", headline=IMAGE_RETRIEVAL,
@@ -85,6 +86,11 @@ PROTOCOLS: dict[str, Protocol] = {
     "activitynet": Protocol("activitynet", "val_1", "video_retrieval", {"num_frames": 12, "paragraph": True},
                             folder="activitynet", headline=VIDEO_RETRIEVAL,
                             doc="ActivityNet Captions val_1, paragraph-to-video"),
+    "vqav2-val": Protocol("vqav2", "val2014", "vqa", folder="vqa", headline=VQA,
+                          doc="VQAv2 val2014: 214,354 questions, ten answers each; VQA accuracy (10-choose-9 average, "
+                              "official normalisation) beside the model's majority-answer baseline"),
+    "textvqa-val": Protocol("textvqa", "val", "vqa", folder="textvqa", headline=VQA,
+                            doc="TextVQA 0.5.1 val: 5,000 questions, ten answers each; VQA accuracy as for VQAv2"),
     "hh-rlhf": Protocol("hh-rlhf", "test", "preference", folder="hh-rlhf", headline=PREFERENCE,
                         doc="Anthropic HH-RLHF test pairs: reward accuracy (chosen scored above rejected)"),
     "ultrafeedback": Protocol("ultrafeedback", None, "preference", folder="ultrafeedback", headline=PREFERENCE,

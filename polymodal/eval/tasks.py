@@ -103,6 +103,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "fairness": _lazy("fairness", "fairness_task"),
     "linear_probe": _lazy("linear_probe", "linear_probe_task"),
     "classification": _lazy("classification", "classification_task"),
+    "vqa": _lazy("vqa", "vqa_task"),
 }
 
 
@@ -121,10 +122,12 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "fairness": (("answer_probabilities",),),
     "linear_probe": (("encode_image", "video_features", "encode_video"),),
     "classification": (("classify",),),
+    "vqa": (("answer_logits", "generate_text"),),
 }
 SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",
            "cross_pass": "snps3_retrieval", "node_batch": "shenet_retrieval", "generate": "captioning",
-           "encode_video": "video_retrieval", "classify": "classification", "encode_image": "retrieval"}
+           "encode_video": "video_retrieval", "classify": "classification", "answer_logits": "vqa",
+           "encode_image": "retrieval"}
 
 
 def check_model(name: str, model) -> None:
@@ -224,7 +227,8 @@ class EvalConfig:
         files = [p for p in (self.retrieval, self.longtext, self.zeroshot, self.classes) if p]
         for item in self.tasks:
             if isinstance(item, dict):
-                files += [str(item[k]) for k in ("data", "classes", "adapter", "val", "test") if item.get(k)]
+                files += [str(item[k]) for k in ("data", "classes", "adapter", "val", "test", "majority_from")
+                          if item.get(k)]
         return files
 
 

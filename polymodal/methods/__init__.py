@@ -24,6 +24,7 @@ METHODS: dict[str, object] = {
     "reward": "polymodal.methods.reward:RewardMethod",
     "asd": "polymodal.methods.asd:ASDMethod",
     "classify": "polymodal.methods.classify:ClassifyMethod",
+    "vqa": "polymodal.methods.vqa:VQAMethod",
 }
 
 

@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "mllm": "polymodal.models.mllm:MLLM",
     "multilabel_adapter": "polymodal.models.multilabel:AdaptedEncoder",
     "classifier": "polymodal.models.classifier:ImageClassifier",
+    "vqa": "polymodal.models.vqa:VQAModel",
 }
 
 # Families whose models encode images and texts into one space (what the image-text eval tasks need).

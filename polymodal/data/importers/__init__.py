@@ -34,6 +34,11 @@ FORMATS: dict[str, str] = {
     "ultrafeedback": "polymodal.data.importers.ultrafeedback:read",
     "parquet": "polymodal.data.importers.parquet:read",
     "llava": "polymodal.data.importers.llava:read",
+    "vqav2": "polymodal.data.importers.vqav2:read",
+    "textvqa": "polymodal.data.importers.textvqa:read",
+    "msrvtt-qa": "polymodal.data.importers.videoqa:read_msrvtt_qa",
+    "msvd-qa": "polymodal.data.importers.videoqa:read_msvd_qa",
+    "mmbench": "polymodal.data.importers.mmbench:read",
 }
 
 

@@ -23,7 +23,8 @@ class Imported:
 
     Attributes:
         records: manifest records (see the module docstring).
-        kind: "image", "video", "classification", "preference" or "mllm" (what the records are).
+        kind: "image", "video", "classification", "preference", "mllm", "vqa", "videoqa" or "mcq" (what the records
+            are).
         classes: a classes-file dict (`{"classes": [...], "classes_zh": [...]}`) or None.
         notes: one-line statements of what was grouped, dropped or guessed (printed and kept in the summary).
     """
