@@ -328,8 +328,10 @@ def run_recipe(cfg: RunConfig) -> dict:
         print(f"data: {size}, batch {cfg.data.batch_size} per process, "
               f"{f'{per:,} steps per epoch' if per else 'steps per epoch unknown (no shard counts)'}", flush=True)
     final = trainer.fit()
-    if dist_utils.rank() == 0 and trainer.state.step >= cfg.train.steps:
-        method.final_model(task).save_pretrained(out_dir / "model")
+    finished = trainer.state.step >= cfg.train.steps
+    full = trainer.full_task() if finished else None     # under FSDP every rank gathers the shards; rank 0 saves
+    if dist_utils.rank() == 0 and finished:
+        method.final_model(full).save_pretrained(out_dir / "model")
         from ..eval.report import write_json
         skips = {}
         if trainer.state.bad_records:                 # each bad record once, by reason

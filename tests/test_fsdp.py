@@ -1,0 +1,199 @@
+"""train.strategy=fsdp: FSDP2 over 2 gloo ranks trains like DDP; sharded checkpoints resume exactly, at another world
+size, and survive a kill; the final model is a plain folder; block discovery; the memory plan."""
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from polymodal.config import ConfigError
+from polymodal.train.loop import OptimConfig, TrainConfig, Trainer
+from polymodal.train import sharding
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(path):
+    return [r["loss"] for r in map(json.loads, open(path)) if "loss" in r]
+
+
+def _clip_task(gather="global_with_grad"):
+    from polymodal.methods.clip import ContrastiveTask, LossConfig
+    from polymodal.models.clip import CLIP
+    from polymodal.models.factory import build_config
+    torch.manual_seed(0)
+    return ContrastiveTask(CLIP(build_config("tiny")), LossConfig(gather=gather, local_loss=True))
+
+
+def _clip_batches(epoch, world_size=1, rank=0, n=4):
+    """`n` global batches of 8 (rank r takes rows r, r+W, ...): the same 8 rows per step at any world size."""
+    g = torch.Generator().manual_seed(7 + epoch)
+    pixels = torch.randn(n * 8, 3, 32, 32, generator=g)
+    ids = torch.randint(1, 900, (n * 8, 12), generator=g)
+    ids[:, -1] = 999
+    return [{"pixels": pixels[i + rank:i + 8:world_size], "input_ids": ids[i + rank:i + 8:world_size]}
+            for i in range(0, n * 8, 8)]
+
+
+def _worker(rank, world_size, port, out_dir, kw, task_fn=_clip_task):
+    """One rank training `task_fn()` on its share of `_clip_batches`; rank 0 saves the full final weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    kw = dict(kw)
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, **kw.pop("optim", {}))
+    batches = kw.pop("batches", _clip_batches)
+    trainer = Trainer(task_fn(), lambda e, s: batches(e, world_size, rank)[s:], optim,
+                      TrainConfig(log_every=1, progress=False, **kw), out_dir)
+    trainer.fit()
+    full = trainer.full_task()                       # every rank: a collective under FSDP
+    if rank == 0 and full is not None:
+        torch.save({k: v.detach().clone() for k, v in full.state_dict().items()},
+                   os.path.join(out_dir, f"final_{trainer.state.step}.pt"))
+    from polymodal.train.distributed import cleanup
+    cleanup()
+
+
+def _spawn(out_dir, world_size=2, task_fn=_clip_task, **kw):
+    import torch.multiprocessing as mp
+    if world_size == 1:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(k, None)
+        torch.manual_seed(0)
+        kw = dict(kw)
+        optim = OptimConfig(lr=1e-3, warmup_steps=0, **kw.pop("optim", {}))
+        batches = kw.pop("batches", _clip_batches)
+        trainer = Trainer(task_fn(), lambda e, s: batches(e)[s:], optim,
+                          TrainConfig(log_every=1, progress=False, **kw), out_dir)
+        trainer.fit()
+        torch.save({k: v.detach().clone() for k, v in trainer.task.state_dict().items()},
+                   os.path.join(out_dir, f"final_{trainer.state.step}.pt"))
+        return
+    mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir), kw, task_fn), nprocs=world_size, join=True)
+
+
+def _assert_close_states(a, b, atol=1e-5, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+# --- config --------------------------------------------------------------------------------------------------------
+
+def test_strategy_is_validated_with_one_line_naming_the_key():
+    with pytest.raises(ConfigError, match=r"train\.strategy must be one of ddp, fsdp, got 'zero3'"):
+        TrainConfig(strategy="zero3").validate()
+    with pytest.raises(ConfigError, match=r"train\.fsdp_offload=true needs train\.strategy=fsdp"):
+        TrainConfig(fsdp_offload=True).validate()
+    with pytest.raises(ConfigError, match=r"train\.activation_checkpointing must be true or false"):
+        TrainConfig(activation_checkpointing="yes").validate()
+
+
+def test_recipe_override_of_strategy_is_refused_in_one_line():
+    from polymodal.train.run import load_recipe
+    with pytest.raises(ConfigError) as err:
+        load_recipe("recipes/clip_shapes.yaml", ["train.strategy=fdsp"])
+    assert "train.strategy" in str(err.value) and "\n" not in str(err.value)
+
+
+# --- block discovery -----------------------------------------------------------------------------------------------
+
+def _families():
+    """One tiny model of each family with its expected block count."""
+    from polymodal.models.factory import build_config
+    from polymodal.models.clip import CLIP
+    from polymodal.models.coca import CoCa
+    out = {"clip": CLIP(build_config("tiny"))}
+    out["coca"] = CoCa(build_config("coca-tiny"))
+    return out
+
+
+def test_shard_units_finds_every_block_of_towers_and_decoders():
+    from polymodal.models.layers import Block
+    for name, model in _families().items():
+        units = sharding.shard_units(model)
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        assert len(units) == len(blocks) > 0, name
+        assert {id(u) for u in units} == {id(b) for b in blocks}
+
+
+def test_shard_units_finds_multiway_and_hf_decoder_layers():
+    from polymodal.models.multiway import M2Encoder, MultiwayBlock
+    from polymodal.models.factory import build_config
+    m2 = M2Encoder(build_config("m2-tiny"))
+    units = sharding.shard_units(m2)
+    assert len(units) == sum(isinstance(m, MultiwayBlock) for m in m2.modules()) > 0
+    lm = _tiny_llama()
+    units = sharding.shard_units(lm)
+    assert [type(u).__name__ for u in units] == ["LlamaDecoderLayer"] * 2
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def test_meta_copy_keeps_ties_and_costs_no_memory():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+    m = Tied()
+    c = sharding.meta_copy(m)
+    assert c.a.weight.is_meta and c.b.weight is c.a.weight
+    sharding.materialize_(c)
+    assert not c.a.weight.is_meta and c.b.weight is c.a.weight
+
+
+# --- memory plan ---------------------------------------------------------------------------------------------------
+
+def test_memory_plan_shards_by_world_size_and_refuses_what_cannot_fit():
+    task = _clip_task()
+    ddp = sharding.memory_plan(task, "ddp", 4)
+    fsdp = sharding.memory_plan(task, "fsdp", 4)
+    nbytes = sum(p.numel() * 4 for p in task.parameters())
+    assert ddp.params == nbytes and ddp.optimizer == 2 * nbytes
+    assert fsdp.optimizer == math.ceil(2 * nbytes / 4) and fsdp.grads == math.ceil(nbytes / 4)
+    assert nbytes / 4 < fsdp.params < nbytes / 2            # 1/W plus one gathered block
+    with pytest.raises(MemoryError, match=r"set train\.strategy=fsdp"):
+        sharding.check_memory_plan(ddp, ddp.total - 1, torch.device("cpu"))
+    with pytest.raises(MemoryError, match="more ranks"):
+        sharding.check_memory_plan(fsdp, 10, torch.device("cpu"))
+    sharding.check_memory_plan(fsdp, fsdp.total, torch.device("cpu"))
+
+
+# --- FSDP equals DDP -----------------------------------------------------------------------------------------------
+
+def test_fsdp_losses_and_weights_equal_ddp_over_steps(tmp_path):
+    """2 gloo ranks, CLIP tiny with the exact global gather: FSDP's losses and final weights are DDP's."""
+    kw = dict(steps=4, ckpt_every=0, optim={"clip_grad": 1.0})
+    _spawn(tmp_path / "ddp", strategy="ddp", **kw)
+    _spawn(tmp_path / "fsdp", strategy="fsdp", **kw)
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert len(a) == len(b) == 4 and a[0] != a[-1]
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6), (a, b)
+    _assert_close_states(torch.load(tmp_path / "ddp" / "final_4.pt"), torch.load(tmp_path / "fsdp" / "final_4.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gather", ["local", "global", "grouped"])
+def test_fsdp_leaves_every_gather_mode_unchanged(tmp_path, gather):
+    import functools
+    task_fn = functools.partial(_clip_task, gather)
+    _spawn(tmp_path / "ddp", task_fn=task_fn, steps=3, ckpt_every=0)
+    _spawn(tmp_path / "fsdp", task_fn=task_fn, steps=3, ckpt_every=0, strategy="fsdp")
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
