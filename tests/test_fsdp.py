@@ -1,5 +1,6 @@
 """train.strategy=fsdp: FSDP2 over 2 gloo ranks trains like DDP; sharded checkpoints resume exactly, at another world
 size, and survive a kill; the final model is a plain folder; block discovery; the memory plan."""
+import functools
 import json
 import math
 import os
@@ -191,9 +192,96 @@ def test_fsdp_losses_and_weights_equal_ddp_over_steps(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("gather", ["local", "global", "grouped"])
 def test_fsdp_leaves_every_gather_mode_unchanged(tmp_path, gather):
-    import functools
     task_fn = functools.partial(_clip_task, gather)
     _spawn(tmp_path / "ddp", task_fn=task_fn, steps=3, ckpt_every=0)
     _spawn(tmp_path / "fsdp", task_fn=task_fn, steps=3, ckpt_every=0, strategy="fsdp")
     a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+# --- sharded checkpoints -------------------------------------------------------------------------------------------
+
+def _ckpts(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_sharded_checkpoint_resumes_exactly_at_the_same_world_size(tmp_path):
+    kw = dict(steps=6, ckpt_every=2, strategy="fsdp", batches=functools.partial(_clip_batches, n=6))
+    _spawn(tmp_path / "a", **kw)
+    _spawn(tmp_path / "b", stop_after=3, **kw)                 # "killed" after step 3 (checkpoints 2 and 3)
+    assert _ckpts(tmp_path / "b") == ["step_00000002.dcp", "step_00000003.dcp"]
+    assert not (tmp_path / "b" / "final_6.pt").exists()
+    _spawn(tmp_path / "b", **kw)
+    a, b = _losses(tmp_path / "a" / "metrics.jsonl"), _losses(tmp_path / "b" / "metrics.jsonl")
+    assert len(a) == len(b) == 6
+    assert a == b                                              # bit-identical on CPU
+    _assert_close_states(torch.load(tmp_path / "a" / "final_6.pt"), torch.load(tmp_path / "b" / "final_6.pt"),
+                         atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, before, after):
+    """Same global batch at every world size: a run moved between 1 and 2 processes after step 3 continues like
+    the run that was not moved (to float tolerance: the reductions add in another order)."""
+    kw = dict(steps=5, ckpt_every=3, strategy="fsdp", batches=functools.partial(_clip_batches, n=5))
+    _spawn(tmp_path / "a", world_size=before, **kw)
+    _spawn(tmp_path / "b", world_size=before, stop_after=3, **kw)
+    _spawn(tmp_path / "b", world_size=after, **kw)
+    a, b = _losses(tmp_path / "a" / "metrics.jsonl"), _losses(tmp_path / "b" / "metrics.jsonl")
+    assert len(a) == len(b) == 5 and a[:3] == b[:3]
+    assert b[3:] == pytest.approx(a[3:], rel=1e-5, abs=1e-6)
+    _assert_close_states(torch.load(tmp_path / "a" / "final_5.pt"), torch.load(tmp_path / "b" / "final_5.pt"))
+
+
+def test_cut_short_sharded_writes_are_passed_over_and_removed(tmp_path):
+    """What a kill -9 (or a lying disk) can leave: the temporary folder of a save that never got its rename, and a
+    folder whose .metadata is missing. The resume uses the newest complete checkpoint and ends like the whole run."""
+    import shutil
+    import warnings
+    kw = dict(steps=5, ckpt_every=2, strategy="fsdp", batches=functools.partial(_clip_batches, n=5))
+    _spawn(tmp_path / "a", **kw)
+    _spawn(tmp_path / "b", stop_after=4, **kw)                 # checkpoints 2 and 4
+    ck = tmp_path / "b" / "checkpoints"
+    shutil.copytree(ck / "step_00000004.dcp", ck / ".step_00000005.dcp.tmp")   # killed before its rename
+    (ck / ".step_00000005.dcp.tmp" / ".metadata").unlink()
+    (ck / "step_00000004.dcp" / ".metadata").unlink()                           # torn: resume must use step 2
+    with warnings.catch_warnings(record=True):
+        _spawn(tmp_path / "b", **kw)
+    assert not (ck / ".step_00000005.dcp.tmp").exists()
+    a, b = _losses(tmp_path / "a" / "metrics.jsonl"), _losses(tmp_path / "b" / "metrics.jsonl")
+    assert a == b
+    resumed = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl") if "resumed" in x]
+    assert resumed[-1]["step"] == 2
+
+
+def _final_model_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    trainer = Trainer(_clip_task(), lambda e, s: _clip_batches(e, world_size, rank)[s:],
+                      OptimConfig(lr=1e-3, warmup_steps=0),
+                      TrainConfig(steps=2, ckpt_every=0, log_every=1, progress=False, strategy="fsdp"), out_dir)
+    trainer.fit()
+    full = trainer.full_task()
+    if rank == 0:
+        full.model.save_pretrained(os.path.join(out_dir, "model"))
+        g = torch.Generator().manual_seed(3)
+        pixels = torch.randn(2, 3, 32, 32, generator=g)
+        torch.save({"pixels": pixels, "features": full.model.encode_image(pixels).detach()},
+                   os.path.join(out_dir, "probe.pt"))
+    from polymodal.train.distributed import cleanup
+    cleanup()
+
+
+def test_final_model_of_a_sharded_run_is_a_plain_folder_load_model_reads(tmp_path):
+    import torch.multiprocessing as mp
+    import polymodal as pm
+    mp.spawn(_final_model_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = pm.load_model(tmp_path / "model")
+    probe = torch.load(tmp_path / "probe.pt")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(probe["pixels"]), probe["features"])
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+    untrained = _clip_task().model
+    assert not torch.allclose(untrained.encode_image(probe["pixels"]), probe["features"])

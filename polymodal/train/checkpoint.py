@@ -341,7 +341,9 @@ def save_sharded(state: dict, extras: dict, path: Path, is_main: bool) -> Path:
     if distributed:
         dist.barrier()
     try:
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+        with warnings.catch_warnings():          # DCP warns that one process means no process group: we know
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
         if is_main:
             atomic_torch_save(extras, tmp / TRAINER_FILE)
     except (OSError, RuntimeError) as e:
@@ -397,4 +399,6 @@ def load_sharded(state: dict, path: Path) -> None:
                               f"Resume it with the recipe that wrote it, or start afresh in another out_dir (or with "
                               f"train.resume=never)")
     distributed = dist.is_available() and dist.is_initialized()
-    dcp.load(state, checkpoint_id=str(path), no_dist=not distributed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not distributed)
