@@ -49,7 +49,7 @@ def _worker(rank, world_size, port, out_dir, kw, task_fn=_clip_task):
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     kw = dict(kw)
-    optim = OptimConfig(lr=1e-3, warmup_steps=0, **kw.pop("optim", {}))
+    optim = OptimConfig(**{"lr": 1e-3, "warmup_steps": 0, **kw.pop("optim", {})})
     batches = kw.pop("batches", _clip_batches)
     trainer = Trainer(task_fn(), lambda e, s: batches(e, world_size, rank)[s:], optim,
                       TrainConfig(log_every=1, progress=False, **kw), out_dir)
@@ -69,7 +69,7 @@ def _spawn(out_dir, world_size=2, task_fn=_clip_task, **kw):
             os.environ.pop(k, None)
         torch.manual_seed(0)
         kw = dict(kw)
-        optim = OptimConfig(lr=1e-3, warmup_steps=0, **kw.pop("optim", {}))
+        optim = OptimConfig(**{"lr": 1e-3, "warmup_steps": 0, **kw.pop("optim", {})})
         batches = kw.pop("batches", _clip_batches)
         trainer = Trainer(task_fn(), lambda e, s: batches(e)[s:], optim,
                           TrainConfig(log_every=1, progress=False, **kw), out_dir)
@@ -285,3 +285,51 @@ def test_final_model_of_a_sharded_run_is_a_plain_folder_load_model_reads(tmp_pat
     assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
     untrained = _clip_task().model
     assert not torch.allclose(untrained.encode_image(probe["pixels"]), probe["features"])
+
+
+# --- an MLLM over a transformers causal LM -------------------------------------------------------------------------
+
+class _MLLMTask(nn.Module):
+    """Answer NLL of an MLLM whose LM is a tiny random GPT-2 (tied input/output embeddings) from transformers."""
+
+    def __init__(self):
+        super().__init__()
+        from polymodal.models.mllm import MLLM, MLLMConfig
+        torch.manual_seed(0)
+        self.model = MLLM(MLLMConfig(hf_lm={"model_type": "gpt2", "vocab_size": 64, "n_positions": 64, "n_embd": 32,
+                                            "n_layer": 2, "n_head": 2, "bos_token_id": 1,
+                                            "eos_token_id": 2}))
+
+    def forward(self, batch):
+        nll = self.model(batch["pixels"], batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
+                         batch["answer_mask"]).nll                                          # (B,)
+        return {"loss": nll.mean()}
+
+
+def _mllm_batches(epoch, world_size=1, rank=0, n=4):
+    g = torch.Generator().manual_seed(11 + epoch)
+    B = n * 8
+    pixels = torch.randn(B, 3, 32, 32, generator=g)
+    prompt = torch.randint(3, 64, (B, 5), generator=g)
+    answer = torch.randint(3, 64, (B, 4), generator=g)
+    answer[:, 0], answer[:, -1] = 1, 2                                    # SEP ... EOS
+    ones = torch.ones(B, 5, dtype=torch.bool)
+    cols = {"pixels": pixels, "prompt_ids": prompt, "prompt_mask": ones, "answer_ids": answer,
+            "answer_mask": torch.ones(B, 4, dtype=torch.bool)}
+    return [{k: v[i + rank:i + 8:world_size] for k, v in cols.items()} for i in range(0, B, 8)]
+
+
+@pytest.mark.slow
+def test_mllm_over_a_transformers_lm_trains_under_fsdp_like_ddp(tmp_path):
+    from polymodal.models.mllm import MLLM
+    task = _MLLMTask()
+    assert [type(u).__name__ for u in sharding.shard_units(task)].count("GPT2Block") == 2
+    kw = dict(steps=4, ckpt_every=0, batches=_mllm_batches, optim={"lr": 3e-3})
+    _spawn(tmp_path / "ddp", task_fn=_MLLMTask, **kw)
+    _spawn(tmp_path / "fsdp", task_fn=_MLLMTask, strategy="fsdp", **kw)
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert b[-1] < b[0]
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    final = torch.load(tmp_path / "fsdp" / "final_4.pt")
+    _assert_close_states(torch.load(tmp_path / "ddp" / "final_4.pt"), final)
+    assert isinstance(task.model, MLLM)
