@@ -333,3 +333,78 @@ def test_mllm_over_a_transformers_lm_trains_under_fsdp_like_ddp(tmp_path):
     final = torch.load(tmp_path / "fsdp" / "final_4.pt")
     _assert_close_states(torch.load(tmp_path / "ddp" / "final_4.pt"), final)
     assert isinstance(task.model, MLLM)
+
+
+# --- feature-cache accumulation (optim.accum_steps) ----------------------------------------------------------------
+
+def _grads(task):
+    return {n: p.grad.detach().clone() for n, p in task.named_parameters() if p.grad is not None}
+
+
+def test_feature_cache_accumulation_gradient_equals_the_full_batch(tmp_path):
+    """4 micro-batches of 2 with accum_steps=4 give the gradient of the contrastive loss over all 8 rows; plain
+    accumulation (the mean of 4 small-batch losses) does not."""
+    batch = _clip_batches(0)[0]                                              # 8 rows
+    full = _clip_task()
+    full(batch)["loss"].backward()
+    want = _grads(full)
+    trainer = Trainer(_clip_task(), lambda e, s: [], OptimConfig(accum_steps=4), TrainConfig(progress=False), tmp_path)
+    micro = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+    losses = trainer._feature_cache_step(micro)
+    got = _grads(trainer.task)
+    assert got.keys() == want.keys() and "model.logit_scale" in got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")   # float sums
+    with torch.no_grad():
+        assert losses["loss"] == pytest.approx(float(full(batch)["loss"]), rel=1e-6)
+    plain = _clip_task()
+    for m in micro:
+        (plain(m)["loss"] / 4).backward()
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(want)])
+    off, exact = (flat(_grads(plain)) - flat(want)).norm(), (flat(got) - flat(want)).norm()
+    assert off > 100 * exact, (off, exact)
+
+
+def test_feature_cache_accumulation_replays_dropout_draws(tmp_path):
+    """With patch dropout the recomputed features must be the cached ones: the same RNG draws."""
+    from polymodal.methods.clip import ContrastiveTask, LossConfig
+    from polymodal.models.clip import CLIP
+    from polymodal.models.factory import build_config
+    def task():
+        torch.manual_seed(0)
+        return ContrastiveTask(CLIP(build_config("tiny", {"vision.patch_dropout": 0.5})), LossConfig())
+    batch = _clip_batches(0)[0]
+    torch.manual_seed(5)
+    reference = task()
+    torch.manual_seed(5)
+    reference(batch)["loss"].backward()           # one draw over the 8 rows differs from 4 draws over 2: compare
+    trainer = Trainer(task(), lambda e, s: [], OptimConfig(accum_steps=2), TrainConfig(progress=False), tmp_path)
+    micro = [{k: v[i:i + 4] for k, v in batch.items()} for i in (0, 4)]
+    torch.manual_seed(5)
+    first = trainer._feature_cache_step(micro)["loss"]
+    g1 = _grads(trainer.task)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    second = trainer._feature_cache_step(micro)["loss"]
+    assert first == second                        # the step is a pure function of the RNG state it starts from
+    for k, v in _grads(trainer.task).items():
+        torch.testing.assert_close(v, g1[k], atol=0, rtol=0)
+
+
+def _accum_batches(epoch, world_size=1, rank=0):
+    """The rows of `_clip_batches` per rank, each cut in two micro-batches (same rows, same order per rank)."""
+    out = []
+    for b in _clip_batches(epoch, world_size, rank):
+        half = len(b["pixels"]) // 2
+        out += [{k: v[:half] for k, v in b.items()}, {k: v[half:] for k, v in b.items()}]
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_feature_cache_accumulation_over_two_ranks_equals_the_full_batch(tmp_path, strategy):
+    _spawn(tmp_path / "full", steps=3, ckpt_every=0, strategy=strategy)
+    _spawn(tmp_path / "acc", steps=3, ckpt_every=0, strategy=strategy, batches=_accum_batches,
+           optim={"accum_steps": 2})
+    a, b = _losses(tmp_path / "full" / "metrics.jsonl"), _losses(tmp_path / "acc" / "metrics.jsonl")
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    _assert_close_states(torch.load(tmp_path / "full" / "final_3.pt"), torch.load(tmp_path / "acc" / "final_3.pt"))
