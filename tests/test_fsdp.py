@@ -408,3 +408,52 @@ def test_feature_cache_accumulation_over_two_ranks_equals_the_full_batch(tmp_pat
     a, b = _losses(tmp_path / "full" / "metrics.jsonl"), _losses(tmp_path / "acc" / "metrics.jsonl")
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
     _assert_close_states(torch.load(tmp_path / "full" / "final_3.pt"), torch.load(tmp_path / "acc" / "final_3.pt"))
+
+
+# --- activation checkpointing --------------------------------------------------------------------------------------
+
+def _m2_task():
+    from polymodal.methods.clip import ContrastiveTask, LossConfig
+    from polymodal.models.factory import build_config
+    from polymodal.models.multiway import M2Encoder
+    torch.manual_seed(0)
+    return ContrastiveTask(M2Encoder(build_config("m2-tiny")), LossConfig())
+
+
+def _m2_batch():
+    b = _clip_batches(0)[0]
+    from polymodal.models.factory import build_config
+    cfg = build_config("m2-tiny")
+    size = cfg.vision.image_size if hasattr(cfg.vision, "image_size") else 32
+    g = torch.Generator().manual_seed(2)
+    return {"pixels": torch.randn(4, 3, size, size, generator=g),
+            "input_ids": b["input_ids"][:4] % cfg.text.vocab_size}
+
+
+@pytest.mark.parametrize("family", ["clip", "m2", "mllm_hf"])
+def test_activation_checkpointing_gives_the_plain_gradients(tmp_path, family, monkeypatch):
+    import torch.utils.checkpoint as ckpt
+    make, batch = {"clip": (_clip_task, _clip_batches(0)[0]), "m2": (_m2_task, None),
+                   "mllm_hf": (_MLLMTask, _mllm_batches(0)[0])}[family]
+    batch = _m2_batch() if family == "m2" else batch
+    plain = make().train()
+    plain(batch)["loss"].backward()
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(k.get("use_reentrant")) or real(*a, **k))
+    trainer = Trainer(make().train(), lambda e, s: [], OptimConfig(), TrainConfig(progress=False,
+                      activation_checkpointing=True), tmp_path)
+    trainer.task(batch)["loss"].backward()
+    assert calls and set(calls) == {False}                    # every block recomputed, non-reentrant
+    want, got = _grads(plain), _grads(trainer.task)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_activation_checkpointing_under_fsdp_equals_ddp(tmp_path):
+    _spawn(tmp_path / "ddp", steps=3, ckpt_every=0)
+    _spawn(tmp_path / "fsdp", steps=3, ckpt_every=0, strategy="fsdp", activation_checkpointing=True)
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    _assert_close_states(torch.load(tmp_path / "ddp" / "final_3.pt"), torch.load(tmp_path / "fsdp" / "final_3.pt"))

@@ -166,7 +166,8 @@ def enable_activation_checkpointing(module: nn.Module) -> int:
     """Recompute every block's activations in backward instead of keeping them (`train.activation_checkpointing`).
 
     Our stacks (`Transformer`, `MultiwayEncoder`) have a `grad_checkpointing` switch (torch.utils.checkpoint with
-    use_reentrant=False per block); transformers models get `gradient_checkpointing_enable` (non-reentrant too).
+    use_reentrant=False per block); transformers models get `activation_checkpointing_enable` (called
+    `gradient_checkpointing_enable` before transformers 5), non-reentrant too.
 
     Args:
         module: the task.
@@ -179,8 +180,13 @@ def enable_activation_checkpointing(module: nn.Module) -> int:
             m.grad_checkpointing = True
             count += 1
         elif getattr(m, "supports_gradient_checkpointing", False) and hasattr(m, "gradient_checkpointing_enable"):
-            if not getattr(m, "is_gradient_checkpointing", False):
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5 renamed the switch (the old name warns); the nested models of one LM are switched once.
+            new = hasattr(m, "activation_checkpointing_enable")
+            if not getattr(m, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
+                if new:
+                    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 count += 1
     return count
 
