@@ -205,6 +205,7 @@ def _ckpts(out):
     return sorted(p.name for p in (out / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_resumes_exactly_at_the_same_world_size(tmp_path):
     kw = dict(steps=6, ckpt_every=2, strategy="fsdp", batches=functools.partial(_clip_batches, n=6))
     _spawn(tmp_path / "a", **kw)
@@ -233,6 +234,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, before, afte
     _assert_close_states(torch.load(tmp_path / "a" / "final_5.pt"), torch.load(tmp_path / "b" / "final_5.pt"))
 
 
+@pytest.mark.slow
 def test_cut_short_sharded_writes_are_passed_over_and_removed(tmp_path):
     """What a kill -9 (or a lying disk) can leave: the temporary folder of a save that never got its rename, and a
     folder whose .metadata is missing. The resume uses the newest complete checkpoint and ends like the whole run."""
@@ -400,6 +402,7 @@ def _accum_batches(epoch, world_size=1, rank=0):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_feature_cache_accumulation_over_two_ranks_equals_the_full_batch(tmp_path, strategy):
     _spawn(tmp_path / "full", steps=3, ckpt_every=0, strategy=strategy)
@@ -451,9 +454,52 @@ def test_activation_checkpointing_gives_the_plain_gradients(tmp_path, family, mo
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_under_fsdp_equals_ddp(tmp_path):
     _spawn(tmp_path / "ddp", steps=3, ckpt_every=0)
     _spawn(tmp_path / "fsdp", steps=3, ckpt_every=0, strategy="fsdp", activation_checkpointing=True)
     a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    _assert_close_states(torch.load(tmp_path / "ddp" / "final_3.pt"), torch.load(tmp_path / "fsdp" / "final_3.pt"))
+
+
+# --- other families: CoCa's decoder (SyCoCa), M2's multiway stacks -------------------------------------------------
+
+def _sycoca_task():
+    from polymodal.methods.sycoca import SyCoCaConfig, SyCoCaTask
+    from polymodal.models.factory import create_model
+    torch.manual_seed(0)
+    return SyCoCaTask(create_model("coca-tiny"), SyCoCaConfig(decoder_width=32, decoder_heads=2, decoder_layers=1))
+
+
+def _sycoca_batches(epoch, world_size=1, rank=0, n=3):
+    g = torch.Generator().manual_seed(21 + epoch)
+    B = n * 8
+    ids = torch.randint(1, 990, (B, 8), generator=g)
+    ids[:, 0], ids[:, -1] = 998, 999                                     # BOS ... EOS
+    pixels = torch.randn(B, 3, 32, 32, generator=g)
+    return [{"pixels": pixels[i + rank:i + 8:world_size], "input_ids": ids[i + rank:i + 8:world_size]}
+            for i in range(0, B, 8)]
+
+
+def _m2_task_global():
+    from polymodal.methods.clip import ContrastiveTask, LossConfig
+    from polymodal.models.factory import build_config
+    from polymodal.models.multiway import M2Encoder
+    torch.manual_seed(0)
+    return ContrastiveTask(M2Encoder(build_config("m2-tiny")), LossConfig(gather="global_with_grad", local_loss=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sycoca", "m2"])
+def test_other_families_train_under_fsdp_like_ddp(tmp_path, family):
+    task_fn, batches = {"sycoca": (_sycoca_task, _sycoca_batches), "m2": (_m2_task_global, _clip_batches)}[family]
+    if family == "m2":
+        from polymodal.models.factory import build_config
+        assert build_config("m2-tiny").vision.image_size == 32
+    kw = dict(steps=3, ckpt_every=0, batches=batches, task_fn=task_fn)
+    _spawn(tmp_path / "ddp", **kw)
+    _spawn(tmp_path / "fsdp", strategy="fsdp", **kw)
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-6)
     _assert_close_states(torch.load(tmp_path / "ddp" / "final_3.pt"), torch.load(tmp_path / "fsdp" / "final_3.pt"))
