@@ -503,3 +503,43 @@ def test_other_families_train_under_fsdp_like_ddp(tmp_path, family):
     a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
     assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-6)
     _assert_close_states(torch.load(tmp_path / "ddp" / "final_3.pt"), torch.load(tmp_path / "fsdp" / "final_3.pt"))
+
+
+def _killed_in_save_worker(rank, world_size, port, out_dir, kw):
+    """`_worker`, but rank 0 kills itself (SIGKILL) in the save of step 4: every rank's shards are written, the
+    rename is not done."""
+    import signal
+    from polymodal.train import checkpoint
+    real = checkpoint._fsync_dir
+
+    def dying(path):
+        if rank == 0 and path.name == ".step_00000004.dcp.tmp":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path)
+    checkpoint._fsync_dir = dying
+    _worker(rank, world_size, port, out_dir, kw)
+
+
+@pytest.mark.slow
+def test_a_kill_9_inside_a_sharded_save_keeps_the_previous_checkpoint(tmp_path):
+    import torch.multiprocessing as mp
+    kw = dict(steps=6, ckpt_every=2, strategy="fsdp", batches=functools.partial(_clip_batches, n=6))
+    _spawn(tmp_path / "a", **kw)
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_killed_in_save_worker, args=(2, _free_port(), str(tmp_path / "b"), kw), nprocs=2, join=True)
+    ck = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == [".step_00000004.dcp.tmp", "step_00000002.dcp"]
+    _spawn(tmp_path / "b", **kw)
+    assert not (ck / ".step_00000004.dcp.tmp").exists()
+    a, b = _losses(tmp_path / "a" / "metrics.jsonl"), _losses(tmp_path / "b" / "metrics.jsonl")
+    assert a == b
+    _assert_close_states(torch.load(tmp_path / "a" / "final_6.pt"), torch.load(tmp_path / "b" / "final_6.pt"),
+                         atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_cpu_offload_trains_like_plain_fsdp(tmp_path):
+    _spawn(tmp_path / "plain", steps=3, ckpt_every=0, strategy="fsdp")
+    _spawn(tmp_path / "off", steps=3, ckpt_every=0, strategy="fsdp", fsdp_offload=True)
+    a, b = _losses(tmp_path / "plain" / "metrics.jsonl"), _losses(tmp_path / "off" / "metrics.jsonl")
+    assert b == pytest.approx(a, rel=1e-6)

@@ -81,7 +81,9 @@ def apply_fsdp(module: nn.Module, device: torch.device, mixed_precision: bool = 
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     replicated = [p for p in module.parameters() if p.ndim == 0]
-    kwargs = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    # Pinned host memory needs an accelerator; on a CPU run the shards are in CPU memory anyway.
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
+    kwargs = {"mesh": mesh, "offload_policy": policy}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     ignored = set(replicated)
