@@ -339,7 +339,7 @@ class Trainer:
         # FSDP shards over the ranks; in one process there is nothing to shard and the task runs as it is, but the
         # checkpoints stay sharded ones (`step_N.dcp/`) so that a run can move between 1 and W processes.
         self.fsdp = train.strategy == "fsdp"
-        self.sharded = self.fsdp and self.dist.world_size > 1
+        self.sharded = self.fsdp and (self.dist.world_size > 1 or dist_utils.is_dist())   # a 1-rank group shards too
         self.memory_plan = sharding.memory_plan(self.task, train.strategy, self.dist.world_size, train.fsdp_offload)
         if self.is_main:
             print(self.memory_plan.describe(), flush=True)
