@@ -543,3 +543,19 @@ def test_cpu_offload_trains_like_plain_fsdp(tmp_path):
     _spawn(tmp_path / "off", steps=3, ckpt_every=0, strategy="fsdp", fsdp_offload=True)
     a, b = _losses(tmp_path / "plain" / "metrics.jsonl"), _losses(tmp_path / "off" / "metrics.jsonl")
     assert b == pytest.approx(a, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_a_run_switches_strategy_at_a_checkpoint(tmp_path, first, then):
+    """A DDP `step_N.pt` resumes under FSDP (weights and AdamW state by name) and an FSDP `step_N.dcp/` under DDP;
+    the run ends like the one that never switched."""
+    kw = dict(steps=5, ckpt_every=3, batches=functools.partial(_clip_batches, n=5))
+    _spawn(tmp_path / "a", strategy=first, **kw)
+    _spawn(tmp_path / "b", strategy=first, stop_after=3, **kw)
+    _spawn(tmp_path / "b", strategy=then, **kw)
+    a, b = _losses(tmp_path / "a" / "metrics.jsonl"), _losses(tmp_path / "b" / "metrics.jsonl")
+    assert len(b) == 5 and b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    resumed = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl") if "resumed" in x]
+    assert resumed and resumed[-1]["step"] == 3
+    _assert_close_states(torch.load(tmp_path / "a" / "final_5.pt"), torch.load(tmp_path / "b" / "final_5.pt"))
