@@ -45,6 +45,8 @@ def _clip_batches(epoch, world_size=1, rank=0, n=4):
 
 def _worker(rank, world_size, port, out_dir, kw, task_fn=_clip_task):
     """One rank training `task_fn()` on its share of `_clip_batches`; rank 0 saves the full final weights."""
+    import faulthandler
+    faulthandler.enable()                            # a native abort prints where each thread was
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -173,6 +175,18 @@ def test_memory_plan_shards_by_world_size_and_refuses_what_cannot_fit():
     with pytest.raises(MemoryError, match="more ranks"):
         sharding.check_memory_plan(fsdp, 10, torch.device("cpu"))
     sharding.check_memory_plan(fsdp, fsdp.total, torch.device("cpu"))
+    sharding.check_memory_plan(ddp, ddp.total - nbytes, torch.device("cpu"), resident=nbytes)   # already built
+
+
+def test_trainer_prints_the_plan_and_refuses_a_model_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sharding, "available_memory", lambda device: 1 << 20)      # 1 MiB free besides the model
+    with pytest.raises(MemoryError) as err:
+        Trainer(_clip_task(), lambda e, s: [], OptimConfig(), TrainConfig(progress=False), tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "set train.strategy=fsdp" in message and "per rank" in message
+    assert "memory plan per rank (ddp, 1 rank(s))" in capsys.readouterr().out
+    monkeypatch.setattr(sharding, "available_memory", lambda device: 1 << 30)
+    Trainer(_clip_task(), lambda e, s: [], OptimConfig(), TrainConfig(progress=False), tmp_path)
 
 
 # --- FSDP equals DDP -----------------------------------------------------------------------------------------------
@@ -559,3 +573,41 @@ def test_a_run_switches_strategy_at_a_checkpoint(tmp_path, first, then):
     resumed = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl") if "resumed" in x]
     assert resumed and resumed[-1]["step"] == 3
     _assert_close_states(torch.load(tmp_path / "a" / "final_5.pt"), torch.load(tmp_path / "b" / "final_5.pt"))
+
+
+# --- a whole recipe under FSDP -------------------------------------------------------------------------------------
+
+def _recipe_worker(rank, world_size, port, overrides):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    from polymodal.train.distributed import cleanup
+    from polymodal.train.run import load_recipe, run_recipe
+    run_recipe(load_recipe(None, overrides))
+    cleanup()
+
+
+@pytest.mark.slow
+def test_a_clip_recipe_under_fsdp_evaluates_and_saves_the_model_polymodal_eval_reads(tmp_path):
+    """2 ranks, `train.strategy=fsdp`: the in-training evaluation runs on the gathered model, the final model is a
+    plain folder, and `polymodal eval` on it prints the numbers training logged."""
+    import torch.multiprocessing as mp
+    from polymodal.cli import main
+    from polymodal.data.synthetic.shapes import generate_shapes
+    data = tmp_path / "shapes"
+    generate_shapes(data, n_train=160, n_test=40, n_val=10, n_hard=8, seed=3, progress=False)
+    run = tmp_path / "run"
+    overrides = [f"out_dir={run}", "model.name=tiny", f"data.train={data}/train.jsonl", "data.batch_size=8",
+                 "tokenizer.vocab_size=300", "optim.lr=2e-3", "optim.warmup_steps=2", "train.steps=12",
+                 "train.log_every=4", "train.ckpt_every=6", "train.eval_every=6", "train.progress=false",
+                 "train.threads=1", "train.report=false", "train.strategy=fsdp", f"eval.retrieval={data}/test.jsonl"]
+    mp.spawn(_recipe_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["step"] == 12
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006.dcp", "step_00000012.dcp"]
+    logged = [json.loads(x) for x in open(run / "metrics.jsonl") if "eval/" in x]
+    assert [r["step"] for r in logged] == [6, 12]
+    out = tmp_path / "m.json"
+    main(["eval", str(run / "model"), "--task", "retrieval", "--data", f"{data}/test.jsonl", "--out", str(out)])
+    again = json.loads(out.read_text())
+    assert again["text_to_image_R@5"] == pytest.approx(final["eval/retrieval/text_to_image_R@5"])

@@ -331,6 +331,12 @@ class Trainer:
         self.device = self.dist.device
         # The device is known only here: bf16 on a CPU that emulates it would make every step ~25x slower.
         check_precision(train.precision, self.device, train.precision_force, where="recipe")
+        # The plan is checked before the model moves to the device: under FSDP a rank never holds all of it there.
+        self.memory_plan = sharding.memory_plan(self.task, train.strategy, self.dist.world_size, train.fsdp_offload)
+        if self.is_main:
+            print(self.memory_plan.describe(), flush=True)
+        sharding.check_memory_plan(self.memory_plan, sharding.available_memory(self.device), self.device,
+                                   resident=sharding.resident_bytes(self.task, self.device))
         self.task.to(self.device)
         if train.activation_checkpointing and sharding.enable_activation_checkpointing(self.task) == 0:
             warnings.warn("train.activation_checkpointing=true, but the task has no block stack to recompute "
@@ -340,10 +346,6 @@ class Trainer:
         # checkpoints stay sharded ones (`step_N.dcp/`) so that a run can move between 1 and W processes.
         self.fsdp = train.strategy == "fsdp"
         self.sharded = self.fsdp and (self.dist.world_size > 1 or dist_utils.is_dist())   # a 1-rank group shards too
-        self.memory_plan = sharding.memory_plan(self.task, train.strategy, self.dist.world_size, train.fsdp_offload)
-        if self.is_main:
-            print(self.memory_plan.describe(), flush=True)
-        sharding.check_memory_plan(self.memory_plan, sharding.available_memory(self.device), self.device)
         self._replicated: list[nn.Parameter] = []      # FSDP: parameters left unsharded (their grads averaged here)
         self._plain_task: nn.Module | None = None      # FSDP: the unsharded task (meta until `full_task` fills it)
         self._full_step = -1
@@ -461,6 +463,11 @@ class Trainer:
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], Counter(ckpt["bad_records"]),
                                 {tuple(x) for x in ckpt.get("bad_seen", [])})
         set_rng_state(ckpt["rng"])
+        saved_world = ckpt.get("world_size", self.dist.world_size)
+        if saved_world != self.dist.world_size and self.is_main:
+            warnings.warn(f"resuming a checkpoint written by {saved_world} rank(s) on {self.dist.world_size}: the data "
+                          f"position is exact only if the global batch (data.batch_size x ranks) is the same as "
+                          f"then; scale data.batch_size by {saved_world}/{self.dist.world_size}", stacklevel=2)
         self._truncate_metrics(self.state.step)
         self.log({"event": "resumed", "checkpoint": str(path), "step": self.state.step})
         if self.is_main:

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 STRATEGIES = ("ddp", "fsdp")
 
-__all__ = ["STRATEGIES", "shard_units", "apply_fsdp", "meta_copy", "average_replicated_grads", "clip_grad_norm",
-           "enable_activation_checkpointing", "MemoryPlan", "memory_plan", "available_memory", "check_memory_plan",
-           "set_gradient_sync"]
+__all__ = ["STRATEGIES", "shard_units", "apply_fsdp", "meta_copy", "materialize_", "average_replicated_grads",
+           "clip_grad_norm", "set_gradient_sync", "enable_activation_checkpointing", "MemoryPlan", "memory_plan",
+           "available_memory", "resident_bytes", "check_memory_plan"]
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
@@ -125,12 +125,13 @@ def average_replicated_grads(params: list[nn.Parameter]) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else grads[0].device
+    flat = torch.cat([g.reshape(-1).to(device) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))       # copy_ moves it back where it lives
         offset += g.numel()
 
 
@@ -149,11 +150,14 @@ def clip_grad_norm(params, max_norm: float) -> float:
         return 0.0
     sharded = [g.to_local() for g in grads if _is_dtensor(g)]
     plain = [g for g in grads if not _is_dtensor(g)]
-    device = (sharded or plain)[0].device
+    distributed = dist.is_available() and dist.is_initialized()
+    # The sum travels on the group's device: nccl reduces CUDA tensors only (offloaded shards are on the CPU).
+    device = torch.device("cuda", torch.cuda.current_device()) if distributed and dist.get_backend() == "nccl" \
+        else (sharded or plain)[0].device
     sq_sharded = torch.zeros((), dtype=torch.float32, device=device)
     for g in sharded:
-        sq_sharded += g.float().pow(2).sum()
-    if sharded and dist.is_available() and dist.is_initialized():
+        sq_sharded += g.float().pow(2).sum().to(device)
+    if sharded and distributed:
         dist.all_reduce(sq_sharded)
     sq = sq_sharded + sum((g.float().pow(2).sum().to(device) for g in plain), torch.zeros((), device=device))
     total = float(sq.sqrt())
@@ -284,17 +288,36 @@ def available_memory(device: torch.device) -> int | None:
     return ram // max(local, 1)
 
 
-def check_memory_plan(plan: MemoryPlan, available: int | None, device: torch.device) -> None:
+def resident_bytes(module: nn.Module, device: torch.device) -> int:
+    """Bytes of `module`'s parameters already held where the run's memory is counted (on `device`): they are part
+    of the plan and no longer part of the free memory."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen and p.device.type == device.type:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def check_memory_plan(plan: MemoryPlan, available: int | None, device: torch.device, resident: int = 0) -> None:
     """Refuse a run whose model and optimiser cannot fit this rank's share of memory, naming the fix.
 
-    On the CPU the full model was already built before this check (every rank builds it, then shards), so the
-    check is about the steps to come; under offload the shards count against CPU memory.
+    Called before the model moves to the device. On the CPU every rank has already built the whole model (it shards
+    it next), so its parameters (`resident`) count as free for the plan; under offload the shards count against CPU
+    memory. Activations are not planned.
 
+    Args:
+        plan: from `memory_plan`.
+        available: free bytes for this rank (`available_memory`), None when unknown (no check).
+        device: the rank's device, for the message.
+        resident: bytes of the plan already allocated (and so missing from `available`).
     Raises:
         MemoryError: one line with the plan, what is free, and what to change.
     """
-    if available is None or plan.total <= available:
+    if available is None or plan.total <= available + resident:
         return
+    available += resident
     gib = _size
     where = "CPU memory" if device.type == "cpu" or plan.offload else f"{device} memory"
     if plan.strategy == "ddp":
