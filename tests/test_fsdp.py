@@ -611,3 +611,71 @@ def test_a_clip_recipe_under_fsdp_evaluates_and_saves_the_model_polymodal_eval_r
     main(["eval", str(run / "model"), "--task", "retrieval", "--data", f"{data}/test.jsonl", "--out", str(out)])
     again = json.loads(out.read_text())
     assert again["text_to_image_R@5"] == pytest.approx(final["eval/retrieval/text_to_image_R@5"])
+
+
+# --- SNP-S3: the fusion network, MoCo momentum encoders and queues -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def snps3_data(moving_world, tmp_path_factory):
+    """A tokenizer folder and the collated batches of a small MovingShapes world (made once)."""
+    from polymodal.data.datasets import ManifestDataset, SampleBuilder
+    from polymodal.data.masking import SignificantWords, masking_rule
+    from polymodal.data.text import train_tokenizer
+    from polymodal.methods.snps3 import SNPS3Collate
+    from polymodal.models.vision import VisionConfig
+    world = moving_world(n_train=48, n_test=8, seed=1, num_frames=4)
+    texts = [json.loads(line)["caption"] for line in (world / "train.jsonl").read_text().splitlines()]
+    tok = train_tokenizer(texts, kind="wordpiece", vocab_size=300)
+    out = tmp_path_factory.mktemp("snps3")
+    tok.save(out / "tokenizer")
+    vocab = tok.backend.get_vocab()
+    rule = masking_rule(tok, SignificantWords([w for w in ("circle", "square", "red", "blue") if w in vocab], [1] * 4))
+    from polymodal.data.images import ImageTransform
+    ds = ManifestDataset(world / "train.jsonl", SampleBuilder(ImageTransform(32), media="video"))
+    collate = SNPS3Collate(tok, tok.context_length, rule, seed=0)
+    batches = [collate([ds[i] for i in range(s, s + 8)]) for s in range(0, 24, 8)]
+    torch.save(batches, out / "batches.pt")
+    return str(out)
+
+
+def _snps3_task(folder, **cfg):
+    from polymodal.data.text import Tokenizer
+    from polymodal.methods.snps3 import SNPS3Config, SNPS3Task
+    from polymodal.models.fusion import create_snps3_model
+    tok = Tokenizer.from_dir(os.path.join(folder, "tokenizer"))
+    config = SNPS3Config(queue_size=16, momentum=0.5, **cfg)
+    torch.manual_seed(0)
+    return SNPS3Task(create_snps3_model(config.model_config(), tok), config, moco=True)
+
+
+def _snps3_batches(folder, epoch, world_size=1, rank=0):
+    batches = torch.load(os.path.join(folder, "batches.pt"), weights_only=False)
+    def part(b):
+        n = len(b["index"])
+        return {k: (v[rank::world_size] if (torch.is_tensor(v) and v.ndim > 0 or isinstance(v, list)) and len(v) == n
+                    else v) for k, v in b.items()}
+    return [part(b) for b in batches]
+
+
+@pytest.mark.slow
+def test_snps3_with_moco_trains_under_fsdp_like_ddp(tmp_path, snps3_data):
+    """The momentum encoders' EMA runs inside the forward: their blocks are sharded like the online ones, their other
+    (frozen) weights stay whole on every rank, so the update is kept and the keys match DDP's."""
+    task_fn = functools.partial(_snps3_task, snps3_data)
+    kw = dict(steps=3, ckpt_every=0, batches=functools.partial(_snps3_batches, snps3_data), task_fn=task_fn)
+    _spawn(tmp_path / "ddp", **kw)
+    _spawn(tmp_path / "fsdp", strategy="fsdp", **kw)
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    ddp, fsdp = torch.load(tmp_path / "ddp" / "final_3.pt"), torch.load(tmp_path / "fsdp" / "final_3.pt")
+    assert any(k.startswith("momentum.") for k in fsdp)
+    _assert_close_states(ddp, fsdp)
+
+
+def test_a_task_that_reads_sharded_weights_outside_forward_is_refused_in_one_line(snps3_data):
+    task = _snps3_task(snps3_data, attention_remask=0.5)
+    with pytest.raises(ConfigError) as err:
+        sharding.check_fsdp_support(task)
+    assert "snps3.attention_remask=0" in str(err.value) and "train.strategy=ddp" in str(err.value)
+    assert "\n" not in str(err.value)
+    sharding.check_fsdp_support(_snps3_task(snps3_data))          # MoCo alone shards

@@ -350,6 +350,7 @@ class Trainer:
         self._plain_task: nn.Module | None = None      # FSDP: the unsharded task (meta until `full_task` fills it)
         self._full_step = -1
         if self.sharded:
+            sharding.check_fsdp_support(self.task)
             self._plain_task = sharding.meta_copy(self.task)
             # bf16 parameters/compute with fp32 reduction where the hardware does bf16 (CUDA); on CPU autocast only.
             mixed = train.precision == "bf16" and self.device.type == "cuda"
@@ -647,9 +648,7 @@ class Trainer:
             if self.sharded:
                 sharding.average_replicated_grads(self._replicated)
             if self.dist.world_size > 1:   # log (and check) the mean over ranks, as one vector
-                names = sorted(sums)
-                means = dist_utils.all_reduce_mean(torch.tensor([sums[k] for k in names], device=self.device))
-                sums = dict(zip(names, means.tolist()))
+                sums = self._mean_over_ranks(sums)
             if not math.isfinite(sums["loss"]):
                 kept = latest_checkpoint(self.ckpt_dir)
                 raise TrainingDiverged(
@@ -692,6 +691,18 @@ class Trainer:
             last.update(self.run_eval())
         self.logger.close()
         return last
+
+    def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Each logged number's mean over the ranks that have it. A task may log a number only where it was measured
+        (an accuracy over the masked words of its rows), so the ranks first agree on the names; a vector of
+        (value, count) pairs then makes one all-reduce of the same size on every rank."""
+        import torch.distributed as dist
+        everyone: list = [None] * self.dist.world_size
+        dist.all_gather_object(everyone, sorted(sums))
+        names = sorted(set().union(*everyone))
+        pairs = torch.tensor([[sums.get(k, 0.0), float(k in sums)] for k in names], device=self.device)
+        totals = dist_utils.all_reduce_mean(pairs) * self.dist.world_size           # (K, 2): sum, ranks
+        return {k: float(v / c) for k, (v, c) in zip(names, totals.tolist()) if c > 0}
 
     def _gradient_sync(self, sync: bool):
         """A context in which backward does (sync) or does not (accumulate locally) reduce gradients over ranks."""

@@ -12,7 +12,11 @@ method or a model:
 
 Zero-dimensional parameters (CLIP's `logit_scale`, SigLIP's bias) cannot be sharded (fully_shard refuses them):
 they stay replicated, like under DDP, and their gradients are averaged over the ranks by
-`average_replicated_grads`.
+`average_replicated_grads`. Frozen parameters outside the blocks stay replicated as well (see `apply_fsdp`).
+
+A task whose code reads a block's weights outside that block's forward (or the model's outside the task's
+forward) cannot run sharded; it says so with `fsdp_blockers() -> list[str]` (one "key: why; fix" line each), and
+`check_fsdp_support` refuses the run before anything is sharded.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ STRATEGIES = ("ddp", "fsdp")
 
 __all__ = ["STRATEGIES", "shard_units", "apply_fsdp", "meta_copy", "materialize_", "average_replicated_grads",
            "clip_grad_norm", "set_gradient_sync", "enable_activation_checkpointing", "MemoryPlan", "memory_plan",
-           "available_memory", "resident_bytes", "check_memory_plan"]
+           "available_memory", "resident_bytes", "check_memory_plan", "check_fsdp_support"]
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
@@ -73,21 +77,27 @@ def apply_fsdp(module: nn.Module, device: torch.device, mixed_precision: bool = 
         offload: keep the sharded parameters, gradients and optimiser state in CPU memory
             (`CPUOffloadPolicy`); the step then runs on the CPU.
     Returns:
-        The parameters left replicated (zero-dimensional ones): their gradients must be averaged by
-        `average_replicated_grads` after backward.
+        The trained parameters left replicated (zero-dimensional ones): their gradients must be averaged by
+        `average_replicated_grads` after backward. Frozen parameters outside the blocks are replicated too.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    replicated = [p for p in module.parameters() if p.ndim == 0]
+    units = shard_units(module)
+    in_units = {id(p) for u in units for p in u.parameters()}
+    # Frozen parameters outside the blocks stay whole on every rank: FSDP2 gathers the root's parameters into
+    # temporary full tensors for the forward, so an in-place update made there (a MoCo/EMA momentum encoder's
+    # embeddings, poolers and heads) would be lost at the reshard. Frozen ones have no gradient or optimizer state.
+    frozen_root = [p for p in module.parameters() if not p.requires_grad and id(p) not in in_units]
+    replicated = [p for p in module.parameters() if p.ndim == 0 and p.requires_grad]
     # Pinned host memory needs an accelerator; on a CPU run the shards are in CPU memory anyway.
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     kwargs = {"mesh": mesh, "offload_policy": policy}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    ignored = set(replicated)
-    for block in shard_units(module):
+    ignored = set(replicated) | {p for p in module.parameters() if p.ndim == 0} | set(frozen_root)
+    for block in units:
         fully_shard(block, ignored_params=ignored & set(block.parameters()) or None, **kwargs)
     fully_shard(module, ignored_params=ignored or None, **kwargs)
     return replicated
@@ -350,3 +360,18 @@ def materialize_(module: nn.Module, device: torch.device | str = "cpu") -> nn.Mo
                 done[id(b)] = torch.empty_like(b, device=device)
             m._buffers[name] = done[id(b)]
     return module
+
+
+def check_fsdp_support(task: nn.Module) -> None:
+    """Refuse `train.strategy=fsdp` for a task that declares, through `fsdp_blockers()`, code that reads sharded
+    weights outside a forward (e.g. an attention read-out that calls a block's projections directly).
+
+    Raises:
+        ConfigError: one line naming the task's reasons and the fix.
+    """
+    from ..config import ConfigError
+    blockers = getattr(task, "fsdp_blockers", None)
+    reasons = list(blockers()) if callable(blockers) else []
+    if reasons:
+        raise ConfigError(f"train.strategy=fsdp cannot shard this task: {'; '.join(reasons)}; or use "
+                          f"train.strategy=ddp")
