@@ -595,18 +595,21 @@ def test_a_clip_recipe_under_fsdp_evaluates_and_saves_the_model_polymodal_eval_r
     from polymodal.cli import main
     from polymodal.data.synthetic.shapes import generate_shapes
     data = tmp_path / "shapes"
-    generate_shapes(data, n_train=160, n_test=40, n_val=10, n_hard=8, seed=3, progress=False)
+    generate_shapes(data, n_train=160, n_test=40, n_val=32, n_hard=8, seed=3, progress=False)
     run = tmp_path / "run"
     overrides = [f"out_dir={run}", "model.name=tiny", f"data.train={data}/train.jsonl", "data.batch_size=8",
                  "tokenizer.vocab_size=300", "optim.lr=2e-3", "optim.warmup_steps=2", "train.steps=12",
                  "train.log_every=4", "train.ckpt_every=6", "train.eval_every=6", "train.progress=false",
-                 "train.threads=1", "train.report=false", "train.strategy=fsdp", f"eval.retrieval={data}/test.jsonl"]
+                 "train.threads=1", "train.report=false", "train.strategy=fsdp", f"eval.retrieval={data}/test.jsonl",
+                 f"train.val_data={data}/val.jsonl", "train.val_loss_every=6"]
     mp.spawn(_recipe_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["step"] == 12
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006.dcp", "step_00000012.dcp"]
     logged = [json.loads(x) for x in open(run / "metrics.jsonl") if "eval/" in x]
     assert [r["step"] for r in logged] == [6, 12]
+    val = [json.loads(x) for x in open(run / "metrics.jsonl") if "val/loss" in x]
+    assert [r["step"] for r in val] == [6, 12] and all(math.isfinite(r["val/loss"]) for r in val)
     out = tmp_path / "m.json"
     main(["eval", str(run / "model"), "--task", "retrieval", "--data", f"{data}/test.jsonl", "--out", str(out)])
     again = json.loads(out.read_text())
