@@ -682,3 +682,31 @@ def test_a_task_that_reads_sharded_weights_outside_forward_is_refused_in_one_lin
     assert "snps3.attention_remask=0" in str(err.value) and "train.strategy=ddp" in str(err.value)
     assert "\n" not in str(err.value)
     sharding.check_fsdp_support(_snps3_task(snps3_data))          # MoCo alone shards
+
+
+@pytest.mark.parametrize("temporal", ["transformer", "stan"])
+def test_feature_cache_accumulation_of_the_video_task_equals_the_full_batch(tmp_path, temporal):
+    from polymodal.losses.contrastive import LossConfig
+    from polymodal.methods.video_clip import VideoContrastiveTask
+    from polymodal.models.clip import CLIP
+    from polymodal.models.factory import build_config
+    from polymodal.models.video import VideoCLIP
+
+    def task():
+        torch.manual_seed(0)
+        model = VideoCLIP.from_image_model(CLIP(build_config("tiny")), {"kind": temporal, "layers": 1, "stan_layers": 1})
+        return VideoContrastiveTask(model, LossConfig())
+    g = torch.Generator().manual_seed(4)
+    batch = {"frames": torch.randn(8, 3, 3, 32, 32, generator=g), "frame_valid": torch.ones(8, 3, dtype=torch.bool),
+             "input_ids": _clip_batches(0)[0]["input_ids"]}
+    full = task()
+    full(batch)["loss"].backward()
+    want = _grads(full)
+    trainer = Trainer(task(), lambda e, s: [], OptimConfig(accum_steps=2), TrainConfig(progress=False), tmp_path)
+    assert trainer.task.supports_feature_cache
+    trainer._feature_cache_step([{k: v[i:i + 4] for k, v in batch.items()} for i in (0, 4)])
+    got = _grads(trainer.task)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert not VideoContrastiveTask(task().model, LossConfig(), order_weight=0.5).supports_feature_cache
