@@ -53,7 +53,12 @@ def _worker(rank, world_size, port, out_dir, kw, task_fn=_clip_task):
     kw = dict(kw)
     optim = OptimConfig(**{"lr": 1e-3, "warmup_steps": 0, **kw.pop("optim", {})})
     batches = kw.pop("batches", _clip_batches)
-    trainer = Trainer(task_fn(), lambda e, s: batches(e, world_size, rank)[s:], optim,
+    if kw.pop("deferred", False) and rank > 0:          # built on the meta device: rank 0's weights arrive later
+        with torch.device("meta"):
+            task = task_fn()
+    else:
+        task = task_fn()
+    trainer = Trainer(task, lambda e, s: batches(e, world_size, rank)[s:], optim,
                       TrainConfig(log_every=1, progress=False, **kw), out_dir)
     trainer.fit()
     full = trainer.full_task()                       # every rank: a collective under FSDP
@@ -710,3 +715,24 @@ def test_feature_cache_accumulation_of_the_video_task_equals_the_full_batch(tmp_
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
     assert not VideoContrastiveTask(task().model, LossConfig(), order_weight=0.5).supports_feature_cache
+
+
+
+@pytest.mark.parametrize("family", ["clip", pytest.param("mllm_hf", marks=pytest.mark.slow)])
+def test_ranks_built_on_the_meta_device_get_rank_0s_weights(tmp_path, family):
+    """Deferred initialisation: ranks other than 0 build the task on the meta device (no memory); after sharding
+    they train exactly like DDP, whose ranks all built it (GPT-2's tied embeddings stay tied)."""
+    task_fn, batches = {"clip": (_clip_task, _clip_batches), "mllm_hf": (_MLLMTask, _mllm_batches)}[family]
+    kw = dict(steps=3, ckpt_every=0, task_fn=task_fn, batches=batches)
+    _spawn(tmp_path / "ddp", **kw)
+    _spawn(tmp_path / "fsdp", strategy="fsdp", deferred=True, **kw)
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    _assert_close_states(torch.load(tmp_path / "ddp" / "final_3.pt"), torch.load(tmp_path / "fsdp" / "final_3.pt"))
+
+
+def test_a_meta_task_is_refused_outside_a_sharded_run(tmp_path):
+    with torch.device("meta"):
+        task = _clip_task()
+    with pytest.raises(ValueError, match="meta-device"):
+        Trainer(task, lambda e, s: [], OptimConfig(), TrainConfig(progress=False, strategy="fsdp"), tmp_path)

@@ -337,7 +337,14 @@ class Trainer:
             print(self.memory_plan.describe(), flush=True)
         sharding.check_memory_plan(self.memory_plan, sharding.available_memory(self.device), self.device,
                                    resident=sharding.resident_bytes(self.task, self.device))
-        self.task.to(self.device)
+        # Under FSDP a rank other than 0 may bring a task built on the meta device (`run_recipe` does): it gets
+        # rank 0's weights once sharded (`sharding.fill_from_rank0`).
+        deferred = sharding.has_meta_parameters(self.task)
+        if deferred and not (train.strategy == "fsdp" and self.dist.world_size > 1 and not self.is_main):
+            raise ValueError("the task has meta-device (unallocated) weights; only ranks other than 0 of a "
+                             "train.strategy=fsdp run may build it that way")
+        if not deferred:
+            self.task.to(self.device)
         if train.activation_checkpointing and sharding.enable_activation_checkpointing(self.task) == 0:
             warnings.warn("train.activation_checkpointing=true, but the task has no block stack to recompute "
                           "(no Transformer/MultiwayEncoder `blocks`, no transformers model): nothing changes",
@@ -354,8 +361,15 @@ class Trainer:
             self._plain_task = sharding.meta_copy(self.task)
             # bf16 parameters/compute with fp32 reduction where the hardware does bf16 (CUDA); on CPU autocast only.
             mixed = train.precision == "bf16" and self.device.type == "cuda"
+            # Whether any rank deferred its build decides the protocol, so every rank asks (one all-reduce).
+            any_deferred = dist_utils.all_reduce_min(0 if deferred else 1, self.device) == 0
+            full_state = self.task.state_dict() if any_deferred and self.is_main else None
             self._replicated = sharding.apply_fsdp(self.task, self.device, mixed_precision=mixed,
                                                    offload=train.fsdp_offload)
+            if any_deferred:
+                sharding.fill_from_rank0(self.task, full_state, self.device)
+                del full_state          # materialising replaced the meta ranks' unsharded parameters: list them again
+                self._replicated = [p for p in self.task.parameters() if p.ndim == 0 and p.requires_grad]
             self.module = self.wrapped = self.task
         else:
             self.module = self.wrapped = dist_utils.wrap_ddp(self.task, self.dist)

@@ -33,7 +33,8 @@ STRATEGIES = ("ddp", "fsdp")
 
 __all__ = ["STRATEGIES", "shard_units", "apply_fsdp", "meta_copy", "materialize_", "average_replicated_grads",
            "clip_grad_norm", "set_gradient_sync", "enable_activation_checkpointing", "MemoryPlan", "memory_plan",
-           "available_memory", "resident_bytes", "check_memory_plan", "check_fsdp_support"]
+           "available_memory", "resident_bytes", "check_memory_plan", "check_fsdp_support", "has_meta_parameters",
+           "fill_from_rank0"]
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
@@ -375,3 +376,30 @@ def check_fsdp_support(task: nn.Module) -> None:
     if reasons:
         raise ConfigError(f"train.strategy=fsdp cannot shard this task: {'; '.join(reasons)}; or use "
                           f"train.strategy=ddp")
+
+
+def has_meta_parameters(module: nn.Module) -> bool:
+    """True when `module` was built on the meta device (a rank that waits for rank 0's weights)."""
+    return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+
+def fill_from_rank0(module: nn.Module, full_state: dict | None, device: torch.device) -> None:
+    """Deferred initialisation: after `apply_fsdp`, give every rank rank 0's weights; every rank calls it.
+
+    Ranks other than 0 may have built the task on the meta device (no memory): their shards get storage here
+    (`to_empty`, which keeps shared parameters shared for FSDP's DTensors) and are filled from rank 0's full state
+    dict, broadcast shard by shard (`broadcast_from_rank0`); every buffer, persistent or not, is broadcast from rank 0
+    as DDP does at wrap time.
+
+    Args:
+        module: the sharded task.
+        full_state: rank 0's `state_dict()` taken before sharding (None on the other ranks).
+        device: this rank's device.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if has_meta_parameters(module):
+        module.to_empty(device=device)
+    set_model_state_dict(module, full_state if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for _, buf in sorted(module.named_buffers(), key=lambda kv: kv[0]):
+        dist.broadcast(buf, src=0)
