@@ -736,3 +736,12 @@ def test_a_meta_task_is_refused_outside_a_sharded_run(tmp_path):
         task = _clip_task()
     with pytest.raises(ValueError, match="meta-device"):
         Trainer(task, lambda e, s: [], OptimConfig(), TrainConfig(progress=False, strategy="fsdp"), tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_training_under_fsdp_equals_ddp(tmp_path):
+    """`train.compile` wraps the sharded task's forward (about a minute of compilation per rank on the CPU)."""
+    _spawn(tmp_path / "ddp", steps=3, ckpt_every=0)
+    _spawn(tmp_path / "fsdp", steps=3, ckpt_every=0, strategy="fsdp", compile=True)
+    a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
