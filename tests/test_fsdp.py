@@ -666,13 +666,15 @@ def _snps3_batches(folder, epoch, world_size=1, rank=0):
 
 
 @pytest.mark.slow
-def test_snps3_with_moco_trains_under_fsdp_like_ddp(tmp_path, snps3_data):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_snps3_with_moco_trains_under_fsdp_like_ddp(tmp_path, snps3_data, deferred):
     """The momentum encoders' EMA runs inside the forward: their blocks are sharded like the online ones, their other
-    (frozen) weights stay whole on every rank, so the update is kept and the keys match DDP's."""
+    (frozen) weights stay whole on every rank, so the update is kept and the keys match DDP's. Also with rank 1
+    built on the meta device (its momentum copies and queues come from rank 0)."""
     task_fn = functools.partial(_snps3_task, snps3_data)
     kw = dict(steps=3, ckpt_every=0, batches=functools.partial(_snps3_batches, snps3_data), task_fn=task_fn)
     _spawn(tmp_path / "ddp", **kw)
-    _spawn(tmp_path / "fsdp", strategy="fsdp", **kw)
+    _spawn(tmp_path / "fsdp", strategy="fsdp", deferred=deferred, **kw)
     a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
     assert len(a) == 3 and b == pytest.approx(a, rel=1e-5, abs=1e-6)
     ddp, fsdp = torch.load(tmp_path / "ddp" / "final_3.pt"), torch.load(tmp_path / "fsdp" / "final_3.pt")
