@@ -747,3 +747,26 @@ def test_compiled_training_under_fsdp_equals_ddp(tmp_path):
     _spawn(tmp_path / "fsdp", steps=3, ckpt_every=0, strategy="fsdp", compile=True)
     a, b = _losses(tmp_path / "ddp" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def test_feature_cache_accumulation_of_lotlip_equals_the_full_batch(tmp_path):
+    """Short captions, corner read-outs of the sub-captions and the image: all cached, the full batch's gradient."""
+    from polymodal.losses.contrastive import LossConfig
+    from polymodal.methods.lotlip import LoTLIPConfig, LoTLIPTask
+    from test_lotlip import make_batch, tiny_clip
+
+    def task():
+        return LoTLIPTask(tiny_clip(K=2), LoTLIPConfig(num_corners=2), LossConfig(gather="local"))
+    batch = make_batch(B=8)
+    full = task()
+    full(batch)["loss"].backward()
+    want = _grads(full)
+    trainer = Trainer(task(), lambda e, s: [], OptimConfig(accum_steps=2), TrainConfig(progress=False), tmp_path)
+    trainer._feature_cache_step([{k: v[i:i + 4] for k, v in batch.items()} for i in (0, 4)])
+    got = _grads(trainer.task)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    uneven = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items() if k != "long_input_ids"}]
+    with pytest.raises(ValueError, match="optim.accum_steps=2: the micro-batches' features differ"):
+        trainer._feature_cache_step(uneven)

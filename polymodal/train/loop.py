@@ -755,6 +755,11 @@ class Trainer:
                     feats = self.module(batch, stage="features")
                 cached.append({k: v.detach() for k, v in feats.items()})
         after = rng_state()
+        if any(c.keys() != cached[0].keys() or any(c[k].shape[1:] != cached[0][k].shape[1:] for k in c)
+               for c in cached):
+            raise ValueError(f"optim.accum_steps={len(micro_batches)}: the micro-batches' features differ in names or "
+                             f"shapes ({[{k: tuple(v.shape) for k, v in c.items()} for c in cached]}), so they cannot "
+                             f"be joined into one batch; make the batches uniform or set optim.accum_steps=1")
         leaves = {k: torch.cat([c[k] for c in cached]).requires_grad_(True) for k in cached[0]}
         ddp = isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
         ctx = self.wrapped.no_sync() if ddp else nullcontext()
