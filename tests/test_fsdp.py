@@ -65,6 +65,16 @@ def _worker(rank, world_size, port, out_dir, kw, task_fn=_clip_task):
     if rank == 0 and full is not None:
         torch.save({k: v.detach().clone() for k, v in full.state_dict().items()},
                    os.path.join(out_dir, f"final_{trainer.state.step}.pt"))
+    del trainer, full, task
+    _collect_then_cleanup()
+
+
+def _collect_then_cleanup():
+    """End the process group after the caller dropped its trainer (DDP reducer, FSDP state): freed after
+    `destroy_process_group`, as when a worker's locals go at its return, a rank once hung for 10 min in that teardown
+    with no Python frame left (and twice aborted with "terminate called without an active exception")."""
+    import gc
+    gc.collect()
     from polymodal.train.distributed import cleanup
     cleanup()
 
@@ -290,8 +300,8 @@ def _final_model_worker(rank, world_size, port, out_dir):
         pixels = torch.randn(2, 3, 32, 32, generator=g)
         torch.save({"pixels": pixels, "features": full.model.encode_image(pixels).detach()},
                    os.path.join(out_dir, "probe.pt"))
-    from polymodal.train.distributed import cleanup
-    cleanup()
+    del trainer, full
+    _collect_then_cleanup()
 
 
 def test_final_model_of_a_sharded_run_is_a_plain_folder_load_model_reads(tmp_path):
