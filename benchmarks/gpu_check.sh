@@ -5,6 +5,8 @@
 #   3. exact retrieval at 100k images x 500k texts on the GPU vs FAISS flat top-10 (CPU, all cores),
 #   4. captioning with and without the KV cache on the GPU (benchmarks/caption_cache.py),
 #   5. fp32 vs bf16 autocast on the GPU (benchmarks/precision.py),
+#   6. FSDP on the GPU (benchmarks/fsdp_memory.py): the ~100M CLIP under train.strategy=ddp, fsdp (bf16 policy)
+#      and fsdp with CPU offload over a 1-rank nccl group (the CUDA-only paths; sharding itself is tested on gloo),
 # and print one table. Stops at once, with an error, when torch sees no CUDA device.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results/gpu_check)
@@ -36,7 +38,7 @@ else
 fi
 CORES=$(nproc)
 
-LIMIT_TESTS=120 LIMIT_TRAIN=150 LIMIT_RETRIEVAL=240 LIMIT_CAPTION=90 LIMIT_PRECISION=60
+LIMIT_TESTS=120 LIMIT_TRAIN=150 LIMIT_RETRIEVAL=240 LIMIT_CAPTION=90 LIMIT_PRECISION=60 LIMIT_FSDP=120
 declare -a ROWS
 FAILED=0
 
@@ -64,9 +66,11 @@ run_step "CUDA tests" $LIMIT_TESTS "$OUT/tests.log" \
 if [ "$SMOKE" = 1 ]; then
     TRAIN_SIZE="--arch toy --steps 1 --forward-runs 1 --batch 2 --scenarios full" TRAIN_PRECISIONS=fp32
     RETRIEVAL_SIZES=300x1500 CAPTION_SIZE="--batch 2 --tokens 3 --beams 2 --repeats 1" PRECISION_SIZE="--batch 2 --steps 1"
+    FSDP_SIZE="--size toy --steps 2 --batch 2"
 else
     TRAIN_SIZE="--steps 10 --batch 64" TRAIN_PRECISIONS="fp32 bf16"
     RETRIEVAL_SIZES=10000x50000,100000x500000 CAPTION_SIZE="--batch 64 --tokens 20" PRECISION_SIZE="--batch 128 --steps 5"
+    FSDP_SIZE="--size 100m --steps 6 --batch 64 --bf16"
 fi
 
 # 2. Train step vs transformers, fp32 and bf16 (the smoke run skips bf16: most CPUs only emulate it).
@@ -90,6 +94,11 @@ run_step "captioning (KV cache)" $LIMIT_CAPTION "$OUT/caption.log" \
 # shellcheck disable=SC2086
 run_step "precision fp32 vs bf16" $LIMIT_PRECISION "$OUT/precision.log" \
     "$PY" benchmarks/precision.py --device $DEV $PRECISION_SIZE --out "$OUT/precision.json"
+
+# 6. FSDP on the GPU: ddp vs fsdp (bf16 policy) vs fsdp + CPU offload, one rank.
+# shellcheck disable=SC2086
+run_step "fsdp (1 rank)" $LIMIT_FSDP "$OUT/fsdp.log" \
+    "$PY" benchmarks/fsdp_memory.py --device $DEV --world 1 --offload $FSDP_SIZE --out "$OUT/fsdp_memory.json"
 
 echo
 echo "| step | status | seconds | log |"
@@ -126,5 +135,10 @@ if r:
 r = load("precision.json")
 if r:
     print(f"| CLIP small step fp32 / bf16 | {r['fp32_s'] * 1000:.1f} ms / {r['bf16_s'] * 1000:.1f} ms ({r['ratio']:.2f}x); check: {r['check'][:60]} |")
+r = load("fsdp_memory.json")
+for row in (r or {}).get("rows", []):
+    print(f"| {row['strategy']} step, 1 rank ({r['parameters'] / 1e6:.0f}M params, batch {r['batch_per_rank']}) | "
+          f"{row['step_s']:.3f} s; peak {row['peak_bytes'] / 2**20:.0f} MiB ({row['peak_kind']}); "
+          f"model+optimizer on device {row['model_optimizer_bytes'] / 2**20:.0f} MiB |")
 EOF
 exit $FAILED

@@ -189,7 +189,8 @@ def test_gpu_check_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
                 "| captioning (KV cache) | ok |", "| precision fp32 vs bf16 | ok |",
                 "| train step fp32, full text (batch 2) | ours", "| retrieval 300 x 1500 (ours on cpu) |",
                 "| captions/s ours greedy (batch 2, 3 tokens) |", "| captions/s GPT-2 generate | cached",
-                "| CLIP small step fp32 / bf16 |"):
+                "| CLIP small step fp32 / bf16 |", "| fsdp (1 rank) | ok |", "| fsdp step, 1 rank (",
+                "| fsdp+offload step, 1 rank ("):
         assert row in done.stdout, row
 
 

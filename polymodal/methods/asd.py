@@ -91,6 +91,15 @@ class ASDTask(nn.Module):
         self.skews = torch.zeros(len(records))
         self.floored = 0.0              # share of the concept samples whose Skew was floored at the last refresh
 
+    def fsdp_blockers(self) -> list[str]:
+        """Why this task cannot train under `train.strategy=fsdp` (empty: it can). The skews are computed with the
+        model at each epoch's start, by the data loader, outside the task's forward, where FSDP keeps the weights
+        sharded."""
+        if self.cfg.needs_skew and self.concept_at:
+            return ["asd.loss / asd.resample score every concept sample with the model outside the training forward "
+                    "(set asd.loss=false and asd.resample=false)"]
+        return []
+
     def refresh(self, epoch: int) -> None:
         """Compute epoch `epoch`'s skews with the current model and draw its samples (once per epoch)."""
         if self.resampler.epoch == epoch:

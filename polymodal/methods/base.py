@@ -152,9 +152,28 @@ class ContrastiveTask(nn.Module):
         pad = self.model.config.text.pad_token_id
         return trim_padding(batch["input_ids"], pad)
 
-    def forward(self, batch: dict) -> dict:
+    # The Trainer's feature-cache accumulation (`optim.accum_steps` > 1) may call the two stages separately.
+    supports_feature_cache = True
+
+    def forward(self, batch: dict, stage: str = "all") -> dict:
+        """The contrastive loss of a batch, or one of its two stages.
+
+        Args:
+            batch: {"pixels": (B, 3, H, W), "input_ids": (B, L)}; for stage "loss", the features instead.
+            stage: "all"; "features" -> {"image": (B, E), "text": (B, E)}; "loss" -> the losses of given features
+                (the Trainer's feature-cache accumulation concatenates micro-batches' features).
+        Returns:
+            {"loss", "contrastive", "logit_scale"} scalars, or the features.
+        """
+        if stage == "loss":
+            return self._loss(batch["image"], batch["text"])
         image = self.model.encode_image(batch["pixels"])          # (B, E)
         text = self.model.encode_text(self.text_ids(batch))       # (B, E)
+        if stage == "features":
+            return {"image": image, "text": text}
+        return self._loss(image, text)
+
+    def _loss(self, image: Tensor, text: Tensor) -> dict:
         loss = self.loss(image, text, self.model.scale())
         return {"loss": loss, "contrastive": loss.detach(), "logit_scale": self.model.scale().detach()}
 

@@ -110,15 +110,30 @@ class LoTLIPTask(nn.Module):
             feats = feats[:, :1]
         return feats.reshape(B, M, feats.shape[1], feats.shape[2])
 
-    def forward(self, batch: dict) -> dict:
+    # The Trainer's feature-cache accumulation (`optim.accum_steps` > 1) may call the two stages separately.
+    supports_feature_cache = True
+
+    def forward(self, batch: dict, stage: str = "all") -> dict:
+        """The LoTLIP losses of a batch, or one of the two stages of the feature-cache accumulation: "features" ->
+        {"image": (B, E), "short": (B, E)[, "long": (B, M, R, E)]}; "loss" -> the losses of such features."""
+        if stage == "loss":
+            return self._losses(batch["image"], batch["short"], batch.get("long"))
         pad = self.model.config.text.pad_token_id
         image = self.model.encode_image(batch["pixels"])                        # (B, E)
         short_txt = self.model.encode_text(trim_padding(batch["input_ids"], pad))  # (B, E): CLS/EOT only
-        short = self.contrastive(image, short_txt)
-        long_losses: list[Tensor] = []
         long_ids = batch.get("long_input_ids")
+        feats = None
         if long_ids is not None and long_ids.ndim == 3 and long_ids.shape[1] > 0:
             feats = self.long_features(long_ids)                                 # (B, M, R, E)
+        if stage == "features":
+            return {"image": image, "short": short_txt, **({"long": feats} if feats is not None else {})}
+        return self._losses(image, short_txt, feats)
+
+    def _losses(self, image: Tensor, short_txt: Tensor, feats: Tensor | None) -> dict:
+        """image (B, E), short captions (B, E), sub-captions (B, M, R, E) or None -> the losses."""
+        short = self.contrastive(image, short_txt)
+        long_losses: list[Tensor] = []
+        if feats is not None:
             for m in range(feats.shape[1]):
                 for r in range(feats.shape[2]):
                     long_losses.append(self.contrastive(image, feats[:, m, r]))

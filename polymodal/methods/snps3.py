@@ -174,6 +174,14 @@ class SNPS3Task(nn.Module):
             self.text_queue = KeyQueue(cfg.queue_size, W)          # text keys: negatives of the clip queries
             self.clip_queue = KeyQueue(cfg.queue_size, W)          # clip keys: negatives of the text queries
 
+    def fsdp_blockers(self) -> list[str]:
+        """Why this task cannot train under `train.strategy=fsdp` (empty: it can). The attention re-masking reads
+        each text block's qkv projection outside the block's forward, where FSDP keeps it sharded."""
+        if self.cfg.attention_remask > 0:
+            return ["snps3.attention_remask > 0 reads the text blocks' attention weights outside their forward "
+                    "(set snps3.attention_remask=0)"]
+        return []
+
     def _remask_this_batch(self, batch: dict) -> bool:
         """Whether this batch's MLM input is re-masked by attention: a draw seeded by the batch's sample indices."""
         rng = batch_rng(self.seed + 1, batch["index"].tolist())   # a stream apart from the collate's masking

@@ -94,8 +94,26 @@ class VideoContrastiveTask(nn.Module):
         self.loss = build_contrastive_loss(loss)
         self.order_weight = order_weight
 
-    def forward(self, batch: dict) -> dict:
+    @property
+    def supports_feature_cache(self) -> bool:
+        """The Trainer's feature-cache accumulation (`optim.accum_steps` > 1) applies without the order loss (whose
+        reversed features and partner flags are not cached)."""
+        return self.order_weight == 0
+
+    def forward(self, batch: dict, stage: str = "all") -> dict:
+        """The losses of a batch, or, without the order loss, one of the two stages of the feature-cache
+        accumulation: "features" -> {"video": (B, E), "text": (B, E)}; "loss" -> the losses of such features."""
+        if stage == "loss":
+            scale = self.model.scale()
+            loss = self.loss(batch["video"], batch["text"], scale)
+            return {"loss": loss, "contrastive": loss.detach(), "logit_scale": scale.detach()}
+        if stage == "features" and self.order_weight > 0:
+            raise ValueError("VideoContrastiveTask: the feature stage has no order loss (video_clip.order_weight=0)")
         valid = batch.get("frame_valid")
+        if stage == "features":
+            video = self.model.encode_video(batch["frames"], valid)                                # (B, E)
+            ids = trim_padding(batch["input_ids"], self.model.config.text.pad_token_id)
+            return {"video": video, "text": self.model.encode_text(ids)}                          # (B, E) each
         if self.order_weight > 0:
             video, reversed_video = self.model.encode_video_and_reversal(batch["frames"], valid)   # (B, E) x 2
         else:

@@ -7,10 +7,17 @@ newest checkpoint that is incomplete for another reason (a copy cut short, a dis
 fsync): `latest_checkpoint` and `load_newest_readable` skip files whose zip directory cannot be read (or
 that are plain pickles), with one warning naming them and the checkpoint used instead; `restore_task_state`
 says in one line when a checkpoint was written for another model.
+
+Under `train.strategy: fsdp` a checkpoint is a folder `step_N.dcp/` written by every rank at once with
+`torch.distributed.checkpoint` (each rank writes its shards; `.metadata` is written last) plus `trainer.pt` (step,
+data position, RNG states: rank 0's). It is made atomic the same way: the ranks write `.step_N.dcp.tmp/`, and rank 0
+renames it once every rank is done. A folder without `.metadata` or `trainer.pt` is incomplete and passed over. It
+loads at any world size (DCP re-shards on load), and into an unsharded model in one process.
 """
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import random
 import re
@@ -28,6 +35,10 @@ from ..fileio import atomic_open
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 # What `atomic_open` names its temporary file for `step_N.pt` (see fileio.atomic_open).
 _TEMP_NAME = re.compile(r"^\.step_\d+\.pt\..+\.tmp$")
+# Sharded checkpoints (folders) and the folder ranks write into before the rename.
+_DIR_NAME = re.compile(r"^step_(\d+)\.dcp$")
+_TEMP_DIR_NAME = re.compile(r"^\.step_\d+\.dcp(\.old)?\.tmp$")
+TRAINER_FILE = "trainer.pt"
 
 
 class CheckpointError(_LoadError, RuntimeError):
@@ -97,6 +108,9 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
         if _TEMP_NAME.match(p.name) and p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
+        elif _TEMP_DIR_NAME.match(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
@@ -105,15 +119,19 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name) or _DIR_NAME.match(p.name))]
     return sorted(found)
 
 
 def is_complete_checkpoint(path: Path) -> bool:
     """Cheap completeness check: the zip directory at the end of the file reads and lists a pickle.
 
-    A truncated file loses the directory, so this catches cut-short files without reading the tensors.
+    A truncated file loses the directory, so this catches cut-short files without reading the tensors. A sharded
+    checkpoint (folder) is complete when DCP's `.metadata` (written after every rank's shards) and a complete
+    `trainer.pt` are there.
     """
+    if Path(path).is_dir():
+        return (Path(path) / ".metadata").is_file() and is_complete_checkpoint(Path(path) / TRAINER_FILE)
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -128,6 +146,8 @@ def why_incomplete(path: Path) -> str:
     """Why `is_complete_checkpoint(path)` is False, in words ("" when it is complete)."""
     if is_complete_checkpoint(path):
         return ""
+    if Path(path).is_dir():
+        return "is an incomplete sharded checkpoint (no .metadata or trainer.pt: a write was cut short?)"
     try:
         with open(path, "rb") as f:
             head = f.read(2)
@@ -187,7 +207,7 @@ def load_newest_readable(folder: Path) -> tuple[Path | None, dict | None]:
     return None, None
 
 
-def restore_task_state(task: torch.nn.Module, state: dict, path: Path) -> None:
+def restore_task_state(task: torch.nn.Module, state: dict, path: Path, check_only: bool = False) -> None:
     """Load a checkpoint's task weights into `task`, or say in one line why it was written for another model.
 
     Keys and shapes are compared before anything is loaded, so a refused checkpoint changes nothing.
@@ -196,6 +216,7 @@ def restore_task_state(task: torch.nn.Module, state: dict, path: Path) -> None:
         task: the module being trained (its `state_dict()` keys are the reference).
         state: the checkpoint's "task" entry.
         path: the checkpoint file, for the message.
+        check_only: compare only, load nothing (the caller loads, e.g. into a sharded task).
     Raises:
         CheckpointError: missing or unexpected keys, or tensors of another shape (counts and first names).
     """
@@ -216,7 +237,8 @@ def restore_task_state(task: torch.nn.Module, state: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(p for p in parts if p)}. "
                               f"Resume it with the recipe that wrote it, or start afresh in another out_dir (or with "
                               f"train.resume=never)")
-    task.load_state_dict(state)
+    if not check_only:
+        task.load_state_dict(state)
 
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:
@@ -224,7 +246,10 @@ def prune_checkpoints(folder: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for _, path in list_checkpoints(folder)[:-keep_last]:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -251,11 +276,15 @@ def load_checkpoint(path: Path) -> dict:
     Args:
         path: the checkpoint file.
     Returns:
-        The saved dict (tensors on the CPU).
+        The saved dict (tensors on the CPU). For a sharded checkpoint (folder) the dict of `trainer.pt` with
+        `"sharded": path` added; the weights and optimizer state are read by `load_sharded`.
     Raises:
         CheckpointError: the file is truncated or not a checkpoint, or holds pickled objects other
             than tensors and plain containers (refused for safety: loading them could run code).
     """
+    if Path(path).is_dir():
+        state = load_checkpoint(Path(path) / TRAINER_FILE)
+        return {**state, "sharded": str(path)}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -265,3 +294,111 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated. "
                               f"Delete it to resume from an older one") from e
+
+
+def sharded_checkpoint_path(folder: Path, step: int) -> Path:
+    """Where the sharded checkpoint of `step` goes: `folder/step_{step:08d}.dcp`."""
+    return Path(folder) / f"step_{step:08d}.dcp"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_sharded(state: dict, extras: dict, path: Path, is_main: bool) -> Path:
+    """Write a sharded checkpoint atomically; every rank calls it (a collective).
+
+    Args:
+        state: {"task": model state dict, "optimizer": optimizer state dict} as
+            `torch.distributed.checkpoint.state_dict.get_state_dict` gives them (DTensors under FSDP).
+        extras: plain values rank 0 writes to `trainer.pt` (step, data position, RNG states).
+        path: the final folder (`sharded_checkpoint_path`).
+        is_main: True on rank 0, which prepares the temporary folder, writes `trainer.pt` and renames.
+    Returns:
+        `path`.
+    Raises:
+        CheckpointWriteError: a rank could not write (disk full); the temporary folder is removed by the next
+            start (`remove_stale_temp_files`) and earlier checkpoints are kept.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    distributed = dist.is_available() and dist.is_initialized()
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)             # litter of a save a kill interrupted
+        tmp.mkdir(parents=True)
+    if distributed:
+        dist.barrier()
+    try:
+        with warnings.catch_warnings():          # DCP warns that one process means no process group: we know
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+        if is_main:
+            atomic_torch_save(extras, tmp / TRAINER_FILE)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointWriteError(getattr(e, "errno", None) or errno.EIO, _write_failure_message(path, e)) from e
+    if distributed:
+        dist.barrier()                                       # every rank's shards and .metadata are on disk
+    if is_main:
+        _fsync_dir(tmp)
+        if path.exists():                                    # a step written again after a resume further back
+            old = path.parent / f".{path.name}.old.tmp"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    if distributed:
+        dist.barrier()
+    return path
+
+
+def load_sharded(state: dict, path: Path) -> None:
+    """Fill `state` ({"task": ..., "optimizer": ...} from `get_state_dict`) in place from the sharded checkpoint at
+    `path`, at any world size; every rank calls it.
+
+    The checkpoint's keys are compared with the model's first, so a checkpoint of another model fails in one line.
+
+    Raises:
+        CheckpointError: the checkpoint holds other weights (missing, unknown or reshaped), or cannot be read.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder name
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to resume from "
+                              f"an older one") from e
+    own = {f"task.{k}": tuple(v.shape) for k, v in state["task"].items() if torch.is_tensor(v)}
+    saved = {k: tuple(getattr(v, "size", ())) for k, v in meta.items() if k.startswith("task.")}
+    missing = [k[5:] for k in own if k not in saved]
+    unexpected = [k[5:] for k in saved if k not in own]
+    reshaped = [f"{k[5:]} {saved[k]} vs {own[k]}" for k in own if k in saved and saved[k] != own[k]]
+    if missing or unexpected or reshaped:
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts = [f"{len(missing)} weight(s) of this model missing ({some(missing)})" if missing else "",
+                 f"{len(unexpected)} unknown to it ({some(unexpected)})" if unexpected else "",
+                 f"{len(reshaped)} of another shape ({some(reshaped)})" if reshaped else ""]
+        raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(p for p in parts if p)}. "
+                              f"Resume it with the recipe that wrote it, or start afresh in another out_dir (or with "
+                              f"train.resume=never)")
+    distributed = dist.is_available() and dist.is_initialized()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not distributed)

@@ -26,9 +26,12 @@ from . import distributed as dist_utils
 from .logging import RunLogger, check_log_to
 from ..precision import PRECISIONS, autocast, check_precision
 from .threads import resolve_threads
-from .checkpoint import (atomic_torch_save, latest_checkpoint, load_checkpoint, load_newest_readable,
-                         prune_checkpoints, remove_stale_temp_files, restore_task_state, rng_state, set_rng_state)
+from .checkpoint import (atomic_torch_save, latest_checkpoint, load_checkpoint, load_newest_readable, load_sharded,
+                         prune_checkpoints, remove_stale_temp_files, restore_task_state, rng_state, save_sharded,
+                         set_rng_state, sharded_checkpoint_path)
 from .schedule import SCHEDULES, lr_at
+from . import sharding
+from .sharding import STRATEGIES
 
 
 
@@ -101,6 +104,9 @@ class TrainConfig:
     val_data: str = ""              # manifest (same form as data.train) whose batches give the validation loss
     compile: bool = False           # run the task's forward through torch.compile (see docs/results.md first)
     report: bool = True             # write report.html at the end of a run (`polymodal report RUN_DIR` redoes it)
+    strategy: str = "ddp"           # "ddp" (replicate the model) | "fsdp" (shard params, grads, optimizer state; FSDP2)
+    fsdp_offload: bool = False      # fsdp: keep the shards (and the optimizer step) in CPU memory
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory, ~1/3 more compute)
 
     def validate(self, where: str = "recipe") -> "TrainConfig":
         """Check every value's type and range, so a bad one fails before training starts.
@@ -139,6 +145,12 @@ class TrainConfig:
         if not isinstance(self.val_data, (str, Path)):
             raise ConfigError(f"{where}: train.val_data must be a manifest path, got {self.val_data!r}")
         _boolean(self.report, "train.report", where)
+        _choice(self.strategy, "train.strategy", where, STRATEGIES)
+        _boolean(self.fsdp_offload, "train.fsdp_offload", where)
+        _boolean(self.activation_checkpointing, "train.activation_checkpointing", where)
+        if self.fsdp_offload and self.strategy != "fsdp":
+            raise ConfigError(f"{where}: train.fsdp_offload=true needs train.strategy=fsdp (got "
+                              f"{self.strategy!r}); set train.strategy=fsdp or train.fsdp_offload=false")
         if self.val_data and not self.val_loss_every:
             raise ConfigError(f"{where}: train.val_data is set but train.val_loss_every is 0; set "
                               f"train.val_loss_every=N (steps) for a validation loss, or remove train.val_data")
@@ -309,17 +321,58 @@ class Trainer:
         if train.val_loss_every and val_loader is None:
             raise ConfigError(f"train.val_loss_every={train.val_loss_every} needs validation batches: set "
                               f"train.val_data to a manifest like data.train, or train.val_loss_every=0")
-        if train.resume not in ("auto", "never") and not Path(train.resume).is_file():
+        if train.resume not in ("auto", "never") and not (Path(train.resume).is_file()
+                                                          or (Path(train.resume) / ".metadata").is_file()):
             raise ConfigError(f"train.resume: checkpoint {train.resume} does not exist (or is not a file); "
-                              f"give an existing step_N.pt, or train.resume=auto (latest in {self.ckpt_dir}) "
-                              f"or train.resume=never")
+                              f"give an existing step_N.pt (or step_N.dcp folder), or train.resume=auto (latest in "
+                              f"{self.ckpt_dir}) or train.resume=never")
         self.dist = dist_utils.init_distributed()
         self.is_main = self.dist.rank == 0
         self.device = self.dist.device
         # The device is known only here: bf16 on a CPU that emulates it would make every step ~25x slower.
         check_precision(train.precision, self.device, train.precision_force, where="recipe")
-        self.task.to(self.device)
-        self.module = self.wrapped = dist_utils.wrap_ddp(self.task, self.dist)
+        # The plan is checked before the model moves to the device: under FSDP a rank never holds all of it there.
+        self.memory_plan = sharding.memory_plan(self.task, train.strategy, self.dist.world_size, train.fsdp_offload)
+        if self.is_main:
+            print(self.memory_plan.describe(), flush=True)
+        sharding.check_memory_plan(self.memory_plan, sharding.available_memory(self.device), self.device,
+                                   resident=sharding.resident_bytes(self.task, self.device))
+        # Under FSDP a rank other than 0 may bring a task built on the meta device (`run_recipe` does): it gets
+        # rank 0's weights once sharded (`sharding.fill_from_rank0`).
+        deferred = sharding.has_meta_parameters(self.task)
+        if deferred and not (train.strategy == "fsdp" and self.dist.world_size > 1 and not self.is_main):
+            raise ValueError("the task has meta-device (unallocated) weights; only ranks other than 0 of a "
+                             "train.strategy=fsdp run may build it that way")
+        if not deferred:
+            self.task.to(self.device)
+        if train.activation_checkpointing and sharding.enable_activation_checkpointing(self.task) == 0:
+            warnings.warn("train.activation_checkpointing=true, but the task has no block stack to recompute "
+                          "(no Transformer/MultiwayEncoder `blocks`, no transformers model): nothing changes",
+                          stacklevel=2)
+        # FSDP shards over the ranks; in one process there is nothing to shard and the task runs as it is, but the
+        # checkpoints stay sharded ones (`step_N.dcp/`) so that a run can move between 1 and W processes.
+        self.fsdp = train.strategy == "fsdp"
+        self.sharded = self.fsdp and (self.dist.world_size > 1 or dist_utils.is_dist())   # a 1-rank group shards too
+        self._replicated: list[nn.Parameter] = []      # FSDP: parameters left unsharded (their grads averaged here)
+        self._plain_task: nn.Module | None = None      # FSDP: the unsharded task (meta until `full_task` fills it)
+        self._full_step = -1
+        if self.sharded:
+            sharding.check_fsdp_support(self.task)
+            self._plain_task = sharding.meta_copy(self.task)
+            # bf16 parameters/compute with fp32 reduction where the hardware does bf16 (CUDA); on CPU autocast only.
+            mixed = train.precision == "bf16" and self.device.type == "cuda"
+            # Whether any rank deferred its build decides the protocol, so every rank asks (one all-reduce).
+            any_deferred = dist_utils.all_reduce_min(0 if deferred else 1, self.device) == 0
+            full_state = self.task.state_dict() if any_deferred and self.is_main else None
+            self._replicated = sharding.apply_fsdp(self.task, self.device, mixed_precision=mixed,
+                                                   offload=train.fsdp_offload)
+            if any_deferred:
+                sharding.fill_from_rank0(self.task, full_state, self.device)
+                del full_state          # materialising replaced the meta ranks' unsharded parameters: list them again
+                self._replicated = [p for p in self.task.parameters() if p.ndim == 0 and p.requires_grad]
+            self.module = self.wrapped = self.task
+        else:
+            self.module = self.wrapped = dist_utils.wrap_ddp(self.task, self.dist)
         if train.compile:        # the forward only; checkpoints keep reading the plain task's state dict
             self.module = torch.compile(self.module)
         # The fused kernel does the whole update in one pass per tensor (~2.7x faster optimizer step on CPU
@@ -335,17 +388,72 @@ class Trainer:
         self._usable_in_epoch = 0                   # usable batches seen in this epoch (since the loader started)
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
+                "bad_records": dict(self.state.bad_records), "bad_seen": sorted(self.state.bad_seen),
+                "rng": rng_state(), "world_size": self.dist.world_size}
+
     def save_checkpoint(self) -> Path | None:
+        """Write `checkpoints/step_N.pt` (rank 0), or under FSDP the sharded `checkpoints/step_N.dcp/` (every rank).
+
+        Returns:
+            The checkpoint's path on rank 0, None on the other ranks."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            model_state, optim_state = get_state_dict(self.task, self.optimizer)
+            path = save_sharded({"task": model_state, "optimizer": optim_state}, self._trainer_state(),
+                                sharded_checkpoint_path(self.ckpt_dir, self.state.step), self.is_main)
+            if not self.is_main:
+                return None
+            prune_checkpoints(self.ckpt_dir, self.tcfg.keep_last)
+            return path
         if not self.is_main:
             return None
         path = self.ckpt_dir / f"step_{self.state.step:08d}.pt"
-        atomic_torch_save({
-            "task": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
-            "bad_records": dict(self.state.bad_records), "bad_seen": sorted(self.state.bad_seen), "rng": rng_state(),
-        }, path)
+        atomic_torch_save({"task": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           **self._trainer_state()}, path)
         prune_checkpoints(self.ckpt_dir, self.tcfg.keep_last)
         return path
+
+    def _load_weights(self, ckpt: dict, path: Path) -> None:
+        """The checkpoint's task weights and optimizer state into the (possibly sharded) task and optimizer."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+        if ckpt.get("sharded"):                      # any world size, sharded or not: DCP re-shards on load
+            model_state, optim_state = get_state_dict(self.task, self.optimizer)
+            state = {"task": model_state, "optimizer": optim_state}
+            load_sharded(state, path)
+            set_state_dict(self.task, self.optimizer, model_state_dict=state["task"],
+                           optim_state_dict=state["optimizer"])
+        elif self.sharded:                           # a plain (DDP) checkpoint into a sharded task
+            restore_task_state(self._plain_task, ckpt["task"], path, check_only=True)
+            set_state_dict(self.task, self.optimizer, model_state_dict=ckpt["task"],
+                           optim_state_dict=_optimizer_state_by_name(self.task, self.optimizer, ckpt["optimizer"]),
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            restore_task_state(self.task, ckpt["task"], path)     # another model: one line, nothing half-loaded
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+
+    def full_task(self) -> nn.Module | None:
+        """The task with its full, unsharded weights: the task itself unless FSDP shards it. Under FSDP every rank
+        must call it (it gathers the shards); rank 0 gets a plain copy in CPU memory, the others None. The copy is
+        refreshed once per step.
+
+        Returns:
+            A module to evaluate or save (`save_pretrained`) in one process, or None off rank 0 under FSDP."""
+        if not self.sharded:
+            return self.task
+        if self._full_step != self.state.step:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.is_main:
+                plain = sharding.materialize_(self._plain_task, "cpu")
+                plain.load_state_dict(full)
+                own = dict(plain.named_buffers())
+                for name, buf in self.task.named_buffers():     # buffers are replicated, never sharded
+                    own[name].copy_(buf.detach())
+                plain.train(self.task.training)
+            self._full_step = self.state.step
+        return self._plain_task if self.is_main else None
 
     def maybe_resume(self) -> None:
         """Load the checkpoint `train.resume` names; "auto" takes the newest readable one in `checkpoints/`.
@@ -360,17 +468,21 @@ class Trainer:
             path, ckpt = load_newest_readable(self.ckpt_dir)      # one warning: what was passed over, what is used
         else:
             path = Path(resume)
-            if not path.is_file():
+            if not path.exists():
                 raise ConfigError(f"train.resume: checkpoint {path} does not exist")
             ckpt = load_checkpoint(path)
         if ckpt is None:
             self._truncate_metrics(0)
             return
-        restore_task_state(self.task, ckpt["task"], path)         # another model: one line, nothing half-loaded
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_weights(ckpt, path)
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], Counter(ckpt["bad_records"]),
                                 {tuple(x) for x in ckpt.get("bad_seen", [])})
         set_rng_state(ckpt["rng"])
+        saved_world = ckpt.get("world_size", self.dist.world_size)
+        if saved_world != self.dist.world_size and self.is_main:
+            warnings.warn(f"resuming a checkpoint written by {saved_world} rank(s) on {self.dist.world_size}: the data "
+                          f"position is exact only if the global batch (data.batch_size x ranks) is the same as "
+                          f"then; scale data.batch_size by {saved_world}/{self.dist.world_size}", stacklevel=2)
         self._truncate_metrics(self.state.step)
         self.log({"event": "resumed", "checkpoint": str(path), "step": self.state.step})
         if self.is_main:
@@ -530,23 +642,27 @@ class Trainer:
             lr = lr_at(self.state.step, o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-            sums: dict[str, float] = {}
-            for micro in range(o.accum_steps):
-                batch = self._next_usable(batches)
-                sync = micro == o.accum_steps - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
-                ctx = self.wrapped.no_sync() if not sync else nullcontext()
-                with ctx:
-                    with autocast(t.precision, self.device):
-                        losses = self.module(batch)
-                    (losses["loss"] / o.accum_steps).backward()
-                for k, v in losses.items():
-                    if torch.is_tensor(v) and v.numel() == 1:
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / o.accum_steps
-                window_samples += _batch_size(batch) * self.dist.world_size
+            if o.accum_steps > 1 and getattr(self.task, "supports_feature_cache", False):
+                micro_batches = [self._next_usable(batches) for _ in range(o.accum_steps)]
+                sums = self._feature_cache_step(micro_batches)
+                window_samples += sum(_batch_size(b) for b in micro_batches) * self.dist.world_size
+            else:
+                sums = {}
+                for micro in range(o.accum_steps):
+                    batch = self._next_usable(batches)
+                    sync = micro == o.accum_steps - 1
+                    with self._gradient_sync(sync):
+                        with autocast(t.precision, self.device):
+                            losses = self.module(batch)
+                        (losses["loss"] / o.accum_steps).backward()
+                    for k, v in losses.items():
+                        if torch.is_tensor(v) and v.numel() == 1:
+                            sums[k] = sums.get(k, 0.0) + float(v.detach()) / o.accum_steps
+                    window_samples += _batch_size(batch) * self.dist.world_size
+            if self.sharded:
+                sharding.average_replicated_grads(self._replicated)
             if self.dist.world_size > 1:   # log (and check) the mean over ranks, as one vector
-                names = sorted(sums)
-                means = dist_utils.all_reduce_mean(torch.tensor([sums[k] for k in names], device=self.device))
-                sums = dict(zip(names, means.tolist()))
+                sums = self._mean_over_ranks(sums)
             if not math.isfinite(sums["loss"]):
                 kept = latest_checkpoint(self.ckpt_dir)
                 raise TrainingDiverged(
@@ -554,7 +670,9 @@ class Trainer:
                     f"Last good checkpoint: {kept or 'none written yet'}. Lower optim.lr or enable "
                     f"optim.clip_grad, then resume with train.resume=auto.")
             grad_norm = None
-            if o.clip_grad > 0:
+            if o.clip_grad > 0 and self.sharded:
+                grad_norm = sharding.clip_grad_norm(list(self.task.parameters()), o.clip_grad)
+            elif o.clip_grad > 0:
                 grad_norm = float(nn.utils.clip_grad_norm_(self.task.parameters(), o.clip_grad))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -587,6 +705,84 @@ class Trainer:
             last.update(self.run_eval())
         self.logger.close()
         return last
+
+    def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Each logged number's mean over the ranks that have it. A task may log a number only where it was measured
+        (an accuracy over the masked words of its rows), so the ranks first agree on the names; a vector of
+        (value, count) pairs then makes one all-reduce of the same size on every rank."""
+        import torch.distributed as dist
+        everyone: list = [None] * self.dist.world_size
+        dist.all_gather_object(everyone, sorted(sums))
+        names = sorted(set().union(*everyone))
+        pairs = torch.tensor([[sums.get(k, 0.0), float(k in sums)] for k in names], device=self.device)
+        totals = dist_utils.all_reduce_mean(pairs) * self.dist.world_size           # (K, 2): sum, ranks
+        return {k: float(v / c) for k, (v, c) in zip(names, totals.tolist()) if c > 0}
+
+    def _gradient_sync(self, sync: bool):
+        """A context in which backward does (sync) or does not (accumulate locally) reduce gradients over ranks."""
+        if self.sharded:
+            sharding.set_gradient_sync(self.task, sync)
+            return nullcontext()
+        if not sync and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            return self.wrapped.no_sync()
+        return nullcontext()
+
+    def _feature_cache_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Gradient accumulation for a loss over the whole batch (contrastive): the gradient of the loss of all
+        micro-batches together, with the activations of one micro-batch at a time.
+
+        The task declares `supports_feature_cache = True` and takes `task(batch, stage="features")` -> {name: (B, ...)
+        tensors} and `task(features, stage="loss")` -> the losses of features concatenated over micro-batches. As
+        GradCache (Gao et al. 2021), which OpenCLIP's `--accum-freq` approximates:
+        1. every micro-batch's features without a graph (the RNG state before each is kept);
+        2. the loss over all of them, features as leaves: backward gives d loss / d features, and the gradient of the
+           parameters the loss itself uses (logit scale, bias), once;
+        3. each micro-batch's features again, with a graph and the same RNG draws (dropout, patch dropout), and
+           backward of those features with their gradient from 2.
+        The sum over micro-batches is the full batch's gradient (chain rule); peak activations are one micro-batch's.
+        Gradients are reduced over ranks by the last backward (FSDP) or one all-reduce at the end (DDP, whose
+        reducer expects every parameter in each backward).
+
+        Returns:
+            The losses of step 2 as numbers.
+        """
+        t = self.tcfg
+        states, cached = [], []
+        with torch.no_grad():
+            for batch in micro_batches:
+                states.append(rng_state())
+                with autocast(t.precision, self.device):
+                    feats = self.module(batch, stage="features")
+                cached.append({k: v.detach() for k, v in feats.items()})
+        after = rng_state()
+        if any(c.keys() != cached[0].keys() or any(c[k].shape[1:] != cached[0][k].shape[1:] for k in c)
+               for c in cached):
+            raise ValueError(f"optim.accum_steps={len(micro_batches)}: the micro-batches' features differ in names or "
+                             f"shapes ({[{k: tuple(v.shape) for k, v in c.items()} for c in cached]}), so they cannot "
+                             f"be joined into one batch; make the batches uniform or set optim.accum_steps=1")
+        leaves = {k: torch.cat([c[k] for c in cached]).requires_grad_(True) for k in cached[0]}
+        ddp = isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+        ctx = self.wrapped.no_sync() if ddp else nullcontext()
+        with ctx:
+            sharding.set_gradient_sync(self.task, False)
+            with autocast(t.precision, self.device):
+                losses = self.module(leaves, stage="loss")
+            losses["loss"].backward()
+            grads = {k: v.grad for k, v in leaves.items()}
+            start = 0
+            for i, batch in enumerate(micro_batches):
+                rows = len(next(iter(cached[i].values())))
+                set_rng_state(states[i])
+                sharding.set_gradient_sync(self.task, i == len(micro_batches) - 1)
+                with autocast(t.precision, self.device):
+                    feats = self.module(batch, stage="features")
+                names = [k for k in feats if grads[k] is not None and feats[k].requires_grad]
+                torch.autograd.backward([feats[k] for k in names], [grads[k][start:start + rows] for k in names])
+                start += rows
+        set_rng_state(after)
+        if ddp:
+            _all_reduce_grads_mean([p for p in self.task.parameters() if p.grad is not None])
+        return {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1}
 
     def run_val_loss(self) -> dict:
         """The task's mean losses over `val_loader()` (eval mode, no gradients), logged as "val/<name>".
@@ -629,14 +825,33 @@ class Trainer:
         if self.evaluate is None:
             return {}
         results = {}
+        task = self.full_task()                       # under FSDP every rank gathers; rank 0 evaluates
         if self.is_main:
-            self.task.eval()
+            task.eval()
             with torch.no_grad():
-                results = {f"eval/{k}": v for k, v in self.evaluate(self.task, self.state.step).items()}
-            self.task.train()
+                results = {f"eval/{k}": v for k, v in self.evaluate(task, self.state.step).items()}
+            task.train()
             self.log({"step": self.state.step, **results})
         dist_utils.barrier()
         return results
+
+
+def _all_reduce_grads_mean(params: list[nn.Parameter]) -> None:
+    """Average the gradients of `params` over the ranks in one flat all-reduce (what DDP's reducer does)."""
+    sharding.average_replicated_grads(params)
+
+
+def _optimizer_state_by_name(task: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """A plain optimizer state dict (parameters numbered in param-group order) keyed by parameter names, the form
+    `set_state_dict(..., full_state_dict=True)` takes; the groups are those `param_groups` built for `task`."""
+    names = {id(p): n for n, p in task.named_parameters()}
+    ordered = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    index = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(index) != len(ordered):
+        raise ValueError(f"the checkpoint's optimizer has {len(index)} parameters, this task trains {len(ordered)}")
+    by_index = dict(zip(index, ordered))
+    groups = [{**g, "params": [by_index[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return {"state": {by_index[i]: v for i, v in saved["state"].items()}, "param_groups": groups}
 
 
 def trim_batch(batch: dict, n: int) -> dict:

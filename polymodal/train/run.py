@@ -305,6 +305,24 @@ def write_eval_commands(cfg: RunConfig, out_dir: Path) -> None:
         write_json(out_dir / "eval_commands.json", commands)
 
 
+def _build_model_and_task(cfg: RunConfig, method, tokenizer):
+    """The method's model and task. Under `train.strategy=fsdp` with several ranks, ranks other than 0 build them on
+    the meta device (no memory: a 10B model is not built once per process) and receive rank 0's weights once the
+    Trainer has sharded the task. A model that cannot be built there (code that reads tensor values while building)
+    is built normally, with one warning."""
+    if cfg.train.strategy == "fsdp" and dist_utils.world_size() > 1 and dist_utils.rank() != 0:
+        try:
+            with torch.device("meta"):
+                model = method.build_model(tokenizer)
+                return model, method.build_task(model)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            import warnings
+            warnings.warn(f"rank {dist_utils.rank()}: the model cannot be built on the meta device ({type(e).__name__}: "
+                          f"{e}); building it in memory (rank 0's weights still replace it)", stacklevel=2)
+    model = method.build_model(tokenizer)
+    return model, method.build_task(model)
+
+
 def run_recipe(cfg: RunConfig) -> dict:
     """Train (or resume) the run described by `cfg`; writes `out_dir/{config.json, metrics.jsonl,
     checkpoints/, model/, final_metrics.json, eval_commands.json}`, the run's `report.html` / `report.md` / `curves.png`
@@ -324,8 +342,7 @@ def run_recipe(cfg: RunConfig) -> dict:
     method = cfg.method_impl
     tokenizer = method.build_tokenizer(out_dir)
     dist_utils.barrier()
-    model = method.build_model(tokenizer)
-    task = method.build_task(model)
+    model, task = _build_model_and_task(cfg, method, tokenizer)
     from ..eval.tasks import check_model
     evaluated = method.final_model(task)
     for spec in cfg.eval.specs():                  # a task the saved model cannot run fails now, not at the first eval
@@ -341,8 +358,10 @@ def run_recipe(cfg: RunConfig) -> dict:
         print(f"data: {size}, batch {cfg.data.batch_size} per process, "
               f"{f'{per:,} steps per epoch' if per else 'steps per epoch unknown (no shard counts)'}", flush=True)
     final = trainer.fit()
-    if dist_utils.rank() == 0 and trainer.state.step >= cfg.train.steps:
-        method.final_model(task).save_pretrained(out_dir / "model")
+    finished = trainer.state.step >= cfg.train.steps
+    full = trainer.full_task() if finished else None     # under FSDP every rank gathers the shards; rank 0 saves
+    if dist_utils.rank() == 0 and finished:
+        method.final_model(full).save_pretrained(out_dir / "model")
         from ..eval.report import write_json
         skips = {}
         if trainer.state.bad_records:                 # each bad record once, by reason
