@@ -12,6 +12,7 @@ from torch import nn
 
 from polymodal.config import ConfigError
 from polymodal.train.loop import OptimConfig, TrainConfig, Trainer
+from ranks import done, run_ranks
 from polymodal.train import sharding
 
 
@@ -66,6 +67,7 @@ def _worker(rank, world_size, port, out_dir, kw, task_fn=_clip_task):
         torch.save({k: v.detach().clone() for k, v in full.state_dict().items()},
                    os.path.join(out_dir, f"final_{trainer.state.step}.pt"))
     del trainer, full, task
+    done(out_dir, rank)
     _collect_then_cleanup()
 
 
@@ -80,7 +82,6 @@ def _collect_then_cleanup():
 
 
 def _spawn(out_dir, world_size=2, task_fn=_clip_task, **kw):
-    import torch.multiprocessing as mp
     if world_size == 1:
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             os.environ.pop(k, None)
@@ -94,7 +95,7 @@ def _spawn(out_dir, world_size=2, task_fn=_clip_task, **kw):
         torch.save({k: v.detach().clone() for k, v in trainer.task.state_dict().items()},
                    os.path.join(out_dir, f"final_{trainer.state.step}.pt"))
         return
-    mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir), kw, task_fn), nprocs=world_size, join=True)
+    run_ranks(_worker, (world_size, _free_port(), str(out_dir), kw, task_fn), world_size, out_dir)
 
 
 def _assert_close_states(a, b, atol=1e-5, rtol=1e-4):
@@ -301,13 +302,13 @@ def _final_model_worker(rank, world_size, port, out_dir):
         torch.save({"pixels": pixels, "features": full.model.encode_image(pixels).detach()},
                    os.path.join(out_dir, "probe.pt"))
     del trainer, full
+    done(out_dir, rank)
     _collect_then_cleanup()
 
 
 def test_final_model_of_a_sharded_run_is_a_plain_folder_load_model_reads(tmp_path):
-    import torch.multiprocessing as mp
     import polymodal as pm
-    mp.spawn(_final_model_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_final_model_worker, (2, _free_port(), str(tmp_path)), 2, tmp_path)
     model = pm.load_model(tmp_path / "model")
     probe = torch.load(tmp_path / "probe.pt")
     model.eval()
@@ -598,7 +599,9 @@ def _recipe_worker(rank, world_size, port, overrides):
     torch.set_num_threads(1)
     from polymodal.train.distributed import cleanup
     from polymodal.train.run import load_recipe, run_recipe
-    run_recipe(load_recipe(None, overrides))
+    cfg = load_recipe(None, overrides)
+    run_recipe(cfg)
+    done(cfg.out_dir, rank)
     cleanup()
 
 
@@ -606,7 +609,6 @@ def _recipe_worker(rank, world_size, port, overrides):
 def test_a_clip_recipe_under_fsdp_evaluates_and_saves_the_model_polymodal_eval_reads(tmp_path):
     """2 ranks, `train.strategy=fsdp`: the in-training evaluation runs on the gathered model, the final model is a
     plain folder, and `polymodal eval` on it prints the numbers training logged."""
-    import torch.multiprocessing as mp
     from polymodal.cli import main
     from polymodal.data.synthetic.shapes import generate_shapes
     data = tmp_path / "shapes"
@@ -617,7 +619,7 @@ def test_a_clip_recipe_under_fsdp_evaluates_and_saves_the_model_polymodal_eval_r
                  "train.log_every=4", "train.ckpt_every=6", "train.eval_every=6", "train.progress=false",
                  "train.threads=1", "train.report=false", "train.strategy=fsdp", f"eval.retrieval={data}/test.jsonl",
                  f"train.val_data={data}/val.jsonl", "train.val_loss_every=6"]
-    mp.spawn(_recipe_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    run_ranks(_recipe_worker, (2, _free_port(), overrides), 2, run)
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["step"] == 12
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006.dcp", "step_00000012.dcp"]
@@ -640,7 +642,6 @@ def snps3_data(moving_world, tmp_path_factory):
     from polymodal.data.masking import SignificantWords, masking_rule
     from polymodal.data.text import train_tokenizer
     from polymodal.methods.snps3 import SNPS3Collate
-    from polymodal.models.vision import VisionConfig
     world = moving_world(n_train=48, n_test=8, seed=1, num_frames=4)
     texts = [json.loads(line)["caption"] for line in (world / "train.jsonl").read_text().splitlines()]
     tok = train_tokenizer(texts, kind="wordpiece", vocab_size=300)

@@ -172,14 +172,16 @@ def _ddp_worker(rank, world_size, port, out_dir, batches, steps):
     trainer.fit()
     if rank == 0:
         torch.save({k: v.detach() for k, v in trainer.task.state_dict().items()}, os.path.join(out_dir, "final.pt"))
+    from ranks import done
+    done(out_dir, rank)
     from polymodal.train.distributed import cleanup
     cleanup()                                         # waits for every rank before gloo is torn down
 
 
 def _assert_ddp_matches_single(tmp_path, batches, reference, steps):
     """2 gloo ranks on `batches` give the losses and weights of one process on `reference(epoch, skip)`."""
-    import torch.multiprocessing as mp
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), batches, steps), nprocs=2, join=True)
+    from ranks import run_ranks
+    run_ranks(_ddp_worker, (2, _free_port(), str(tmp_path / "ddp"), batches, steps), 2, tmp_path / "ddp")
     single = Trainer(_clip_task(), reference, OptimConfig(lr=1e-3, warmup_steps=0),
                      TrainConfig(steps=steps, log_every=1, ckpt_every=0, progress=False), tmp_path / "single")
     single.fit()
