@@ -24,22 +24,14 @@ def load_benchmark():
 def spawn_ranks():
     """`spawn_ranks(worker, args, world, out_dir, timeout_s)`: run `worker(rank, *args)` in `world` spawned
     processes, fail the test if they are not done within the deadline, and return the `out_dir/rank{r}.pt`
-    results they wrote, in rank order."""
-    import time
-
+    results they wrote, in rank order (a fault in gloo's teardown after every result is written: `ranks.py`)."""
     import torch
-    import torch.multiprocessing as mp
+    from ranks import run_ranks
 
     def run(worker, args: tuple, world: int, out_dir, timeout_s: float = 90) -> list:
-        ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                pytest.fail(f"distributed workers (W={world}) did not finish within {timeout_s} s")
-        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+        results = [Path(out_dir) / f"rank{r}.pt" for r in range(world)]
+        run_ranks(worker, args, world, out_dir, timeout_s, finished=lambda r: results[r].is_file())
+        return [torch.load(f, weights_only=True) for f in results]
     return run
 
 
