@@ -42,3 +42,17 @@ def test_claims_follow_the_paired_differences():
                           "variants": variants, "paired": paired, "claims": claims(variants, paired),
                           "seconds": {"total": 1.0}})
     assert "| sycoca-coca | +0.0 ± 1.7 (-2.0..+1.0, 2/3 > 0)" in md and "- mixed: SyCoCa's TG-MIM" in md
+
+
+def test_probe_benchmark_runs_end_to_end_and_reuses_its_pretraining(tmp_path):
+    """Two pretraining steps per variant and seed; a second run reuses every run and gives the same numbers."""
+    from benchmarks.probe_sycoca import parse_args, run
+    argv = ["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--seeds", "0", "1", "--steps", "2",
+            "--n-train", "48", "--n-val", "16", "--n-test", "16", "--batch-size", "8", "--threads", "1", "--quiet",
+            "--max-iter", "5"]
+    first = run(parse_args(argv))
+    assert set(first["variants"]) == {"coca", "sycoca", "random"}
+    assert (tmp_path / "out" / "results.md").read_text().count("| sycoca-coca |") == 1
+    again = run(parse_args(argv))
+    for name, v in first["variants"].items():
+        assert again["variants"][name]["values"]["top1"] == v["values"]["top1"], name
