@@ -45,14 +45,18 @@ def parse_args(argv=None):
     p.set_defaults(n_train=4000, n_test=500, n_val=100, steps=600)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations per probe fit")
+    p.add_argument("--weight-decays", default="", metavar="A,B,...",
+                   help="the probe's L2 penalty grid (default: linear_probe's, 1e-6..1e-1)")
     return p.parse_args(argv)
 
 
-def probe(model, data: Path, max_iter: int) -> dict:
-    """The `linear_probe` eval of `model` on ShapesWorld's train / val / test manifests (64 salient classes)."""
+def probe(model, data: Path, max_iter: int, weight_decays: str = "") -> dict:
+    """The `linear_probe` eval of `model` on ShapesWorld's train / val / test manifests (64 salient classes);
+    `weight_decays`: the penalty grid ("" = the eval's default)."""
     from polymodal.eval.tasks import run_task
+    grid = {"weight_decays": weight_decays} if weight_decays else {}
     m = run_task("linear_probe", model.eval(), str(data / "train.jsonl"), val=str(data / "val.jsonl"),
-                 test=str(data / "test.jsonl"), classes=str(data / "classes.json"), max_iter=max_iter)
+                 test=str(data / "test.jsonl"), classes=str(data / "classes.json"), max_iter=max_iter, **grid)
     pct = ("top1", "top5", "mean_per_class_recall", "val_top1", "chance")      # as percentages
     return {k: float(m[k]) * (100 if k in pct else 1)
             for k in (*NUMBERS, "chance", "num_classes", "num_train", "num_val", "num_test") if k in m}
@@ -70,19 +74,23 @@ def run_variant(args, data: Path, runs: Path, name: str, recipe: str | None, see
     """Pretrain (or reuse) one variant at one seed and probe it; its numbers (cached beside the run)."""
     from polymodal.hub import load_model
     settings = {"eval": "probe_sycoca", "data": str(data), "max_iter": args.max_iter}
+    if args.weight_decays:                  # the default grid keeps the cache key of runs made before the option
+        settings["weight_decays"] = args.weight_decays
     if recipe is None:
         print(f"[probe_sycoca] {name} seed {seed}: probing", flush=True)
         run_dir = runs / f"probe_{name}_s{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         out = {**cached_metrics(run_dir, {**settings, "seed": seed}, lambda: probe(random_model(seed), data,
-                                                                                  args.max_iter), True),
+                                                                                  args.max_iter, args.weight_decays),
+                                True),
                "pretrain_s": 0.0}
     else:
         print(f"[probe_sycoca] {name} seed {seed}: pretraining (reused when finished)", flush=True)
         model_dir, pre_s, _ = train_variant(Path(args.recipes) / recipe, runs / f"pre_{name}_s{seed}", data, args,
                                             seed, model_overrides() + list(args.sets))
         out = {**cached_metrics(Path(model_dir).parent, settings,
-                                lambda: probe(load_model(model_dir), data, args.max_iter), True),
+                                lambda: probe(load_model(model_dir), data, args.max_iter,
+                                              args.weight_decays), True),
                "pretrain_s": pre_s}
     print(f"[probe_sycoca] {name} seed {seed}: linear-probe top-1 {out['top1']:.2f} (chance "
           f"{out['chance']:.2f}, penalty {out['weight_decay']:g})", flush=True)
@@ -114,8 +122,8 @@ def render_markdown(result: dict) -> str:
         f"colour + shape (64 classes, chance {chance:.1f}). Model: recipes/vqa_shapes.yaml's (`{st['model']}`"
         f"{''.join(f' {s}' for s in st['sets'])}), pretrained {st['steps']} steps of batch {st['batch_size']} "
         f"(the pretraining runs of benchmarks/vqa_sycoca.py). Probe: `linear_probe` eval (L-BFGS, {st['max_iter']} "
-        f"iterations, penalty grid 1e-6..1e-1). Seeds {st['seeds']} (mean ± sample std). Torch threads "
-        f"{st['threads']}. Total wall time {result['seconds']['total']:.0f} s.", "",
+        f"iterations, penalty grid {st.get('weight_decays') or '1e-6..1e-1'}). Seeds {st['seeds']} (mean ± sample "
+        f"std). Torch threads {st['threads']}. Total wall time {result['seconds']['total']:.0f} s.", "",
         "| encoder | test top-1 | test top-5 | mean per-class recall | val top-1 (chosen penalty) | pretrain s |",
         "|---|---|---|---|---|---|"]
     for v in variants.values():
@@ -146,7 +154,8 @@ def run(args) -> dict:
     result = {"settings": {"command": command_line("probe_sycoca.py", __name__ == "__main__"), "seeds": seeds,
                            "data_seed": args.data_seed, "n_train": args.n_train, "n_val": args.n_val,
                            "n_test": args.n_test, "steps": args.steps, "batch_size": args.batch_size,
-                           "max_iter": args.max_iter, "model": " ".join(model_overrides()), "sets": args.sets,
+                           "max_iter": args.max_iter, "weight_decays": args.weight_decays,
+                           "model": " ".join(model_overrides()), "sets": args.sets,
                            "threads": torch.get_num_threads()},
               "variants": variants, "paired": paired}
     result["claims"] = claims(variants, paired)
