@@ -302,3 +302,41 @@ def test_video_vqa_trains_on_moving_qa_and_the_saved_model_reproduces_it(moving_
         assert not torch.allclose(saved.answer_logits(frames, ids), saved.answer_logits(frames.flip(1), ids))
         with pytest.raises(ValueError, match="a video model .* got images"):
             saved.answer_logits(frames[:, 0], ids)
+
+
+def test_video_vqa_motion_encodes_frame_differences(moving_world, tmp_path):
+    """`vqa.motion`: the frame-to-frame difference images are encoded too and appended to the decoder's context,
+    so two static videos of different scenes share their motion tokens while a moving one does not; the saved
+    model keeps the setting; bad settings are one-line errors naming the key."""
+    from polymodal.config import ConfigError
+    from polymodal.data.synthetic.moving_qa import generate_moving_qa
+    from polymodal.methods.vqa import VQASection
+    from polymodal.models.vqa import VQAConfig
+    from polymodal.train.run import load_recipe, run_recipe
+    world = moving_world(n_train=16, n_test=4, seed=3, num_frames=4)
+    qa = tmp_path / "mqa"
+    generate_moving_qa(world, qa)
+    out = tmp_path / "run"
+    overrides = [f"out_dir={out}", f"data.train={qa / 'train.jsonl'}", "data.batch_size=8", "train.steps=2",
+                 f"eval.tasks=[{{task: vqa, data: {qa / 'test.jsonl'}}}]", "train.eval_every=0", "train.ckpt_every=0",
+                 "train.progress=false", "train.threads=1", "train.report=false", "optim.warmup_steps=1",
+                 "vqa.motion=true"]
+    run_recipe(load_recipe(REPO / "recipes/vqa_moving.yaml", overrides))
+    saved = polymodal.load_model(out / "model").eval()
+    assert saved.config.motion and saved.motion_embed.shape == (3, saved.config.text.width)
+    assert "motion_embed" in saved.no_weight_decay()
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    static = torch.stack([a.expand(4, -1, -1, -1), b.expand(4, -1, -1, -1)])          # (2, 4, 3, H, W)
+    moving = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        ctx = saved.context(torch.cat([static, moving]))
+        n = ctx.shape[1] // 7                                                          # 4 frames + 3 differences
+        assert ctx.shape[1] == 7 * n
+        assert not torch.allclose(ctx[0, :4 * n], ctx[1, :4 * n])                      # the scenes differ
+        assert torch.allclose(ctx[0, 4 * n:], ctx[1, 4 * n:], atol=1e-6)                # no motion in either
+        assert not torch.allclose(ctx[0, 4 * n:], ctx[2, 4 * n:], atol=1e-3)
+    with pytest.raises(ConfigError, match="vqa.motion needs vqa.media: video"):
+        VQASection(motion=True)
+    with pytest.raises(ValueError, match="motion needs videos of >= 2 frames"):
+        VQAConfig(num_frames=1, motion=True)

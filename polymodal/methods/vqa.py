@@ -46,10 +46,13 @@ class VQASection(ConfigDict):
     hidden: int = 0                 # head MLP width (0 = 2 x the text width)
     dropout: float = 0.1            # head dropout
     media: str = "image"            # "image" | "video" (records carry `video`; data.num_frames frames per question)
+    motion: bool = False            # video: also encode frame-to-frame difference images (VQAModel's `motion`)
 
     def __post_init__(self):
         if self.media not in ("image", "video"):
             raise ConfigError(f"vqa.media must be image or video, got {self.media!r}")
+        if self.motion and self.media != "video":
+            raise ConfigError("vqa.motion needs vqa.media: video (difference images are between video frames)")
         if self.loss not in LOSSES:
             raise ConfigError(f"vqa.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.min_answer_count < 1 or self.max_answers < 0 or self.hidden < 0:
@@ -239,6 +242,9 @@ class VQAMethod(Method):
                 raise ValueError(f"model.path {self.run.model.path} answers about "
                                  f"{base.config.num_frames or 'no'} video frames; set vqa.media and data.num_frames "
                                  f"to match it")
+            if base.config.motion != self.cfg.motion:
+                raise ValueError(f"model.path {self.run.model.path} was trained with vqa.motion "
+                                 f"{base.config.motion}; set vqa.motion to match it")
             if base.answers != vocab.answers:
                 raise ValueError(f"model.path {self.run.model.path} answers {len(base.answers)} answers, not the "
                                  f"{len(vocab.answers)} of {self.run.data.train}; start from its CoCa instead")
@@ -249,7 +255,7 @@ class VQAMethod(Method):
         else:
             frames = self.run.data.num_frames if self.media == "video" else 0
             model = VQAModel(base, vocab.answers, vocab.counts, vocab.type_majority, self.cfg.hidden, self.cfg.dropout,
-                             frames)
+                             frames, self.cfg.motion)
         model.base.requires_grad_(not self.cfg.freeze_base)
         return model.train()
 

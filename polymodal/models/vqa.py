@@ -28,12 +28,15 @@ class VQAConfig:
     hidden: int = 0                                    # head MLP width (0 = 2 x the text width)
     dropout: float = 0.1                               # head dropout (training only)
     num_frames: int = 0                                # 0: questions about images; T: about T-frame videos
+    motion: bool = False                               # videos: also encode each frame's difference from the last
     model_type: str = "vqa"
 
     def __post_init__(self):
         self._base = None
         if self.num_frames < 0:
             raise ValueError(f"vqa config: num_frames must be >= 0 (0 = images), got {self.num_frames}")
+        if self.motion and self.num_frames < 2:
+            raise ValueError(f"vqa config: motion needs videos of >= 2 frames (num_frames), got {self.num_frames}")
         if self.answer_counts and len(self.answer_counts) != len(self.answers):
             raise ValueError(f"vqa config: {len(self.answer_counts)} answer_counts for {len(self.answers)} answers")
 
@@ -68,12 +71,17 @@ class VQAModel(nn.Module):
         num_frames: 0 for images; T > 0 for videos of T frames: every frame's image context goes to the decoder,
             each frame's tokens plus a learned frame embedding (std 1 at the start, so order is visible from the
             first step), concatenated in time order.
+        motion: videos only: also encode the T - 1 difference images frame[t] - frame[t-1] (normalised pixels)
+            with the same image encoder and append their contexts, each with its own learned embedding. Objects
+            moving, growing or changing colour on a static background are all the difference images show; without
+            them the tiny encoder's per-frame contexts barely differ within a video (docs/methods.md).
     """
 
     config_class = VQAConfig
 
     def __init__(self, base: nn.Module, answers: list, answer_counts: list | None = None,
-                 type_majority: dict | None = None, hidden: int = 0, dropout: float = 0.1, num_frames: int = 0):
+                 type_majority: dict | None = None, hidden: int = 0, dropout: float = 0.1, num_frames: int = 0,
+                 motion: bool = False):
         super().__init__()
         if not answers:
             raise ValueError("VQAModel: an empty answer vocabulary")
@@ -84,10 +92,11 @@ class VQAModel(nn.Module):
         counts = list(answer_counts) if answer_counts else [1] * len(answers)
         self.config = VQAConfig(base=base.config.to_dict(), answers=list(answers), answer_counts=counts,
                                 type_majority=dict(type_majority or {}), hidden=hidden, dropout=dropout,
-                                num_frames=num_frames)
+                                num_frames=num_frames, motion=motion)
         self.config._base = base.config
         width = base.config.text.width
         self.frame_embed = nn.Parameter(torch.randn(num_frames, width)) if num_frames else None   # (T, Wt)
+        self.motion_embed = nn.Parameter(torch.randn(num_frames - 1, width)) if motion else None  # (T-1, Wt)
         h = hidden or 2 * width
         self.head = nn.Sequential(nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(h),
                                   nn.Linear(h, len(answers)))
@@ -97,7 +106,8 @@ class VQAModel(nn.Module):
         """A randomly initialised model of a saved config (the weights are loaded after)."""
         from .families import build_model
         return cls(build_model(cfg.base_config()), list(cfg.answers), list(cfg.answer_counts),
-                   dict(cfg.type_majority), cfg.hidden, cfg.dropout, cfg.num_frames)
+                   dict(cfg.type_majority), cfg.hidden, cfg.dropout, cfg.num_frames,
+                   cfg.motion)
 
     answers = property(lambda self: list(self.config.answers))
     tokenizer = property(lambda self: self.base.tokenizer)
@@ -123,8 +133,8 @@ class VQAModel(nn.Module):
         return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters AdamW leaves undecayed: the frame embeddings."""
-        return {"frame_embed"} if self.frame_embed is not None else set()
+        """Parameters AdamW leaves undecayed: the frame (and motion) embeddings."""
+        return {name for name in ("frame_embed", "motion_embed") if getattr(self, name) is not None}
 
     def context(self, pixels: Tensor) -> Tensor:
         """The decoder's context: (B, 3, H, W) images -> (B, N, Wt); (B, T, 3, H, W) videos -> (B, T*N, Wt)."""
@@ -141,7 +151,12 @@ class VQAModel(nn.Module):
             raise ValueError(f"VQAModel: {T} frames, but the model was trained with {len(self.frame_embed)}")
         ctx = m.image_context(m.visual(pixels.flatten(0, 1)).tokens)         # (B*T, N, Wt)
         ctx = ctx.view(B, T, *ctx.shape[1:]) + self.frame_embed[:T, None]    # (B, T, N, Wt)
-        return ctx.flatten(1, 2)                                             # (B, T*N, Wt)
+        if self.motion_embed is None or T < 2:
+            return ctx.flatten(1, 2)                                         # (B, T*N, Wt)
+        diff = (pixels[:, 1:] - pixels[:, :-1]).flatten(0, 1)               # (B*(T-1), 3, H, W)
+        dctx = m.image_context(m.visual(diff).tokens)
+        dctx = dctx.view(B, T - 1, *dctx.shape[1:]) + self.motion_embed[:T - 1, None]
+        return torch.cat([ctx.flatten(1, 2), dctx.flatten(1, 2)], dim=1)    # (B, (2T-1)*N, Wt)
 
     def fused(self, pixels: Tensor, ids: Tensor) -> Tensor:
         """The decoder's multimodal pooled output: images (B, 3, H, W) or frames (B, T, 3, H, W) + (B, L) question
