@@ -7,39 +7,21 @@ by default, the features a linear probe reads). Saved as one folder: `config.jso
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from .base import WrappedConfig
+
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(WrappedConfig):
     """config.json of an `ImageClassifier`."""
     base: dict = field(default_factory=dict)          # the encoder's config (with its model_type)
     class_names: list = field(default_factory=list)   # the head's C classes, in order
     normalize: bool = True                            # the head reads the L2-normalised image embedding
     model_type: str = "classifier"
 
-    def __post_init__(self):
-        self._base = None
-
-    def base_config(self):
-        """The encoder's config dataclass, built once from `base`."""
-        if self._base is None:
-            from .factory import build_config
-            self._base = build_config(self.base, where="classifier.base")
-        return self._base
-
-    # The encoder's towers, read through (code that reads `model.config.vision.image_size` works unchanged).
-    vision = property(lambda self: self.base_config().vision)
-    text = property(lambda self: self.base_config().text)
-    embed_dim = property(lambda self: self.base_config().embed_dim)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        if self._base is not None:
-            data["base"] = self._base.to_dict()
-        return data
 
 
 class ImageClassifier(nn.Module):

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import WrappedConfig
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -143,33 +145,13 @@ class MultiLabelAdapter(nn.Module):
 
 
 @dataclass
-class AdaptedEncoderConfig:
+class AdaptedEncoderConfig(WrappedConfig):
     """A frozen image-text model plus a multi-label adapter: what a saved Text-as-Image run's config.json holds."""
     base: dict = field(default_factory=dict)           # the frozen image-text model's config
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     label_names: list = field(default_factory=list)    # the adapter's C labels, in order
     model_type: str = "multilabel_adapter"
 
-    def __post_init__(self):
-        self._base = None
-
-    def base_config(self):
-        """The frozen model's config dataclass, built once from `base`."""
-        if self._base is None:
-            from .factory import build_config
-            self._base = build_config(self.base, where="multilabel_adapter.base")
-        return self._base
-
-    # The frozen model's towers, read through (code that reads `model.config.text.pad_token_id` works unchanged).
-    vision = property(lambda self: self.base_config().vision)
-    text = property(lambda self: self.base_config().text)
-    embed_dim = property(lambda self: self.base_config().embed_dim)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        if self._base is not None:
-            data["base"] = self._base.to_dict()
-        return data
 
 
 class AdaptedEncoder(nn.Module):

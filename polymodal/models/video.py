@@ -12,15 +12,14 @@ model's under `base.`), so a recipe can give them their own learning rate (STAN 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, from_dict
-from .base import attach_processors, save_pretrained
+from .base import WrappedConfig, attach_processors, save_pretrained
 from .clip import CLIPOutput
-from .factory import build_config
 from .families import IMAGE_TEXT, build_model
 from .temporal import (STANBranch, TemporalConfig, build_temporal, masked_mean, sample_keep,
                        vision_hidden_states)
@@ -28,7 +27,7 @@ from .vision import VisionTower
 
 
 @dataclass
-class VideoCLIPConfig:
+class VideoCLIPConfig(WrappedConfig):
     """A wrapped image-text model plus a temporal module.
 
     `base` is the wrapped model's config as its `to_dict()` writes it (any registered family but
@@ -39,35 +38,13 @@ class VideoCLIPConfig:
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
     model_type: str = "video_clip"
 
-    def __post_init__(self):
-        self._base = None   # the built base config dataclass (not a field: never serialised twice)
-
     def base_config(self):
-        """The wrapped model's config dataclass, built once from `base` (later edits to it are kept)."""
-        if self._base is None:
-            if self.base.get("model_type", "clip") not in IMAGE_TEXT:
-                raise ConfigError(f"{self.model_type}.base: the wrapped model must be an image-text model (model_type "
-                                  f"{', '.join(IMAGE_TEXT)}), got {self.base.get('model_type')!r}")
-            self._base = build_config(self.base, where="video_clip.base")
-        return self._base
-
-    @property
-    def vision(self):
-        return self.base_config().vision
-
-    @property
-    def text(self):
-        return self.base_config().text
-
-    @property
-    def embed_dim(self) -> int:
-        return self.base_config().embed_dim
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        if self._base is not None:
-            data["base"] = self._base.to_dict()
-        return data
+        """The wrapped model's config dataclass, built once from `base` (an image-text family only; later edits to
+        it are kept)."""
+        if getattr(self, "_base", None) is None and self.base.get("model_type", "clip") not in IMAGE_TEXT:
+            raise ConfigError(f"{self.model_type}.base: the wrapped model must be an image-text model (model_type "
+                              f"{', '.join(IMAGE_TEXT)}), got {self.base.get('model_type')!r}")
+        return super().base_config()
 
 
 class VideoCLIP(nn.Module):

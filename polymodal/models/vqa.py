@@ -12,14 +12,16 @@ CoCa's config nested under `base`), `model.safetensors` and the CoCa's processor
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .base import WrappedConfig
+
 
 @dataclass
-class VQAConfig:
+class VQAConfig(WrappedConfig):
     """config.json of a `VQAModel`."""
     base: dict = field(default_factory=dict)           # the CoCa's config (with its model_type)
     answers: list = field(default_factory=list)        # the A answers (normal form), in logit order
@@ -32,7 +34,6 @@ class VQAConfig:
     model_type: str = "vqa"
 
     def __post_init__(self):
-        self._base = None
         if self.num_frames < 0:
             raise ValueError(f"vqa config: num_frames must be >= 0 (0 = images), got {self.num_frames}")
         if self.motion and self.num_frames < 2:
@@ -40,22 +41,6 @@ class VQAConfig:
         if self.answer_counts and len(self.answer_counts) != len(self.answers):
             raise ValueError(f"vqa config: {len(self.answer_counts)} answer_counts for {len(self.answers)} answers")
 
-    def base_config(self):
-        """The CoCa's config dataclass, built once from `base`."""
-        if self._base is None:
-            from .factory import build_config
-            self._base = build_config(self.base, where="vqa.base")
-        return self._base
-
-    vision = property(lambda self: self.base_config().vision)
-    text = property(lambda self: self.base_config().text)
-    embed_dim = property(lambda self: self.base_config().embed_dim)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        if self._base is not None:
-            data["base"] = self._base.to_dict()
-        return data
 
 
 class VQAModel(nn.Module):

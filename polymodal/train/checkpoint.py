@@ -228,15 +228,7 @@ def restore_task_state(task: torch.nn.Module, state: dict, path: Path, check_onl
     unexpected = [k for k in state if k not in own]
     reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
                 if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or reshaped:
-        def some(names: list[str]) -> str:
-            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        parts = [f"{len(missing)} weight(s) of this model missing ({some(missing)})" if missing else "",
-                 f"{len(unexpected)} unknown to it ({some(unexpected)})" if unexpected else "",
-                 f"{len(reshaped)} of another shape ({some(reshaped)})" if reshaped else ""]
-        raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(p for p in parts if p)}. "
-                              f"Resume it with the recipe that wrote it, or start afresh in another out_dir (or with "
-                              f"train.resume=never)")
+    _check_same_model(path, missing, unexpected, reshaped)
     if not check_only:
         task.load_state_dict(state)
 
@@ -389,16 +381,23 @@ def load_sharded(state: dict, path: Path) -> None:
     missing = [k[5:] for k in own if k not in saved]
     unexpected = [k[5:] for k in saved if k not in own]
     reshaped = [f"{k[5:]} {saved[k]} vs {own[k]}" for k in own if k in saved and saved[k] != own[k]]
-    if missing or unexpected or reshaped:
-        def some(names: list[str]) -> str:
-            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        parts = [f"{len(missing)} weight(s) of this model missing ({some(missing)})" if missing else "",
-                 f"{len(unexpected)} unknown to it ({some(unexpected)})" if unexpected else "",
-                 f"{len(reshaped)} of another shape ({some(reshaped)})" if reshaped else ""]
-        raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(p for p in parts if p)}. "
-                              f"Resume it with the recipe that wrote it, or start afresh in another out_dir (or with "
-                              f"train.resume=never)")
+    _check_same_model(path, missing, unexpected, reshaped)
     distributed = dist.is_available() and dist.is_initialized()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path), no_dist=not distributed)
+
+
+def _check_same_model(path, missing: list[str], unexpected: list[str], reshaped: list[str]) -> None:
+    """Raise `CheckpointError` naming what differs when a checkpoint's weights are not this model's."""
+    if not (missing or unexpected or reshaped):
+        return
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    parts = [f"{len(missing)} weight(s) of this model missing ({some(missing)})" if missing else "",
+             f"{len(unexpected)} unknown to it ({some(unexpected)})" if unexpected else "",
+             f"{len(reshaped)} of another shape ({some(reshaped)})" if reshaped else ""]
+    raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(p for p in parts if p)}. "
+                          f"Resume it with the recipe that wrote it, or start afresh in another out_dir (or with "
+                          f"train.resume=never)")
