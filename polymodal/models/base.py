@@ -38,9 +38,12 @@ class WrappedConfig(ConfigDict):
     through, so code that reads `model.config.vision.image_size` or `model.config.text.pad_token_id` works
     unchanged. `to_dict` writes the built base back."""
 
+    def __post_init__(self):
+        self._base = None   # the built base config dataclass (not a field: never serialised twice)
+
     def base_config(self):
         """The wrapped model's config dataclass, built once from `base` (errors name `<model_type>.base`)."""
-        if getattr(self, "_base", None) is None:
+        if self._base is None:
             from .factory import build_config
             self._base = build_config(self.base, where=f"{self.model_type}.base")
         return self._base
@@ -51,7 +54,7 @@ class WrappedConfig(ConfigDict):
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if getattr(self, "_base", None) is not None:
+        if self._base is not None:
             data["base"] = self._base.to_dict()
         return data
 

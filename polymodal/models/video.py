@@ -41,7 +41,7 @@ class VideoCLIPConfig(WrappedConfig):
     def base_config(self):
         """The wrapped model's config dataclass, built once from `base` (an image-text family only; later edits to
         it are kept)."""
-        if getattr(self, "_base", None) is None and self.base.get("model_type", "clip") not in IMAGE_TEXT:
+        if self._base is None and self.base.get("model_type", "clip") not in IMAGE_TEXT:
             raise ConfigError(f"{self.model_type}.base: the wrapped model must be an image-text model (model_type "
                               f"{', '.join(IMAGE_TEXT)}), got {self.base.get('model_type')!r}")
         return super().base_config()

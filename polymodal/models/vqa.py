@@ -34,6 +34,7 @@ class VQAConfig(WrappedConfig):
     model_type: str = "vqa"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_frames < 0:
             raise ValueError(f"vqa config: num_frames must be >= 0 (0 = images), got {self.num_frames}")
         if self.motion and self.num_frames < 2:
