@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from .base import WrappedConfig
+from .factory import WrappedConfig
 
 
 @dataclass

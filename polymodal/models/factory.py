@@ -1,12 +1,14 @@
-"""`create_model`: a model from a named config, a config dict or a config dataclass."""
+"""`create_model`: a model from a named config, a config dict or a config dataclass; `WrappedConfig`, the config
+of a model that wraps another."""
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 from importlib import resources
 
 from ..config import ConfigError, from_dict, set_dotted
-from .base import attach_processors  # noqa: F401 (re-exported for the converters)
+from .base import ConfigDict, attach_processors  # noqa: F401 (attach_processors: re-exported for the converters)
 from .families import build_model, family_class
 
 
@@ -93,3 +95,27 @@ def sync_text_config(cfg, tokenizer) -> None:
         text.pool = "eot"
 
 
+class WrappedConfig(ConfigDict):
+    """Mixin for the config dataclass of a model that wraps another (a head on an encoder): its `base` field holds
+    the wrapped model's config dict, built into that family's dataclass once (`base_config`), and its towers read
+    through, so code that reads `model.config.vision.image_size` or `model.config.text.pad_token_id` works
+    unchanged. `to_dict` writes the built base back."""
+
+    def __post_init__(self):
+        self._base = None   # the built base config dataclass (not a field: never serialised twice)
+
+    def base_config(self):
+        """The wrapped model's config dataclass, built once from `base` (errors name `<model_type>.base`)."""
+        if self._base is None:
+            self._base = build_config(self.base, where=f"{self.model_type}.base")
+        return self._base
+
+    vision = property(lambda self: self.base_config().vision)
+    text = property(lambda self: self.base_config().text)
+    embed_dim = property(lambda self: self.base_config().embed_dim)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self._base is not None:
+            data["base"] = self._base.to_dict()
+        return data

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, from_dict
-from .base import WrappedConfig, attach_processors, save_pretrained
+from .base import attach_processors, save_pretrained
 from .clip import CLIPOutput
+from .factory import WrappedConfig
 from .families import IMAGE_TEXT, build_model
 from .temporal import (STANBranch, TemporalConfig, build_temporal, masked_mean, sample_keep,
                        vision_hidden_states)

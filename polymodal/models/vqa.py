@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import WrappedConfig
+from .factory import WrappedConfig
 
 
 @dataclass
