@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
     results["command"] = command_line("m2raap_ablation.py", __name__ == "__main__")
     info = machine_info()
     hits = results.get("captioner_test_hits")
-    notes = [f"Rows: " + "; ".join(f"**{n}**: {ROWS[n][0]}" for n in a.rows) + "."]
+    notes = ["Rows: " + "; ".join(f"**{n}**: {ROWS[n][0]}" for n in a.rows) + "."]
     if hits:
         notes.append(f"Captioner (CoCa, {a.captioner_steps} steps on the stand-in frames) on the test videos: the aux "
                      f"caption names the actor's shape in {hits['shape']:.0f}% and its colour in {hits['colour']:.0f}% "

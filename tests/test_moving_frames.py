@@ -1,6 +1,5 @@
 """Tests for MovingFrames (polymodal.data.synthetic.moving_frames): still MovingShapes frames, the stand-in's data."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -214,6 +214,7 @@ def test_moving_qa_answers_are_the_videos_truth(moving_world, tmp_path):
     assert {"what", "moves", "action", "first", "last"} <= kinds
     for r in rows:
         src = videos[str((out / r["video"]).resolve())]
+        assert r["video_id"] == Path(src["video"]).stem and r["question_id"].startswith(r["video_id"] + "_")
         assert normalize_answer(r["answer"]) in [normalize_answer(a) for a in r["answers"]]
         if r["question_type"] == "moves":
             moving = src["action"].startswith("move")

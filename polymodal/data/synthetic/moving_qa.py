@@ -111,12 +111,13 @@ def generate_moving_qa(world, out_dir, seed: int = 0, answer_noise: float = 0.1)
             if not {"video", "action", "subject"} <= set(r):
                 raise ValueError(f"{path} line {n}: not a MovingShapes record (needs video, action, subject)")
             video = os.path.relpath((path.parent / r["video"]).resolve(), out.resolve())
+            stem = Path(r["video"]).stem                       # the video file's name: its id everywhere
             for k, (qtype, question, answer) in enumerate(video_questions(r)):
                 rng = np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS.index(split), n, k, 29]))
                 rows.append({"video": video, "question": question,
                              "answers": annotate(answer, qtype, rng, answer_noise, space[qtype]), "answer": answer,
                              "question_type": qtype, "answer_type": ANSWER_TYPES.get(qtype, "other"),
-                             "question_id": f"{split}_{n:06d}_{k}", "video_id": f"{split}_{n:06d}", "split": split})
+                             "question_id": f"{stem}_{k}", "video_id": stem, "split": split})
         target = out / f"{split}.jsonl"
         with atomic_open(target, "w", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
