@@ -235,3 +235,43 @@ def test_vqa_protocols_run_from_the_shipped_layout(name, folder, tmp_path, capsy
     assert row["metrics"]["num_questions"] == 1
     # the baseline is the model's stored majority ("2"): right on VQAv2's question, wrong on TextVQA's
     assert row["metrics"]["majority_vqa_accuracy"] == (100.0 if name == "vqav2-val" else 0.0)
+
+
+@pytest.mark.parametrize("name", ["msrvtt-qa", "msvd-qa"])
+def test_video_qa_protocols_run_from_the_shipped_layout(name, tmp_path, capsys):
+    """`polymodal benchmark` on the released MSRVTT-QA / MSVD-QA layouts: the test split, one answer per question,
+    scored by a video VQA model at its own frame count; the numbers equal `polymodal eval` on the imported set."""
+    import torch
+
+    from polymodal.data.text import train_tokenizer
+    from polymodal.eval.benchmark import PROTOCOLS
+    from polymodal.models.factory import create_model
+    from polymodal.models.vqa import VQAModel
+    root = tmp_path / "data" / name
+    root.mkdir(parents=True)
+    qa = [{"answer": "dog", "id": 0, "question": "what is running?", "video_id": 1},
+          {"answer": "man", "id": 1, "question": "who is singing?", "video_id": 2}]
+    (root / "test_qa.json").write_text(json.dumps(qa))
+    (root / "train_qa.json").write_text(json.dumps([{**qa[0], "video_id": 3}]))     # not read by the protocol
+    if name == "msrvtt-qa":
+        for i in (1, 2):
+            _video(root / "video" / f"video{i}.mp4")
+    else:
+        (root / "youtube_mapping.txt").write_text("clipA_1_5 vid1\nclipB_2_9 vid2\nclipC_0_3 vid3\n")
+        for clip in ("clipA_1_5", "clipB_2_9"):
+            _video(root / "YouTubeClips" / f"{clip}.avi")
+    torch.manual_seed(0)
+    tok = train_tokenizer(["what is running", "who is singing", "dog", "man"] * 5, vocab_size=200)
+    VQAModel(create_model("coca-tiny", tokenizer=tok), ["dog", "man"], [3, 1], {"who": "man"},
+             num_frames=2).save_pretrained(tmp_path / "vqa_model")
+    out = tmp_path / "table.md"
+    assert main(["benchmark", str(tmp_path / "vqa_model"), "--dataset", name, "--root", str(tmp_path / "data"),
+                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["task"] == "vqa" and all(k in row["metrics"] for k in PROTOCOLS[name].headline)
+    assert row["metrics"]["num_questions"] == 2
+    # the stored majority: "dog" overall, "man" for who-questions: right on both questions
+    assert row["metrics"]["majority_vqa_accuracy"] == 100.0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "vqa_model"), "--task", "vqa", "--data", row["manifest"]]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(row["metrics"])

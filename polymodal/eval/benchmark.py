@@ -91,6 +91,13 @@ PROTOCOLS: dict[str, Protocol] = {
                               "official normalisation) beside the model's majority-answer baseline"),
     "textvqa-val": Protocol("textvqa", "val", "vqa", folder="textvqa", headline=VQA,
                             doc="TextVQA 0.5.1 val: 5,000 questions, ten answers each; VQA accuracy as for VQAv2"),
+    "msrvtt-qa": Protocol("msrvtt-qa", "test", "vqa", folder="msrvtt-qa", headline=VQA,
+                          doc="MSRVTT-QA test (Xu et al. 2017): 72,821 questions on 2,990 videos, one answer each, so "
+                              "accuracy = exact match after the VQA normalisation; a video VQA model's own number of "
+                              "uniform frames; per question type (what, who, how, when, where)"),
+    "msvd-qa": Protocol("msvd-qa", "test", "vqa", folder="msvd-qa", headline=VQA,
+                        doc="MSVD-QA test (Xu et al. 2017): 13,157 questions on 520 videos, one answer each; scored "
+                            "as MSRVTT-QA"),
     "hh-rlhf": Protocol("hh-rlhf", "test", "preference", folder="hh-rlhf", headline=PREFERENCE,
                         doc="Anthropic HH-RLHF test pairs: reward accuracy (chosen scored above rejected)"),
     "ultrafeedback": Protocol("ultrafeedback", None, "preference", folder="ultrafeedback", headline=PREFERENCE,
