@@ -32,6 +32,27 @@ class ConfigDict:
         return asdict(self)
 
 
+class WrapsEncoder:
+    """Mixin for an `nn.Module` that puts a head on a wrapped image-text model `self.base` (a classifier, an
+    adapter, a VQA head): the processors and the contrastive embeddings are the wrapped model's, so every
+    image-text eval task runs on the wrapper as on that model."""
+
+    tokenizer = property(lambda self: self.base.tokenizer)
+    image_transform = property(lambda self: self.base.image_transform)
+
+    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
+        """Attach the processors to the wrapped model."""
+        self.base.attach_processors(tokenizer, image_transform)
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """The wrapped model's (B, E) image embedding."""
+        return self.base.encode_image(pixels, normalize=normalize)
+
+    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
+        """The wrapped model's (N, E) text embedding."""
+        return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
+
+
 class PolymodalModel(nn.Module):
     """Base of the dual encoders and captioners.
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from .base import WrapsEncoder
 from .factory import WrappedConfig
 
 
@@ -24,7 +25,7 @@ class ClassifierConfig(WrappedConfig):
 
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(WrapsEncoder, nn.Module):
     """`encoder.encode_image` -> linear head over `class_names`.
 
     Args:
@@ -53,21 +54,6 @@ class ImageClassifier(nn.Module):
         return cls(build_model(cfg.base_config()), list(cfg.class_names), cfg.normalize)
 
     class_names = property(lambda self: list(self.config.class_names))
-    tokenizer = property(lambda self: self.base.tokenizer)
-    image_transform = property(lambda self: self.base.image_transform)
-
-    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
-        """Attach the processors to the encoder."""
-        self.base.attach_processors(tokenizer, image_transform)
-
-    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
-        """The encoder's (B, E) image embedding."""
-        return self.base.encode_image(pixels, normalize=normalize)
-
-    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
-        """The encoder's (N, E) text embedding."""
-        return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
-
     def classify(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, C) class logits."""
         feats = self.base.encode_image(pixels, normalize=self.config.normalize)          # (B, E)

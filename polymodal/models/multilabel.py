@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import WrapsEncoder
 from .factory import WrappedConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -154,7 +155,7 @@ class AdaptedEncoderConfig(WrappedConfig):
 
 
 
-class AdaptedEncoder(nn.Module):
+class AdaptedEncoder(WrapsEncoder, nn.Module):
     """A frozen dual encoder with a trained `MultiLabelAdapter` on its image embeddings (one saved model).
 
     The image-text interface is the frozen model's, so every eval task runs on it as on that model; the
@@ -181,21 +182,6 @@ class AdaptedEncoder(nn.Module):
         names = list(cfg.label_names)
         adapter = MultiLabelAdapter(cfg.adapter, torch.zeros(len(names), cfg.adapter.embed_dim), names)
         return cls(build_model(cfg.base_config()), adapter)
-
-    tokenizer = property(lambda self: self.base.tokenizer)
-    image_transform = property(lambda self: self.base.image_transform)
-
-    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
-        """Attach the processors to the frozen model."""
-        self.base.attach_processors(tokenizer, image_transform)
-
-    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
-        """The frozen model's (B, E) image embedding."""
-        return self.base.encode_image(pixels, normalize=normalize)
-
-    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
-        """The frozen model's (N, E) text embedding."""
-        return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
 
     def forward(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, C) adapter logits."""

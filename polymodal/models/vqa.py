@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .base import WrapsEncoder
 from .factory import WrappedConfig
 
 
@@ -44,7 +45,7 @@ class VQAConfig(WrappedConfig):
 
 
 
-class VQAModel(nn.Module):
+class VQAModel(WrapsEncoder, nn.Module):
     """CoCa + answer head: `answer_logits(pixels, ids) -> (B, A)`, `answer(pixels, questions) -> [str]`.
 
     Args:
@@ -96,27 +97,12 @@ class VQAModel(nn.Module):
                    cfg.motion)
 
     answers = property(lambda self: list(self.config.answers))
-    tokenizer = property(lambda self: self.base.tokenizer)
-    image_transform = property(lambda self: self.base.image_transform)
-
-    def attach_processors(self, tokenizer=None, image_transform=None) -> None:
-        """Attach the processors to the CoCa."""
-        self.base.attach_processors(tokenizer, image_transform)
-
     def majority_answer(self, question_type: str | None = None) -> str:
         """The baseline's answer: the question type's majority training answer, else the overall one."""
         if question_type is not None and question_type in self.config.type_majority:
             return self.config.type_majority[question_type]
         counts = self.config.answer_counts
         return self.config.answers[max(range(len(counts)), key=counts.__getitem__)]
-
-    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
-        """The CoCa's (B, E) contrastive image embedding."""
-        return self.base.encode_image(pixels, normalize=normalize)
-
-    def encode_text(self, ids: Tensor, normalize: bool = True, attention_mask: Tensor | None = None) -> Tensor:
-        """The CoCa's (N, E) contrastive text embedding."""
-        return self.base.encode_text(ids, normalize=normalize, attention_mask=attention_mask)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW leaves undecayed: the frame (and motion) embeddings."""
