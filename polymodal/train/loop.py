@@ -354,6 +354,7 @@ class Trainer:
         self.fsdp = train.strategy == "fsdp"
         self.sharded = self.fsdp and (self.dist.world_size > 1 or dist_utils.is_dist())   # a 1-rank group shards too
         self._replicated: list[nn.Parameter] = []      # FSDP: parameters left unsharded (their grads averaged here)
+        self._logged_names: list[str] = []             # the logged numbers the ranks agreed on (`_mean_over_ranks`)
         self._plain_task: nn.Module | None = None      # FSDP: the unsharded task (meta until `full_task` fills it)
         self._full_step = -1
         if self.sharded:
@@ -707,16 +708,22 @@ class Trainer:
         return last
 
     def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
-        """Each logged number's mean over the ranks that have it. A task may log a number only where it was measured
-        (an accuracy over the masked words of its rows), so the ranks first agree on the names; a vector of
-        (value, count) pairs then makes one all-reduce of the same size on every rank."""
+        """Each logged number's mean over the ranks that have it, in one all-reduce of (value, count) pairs over the
+        names the ranks agreed on. A task may log a number only where it was measured (an accuracy over the masked
+        words of its rows): the vector's last pair counts the names some rank logs that are not agreed yet, and only
+        then (rarely: the first steps) do the ranks exchange their names and reduce again."""
         import torch.distributed as dist
-        everyone: list = [None] * self.dist.world_size
-        dist.all_gather_object(everyone, sorted(sums))
-        names = sorted(set().union(*everyone))
-        pairs = torch.tensor([[sums.get(k, 0.0), float(k in sums)] for k in names], device=self.device)
-        totals = dist_utils.all_reduce_mean(pairs) * self.dist.world_size           # (K, 2): sum, ranks
-        return {k: float(v / c) for k, (v, c) in zip(names, totals.tolist()) if c > 0}
+        known = self._logged_names
+        new = sum(k not in known for k in sums)
+        pairs = torch.tensor([[sums.get(k, 0.0), float(k in sums)] for k in known] + [[float(new), 0.0]],
+                             device=self.device)
+        totals = (dist_utils.all_reduce_mean(pairs) * self.dist.world_size).tolist()      # (K + 1, 2): sums, ranks
+        if totals[-1][0] > 0:
+            everyone: list = [None] * self.dist.world_size
+            dist.all_gather_object(everyone, sorted(sums))
+            self._logged_names = sorted(set(known).union(*everyone))
+            return self._mean_over_ranks(sums)
+        return {k: float(v / c) for k, (v, c) in zip(known, totals[:-1]) if c > 0}
 
     def _gradient_sync(self, sync: bool):
         """A context in which backward does (sync) or does not (accumulate locally) reduce gradients over ranks."""
