@@ -156,7 +156,8 @@ def encode_texts(model, texts: list[str], batch_size: int = 256, progress: bool 
             ids = trim_padding(model.tokenizer(texts[s:min(s + batch_size, stop)]), pad)
             out.append(model.encode_text(ids.to(device)).float().cpu())
         return {"emb": torch.cat(out) if out else torch.zeros(0, 0)}
-    parts = [c["emb"] for _, c in chunked("texts", list(texts), {"fn": "encode_texts"}, chunk) if c["emb"].numel()]
+    parts = [c["emb"] for c in chunked("texts", len(texts), lambda: list(texts), {"fn": "encode_texts"}, chunk)
+             if c["emb"].numel()]
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
@@ -189,9 +190,10 @@ def encode_image_files(model, paths: list[str], batch_size: int = 128, progress:
             if pixels:
                 out.append(model.encode_image(torch.stack(pixels).to(device)).float().cpu())
         return {"emb": torch.cat(out) if out else torch.zeros(0, 0), "kept": kept}
-    parts = chunked("images", [str(p) for p in paths], {"fn": "encode_image_files", "skip": skip_unreadable}, chunk)
-    embs = [c["emb"] for _, c in parts if c["emb"].numel()]
-    return (torch.cat(embs) if embs else torch.zeros(0, 0)), [i for _, c in parts for i in c["kept"]]
+    parts = chunked("images", len(paths), lambda: [str(p) for p in paths],
+                    {"fn": "encode_image_files", "skip": skip_unreadable}, chunk)
+    embs = [c["emb"] for c in parts if c["emb"].numel()]
+    return (torch.cat(embs) if embs else torch.zeros(0, 0)), [i for c in parts for i in c["kept"]]
 
 
 def encode_images(model, paths: list[str], batch_size: int = 128, progress: bool = False) -> Tensor:

@@ -76,25 +76,29 @@ def caching(folder: str | os.PathLike, chunk: dict | None = None) -> Iterator[Fe
         _ACTIVE.reset(token)
 
 
-def chunked(kind: str, keys: list[str], options: dict, compute: Callable[[int, int], dict]) -> list[tuple[int, dict]]:
-    """`compute(start, stop)` over `keys`, in chunks kept on disk when a `caching` block is active.
+def chunked(kind: str, count: int, keys: Callable[[], list[str]], options: dict,
+            compute: Callable[[int, int], dict]) -> list[dict]:
+    """`compute(start, stop)` over `count` inputs, in chunks kept on disk when a `caching` block is active.
 
     Args:
         kind: the input kind ("images", "texts", "videos"): the chunk size and the sub-folder.
-        keys: one string per input naming it (a file path, a text); with `options`, they name a chunk.
+        count: how many inputs.
+        keys: () -> one string per input naming it (a file path, a text); with `options`, they name a chunk. Called
+            only inside `caching` (nothing is named otherwise).
         options: everything else the features depend on (frames, strategy, skip policy, the function).
         compute: (start, stop) -> a dict of parts: tensors, `Rows`, lists of `VideoClip`s or JSON values.
     Returns:
-        [(start, parts)] in order; one entry covering every input when no cache is active.
+        The chunks' parts in order; one covering every input when no cache is active.
     """
     cache = _ACTIVE.get()
     if cache is None:
-        return [(0, compute(0, len(keys)))]
+        return [compute(0, count)]
+    names = keys()
     size = max(1, int(cache.chunk.get(kind, CHUNK.get(kind, 1024))))
     out, before = [], cache.loaded
-    for start in range(0, max(len(keys), 1), size):
-        stop = min(start + size, len(keys))
-        name = hashlib.sha256(json.dumps([kind, options, keys[start:stop]], sort_keys=True,
+    for start in range(0, max(count, 1), size):
+        stop = min(start + size, count)
+        name = hashlib.sha256(json.dumps([kind, options, names[start:stop]], sort_keys=True,
                                          default=str).encode()).hexdigest()[:24]
         path = cache.folder / kind / f"{name}.safetensors"
         parts = _load(path) if path.is_file() else None
@@ -104,7 +108,7 @@ def chunked(kind: str, keys: list[str], options: dict, compute: Callable[[int, i
             cache.written += 1
         else:
             cache.loaded += 1
-        out.append((start, parts))
+        out.append(parts)
     if cache.loaded > before:
         print(f"[features] {kind}: {cache.loaded - before} of {len(out)} chunk(s) read from {cache.folder}",
               file=sys.stderr, flush=True)

@@ -107,11 +107,12 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
                 raise
         return {"video": concat(video) if video else None, "kept": kept, "clips": clips,
                 "skipped": batches.skipped, "skip_examples": batches.skip_examples}
-    # A video's features may read its whole record (e.g. auxiliary captions): the record names the chunk.
-    keys = [json.dumps({k: v for k, v in r.items() if k != "_line"}, sort_keys=True, default=str) for r in records]
+
+    def keys() -> list[str]:        # a video's features may read its whole record (e.g. auxiliary captions)
+        return [json.dumps({k: v for k, v in r.items() if k != "_line"}, sort_keys=True, default=str) for r in records]
     options = {"fn": "retrieval_features", "num_frames": num_frames, "strategy": strategy,
                "on_bad_record": on_bad_record}
-    parts = [c for _, c in chunked("videos", keys, options, video_chunk)]
+    parts = chunked("videos", len(records), keys, options, video_chunk)
     kept = [records[i] for c in parts for i in c["kept"]]
     if not kept:
         raise ManifestError(f"{manifest}: no readable video to evaluate")
@@ -128,7 +129,7 @@ def retrieval_features(model, manifest, caption_key: str = "caption", limit: int
         starts = range(first, stop, text_batch)
         return {"text": concat([to_cpu(text_features(model, texts[s:min(s + text_batch, stop)]))
                                 for s in progress_bar(starts, len(starts), "texts", progress)]) if texts else None}
-    text = concat([c["text"] for _, c in chunked("texts", texts, {"fn": "text_features"}, text_chunk)
+    text = concat([c["text"] for c in chunked("texts", len(texts), lambda: texts, {"fn": "text_features"}, text_chunk)
                    if c["text"] is not None])
     counts = {}
     truncated = count_truncated(getattr(model, "tokenizer", None), texts)
