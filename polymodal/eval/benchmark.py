@@ -50,6 +50,7 @@ VIDEO_RETRIEVAL = ("text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10
 ZEROSHOT = ("top1", "top5")
 PREFERENCE = ("accuracy",)
 VQA = ("vqa_accuracy", "majority_vqa_accuracy", "exact_match", "majority_exact_match", "answer_coverage")
+MCQ = ("circular_accuracy", "vanilla_accuracy", "chance_circular_accuracy", "chance_vanilla_accuracy")
 
 PROTOCOLS: dict[str, Protocol] = {
     "coco-5k": Protocol("karpathy", "test", "retrieval", folder="coco", headline=IMAGE_RETRIEVAL,
@@ -98,6 +99,10 @@ PROTOCOLS: dict[str, Protocol] = {
     "msvd-qa": Protocol("msvd-qa", "test", "vqa", folder="msvd-qa", headline=VQA,
                         doc="MSVD-QA test (Xu et al. 2017): 13,157 questions on 520 videos, one answer each; scored "
                             "as MSRVTT-QA"),
+    "mmbench-dev": Protocol("mmbench", "dev", "mcq", folder="mmbench", headline=MCQ,
+                            doc="MMBench dev (VLMEvalKit's MMBench_DEV_EN.tsv; -o tsv=NAME where the folder holds "
+                                "several): CircularEval accuracy (every circular pass right) beside plain accuracy "
+                                "and a uniform guess's"),
     "hh-rlhf": Protocol("hh-rlhf", "test", "preference", folder="hh-rlhf", headline=PREFERENCE,
                         doc="Anthropic HH-RLHF test pairs: reward accuracy (chosen scored above rejected)"),
     "ultrafeedback": Protocol("ultrafeedback", None, "preference", folder="ultrafeedback", headline=PREFERENCE,

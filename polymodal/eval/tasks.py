@@ -104,6 +104,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "linear_probe": _lazy("linear_probe", "linear_probe_task"),
     "classification": _lazy("classification", "classification_task"),
     "vqa": _lazy("vqa", "vqa_task"),
+    "mcq": _lazy("mcq", "mcq_task"),
 }
 
 
@@ -123,6 +124,7 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "linear_probe": (("encode_image", "video_features", "encode_video"),),
     "classification": (("classify",),),
     "vqa": (("answer_logits", "generate_text"),),
+    "mcq": (("answer_logits", "option_logprobs", "generate_text"),),
 }
 SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",
            "cross_pass": "snps3_retrieval", "node_batch": "shenet_retrieval", "generate": "captioning",
