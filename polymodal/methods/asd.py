@@ -313,7 +313,8 @@ class ASDMethod(Method):
             raise ValueError("asd: data.train must be a counterfactual manifest (polymodal data counterfactual)")
 
     def paths(self) -> list[str]:
-        return [p for p in (self.cfg.vision_path, self.cfg.qa_train) if p] if self.cfg else []
+        # asd.qa_train is checked by `check_data` (its message names the key and how to write the manifest)
+        return [self.cfg.vision_path] if self.cfg and self.cfg.vision_path else []
 
     def check_data(self) -> None:
         """data.train is a counterfactual manifest and `asd.qa_train` (when set) a readable QA manifest whose every
