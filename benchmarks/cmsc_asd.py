@@ -267,6 +267,8 @@ def main(argv=None) -> dict:
                            f"paired difference {pm_diff(above, 1)}", verdict(above, +1)))
     add(f"a higher learning rate costs ASD task accuracy (ASD {high} below ASD)", f"ASD {high}", "ASD",
         "task_accuracy", -1)
+    add(f"a higher learning rate costs ASD QA accuracy (ASD {high} below ASD; the paper's trade-off on general "
+        f"ability)", f"ASD {high}", "ASD", "qa_accuracy", -1)
     for name, _ in VARIANTS[1:]:
         for bound in [b for b in args.bounds if b.replace(":", "_") != default_bound()]:
             w, c = bound.split(":")
