@@ -181,8 +181,8 @@ def main(argv=None) -> dict:
     qa_world = {"world": "shapes-qa", "n_train": args.qa_train_images, "n_test": args.qa_test_images, "n_val": 0,
                 "seed": 0, "image_size": args.qa_image_size}
     cached_world(qa, qa_world, lambda: generate_shapes_qa(
-        qa, args.qa_train_images, args.qa_test_images, 0, seed=0, shapes_cfg=ShapesConfig(image_size=args.qa_image_size),
-        progress=False, workers=1), needs=("train.jsonl", "test.jsonl"))
+        qa, args.qa_train_images, args.qa_test_images, 0, seed=0,
+        shapes_cfg=ShapesConfig(image_size=args.qa_image_size), progress=False, workers=1), needs=("train.jsonl", "test.jsonl"))
     qa_train = f"asd.qa_train={qa}/train.jsonl"
     common = [f"data.train={data}/train.jsonl",
               f"eval.tasks=[{{task: fairness, data: {data}/eval.jsonl}}, "
@@ -305,7 +305,8 @@ def main(argv=None) -> dict:
     for seed, st in zip(args.seeds, starts):
         lines.append(f"| {seed} | {st['min']:+.2f} | {st['below_1.61']:.3f} | {st['below_3']:.3f} | "
                      f"{st['below_10']:.3f} |")
-    lines += ["", f"QA claims ({KEPT_RULE}; paired differences are mean ± sd (min..max, seeds > 0), percentage points):",
+    lines += ["", f"QA claims ({KEPT_RULE}; paired differences are mean ± sd (min..max, seeds > 0), percentage "
+                  "points):",
               "", *claim_lines(qa_claims)]
     lines += ["", f"Claims ({VERDICT_RULE}; paired differences are mean ± sd (min..max, seeds > 0)):", "",
               *claim_lines(claims),

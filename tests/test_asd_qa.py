@@ -78,7 +78,8 @@ def qa_nll(model_dir, manifest) -> float:
                             "answer": r["answer"], "index": i})
     b = QACollate(model)(samples)
     with torch.no_grad():
-        return float(model(b["pixels"], b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"]).nll.mean())
+        out = model(b["pixels"], b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"])
+    return float(out.nll.mean())
 
 
 def test_qa_records_train_the_mllm(trained, worlds):

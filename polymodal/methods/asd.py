@@ -132,7 +132,8 @@ def qa_records(manifest, key: str = "asd.qa_train") -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not JSON ({e.msg}); regenerate it with `polymodal data shapes-qa`") from None
+                raise ConfigError(f"{where}: not JSON ({e.msg}); regenerate it with "
+                                  f"`polymodal data shapes-qa`") from None
             if not isinstance(rec, dict):
                 raise ConfigError(f"{where}: a {type(rec).__name__}, not a JSON object; each line is one QA record")
             if "kind" in rec or "prompt" in rec:
