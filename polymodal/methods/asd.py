@@ -13,11 +13,19 @@ the attribute with the largest |Skew|; task questions get 0). Then
 Both off = plain fine-tuning. The resampler's state and the epoch's skews live on the task
 (`get_extra_state`), so the Trainer's checkpoint carries them and a resumed run is exact.
 
-Recipe: `method: asd`, `model.name: mllm-tiny` (an `models.mllm.MLLM_PRESETS` name) or `model.path` (a saved
-MLLM), `data.train` = a counterfactual manifest, and the `asd:` section below.
+**QA mixing (ours).** `asd.qa_train` names a visual-QA manifest (`polymodal data shapes-qa` train.jsonl: image,
+question, answers) whose questions join training as plain answer-NLL samples, so the MLLM has a general QA ability
+that the paper's "maintains the original performance" claim can be measured on (`polymodal eval --task vqa`). A QA
+sample's prompt is its question verbatim (the counterfactual world's style: a bare lower-case question, no template;
+it is also exactly what the `vqa` eval gives `generate_text`), its target the consensus of its normalised answers
+(`eval.vqa.consensus`). QA samples have Skew 0 (loss weight 1) and sit outside the resampler: it draws the
+counterfactual samples only, and every QA sample is in every epoch exactly once. The ablation's base model mixes QA
+in; the paper's ASD fine-tune uses debiasing data only, so the fine-tuning recipes leave `asd.qa_train` empty
+(replaying QA while fine-tuning is the option of setting it there too).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..data.resample import EpochResampler
 from ..eval.fairness import (attribute_values_of, concept_rows, option_probabilities, read_records, sample_skew,
                              skew_table)
@@ -45,6 +54,8 @@ class ASDConfig:
     vision_path: str = ""           # a saved image-text model whose image tower starts the MLLM's (load_model)
     freeze_vision: bool = True      # LLaVA keeps the image tower frozen; training it from a cold start collapses
                                     # its tokens to a constant before the LM learns to read them
+    qa_train: str = ""              # a QA manifest (image, question, answers) mixed in as Skew-0 answer-NLL samples
+                                    # (ours; "" = none: the paper's ASD fine-tune uses debiasing data only)
 
     def __post_init__(self):
         if self.tau1 <= 0 or self.tau2 <= 0:
@@ -61,13 +72,95 @@ class ASDConfig:
         return self.loss or self.resample
 
 
+def _first_record(manifest) -> tuple[int, dict | None]:
+    """(line number, record) of a jsonl manifest's first non-empty line; (0, None) when it has none or it is not a
+    JSON object (the full readers report that)."""
+    with open(manifest, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    return n, None
+                return n, rec if isinstance(rec, dict) else None
+    return 0, None
+
+
+def _is_qa_record(rec: dict | None) -> bool:
+    return isinstance(rec, dict) and "question" in rec and "prompt" not in rec and "kind" not in rec
+
+
 def training_records(manifest) -> list[dict]:
     """The records of a counterfactual training manifest that have an answer."""
+    n, first = _first_record(manifest)
+    if _is_qa_record(first):
+        raise ConfigError(f"data.train: {manifest} line {n} is a QA record (question/answers, no prompt/kind); "
+                          f"data.train takes a counterfactual manifest (polymodal data counterfactual) - give QA "
+                          f"manifests as asd.qa_train={manifest}")
     recs = [r for r in read_records(manifest) if r.get("answer") is not None]
     if not recs:
         raise ValueError(f"asd: {manifest} has no answered question; give a training manifest "
                          f"(`polymodal data counterfactual` writes train.jsonl)")
     return recs
+
+
+def qa_records(manifest, key: str = "asd.qa_train") -> list[dict]:
+    """The training samples of a visual-QA manifest, checked line by line before training.
+
+    Args:
+        manifest: a jsonl file of QA records (`polymodal data shapes-qa` train.jsonl): `image` (relative to the
+            manifest's folder or absolute), `question` (a non-empty string), `answers` (a non-empty list) or `answer`.
+        key: the recipe key named in errors.
+    Returns:
+        [{"kind": "qa", "image" (absolute), "prompt" (the question, verbatim), "answer" (the consensus of the
+        normalised answers), "question_type"}], in file order.
+    Raises:
+        ConfigError: a missing file, a line that is not a JSON object, a counterfactual record, a missing or empty
+            key, an image that does not exist (one line naming the file, the line, the key and the fix).
+    """
+    from ..eval.vqa import consensus, record_answers
+    path = Path(manifest)
+    if not path.is_file():
+        raise ConfigError(f"{key}: {manifest} does not exist; write a QA manifest with `polymodal data shapes-qa "
+                          f"--out DIR` and give {key}=DIR/train.jsonl")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{key}: {path} line {n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not JSON ({e.msg}); regenerate it with "
+                                  f"`polymodal data shapes-qa`") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{where}: a {type(rec).__name__}, not a JSON object; each line is one QA record")
+            if "kind" in rec or "prompt" in rec:
+                raise ConfigError(f"{where}: a counterfactual record (key {'kind' if 'kind' in rec else 'prompt'!r}); "
+                                  f"{key} takes a QA manifest (polymodal data shapes-qa), data.train the "
+                                  f"counterfactual one")
+            for k in ("image", "question"):
+                if not isinstance(rec.get(k), str) or not rec[k].strip():
+                    raise ConfigError(f"{where}: key {k!r} is missing or not a non-empty string; every QA record "
+                                      f"needs image, question and answers")
+            try:
+                answers = record_answers(rec, where)
+            except ValueError as e:
+                raise ConfigError(f"{e}; add the human answers as `answers`") from None
+            image = (path.parent / rec["image"]).resolve()
+            if not image.is_file():
+                raise ConfigError(f"{where}: key 'image': {image} does not exist; keep the manifest beside its "
+                                  f"images/ folder (regenerate with `polymodal data shapes-qa`)")
+            target = consensus(answers)
+            if not target:
+                raise ConfigError(f"{where}: key 'answers': every answer is empty after normalisation; give answers "
+                                  f"with text")
+            out.append({"kind": "qa", "image": str(image), "prompt": rec["question"], "answer": target,
+                        "question_type": str(rec.get("question_type") or "all")})
+    if not out:
+        raise ConfigError(f"{key}: {path} has no QA record; write one with `polymodal data shapes-qa`")
+    return out
 
 
 class ASDTask(nn.Module):
@@ -77,7 +170,8 @@ class ASDTask(nn.Module):
     Args:
         model: an `MLLM`.
         cfg: the `asd` section.
-        records: the training records (`training_records`), indexed by the batches' "index".
+        records: the training records (`training_records`, then any `qa_records`), indexed by the batches' "index".
+            Records of kind "qa" have Skew 0 and are left out of the resampler (each in every epoch once).
         seed: resampling seed.
     """
 
@@ -86,7 +180,9 @@ class ASDTask(nn.Module):
         self.model, self.cfg, self.records = model, cfg, records
         if cfg.freeze_vision:
             model.visual.requires_grad_(False)
-        self.resampler = EpochResampler(len(records), cfg.tau1, cfg.tau2, seed, max_copies=cfg.max_copies)
+        self.debias_at = np.array([i for i, r in enumerate(records) if r["kind"] != "qa"], dtype=np.int64)
+        self.qa_at = np.array([i for i, r in enumerate(records) if r["kind"] == "qa"], dtype=np.int64)
+        self.resampler = EpochResampler(len(self.debias_at), cfg.tau1, cfg.tau2, seed, max_copies=cfg.max_copies)
         self.concept_at = [i for i, r in enumerate(records) if r["kind"] == "concept"]
         self.skews = torch.zeros(len(records))
         self.floored = 0.0              # share of the concept samples whose Skew was floored at the last refresh
@@ -107,12 +203,26 @@ class ASDTask(nn.Module):
         skews = np.zeros(len(self.records))
         if self.cfg.needs_skew and self.concept_at:
             skews = self.compute_skews()
+        debias = skews[self.debias_at]                   # QA samples (Skew 0) never reach the resampler
         if self.cfg.resample:
-            self.resampler.draw(skews, epoch)
+            self.resampler.draw(debias, epoch)
         else:
-            self.resampler.indices, self.resampler.skews = np.arange(len(self.records)), skews
+            self.resampler.indices, self.resampler.skews = np.arange(len(self.debias_at)), debias
             self.resampler.epoch = epoch
-        self.skews = torch.as_tensor(self.resampler.skews, dtype=torch.float32)
+        self.skews = self._all_skews(self.resampler.skews)
+
+    def _all_skews(self, debias_skews) -> torch.Tensor:
+        """(R,) float32: the resampler's skews at the debiasing records, 0 at the QA records."""
+        out = torch.zeros(len(self.records))
+        out[torch.as_tensor(self.debias_at)] = torch.as_tensor(np.asarray(debias_skews), dtype=torch.float32)
+        return out
+
+    def epoch_order(self) -> np.ndarray:
+        """(R,) record indices of the current epoch: the debiasing records as the resampler drew them (fitted to
+        their count, `EpochResampler.epoch_order`; in order without `asd.resample`), then every QA record once."""
+        n = len(self.debias_at)
+        part = self.resampler.epoch_order(n) if self.cfg.resample and n else np.arange(n)
+        return np.concatenate([self.debias_at[part], self.qa_at]).astype(np.int64)
 
     @torch.no_grad()
     def compute_skews(self) -> np.ndarray:
@@ -148,7 +258,7 @@ class ASDTask(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.resampler.load_state_dict(state["resampler"])
-        self.skews = torch.as_tensor(self.resampler.skews, dtype=torch.float32)
+        self.skews = self._all_skews(self.resampler.skews)
 
 
 class CounterfactualQADataset(torch.utils.data.Dataset):
@@ -169,8 +279,7 @@ class CounterfactualQADataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.task.refresh(epoch)
-        self.order = (self.task.resampler.epoch_order(len(self)) if self.task.cfg.resample
-                      else np.arange(len(self)))
+        self.order = self.task.epoch_order()
 
     def __getitem__(self, i: int) -> dict:
         from PIL import Image
@@ -205,13 +314,31 @@ class ASDMethod(Method):
             raise ValueError("asd: data.train must be a counterfactual manifest (polymodal data counterfactual)")
 
     def paths(self) -> list[str]:
+        # asd.qa_train is checked by `check_data` (its message names the key and how to write the manifest)
         return [self.cfg.vision_path] if self.cfg and self.cfg.vision_path else []
+
+    def check_data(self) -> None:
+        """data.train is a counterfactual manifest and `asd.qa_train` (when set) a readable QA manifest whose every
+        line has an image, a question and answers (ConfigError naming the file, line and key otherwise)."""
+        if self.run.data.train and Path(self.run.data.train).is_file():
+            n, first = _first_record(self.run.data.train)
+            if _is_qa_record(first):
+                training_records(self.run.data.train)            # raises the one-line error
+        self._qa = qa_records(self.cfg.qa_train) if self.cfg and self.cfg.qa_train else []
+
+    def qa_samples(self) -> list[dict]:
+        """The `asd.qa_train` samples (`qa_records`; read once, by `check_data` at start-up)."""
+        if getattr(self, "_qa", None) is None:
+            self._qa = qa_records(self.cfg.qa_train) if self.cfg.qa_train else []
+        return self._qa
 
     def build_tokenizer(self, out_dir: Path):
         def texts() -> list[str]:
             out = []
             for r in read_records(self.run.data.train):
                 out += [r["prompt"], *r["options"]] + ([r["answer"]] if r.get("answer") else [])
+            for r in self.qa_samples():
+                out += [r["prompt"], r["answer"]]
             return out
         return build_tokenizer(self.run, out_dir, texts=texts, min_frequency=1)
 
@@ -234,7 +361,8 @@ class ASDMethod(Method):
         return create_mllm(cfg, tokenizer, vision=vision)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        self._task = ASDTask(model, self.cfg, training_records(self.run.data.train), self.run.train.seed)
+        records = training_records(self.run.data.train) + self.qa_samples()
+        self._task = ASDTask(model, self.cfg, records, self.run.train.seed)
         return self._task
 
     def build_dataset(self, model: nn.Module, rank: int, world_size: int):
