@@ -282,6 +282,25 @@ class M2Encoder(PolymodalModel):
         s1 = self.stage1(self.embed_text(ids), mask, split=0)              # all tokens: text branch
         return M2Features(stage1=s1, stage2=self._stage2(s1, mask), mask=mask)
 
+    def joint_features(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """An image and a text in one sequence (BEiT-3's vision-language mode): image tokens then text tokens
+        through stage 1, each token in its own modality's branch under one self-attention, then the shared
+        stage 2; the first (image CLS) state is the pooled output, as BEiT-3's VQA head reads it.
+
+        Args:
+            pixels: (B, 3, H, W) normalised images.
+            ids: (B, L) token ids (pads masked).
+            attention_mask: optional (B, L), True / 1 at real tokens.
+        Returns:
+            (B, W) the joint sequence's first state after the final norm.
+        """
+        image = self.embed_image(pixels)                                   # (B, 1+P, W)
+        text = self.embed_text(ids)                                        # (B, L, W)
+        mask = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=ids.device),
+                          self.text_mask(ids, attention_mask)], dim=1)      # (B, 1+P+L)
+        s1 = self.stage1(torch.cat([image, text], dim=1), mask, split=image.shape[1])
+        return self._stage2(s1, mask)[:, 0]                                # (B, W)
+
     def _text_pool(self, ids: Tensor, states: Tensor) -> Tensor:
         if self.config.text.pool == "cls":
             return states[:, 0]
