@@ -222,3 +222,26 @@ def test_the_mmbench_protocol_runs_from_the_released_tsv(answerer, tmp_path, cap
     assert row["task"] == "mcq" and all(k in row["metrics"] for k in row["headline"])
     assert row["metrics"]["num_questions"] == 1 and row["metrics"]["num_passes"] == 2     # the dev split only
     assert row["metrics"]["circular_accuracy"] == row["metrics"]["vanilla_accuracy"]
+
+
+@pytest.mark.parametrize("task,record,message", [
+    ("vqa", {"image": "a.png", "question": "what?"}, r"bad.jsonl line 2: a QA record needs `answers`"),
+    ("mcq", {"image": "a.png", "question": "what?", "options": ["x", "y"], "answer": "z"},
+     r"bad.jsonl line 2: answer 'z' is not one of its options"),
+])
+def test_a_recipes_eval_data_is_checked_before_the_first_step(task, record, message, tmp_path):
+    """A bad QA / MCQ record in `eval.tasks` stops the run at start-up, not at the first evaluation."""
+    from polymodal.data.synthetic.shapes_qa import generate_shapes_qa
+    from polymodal.train.run import load_recipe, run_recipe
+    from pathlib import Path
+    world = tmp_path / "qa"
+    generate_shapes_qa(world, n_train=8, n_test=0, n_val=0, seed=1, progress=False, workers=1)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "question": "what?", "options": ["x", "y"], "answer": "x", "answers": ["x"]}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    cfg = load_recipe(Path(__file__).parents[1] / "recipes/vqa_shapes.yaml", [
+        f"out_dir={tmp_path / 'run'}", f"data.train={world / 'train.jsonl'}", "train.steps=2",
+        "train.progress=false", "train.threads=1", f"eval.tasks=[{{task: {task}, data: {tmp_path / 'bad.jsonl'}}}]"])
+    with pytest.raises(ValueError, match=message):
+        run_recipe(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -149,6 +149,19 @@ def pick_choice(model, choice: str) -> str:
     return choice
 
 
+def check_mcq_manifest(manifest, limit: int = 0, on_bad_record: str = "error", circular: bool = True, **_) -> int:
+    """Read an MCQ manifest the way the `mcq` task will and build its passes (before any training step).
+
+    Returns:
+        The number of questions.
+    Raises:
+        ManifestError / ValueError: as `build_passes` (naming the manifest and line).
+    """
+    from ..encode import read_records
+    records = read_records(manifest, limit, on_bad_record, required=("image", "question"), media="image")
+    return len(build_passes(records, str(manifest), circular))
+
+
 def mcq_task(model, manifest, limit: int = 0, progress: bool = False, lang: str = "en", cache=None,
              on_bad_record: str = "error", batch_size: int = 32, choice: str = "auto", circular: bool = True) -> dict:
     """The `mcq` evaluation (`polymodal eval MODEL --task mcq --data mmb.jsonl`): CircularEval accuracy.
@@ -238,4 +251,5 @@ def _accuracies(hits: list[tuple], circular: bool) -> dict:
     return out
 
 
-__all__ = ["CHOICES", "Pass", "shifted", "build_passes", "read_choice", "listed_prompt", "pick_choice", "mcq_task"]
+__all__ = ["CHOICES", "Pass", "shifted", "build_passes", "read_choice", "listed_prompt", "pick_choice",
+           "check_mcq_manifest", "mcq_task"]

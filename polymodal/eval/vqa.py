@@ -186,6 +186,24 @@ def majority_answers(manifest, where: str = "majority_from") -> tuple[dict, str]
     return {t: pick(c) for t, c in by_type.items()}, pick(overall)
 
 
+def check_vqa_manifest(manifest, limit: int = 0, on_bad_record: str = "error", **_) -> int:
+    """Read a QA manifest the way the `vqa` task will and check every record's answers (before any training step).
+
+    Returns:
+        The number of records checked.
+    Raises:
+        ManifestError / ValueError: a record without a question or answers (naming the manifest and line).
+    """
+    from ..encode import read_records
+    records = read_records(manifest, limit, on_bad_record, required=("question",), media="none")
+    for k, r in enumerate(records):
+        where = f"{manifest} line {r.get('_line', k + 1)}"
+        record_answers(r, where)
+        if not (r.get("image") or r.get("video")):
+            raise ValueError(f"{where}: a QA record needs `image` (or `video` for a video VQA model)")
+    return len(records)
+
+
 def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str = "en", cache=None,
              on_bad_record: str = "error", batch_size: int = 64, majority_from: str = "",
              generate_method: str = "greedy") -> dict:
@@ -273,4 +291,4 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
 
 
 __all__ = ["normalize_answer", "process_punctuation", "process_digit_article", "vqa_score", "soft_scores",
-           "consensus", "record_answers", "qa_metrics", "majority_answers", "vqa_task"]
+           "consensus", "record_answers", "qa_metrics", "majority_answers", "check_vqa_manifest", "vqa_task"]

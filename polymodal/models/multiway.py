@@ -282,23 +282,39 @@ class M2Encoder(PolymodalModel):
         s1 = self.stage1(self.embed_text(ids), mask, split=0)              # all tokens: text branch
         return M2Features(stage1=s1, stage2=self._stage2(s1, mask), mask=mask)
 
-    def joint_features(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """An image and a text in one sequence (BEiT-3's vision-language mode): image tokens then text tokens
-        through stage 1, each token in its own modality's branch under one self-attention, then the shared
-        stage 2; the first (image CLS) state is the pooled output, as BEiT-3's VQA head reads it.
+    # ---- question answering (read by polymodal.models.vqa.VQAModel) ---------------------------------
+    # BEiT-3's vision-language mode: an image and a question in one sequence, image tokens then text tokens through
+    # stage 1 (each token in its own modality's branch under one self-attention), then the shared stage 2; the
+    # first (image CLS) state is the pooled output, as BEiT-3's VQA head reads it.
+    qa_ordered = True    # the image tokens carry their positions
+
+    @property
+    def qa_width(self) -> int:
+        """Width of the pooled output `qa_fuse` returns."""
+        return self.config.width
+
+    def qa_check(self, num_frames: int, motion: bool) -> None:
+        """Whether a VQA head can read this model: images only (one line naming the setting otherwise)."""
+        if num_frames:
+            raise ValueError("VQAModel: M2-Encoder's joint pass reads one image with its question, not video frames; "
+                             "set vqa.media: image (or start from a CoCa or an SNP-S3 model for videos)")
+
+    def qa_visual_tokens(self, frames: Tensor) -> Tensor:
+        """Embedded image tokens (CLS + patches, positions added): (B, T, 3, H, W) -> (B, T, 1+P, W)."""
+        B, T = frames.shape[:2]
+        x = self.embed_image(frames.flatten(0, 1))                          # (B*T, 1+P, W)
+        return x.view(B, T, *x.shape[1:])
+
+    def qa_fuse(self, ids: Tensor, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The joint pass over image tokens (B, S, W) and question ids (B, L) -> (B, W): the first state of stage 2.
 
         Args:
-            pixels: (B, 3, H, W) normalised images.
-            ids: (B, L) token ids (pads masked).
-            attention_mask: optional (B, L), True / 1 at real tokens.
-        Returns:
-            (B, W) the joint sequence's first state after the final norm.
+            ids: (B, L) question ids (pads masked, or `attention_mask`).
+            tokens: (B, S, W) embedded image tokens (`qa_visual_tokens`).
         """
-        image = self.embed_image(pixels)                                   # (B, 1+P, W)
-        text = self.embed_text(ids)                                        # (B, L, W)
-        mask = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=ids.device),
-                          self.text_mask(ids, attention_mask)], dim=1)      # (B, 1+P+L)
-        s1 = self.stage1(torch.cat([image, text], dim=1), mask, split=image.shape[1])
+        mask = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=ids.device),
+                          self.text_mask(ids, attention_mask)], dim=1)      # (B, S+L)
+        s1 = self.stage1(torch.cat([tokens, self.embed_text(ids)], dim=1), mask, split=tokens.shape[1])
         return self._stage2(s1, mask)[:, 0]                                # (B, W)
 
     def _text_pool(self, ids: Tensor, states: Tensor) -> Tensor:

@@ -210,14 +210,17 @@ def _world_frames(manifest) -> tuple[int | None, dict, Path]:
 
 def check_data(cfg: RunConfig) -> None:
     """The recipe against what the data says of itself: the method's own checks of its manifests
-    (`Method.check_data`), and a generated video world's `world.json` beside `data.train` or an evaluation's data
+    (`Method.check_data`), the eval tasks' checks of theirs (`eval.tasks.check_task_data`: QA and MCQ records), and a generated video world's `world.json` beside `data.train` or an evaluation's data
     (frames per video; the method may check more, `Method.check_world`).
 
     Raises:
         ConfigError: naming the recipe key, the world file and the fix.
     """
+    from ..eval.tasks import check_task_data
     method = cfg.method_impl
     method.check_data()
+    for spec in cfg.eval.specs():
+        check_task_data(spec)
     if method.media != "video":
         return
     wanted = [("data.num_frames", cfg.data.num_frames, cfg.data.train)] if cfg.data.train else []
