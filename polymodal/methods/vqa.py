@@ -240,9 +240,17 @@ class VQAMethod(Method):
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.vqa import VQAModel
         base = super().build_model(tokenizer)
+        frames = self.run.data.num_frames if self.media == "video" else 0
+        if not isinstance(base, VQAModel):                     # the base's own checks come before the data's
+            if not hasattr(base, "qa_fuse"):
+                raise ValueError(f"model.path/model.name gives a {type(base).__name__}, which has neither a multimodal "
+                                 f"decoder nor a cross encoder; vqa needs a CoCa (model.name: coca-tiny / coca-small, "
+                                 f"or a sycoca run's out_dir/model) or an SNP-S3 model (model.path: an snps3 run's "
+                                 f"out_dir/model, with vqa.media: video)")
+            base.qa_check(frames, self.cfg.motion)
         vocab = self.vocabulary()
         if isinstance(base, VQAModel):                         # continue training a saved VQA model
-            if base.config.num_frames != (self.run.data.num_frames if self.media == "video" else 0):
+            if base.config.num_frames != frames:
                 raise ValueError(f"model.path {self.run.model.path} answers about "
                                  f"{base.config.num_frames or 'no'} video frames; set vqa.media and data.num_frames "
                                  f"to match it")
@@ -253,13 +261,7 @@ class VQAMethod(Method):
                 raise ValueError(f"model.path {self.run.model.path} answers {len(base.answers)} answers, not the "
                                  f"{len(vocab.answers)} of {self.run.data.train}; start from its base model instead")
             model = base
-        elif not hasattr(base, "qa_fuse"):
-            raise ValueError(f"model.path/model.name gives a {type(base).__name__}, which has neither a multimodal "
-                             f"decoder nor a cross encoder; vqa needs a CoCa (model.name: coca-tiny / coca-small, or a "
-                             f"sycoca run's out_dir/model) or an SNP-S3 model (model.path: an snps3 run's out_dir/model, "
-                             f"with vqa.media: video)")
         else:
-            frames = self.run.data.num_frames if self.media == "video" else 0
             model = VQAModel(base, vocab.answers, vocab.counts, vocab.type_majority, self.cfg.hidden, self.cfg.dropout,
                              frames, self.cfg.motion)
         model.base.requires_grad_(not self.cfg.freeze_base)
