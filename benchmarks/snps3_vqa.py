@@ -29,8 +29,8 @@ if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (VERDICT_RULE, base_parser, cached_metrics, cached_world, claim,  # noqa: E402
-                               claim_lines, command_line, finish, moving_shapes_world, over_seeds,
-                               paired_difference, pm, pm_diff, set_threads, verdict)
+                               claim_lines, command_line, finish, machine_line, moving_shapes_world,
+                               over_seeds, paired_difference, pm, pm_diff, set_threads, verdict)
 
 VARIANTS = (("mssm", "snps3_full.yaml", "SNP-S3 with MSSM -> VQA"),
             ("mlm", "snps3_mlm.yaml", "SNP-S3 with plain MLM -> VQA"))
@@ -157,14 +157,13 @@ def render_markdown(result: dict) -> str:
     st, variants, paired = result["settings"], result["variants"], result["paired"]
     n = len(st["seeds"])
     f = lambda v, k: pm(v["mean"][k], v["std"][k], n) if k in v["mean"] else "n/a"     # noqa: E731
-    from benchmarks.common import machine_line
     lines = [
         "# MSSM vs MLM on video QA for SNP-S3 (MovingShapes QA)", "",
         f"Command: `{st['command']}`  ",
         f"Machine: {machine_line(result['machine'])}  ",
         f"Data: MovingShapes seed {st['data_seed']} ({st['n_train']} training / {st['n_test']} test videos, "
-        f"{st['frames']} frames of {st['image_size']} px, compound fraction {st['compound_fraction']}) and MovingShapes "
-        f"QA on it (test {st['num_questions']} questions). Pretraining: recipes/snps3_full.yaml vs snps3_mlm.yaml, "
+        f"{st['frames']} frames of {st['image_size']} px, compound fraction {st['compound_fraction']}) and "
+        f"MovingShapes QA on it (test {st['num_questions']} questions). Pretraining: recipes/snps3_full.yaml vs snps3_mlm.yaml, "
         f"{st['steps']} steps; VQA: recipes/vqa_snps3.yaml, {st['vqa_steps']} steps"
         f"{''.join(f' {s}' for s in st['vqa_sets'])}. Seeds {st['seeds']} (mean ± sample std). Torch threads "
         f"{st['threads']}. Total wall time {result['seconds']['total']:.0f} s.", "",
