@@ -260,6 +260,11 @@ class CoCa(PolymodalModel):
     # ---- question answering (read by polymodal.models.vqa.VQAModel) ---------------------------------
     qa_ordered = False   # the decoder's cross-attention sees no positions: a VQA model adds frame embeddings
 
+    @property
+    def qa_width(self) -> int:
+        """Width of the pooled output `qa_fuse` returns (and of the visual tokens): the text width."""
+        return self.config.text.width
+
     def qa_check(self, num_frames: int, motion: bool) -> None:
         """Whether a VQA head can read this model for `num_frames` frames (0 = images): a CoCa reads both."""
 

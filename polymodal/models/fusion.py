@@ -384,6 +384,11 @@ class SNPS3Model(PolymodalModel):
     # ---- question answering (read by polymodal.models.vqa.VQAModel) ---------------------------------
     qa_ordered = True    # the cross pass gives the visual tokens positions: frame order needs no extra embedding
 
+    @property
+    def qa_width(self) -> int:
+        """Width of the pooled output `qa_fuse` returns: the BERT network's."""
+        return self.config.text.width
+
     def qa_check(self, num_frames: int, motion: bool) -> None:
         """Whether a VQA head can read this model for `num_frames` frames (0 = images) and difference images.
 

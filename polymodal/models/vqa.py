@@ -56,8 +56,8 @@ class VQAConfig(WrappedConfig):
 class VQAModel(WrapsEncoder, nn.Module):
     """A multimodal base + answer head: `answer_logits(pixels, ids) -> (B, A)`, `answer(pixels, questions) -> [str]`.
 
-    The base supplies the multimodal pooled output through three methods (`qa_check`, `qa_visual_tokens`,
-    `qa_fuse`) and says with `qa_ordered` whether its fusion sees token positions; `CoCa` (decoder) and `SNPS3Model`
+    The base supplies the multimodal pooled output through `qa_check`, `qa_visual_tokens`, `qa_fuse` and
+    `qa_width` (its width), and says with `qa_ordered` whether its fusion sees token positions; `CoCa` (decoder) and `SNPS3Model`
     (cross encoder) have them, so this class has no per-family branches.
 
     Args:
@@ -89,7 +89,7 @@ class VQAModel(WrapsEncoder, nn.Module):
         super().__init__()
         if not answers:
             raise ValueError("VQAModel: an empty answer vocabulary")
-        if not all(hasattr(base, name) for name in ("qa_check", "qa_visual_tokens", "qa_fuse")):
+        if not all(hasattr(base, name) for name in ("qa_width", "qa_check", "qa_visual_tokens", "qa_fuse")):
             raise ValueError(f"VQAModel: a {type(base).__name__} has neither a multimodal decoder nor a cross encoder; "
                              f"give a CoCa (model_type 'coca', e.g. a sycoca run's out_dir/model) or an SNP-S3 model "
                              f"(model_type 'snps3', an snps3 run's out_dir/model)")
@@ -100,7 +100,7 @@ class VQAModel(WrapsEncoder, nn.Module):
                                 type_majority=dict(type_majority or {}), hidden=hidden, dropout=dropout,
                                 num_frames=num_frames, motion=motion)
         self.config._base = base.config
-        width = base.config.text.width
+        width = base.qa_width                                                # W of the pooled output
         embed = num_frames and not base.qa_ordered
         self.frame_embed = nn.Parameter(torch.randn(num_frames, width)) if embed else None            # (T, Wt)
         self.motion_embed = nn.Parameter(torch.randn(num_frames - 1, width)) if embed and motion else None  # (T-1, Wt)
