@@ -189,7 +189,7 @@ def test_vqa_needs_a_coca_and_a_qa_model(qa_world, tmp_path):
     from polymodal.train.run import load_recipe, run_recipe
     with pytest.raises(ValueError, match="eval task 'vqa' needs a model with answer_logits"):
         check_model("vqa", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="no multimodal decoder"):
+    with pytest.raises(ValueError, match="neither a multimodal decoder nor a cross encoder"):
         VQAModel(polymodal.create_model("tiny"), ["yes"])
     with pytest.raises(ValueError, match="vqa needs a CoCa"):
         run_recipe(load_recipe(REPO / "recipes/vqa_shapes.yaml",

@@ -1,14 +1,18 @@
 """Visual question answering as classification over an answer vocabulary (`method: vqa`; issue #34 item 2).
 
-The model is a `VQAModel` (`polymodal.models.vqa`): a CoCa (from `model.path`: a saved CoCa / SyCoCa run, or
-`model.name: coca-*` from scratch) whose multimodal decoder reads the question while cross-attending to the image;
-its pooled output (the question's EOT state) feeds an MLP over the answers.
+The model is a `VQAModel` (`polymodal.models.vqa`) over a base that fuses question and image: a CoCa (from
+`model.path`: a saved CoCa / SyCoCa run, or `model.name: coca-*` from scratch) whose multimodal decoder reads the
+question while cross-attending to the image (its pooled output: the question's EOT state), or, for videos, a saved
+SNP-S3 run (`model.path: runs/snps3_*/model`, `vqa.media: video`) whose cross encoder reads
+`[CLS question SEP ; clips ; SEP]` (its pooled output: the cross pooler's). The pooled output feeds an MLP over the
+answers.
 
 Data: a QA manifest (`polymodal data shapes-qa`, or an imported VQAv2 / TextVQA layout): records with `image`,
 `question`, `answers` (a list of human answers; or one `answer`) and optionally `question_type`. With
 `vqa.media: video` the records carry `video` instead (`polymodal data moving-qa`, MSRVTT-QA, MSVD-QA): `data.num_frames`
-frames (`data.frame_strategy`) go through the image encoder one by one and the decoder reads all their contexts,
-each frame's with a learned frame embedding. The vocabulary is
+frames (`data.frame_strategy`) go through the image encoder one by one and the fusion reads all their tokens (CoCa:
+each frame's context with a learned frame embedding; SNP-S3: one clip mean per clip, ordered by the cross pass's
+visual positions). The vocabulary is
 built from the training records: every answer that is the consensus (most common normalised answer) of at least
 `vqa.min_answer_count` training questions, the `vqa.max_answers` most frequent first; it is stored in the saved
 model with each answer's count and every question type's majority answer (the baseline the `vqa` task prints).
@@ -42,7 +46,7 @@ class VQASection(ConfigDict):
     min_answer_count: int = 1       # an answer joins the vocabulary when it is the consensus of >= this many questions
     max_answers: int = 0            # keep the most frequent N answers (0 = all)
     loss: str = "soft_ce"           # "soft_ce" | "bce" over the VQA soft scores
-    freeze_base: bool = False       # train the head alone (the CoCa stays as loaded)
+    freeze_base: bool = False       # train the head alone (the base stays as loaded)
     hidden: int = 0                 # head MLP width (0 = 2 x the text width)
     dropout: float = 0.1            # head dropout
     media: str = "image"            # "image" | "video" (records carry `video`; data.num_frames frames per question)
@@ -236,9 +240,17 @@ class VQAMethod(Method):
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.vqa import VQAModel
         base = super().build_model(tokenizer)
+        frames = self.run.data.num_frames if self.media == "video" else 0
+        if not isinstance(base, VQAModel):                     # the base's own checks come before the data's
+            if not hasattr(base, "qa_fuse"):
+                raise ValueError(f"model.path/model.name gives a {type(base).__name__}, which has neither a multimodal "
+                                 f"decoder nor a cross encoder; vqa needs a CoCa (model.name: coca-tiny / coca-small, "
+                                 f"or a sycoca run's out_dir/model) or an SNP-S3 model (model.path: an snps3 run's "
+                                 f"out_dir/model, with vqa.media: video)")
+            base.qa_check(frames, self.cfg.motion)
         vocab = self.vocabulary()
         if isinstance(base, VQAModel):                         # continue training a saved VQA model
-            if base.config.num_frames != (self.run.data.num_frames if self.media == "video" else 0):
+            if base.config.num_frames != frames:
                 raise ValueError(f"model.path {self.run.model.path} answers about "
                                  f"{base.config.num_frames or 'no'} video frames; set vqa.media and data.num_frames "
                                  f"to match it")
@@ -247,13 +259,9 @@ class VQAMethod(Method):
                                  f"{base.config.motion}; set vqa.motion to match it")
             if base.answers != vocab.answers:
                 raise ValueError(f"model.path {self.run.model.path} answers {len(base.answers)} answers, not the "
-                                 f"{len(vocab.answers)} of {self.run.data.train}; start from its CoCa instead")
+                                 f"{len(vocab.answers)} of {self.run.data.train}; start from its base model instead")
             model = base
-        elif not hasattr(base, "decoder"):
-            raise ValueError(f"model.path/model.name gives a {type(base).__name__}, which has no multimodal decoder; "
-                             f"vqa needs a CoCa (model.name: coca-tiny / coca-small, or a sycoca run's out_dir/model)")
         else:
-            frames = self.run.data.num_frames if self.media == "video" else 0
             model = VQAModel(base, vocab.answers, vocab.counts, vocab.type_majority, self.cfg.hidden, self.cfg.dropout,
                              frames, self.cfg.motion)
         model.base.requires_grad_(not self.cfg.freeze_base)

@@ -257,6 +257,31 @@ class CoCa(PolymodalModel):
         """Decoder context from patch tokens: (B, P, Wv) -> (B, N, Wt) (N = num_image_queries or P)."""
         return self.context_pooler(tokens)
 
+    # ---- question answering (read by polymodal.models.vqa.VQAModel) ---------------------------------
+    qa_ordered = False   # the decoder's cross-attention sees no positions: a VQA model adds frame embeddings
+
+    @property
+    def qa_width(self) -> int:
+        """Width of the pooled output `qa_fuse` returns (and of the visual tokens): the text width."""
+        return self.config.text.width
+
+    def qa_check(self, num_frames: int, motion: bool) -> None:
+        """Whether a VQA head can read this model for `num_frames` frames (0 = images): a CoCa reads both."""
+
+    def qa_visual_tokens(self, frames: Tensor) -> Tensor:
+        """The decoder context of each frame: (B, T, 3, H, W) -> (B, T, N, Wt) (N = num_image_queries or P)."""
+        B, T = frames.shape[:2]
+        ctx = self.image_context(self.visual(frames.flatten(0, 1)).tokens)  # (B*T, N, Wt)
+        return ctx.view(B, T, *ctx.shape[1:])
+
+    def qa_fuse(self, ids: Tensor, tokens: Tensor) -> Tensor:
+        """The multimodal pooled output: the decoder reads the question (B, L) while cross-attending to the visual
+        tokens (B, S, Wt); its normalised state at the question's EOT (it has seen the whole question) -> (B, Wt)."""
+        text = self.text(ids)                                               # tokens (B, L, Wt)
+        x = self.decoder_norm(self.decoder(text.tokens, is_causal=True, context=tokens))   # (B, L, Wt)
+        at = self.text._pool_index(ids)                                     # (B,) the question's EOT
+        return x[torch.arange(len(ids), device=x.device), at]               # (B, Wt)
+
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, E)."""
         return self.image_embed(self.visual(pixels), normalize)

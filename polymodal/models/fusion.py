@@ -381,6 +381,47 @@ class SNPS3Model(PolymodalModel):
         """(N,) level-2 scores of paired rows."""
         return self.score_head(self.cross_pass(ids, means, clip_valid)[1])[:, 0]
 
+    # ---- question answering (read by polymodal.models.vqa.VQAModel) ---------------------------------
+    qa_ordered = True    # the cross pass gives the visual tokens positions: frame order needs no extra embedding
+
+    @property
+    def qa_width(self) -> int:
+        """Width of the pooled output `qa_fuse` returns: the BERT network's."""
+        return self.config.text.width
+
+    def qa_check(self, num_frames: int, motion: bool) -> None:
+        """Whether a VQA head can read this model for `num_frames` frames (0 = images) and difference images.
+
+        Raises:
+            ValueError: images, frames that do not split into clips, or more visual tokens than the cross pass
+                has positions for (one line naming the setting to change).
+        """
+        f, limit = self.config.frames_per_clip, self.config.text.max_visual_tokens
+        if num_frames == 0:
+            raise ValueError("VQAModel: SNP-S3's cross encoder reads videos (clip tokens), not images; set "
+                             "vqa.media: video and data.num_frames")
+        if num_frames % f:
+            raise ValueError(f"VQAModel: data.num_frames={num_frames} does not split into the SNP-S3 base's clips of "
+                             f"frames_per_clip={f}; set data.num_frames to a multiple of {f}")
+        if motion and f != 1:
+            raise ValueError(f"VQAModel: vqa.motion needs an SNP-S3 base with frames_per_clip 1 (one token per "
+                             f"difference image), this one has {f}; set vqa.motion: false")
+        tokens = num_frames // f + (num_frames - 1 if motion else 0) + 1        # clips (+ differences) + SEP
+        if tokens > limit:
+            raise ValueError(f"VQAModel: data.num_frames={num_frames}{' with vqa.motion' if motion else ''} gives "
+                             f"{tokens} visual tokens (with SEP), over the SNP-S3 base's text.max_visual_tokens="
+                             f"{limit}; lower data.num_frames{' or set vqa.motion: false' if motion else ''}")
+
+    def qa_visual_tokens(self, frames: Tensor) -> Tensor:
+        """The cross pass's visual tokens: (B, T, 3, H, W) -> (B, n, 1, Wv), one clip mean per clip."""
+        return self.video_pass(frames).means[:, :, None]
+
+    def qa_fuse(self, ids: Tensor, tokens: Tensor) -> Tensor:
+        """The multimodal pooled output: the cross pass `[CLS question SEP ; tokens ; SEP]` over (B, L) question
+        ids and (B, S, Wv) visual tokens, read by `cross_pooler` -> (B, W)."""
+        valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)        # (B, S)
+        return self.cross_pass(ids, tokens, valid)[1]
+
     def parameter_counts(self) -> dict:
         """Parameters of this model and of the other design (shared <-> three-encoder), each counted once."""
         total = sum(p.numel() for p in self.parameters())

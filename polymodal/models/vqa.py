@@ -1,14 +1,22 @@
-"""A CoCa answering questions by classification over an answer vocabulary (`method: vqa`, the `vqa` eval task).
+"""A multimodal model answering questions by classification over an answer vocabulary (`method: vqa`, the `vqa`
+eval task).
 
-The question goes through CoCa's causal text tower and its multimodal decoder, which cross-attends to the image
-context (the attentional-pooled image tokens); the decoder's normalised state at the question's EOT position
-(it has seen the whole question and, through cross-attention, the image) is the multimodal pooled output. An MLP
-head maps it to logits over the answer vocabulary (VQAv2 classifiers' "answers as classes", Teney et al. 2018).
+The base supplies the multimodal pooled output (`qa_fuse`):
+
+* CoCa (images or videos): the question goes through the causal text tower and the multimodal decoder, which
+  cross-attends to the image context (the attentional-pooled image tokens of every frame); the decoder's normalised
+  state at the question's EOT position (it has seen the whole question and, through cross-attention, the image) is
+  the pooled output.
+* SNP-S3 (videos): the cross pass over `[CLS question SEP ; clip_1 .. clip_n ; SEP]` (the clip means, token type 1
+  with their own positions), read by the cross pooler: the output SNP-S3's level-2 and ITM heads read.
+
+An MLP head maps it to logits over the answer vocabulary (VQAv2 classifiers' "answers as classes", Teney et al.
+2018).
 
 The vocabulary (normalised answers of the training set), each answer's training count and the majority answer of
 each question type (the baseline the `vqa` task prints beside every number) live in the config, so a saved
 `VQAModel` carries everything its evaluation needs. Saved as one folder: `config.json` (`model_type: "vqa"`, the
-CoCa's config nested under `base`), `model.safetensors` and the CoCa's processors.
+base's config nested under `base`), `model.safetensors` and the base's processors.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from .factory import WrappedConfig
 @dataclass
 class VQAConfig(WrappedConfig):
     """config.json of a `VQAModel`."""
-    base: dict = field(default_factory=dict)           # the CoCa's config (with its model_type)
+    base: dict = field(default_factory=dict)           # the base's config (CoCa or SNP-S3, with its model_type)
     answers: list = field(default_factory=list)        # the A answers (normal form), in logit order
     answer_counts: list = field(default_factory=list)  # how many training questions had each as consensus answer
     type_majority: dict = field(default_factory=dict)  # question type -> its most common training answer
@@ -46,22 +54,31 @@ class VQAConfig(WrappedConfig):
 
 
 class VQAModel(WrapsEncoder, nn.Module):
-    """CoCa + answer head: `answer_logits(pixels, ids) -> (B, A)`, `answer(pixels, questions) -> [str]`.
+    """A multimodal base + answer head: `answer_logits(pixels, ids) -> (B, A)`, `answer(pixels, questions) -> [str]`.
+
+    The base supplies the multimodal pooled output through `qa_check`, `qa_visual_tokens`, `qa_fuse` and
+    `qa_width` (its width), and says with `qa_ordered` whether its fusion sees token positions; `CoCa` (decoder) and `SNPS3Model`
+    (cross encoder) have them, so this class has no per-family branches.
 
     Args:
-        base: a `CoCa` (its decoder reads the question; its image encoder and contrastive heads stay usable).
+        base: a `CoCa` (its decoder reads the question, cross-attending to the frames' image contexts) or an
+            `SNPS3Model` (its cross pass reads `[CLS question SEP ; clips ; SEP]`, videos only); its other heads
+            stay usable.
         answers: the A answers, normalised.
         answer_counts: training counts of each answer (for the majority baseline); default all 1.
         type_majority: question type -> majority training answer.
         hidden: head MLP width (0 = 2 x text width).
         dropout: head dropout.
-        num_frames: 0 for images; T > 0 for videos of T frames: every frame's image context goes to the decoder,
-            each frame's tokens plus a learned frame embedding (std 1 at the start, so order is visible from the
-            first step), concatenated in time order.
+        num_frames: 0 for images; T > 0 for videos of T frames: every frame's visual tokens go to the fusion,
+            concatenated in time order. A base whose fusion sees no positions (CoCa) gets a learned frame
+            embedding added to each frame's tokens (std 1 at the start, so order is visible from the first step).
         motion: videos only: also encode the T - 1 difference images frame[t] - frame[t-1] (normalised pixels)
-            with the same image encoder and append their contexts, each with its own learned embedding. Objects
-            moving, growing or changing colour on a static background are all the difference images show; without
-            them the tiny encoder's per-frame contexts barely differ within a video (docs/methods.md).
+            with the same image encoder and append their tokens (CoCa: each with its own learned embedding).
+            Objects moving, growing or changing colour on a static background are all the difference images show;
+            without them the tiny encoder's per-frame tokens barely differ within a video (docs/methods.md).
+    Raises:
+        ValueError: an empty vocabulary, a base without a multimodal fusion, or settings the base cannot read
+            (the base's `qa_check`: e.g. SNP-S3 with images or too many frames).
     """
 
     config_class = VQAConfig
@@ -72,18 +89,21 @@ class VQAModel(WrapsEncoder, nn.Module):
         super().__init__()
         if not answers:
             raise ValueError("VQAModel: an empty answer vocabulary")
-        if not hasattr(base, "decoder") or not hasattr(base, "image_context"):
-            raise ValueError(f"VQAModel: a {type(base).__name__} has no multimodal decoder; give a CoCa "
-                             f"(model_type 'coca', e.g. a sycoca run's out_dir/model)")
+        if not all(hasattr(base, name) for name in ("qa_width", "qa_check", "qa_visual_tokens", "qa_fuse")):
+            raise ValueError(f"VQAModel: a {type(base).__name__} has neither a multimodal decoder nor a cross encoder; "
+                             f"give a CoCa (model_type 'coca', e.g. a sycoca run's out_dir/model) or an SNP-S3 model "
+                             f"(model_type 'snps3', an snps3 run's out_dir/model)")
+        base.qa_check(num_frames, motion)
         self.base = base
         counts = list(answer_counts) if answer_counts else [1] * len(answers)
         self.config = VQAConfig(base=base.config.to_dict(), answers=list(answers), answer_counts=counts,
                                 type_majority=dict(type_majority or {}), hidden=hidden, dropout=dropout,
                                 num_frames=num_frames, motion=motion)
         self.config._base = base.config
-        width = base.config.text.width
-        self.frame_embed = nn.Parameter(torch.randn(num_frames, width)) if num_frames else None   # (T, Wt)
-        self.motion_embed = nn.Parameter(torch.randn(num_frames - 1, width)) if motion else None  # (T-1, Wt)
+        width = base.qa_width                                                # W of the pooled output
+        embed = num_frames and not base.qa_ordered
+        self.frame_embed = nn.Parameter(torch.randn(num_frames, width)) if embed else None            # (T, Wt)
+        self.motion_embed = nn.Parameter(torch.randn(num_frames - 1, width)) if embed and motion else None  # (T-1, Wt)
         h = hidden or 2 * width
         self.head = nn.Sequential(nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(h),
                                   nn.Linear(h, len(answers)))
@@ -109,37 +129,35 @@ class VQAModel(WrapsEncoder, nn.Module):
         return {name for name in ("frame_embed", "motion_embed") if getattr(self, name) is not None}
 
     def context(self, pixels: Tensor) -> Tensor:
-        """The decoder's context: (B, 3, H, W) images -> (B, N, Wt); (B, T, 3, H, W) videos -> (B, T*N, Wt)."""
-        m = self.base
+        """The fusion's visual tokens: (B, 3, H, W) images -> (B, K, Wc); (B, T, 3, H, W) videos -> (B, S, Wc)
+        (S = T' * K, plus the difference images' with `motion`; T' = T, or SNP-S3's clips)."""
+        m, frames = self.base, self.config.num_frames
         if pixels.dim() == 4:
-            if self.frame_embed is not None:
-                raise ValueError(f"VQAModel: a video model (num_frames {self.config.num_frames}) got images "
+            if frames:
+                raise ValueError(f"VQAModel: a video model (num_frames {frames}) got images "
                                  f"{tuple(pixels.shape)}; give (B, T, 3, H, W) frames")
-            return m.image_context(m.visual(pixels).tokens)                  # (B, N, Wt)
-        if self.frame_embed is None:
+            return m.qa_visual_tokens(pixels[:, None])[:, 0]                 # (B, K, Wc)
+        if not frames:
             raise ValueError(f"VQAModel: an image model got frames {tuple(pixels.shape)}; train with vqa.media: video")
-        B, T = pixels.shape[:2]
-        if T > len(self.frame_embed):
-            raise ValueError(f"VQAModel: {T} frames, but the model was trained with {len(self.frame_embed)}")
-        ctx = m.image_context(m.visual(pixels.flatten(0, 1)).tokens)         # (B*T, N, Wt)
-        ctx = ctx.view(B, T, *ctx.shape[1:]) + self.frame_embed[:T, None]    # (B, T, N, Wt)
-        if self.motion_embed is None or T < 2:
-            return ctx.flatten(1, 2)                                         # (B, T*N, Wt)
-        diff = (pixels[:, 1:] - pixels[:, :-1]).flatten(0, 1)               # (B*(T-1), 3, H, W)
-        dctx = m.image_context(m.visual(diff).tokens)
-        dctx = dctx.view(B, T - 1, *dctx.shape[1:]) + self.motion_embed[:T - 1, None]
-        return torch.cat([ctx.flatten(1, 2), dctx.flatten(1, 2)], dim=1)    # (B, (2T-1)*N, Wt)
+        T = pixels.shape[1]
+        if T > frames:
+            raise ValueError(f"VQAModel: {T} frames, but the model was trained with {frames}")
+        tok = m.qa_visual_tokens(pixels)                                     # (B, T', K, Wc)
+        if self.frame_embed is not None:
+            tok = tok + self.frame_embed[:tok.shape[1], None]
+        parts = [tok.flatten(1, 2)]                                          # (B, T'*K, Wc)
+        if self.config.motion and T >= 2:
+            diff = pixels[:, 1:] - pixels[:, :-1]                            # (B, T-1, 3, H, W)
+            dtok = m.qa_visual_tokens(diff)                                  # (B, T-1, K, Wc)
+            if self.motion_embed is not None:
+                dtok = dtok + self.motion_embed[:T - 1, None]
+            parts.append(dtok.flatten(1, 2))                                 # (B, (T-1)*K, Wc)
+        return torch.cat(parts, dim=1)                                       # (B, S, Wc)
 
     def fused(self, pixels: Tensor, ids: Tensor) -> Tensor:
-        """The decoder's multimodal pooled output: images (B, 3, H, W) or frames (B, T, 3, H, W) + (B, L) question
-        ids -> (B, Wt)."""
-        m = self.base
-        context = self.context(pixels)                                       # (B, N or T*N, Wt)
-        text = m.text(ids)                                                   # tokens (B, L, Wt)
-        x = m.decoder(text.tokens, is_causal=True, context=context)          # (B, L, Wt)
-        x = m.decoder_norm(x)
-        at = m.text._pool_index(ids)                                         # (B,) the question's EOT
-        return x[torch.arange(len(ids), device=x.device), at]                       # (B, Wt)
+        """The base's multimodal pooled output: images (B, 3, H, W) or frames (B, T, 3, H, W) + (B, L) question
+        ids -> (B, W)."""
+        return self.base.qa_fuse(ids, self.context(pixels))                  # (B, W)
 
     def answer_logits(self, pixels: Tensor, ids: Tensor) -> Tensor:
         """(B, 3, H, W) images (or (B, T, 3, H, W) frames) + (B, L) question ids -> (B, A) answer logits."""
@@ -154,7 +172,7 @@ class VQAModel(WrapsEncoder, nn.Module):
         return [self.config.answers[i] for i in self.answer_logits(pixels, ids).argmax(dim=1).tolist()]
 
     def save_pretrained(self, directory) -> None:
-        """One folder: config.json (CoCa config, answers), model.safetensors, processors."""
+        """One folder: config.json (base config, answers), model.safetensors, processors."""
         from .base import save_pretrained
         save_pretrained(self, directory)
 
