@@ -245,8 +245,9 @@ class VQAMethod(Method):
             if not hasattr(base, "qa_fuse"):
                 raise ValueError(f"model.path/model.name gives a {type(base).__name__}, which has neither a multimodal "
                                  f"decoder nor a cross encoder; vqa needs a CoCa (model.name: coca-tiny / coca-small, "
-                                 f"or a sycoca run's out_dir/model) or an SNP-S3 model (model.path: an snps3 run's "
-                                 f"out_dir/model, with vqa.media: video)")
+                                 f"or a sycoca run's out_dir/model), an M2-Encoder (model.name: m2-tiny, or an m2 run's "
+                                 f"out_dir/model) or an SNP-S3 model (model.path: an snps3 run's out_dir/model, with "
+                                 f"vqa.media: video)")
             base.qa_check(frames, self.cfg.motion)
         vocab = self.vocabulary()
         if isinstance(base, VQAModel):                         # continue training a saved VQA model

@@ -57,13 +57,14 @@ class VQAModel(WrapsEncoder, nn.Module):
     """A multimodal base + answer head: `answer_logits(pixels, ids) -> (B, A)`, `answer(pixels, questions) -> [str]`.
 
     The base supplies the multimodal pooled output through `qa_check`, `qa_visual_tokens`, `qa_fuse` and
-    `qa_width` (its width), and says with `qa_ordered` whether its fusion sees token positions; `CoCa` (decoder) and `SNPS3Model`
-    (cross encoder) have them, so this class has no per-family branches.
+    `qa_width` (its width), and says with `qa_ordered` whether its fusion sees token positions; `CoCa` (decoder),
+    `SNPS3Model` (cross encoder) and `M2Encoder` (joint multiway pass) have them, so this class has no per-family
+    branches.
 
     Args:
-        base: a `CoCa` (its decoder reads the question, cross-attending to the frames' image contexts) or an
-            `SNPS3Model` (its cross pass reads `[CLS question SEP ; clips ; SEP]`, videos only); its other heads
-            stay usable.
+        base: a `CoCa` (its decoder reads the question, cross-attending to the frames' image contexts), an
+            `SNPS3Model` (its cross pass reads `[CLS question SEP ; clips ; SEP]`, videos only) or an `M2Encoder`
+            (image and question tokens in one multiway sequence, images only); its other heads stay usable.
         answers: the A answers, normalised.
         answer_counts: training counts of each answer (for the majority baseline); default all 1.
         type_majority: question type -> majority training answer.
@@ -92,7 +93,7 @@ class VQAModel(WrapsEncoder, nn.Module):
         if not all(hasattr(base, name) for name in ("qa_width", "qa_check", "qa_visual_tokens", "qa_fuse")):
             raise ValueError(f"VQAModel: a {type(base).__name__} has neither a multimodal decoder nor a cross encoder; "
                              f"give a CoCa (model_type 'coca', e.g. a sycoca run's out_dir/model) or an SNP-S3 model "
-                             f"(model_type 'snps3', an snps3 run's out_dir/model)")
+                             f"(model_type 'snps3', an snps3 run's out_dir/model) or an M2-Encoder (model_type 'm2')")
         base.qa_check(num_frames, motion)
         self.base = base
         counts = list(answer_counts) if answer_counts else [1] * len(answers)
