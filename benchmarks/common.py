@@ -465,6 +465,40 @@ def cached_metrics(run_dir: Path, key: dict, compute, reused: bool) -> dict:
     return metrics
 
 
+def vqa_test_numbers(run_dir: Path, model_dir: Path, test: Path, tag: str, reused: bool, keys) -> dict:
+    """The `vqa` task's numbers `keys` of a VQA run's saved model on `test`, cached in the run folder
+    (`cached_metrics`, named `tag`)."""
+    def measure() -> dict:
+        from polymodal.eval.tasks import run_task
+        from polymodal.hub import load_model
+        m = run_task("vqa", load_model(model_dir).eval(), str(test))
+        return {k: float(m[k]) for k in keys if k in m}
+    return cached_metrics(run_dir, {"eval": tag, "test": str(test)}, measure, reused)
+
+
+def above_majority_claims(variants: dict) -> list[dict]:
+    """One claim per variant: its VQA accuracy is above the majority-answer baseline on every seed."""
+    out = []
+    for v in variants.values():
+        above = [a - b for a, b in zip(v["values"]["vqa_accuracy"], v["values"]["majority_vqa_accuracy"])]
+        out.append(claim(f"{v['label']} answers above the majority-answer baseline",
+                         f"VQA accuracy - majority {sum(above) / len(above):+.1f}, {sum(d > 0 for d in above)}/"
+                         f"{len(above)} seeds > 0", verdict({"values": above})))
+    return out
+
+
+def vqa_table(variants: dict, types, n: int) -> list[str]:
+    """Markdown lines of the VQA benchmarks' table: accuracy, exact match, majority, per type, seconds."""
+    f = lambda v, k: pm(v["mean"][k], v["std"][k], n) if k in v["mean"] else "n/a"     # noqa: E731
+    lines = ["| variant | VQA accuracy | exact match | majority baseline | " + " | ".join(types) +
+             " | pretrain s | VQA s |", "|---|---|---|---|" + "---|" * len(types) + "---|---|"]
+    for v in variants.values():
+        lines.append(f"| {v['label']} | {f(v, 'vqa_accuracy')} | {f(v, 'exact_match')} | "
+                     f"{f(v, 'majority_vqa_accuracy')} | " + " | ".join(f(v, f'type/{t}/vqa_accuracy') for t in types)
+                     + f" | {v['mean']['pretrain_s']:.0f} | {v['mean']['vqa_s']:.0f} |")
+    return lines
+
+
 def leave_plateau_step(metrics_file: Path, key: str, threshold: float) -> int | None:
     """First logged step whose `key` loss is below `threshold` (None if it never is).
 

@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (VERDICT_RULE, base_parser, cached_metrics, cached_world, claim,  # noqa: E402
+from benchmarks.common import (VERDICT_RULE, above_majority_claims, base_parser, cached_world, claim,  # noqa: E402
                                claim_lines, command_line, finish, machine_line, moving_shapes_world,
-                               over_seeds, paired_difference, pm, pm_diff, set_threads, verdict)
+                               over_seeds, paired_difference, pm_diff, set_threads, verdict, vqa_table,
+                               vqa_test_numbers)
 
 VARIANTS = (("mssm", "snps3_full.yaml", "SNP-S3 with MSSM -> VQA"),
             ("mlm", "snps3_mlm.yaml", "SNP-S3 with plain MLM -> VQA"))
@@ -119,19 +120,12 @@ def train_vqa(args, qa: Path, run_dir: Path, seed: int, start: Path) -> tuple[Pa
 
 def run_variant(args, data: Path, qa: Path, name: str, recipe_file: str, seed: int) -> dict:
     """Pretrain and fine-tune one variant at one seed; its test numbers (cached in the VQA run folder)."""
-    from polymodal.eval.tasks import run_task
-    from polymodal.hub import load_model
     print(f"[snps3_vqa] {name} seed {seed}: pretraining", flush=True)
     start, pre_s = pretrain(args, data, name, recipe_file, seed)
     print(f"[snps3_vqa] {name} seed {seed}: VQA fine-tuning", flush=True)
     run_dir = Path(args.runs) / f"vqa_{name}_s{seed}"
     model_dir, vqa_s, reused = train_vqa(args, qa, run_dir, seed, start)
-
-    def measure() -> dict:
-        m = run_task("vqa", load_model(model_dir).eval(), str(qa / "test.jsonl"))
-        return {k: float(m[k]) for k in NUMBERS if k in m}
-
-    out = {**cached_metrics(run_dir, {"eval": "snps3_vqa", "test": str(qa / "test.jsonl")}, measure, reused),
+    out = {**vqa_test_numbers(run_dir, model_dir, qa / "test.jsonl", "snps3_vqa", reused, NUMBERS),
            "pretrain_s": pre_s, "vqa_s": vqa_s}
     print(f"[snps3_vqa] {name} seed {seed}: VQA accuracy {out['vqa_accuracy']:.2f} (majority "
           f"{out['majority_vqa_accuracy']:.2f})", flush=True)
@@ -140,12 +134,7 @@ def run_variant(args, data: Path, qa: Path, name: str, recipe_file: str, seed: i
 
 def claims(variants: dict, paired: dict) -> list[dict]:
     """The claims this benchmark judges, each with its numbers and verdict."""
-    out = []
-    for v in variants.values():
-        above = [a - b for a, b in zip(v["values"]["vqa_accuracy"], v["values"]["majority_vqa_accuracy"])]
-        out.append(claim(f"{v['label']} answers above the majority-answer baseline",
-                         f"VQA accuracy - majority {sum(above) / len(above):+.1f}, {sum(d > 0 for d in above)}/"
-                         f"{len(above)} seeds > 0", verdict({"values": above})))
+    out = above_majority_claims(variants)
     d = paired["mssm-mlm"]["vqa_accuracy"]
     out.append(claim("MSSM pretraining gives higher video-QA accuracy than plain MLM (SNP-S3's ablation)",
                      f"VQA accuracy {pm_diff(d)}", verdict(d)))
@@ -156,7 +145,6 @@ def render_markdown(result: dict) -> str:
     """results.md: settings, the table (mean ± sample std over seeds), per-seed rows, paired differences, claims."""
     st, variants, paired = result["settings"], result["variants"], result["paired"]
     n = len(st["seeds"])
-    f = lambda v, k: pm(v["mean"][k], v["std"][k], n) if k in v["mean"] else "n/a"     # noqa: E731
     lines = [
         "# MSSM vs MLM on video QA for SNP-S3 (MovingShapes QA)", "",
         f"Command: `{st['command']}`  ",
@@ -167,12 +155,7 @@ def render_markdown(result: dict) -> str:
         f"{st['steps']} steps; VQA: recipes/vqa_snps3.yaml, {st['vqa_steps']} steps"
         f"{''.join(f' {s}' for s in st['vqa_sets'])}. Seeds {st['seeds']} (mean ± sample std). Torch threads "
         f"{st['threads']}. Total wall time {result['seconds']['total']:.0f} s.", "",
-        "| variant | VQA accuracy | exact match | majority baseline | " + " | ".join(TYPES) + " | pretrain s | VQA s |",
-        "|---|---|---|---|" + "---|" * len(TYPES) + "---|---|"]
-    for v in variants.values():
-        lines.append(f"| {v['label']} | {f(v, 'vqa_accuracy')} | {f(v, 'exact_match')} | "
-                     f"{f(v, 'majority_vqa_accuracy')} | " + " | ".join(f(v, f'type/{t}/vqa_accuracy') for t in TYPES)
-                     + f" | {v['mean']['pretrain_s']:.0f} | {v['mean']['vqa_s']:.0f} |")
+        *vqa_table(variants, TYPES, n)]
     any_v = next(iter(variants.values()))
     lines.append("| majority baseline per type | | | | " + " | ".join(
         f"{any_v['mean'].get(f'type/{t}/majority_vqa_accuracy', float('nan')):.1f}" for t in TYPES) + " | | |")

@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (VERDICT_RULE, cached_metrics, cached_world, claim, claim_lines,  # noqa: E402
-                               command_line, experiment_parser, finish, over_seeds, paired_difference, pm, pm_diff,
-                               prepare, train_variant, verdict)
+from benchmarks.common import (VERDICT_RULE, above_majority_claims, cached_world, claim, claim_lines,  # noqa: E402
+                               command_line, experiment_parser, finish, over_seeds, paired_difference, pm_diff,
+                               prepare, train_variant, verdict, vqa_table,
+                               vqa_test_numbers)
 
 PRETRAINED = (("coca", "sycoca_coca.yaml", "CoCa (ITC + IC) -> VQA"),
               ("sycoca", "sycoca_attentive.yaml", "SyCoCa (attentive TG-MIM) -> VQA"))
@@ -89,8 +90,6 @@ def train_vqa(args, qa: Path, run_dir: Path, seed: int, start: Path | None):
 
 def run_variant(args, data: Path, qa: Path, runs: Path, name: str, recipe: str | None, seed: int) -> dict:
     """Pretrain (unless from scratch) and fine-tune one variant at one seed; its test numbers (cached)."""
-    from polymodal.eval.tasks import run_task
-    from polymodal.hub import load_model
     start, pre_s = None, 0.0
     if recipe is not None:
         print(f"[vqa_sycoca] {name} seed {seed}: pretraining", flush=True)
@@ -99,12 +98,7 @@ def run_variant(args, data: Path, qa: Path, runs: Path, name: str, recipe: str |
     print(f"[vqa_sycoca] {name} seed {seed}: VQA fine-tuning", flush=True)
     run_dir = runs / f"vqa_{name}_s{seed}"
     model_dir, vqa_s, reused = train_vqa(args, qa, run_dir, seed, start)
-
-    def measure() -> dict:
-        m = run_task("vqa", load_model(model_dir).eval(), str(qa / "test.jsonl"))
-        return {k: float(m[k]) for k in NUMBERS if k in m}
-
-    out = {**cached_metrics(run_dir, {"eval": "vqa_sycoca", "test": str(qa / "test.jsonl")}, measure, reused),
+    out = {**vqa_test_numbers(run_dir, model_dir, qa / "test.jsonl", "vqa_sycoca", reused, NUMBERS),
            "pretrain_s": pre_s, "vqa_s": vqa_s}
     print(f"[vqa_sycoca] {name} seed {seed}: VQA accuracy {out['vqa_accuracy']:.2f} (majority "
           f"{out['majority_vqa_accuracy']:.2f})", flush=True)
@@ -112,12 +106,7 @@ def run_variant(args, data: Path, qa: Path, runs: Path, name: str, recipe: str |
 
 
 def claims(variants: dict, paired: dict) -> list[dict]:
-    out = []
-    for name, v in variants.items():
-        above = [a - b for a, b in zip(v["values"]["vqa_accuracy"], v["values"]["majority_vqa_accuracy"])]
-        out.append(claim(f"{v['label']} answers above the majority-answer baseline",
-                         f"VQA accuracy - majority {sum(above) / len(above):+.1f}, {sum(d > 0 for d in above)}/"
-                         f"{len(above)} seeds > 0", verdict({"values": above})))
+    out = above_majority_claims(variants)
     for key, text in (("coca-scratch", "pretraining CoCa on the captions helps VQA over training from scratch"),
                       ("sycoca-coca", "SyCoCa's TG-MIM pretraining helps VQA over CoCa's (the paper's claim for "
                                       "VQA)")):
@@ -132,7 +121,6 @@ def claims(variants: dict, paired: dict) -> list[dict]:
 def render_markdown(result: dict) -> str:
     st, variants, paired = result["settings"], result["variants"], result["paired"]
     n = len(st["seeds"])
-    f = lambda v, k: pm(v["mean"][k], v["std"][k], n) if k in v["mean"] else "n/a"     # noqa: E731
     lines = [
         "# VQA from CoCa vs SyCoCa pretraining on ShapesWorld QA", "",
         f"Command: `{st['command']}`  ",
@@ -141,12 +129,7 @@ def render_markdown(result: dict) -> str:
         f"(`{st['model']}`{''.join(f' {s}' for s in st['sets'])}). Pretraining {st['steps']} steps of batch "
         f"{st['batch_size']}; VQA fine-tuning {st['vqa_steps']} steps. Seeds {st['seeds']} (mean ± sample std). "
         f"Torch threads {st['threads']}. Total wall time {result['seconds']['total']:.0f} s.", "",
-        "| variant | VQA accuracy | exact match | majority baseline | " + " | ".join(TYPES) + " | pretrain s | VQA s |",
-        "|---|---|---|---|" + "---|" * len(TYPES) + "---|---|"]
-    for v in variants.values():
-        lines.append(f"| {v['label']} | {f(v, 'vqa_accuracy')} | {f(v, 'exact_match')} | "
-                     f"{f(v, 'majority_vqa_accuracy')} | " + " | ".join(f(v, f'type/{t}/vqa_accuracy') for t in TYPES)
-                     + f" | {v['mean']['pretrain_s']:.0f} | {v['mean']['vqa_s']:.0f} |")
+        *vqa_table(variants, TYPES, n)]
     lines += ["", "Per-type columns are VQA accuracy. Paired differences (same seed), mean ± std (min..max, seeds > 0):",
               "", "| difference | VQA accuracy | exact match | where | which | shape |", "|---|---|---|---|---|---|"]
     for key, d in paired.items():

@@ -12,6 +12,7 @@ from polymodal.cli import main
 from polymodal.data.synthetic.shapes_qa import QUESTION_TYPES, ShapesQAConfig, generate_shapes_qa
 from polymodal.eval.vqa import normalize_answer, qa_metrics, record_answers, vqa_score
 from polymodal.methods.vqa import build_vocabulary, soft_targets, vqa_loss
+from reproduce import assert_eval_reproduces
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,14 +161,7 @@ def test_vqa_recipe_trains_and_the_saved_model_reproduces_its_numbers(trained, q
     saved = polymodal.load_model(out / "model")
     assert type(saved).__name__ == "VQAModel" and saved.config.model_type == "vqa"
     assert saved.majority_answer("exists") in ("yes", "no") and len(saved.answers) == final["eval/vqa/num_answers"]
-    args = ["eval", str(out / "model"), "--task", "vqa", "--data", str(qa_world / "val.jsonl"),
-            "--out", str(tmp_path / "m.json")]
-    assert main(args) in (0, None)
-    got = json.loads((tmp_path / "m.json").read_text())
-    want = {k[len("eval/vqa/"):]: v for k, v in final.items() if k.startswith("eval/vqa/")}
-    assert want and set(want) == set(got)
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, abs=1e-6), k
+    assert_eval_reproduces(final, out / "model", "vqa", qa_world / "val.jsonl", tmp_path / "m.json")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import polymodal
-from polymodal.cli import main
+from reproduce import assert_eval_reproduces
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SNPS3 = ["snps3.vision={image_size: 32, patch_size: 8, width: 32, layers: 2, heads: 2}",
@@ -60,14 +60,7 @@ def test_snps3_vqa_trains_and_the_saved_model_reproduces_its_numbers(trained, qa
     assert saved.config.num_frames == 4 and saved.config.motion and saved.config.base["model_type"] == "snps3"
     assert saved.frame_embed is None and saved.motion_embed is None     # the cross pass orders the visual tokens
     assert final["eval/vqa/num_questions"] > 0 and "eval/vqa/majority_vqa_accuracy" in final
-    args = ["eval", str(out / "model"), "--task", "vqa", "--data", str(qa[1] / "test.jsonl"),
-            "--out", str(tmp_path / "m.json")]
-    assert main(args) in (0, None)
-    got = json.loads((tmp_path / "m.json").read_text())
-    want = {k[len("eval/vqa/"):]: v for k, v in final.items() if k.startswith("eval/vqa/")}
-    assert want and set(want) == set(got)
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, abs=1e-6), k
+    assert_eval_reproduces(final, out / "model", "vqa", qa[1] / "test.jsonl", tmp_path / "m.json")
 
 
 def test_snps3_vqa_reads_the_cross_pass_in_frame_order(trained):
