@@ -7,15 +7,18 @@ import pytest
 from polymodal.cli import main
 
 
-def assert_eval_reproduces(final: dict, model_dir, task: str, data, out_json, abs_tol: float = 1e-6) -> None:
+def assert_eval_reproduces(final: dict, model_dir, task: str, data, out_json, abs_tol: float = 1e-6,
+                           options: tuple = ()) -> None:
     """Every `eval/<task>/...` number of `final` equals `polymodal eval MODEL --task TASK --data DATA`'s.
 
     Args:
         final: a run's final metrics (`run_recipe`'s return).
         model_dir: the run's saved model folder.
         out_json: where `polymodal eval --out` writes its numbers.
+        options: `-o KEY=VALUE` task options.
     """
-    assert main(["eval", str(model_dir), "--task", task, "--data", str(data), "--out", str(out_json)]) in (0, None)
+    extra = [a for o in options for a in ("-o", o)]
+    assert main(["eval", str(model_dir), "--task", task, "--data", str(data), "--out", str(out_json), *extra]) in (0, None)
     got = json.loads(open(out_json).read())
     prefix = f"eval/{task}/"
     want = {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}

@@ -38,6 +38,7 @@ from ..models.base import ConfigDict
 from .base import Method, build_tokenizer
 
 LOSSES = ("soft_ce", "bce")
+ANSWERS = ("classify", "generate")
 
 
 @dataclass
@@ -51,8 +52,15 @@ class VQASection(ConfigDict):
     dropout: float = 0.1            # head dropout
     media: str = "image"            # "image" | "video" (records carry `video`; data.num_frames frames per question)
     motion: bool = False            # video: also encode frame-to-frame difference images (VQAModel's `motion`)
+    answer: str = "classify"        # "classify" (a head over the answer vocabulary) | "generate" (a CoCa's decoder
+                                    # writes the answer after the question; the saved model is the CoCa itself)
 
     def __post_init__(self):
+        if self.answer not in ANSWERS:
+            raise ConfigError(f"vqa.answer must be one of {', '.join(ANSWERS)}, got {self.answer!r}")
+        if self.answer == "generate" and (self.media != "image" or self.freeze_base):
+            raise ConfigError("vqa.answer: generate trains a CoCa's decoder on images: it needs vqa.media: image and "
+                              "vqa.freeze_base: false")
         if self.media not in ("image", "video"):
             raise ConfigError(f"vqa.media must be image or video, got {self.media!r}")
         if self.motion and self.media != "video":
@@ -200,6 +208,71 @@ class VQATask(nn.Module):
         return {"loss": loss, "batch_accuracy": acc.detach()}
 
 
+class GenerativeQADataset(torch.utils.data.Dataset):
+    """QA records -> {"pixels" (3, H, W), "question": str, "answer": str (the consensus answer)}; each image decoded
+    once.
+
+    Args:
+        records: QA records (image paths resolved).
+        transform: PIL image -> (3, H, W).
+        where: the manifest, for errors.
+    """
+
+    def __init__(self, records: list[dict], transform, where: str = "data.train"):
+        from ..eval.vqa import consensus, record_answers
+        self.records, self.transform = records, transform
+        self.answers = [consensus(record_answers(r, f"{where} line {r.get('_line', k + 1)}"))
+                        for k, r in enumerate(records)]
+        self._pixels: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..data.images import load_image
+        r = self.records[i]
+        if r["image"] not in self._pixels:
+            self._pixels[r["image"]] = self.transform(load_image(r["image"]))
+        return {"pixels": self._pixels[r["image"]], "question": str(r["question"]), "answer": self.answers[i]}
+
+
+class GenerativeQACollate:
+    """Samples -> {"pixels" (B, 3, H, W), "input_ids" (B, L) `[BOS] question answer [EOS]`, "answer_mask" (B, L)}.
+
+    Args:
+        model: the CoCa (its tokenizer, special ids and text context are kept, not the model).
+    """
+
+    def __init__(self, model):
+        self.tokenizer = model.tokenizer
+        self.ids = (model.bos_id, model.eos_id, model.pad_id, model.text.max_tokens, model.config.max_answer_tokens)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        from ..models.coca import prompt_answer_ids
+        ids, is_answer = prompt_answer_ids(self.tokenizer, [s["question"] for s in samples],
+                                           [s["answer"] for s in samples], *self.ids)
+        return {"pixels": torch.stack([s["pixels"] for s in samples]), "input_ids": ids, "answer_mask": is_answer}
+
+
+class GenerativeVQATask(nn.Module):
+    """`batch -> {"loss", "answer_token_accuracy"}`: next-token cross-entropy of the answer tokens (and the closing
+    EOS) given the image and the question; the question's own tokens are not predicted."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict:
+        m, ids = self.model, batch["input_ids"]                                   # (B, L)
+        context = m.image_context(m.visual(batch["pixels"]).tokens)               # (B, N, Wt)
+        logits = m.decode(m.text(ids).tokens, context)[:, :-1].float()           # (B, L-1, V): predicts ids[:, 1:]
+        target = ids[:, 1:].masked_fill(~batch["answer_mask"][:, 1:], -100)       # (B, L-1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        counted = target != -100
+        acc = (logits.argmax(-1) == target)[counted].float().mean()
+        return {"loss": loss, "answer_token_accuracy": acc.detach()}
+
+
 class VQAMethod(Method):
     """`method: vqa`."""
 
@@ -240,6 +313,19 @@ class VQAMethod(Method):
     def build_model(self, tokenizer) -> nn.Module:
         from ..models.vqa import VQAModel
         base = super().build_model(tokenizer)
+        if self.cfg.answer == "generate":
+            if not (hasattr(base, "prompt_answer_ids") and hasattr(base, "decode")):
+                raise ValueError(f"vqa.answer: generate needs a captioner with a multimodal decoder (a CoCa: "
+                                 f"model.name: coca-tiny, or a sycoca run's out_dir/model); model.path/model.name "
+                                 f"gives a {type(base).__name__}")
+            limit = base.config.max_answer_tokens
+            longest = max(self.vocabulary().answers, key=lambda a: len(base.tokenizer.encode(a)))
+            if len(base.tokenizer.encode(longest)) + 1 > limit:
+                raise ConfigError(f"vqa.answer: generate: the answer {longest!r} of {self.run.data.train} takes "
+                                  f"{len(base.tokenizer.encode(longest)) + 1} tokens with its EOS, over the CoCa's "
+                                  f"max_answer_tokens {limit}; set model.overrides.max_answer_tokens (or a larger "
+                                  f"tokenizer.vocab_size)")
+            return base.train()
         frames = self.run.data.num_frames if self.media == "video" else 0
         if not isinstance(base, VQAModel):                     # the base's own checks come before the data's
             if not hasattr(base, "qa_fuse"):
@@ -274,15 +360,17 @@ class VQAMethod(Method):
         if self.media == "video":
             from .base import _video_loader
             loader = _video_loader(self.run.data, self.run.train.seed)
+        if self.cfg.answer == "generate":
+            return GenerativeQADataset(self.records(), model.image_transform, str(self.run.data.train)), None
         return VQADataset(self.records(), model.answers, model.image_transform, str(self.run.data.train),
                           loader), None
 
     def collate(self, model: nn.Module):
-        return VQACollate(model.tokenizer)
+        return GenerativeQACollate(model) if self.cfg.answer == "generate" else VQACollate(model.tokenizer)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        return VQATask(model, self.cfg.loss)
+        return GenerativeVQATask(model) if self.cfg.answer == "generate" else VQATask(model, self.cfg.loss)
 
 
 __all__ = ["VQASection", "AnswerVocabulary", "build_vocabulary", "soft_targets", "vqa_loss", "VQADataset",
-           "VQACollate", "VQATask", "VQAMethod"]
+           "VQACollate", "VQATask", "GenerativeQADataset", "GenerativeQACollate", "GenerativeVQATask", "VQAMethod"]

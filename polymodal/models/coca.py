@@ -24,7 +24,7 @@ the same tokens, tests/test_kv_cache.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,8 @@ class CoCaConfig(ConfigDict):
     init_logit_scale: float = DEFAULT_LOGIT_SCALE
     max_logit_scale: float = 100.0
     pooler_init: str = "scaled"     # attentional poolers: "scaled" (queries N(0,1), fan-in Linears) | "torch"
+    max_answer_tokens: int = 8      # prompted answers (generative VQA): answer tokens incl. EOS; a prompt keeps its
+                                    # last text.context_length - 1 - this many tokens, in training and generation alike
     model_type: str = "coca"
 
 
@@ -337,6 +339,49 @@ class CoCa(PolymodalModel):
                                  generator, use_cache)
         return ids.clone()
 
+    def prompt_answer_ids(self, prompts: Sequence[str], answers: Sequence[str] | None = None
+                          ) -> tuple[Tensor, Tensor]:
+        """`prompt_answer_ids` with this model's tokenizer, special ids, text context and `max_answer_tokens`."""
+        return prompt_answer_ids(self.tokenizer, prompts, answers, self.bos_id, self.eos_id, self.pad_id,
+                                 self.text.max_tokens, self.config.max_answer_tokens)
+
+    @torch.no_grad()
+    def generate_text(self, pixels: Tensor, prompts: Sequence[str], method: str = "greedy") -> list[str]:
+        """Answers to prompts about images: greedy continuation of `[BOS] prompt` up to EOS (generative VQA).
+
+        Rows are decoded in groups of equal prompt length, re-running the towers on the whole prefix each step
+        (prompts differ in length, and answers are a few tokens).
+
+        Args:
+            pixels: (B, 3, H, W) normalised images.
+            prompts: B questions.
+            method: "greedy" (the only decoding offered for prompted answers).
+        Returns:
+            B answer strings.
+        """
+        if method != "greedy":
+            raise ValueError(f"CoCa.generate_text: only greedy decoding answers prompts, got method {method!r}")
+        context = self.image_context(self.visual(pixels).tokens)            # (B, N, Wt)
+        ids, _ = self.prompt_answer_ids(prompts)
+        lengths = (ids != self.pad_id).sum(1).tolist()
+        lengths = [max(1, n) for n in lengths]
+        out: list = [None] * len(prompts)
+        for n in sorted(set(lengths)):
+            rows = [i for i, m in enumerate(lengths) if m == n]
+            seq = ids[rows, :n].to(pixels.device)                            # (R, n)
+            ctx = context[rows]
+            done = torch.zeros(len(rows), dtype=torch.bool, device=pixels.device)
+            for _ in range(min(self.config.max_answer_tokens, self.text.max_tokens - n)):
+                nxt = self.decode(self.text(seq).tokens, ctx)[:, -1].argmax(-1)   # (R,)
+                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                done |= nxt == self.eos_id
+                if bool(done.all()):
+                    break
+            for i, r in zip(rows, seq[:, n:].tolist()):
+                out[i] = self.tokenizer.decode([t for t in r if t != self.pad_id])
+        return out
+
     def _generate(self, pixels: Tensor, method: str, max_len: int | None, num_beams: int, top_p: float,
                   temperature: float, length_penalty: float, generator: torch.Generator | None,
                   use_cache: bool) -> Tensor:
@@ -430,6 +475,38 @@ def caption_mask(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
         last_real = torch.where(ids != pad_id, pos, torch.full_like(pos, -1)).max(dim=1).values  # (B,)
         valid = torch.where(no_eos[:, None], pos[None] <= last_real[:, None], valid)
     return valid
+
+
+def prompt_answer_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None, bos_id: int, eos_id: int,
+                      pad_id: int, limit: int, answer_tokens: int) -> tuple[Tensor, Tensor]:
+    """`[BOS] prompt [answer EOS]` rows, right-padded: (B, L) ids and (B, L) True where a token is an answer token or
+    the closing EOS (the positions a generative VQA loss predicts). Each prompt keeps its last
+    `limit - 1 - answer_tokens` content tokens whether or not an answer follows, so a model generates from the
+    prefix it was trained on.
+
+    Raises:
+        ValueError: an answer longer than `answer_tokens` (with its EOS), or no room left for the prompt.
+    """
+    room = limit - 1 - answer_tokens                                        # content tokens a prompt keeps
+    if room < 1:
+        raise ValueError(f"max_answer_tokens {answer_tokens} leaves no room for the question in the text context "
+                         f"({limit} tokens); lower it or raise text.context_length")
+    rows, marks = [], []
+    for i, p in enumerate(prompts):
+        a = [*tokenizer.encode(answers[i]), eos_id] if answers is not None else []
+        if len(a) > answer_tokens:
+            raise ValueError(f"answer {answers[i]!r} takes {len(a)} tokens with its EOS, over max_answer_tokens "
+                             f"{answer_tokens}; raise model.overrides.max_answer_tokens")
+        q = [bos_id, *tokenizer.encode(p)[-room:]]
+        rows.append(q + a)
+        marks.append([False] * len(q) + [True] * len(a))
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    is_answer = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, marks)):
+        ids[i, :len(r)] = torch.tensor(r)
+        is_answer[i, :len(m)] = torch.tensor(m)
+    return ids, is_answer
 
 
 def caption_loss(logits: Tensor, ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
