@@ -45,7 +45,7 @@ def registered():
 def recipe(worlds, out, *extra):
     cf, qa = worlds
     return load_recipe(None, ["method=asd", f"out_dir={out}", "model.name=mllm-tiny", f"data.train={cf}/train.jsonl",
-                              "model.overrides={lm.width: 32, lm.heads: 2}", "data.batch_size=32",
+                              "model.overrides={lm.width: 32, lm.heads: 2, max_prompt_tokens: 48}", "data.batch_size=32",
                               "train.log_every=10", "train.progress=false", "train.threads=1", "optim.warmup_steps=5",
                               "optim.lr=6e-3", "tokenizer.vocab_size=300", "train.ckpt_every=0",
                               "asd={loss: false, resample: false}",
@@ -205,3 +205,16 @@ def test_the_benchmark_quick_mode_emits_the_qa_claim(tmp_path):
     text = (tmp_path / "out" / "results.md").read_text()
     assert "ASD keeps the MLLM's QA accuracy" in text and KEPT_RULE in text and "qa_accuracy" in text
     assert all(math.isfinite(r["qa_majority"]) for r in result["rows"]["base"])
+
+
+def test_a_question_longer_than_the_prompt_limit_fails_before_training(registered, worlds, tmp_path):
+    """The MLLM cuts a prompt to its last max_prompt_tokens tokens: a longer question is refused at start-up instead
+    of being trained on cut."""
+    cf, qa = worlds
+    long = qa / "long.jsonl"
+    rec = json.loads((qa / "train.jsonl").read_text().splitlines()[0])
+    long.write_text(json.dumps({**rec, "question": "what color is the " + "very " * 60 + "small object?"}) + "\n")
+    with pytest.raises(ConfigError, match=r"asd.qa_train: the prompt 'what color is the very .* takes \d+ tokens, over "
+                                          r"the MLLM's max_prompt_tokens 48 .* model.overrides.max_prompt_tokens="):
+        run_recipe(recipe(worlds, tmp_path / "run", "train.steps=5", f"asd.qa_train={long}"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -163,6 +163,27 @@ def qa_records(manifest, key: str = "asd.qa_train") -> list[dict]:
     return out
 
 
+def check_lengths(model, records: list[dict], key: str) -> None:
+    """Every prompt and answer fits the MLLM's `max_prompt_tokens` / `max_answer_tokens` (the model would cut a longer
+    one silently: a prompt from the left, an answer at its end).
+
+    Raises:
+        ConfigError: the first record that does not fit, naming the recipe key, the text and the setting to raise.
+    """
+    tok, c = model.tokenizer, model.config
+    for r in records:
+        n = len(tok.encode(r["prompt"]))
+        if n > c.max_prompt_tokens:
+            raise ConfigError(f"{key}: the prompt {r['prompt'][:60]!r} takes {n} tokens, over the MLLM's "
+                              f"max_prompt_tokens {c.max_prompt_tokens} (it would be cut from the left); set "
+                              f"model.overrides.max_prompt_tokens={n} (a new model) or shorten it")
+        n = len(tok.encode(r["answer"])) + 2                                  # SEP and EOS
+        if n > c.max_answer_tokens:
+            raise ConfigError(f"{key}: the answer {r['answer'][:60]!r} takes {n} tokens with SEP and EOS, over the "
+                              f"MLLM's max_answer_tokens {c.max_answer_tokens} (it would be cut); set "
+                              f"model.overrides.max_answer_tokens={n} (a new model) or shorten it")
+
+
 class ASDTask(nn.Module):
     """An MLLM and the ASD objective; `forward(batch) -> {"loss", "nll", "weight", "floored"}` (floored: the share
     of concept samples whose Skew was floored at -ln(asd.max_weight) this epoch).
@@ -361,8 +382,10 @@ class ASDMethod(Method):
         return create_mllm(cfg, tokenizer, vision=vision)
 
     def build_task(self, model: nn.Module) -> nn.Module:
-        records = training_records(self.run.data.train) + self.qa_samples()
-        self._task = ASDTask(model, self.cfg, records, self.run.train.seed)
+        debias, qa = training_records(self.run.data.train), self.qa_samples()
+        check_lengths(model, debias, "data.train")
+        check_lengths(model, qa, "asd.qa_train")
+        self._task = ASDTask(model, self.cfg, debias + qa, self.run.train.seed)
         return self._task
 
     def build_dataset(self, model: nn.Module, rank: int, world_size: int):
