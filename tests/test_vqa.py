@@ -335,3 +335,30 @@ def test_video_vqa_motion_encodes_frame_differences(moving_world, tmp_path):
         VQASection(motion=True)
     with pytest.raises(ValueError, match="motion needs videos of >= 2 frames"):
         VQAConfig(num_frames=1, motion=True)
+
+
+def test_a_video_vqa_model_is_scored_on_frames_picked_as_in_training(moving_world, tmp_path, monkeypatch):
+    """The training run's data.frame_strategy is saved with the model and used by the vqa task (it read uniform
+    frames whatever the model trained on)."""
+    import polymodal.data.video as video
+    from polymodal.data.synthetic.moving_qa import generate_moving_qa
+    from polymodal.data.text import train_tokenizer
+    from polymodal.eval.vqa import vqa_task
+    from polymodal.models.vqa import VQAModel
+    world = moving_world(n_train=4, n_test=2, seed=5, num_frames=4)
+    qa = tmp_path / "mqa"
+    generate_moving_qa(world, qa)
+    tok = train_tokenizer(["does anything move what moves yes no"] * 5, vocab_size=120)
+    torch.manual_seed(0)
+    VQAModel(polymodal.create_model("coca-tiny", tokenizer=tok), ["yes", "no"], num_frames=4,
+             frame_strategy="keyframes").save_pretrained(tmp_path / "m")
+    model = polymodal.load_model(tmp_path / "m").eval()
+    assert model.config.frame_strategy == "keyframes"
+    seen, read = [], video.read_video
+
+    def spy(path, num_frames=8, strategy="uniform", **kw):
+        seen.append(strategy)
+        return read(path, num_frames=num_frames, strategy=strategy, **kw)
+    monkeypatch.setattr(video, "read_video", spy)
+    vqa_task(model, qa / "test.jsonl", limit=2)
+    assert seen and set(seen) == {"keyframes"}

@@ -240,6 +240,7 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
         raise ValueError(f"vqa: a {type(model).__name__} answers in free text and stores no training answers; give "
                          f"the training manifest for the majority baseline with -o majority_from=TRAIN.jsonl")
     frames = int(getattr(getattr(model, "config", None), "num_frames", 0) or 0)
+    strategy = str(getattr(getattr(model, "config", None), "frame_strategy", "uniform") or "uniform")
     media = "video" if frames else "image"
     records = read_records(manifest, limit, on_bad_record, required=(media, "question"), media=media)
     device = device_of(model)
@@ -249,7 +250,7 @@ def vqa_task(model, manifest, limit: int = 0, progress: bool = False, lang: str 
         if path not in pixel_cache:
             if frames:
                 from ..data.video import read_video
-                pixel_cache[path] = read_video(path, num_frames=frames).pixels(model.image_transform)
+                pixel_cache[path] = read_video(path, num_frames=frames, strategy=strategy).pixels(model.image_transform)
             else:
                 pixel_cache[path] = model.image_transform(load_image(path))
         return pixel_cache[path]

@@ -348,9 +348,10 @@ class VQAMethod(Method):
                 raise ValueError(f"model.path {self.run.model.path} answers {len(base.answers)} answers, not the "
                                  f"{len(vocab.answers)} of {self.run.data.train}; start from its base model instead")
             model = base
+            model.config.frame_strategy = self.run.data.frame_strategy if frames else "uniform"
         else:
             model = VQAModel(base, vocab.answers, vocab.counts, vocab.type_majority, self.cfg.hidden, self.cfg.dropout,
-                             frames, self.cfg.motion)
+                             frames, self.cfg.motion, self.run.data.frame_strategy if frames else "uniform")
         model.base.requires_grad_(not self.cfg.freeze_base)
         return model.train()
 

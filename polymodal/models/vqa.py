@@ -40,6 +40,7 @@ class VQAConfig(WrappedConfig):
     dropout: float = 0.1                               # head dropout (training only)
     num_frames: int = 0                                # 0: questions about images; T: about T-frame videos
     motion: bool = False                               # videos: also encode each frame's difference from the last
+    frame_strategy: str = "uniform"                    # videos: how the evaluation picks the frames (as training did)
     model_type: str = "vqa"
 
     def __post_init__(self):
@@ -77,6 +78,8 @@ class VQAModel(WrapsEncoder, nn.Module):
             with the same image encoder and append their tokens (CoCa: each with its own learned embedding).
             Objects moving, growing or changing colour on a static background are all the difference images show;
             without them the tiny encoder's per-frame tokens barely differ within a video (docs/methods.md).
+        frame_strategy: videos: how the `vqa` evaluation picks the frames ("uniform" | "keyframes" | "scene"; the
+            training run's `data.frame_strategy`, so a model is scored on frames chosen as it was trained on).
     Raises:
         ValueError: an empty vocabulary, a base without a multimodal fusion, or settings the base cannot read
             (the base's `qa_check`: e.g. SNP-S3 with images or too many frames).
@@ -86,7 +89,7 @@ class VQAModel(WrapsEncoder, nn.Module):
 
     def __init__(self, base: nn.Module, answers: list, answer_counts: list | None = None,
                  type_majority: dict | None = None, hidden: int = 0, dropout: float = 0.1, num_frames: int = 0,
-                 motion: bool = False):
+                 motion: bool = False, frame_strategy: str = "uniform"):
         super().__init__()
         if not answers:
             raise ValueError("VQAModel: an empty answer vocabulary")
@@ -99,7 +102,7 @@ class VQAModel(WrapsEncoder, nn.Module):
         counts = list(answer_counts) if answer_counts else [1] * len(answers)
         self.config = VQAConfig(base=base.config.to_dict(), answers=list(answers), answer_counts=counts,
                                 type_majority=dict(type_majority or {}), hidden=hidden, dropout=dropout,
-                                num_frames=num_frames, motion=motion)
+                                num_frames=num_frames, motion=motion, frame_strategy=frame_strategy)
         self.config._base = base.config
         width = base.qa_width                                                # W of the pooled output
         embed = num_frames and not base.qa_ordered
@@ -115,7 +118,7 @@ class VQAModel(WrapsEncoder, nn.Module):
         from .families import build_model
         return cls(build_model(cfg.base_config()), list(cfg.answers), list(cfg.answer_counts),
                    dict(cfg.type_majority), cfg.hidden, cfg.dropout, cfg.num_frames,
-                   cfg.motion)
+                   cfg.motion, cfg.frame_strategy)
 
     answers = property(lambda self: list(self.config.answers))
     def majority_answer(self, question_type: str | None = None) -> str:
