@@ -363,8 +363,8 @@ class CoCa(PolymodalModel):
             raise ValueError(f"CoCa.generate_text: only greedy decoding answers prompts, got method {method!r}")
         context = self.image_context(self.visual(pixels).tokens)            # (B, N, Wt)
         ids, _ = self.prompt_answer_ids(prompts)
-        lengths = (ids != self.pad_id).sum(1).tolist()
-        lengths = [max(1, n) for n in lengths]
+        room = self.text.max_tokens - 1 - self.config.max_answer_tokens       # as prompt_answer_ids cuts them
+        lengths = [1 + len(self.tokenizer.encode(p)[-room:]) for p in prompts]  # not from the ids: pad may be a token
         out: list = [None] * len(prompts)
         for n in sorted(set(lengths)):
             rows = [i for i, m in enumerate(lengths) if m == n]
@@ -379,7 +379,7 @@ class CoCa(PolymodalModel):
                 if bool(done.all()):
                     break
             for i, r in zip(rows, seq[:, n:].tolist()):
-                out[i] = self.tokenizer.decode([t for t in r if t != self.pad_id])
+                out[i] = self.tokenizer.decode(r)                            # up to its EOS
         return out
 
     def _generate(self, pixels: Tensor, method: str, max_len: int | None, num_beams: int, top_p: float,
