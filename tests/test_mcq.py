@@ -75,6 +75,12 @@ def test_bad_records_are_named(record, message):
         build_passes([{"image": "x.png", "question": "q", **record}], "m.jsonl")
 
 
+def test_two_records_of_one_pass_are_duplicates():
+    rec = {"image": "x.png", "question": "q", "options": ["a", "b"], "answer": "a", "index": 4}
+    with pytest.raises(ValueError, match=r"m.jsonl line 2: a second record for pass 0 of question 4 .* duplicate rows"):
+        build_passes([rec, dict(rec)], "m.jsonl")
+
+
 @pytest.mark.parametrize("text,want", [("B", 1), ("The answer is (C).", 2), ("A. red", 0), ("blue", 1),
                                        ("A cat sits on a mat", None), ("red or blue", None), ("B and C", None),
                                        ("I think C: green", 2)])

@@ -90,7 +90,11 @@ def build_passes(records: list[dict], where: str, circular: bool = True) -> list
         qid = str(r.get("circular_of", r.get("index", f"line-{k + 1}")))
         p = Pass(qid, str(r["image"]), str(r["question"]), options, correct,
                  str(r.get("question_type") or r.get("category") or "all"), str(r.get("l2_category") or ""))
-        groups.setdefault(qid, []).append((int(r.get("circular_pass") or 0), p))
+        k_pass = int(r.get("circular_pass") or 0)
+        if any(k_pass == kp for kp, _ in groups.get(qid, [])):
+            raise ValueError(f"{at}: a second record for pass {k_pass} of question {qid} (`circular_of` / `index`): "
+                             f"duplicate rows; give each question's passes distinct `circular_pass` numbers")
+        groups.setdefault(qid, []).append((k_pass, p))
     out = []
     for qid, passes in groups.items():
         passes.sort(key=lambda kp: kp[0])
