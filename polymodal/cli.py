@@ -50,11 +50,11 @@ def _data_commands() -> dict:
                           "Single frames of MovingShapes videos (same objects, sizes, places and renderer) captioned "
                           "with what the frame shows of the actor (--positions: and where it is), for the CLIP a video "
                           "method adapts (recipes/clip_moving_standin.yaml)."),
-        "frames": ("polymodal.data.frame_shards:add_cli_arguments", "polymodal.data.frame_shards:main_from_args",
+        "frames": ("polymodal.data.command_args:frames_arguments", "polymodal.data.frame_shards:main_from_args",
                    "decode a video manifest once into webdataset shards of frames",
                    "Decodes each record's `video` (file, GIF or frame folder) into N frames and writes tar shards, so "
                    "training never decodes the same video twice."),
-        "filter": ("polymodal.prepare.filtering:add_cli_arguments", "polymodal.prepare.filtering:main_from_args",
+        "filter": ("polymodal.data.command_args:filter_arguments", "polymodal.prepare.filtering:main_from_args",
                    "score video-caption pairs with a frozen model and keep the best",
                    "M2-RAAP step 1 (our reconstruction): every pair of a video manifest is scored by a frozen image-text "
                    "model (mean frame embedding vs caption); pairs above --threshold or the top --keep fraction are "
@@ -80,7 +80,7 @@ def _data_commands() -> dict:
                    "read a public dataset layout (COCO/Flickr Karpathy JSON, MSR-VTT, ...) into a manifest",
                    "Reads the dataset's root folder as shipped (or its annotation file) and writes our manifest: "
                    "media paths resolved, captions grouped per image or video, splits kept."),
-        "shard": ("polymodal.data.shards:add_shard_arguments", "polymodal.data.shards:shard_main",
+        "shard": ("polymodal.data.command_args:shard_arguments", "polymodal.data.shards:shard_main",
                   "write a manifest as webdataset tar shards", None),
     }
 

@@ -13,7 +13,7 @@ from polymodal import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in ("train", "eval", "embed", "index", "search", "serve", "data", "caption", "benchmark")] + [["data", d, "--help"] for d in ("aux-captions", "import")])
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in ("train", "eval", "embed", "index", "search", "serve", "data", "caption", "benchmark")] + [["data", d, "--help"] for d in ("aux-captions", "import", "frames", "filter", "shard")])
 def test_help_imports_no_torch(argv):
     code = ("import sys, contextlib, io\n"
             "from polymodal.cli import main\n"
@@ -24,6 +24,12 @@ def test_help_imports_no_torch(argv):
             "print(','.join(heavy))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"{' '.join(argv)} imported {result.stdout.strip()}"
+
+
+def test_the_data_commands_offer_the_frame_strategies_the_reader_has():
+    from polymodal.data.command_args import FRAME_STRATEGIES
+    from polymodal.data.video import STRATEGIES
+    assert FRAME_STRATEGIES == STRATEGIES
 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from polymodal.data.datasets import ImageTextCollate, ManifestDataset, SampleBuilder
 from polymodal.data.manifests import ManifestError, read_manifest
-from polymodal.data.shards import ShardDataset, add_shard_arguments, resolve_shards, shard_main, write_shards
+from polymodal.data.command_args import shard_arguments
+from polymodal.data.shards import ShardDataset, resolve_shards, shard_main, write_shards
 
 SIZE = 16
 
@@ -207,7 +208,7 @@ def test_resolve_shards_patterns(tmp_path):
 
 def test_cli_helpers(tmp_path, capsys):
     path = make_manifest(tmp_path, 5)
-    parser = add_shard_arguments(argparse.ArgumentParser())
+    parser = shard_arguments(argparse.ArgumentParser())
     args = parser.parse_args([path, "--out", str(tmp_path / "cli"), "--max-count", "2", "--max-size", "1M",
                               "--no-progress"])
     assert args.max_size == 1 << 20

@@ -17,7 +17,8 @@ from PIL import Image
 
 from polymodal.data.manifests import ManifestError
 from polymodal.data import video
-from polymodal.data.frame_shards import add_cli_arguments, main_from_args, read_frame_sample, write_frame_shards
+from polymodal.data.command_args import frames_arguments
+from polymodal.data.frame_shards import main_from_args, read_frame_sample, write_frame_shards
 from polymodal.data.shards import INDEX_NAME, index_tar, read_indexed, read_tar
 from polymodal.data.video import VideoClip, VideoError, read_video, video_info
 
@@ -365,7 +366,7 @@ def test_frame_shards_skip_counts_bad_videos_and_error_names_the_line(tmp_path, 
 def test_frames_cli(tmp_path, capsys):
     videos = [make_video(tmp_path / f"v{i}.mp4", n=20, gop=5) for i in range(2)]
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"video": v} for v in videos])
-    parser = add_cli_arguments(argparse.ArgumentParser())
+    parser = frames_arguments(argparse.ArgumentParser())
     args = parser.parse_args([manifest, "--out", str(tmp_path / "s"), "--num-frames", "3", "--strategy",
                               "keyframes", "--no-progress"])
     main_from_args(args)

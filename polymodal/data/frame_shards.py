@@ -23,12 +23,12 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from polymodal.data.datasets import BadRecords, BuiltSamples, SampleBuilder, SampleError
-from polymodal.data.manifests import BAD_RECORD_POLICIES, SKIP_HINT, ManifestError, SkipNotes, read_manifest
+from polymodal.data.manifests import SKIP_HINT, ManifestError, SkipNotes, read_manifest
 from polymodal.data.shards import ShardWriter, index_tar, read_indexed, resolve_shards
-from polymodal.data.video import BAD_FIELD, STRATEGIES, VideoClip, VideoError, check_read_args, read_video
+from polymodal.data.video import BAD_FIELD, VideoClip, VideoError, check_read_args, read_video
 
 __all__ = ["write_frame_shards", "read_frame_sample", "FrameShardDataset", "UNREADABLE_FRAMES",
-           "add_cli_arguments", "main_from_args"]
+           "main_from_args"]
 
 UNREADABLE_FRAMES = "unreadable_frames"       # skip tag: a frame sample's members cannot be read or decoded
 
@@ -200,37 +200,11 @@ class FrameShardDataset(BuiltSamples, Dataset):
 # ----------------------------------------------------------------------------------------
 # Command line: polymodal data frames MANIFEST --out DIR
 # ----------------------------------------------------------------------------------------
-def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``polymodal data frames`` options to `parser`.
-
-    Args:
-        parser: an (sub)parser.
-
-    Returns:
-        The same parser.
-    """
-    parser.add_argument("manifest", help="JSONL or CSV manifest whose records have a 'video' field")
-    parser.add_argument("--out", required=True, help="output directory for shard-*.tar and shards.json")
-    parser.add_argument("--num-frames", type=int, default=8, help="frames per video (default 8)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="keyframes",
-                        help="frame choice: codec key frames, uniform in time, or scene changes (default keyframes)")
-    parser.add_argument("--max-side", type=int, default=None, help="shrink frames so the longer side is at most this")
-    parser.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg",
-                        help="frame image format (default jpg)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="videos per shard at most (default 1000)")
-    parser.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="error",
-                        help="error: stop at the first bad record or video; skip: skip and count them")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run ``polymodal data frames`` from parsed arguments and print a JSON summary.
 
     Args:
-        args: namespace produced by a parser set up with :func:`add_cli_arguments`.
+        args: namespace produced by a parser set up with `polymodal.data.command_args.frames_arguments`.
 
     Returns:
         The dict returned by :func:`write_frame_shards`.

@@ -34,10 +34,10 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from polymodal.data.datasets import UNREADABLE_IMAGE, BadRecords, BuiltSamples, SampleBuilder, SampleError
-from polymodal.data.manifests import BAD_RECORD_POLICIES, read_manifest
+from polymodal.data.manifests import read_manifest
 
 __all__ = ["ShardWriter", "write_shards", "resolve_shards", "read_tar", "index_tar", "read_indexed", "ShardDataset",
-           "add_shard_arguments", "shard_main", "INDEX_NAME", "SHARD_PATTERN"]
+           "shard_main", "INDEX_NAME", "SHARD_PATTERN"]
 
 INDEX_NAME = "shards.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -481,29 +481,6 @@ class ShardDataset(BuiltSamples, IterableDataset):
             return self.builder.build(record, index, self.epoch, image)
         except SampleError as e:
             return self.bad(index, e.reason, f"{where}: {e.detail}", e)
-
-
-def _parse_size(text: str) -> int:
-    """'500M', '1G', '2.5e8' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(float(text))
-
-
-def add_shard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of ``polymodal data shard MANIFEST --out DIR`` to `parser`."""
-    parser.add_argument("manifest", help="JSONL or CSV manifest to shard")
-    parser.add_argument("--out", required=True, help="output directory for shard-*.tar and shards.json")
-    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
-    parser.add_argument("--max-size", type=_parse_size, default=1 << 30,
-                        help="bytes per shard at most, e.g. 500M or 1G (default 1G)")
-    parser.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="error",
-                        help="error: stop at the first bad record; skip: skip and count them")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def shard_main(args: argparse.Namespace) -> int:

@@ -28,12 +28,12 @@ from typing import Callable
 
 import torch
 
-from ..data.manifests import BAD_RECORD_POLICIES, ManifestError, captions_of_record, read_manifest, write_manifest
+from ..data.command_args import REWRITERS
+from ..data.manifests import ManifestError, captions_of_record, read_manifest, write_manifest
 
 __all__ = ["score_pairs", "select", "normalize_caption", "CausalLMRewriter", "filter_manifest",
-           "add_cli_arguments", "main_from_args", "REWRITERS"]
+           "main_from_args", "REWRITERS"]
 
-REWRITERS = ("template", "none", "lm")
 
 
 # ---- scoring ------------------------------------------------------------------------------------------
@@ -251,40 +251,11 @@ def filter_manifest(manifest: str | os.PathLike, model, out: str | os.PathLike, 
 
 
 # ---- command line: polymodal data filter MANIFEST --model M --keep 0.5 --out F -------------------------
-def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `polymodal data filter` options to `parser`.
-
-    Args:
-        parser: an (sub)parser.
-    Returns:
-        The same parser.
-    """
-    parser.add_argument("manifest", help="JSONL/CSV manifest whose records have 'video' and captions")
-    parser.add_argument("--model", required=True, help="scoring model: a saved model dir, HF CLIP dir, OpenCLIP "
-                                                       "checkpoint or named config")
-    parser.add_argument("--out", required=True, help="filtered manifest to write (scores in 'filter_score')")
-    sel = parser.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--keep", type=float, help="keep this top fraction of pairs, e.g. 0.5")
-    sel.add_argument("--threshold", type=float, help="keep pairs scoring at least this cosine similarity")
-    parser.add_argument("--caption-key", default="caption", help="caption field to score (default caption)")
-    parser.add_argument("--num-frames", type=int, default=8, help="frames per video for scoring (default 8)")
-    parser.add_argument("--strategy", default="uniform", choices=("uniform", "keyframes", "scene"),
-                        help="frame sampling for scoring (default uniform)")
-    parser.add_argument("--rewrite", default="template", choices=REWRITERS,
-                        help="caption rewriting of kept pairs: template (normalise), none, lm (--rewrite-model)")
-    parser.add_argument("--rewrite-model", default="", help="local causal-LM folder for --rewrite lm")
-    parser.add_argument("--batch-size", type=int, default=16, help="videos per batch (default 16)")
-    parser.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="error",
-                        help="error: stop at the first bad record or video; skip: skip and count them")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run `polymodal data filter` from parsed arguments and print the JSON summary.
 
     Args:
-        args: namespace produced by a parser set up with `add_cli_arguments`.
+        args: namespace produced by a parser set up with `polymodal.data.command_args.filter_arguments`.
     Returns:
         The summary dict.
     """
