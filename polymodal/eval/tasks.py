@@ -128,15 +128,14 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 # Tasks that can check their data without a model: called on a recipe's eval data before the first training step,
 # so a bad record stops the run at start-up rather than at the first evaluation.
-DATA_CHECKS: dict[str, tuple[str, str]] = {"vqa": ("vqa", "check_vqa_manifest"), "mcq": ("mcq", "check_mcq_manifest")}
+DATA_CHECKS: dict[str, Callable[..., int]] = {"vqa": _lazy("vqa", "check_vqa_manifest"),
+                                             "mcq": _lazy("mcq", "check_mcq_manifest")}
 
 
 def check_task_data(spec) -> None:
     """Run the data check of `spec`'s task on its manifest, where the task has one (`DATA_CHECKS`)."""
     if spec.task in DATA_CHECKS:
-        import importlib
-        module, name = DATA_CHECKS[spec.task]
-        getattr(importlib.import_module(f"{__package__}.{module}"), name)(spec.data, **spec.options)
+        DATA_CHECKS[spec.task].resolve()(spec.data, **spec.options)
 
 
 SUGGEST = {"score_pairs": "preference", "answer_probabilities": "fairness", "label_embeddings": "scene",

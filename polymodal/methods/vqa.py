@@ -311,30 +311,23 @@ class VQAMethod(Method):
         return build_tokenizer(self.run, out_dir, texts=texts, min_frequency=1)
 
     def build_model(self, tokenizer) -> nn.Module:
-        from ..models.vqa import VQAModel
+        from ..models.vqa import VQAModel, check_base
         base = super().build_model(tokenizer)
         if self.cfg.answer == "generate":
-            if not (hasattr(base, "prompt_answer_ids") and hasattr(base, "decode")):
+            if not (hasattr(base, "generate_text") and hasattr(base, "decode")):
                 raise ValueError(f"vqa.answer: generate needs a captioner with a multimodal decoder (a CoCa: "
                                  f"model.name: coca-tiny, or a sycoca run's out_dir/model); model.path/model.name "
                                  f"gives a {type(base).__name__}")
             limit = base.config.max_answer_tokens
-            longest = max(self.vocabulary().answers, key=lambda a: len(base.tokenizer.encode(a)))
-            if len(base.tokenizer.encode(longest)) + 1 > limit:
+            n, longest = max((len(base.tokenizer.encode(a)) + 1, a) for a in self.vocabulary().answers)  # with EOS
+            if n > limit:
                 raise ConfigError(f"vqa.answer: generate: the answer {longest!r} of {self.run.data.train} takes "
-                                  f"{len(base.tokenizer.encode(longest)) + 1} tokens with its EOS, over the CoCa's "
-                                  f"max_answer_tokens {limit}; set model.overrides.max_answer_tokens (or a larger "
-                                  f"tokenizer.vocab_size)")
+                                  f"{n} tokens with its EOS, over the CoCa's max_answer_tokens {limit}; set "
+                                  f"model.overrides.max_answer_tokens (or a larger tokenizer.vocab_size)")
             return base.train()
         frames = self.run.data.num_frames if self.media == "video" else 0
         if not isinstance(base, VQAModel):                     # the base's own checks come before the data's
-            if not hasattr(base, "qa_fuse"):
-                raise ValueError(f"model.path/model.name gives a {type(base).__name__}, which has neither a multimodal "
-                                 f"decoder nor a cross encoder; vqa needs a CoCa (model.name: coca-tiny / coca-small, "
-                                 f"or a sycoca run's out_dir/model), an M2-Encoder (model.name: m2-tiny, or an m2 run's "
-                                 f"out_dir/model) or an SNP-S3 model (model.path: an snps3 run's out_dir/model, with "
-                                 f"vqa.media: video)")
-            base.qa_check(frames, self.cfg.motion)
+            check_base(base, frames, self.cfg.motion)
         vocab = self.vocabulary()
         if isinstance(base, VQAModel):                         # continue training a saved VQA model
             if base.config.num_frames != frames:

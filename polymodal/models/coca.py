@@ -339,12 +339,6 @@ class CoCa(PolymodalModel):
                                  generator, use_cache)
         return ids.clone()
 
-    def prompt_answer_ids(self, prompts: Sequence[str], answers: Sequence[str] | None = None
-                          ) -> tuple[Tensor, Tensor]:
-        """`prompt_answer_ids` with this model's tokenizer, special ids, text context and `max_answer_tokens`."""
-        return prompt_answer_ids(self.tokenizer, prompts, answers, self.bos_id, self.eos_id, self.pad_id,
-                                 self.text.max_tokens, self.config.max_answer_tokens)
-
     @torch.no_grad()
     def generate_text(self, pixels: Tensor, prompts: Sequence[str], method: str = "greedy") -> list[str]:
         """Answers to prompts about images: greedy continuation of `[BOS] prompt` up to EOS (generative VQA).
@@ -362,13 +356,12 @@ class CoCa(PolymodalModel):
         if method != "greedy":
             raise ValueError(f"CoCa.generate_text: only greedy decoding answers prompts, got method {method!r}")
         context = self.image_context(self.visual(pixels).tokens)            # (B, N, Wt)
-        ids, _ = self.prompt_answer_ids(prompts)
-        room = self.text.max_tokens - 1 - self.config.max_answer_tokens       # as prompt_answer_ids cuts them
-        lengths = [1 + len(self.tokenizer.encode(p)[-room:]) for p in prompts]  # not from the ids: pad may be a token
+        prefixes, lengths = prompt_answer_rows(self.tokenizer, prompts, None, self.bos_id, self.eos_id,
+                                               self.text.max_tokens, self.config.max_answer_tokens)
         out: list = [None] * len(prompts)
         for n in sorted(set(lengths)):
             rows = [i for i, m in enumerate(lengths) if m == n]
-            seq = ids[rows, :n].to(pixels.device)                            # (R, n)
+            seq = torch.tensor([prefixes[i] for i in rows], device=pixels.device)   # (R, n)
             ctx = context[rows]
             done = torch.zeros(len(rows), dtype=torch.bool, device=pixels.device)
             for _ in range(min(self.config.max_answer_tokens, self.text.max_tokens - n)):
@@ -477,10 +470,9 @@ def caption_mask(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
     return valid
 
 
-def prompt_answer_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None, bos_id: int, eos_id: int,
-                      pad_id: int, limit: int, answer_tokens: int) -> tuple[Tensor, Tensor]:
-    """`[BOS] prompt [answer EOS]` rows, right-padded: (B, L) ids and (B, L) True where a token is an answer token or
-    the closing EOS (the positions a generative VQA loss predicts). Each prompt keeps its last
+def prompt_answer_rows(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None, bos_id: int, eos_id: int,
+                       limit: int, answer_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """`[BOS] prompt [answer EOS]` id lists and each row's prompt length (BOS included). Each prompt keeps its last
     `limit - 1 - answer_tokens` content tokens whether or not an answer follows, so a model generates from the
     prefix it was trained on.
 
@@ -491,7 +483,7 @@ def prompt_answer_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str] 
     if room < 1:
         raise ValueError(f"max_answer_tokens {answer_tokens} leaves no room for the question in the text context "
                          f"({limit} tokens); lower it or raise text.context_length")
-    rows, marks = [], []
+    rows, prompt_lengths = [], []
     for i, p in enumerate(prompts):
         a = [*tokenizer.encode(answers[i]), eos_id] if answers is not None else []
         if len(a) > answer_tokens:
@@ -499,13 +491,21 @@ def prompt_answer_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str] 
                              f"{answer_tokens}; raise model.overrides.max_answer_tokens")
         q = [bos_id, *tokenizer.encode(p)[-room:]]
         rows.append(q + a)
-        marks.append([False] * len(q) + [True] * len(a))
+        prompt_lengths.append(len(q))
+    return rows, prompt_lengths
+
+
+def prompt_answer_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None, bos_id: int, eos_id: int,
+                      pad_id: int, limit: int, answer_tokens: int) -> tuple[Tensor, Tensor]:
+    """`prompt_answer_rows`, right-padded: (B, L) ids and (B, L) True where a token is an answer token or the
+    closing EOS (the positions a generative VQA loss predicts)."""
+    rows, prompt_lengths = prompt_answer_rows(tokenizer, prompts, answers, bos_id, eos_id, limit, answer_tokens)
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     is_answer = torch.zeros(len(rows), L, dtype=torch.bool)
-    for i, (r, m) in enumerate(zip(rows, marks)):
+    for i, (r, n) in enumerate(zip(rows, prompt_lengths)):
         ids[i, :len(r)] = torch.tensor(r)
-        is_answer[i, :len(m)] = torch.tensor(m)
+        is_answer[i, n:len(r)] = True
     return ids, is_answer
 
 

@@ -54,6 +54,21 @@ class VQAConfig(WrappedConfig):
 
 
 
+def check_base(base: nn.Module, num_frames: int, motion: bool) -> None:
+    """Whether `base` can carry an answer head for `num_frames` frames (0 = images), with or without `motion`.
+
+    Raises:
+        ValueError: a base without the question-answering methods (`qa_width`, `qa_check`, `qa_visual_tokens`,
+            `qa_fuse`), or settings its `qa_check` refuses (one line naming what to give or set).
+    """
+    if not all(hasattr(base, name) for name in ("qa_width", "qa_check", "qa_visual_tokens", "qa_fuse")):
+        raise ValueError(f"VQAModel: a {type(base).__name__} has neither a multimodal decoder nor a cross encoder; "
+                         f"vqa needs a CoCa (model.name: coca-tiny / coca-small, or a sycoca run's out_dir/model), an "
+                         f"M2-Encoder (model.name: m2-tiny, or an m2 run's out_dir/model) or an SNP-S3 model (an snps3 "
+                         f"run's out_dir/model, with vqa.media: video)")
+    base.qa_check(num_frames, motion)
+
+
 class VQAModel(WrapsEncoder, nn.Module):
     """A multimodal base + answer head: `answer_logits(pixels, ids) -> (B, A)`, `answer(pixels, questions) -> [str]`.
 
@@ -93,11 +108,7 @@ class VQAModel(WrapsEncoder, nn.Module):
         super().__init__()
         if not answers:
             raise ValueError("VQAModel: an empty answer vocabulary")
-        if not all(hasattr(base, name) for name in ("qa_width", "qa_check", "qa_visual_tokens", "qa_fuse")):
-            raise ValueError(f"VQAModel: a {type(base).__name__} has neither a multimodal decoder nor a cross encoder; "
-                             f"give a CoCa (model_type 'coca', e.g. a sycoca run's out_dir/model) or an SNP-S3 model "
-                             f"(model_type 'snps3', an snps3 run's out_dir/model) or an M2-Encoder (model_type 'm2')")
-        base.qa_check(num_frames, motion)
+        check_base(base, num_frames, motion)
         self.base = base
         counts = list(answer_counts) if answer_counts else [1] * len(answers)
         self.config = VQAConfig(base=base.config.to_dict(), answers=list(answers), answer_counts=counts,
@@ -181,4 +192,4 @@ class VQAModel(WrapsEncoder, nn.Module):
         save_pretrained(self, directory)
 
 
-__all__ = ["VQAConfig", "VQAModel"]
+__all__ = ["VQAConfig", "VQAModel", "check_base"]
