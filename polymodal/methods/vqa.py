@@ -244,13 +244,13 @@ class GenerativeQACollate:
     """
 
     def __init__(self, model):
-        self.tokenizer = model.tokenizer
+        from ..models.coca import prompt_answer_ids
+        self.rows, self.tokenizer = prompt_answer_ids, model.tokenizer
         self.ids = (model.bos_id, model.eos_id, model.pad_id, model.text.max_tokens, model.config.max_answer_tokens)
 
     def __call__(self, samples: list[dict]) -> dict:
-        from ..models.coca import prompt_answer_ids
-        ids, is_answer = prompt_answer_ids(self.tokenizer, [s["question"] for s in samples],
-                                           [s["answer"] for s in samples], *self.ids)
+        ids, is_answer = self.rows(self.tokenizer, [s["question"] for s in samples], [s["answer"] for s in samples],
+                                   *self.ids)
         return {"pixels": torch.stack([s["pixels"] for s in samples]), "input_ids": ids, "answer_mask": is_answer}
 
 

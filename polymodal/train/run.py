@@ -219,13 +219,14 @@ def check_data(cfg: RunConfig) -> None:
     from ..eval.tasks import check_task_data
     method = cfg.method_impl
     method.check_data()
-    for spec in cfg.eval.specs():
+    specs = cfg.eval.specs()
+    for spec in specs:
         check_task_data(spec)
     if method.media != "video":
         return
     wanted = [("data.num_frames", cfg.data.num_frames, cfg.data.train)] if cfg.data.train else []
     wanted += [(f"eval {s.task} num_frames", s.options["num_frames"], s.data)
-               for s in cfg.eval.specs() if "num_frames" in s.options]
+               for s in specs if "num_frames" in s.options]
     for key, n, manifest in wanted:
         frames, world, world_file = _world_frames(manifest)
         if frames is not None and n > frames:
