@@ -124,7 +124,6 @@ def kept(rows: dict, variant: str, base: str = "base", key: str = "qa_accuracy")
     Returns:
         (the paired difference variant - base, "kept" / "not kept", the base's sample std over seeds).
     """
-    from benchmarks.common import seed_summary
     d = paired_difference([r[key] for r in rows[variant]], [r[key] for r in rows[base]])
     spread = seed_summary([r[key] for r in rows[base]])["std"]
     return d, "kept" if abs(d["mean"]) <= spread else "not kept", spread
