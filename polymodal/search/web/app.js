@@ -118,7 +118,10 @@
     setStatus(body.count ? body.count + " results for " + what + " (" + body.took_ms + " ms)" : "No results for " + what);
   }
 
+  let searched = false;     // a search's status is never overwritten by the index description arriving late
+
   async function run(what, promise) {
+    searched = true;
     setStatus("Searching " + what + "\u2026");
     try { show(await promise, what); } catch (e) { results.replaceChildren(); setStatus(e.message, true); }
   }
@@ -182,6 +185,7 @@
   async function describeIndex() {
     try {
       const info = await call("/healthz");
+      if (searched) return;
       if (info.token_required && !token) {
         setStatus("This server needs a token: open it with #token=... in the address.", true);
       } else if (info.count !== undefined) {
@@ -189,7 +193,7 @@
           " (" + (!info.index || info.index === "flat" ? "exact" : info.index) + " search). Type a description or " +
           "choose an image.");
       }
-    } catch (e) { setStatus(e.message, true); }
+    } catch (e) { if (!searched) setStatus(e.message, true); }
   }
 
   const initial = new URLSearchParams(location.search).get("q");
